@@ -1,0 +1,46 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The state file could not be created or opened.
+    #[error("cannot open the state file `{path}`")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite refused a statement.
+    #[error("state store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The file was written by a newer kmsflow.
+    #[error(
+        "the state file has schema version {found}, newer than this kmsflow understands ({supported}); upgrade kmsflow"
+    )]
+    SchemaTooNew { found: i64, supported: i64 },
+    /// No run has this id (or prefix).
+    #[error("no run `{0}` in the state file")]
+    RunNotFound(String),
+    /// A run id prefix matches several runs.
+    #[error("run id prefix `{prefix}` is ambiguous: it matches {}", candidates.join(", "))]
+    AmbiguousRunId {
+        prefix: String,
+        candidates: Vec<String>,
+    },
+    /// A stored value did not parse back.
+    #[error("corrupt value in column `{column}`: {detail}")]
+    Corrupt { column: &'static str, detail: String },
+    /// The transaction holding a batch of checkpoints failed to commit; none of them is stored.
+    #[error("state store: commit failed: {0}")]
+    CommitFailed(String),
+    /// The writer thread is gone (it panicked or was closed).
+    #[error("the state writer has stopped")]
+    WriterGone,
+}
+
+pub(crate) fn corrupt(column: &'static str, detail: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        column,
+        detail: detail.to_string(),
+    }
+}

@@ -1,0 +1,94 @@
+//! Append-only schema migrations, indexed by `PRAGMA user_version`.
+//!
+//! Never edit a migration that has shipped: add a new one at the end.
+
+use rusqlite::Connection;
+
+use crate::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: runs, steps, the journal, locks and approvals.
+    r#"
+    CREATE TABLE runs (
+        id            TEXT PRIMARY KEY,
+        runbook       TEXT NOT NULL,
+        runbook_ref   TEXT NOT NULL,
+        content_hash  TEXT NOT NULL,
+        source        TEXT NOT NULL,
+        params        TEXT NOT NULL,
+        secret_params TEXT NOT NULL,
+        status        TEXT NOT NULL,
+        started_at    TEXT NOT NULL,
+        finished_at   TEXT,
+        error         TEXT,
+        outputs       TEXT,
+        lock_key      TEXT
+    );
+    CREATE INDEX runs_started_at ON runs (started_at);
+    CREATE TABLE steps (
+        run_id          TEXT NOT NULL REFERENCES runs (id),
+        step_id         TEXT NOT NULL,
+        position        INTEGER NOT NULL,
+        uses            TEXT NOT NULL,
+        status          TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        before_image    TEXT,
+        planned_outcome TEXT,
+        outputs         TEXT,
+        outcome         TEXT,
+        error           TEXT,
+        started_at      TEXT,
+        finished_at     TEXT,
+        PRIMARY KEY (run_id, step_id)
+    );
+    CREATE TABLE events (
+        seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id  TEXT NOT NULL,
+        step_id TEXT,
+        at      TEXT NOT NULL,
+        kind    TEXT NOT NULL,
+        detail  TEXT NOT NULL
+    );
+    CREATE INDEX events_run ON events (run_id, seq);
+    CREATE TABLE locks (
+        key              TEXT PRIMARY KEY,
+        run_id           TEXT NOT NULL,
+        owner_pid        INTEGER NOT NULL,
+        owner_host       TEXT NOT NULL,
+        lease_expires_at TEXT NOT NULL
+    );
+    CREATE TABLE approvals (
+        run_id      TEXT NOT NULL,
+        step_id     TEXT NOT NULL,
+        approved_by TEXT NOT NULL,
+        approved_at TEXT NOT NULL,
+        PRIMARY KEY (run_id, step_id)
+    );
+    "#,
+];
+
+/// The schema version this build writes.
+pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the schema up to date, one migration per transaction.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Another process may have migrated while we waited for the write lock.
+        let now: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        if now > index as i64 {
+            continue;
+        }
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

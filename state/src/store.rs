@@ -1,0 +1,286 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Row};
+use serde_json::Value;
+
+use crate::error::corrupt;
+use crate::records::{Approval, EventRecord, RunRecord, StepRecord};
+use crate::{StoreError, schema};
+
+/// How hard a commit tries to reach the disk.
+///
+/// `Full` (the default) survives a power loss. `Normal` survives a crash of the process but
+/// may lose the last commits on a power loss; since every step is idempotent, such a loss costs
+/// one step being observed again, never a duplicated change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    #[default]
+    Full,
+    Normal,
+}
+
+impl Durability {
+    fn pragma(self) -> &'static str {
+        match self {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        }
+    }
+}
+
+/// An open state file.
+pub struct Store {
+    pub(crate) conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed, mode 0600 in a 0700 folder) and migrates the state file.
+    pub fn open(path: &Path, durability: Durability) -> Result<Store, StoreError> {
+        create_private(path).map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut conn = Connection::open(path)?;
+        // Several kmsflow processes may share one file (locks are how they coordinate), so a
+        // writer waits for another's transaction instead of failing at once.
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", durability.pragma())?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        schema::migrate(&mut conn)?;
+        Ok(Store {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The file this store reads and writes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Applies writes in one transaction, for callers that do not need group commit.
+    pub fn commit(&mut self, writes: &[crate::Write]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        for write in writes {
+            crate::write::apply(&tx, write)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Resolves a full run id or a unique prefix of one.
+    pub fn resolve_run_id(&self, id_or_prefix: &str) -> Result<String, StoreError> {
+        let exact: Option<String> = self
+            .conn
+            .query_row("SELECT id FROM runs WHERE id = ?1", [id_or_prefix], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        if let Some(id) = exact {
+            return Ok(id);
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM runs WHERE substr(id, 1, length(?1)) = ?1 ORDER BY id LIMIT 6")?;
+        let candidates: Vec<String> = stmt
+            .query_map([id_or_prefix], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        match candidates.len() {
+            0 => Err(StoreError::RunNotFound(id_or_prefix.to_owned())),
+            1 => Ok(candidates.into_iter().next().expect("one candidate")),
+            _ => Err(StoreError::AmbiguousRunId {
+                prefix: id_or_prefix.to_owned(),
+                candidates,
+            }),
+        }
+    }
+
+    /// One run, by exact id.
+    pub fn run(&self, run_id: &str) -> Result<RunRecord, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
+                [run_id],
+                |row| Ok(run_from_row(row)),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::RunNotFound(run_id.to_owned()))?
+    }
+
+    /// The most recent runs first, at most `limit`.
+    pub fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs ORDER BY started_at DESC, id DESC LIMIT ?1"
+        ))?;
+        let rows = stmt.query_map([limit as i64], |row| Ok(run_from_row(row)))?;
+        let mut runs = Vec::new();
+        for row in rows {
+            runs.push(row??);
+        }
+        Ok(runs)
+    }
+
+    /// The steps of a run, in the runbook's execution order.
+    pub fn steps(&self, run_id: &str) -> Result<Vec<StepRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT step_id, uses, status, attempts, before_image, planned_outcome, outputs, outcome,
+                    error, started_at, finished_at
+             FROM steps WHERE run_id = ?1 ORDER BY position",
+        )?;
+        let rows = stmt.query_map([run_id], |row| Ok(step_from_row(row)))?;
+        let mut steps = Vec::new();
+        for row in rows {
+            steps.push(row??);
+        }
+        Ok(steps)
+    }
+
+    /// The journal of a run, oldest first.
+    pub fn events(&self, run_id: &str) -> Result<Vec<EventRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, run_id, step_id, at, kind, detail FROM events WHERE run_id = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([run_id], |row| {
+            Ok((|| {
+                Ok::<_, StoreError>(EventRecord {
+                    seq: row.get(0)?,
+                    run_id: row.get(1)?,
+                    step_id: row.get(2)?,
+                    at: timestamp(row.get::<_, String>(3)?, "events.at")?,
+                    kind: row.get(4)?,
+                    detail: json(row.get::<_, String>(5)?, "events.detail")?,
+                })
+            })())
+        })?;
+        let mut events = Vec::new();
+        for row in rows {
+            events.push(row??);
+        }
+        Ok(events)
+    }
+
+    /// The approvals recorded for a run.
+    pub fn approvals(&self, run_id: &str) -> Result<Vec<Approval>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT step_id, approved_by, approved_at FROM approvals WHERE run_id = ?1 ORDER BY step_id",
+        )?;
+        let rows = stmt.query_map([run_id], |row| {
+            Ok((|| {
+                Ok::<_, StoreError>(Approval {
+                    step_id: row.get(0)?,
+                    approved_by: row.get(1)?,
+                    approved_at: timestamp(row.get::<_, String>(2)?, "approvals.approved_at")?,
+                })
+            })())
+        })?;
+        let mut approvals = Vec::new();
+        for row in rows {
+            approvals.push(row??);
+        }
+        Ok(approvals)
+    }
+}
+
+const RUN_COLUMNS: &str = "id, runbook, runbook_ref, content_hash, source, params, secret_params, status, \
+     started_at, finished_at, error, outputs, lock_key";
+
+fn run_from_row(row: &Row<'_>) -> Result<RunRecord, StoreError> {
+    Ok(RunRecord {
+        id: row.get(0)?,
+        runbook: row.get(1)?,
+        runbook_ref: row.get(2)?,
+        content_hash: row.get(3)?,
+        source: row.get(4)?,
+        params: json(row.get::<_, String>(5)?, "runs.params")?,
+        secret_params: serde_json::from_str(&row.get::<_, String>(6)?)
+            .map_err(|e| corrupt("runs.secret_params", e))?,
+        status: parse(row.get::<_, String>(7)?, "runs.status")?,
+        started_at: timestamp(row.get::<_, String>(8)?, "runs.started_at")?,
+        finished_at: opt_timestamp(row.get(9)?, "runs.finished_at")?,
+        error: row.get(10)?,
+        outputs: opt_json(row.get(11)?, "runs.outputs")?,
+        lock_key: row.get(12)?,
+    })
+}
+
+fn step_from_row(row: &Row<'_>) -> Result<StepRecord, StoreError> {
+    Ok(StepRecord {
+        step_id: row.get(0)?,
+        uses: row.get(1)?,
+        status: parse(row.get::<_, String>(2)?, "steps.status")?,
+        attempts: row.get(3)?,
+        before_image: opt_json(row.get(4)?, "steps.before_image")?,
+        planned_outcome: row
+            .get::<_, Option<String>>(5)?
+            .map(|s| parse(s, "steps.planned_outcome"))
+            .transpose()?,
+        outputs: opt_json(row.get(6)?, "steps.outputs")?,
+        outcome: row
+            .get::<_, Option<String>>(7)?
+            .map(|s| parse(s, "steps.outcome"))
+            .transpose()?,
+        error: row.get(8)?,
+        started_at: opt_timestamp(row.get(9)?, "steps.started_at")?,
+        finished_at: opt_timestamp(row.get(10)?, "steps.finished_at")?,
+    })
+}
+
+fn parse<T: std::str::FromStr<Err = String>>(
+    text: String,
+    column: &'static str,
+) -> Result<T, StoreError> {
+    text.parse().map_err(|e| corrupt(column, e))
+}
+
+fn json(text: String, column: &'static str) -> Result<Value, StoreError> {
+    serde_json::from_str(&text).map_err(|e| corrupt(column, e))
+}
+
+fn opt_json(text: Option<String>, column: &'static str) -> Result<Option<Value>, StoreError> {
+    text.map(|t| json(t, column)).transpose()
+}
+
+pub(crate) fn timestamp(text: String, column: &'static str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| corrupt(column, e))
+}
+
+fn opt_timestamp(
+    text: Option<String>,
+    column: &'static str,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    text.map(|t| timestamp(t, column)).transpose()
+}
+
+/// Creates the file with mode 0600 (and its folder with 0700) before SQLite opens it, so the
+/// state is never readable by other users, not even for an instant. SQLite creates the WAL and
+/// shared-memory files with the database file's mode.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder.create(parent)?;
+        }
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?;
+    Ok(())
+}
+

@@ -1,0 +1,416 @@
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, params};
+use serde_json::{Value, json};
+
+use crate::records::{Outcome, RunStatus, StepStatus};
+use crate::StoreError;
+
+/// A new run, as created before its first step starts.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: String,
+    pub runbook: String,
+    pub runbook_ref: String,
+    pub content_hash: String,
+    pub source: String,
+    /// Bound parameters without secrets: the caller removes them, the store never sees them.
+    pub params: Value,
+    pub secret_params: Vec<String>,
+    pub started_at: DateTime<Utc>,
+    pub lock_key: Option<String>,
+    /// Step ids with their kinds, in execution order.
+    pub steps: Vec<(String, String)>,
+}
+
+/// One change to the store. A checkpoint is a list of writes committed together; each
+/// transition also appends its entry to the journal in the same transaction.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Creates the run, its pending steps, and the `run_created` event.
+    CreateRun(NewRun),
+    /// The run starts (again): status `running`.
+    RunResumed {
+        run_id: String,
+        at: DateTime<Utc>,
+        /// Set when resume was allowed to run a changed runbook: (content hash, source).
+        new_source: Option<(String, String)>,
+        /// Step ids with their kinds, in execution order; steps a changed runbook adds are
+        /// created pending.
+        steps: Vec<(String, String)>,
+    },
+    /// The run reached a status; `finished_at` is set for every status but `running`.
+    RunFinished {
+        run_id: String,
+        status: RunStatus,
+        error: Option<String>,
+        outputs: Option<Value>,
+        at: DateTime<Utc>,
+    },
+    /// The step is about to change the world: its before image is now durable.
+    StepApplying {
+        run_id: String,
+        step_id: String,
+        attempt: u32,
+        before_image: Value,
+        planned_outcome: Outcome,
+        at: DateTime<Utc>,
+    },
+    /// The step finished; `attempt` is the attempt that succeeded.
+    StepSucceeded {
+        run_id: String,
+        step_id: String,
+        attempt: u32,
+        outcome: Outcome,
+        outputs: Value,
+        at: DateTime<Utc>,
+    },
+    /// One attempt failed and the step will be retried.
+    StepAttemptFailed {
+        run_id: String,
+        step_id: String,
+        attempt: u32,
+        error: String,
+        retry_in_ms: u64,
+        at: DateTime<Utc>,
+    },
+    /// The step failed for good (its retries are spent or the error is not retryable).
+    StepFailed {
+        run_id: String,
+        step_id: String,
+        attempt: u32,
+        error: String,
+        at: DateTime<Utc>,
+    },
+    /// The step's `if` was false, or it needs outputs of a skipped step.
+    StepSkipped {
+        run_id: String,
+        step_id: String,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    /// Rollback undid what the step changed.
+    StepRolledBack {
+        run_id: String,
+        step_id: String,
+        at: DateTime<Utc>,
+    },
+    /// An entry in the journal that changes no status.
+    Event {
+        run_id: String,
+        step_id: Option<String>,
+        kind: String,
+        detail: Value,
+        at: DateTime<Utc>,
+    },
+    /// Extends the holder's lease on a lock.
+    RenewLock {
+        key: String,
+        run_id: String,
+        lease_expires_at: DateTime<Utc>,
+    },
+    /// Frees a lock this run holds (a no-op if another run holds it now).
+    ReleaseLock { key: String, run_id: String },
+    /// Records who approved an `approve` step.
+    Approve {
+        run_id: String,
+        step_id: String,
+        approved_by: String,
+        at: DateTime<Utc>,
+    },
+}
+
+pub(crate) fn ts(at: &DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn event(
+    tx: &Connection,
+    run_id: &str,
+    step_id: Option<&str>,
+    at: &DateTime<Utc>,
+    kind: &str,
+    detail: &Value,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO events (run_id, step_id, at, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![run_id, step_id, ts(at), kind, detail.to_string()])?;
+    Ok(())
+}
+
+/// Applies one write inside an open transaction.
+pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
+    match write {
+        Write::CreateRun(run) => {
+            tx.prepare_cached(
+                "INSERT INTO runs (id, runbook, runbook_ref, content_hash, source, params, secret_params,
+                                   status, started_at, lock_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8, ?9)",
+            )?
+            .execute(params![
+                run.id,
+                run.runbook,
+                run.runbook_ref,
+                run.content_hash,
+                run.source,
+                run.params.to_string(),
+                serde_json::to_string(&run.secret_params).expect("strings serialize"),
+                ts(&run.started_at),
+                run.lock_key,
+            ])?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO steps (run_id, step_id, position, uses, status) VALUES (?1, ?2, ?3, ?4, 'pending')",
+            )?;
+            for (position, (step_id, uses)) in run.steps.iter().enumerate() {
+                insert.execute(params![run.id, step_id, position as i64, uses])?;
+            }
+            event(
+                tx,
+                &run.id,
+                None,
+                &run.started_at,
+                "run_created",
+                &json!({"runbook": run.runbook, "runbook_ref": run.runbook_ref, "content_hash": run.content_hash}),
+            )?;
+        }
+        Write::RunResumed {
+            run_id,
+            at,
+            new_source,
+            steps,
+        } => {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO steps (run_id, step_id, position, uses, status) VALUES (?1, ?2, ?3, ?4, 'pending')
+                 ON CONFLICT (run_id, step_id) DO UPDATE SET position = excluded.position",
+            )?;
+            for (position, (step_id, uses)) in steps.iter().enumerate() {
+                upsert.execute(params![run_id, step_id, position as i64, uses])?;
+            }
+            tx.prepare_cached(
+                "UPDATE runs SET status = 'running', finished_at = NULL, error = NULL WHERE id = ?1",
+            )?
+            .execute([run_id])?;
+            let mut detail = json!({});
+            if let Some((hash, source)) = new_source {
+                tx.prepare_cached("UPDATE runs SET content_hash = ?2, source = ?3 WHERE id = ?1")?
+                    .execute(params![run_id, hash, source])?;
+                detail = json!({"changed_runbook": hash});
+            }
+            event(tx, run_id, None, at, "run_resumed", &detail)?;
+        }
+        Write::RunFinished {
+            run_id,
+            status,
+            error,
+            outputs,
+            at,
+        } => {
+            let finished = (*status != RunStatus::Running).then(|| ts(at));
+            tx.prepare_cached(
+                "UPDATE runs SET status = ?2, error = ?3, outputs = ?4, finished_at = ?5 WHERE id = ?1",
+            )?
+            .execute(params![
+                run_id,
+                status.as_str(),
+                error,
+                outputs.as_ref().map(Value::to_string),
+                finished
+            ])?;
+            event(
+                tx,
+                run_id,
+                None,
+                at,
+                &format!("run_{status}"),
+                &json!({"error": error}),
+            )?;
+        }
+        Write::StepApplying {
+            run_id,
+            step_id,
+            attempt,
+            before_image,
+            planned_outcome,
+            at,
+        } => {
+            // Keep the first before image: a step re-observed after a crash sees the world its
+            // own earlier attempt changed, and rollback must restore what was there before that.
+            tx.prepare_cached(
+                "UPDATE steps SET status = 'running', attempts = max(attempts, ?3),
+                        before_image = coalesce(before_image, ?4),
+                        planned_outcome = coalesce(planned_outcome, ?5),
+                        started_at = coalesce(started_at, ?6), error = NULL
+                 WHERE run_id = ?1 AND step_id = ?2",
+            )?
+            .execute(params![
+                run_id,
+                step_id,
+                attempt,
+                before_image.to_string(),
+                planned_outcome.as_str(),
+                ts(at)
+            ])?;
+            event(
+                tx,
+                run_id,
+                Some(step_id),
+                at,
+                "step_applying",
+                &json!({"attempt": attempt, "planned": planned_outcome}),
+            )?;
+        }
+        Write::StepSucceeded {
+            run_id,
+            step_id,
+            attempt,
+            outcome,
+            outputs,
+            at,
+        } => {
+            tx.prepare_cached(
+                "UPDATE steps SET status = 'succeeded', attempts = max(attempts, ?3), outcome = ?4,
+                        outputs = ?5, error = NULL, started_at = coalesce(started_at, ?6), finished_at = ?6
+                 WHERE run_id = ?1 AND step_id = ?2",
+            )?
+            .execute(params![
+                run_id,
+                step_id,
+                attempt,
+                outcome.as_str(),
+                outputs.to_string(),
+                ts(at)
+            ])?;
+            event(
+                tx,
+                run_id,
+                Some(step_id),
+                at,
+                "step_succeeded",
+                &json!({"attempt": attempt, "outcome": outcome}),
+            )?;
+        }
+        Write::StepAttemptFailed {
+            run_id,
+            step_id,
+            attempt,
+            error,
+            retry_in_ms,
+            at,
+        } => {
+            tx.prepare_cached(
+                "UPDATE steps SET attempts = max(attempts, ?3), error = ?4,
+                        started_at = coalesce(started_at, ?5)
+                 WHERE run_id = ?1 AND step_id = ?2",
+            )?
+            .execute(params![run_id, step_id, attempt, error, ts(at)])?;
+            event(
+                tx,
+                run_id,
+                Some(step_id),
+                at,
+                "step_attempt_failed",
+                &json!({"attempt": attempt, "error": error, "retry_in_ms": retry_in_ms}),
+            )?;
+        }
+        Write::StepFailed {
+            run_id,
+            step_id,
+            attempt,
+            error,
+            at,
+        } => {
+            tx.prepare_cached(
+                "UPDATE steps SET status = 'failed', attempts = max(attempts, ?3), error = ?4,
+                        started_at = coalesce(started_at, ?5), finished_at = ?5
+                 WHERE run_id = ?1 AND step_id = ?2",
+            )?
+            .execute(params![run_id, step_id, attempt, error, ts(at)])?;
+            event(
+                tx,
+                run_id,
+                Some(step_id),
+                at,
+                "step_failed",
+                &json!({"attempt": attempt, "error": error}),
+            )?;
+        }
+        Write::StepSkipped {
+            run_id,
+            step_id,
+            reason,
+            at,
+        } => {
+            tx.prepare_cached(
+                "UPDATE steps SET status = 'skipped', error = NULL, finished_at = ?3
+                 WHERE run_id = ?1 AND step_id = ?2",
+            )?
+            .execute(params![run_id, step_id, ts(at)])?;
+            event(
+                tx,
+                run_id,
+                Some(step_id),
+                at,
+                "step_skipped",
+                &json!({"reason": reason}),
+            )?;
+        }
+        Write::StepRolledBack {
+            run_id,
+            step_id,
+            at,
+        } => {
+            tx.prepare_cached(
+                "UPDATE steps SET status = ?3, finished_at = ?4 WHERE run_id = ?1 AND step_id = ?2",
+            )?
+            .execute(params![
+                run_id,
+                step_id,
+                StepStatus::RolledBack.as_str(),
+                ts(at)
+            ])?;
+            event(tx, run_id, Some(step_id), at, "step_rolled_back", &json!({}))?;
+        }
+        Write::Event {
+            run_id,
+            step_id,
+            kind,
+            detail,
+            at,
+        } => event(tx, run_id, step_id.as_deref(), at, kind, detail)?,
+        Write::RenewLock {
+            key,
+            run_id,
+            lease_expires_at,
+        } => {
+            tx.prepare_cached(
+                "UPDATE locks SET lease_expires_at = ?3 WHERE key = ?1 AND run_id = ?2",
+            )?
+            .execute(params![key, run_id, ts(lease_expires_at)])?;
+        }
+        Write::ReleaseLock { key, run_id } => {
+            tx.prepare_cached("DELETE FROM locks WHERE key = ?1 AND run_id = ?2")?
+                .execute(params![key, run_id])?;
+        }
+        Write::Approve {
+            run_id,
+            step_id,
+            approved_by,
+            at,
+        } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO approvals (run_id, step_id, approved_by, approved_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![run_id, step_id, approved_by, ts(at)])?;
+            event(
+                tx,
+                run_id,
+                Some(step_id),
+                at,
+                "step_approved",
+                &json!({"approved_by": approved_by}),
+            )?;
+        }
+    }
+    Ok(())
+}
