@@ -1,1 +1,73 @@
-fn main(){}
+//! The `kmsflow` binary: parses arguments, builds the runtime, wires the crates, renders
+//! errors and chooses the exit code. Everything else lives in the workspace crates.
+
+mod bundled;
+mod cli;
+mod commands;
+mod failure;
+mod render;
+mod signals;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kmsflow_engine::Registry;
+
+use crate::cli::{Cli, LogFormat};
+use crate::failure::Failure;
+
+/// Every step kind this build knows.
+pub fn registry() -> Registry {
+    Registry::with_engine_kinds()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("build the tokio runtime");
+    match runtime.block_on(commands::dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            report(&failure);
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+fn report(failure: &Failure) {
+    match failure {
+        Failure::Invalid(diagnostics) => {
+            eprint!(
+                "{}",
+                diagnostics.render(&miette::GraphicalReportHandler::new())
+            );
+            eprintln!("error: {diagnostics}");
+        }
+        // The run's own progress lines already said how it ended.
+        Failure::RunEnded { .. } => {}
+        other => {
+            let mut message = format!("error: {other}");
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                message.push_str(&format!("\n  caused by: {cause}"));
+                source = cause.source();
+            }
+            eprintln!("{message}");
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KMSFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.with_target(false).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -29,7 +29,10 @@ pub enum StoreError {
     },
     /// A stored value did not parse back.
     #[error("corrupt value in column `{column}`: {detail}")]
-    Corrupt { column: &'static str, detail: String },
+    Corrupt {
+        column: &'static str,
+        detail: String,
+    },
     /// The transaction holding a batch of checkpoints failed to commit; none of them is stored.
     #[error("state store: commit failed: {0}")]
     CommitFailed(String),

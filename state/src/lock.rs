@@ -32,7 +32,9 @@ impl LockOwner {
 
 /// The lock is held by a live run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("lock `{key}` is held by run `{run_id}` (pid {pid} on {host}, lease until {lease_expires_at})")]
+#[error(
+    "lock `{key}` is held by run `{run_id}` (pid {pid} on {host}, lease until {lease_expires_at})"
+)]
 pub struct LockHeld {
     pub key: String,
     pub run_id: String,
@@ -144,7 +146,13 @@ mod tests {
             host: me.host.clone(),
         };
         let held = store
-            .acquire_lock("cluster/a", "run-2", &other, now + Duration::seconds(30), now)
+            .acquire_lock(
+                "cluster/a",
+                "run-2",
+                &other,
+                now + Duration::seconds(30),
+                now,
+            )
             .unwrap()
             .unwrap_err();
         assert_eq!(held.run_id, "run-1");
@@ -163,7 +171,13 @@ mod tests {
             .unwrap()
             .unwrap();
         store
-            .acquire_lock("k", "run-2", &LockOwner::current(), now + Duration::seconds(30), now)
+            .acquire_lock(
+                "k",
+                "run-2",
+                &LockOwner::current(),
+                now + Duration::seconds(30),
+                now,
+            )
             .unwrap()
             .unwrap();
     }
@@ -181,7 +195,13 @@ mod tests {
             .unwrap()
             .unwrap();
         store
-            .acquire_lock("k", "run-2", &LockOwner::current(), now + Duration::seconds(30), now)
+            .acquire_lock(
+                "k",
+                "run-2",
+                &LockOwner::current(),
+                now + Duration::seconds(30),
+                now,
+            )
             .unwrap()
             .unwrap();
     }
@@ -199,7 +219,13 @@ mod tests {
             .unwrap()
             .unwrap();
         let held = store
-            .acquire_lock("k", "run-2", &LockOwner::current(), now + Duration::seconds(30), now)
+            .acquire_lock(
+                "k",
+                "run-2",
+                &LockOwner::current(),
+                now + Duration::seconds(30),
+                now,
+            )
             .unwrap()
             .unwrap_err();
         assert_eq!((held.run_id.as_str(), held.pid), ("run-1", 42));

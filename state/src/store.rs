@@ -89,9 +89,9 @@ impl Store {
         if let Some(id) = exact {
             return Ok(id);
         }
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id FROM runs WHERE substr(id, 1, length(?1)) = ?1 ORDER BY id LIMIT 6")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT id FROM runs WHERE substr(id, 1, length(?1)) = ?1 ORDER BY id LIMIT 6",
+        )?;
         let candidates: Vec<String> = stmt
             .query_map([id_or_prefix], |row| row.get(0))?
             .collect::<Result<_, _>>()?;
@@ -283,4 +283,3 @@ fn create_private(path: &Path) -> std::io::Result<()> {
     options.open(path)?;
     Ok(())
 }
-

@@ -2,8 +2,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, params};
 use serde_json::{Value, json};
 
-use crate::records::{Outcome, RunStatus, StepStatus};
 use crate::StoreError;
+use crate::records::{Outcome, RunStatus, StepStatus};
 
 /// A new run, as created before its first step starts.
 #[derive(Debug, Clone)]
@@ -368,7 +368,14 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
                 StepStatus::RolledBack.as_str(),
                 ts(at)
             ])?;
-            event(tx, run_id, Some(step_id), at, "step_rolled_back", &json!({}))?;
+            event(
+                tx,
+                run_id,
+                Some(step_id),
+                at,
+                "step_rolled_back",
+                &json!({}),
+            )?;
         }
         Write::Event {
             run_id,

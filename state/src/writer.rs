@@ -107,4 +107,3 @@ fn commit_batch(store: &mut Store, batch: &[Job]) -> Vec<Result<(), StoreError>>
         Err(error) => shared_failure(&error),
     }
 }
-

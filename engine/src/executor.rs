@@ -1,0 +1,674 @@
+//! The durable executor.
+//!
+//! A loop owns the run's state and the template context. It starts every step whose
+//! dependencies are done, up to the concurrency limit, each as a tokio task, then waits for a
+//! task to finish or for Ctrl-C. Tasks checkpoint their own transitions through
+//! [`Checkpoints`]; a task never proceeds past a transition until it is committed, and the
+//! writer batches the checkpoints of tasks that finish together into one transaction.
+//!
+//! Checkpoint economy: a step that changes nothing commits once (its outcome). A step that
+//! changes something commits its before image first (rollback needs it, and a crash between
+//! the two leaves it `running`, so resume observes it again), then its outcome.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use kmsflow_state::{Approval, Outcome, RunStatus, StepRecord, StepStatus, StoreError, Write};
+use serde_json::{Map, Value, json};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::Checkpoints;
+use crate::input::prepare_input;
+use crate::kind::{Change, ErrorClass, Registry, StepContext, StepError};
+use crate::params::BoundParams;
+use crate::progress::{Progress, ProgressSink};
+use crate::redact::Redactor;
+use crate::runbook::CompiledRunbook;
+use crate::template::Renderer;
+
+/// How a run is driven.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecOptions {
+    /// Steps running at once, at most.
+    pub concurrency: usize,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions { concurrency: 8 }
+    }
+}
+
+/// Ctrl-C as the executor sees it: `drain` stops scheduling (running steps finish and
+/// checkpoint); `abort` also cancels running steps.
+#[derive(Debug, Clone, Default)]
+pub struct Signals {
+    pub drain: CancellationToken,
+    pub abort: CancellationToken,
+}
+
+/// Everything one execution needs.
+pub struct Execution {
+    pub run_id: String,
+    pub started_at: DateTime<Utc>,
+    pub runbook: Arc<CompiledRunbook>,
+    pub params: BoundParams,
+    pub registry: Registry,
+    pub checkpoints: Arc<dyn Checkpoints>,
+    pub progress: ProgressSink,
+    pub options: ExecOptions,
+    pub signals: Signals,
+    /// Step records from the store when resuming; empty for a new run.
+    pub previous: Vec<StepRecord>,
+    pub approvals: Vec<Approval>,
+    /// The lock this run holds, released with the final checkpoint.
+    pub lock_key: Option<String>,
+    pub resumed: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub status: RunStatus,
+    pub error: Option<String>,
+    pub outputs: Option<Value>,
+}
+
+/// The store failed: the run's state on disk is what was last committed.
+#[derive(Debug, thiserror::Error)]
+#[error("run `{run_id}` stopped because its state could not be saved")]
+pub struct CheckpointFailed {
+    pub run_id: String,
+    #[source]
+    pub source: StoreError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+    Waiting,
+}
+
+enum TaskEnd {
+    Succeeded(Map<String, Value>),
+    /// The step's error, already redacted.
+    Failed(String),
+    Waiting,
+    Cancelled,
+}
+
+/// State shared by the step tasks.
+struct Shared {
+    run_id: String,
+    runbook: Arc<CompiledRunbook>,
+    registry: Registry,
+    checkpoints: Arc<dyn Checkpoints>,
+    progress: ProgressSink,
+    redactor: Redactor,
+    abort: CancellationToken,
+}
+
+/// Lease length of a run lock, and how often a live run renews it.
+pub const LOCK_LEASE: Duration = Duration::from_secs(60);
+const LOCK_RENEW_EVERY: Duration = Duration::from_secs(15);
+
+/// Runs (or resumes) a run to its end: succeeded, failed, waiting or interrupted.
+pub async fn execute(execution: Execution) -> Result<RunSummary, CheckpointFailed> {
+    let Execution {
+        run_id,
+        started_at,
+        runbook,
+        params,
+        registry,
+        checkpoints,
+        progress,
+        options,
+        signals,
+        previous,
+        approvals,
+        lock_key,
+        resumed,
+    } = execution;
+    let redactor = Redactor::new(params.secret_values());
+    let shared = Arc::new(Shared {
+        run_id: run_id.clone(),
+        runbook: runbook.clone(),
+        registry,
+        checkpoints: checkpoints.clone(),
+        progress: progress.clone(),
+        redactor: redactor.clone(),
+        abort: signals.abort.clone(),
+    });
+    let fail_store = |source| CheckpointFailed {
+        run_id: run_id.clone(),
+        source,
+    };
+    progress(&Progress::RunStarted {
+        run_id: run_id.clone(),
+        runbook: runbook.name.clone(),
+        resumed,
+        n_steps: runbook.steps.len(),
+    });
+
+    let renderer = Renderer::new();
+    let mut context = json!({
+        "params": params.values(),
+        "steps": {},
+        "run": {"id": run_id, "started_at": started_at.to_rfc3339()},
+    });
+    let n_steps = runbook.steps.len();
+    let mut slots = vec![Slot::Pending; n_steps];
+    let mut prior: Vec<Option<StepRecord>> = vec![None; n_steps];
+    let position: HashMap<&str, usize> = runbook
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.as_str(), i))
+        .collect();
+    for record in previous {
+        let Some(&index) = position.get(record.step_id.as_str()) else {
+            continue;
+        };
+        match record.status {
+            StepStatus::Succeeded => {
+                slots[index] = Slot::Succeeded;
+                context["steps"][&record.step_id] =
+                    json!({"outputs": record.outputs.clone().unwrap_or(json!({}))});
+                progress(&Progress::StepReused {
+                    step_id: record.step_id.clone(),
+                });
+            }
+            StepStatus::Skipped => slots[index] = Slot::Skipped,
+            // Failed steps are retried; running ones (the process died) are observed again.
+            _ => {}
+        }
+        prior[index] = Some(record);
+    }
+    let approvals: HashMap<String, Approval> = approvals
+        .into_iter()
+        .map(|a| (a.step_id.clone(), a))
+        .collect();
+
+    let renew = lock_key.clone().map(|key| {
+        let checkpoints = checkpoints.clone();
+        let run_id = run_id.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LOCK_RENEW_EVERY).await;
+                let lease_expires_at = Utc::now() + LOCK_LEASE;
+                let renewal = Write::RenewLock {
+                    key: key.clone(),
+                    run_id: run_id.clone(),
+                    lease_expires_at,
+                };
+                if checkpoints.commit(vec![renewal]).await.is_err() {
+                    return;
+                }
+            }
+        })
+    });
+
+    let mut tasks: JoinSet<(usize, Result<TaskEnd, StoreError>)> = JoinSet::new();
+    let mut failure: Option<String> = None;
+    let mut draining = false;
+    let mut store_error: Option<StoreError> = None;
+    loop {
+        if !draining && failure.is_none() && store_error.is_none() {
+            for index in 0..n_steps {
+                if tasks.len() >= options.concurrency.max(1) {
+                    break;
+                }
+                if slots[index] != Slot::Pending {
+                    continue;
+                }
+                let step = &runbook.steps[index];
+                let deps: Vec<Slot> = step
+                    .needs
+                    .iter()
+                    .map(|d| slots[position[d.as_str()]])
+                    .collect();
+                if !deps
+                    .iter()
+                    .all(|s| matches!(s, Slot::Succeeded | Slot::Skipped))
+                {
+                    continue;
+                }
+                let now = Utc::now();
+                // A step that reads outputs of a skipped step has nothing to read: skip it too.
+                let skipped_source = step
+                    .reads_outputs_of
+                    .iter()
+                    .find(|d| slots[position[d.as_str()]] == Slot::Skipped);
+                let skip_reason = match (skipped_source, &step.condition) {
+                    (Some(dep), _) => Some(format!("reads outputs of skipped step `{dep}`")),
+                    (None, Some(condition)) => match renderer.render_condition(condition, &context)
+                    {
+                        Ok(true) => None,
+                        Ok(false) => Some(format!("`if` is false: {condition}")),
+                        Err(error) => {
+                            let error = redactor.text(&error.to_string());
+                            fail_step(&shared, index, &error, now)
+                                .await
+                                .map_err(fail_store)?;
+                            slots[index] = Slot::Failed;
+                            failure = Some(format!("step `{}` failed: {error}", step.id));
+                            break;
+                        }
+                    },
+                    (None, None) => None,
+                };
+                if let Some(reason) = skip_reason {
+                    checkpoints
+                        .commit(vec![Write::StepSkipped {
+                            run_id: run_id.clone(),
+                            step_id: step.id.clone(),
+                            reason: reason.clone(),
+                            at: now,
+                        }])
+                        .await
+                        .map_err(fail_store)?;
+                    progress(&Progress::StepSkipped {
+                        step_id: step.id.clone(),
+                        reason,
+                    });
+                    slots[index] = Slot::Skipped;
+                    continue;
+                }
+                let spec = shared
+                    .registry
+                    .get(&step.uses)
+                    .expect("compile checked the step kind")
+                    .spec();
+                let input = renderer
+                    .render_value(&step.with, &context)
+                    .map_err(|e| e.to_string())
+                    .and_then(|rendered| prepare_input(spec, rendered));
+                let input = match input {
+                    Ok(input) => input,
+                    Err(error) => {
+                        let error = redactor.text(&format!("invalid input: {error}"));
+                        fail_step(&shared, index, &error, now)
+                            .await
+                            .map_err(fail_store)?;
+                        slots[index] = Slot::Failed;
+                        failure = Some(format!("step `{}` failed: {error}", step.id));
+                        break;
+                    }
+                };
+                slots[index] = Slot::Running;
+                let task = StepTask {
+                    shared: shared.clone(),
+                    index,
+                    input,
+                    prior_attempts: prior[index].as_ref().map_or(0, |r| r.attempts),
+                    prior_planned: prior[index].as_ref().and_then(|r| r.planned_outcome),
+                    approval: approvals.get(&step.id).cloned(),
+                };
+                tasks.spawn(async move { (index, task.run().await) });
+            }
+        }
+        if tasks.is_empty() {
+            break;
+        }
+        tokio::select! {
+            joined = tasks.join_next() => {
+                let (index, end) = joined.expect("tasks is not empty").expect("step tasks do not panic");
+                let step_id = runbook.steps[index].id.clone();
+                match end {
+                    Ok(TaskEnd::Succeeded(outputs)) => {
+                        slots[index] = Slot::Succeeded;
+                        context["steps"][&step_id] = json!({"outputs": outputs});
+                    }
+                    Ok(TaskEnd::Failed(error)) => {
+                        slots[index] = Slot::Failed;
+                        failure.get_or_insert_with(|| format!("step `{step_id}` failed: {error}"));
+                    }
+                    Ok(TaskEnd::Waiting) => slots[index] = Slot::Waiting,
+                    Ok(TaskEnd::Cancelled) => slots[index] = Slot::Pending,
+                    Err(error) => {
+                        slots[index] = Slot::Pending;
+                        store_error.get_or_insert(error);
+                    }
+                }
+            }
+            _ = signals.drain.cancelled(), if !draining => {
+                draining = true;
+                progress(&Progress::Draining { running: tasks.len() });
+            }
+        }
+    }
+    if let Some(renew) = renew {
+        renew.abort();
+    }
+    if let Some(error) = store_error {
+        return Err(fail_store(error));
+    }
+
+    let any = |slot: Slot| slots.contains(&slot);
+    let (status, error) = if let Some(failure) = failure {
+        (RunStatus::Failed, Some(failure))
+    } else if any(Slot::Waiting) {
+        let waiting: Vec<&str> = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s == Slot::Waiting)
+            .map(|(i, _)| runbook.steps[i].id.as_str())
+            .collect();
+        (
+            RunStatus::Waiting,
+            Some(format!(
+                "waiting for approval of {}",
+                waiting
+                    .iter()
+                    .map(|w| format!("`{w}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        )
+    } else if any(Slot::Pending) {
+        (RunStatus::Interrupted, Some("interrupted".to_owned()))
+    } else {
+        (RunStatus::Succeeded, None)
+    };
+    let outputs = (status == RunStatus::Succeeded).then(|| {
+        let rendered: Map<String, Value> = runbook
+            .outputs
+            .iter()
+            .map(|(name, template)| {
+                let value = renderer
+                    .render_str(template, &context)
+                    .unwrap_or(Value::Null);
+                (name.clone(), redactor.value(&value))
+            })
+            .collect();
+        Value::Object(rendered)
+    });
+    let mut writes = vec![Write::RunFinished {
+        run_id: run_id.clone(),
+        status,
+        error: error.clone(),
+        outputs: outputs.clone(),
+        at: Utc::now(),
+    }];
+    if let Some(key) = lock_key {
+        writes.push(Write::ReleaseLock {
+            key,
+            run_id: run_id.clone(),
+        });
+    }
+    checkpoints.commit(writes).await.map_err(fail_store)?;
+    progress(&Progress::RunFinished {
+        run_id: run_id.clone(),
+        status,
+        error: error.clone(),
+    });
+    Ok(RunSummary {
+        run_id,
+        status,
+        error,
+        outputs,
+    })
+}
+
+async fn fail_step(
+    shared: &Shared,
+    index: usize,
+    error: &str,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let step_id = shared.runbook.steps[index].id.clone();
+    shared
+        .checkpoints
+        .commit(vec![Write::StepFailed {
+            run_id: shared.run_id.clone(),
+            step_id: step_id.clone(),
+            attempt: 0,
+            error: error.to_owned(),
+            at,
+        }])
+        .await?;
+    (shared.progress)(&Progress::StepFailed {
+        step_id,
+        error: error.to_owned(),
+    });
+    Ok(())
+}
+
+/// One step's attempts, as a task.
+struct StepTask {
+    shared: Arc<Shared>,
+    index: usize,
+    input: Value,
+    prior_attempts: u32,
+    prior_planned: Option<Outcome>,
+    approval: Option<Approval>,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Done {
+        outcome: Outcome,
+        outputs: Map<String, Value>,
+    },
+    Error(StepError),
+}
+
+impl StepTask {
+    async fn run(self) -> Result<TaskEnd, StoreError> {
+        let shared = self.shared.clone();
+        let mut planned = self.prior_planned;
+        let step = &shared.runbook.steps[self.index];
+        let kind = shared
+            .registry
+            .get(&step.uses)
+            .expect("compile checked the step kind")
+            .clone();
+        let mut attempt = self.prior_attempts;
+        let mut attempts_here = 0;
+        loop {
+            attempt += 1;
+            attempts_here += 1;
+            let started = Instant::now();
+            (shared.progress)(&Progress::StepStarted {
+                step_id: step.id.clone(),
+                uses: step.uses.clone(),
+                attempt,
+            });
+            let cx = StepContext {
+                run_id: &shared.run_id,
+                step_id: &step.id,
+                attempt,
+                input: &self.input,
+                approval: self.approval.as_ref(),
+                cancel: &shared.abort,
+            };
+            let attempt_future = attempt_once(&shared, kind.as_ref(), &cx, &mut planned);
+            let bounded = async {
+                match step.timeout {
+                    Some(limit) => match tokio::time::timeout(limit, attempt_future).await {
+                        Ok(result) => result,
+                        Err(_) => Ok(Attempt::Error(StepError::transient(format!(
+                            "timed out after {}",
+                            crate::duration::format_duration(limit)
+                        )))),
+                    },
+                    None => attempt_future.await,
+                }
+            };
+            let result = tokio::select! {
+                result = bounded => result?,
+                _ = shared.abort.cancelled() => return Ok(TaskEnd::Cancelled),
+            };
+            let at = Utc::now();
+            match result {
+                Attempt::Done { outcome, outputs } => {
+                    let outputs = shared.redactor.value(&Value::Object(outputs));
+                    shared
+                        .checkpoints
+                        .commit(vec![Write::StepSucceeded {
+                            run_id: shared.run_id.clone(),
+                            step_id: step.id.clone(),
+                            attempt,
+                            outcome,
+                            outputs: outputs.clone(),
+                            at,
+                        }])
+                        .await?;
+                    (shared.progress)(&Progress::StepSucceeded {
+                        step_id: step.id.clone(),
+                        outcome,
+                        elapsed: started.elapsed(),
+                    });
+                    let Value::Object(outputs) = outputs else {
+                        unreachable!("redaction keeps the shape")
+                    };
+                    return Ok(TaskEnd::Succeeded(outputs));
+                }
+                Attempt::Error(error) if error.class == ErrorClass::AwaitingApproval => {
+                    shared
+                        .checkpoints
+                        .commit(vec![Write::Event {
+                            run_id: shared.run_id.clone(),
+                            step_id: Some(step.id.clone()),
+                            kind: "approval_requested".into(),
+                            detail: json!({"approve_with": format!("kmsflow approve {} {}", shared.run_id, step.id)}),
+                            at,
+                        }])
+                        .await?;
+                    (shared.progress)(&Progress::StepWaiting {
+                        step_id: step.id.clone(),
+                    });
+                    return Ok(TaskEnd::Waiting);
+                }
+                Attempt::Error(error) => {
+                    let message = shared.redactor.text(&error.to_string());
+                    if error.is_retryable() && attempts_here < step.retry.attempts {
+                        let backoff = step.retry.delay(attempts_here, fastrand::f64());
+                        let delay = error
+                            .retry_after
+                            .map_or(backoff, |after| after.max(backoff / 2));
+                        shared
+                            .checkpoints
+                            .commit(vec![Write::StepAttemptFailed {
+                                run_id: shared.run_id.clone(),
+                                step_id: step.id.clone(),
+                                attempt,
+                                error: message.clone(),
+                                retry_in_ms: delay.as_millis() as u64,
+                                at,
+                            }])
+                            .await?;
+                        (shared.progress)(&Progress::StepRetrying {
+                            step_id: step.id.clone(),
+                            attempt,
+                            delay,
+                            error: message,
+                        });
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => continue,
+                            _ = shared.abort.cancelled() => return Ok(TaskEnd::Cancelled),
+                        }
+                    }
+                    let message = if error.is_retryable() && step.retry.attempts > 1 {
+                        format!("{message} (gave up after {attempts_here} attempts)")
+                    } else {
+                        message
+                    };
+                    shared
+                        .checkpoints
+                        .commit(vec![Write::StepFailed {
+                            run_id: shared.run_id.clone(),
+                            step_id: step.id.clone(),
+                            attempt,
+                            error: message.clone(),
+                            at,
+                        }])
+                        .await?;
+                    (shared.progress)(&Progress::StepFailed {
+                        step_id: step.id.clone(),
+                        error: message.clone(),
+                    });
+                    return Ok(TaskEnd::Failed(message));
+                }
+            }
+        }
+    }
+}
+
+/// observe → plan → (checkpoint the before image → apply). `planned` is the outcome the step
+/// set out to make in an earlier attempt, if any: it is the outcome even when this attempt
+/// finds the change already made.
+async fn attempt_once(
+    shared: &Shared,
+    kind: &dyn crate::kind::StepKind,
+    cx: &StepContext<'_>,
+    planned: &mut Option<Outcome>,
+) -> Result<Attempt, StoreError> {
+    let before = match kind.observe(cx).await {
+        Ok(before) => before,
+        Err(error) => return Ok(Attempt::Error(error)),
+    };
+    let plan = match kind.plan(cx, &before) {
+        Ok(plan) => plan,
+        Err(error) => return Ok(Attempt::Error(error)),
+    };
+    if plan.change == Change::Unchanged {
+        // An earlier attempt (perhaps in a process that died) already made the change.
+        let outcome = planned.unwrap_or(Outcome::Unchanged);
+        return Ok(Attempt::Done {
+            outcome,
+            outputs: plan.outputs,
+        });
+    }
+    let this_change = plan.change.outcome();
+    shared
+        .checkpoints
+        .commit(vec![Write::StepApplying {
+            run_id: shared.run_id.clone(),
+            step_id: cx.step_id.to_owned(),
+            attempt: cx.attempt,
+            before_image: shared.redactor.value(&before),
+            planned_outcome: this_change,
+            at: Utc::now(),
+        }])
+        .await?;
+    let outcome = *planned.get_or_insert(this_change);
+    (shared.progress)(&Progress::StepApplying {
+        step_id: cx.step_id.to_owned(),
+        summary: change_summary(&plan.change),
+    });
+    if let Some(reason) = &plan.irreversible {
+        (shared.progress)(&Progress::PointOfNoReturn {
+            step_id: cx.step_id.to_owned(),
+            reason: reason.clone(),
+        });
+    }
+    Ok(match kind.apply(cx, &before, &plan).await {
+        Ok(outputs) => Attempt::Done { outcome, outputs },
+        Err(error) => Attempt::Error(error),
+    })
+}
+
+/// One line describing a change.
+pub fn change_summary(change: &Change) -> String {
+    match change {
+        Change::Unchanged => "no change".to_owned(),
+        Change::Create { summary } | Change::Action { summary } => summary.clone(),
+        Change::Update { summary, fields } => {
+            let names: Vec<&str> = fields.iter().map(|f| f.path.as_str()).collect();
+            if names.is_empty() {
+                summary.clone()
+            } else {
+                format!("{summary} ({})", names.join(", "))
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Starting and resuming runs against a state file: the lock, the run's records, the writer
+//! thread, and the executor, in that order.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use kmsflow_state::{
+    Approval, Durability, LockHeld, LockOwner, NewRun, RunRecord, RunStatus, StepRecord, Store,
+    StoreError, Write, Writer,
+};
+use serde_json::json;
+
+use crate::executor::{
+    CheckpointFailed, ExecOptions, Execution, LOCK_LEASE, RunSummary, Signals, execute,
+};
+use crate::kind::Registry;
+use crate::params::BoundParams;
+use crate::progress::ProgressSink;
+use crate::runbook::CompiledRunbook;
+use crate::template::{RenderError, Renderer};
+
+/// Where runs are kept and which step kinds they may use.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub registry: Registry,
+    pub state_path: PathBuf,
+    pub durability: Durability,
+}
+
+/// A runbook ready to run, with its parameters and how to drive it.
+pub struct RunRequest {
+    pub runbook: Arc<CompiledRunbook>,
+    /// Where the runbook came from: a path, or `bundled:<name>`.
+    pub runbook_ref: String,
+    /// The runbook's text, stored with the run.
+    pub source: String,
+    pub params: BoundParams,
+    pub options: ExecOptions,
+    pub signals: Signals,
+    pub progress: ProgressSink,
+}
+
+/// Why a run could not be started, resumed or rolled back.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    LockHeld(#[from] LockHeld),
+    #[error("cannot render the lock key")]
+    LockKey(#[source] RenderError),
+    #[error(
+        "run `{run_id}` is {status}: only running, failed, interrupted or waiting runs can be resumed"
+    )]
+    NotResumable { run_id: String, status: RunStatus },
+    #[error("run `{run_id}` is {status}: there is nothing to roll back")]
+    NotRollbackable { run_id: String, status: RunStatus },
+    #[error("run `{run_id}` has no step `{step_id}`")]
+    UnknownStep { run_id: String, step_id: String },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointFailed),
+}
+
+/// A fresh run id: sortable by time, short enough to type.
+pub fn new_run_id(now: DateTime<Utc>) -> String {
+    format!("{}-{:04x}", now.format("%Y%m%d-%H%M%S"), fastrand::u16(..))
+}
+
+/// Renders the runbook's lock key from its parameters.
+pub fn lock_key(
+    runbook: &CompiledRunbook,
+    params: &BoundParams,
+    run_id: &str,
+) -> Result<Option<String>, RenderError> {
+    let Some(template) = &runbook.lock else {
+        return Ok(None);
+    };
+    let context = json!({"params": params.values(), "run": {"id": run_id}});
+    let rendered = Renderer::new().render_str(template, &context)?;
+    Ok(Some(match rendered {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    }))
+}
+
+/// Opens the store on a blocking thread (SQLite calls block).
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, LaunchError> + Send + 'static,
+) -> Result<T, LaunchError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .expect("store work does not panic")
+}
+
+/// Runs the execution with a writer thread over `store`, and waits for every checkpoint.
+async fn with_writer(
+    store: Store,
+    build: impl FnOnce(Arc<Writer>) -> Execution,
+) -> Result<RunSummary, LaunchError> {
+    let (writer, thread) = Writer::spawn(store);
+    let writer = Arc::new(writer);
+    let result = execute(build(writer.clone())).await;
+    drop(writer);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .expect("writer thread join");
+    Ok(result?)
+}
+
+/// Creates a run and executes it.
+pub async fn start(engine: &Engine, request: RunRequest) -> Result<RunSummary, LaunchError> {
+    let started_at = Utc::now();
+    let run_id = new_run_id(started_at);
+    let key = lock_key(&request.runbook, &request.params, &run_id).map_err(LaunchError::LockKey)?;
+    let new_run = NewRun {
+        id: run_id.clone(),
+        runbook: request.runbook.name.clone(),
+        runbook_ref: request.runbook_ref.clone(),
+        content_hash: request.runbook.content_hash.clone(),
+        source: request.source.clone(),
+        params: request.params.storable(),
+        secret_params: request.runbook.secret_params(),
+        started_at,
+        lock_key: key.clone(),
+        steps: request
+            .runbook
+            .steps
+            .iter()
+            .map(|s| (s.id.clone(), s.uses.clone()))
+            .collect(),
+    };
+    let (path, durability) = (engine.state_path.clone(), engine.durability);
+    let (store_key, store_run) = (key.clone(), run_id.clone());
+    let store = blocking(move || {
+        let mut store = Store::open(&path, durability)?;
+        if let Some(key) = &store_key {
+            store.acquire_lock(
+                key,
+                &store_run,
+                &LockOwner::current(),
+                started_at + LOCK_LEASE,
+                started_at,
+            )??;
+        }
+        store.commit(&[Write::CreateRun(new_run)])?;
+        Ok(store)
+    })
+    .await?;
+    with_writer(store, |writer| Execution {
+        run_id,
+        started_at,
+        runbook: request.runbook,
+        params: request.params,
+        registry: engine.registry.clone(),
+        checkpoints: writer,
+        progress: request.progress,
+        options: request.options,
+        signals: request.signals,
+        previous: Vec::new(),
+        approvals: Vec::new(),
+        lock_key: key,
+        resumed: false,
+    })
+    .await
+}
+
+/// Reads a run and its steps (for `resume`, `rollback`, `show`).
+pub fn load_run(
+    engine: &Engine,
+    run_id_or_prefix: &str,
+) -> Result<(RunRecord, Vec<StepRecord>, Vec<Approval>), LaunchError> {
+    let store = Store::open(&engine.state_path, engine.durability)?;
+    let run_id = store.resolve_run_id(run_id_or_prefix)?;
+    let run = store.run(&run_id)?;
+    let steps = store.steps(&run_id)?;
+    let approvals = store.approvals(&run_id)?;
+    Ok((run, steps, approvals))
+}
+
+/// Continues a run where it stopped. `request.runbook` is the runbook to run: the stored one,
+/// or a changed one the user allowed (its hash then replaces the stored one).
+pub async fn resume(
+    engine: &Engine,
+    run: &RunRecord,
+    request: RunRequest,
+) -> Result<RunSummary, LaunchError> {
+    if !run.status.is_resumable() {
+        return Err(LaunchError::NotResumable {
+            run_id: run.id.clone(),
+            status: run.status,
+        });
+    }
+    let run_id = run.id.clone();
+    let started_at = run.started_at;
+    let key = run.lock_key.clone();
+    let changed = (request.runbook.content_hash != run.content_hash)
+        .then(|| (request.runbook.content_hash.clone(), request.source.clone()));
+    let steps: Vec<(String, String)> = request
+        .runbook
+        .steps
+        .iter()
+        .map(|s| (s.id.clone(), s.uses.clone()))
+        .collect();
+    let (path, durability) = (engine.state_path.clone(), engine.durability);
+    let (store_key, store_run) = (key.clone(), run_id.clone());
+    let (store, previous, approvals) = blocking(move || {
+        let mut store = Store::open(&path, durability)?;
+        let now = Utc::now();
+        if let Some(key) = &store_key {
+            store.acquire_lock(
+                key,
+                &store_run,
+                &LockOwner::current(),
+                now + LOCK_LEASE,
+                now,
+            )??;
+        }
+        store.commit(&[Write::RunResumed {
+            run_id: store_run.clone(),
+            at: now,
+            new_source: changed,
+            steps,
+        }])?;
+        let previous = store.steps(&store_run)?;
+        let approvals = store.approvals(&store_run)?;
+        Ok((store, previous, approvals))
+    })
+    .await?;
+    with_writer(store, |writer| Execution {
+        run_id,
+        started_at,
+        runbook: request.runbook,
+        params: request.params,
+        registry: engine.registry.clone(),
+        checkpoints: writer,
+        progress: request.progress,
+        options: request.options,
+        signals: request.signals,
+        previous,
+        approvals,
+        lock_key: key,
+        resumed: true,
+    })
+    .await
+}
+
+/// Records who approved a waiting step.
+pub fn approve(
+    engine: &Engine,
+    run_id_or_prefix: &str,
+    step_id: &str,
+    approved_by: &str,
+) -> Result<String, LaunchError> {
+    let mut store = Store::open(&engine.state_path, engine.durability)?;
+    let run_id = store.resolve_run_id(run_id_or_prefix)?;
+    if !store.steps(&run_id)?.iter().any(|s| s.step_id == step_id) {
+        return Err(LaunchError::UnknownStep {
+            run_id,
+            step_id: step_id.to_owned(),
+        });
+    }
+    store.commit(&[Write::Approve {
+        run_id: run_id.clone(),
+        step_id: step_id.to_owned(),
+        approved_by: approved_by.to_owned(),
+        at: Utc::now(),
+    }])?;
+    Ok(run_id)
+}

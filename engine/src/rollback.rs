@@ -1,0 +1,237 @@
+//! Rollback: undo what a run changed, newest first.
+//!
+//! Steps that changed something are undone in reverse execution order (a reverse topological
+//! order of the DAG), each from its before image: what the run created is deleted, what it
+//! changed is put back. A step whose change cannot be undone is reported and skipped, and the
+//! rest continue ("undo what it can"). A step whose rollback fails stops the walk: undoing its
+//! prerequisites while it still stands could break what depends on them. Each undone step is
+//! checkpointed, so running rollback again continues where it stopped.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use kmsflow_state::{
+    LockOwner, Outcome, RunRecord, RunStatus, StepRecord, StepStatus, Store, Write, Writer,
+};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::Checkpoints;
+use crate::executor::{LOCK_LEASE, RunSummary};
+use crate::input::prepare_input;
+use crate::kind::{StepContext, Undo};
+use crate::launch::{Engine, LaunchError};
+use crate::params::BoundParams;
+use crate::progress::{Progress, ProgressSink};
+use crate::redact::Redactor;
+use crate::runbook::CompiledRunbook;
+use crate::template::Renderer;
+
+/// The step's outcome, if it changed something rollback must undo.
+fn change_to_undo(record: &StepRecord) -> Option<Outcome> {
+    match record.status {
+        StepStatus::Succeeded => record.outcome.filter(|o| o.changed_something()),
+        // It checkpointed a before image, then failed or died while applying: the change may
+        // be partly made.
+        StepStatus::Running | StepStatus::Failed | StepStatus::Pending => record
+            .before_image
+            .as_ref()
+            .and(record.planned_outcome)
+            .filter(|o| o.changed_something()),
+        StepStatus::Skipped | StepStatus::RolledBack => None,
+    }
+}
+
+/// Rolls back `run`. `runbook` must be compiled from the run's stored source.
+pub async fn rollback(
+    engine: &Engine,
+    run: &RunRecord,
+    runbook: Arc<CompiledRunbook>,
+    params: BoundParams,
+    progress: ProgressSink,
+) -> Result<RunSummary, LaunchError> {
+    if matches!(run.status, RunStatus::RolledBack) {
+        return Err(LaunchError::NotRollbackable {
+            run_id: run.id.clone(),
+            status: run.status,
+        });
+    }
+    let (path, durability) = (engine.state_path.clone(), engine.durability);
+    let (key, run_id) = (run.lock_key.clone(), run.id.clone());
+    let (store, records) = tokio::task::spawn_blocking(move || {
+        let mut store = Store::open(&path, durability)?;
+        let now = Utc::now();
+        // Holding the run's lock guarantees no other process is executing it meanwhile.
+        if let Some(key) = &key {
+            store.acquire_lock(key, &run_id, &LockOwner::current(), now + LOCK_LEASE, now)??;
+        }
+        let records = store.steps(&run_id)?;
+        Ok::<_, LaunchError>((store, records))
+    })
+    .await
+    .expect("store work does not panic")?;
+    let (writer, thread) = Writer::spawn(store);
+    let result = walk(engine, run, &runbook, &params, &records, &writer, &progress).await;
+    drop(writer);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .expect("writer thread join");
+    result
+}
+
+async fn walk(
+    engine: &Engine,
+    run: &RunRecord,
+    runbook: &CompiledRunbook,
+    params: &BoundParams,
+    records: &[StepRecord],
+    writer: &Writer,
+    progress: &ProgressSink,
+) -> Result<RunSummary, LaunchError> {
+    let redactor = Redactor::new(params.secret_values());
+    let renderer = Renderer::new();
+    let mut context = json!({
+        "params": params.values(),
+        "steps": {},
+        "run": {"id": run.id, "started_at": run.started_at.to_rfc3339()},
+    });
+    for record in records {
+        if let Some(outputs) = &record.outputs {
+            context["steps"][&record.step_id] = json!({"outputs": outputs});
+        }
+    }
+    let cancel = CancellationToken::new();
+    let mut irreversible: Vec<String> = Vec::new();
+    let mut failed: Option<String> = None;
+    // Records come in execution order; undo newest first.
+    for record in records.iter().rev() {
+        let Some(outcome) = change_to_undo(record) else {
+            continue;
+        };
+        let at = Utc::now();
+        let Some(step) = runbook.step(&record.step_id) else {
+            failed = Some(format!(
+                "step `{}` is not in the stored runbook; cannot undo it",
+                record.step_id
+            ));
+            break;
+        };
+        let kind = engine
+            .registry
+            .get(&step.uses)
+            .expect("compile checked the step kind");
+        let input = renderer
+            .render_value(&step.with, &context)
+            .map_err(|e| e.to_string())
+            .and_then(|rendered| prepare_input(kind.spec(), rendered));
+        let result = match input {
+            Ok(input) => {
+                let cx = StepContext {
+                    run_id: &run.id,
+                    step_id: &step.id,
+                    attempt: record.attempts,
+                    input: &input,
+                    approval: None,
+                    cancel: &cancel,
+                };
+                let before = record.before_image.clone().unwrap_or(Value::Null);
+                kind.rollback(&cx, &before, outcome)
+                    .await
+                    .map_err(|e| redactor.text(&e.to_string()))
+            }
+            Err(error) => Err(redactor.text(&format!("invalid input: {error}"))),
+        };
+        match result {
+            Ok(Undo::Done | Undo::NothingToUndo) => {
+                writer
+                    .commit(vec![Write::StepRolledBack {
+                        run_id: run.id.clone(),
+                        step_id: step.id.clone(),
+                        at,
+                    }])
+                    .await
+                    .map_err(LaunchError::Store)?;
+                progress(&Progress::StepRolledBack {
+                    step_id: step.id.clone(),
+                });
+            }
+            Ok(Undo::Irreversible(reason)) => {
+                writer
+                    .commit(vec![Write::Event {
+                        run_id: run.id.clone(),
+                        step_id: Some(step.id.clone()),
+                        kind: "step_irreversible".into(),
+                        detail: json!({"reason": reason}),
+                        at,
+                    }])
+                    .await
+                    .map_err(LaunchError::Store)?;
+                progress(&Progress::StepIrreversible {
+                    step_id: step.id.clone(),
+                    reason: reason.clone(),
+                });
+                irreversible.push(format!("`{}` ({reason})", step.id));
+            }
+            Err(error) => {
+                writer
+                    .commit(vec![Write::Event {
+                        run_id: run.id.clone(),
+                        step_id: Some(step.id.clone()),
+                        kind: "step_rollback_failed".into(),
+                        detail: json!({"error": error}),
+                        at,
+                    }])
+                    .await
+                    .map_err(LaunchError::Store)?;
+                progress(&Progress::StepRollbackFailed {
+                    step_id: step.id.clone(),
+                    error: error.clone(),
+                });
+                failed = Some(format!("rollback of step `{}` failed: {error}", step.id));
+                break;
+            }
+        }
+    }
+    let (status, error) = match (&failed, irreversible.is_empty()) {
+        (Some(failure), _) => (
+            RunStatus::RollbackFailed,
+            Some(format!(
+                "{failure}; fix the cause and run `kmsflow rollback {}` again",
+                run.id
+            )),
+        ),
+        (None, false) => (
+            RunStatus::RollbackFailed,
+            Some(format!(
+                "undid everything else, but these steps cannot be undone: {}",
+                irreversible.join(", ")
+            )),
+        ),
+        (None, true) => (RunStatus::RolledBack, None),
+    };
+    let mut writes = vec![Write::RunFinished {
+        run_id: run.id.clone(),
+        status,
+        error: error.clone(),
+        outputs: None,
+        at: Utc::now(),
+    }];
+    if let Some(key) = &run.lock_key {
+        writes.push(Write::ReleaseLock {
+            key: key.clone(),
+            run_id: run.id.clone(),
+        });
+    }
+    writer.commit(writes).await.map_err(LaunchError::Store)?;
+    progress(&Progress::RunFinished {
+        run_id: run.id.clone(),
+        status,
+        error: error.clone(),
+    });
+    Ok(RunSummary {
+        run_id: run.id.clone(),
+        status,
+        error,
+        outputs: None,
+    })
+}

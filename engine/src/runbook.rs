@@ -1,0 +1,156 @@
+//! The compiled runbook: a plain value (clone, compare, print) that the executor runs.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::kind::ValueType;
+
+/// A runbook that passed every check, its steps in execution order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CompiledRunbook {
+    pub name: String,
+    pub description: Option<String>,
+    pub params: Vec<ParamDecl>,
+    /// The lock key template; rendered from `params` and `run` only.
+    pub lock: Option<String>,
+    /// A topological order of the DAG; ties keep the order the steps are written in.
+    pub steps: Vec<CompiledStep>,
+    /// Run outputs: name and template.
+    pub outputs: Vec<(String, String)>,
+    /// SHA-256 of the runbook text (hex).
+    pub content_hash: String,
+}
+
+/// A declared runbook parameter.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParamDecl {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: ValueType,
+    pub description: Option<String>,
+    pub default: Option<Value>,
+    #[serde(rename = "enum", skip_serializing_if = "Vec::is_empty")]
+    pub enum_values: Vec<Value>,
+    pub pattern: Option<String>,
+    /// Never stored, never logged; asked for again on resume.
+    pub secret: bool,
+    /// An environment variable that supplies the value when no `-p` or params file does.
+    pub env: Option<String>,
+}
+
+impl ParamDecl {
+    /// Required when it has no default.
+    pub fn is_required(&self) -> bool {
+        self.default.is_none()
+    }
+}
+
+/// One step, with every dependency resolved.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CompiledStep {
+    pub id: String,
+    pub uses: String,
+    pub description: Option<String>,
+    /// `with:` as JSON; strings containing `{{` are templates.
+    pub with: Value,
+    /// The `if:` template, when the step is conditional.
+    pub condition: Option<String>,
+    /// Every step this one waits for (explicit `needs` and output references), in execution order.
+    pub needs: Vec<String>,
+    /// Steps whose outputs this one reads: if one of them is skipped, so is this step.
+    pub reads_outputs_of: Vec<String>,
+    pub retry: RetryPolicy,
+    /// Bounds each attempt (observe, plan and apply together).
+    pub timeout: Option<Duration>,
+    pub may_be_irreversible: bool,
+}
+
+/// How a step is retried after a transient failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    pub backoff: Backoff,
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 1,
+            backoff: Backoff::Exponential,
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Delay growth between attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backoff {
+    Exponential,
+    Fixed,
+}
+
+impl RetryPolicy {
+    /// The delay before retry number `retry_idx` (1 for the first retry), with "equal jitter":
+    /// half the nominal delay, plus a random share of the other half, so retrying clients spread
+    /// out without ever retrying at once.
+    pub fn delay(&self, retry_idx: u32, random_unit: f64) -> Duration {
+        let nominal = match self.backoff {
+            Backoff::Fixed => self.initial,
+            Backoff::Exponential => {
+                let factor = 2u32.saturating_pow(retry_idx.saturating_sub(1).min(30));
+                self.initial.saturating_mul(factor)
+            }
+        }
+        .min(self.max);
+        let half = nominal / 2;
+        half + half.mul_f64(random_unit.clamp(0.0, 1.0))
+    }
+}
+
+impl CompiledRunbook {
+    /// The step called `id`.
+    pub fn step(&self, id: &str) -> Option<&CompiledStep> {
+        self.steps.iter().find(|s| s.id == id)
+    }
+
+    /// The index of the step called `id` in execution order.
+    pub fn position(&self, id: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.id == id)
+    }
+
+    /// Names of secret parameters.
+    pub fn secret_params(&self) -> Vec<String> {
+        self.params
+            .iter()
+            .filter(|p| p.secret)
+            .map(|p| p.name.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exponential_delay_grows_and_caps() {
+        let policy = RetryPolicy {
+            attempts: 10,
+            backoff: Backoff::Exponential,
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(5),
+        };
+        assert_eq!(policy.delay(1, 1.0), Duration::from_secs(1));
+        assert_eq!(policy.delay(2, 1.0), Duration::from_secs(2));
+        assert_eq!(policy.delay(3, 0.0), Duration::from_secs(2));
+        assert_eq!(policy.delay(9, 1.0), Duration::from_secs(5));
+        assert_eq!(policy.delay(40, 1.0), Duration::from_secs(5));
+    }
+}

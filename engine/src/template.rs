@@ -1,0 +1,329 @@
+//! Templates: handlebars in strict mode over `params`, `steps.<id>.outputs` and `run`.
+//!
+//! Compile parses every template and collects the paths it reads; references to
+//! `steps.<id>.outputs.<name>` become edges of the DAG. The executor renders them.
+
+use handlebars::template::{Parameter, TemplateElement};
+use handlebars::{Handlebars, Path, Template};
+use serde_json::{Map, Value};
+
+/// Whether a string is a template (plain strings are used as they are).
+pub fn is_template(text: &str) -> bool {
+    text.contains("{{")
+}
+
+/// A path a template reads, as written (`steps.first.outputs.value`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathRef {
+    pub raw: String,
+    /// Inside a block helper (`#each`, `#with`), where relative paths may mean other things.
+    pub nested: bool,
+}
+
+/// What a template path points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target<'a> {
+    Param(&'a str),
+    StepOutput { step: &'a str, output: &'a str },
+    Run(&'a str),
+    Unknown,
+}
+
+impl PathRef {
+    /// Interprets the path against the template context's roots.
+    pub fn target(&self) -> Target<'_> {
+        let segments: Vec<&str> = self.raw.split(['.', '/']).collect();
+        match segments.as_slice() {
+            ["params", name, ..] => Target::Param(name),
+            ["steps", step, "outputs", output, ..] => Target::StepOutput { step, output },
+            ["run", field] => Target::Run(field),
+            _ => Target::Unknown,
+        }
+    }
+
+    /// The step a `steps.<id>...` path names, whatever follows.
+    pub fn step(&self) -> Option<&str> {
+        let mut segments = self.raw.split(['.', '/']);
+        (segments.next() == Some("steps"))
+            .then(|| segments.next())
+            .flatten()
+    }
+}
+
+/// A template that did not parse: the message and the 1-based line/column inside the template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyntaxError {
+    pub message: String,
+    pub position: Option<(usize, usize)>,
+}
+
+/// Parses a template and lists the paths it reads.
+pub fn references(text: &str) -> Result<Vec<PathRef>, SyntaxError> {
+    let template = Template::compile(text).map_err(|error| SyntaxError {
+        message: error.reason().to_string(),
+        position: error.pos(),
+    })?;
+    let mut found = Vec::new();
+    walk(&template, false, &mut found);
+    Ok(found)
+}
+
+fn walk(template: &Template, nested: bool, found: &mut Vec<PathRef>) {
+    for element in &template.elements {
+        walk_element(element, nested, found);
+    }
+}
+
+fn walk_element(element: &TemplateElement, nested: bool, found: &mut Vec<PathRef>) {
+    match element {
+        TemplateElement::Expression(helper) | TemplateElement::HtmlExpression(helper) => {
+            if helper.params.is_empty() && helper.hash.is_empty() {
+                // `{{name}}` with nothing after it reads a variable.
+                if let Parameter::Name(name) = &helper.name {
+                    found.push(PathRef {
+                        raw: name.clone(),
+                        nested,
+                    });
+                }
+            }
+            walk_parameter(&helper.name, nested, found);
+            walk_helper_args(&helper.params, helper.hash.values(), nested, found);
+        }
+        TemplateElement::HelperBlock(helper) => {
+            walk_parameter(&helper.name, nested, found);
+            walk_helper_args(&helper.params, helper.hash.values(), nested, found);
+            for inner in [&helper.template, &helper.inverse].into_iter().flatten() {
+                walk(inner, true, found);
+            }
+        }
+        TemplateElement::DecoratorExpression(decorator)
+        | TemplateElement::DecoratorBlock(decorator)
+        | TemplateElement::PartialExpression(decorator)
+        | TemplateElement::PartialBlock(decorator) => {
+            walk_helper_args(&decorator.params, decorator.hash.values(), nested, found);
+            if let Some(inner) = &decorator.template {
+                walk(inner, true, found);
+            }
+        }
+        TemplateElement::RawString(_) | TemplateElement::Comment(_) => {}
+        #[allow(unreachable_patterns)]
+        _ => {}
+    }
+}
+
+fn walk_helper_args<'a>(
+    params: &'a [Parameter],
+    hash: impl Iterator<Item = &'a Parameter>,
+    nested: bool,
+    found: &mut Vec<PathRef>,
+) {
+    for parameter in params.iter().chain(hash) {
+        walk_parameter(parameter, nested, found);
+    }
+}
+
+fn walk_parameter(parameter: &Parameter, nested: bool, found: &mut Vec<PathRef>) {
+    match parameter {
+        Parameter::Path(Path::Relative((_, raw))) => found.push(PathRef {
+            raw: raw.clone(),
+            nested,
+        }),
+        Parameter::Subexpression(sub) => walk_element(sub.as_element(), nested, found),
+        _ => {}
+    }
+}
+
+/// Why rendering failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot render `{template}`: {reason}")]
+pub struct RenderError {
+    pub template: String,
+    pub reason: String,
+}
+
+/// Renders templates against a context `{params, steps, run}`.
+pub struct Renderer {
+    handlebars: Handlebars<'static>,
+}
+
+impl Default for Renderer {
+    fn default() -> Self {
+        Renderer::new()
+    }
+}
+
+impl Renderer {
+    /// Strict (a missing path is an error, never an empty string) and without HTML escaping.
+    pub fn new() -> Renderer {
+        let mut handlebars = Handlebars::new();
+        handlebars.set_strict_mode(true);
+        handlebars.register_escape_fn(handlebars::no_escape);
+        Renderer { handlebars }
+    }
+
+    /// Renders one string. A string that is exactly one `{{path}}` keeps the JSON type of what
+    /// it points at (so `"{{params.count}}"` stays an integer); other templates render to text.
+    pub fn render_str(&self, text: &str, context: &Value) -> Result<Value, RenderError> {
+        if !is_template(text) {
+            return Ok(Value::String(text.to_owned()));
+        }
+        if let Some(path) = sole_path(text) {
+            return lookup(context, path).cloned().ok_or_else(|| RenderError {
+                template: text.to_owned(),
+                reason: format!("`{path}` is not defined"),
+            });
+        }
+        self.handlebars
+            .render_template(text, context)
+            .map(Value::String)
+            .map_err(|error| RenderError {
+                template: text.to_owned(),
+                reason: render_reason(&error),
+            })
+    }
+
+    /// Renders every string inside a value.
+    pub fn render_value(&self, value: &Value, context: &Value) -> Result<Value, RenderError> {
+        Ok(match value {
+            Value::String(text) => self.render_str(text, context)?,
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|item| self.render_value(item, context))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Object(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(key, item)| Ok((key.clone(), self.render_value(item, context)?)))
+                    .collect::<Result<Map<_, _>, RenderError>>()?,
+            ),
+            other => other.clone(),
+        })
+    }
+
+    /// Renders a condition; true unless it renders to `false`, `0`, empty or `null`.
+    pub fn render_condition(&self, text: &str, context: &Value) -> Result<bool, RenderError> {
+        Ok(match self.render_str(text, context)? {
+            Value::Bool(b) => b,
+            Value::Null => false,
+            Value::Number(n) => n.as_f64() != Some(0.0),
+            Value::String(s) => {
+                let s = s.trim();
+                !(s.is_empty() || s == "false" || s == "0" || s == "null")
+            }
+            Value::Array(items) => !items.is_empty(),
+            Value::Object(_) => true,
+        })
+    }
+}
+
+fn render_reason(error: &handlebars::RenderError) -> String {
+    match error.reason() {
+        handlebars::RenderErrorReason::MissingVariable(Some(path)) => {
+            format!("`{path}` is not defined")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// `{{ a.b.c }}` → `a.b.c`, when the template is exactly one plain path.
+fn sole_path(text: &str) -> Option<&str> {
+    let inner = text.trim().strip_prefix("{{")?.strip_suffix("}}")?.trim();
+    let plain = !inner.is_empty()
+        && inner
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && !inner.starts_with('.')
+        && !inner.contains("..");
+    plain.then_some(inner)
+}
+
+/// Follows a dotted path through objects (and arrays, by index).
+pub fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.')
+        .try_fold(value, |current, segment| match current {
+            Value::Object(map) => map.get(segment),
+            Value::Array(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
+            _ => None,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn raws(text: &str) -> Vec<String> {
+        references(text)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.raw)
+            .collect()
+    }
+
+    #[test]
+    fn finds_paths_in_expressions_helpers_and_blocks() {
+        assert_eq!(raws("{{params.location}}"), ["params.location"]);
+        assert_eq!(raws("{{eq params.location 'eastus'}}"), ["params.location"]);
+        assert_eq!(
+            raws("a-{{steps.first.outputs.value}}-{{run.id}}"),
+            ["steps.first.outputs.value", "run.id"]
+        );
+        assert_eq!(
+            raws("{{#if (eq steps.vault-1.outputs.name params.x)}}y{{/if}}"),
+            ["steps.vault-1.outputs.name", "params.x"]
+        );
+        assert_eq!(raws("plain text"), Vec::<String>::new());
+        assert_eq!(raws("{{typo}}"), ["typo"]);
+    }
+
+    #[test]
+    fn reports_syntax_errors() {
+        let error = references("{{params.x").unwrap_err();
+        assert!(!error.message.is_empty());
+    }
+
+    #[test]
+    fn renders_typed_and_text() {
+        let renderer = Renderer::new();
+        let context = json!({"params": {"count": 3, "name": "a<b"}, "steps": {"my-step": {"outputs": {"v": "x"}}}});
+        assert_eq!(
+            renderer.render_str("{{params.count}}", &context).unwrap(),
+            json!(3)
+        );
+        assert_eq!(
+            renderer.render_str("n={{params.count}}", &context).unwrap(),
+            json!("n=3")
+        );
+        assert_eq!(
+            renderer.render_str("{{params.name}}!", &context).unwrap(),
+            json!("a<b!")
+        );
+        assert_eq!(
+            renderer
+                .render_str(
+                    "{{steps.my-step.outputs.v}}-{{steps.my-step.outputs.v}}",
+                    &context
+                )
+                .unwrap(),
+            json!("x-x")
+        );
+        assert!(renderer.render_str("{{params.missing}}", &context).is_err());
+        assert!(
+            renderer
+                .render_str("x{{params.missing}}", &context)
+                .is_err()
+        );
+        assert!(
+            renderer
+                .render_condition("{{eq params.count 3}}", &context)
+                .unwrap()
+        );
+        assert!(
+            !renderer
+                .render_condition("{{eq params.name 'b'}}", &context)
+                .unwrap()
+        );
+    }
+}

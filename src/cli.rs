@@ -1,0 +1,154 @@
+//! The command line: the contract the tests and the docs build on.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Durable, resumable runbooks for risky changes to Azure clusters.
+#[derive(Debug, Parser)]
+#[command(name = "kmsflow", version, about, long_about = None)]
+pub struct Cli {
+    /// The state file (SQLite). Default: `$KMSFLOW_STATE`, else kmsflow/state.db under the
+    /// user's state directory.
+    #[arg(long, global = true, env = "KMSFLOW_STATE", value_name = "DB")]
+    pub state: Option<PathBuf>,
+
+    /// `full` survives power loss; `normal` survives a crash of kmsflow, and may re-observe
+    /// the last step after a power loss (steps are idempotent, so nothing is applied twice).
+    #[arg(long, global = true, value_enum, default_value_t = Sync::Full)]
+    pub sync: Sync,
+
+    /// How logs look on stderr (filter them with `KMSFLOW_LOG`, e.g. `KMSFLOW_LOG=debug`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Sync {
+    Full,
+    Normal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    Dot,
+    Mermaid,
+    Json,
+}
+
+/// Parameters of a runbook.
+#[derive(Debug, Clone, Args)]
+pub struct ParamArgs {
+    /// A parameter, `key=value` (repeatable).
+    #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+    /// A YAML mapping of parameters.
+    #[arg(long, value_name = "FILE")]
+    pub params_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check runbooks without running anything (exit 0 valid, 2 invalid).
+    Validate {
+        #[arg(required = true, value_name = "RUNBOOK")]
+        runbooks: Vec<String>,
+    },
+    /// Print a runbook's DAG.
+    Graph {
+        runbook: String,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+    },
+    /// Print the JSON Schema of the runbook format (for editors).
+    Schema,
+    /// List the bundled runbooks.
+    Runbooks,
+    /// Print the reference of every step kind (parameters and outputs) as Markdown.
+    Docs,
+    /// Show what each step would do, without changing anything.
+    Plan {
+        runbook: String,
+        #[command(flatten)]
+        params: ParamArgs,
+        /// Exit 5 when the plan has changes.
+        #[arg(long)]
+        detailed_exitcode: bool,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Run a runbook.
+    Run {
+        runbook: String,
+        #[command(flatten)]
+        params: ParamArgs,
+        /// Steps running at once, at most.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Continue a run that failed, was interrupted or waits for approval.
+    Resume {
+        run_id: String,
+        #[command(flatten)]
+        params: ParamArgs,
+        /// Run the runbook file as it is now even if it changed since the run started.
+        #[arg(long)]
+        allow_changed_runbook: bool,
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Undo what a run changed, newest first.
+    Rollback {
+        run_id: String,
+        #[command(flatten)]
+        params: ParamArgs,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Approve a waiting `approve` step; then `kmsflow resume RUN_ID` continues.
+    Approve {
+        run_id: String,
+        step_id: String,
+        /// Who approves (default: $USER@host).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// List recent runs.
+    Runs {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Show a run and its steps.
+    Show {
+        run_id: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Show a run's journal of transitions.
+    Events {
+        run_id: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}

@@ -1,0 +1,591 @@
+//! One function per subcommand.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kmsflow_engine::executor::{ExecOptions, RunSummary};
+use kmsflow_engine::launch::{self, Engine, RunRequest};
+use kmsflow_engine::params::{self, BoundParams, ParamSources};
+use kmsflow_engine::{CompiledRunbook, RunbookSource, compile};
+use kmsflow_state::{Durability, RunStatus, Store};
+use serde_json::{Map, Value};
+
+use crate::cli::{Cli, Command, GraphFormat, LogFormat, Output, ParamArgs, Sync};
+use crate::failure::{Failure, code, status_code};
+use crate::{bundled, registry, render};
+
+pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
+    let context = Context {
+        state: cli.state.clone(),
+        durability: match cli.sync {
+            Sync::Full => Durability::Full,
+            Sync::Normal => Durability::Normal,
+        },
+        json_logs: cli.log_format == LogFormat::Json,
+    };
+    match cli.command {
+        Command::Validate { runbooks } => validate(&runbooks),
+        Command::Graph { runbook, format } => graph(&runbook, format),
+        Command::Schema => print_json(&kmsflow_engine::schema::runbook_schema(&registry())),
+        Command::Runbooks => list_runbooks(),
+        Command::Docs => {
+            print!("{}", docs());
+            Ok(code::SUCCESS)
+        }
+        Command::Plan {
+            runbook,
+            params,
+            detailed_exitcode,
+            output,
+        } => plan(&runbook, &params, detailed_exitcode, output).await,
+        Command::Run {
+            runbook,
+            params,
+            concurrency,
+            output,
+        } => run(&context, &runbook, &params, concurrency, output).await,
+        Command::Resume {
+            run_id,
+            params,
+            allow_changed_runbook,
+            concurrency,
+            output,
+        } => {
+            resume(
+                &context,
+                &run_id,
+                &params,
+                allow_changed_runbook,
+                concurrency,
+                output,
+            )
+            .await
+        }
+        Command::Rollback {
+            run_id,
+            params,
+            output,
+        } => rollback(&context, &run_id, &params, output).await,
+        Command::Approve {
+            run_id,
+            step_id,
+            by,
+        } => approve(&context, &run_id, &step_id, by),
+        Command::Runs { limit, output } => runs(&context, limit, output),
+        Command::Show { run_id, output } => show(&context, &run_id, output),
+        Command::Events { run_id, output } => events(&context, &run_id, output),
+    }
+}
+
+struct Context {
+    state: Option<PathBuf>,
+    durability: Durability,
+    json_logs: bool,
+}
+
+impl Context {
+    fn engine(&self) -> Result<Engine, Failure> {
+        let state_path = match &self.state {
+            Some(path) => path.clone(),
+            None => dirs::state_dir()
+                .or_else(dirs::data_local_dir)
+                .map(|dir| dir.join("kmsflow").join("state.db"))
+                .ok_or_else(|| {
+                    Failure::Usage(
+                        "cannot find a state directory; pass --state or set KMSFLOW_STATE".into(),
+                    )
+                })?,
+        };
+        Ok(Engine {
+            registry: registry(),
+            state_path,
+            durability: self.durability,
+        })
+    }
+
+    /// Opens the store for reading.
+    fn store(&self) -> Result<Store, Failure> {
+        let engine = self.engine()?;
+        Ok(Store::open(&engine.state_path, engine.durability)?)
+    }
+}
+
+/// A runbook's text and the name it is known by: a path, or a bundled runbook's name.
+struct Loaded {
+    source: RunbookSource,
+    /// Stored with the run: the path, or `bundled:<name>`.
+    reference: String,
+}
+
+fn load(runbook: &str) -> Result<Loaded, Failure> {
+    let path = std::path::Path::new(runbook);
+    if path.exists() {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Failure::Usage(format!("cannot read `{runbook}`: {e}")))?;
+        let reference = std::fs::canonicalize(path)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| runbook.to_owned());
+        return Ok(Loaded {
+            source: RunbookSource::new(runbook, text),
+            reference,
+        });
+    }
+    let name = runbook.strip_prefix("bundled:").unwrap_or(runbook);
+    match bundled::find(name) {
+        Some(b) => Ok(Loaded {
+            source: RunbookSource::new(format!("bundled:{}", b.name), b.text),
+            reference: format!("bundled:{}", b.name),
+        }),
+        None => Err(Failure::Usage(format!(
+            "no runbook file `{runbook}` and no bundled runbook of that name; `kmsflow runbooks` lists the bundled ones"
+        ))),
+    }
+}
+
+fn compile_loaded(loaded: &Loaded) -> Result<Arc<CompiledRunbook>, Failure> {
+    compile(&loaded.source, &registry())
+        .map(Arc::new)
+        .map_err(Failure::Invalid)
+}
+
+fn param_sources(args: &ParamArgs) -> Result<ParamSources, Failure> {
+    let cli = args
+        .params
+        .iter()
+        .map(|p| params::parse_assignment(p).map_err(Failure::Usage))
+        .collect::<Result<_, _>>()?;
+    let file = match &args.params_file {
+        None => Map::new(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Failure::Usage(format!("cannot read `{}`: {e}", path.display())))?;
+            match serde_yaml::from_str::<Value>(&text) {
+                Ok(Value::Object(map)) => map,
+                Ok(Value::Null) => Map::new(),
+                Ok(_) => {
+                    return Err(Failure::Usage(format!(
+                        "`{}` must be a YAML mapping of parameter names to values",
+                        path.display()
+                    )));
+                }
+                Err(e) => {
+                    return Err(Failure::Usage(format!(
+                        "cannot parse `{}`: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        }
+    };
+    let env: HashMap<String, String> = std::env::vars().collect();
+    Ok(ParamSources {
+        cli,
+        file,
+        env,
+        ..Default::default()
+    })
+}
+
+fn bind(runbook: &CompiledRunbook, sources: &ParamSources) -> Result<BoundParams, Failure> {
+    params::bind(runbook, sources).map_err(Failure::Params)
+}
+
+fn print_json(value: &Value) -> Result<u8, Failure> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON serializes")
+    );
+    Ok(code::SUCCESS)
+}
+
+fn validate(runbooks: &[String]) -> Result<u8, Failure> {
+    let mut invalid = 0;
+    let handler = miette::GraphicalReportHandler::new();
+    for runbook in runbooks {
+        let loaded = match load(runbook) {
+            Ok(loaded) => loaded,
+            Err(failure) => {
+                eprintln!("error: {failure}");
+                invalid += 1;
+                continue;
+            }
+        };
+        match compile(&loaded.source, &registry()) {
+            Ok(compiled) => println!(
+                "{}: valid ({} steps)",
+                loaded.source.name,
+                compiled.steps.len()
+            ),
+            Err(diagnostics) => {
+                eprint!("{}", diagnostics.render(&handler));
+                eprintln!("error: {diagnostics}");
+                invalid += 1;
+            }
+        }
+    }
+    Ok(if invalid == 0 {
+        code::SUCCESS
+    } else {
+        code::USAGE
+    })
+}
+
+fn graph(runbook: &str, format: GraphFormat) -> Result<u8, Failure> {
+    let compiled = compile_loaded(&load(runbook)?)?;
+    match format {
+        GraphFormat::Dot => print!("{}", kmsflow_engine::export::to_dot(&compiled)),
+        GraphFormat::Mermaid => print!("{}", kmsflow_engine::export::to_mermaid(&compiled)),
+        GraphFormat::Json => return print_json(&kmsflow_engine::export::to_json(&compiled)),
+    }
+    Ok(code::SUCCESS)
+}
+
+fn list_runbooks() -> Result<u8, Failure> {
+    let width = bundled::BUNDLED
+        .iter()
+        .map(|b| b.name.len())
+        .max()
+        .unwrap_or(0);
+    for b in bundled::BUNDLED {
+        let description = compile(&RunbookSource::new(b.name, b.text), &registry())
+            .ok()
+            .and_then(|c| c.description)
+            .unwrap_or_default();
+        let first_sentence = description
+            .split(". ")
+            .next()
+            .unwrap_or("")
+            .trim_end_matches('.');
+        println!("{:<width$}  {first_sentence}", b.name);
+    }
+    Ok(code::SUCCESS)
+}
+
+/// The step-kind reference, generated from the kinds' declared parameters and outputs.
+pub fn docs() -> String {
+    use kmsflow_engine::kind::OutputsSpec;
+    let mut out = String::from(
+        "# Step kinds\n\nGenerated by `kmsflow docs` from the step kinds' declared parameters and outputs.\n",
+    );
+    for spec in registry().specs() {
+        out.push_str(&format!("\n## `{}`\n\n{}\n", spec.name, spec.summary));
+        if spec.may_be_irreversible {
+            out.push_str("\nSome of its changes cannot be undone: `plan` and `run` say so before they happen.\n");
+        }
+        if !spec.params.is_empty() {
+            out.push_str("\n| parameter | type | required | description |\n|---|---|---|---|\n");
+            for p in spec.params {
+                let mut description = p.description.to_owned();
+                if !p.one_of.is_empty() {
+                    description.push_str(&format!(
+                        " (one of: {})",
+                        p.one_of
+                            .iter()
+                            .map(|v| format!("`{v}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                if let Some(pattern) = p.pattern {
+                    description.push_str(&format!(" (pattern: `{pattern}`)"));
+                }
+                out.push_str(&format!(
+                    "| `{}` | {} | {} | {} |\n",
+                    p.name,
+                    serde_json::to_value(p.ty)
+                        .expect("serializes")
+                        .as_str()
+                        .unwrap_or("any"),
+                    if p.required { "yes" } else { "no" },
+                    description
+                ));
+            }
+        }
+        match spec.outputs {
+            OutputsSpec::Fixed([]) => out.push_str("\nOutputs: none.\n"),
+            OutputsSpec::Fixed(outputs) => {
+                out.push_str("\n| output | description |\n|---|---|\n");
+                for o in outputs {
+                    out.push_str(&format!("| `{}` | {} |\n", o.name, o.description));
+                }
+            }
+            OutputsSpec::KeysOf(param) => {
+                out.push_str(&format!("\nOutputs: the keys of `{param}`.\n"));
+            }
+        }
+    }
+    out
+}
+
+async fn plan(
+    runbook: &str,
+    args: &ParamArgs,
+    detailed_exitcode: bool,
+    output: Output,
+) -> Result<u8, Failure> {
+    let compiled = compile_loaded(&load(runbook)?)?;
+    let bound = bind(&compiled, &param_sources(args)?)?;
+    let previews = kmsflow_engine::preview::preview(&compiled, &bound, &registry()).await;
+    match output {
+        Output::Json => {
+            print_json(&serde_json::to_value(&previews).expect("previews serialize"))?;
+        }
+        Output::Text => {
+            println!("plan for `{}`:", compiled.name);
+            print!("{}", render::plan_text(&previews));
+        }
+    }
+    let changes = previews.iter().any(|p| p.action.is_change());
+    Ok(if detailed_exitcode && changes {
+        code::CHANGES
+    } else {
+        code::SUCCESS
+    })
+}
+
+fn request(
+    context: &Context,
+    runbook: Arc<CompiledRunbook>,
+    loaded_reference: String,
+    source: String,
+    params: BoundParams,
+    concurrency: u16,
+) -> RunRequest {
+    let width = runbook.steps.iter().map(|s| s.id.len()).max().unwrap_or(4);
+    RunRequest {
+        runbook,
+        runbook_ref: loaded_reference,
+        source,
+        params,
+        options: ExecOptions {
+            concurrency: concurrency as usize,
+        },
+        signals: crate::signals::install(),
+        progress: render::progress_sink(width, context.json_logs),
+    }
+}
+
+/// Prints the run's outcome as asked and turns its status into the exit code.
+fn finish(context: &Context, summary: RunSummary, output: Output) -> Result<u8, Failure> {
+    if output == Output::Json {
+        let store = context.store()?;
+        let run = store.run(&summary.run_id)?;
+        let steps = store.steps(&summary.run_id)?;
+        print_json(&render::run_json(&run, &steps))?;
+    } else if let Some(outputs) = summary.outputs.as_ref().and_then(Value::as_object) {
+        for (name, value) in outputs {
+            println!("{name} = {value}");
+        }
+    }
+    match status_code(summary.status) {
+        code::SUCCESS => Ok(code::SUCCESS),
+        _ => {
+            if output == Output::Text {
+                let hint = match summary.status {
+                    RunStatus::Waiting => format!(
+                        "approve with `kmsflow approve {} STEP`, then `kmsflow resume {}`",
+                        summary.run_id, summary.run_id
+                    ),
+                    RunStatus::Failed | RunStatus::Interrupted => format!(
+                        "resume with `kmsflow resume {0}`, or undo with `kmsflow rollback {0}`",
+                        summary.run_id
+                    ),
+                    _ => format!("details: `kmsflow show {}`", summary.run_id),
+                };
+                eprintln!("kmsflow: {hint}");
+            }
+            Err(Failure::RunEnded {
+                run_id: summary.run_id,
+                status: summary.status,
+            })
+        }
+    }
+}
+
+async fn run(
+    context: &Context,
+    runbook: &str,
+    args: &ParamArgs,
+    concurrency: u16,
+    output: Output,
+) -> Result<u8, Failure> {
+    let loaded = load(runbook)?;
+    let compiled = compile_loaded(&loaded)?;
+    let bound = bind(&compiled, &param_sources(args)?)?;
+    let engine = context.engine()?;
+    let request = request(
+        context,
+        compiled,
+        loaded.reference,
+        loaded.source.text.to_string(),
+        bound,
+        concurrency,
+    );
+    let summary = launch::start(&engine, request).await?;
+    finish(context, summary, output)
+}
+
+/// The runbook a stored run should continue with: its file as it is now when unchanged (or
+/// when a change is allowed), else a refusal; the stored text when the file is gone.
+fn runbook_for_resume(
+    run: &kmsflow_state::RunRecord,
+    allow_changed: bool,
+) -> Result<(RunbookSource, String), Failure> {
+    let current = match run.runbook_ref.strip_prefix("bundled:") {
+        Some(name) => bundled::find(name).map(|b| b.text.to_owned()),
+        None => std::fs::read_to_string(&run.runbook_ref).ok(),
+    };
+    let Some(current) = current else {
+        eprintln!(
+            "kmsflow: `{}` is gone; resuming with the runbook text stored with the run",
+            run.runbook_ref
+        );
+        return Ok((
+            RunbookSource::new(&run.runbook_ref, run.source.clone()),
+            run.source.clone(),
+        ));
+    };
+    let hash = kmsflow_engine::content_hash(&current);
+    if hash != run.content_hash && !allow_changed {
+        return Err(Failure::Usage(format!(
+            "the runbook `{}` changed since run `{}` started (sha256 {} then, {} now); \
+             resume with `--allow-changed-runbook` to run it as it is now, or restore the file",
+            run.runbook_ref,
+            run.id,
+            &run.content_hash[..12],
+            &hash[..12]
+        )));
+    }
+    Ok((
+        RunbookSource::new(&run.runbook_ref, current.clone()),
+        current,
+    ))
+}
+
+async fn resume(
+    context: &Context,
+    run_id: &str,
+    args: &ParamArgs,
+    allow_changed: bool,
+    concurrency: u16,
+    output: Output,
+) -> Result<u8, Failure> {
+    let engine = context.engine()?;
+    let (run, _, _) = launch::load_run(&engine, run_id)?;
+    let (source, text) = runbook_for_resume(&run, allow_changed)?;
+    let compiled = compile(&source, &registry())
+        .map(Arc::new)
+        .map_err(Failure::Invalid)?;
+    let mut sources = param_sources(args)?;
+    sources.stored = run.params.as_object().cloned().unwrap_or_default();
+    let bound = bind(&compiled, &sources)?;
+    let request = request(
+        context,
+        compiled,
+        run.runbook_ref.clone(),
+        text,
+        bound,
+        concurrency,
+    );
+    let summary = launch::resume(&engine, &run, request).await?;
+    finish(context, summary, output)
+}
+
+async fn rollback(
+    context: &Context,
+    run_id: &str,
+    args: &ParamArgs,
+    output: Output,
+) -> Result<u8, Failure> {
+    let engine = context.engine()?;
+    let (run, _, _) = launch::load_run(&engine, run_id)?;
+    // Undo with the runbook the run executed, never a later edit of the file.
+    let source = RunbookSource::new(&run.runbook_ref, run.source.clone());
+    let compiled = compile(&source, &registry())
+        .map(Arc::new)
+        .map_err(Failure::Invalid)?;
+    let mut sources = param_sources(args)?;
+    sources.stored = run.params.as_object().cloned().unwrap_or_default();
+    let bound = bind(&compiled, &sources)?;
+    let width = compiled.steps.iter().map(|s| s.id.len()).max().unwrap_or(4);
+    eprintln!("kmsflow: rolling back run {} of `{}`", run.id, run.runbook);
+    let summary = kmsflow_engine::rollback::rollback(
+        &engine,
+        &run,
+        compiled,
+        bound,
+        render::progress_sink(width, context.json_logs),
+    )
+    .await?;
+    finish(context, summary, output)
+}
+
+fn approve(
+    context: &Context,
+    run_id: &str,
+    step_id: &str,
+    by: Option<String>,
+) -> Result<u8, Failure> {
+    let engine = context.engine()?;
+    let approved_by = by.unwrap_or_else(|| {
+        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("{user}@{host}")
+    });
+    let run_id = launch::approve(&engine, run_id, step_id, &approved_by)?;
+    println!(
+        "approved `{step_id}` of run {run_id} as {approved_by}; continue with `kmsflow resume {run_id}`"
+    );
+    Ok(code::SUCCESS)
+}
+
+fn runs(context: &Context, limit: usize, output: Output) -> Result<u8, Failure> {
+    let store = context.store()?;
+    let runs = store.runs(limit)?;
+    match output {
+        Output::Json => print_json(&Value::Array(
+            runs.iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "id": r.id, "runbook": r.runbook, "status": r.status,
+                        "started_at": r.started_at, "finished_at": r.finished_at, "error": r.error,
+                    })
+                })
+                .collect(),
+        )),
+        Output::Text => {
+            print!("{}", render::runs_text(&runs));
+            Ok(code::SUCCESS)
+        }
+    }
+}
+
+fn show(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> {
+    let store = context.store()?;
+    let run_id = store.resolve_run_id(run_id)?;
+    let run = store.run(&run_id)?;
+    let steps = store.steps(&run_id)?;
+    match output {
+        Output::Json => print_json(&render::run_json(&run, &steps)),
+        Output::Text => {
+            print!("{}", render::run_text(&run, &steps));
+            Ok(code::SUCCESS)
+        }
+    }
+}
+
+fn events(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> {
+    let store = context.store()?;
+    let run_id = store.resolve_run_id(run_id)?;
+    let events = store.events(&run_id)?;
+    match output {
+        Output::Json => print_json(&serde_json::to_value(&events).expect("events serialize")),
+        Output::Text => {
+            print!("{}", render::events_text(&events));
+            Ok(code::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! How runs, steps, plans and progress look on a terminal.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kmsflow_engine::executor::change_summary;
+use kmsflow_engine::preview::{PreviewAction, StepPreview};
+use kmsflow_engine::progress::{Progress, ProgressSink};
+use kmsflow_state::{EventRecord, RunRecord, StepRecord};
+use serde_json::{Value, json};
+
+fn seconds(duration: Duration) -> String {
+    format!("{:.2}s", duration.as_secs_f64())
+}
+
+/// One line per transition on stderr, step ids aligned; or one JSON object per line.
+pub fn progress_sink(width: usize, json_lines: bool) -> ProgressSink {
+    Arc::new(move |event: &Progress| {
+        let line = if json_lines {
+            progress_json(event).to_string()
+        } else {
+            match progress_line(event, width) {
+                Some(line) => line,
+                None => return,
+            }
+        };
+        let mut stderr = std::io::stderr().lock();
+        let _ = writeln!(stderr, "{line}");
+    })
+}
+
+fn step_line(width: usize, step_id: &str, word: &str, detail: &str) -> String {
+    format!("  {step_id:<width$}  {word:<10} {detail}")
+        .trim_end()
+        .to_owned()
+}
+
+fn progress_line(event: &Progress, width: usize) -> Option<String> {
+    Some(match event {
+        Progress::RunStarted {
+            run_id,
+            runbook,
+            resumed,
+            n_steps,
+        } => format!(
+            "kmsflow: {} run {run_id} of `{runbook}` ({n_steps} steps)",
+            if *resumed { "resuming" } else { "starting" }
+        ),
+        Progress::StepReused { step_id } => {
+            step_line(width, step_id, "done", "(succeeded before; outputs reused)")
+        }
+        Progress::StepStarted {
+            step_id,
+            uses,
+            attempt,
+        } => step_line(
+            width,
+            step_id,
+            "started",
+            &format!("{uses}, attempt {attempt}"),
+        ),
+        Progress::StepApplying { step_id, summary } => {
+            step_line(width, step_id, "applying", summary)
+        }
+        Progress::PointOfNoReturn { step_id, reason } => step_line(
+            width,
+            step_id,
+            "WARNING",
+            &format!("point of no return: {reason}"),
+        ),
+        Progress::StepSucceeded {
+            step_id,
+            outcome,
+            elapsed,
+        } => step_line(width, step_id, outcome.as_str(), &seconds(*elapsed)),
+        Progress::StepRetrying {
+            step_id,
+            attempt,
+            delay,
+            error,
+        } => step_line(
+            width,
+            step_id,
+            "retrying",
+            &format!("in {} after attempt {attempt}: {error}", seconds(*delay)),
+        ),
+        Progress::StepFailed { step_id, error } => step_line(width, step_id, "FAILED", error),
+        Progress::StepSkipped { step_id, reason } => step_line(width, step_id, "skipped", reason),
+        Progress::StepWaiting { step_id } => step_line(width, step_id, "waiting", "for approval"),
+        Progress::Draining { running } => format!(
+            "kmsflow: stopping: no new steps; waiting for {running} running step(s) to finish (Ctrl-C again cancels them)"
+        ),
+        Progress::RunFinished {
+            run_id,
+            status,
+            error,
+        } => match error {
+            Some(error) => format!("kmsflow: run {run_id} {status}: {error}"),
+            None => format!("kmsflow: run {run_id} {status}"),
+        },
+        Progress::StepRolledBack { step_id } => step_line(width, step_id, "undone", ""),
+        Progress::StepIrreversible { step_id, reason } => {
+            step_line(width, step_id, "KEPT", &format!("irreversible: {reason}"))
+        }
+        Progress::StepRollbackFailed { step_id, error } => {
+            step_line(width, step_id, "FAILED", error)
+        }
+    })
+}
+
+fn progress_json(event: &Progress) -> Value {
+    let (kind, detail) = match event {
+        Progress::RunStarted {
+            run_id,
+            runbook,
+            resumed,
+            n_steps,
+        } => (
+            "run_started",
+            json!({"run_id": run_id, "runbook": runbook, "resumed": resumed, "n_steps": n_steps}),
+        ),
+        Progress::StepReused { step_id } => ("step_reused", json!({"step_id": step_id})),
+        Progress::StepStarted {
+            step_id,
+            uses,
+            attempt,
+        } => (
+            "step_started",
+            json!({"step_id": step_id, "uses": uses, "attempt": attempt}),
+        ),
+        Progress::StepApplying { step_id, summary } => (
+            "step_applying",
+            json!({"step_id": step_id, "summary": summary}),
+        ),
+        Progress::PointOfNoReturn { step_id, reason } => (
+            "point_of_no_return",
+            json!({"step_id": step_id, "reason": reason}),
+        ),
+        Progress::StepSucceeded {
+            step_id,
+            outcome,
+            elapsed,
+        } => (
+            "step_succeeded",
+            json!({"step_id": step_id, "outcome": outcome, "elapsed_ms": elapsed.as_millis() as u64}),
+        ),
+        Progress::StepRetrying {
+            step_id,
+            attempt,
+            delay,
+            error,
+        } => (
+            "step_retrying",
+            json!({"step_id": step_id, "attempt": attempt, "delay_ms": delay.as_millis() as u64, "error": error}),
+        ),
+        Progress::StepFailed { step_id, error } => {
+            ("step_failed", json!({"step_id": step_id, "error": error}))
+        }
+        Progress::StepSkipped { step_id, reason } => (
+            "step_skipped",
+            json!({"step_id": step_id, "reason": reason}),
+        ),
+        Progress::StepWaiting { step_id } => ("step_waiting", json!({"step_id": step_id})),
+        Progress::Draining { running } => ("draining", json!({"running": running})),
+        Progress::RunFinished {
+            run_id,
+            status,
+            error,
+        } => (
+            "run_finished",
+            json!({"run_id": run_id, "status": status, "error": error}),
+        ),
+        Progress::StepRolledBack { step_id } => ("step_rolled_back", json!({"step_id": step_id})),
+        Progress::StepIrreversible { step_id, reason } => (
+            "step_irreversible",
+            json!({"step_id": step_id, "reason": reason}),
+        ),
+        Progress::StepRollbackFailed { step_id, error } => (
+            "step_rollback_failed",
+            json!({"step_id": step_id, "error": error}),
+        ),
+    };
+    json!({"event": kind, "detail": detail})
+}
+
+/// The `show --output json` object (also printed by `run --output json`).
+pub fn run_json(run: &RunRecord, steps: &[StepRecord]) -> Value {
+    let mut params = run.params.as_object().cloned().unwrap_or_default();
+    for secret in &run.secret_params {
+        params.insert(secret.clone(), json!("***"));
+    }
+    json!({
+        "id": run.id,
+        "runbook": run.runbook,
+        "status": run.status,
+        "params": params,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "error": run.error,
+        "steps": steps.iter().map(|s| json!({
+            "id": s.step_id,
+            "uses": s.uses,
+            "status": s.status,
+            "outcome": s.outcome,
+            "attempts": s.attempts,
+            "outputs": s.outputs,
+            "error": s.error,
+        })).collect::<Vec<_>>(),
+        "outputs": run.outputs,
+    })
+}
+
+/// `show` as text.
+pub fn run_text(run: &RunRecord, steps: &[StepRecord]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("run       {}\n", run.id));
+    out.push_str(&format!(
+        "runbook   {} ({})\n",
+        run.runbook, run.runbook_ref
+    ));
+    out.push_str(&format!("status    {}\n", run.status));
+    out.push_str(&format!("started   {}\n", run.started_at.to_rfc3339()));
+    if let Some(finished) = run.finished_at {
+        out.push_str(&format!("finished  {}\n", finished.to_rfc3339()));
+    }
+    if let Some(error) = &run.error {
+        out.push_str(&format!("error     {error}\n"));
+    }
+    let width = steps
+        .iter()
+        .map(|s| s.step_id.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let uses_width = steps.iter().map(|s| s.uses.len()).max().unwrap_or(4).max(4);
+    out.push_str(&format!(
+        "\n  {:<width$}  {:<uses_width$}  {:<11}  {:<9}  {:>8}  error\n",
+        "step", "uses", "status", "outcome", "attempts"
+    ));
+    for step in steps {
+        out.push_str(
+            format!(
+                "  {:<width$}  {:<uses_width$}  {:<11}  {:<9}  {:>8}  {}\n",
+                step.step_id,
+                step.uses,
+                step.status.as_str(),
+                step.outcome.map_or("-", |o| o.as_str()),
+                step.attempts,
+                step.error.as_deref().unwrap_or("")
+            )
+            .trim_end(),
+        );
+        out.push('\n');
+    }
+    if let Some(outputs) = run.outputs.as_ref().and_then(Value::as_object) {
+        if !outputs.is_empty() {
+            out.push_str("\noutputs\n");
+            for (name, value) in outputs {
+                out.push_str(&format!("  {name} = {value}\n"));
+            }
+        }
+    }
+    out
+}
+
+/// `runs` as text.
+pub fn runs_text(runs: &[RunRecord]) -> String {
+    let mut out = format!(
+        "{:<20}  {:<24}  {:<15}  {:<25}  {}\n",
+        "run", "runbook", "status", "started", "error"
+    );
+    for run in runs {
+        out.push_str(
+            format!(
+                "{:<20}  {:<24}  {:<15}  {:<25}  {}",
+                run.id,
+                run.runbook,
+                run.status.as_str(),
+                run.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                run.error.as_deref().unwrap_or("")
+            )
+            .trim_end(),
+        );
+        out.push('\n');
+    }
+    out
+}
+
+/// `events` as text.
+pub fn events_text(events: &[EventRecord]) -> String {
+    let mut out = String::new();
+    for event in events {
+        let detail = match &event.detail {
+            Value::Object(map) if map.values().all(Value::is_null) => String::new(),
+            other => other.to_string(),
+        };
+        out.push_str(
+            format!(
+                "{:>5}  {}  {:<22}  {:<20}  {detail}",
+                event.seq,
+                event.at.format("%H:%M:%S%.3f"),
+                event.kind,
+                event.step_id.as_deref().unwrap_or("-"),
+            )
+            .trim_end(),
+        );
+        out.push('\n');
+    }
+    out
+}
+
+/// `plan` as text.
+pub fn plan_text(previews: &[StepPreview]) -> String {
+    let width = previews.iter().map(|p| p.step_id.len()).max().unwrap_or(4);
+    let mut out = String::new();
+    let mut n_changes = 0;
+    for preview in previews {
+        let (word, detail) = match &preview.action {
+            PreviewAction::Planned { change } => {
+                let word = match change {
+                    kmsflow_engine::kind::Change::Unchanged => "unchanged",
+                    kmsflow_engine::kind::Change::Create { .. } => "create",
+                    kmsflow_engine::kind::Change::Update { .. } => "update",
+                    kmsflow_engine::kind::Change::Action { .. } => "invoke",
+                };
+                let mut detail = change_summary(change);
+                if let kmsflow_engine::kind::Change::Update { fields, .. } = change {
+                    for field in fields {
+                        detail.push_str(&format!(
+                            "\n{:width$}      ~ {}: {} -> {}",
+                            "", field.path, field.from, field.to
+                        ));
+                    }
+                }
+                (word, detail)
+            }
+            PreviewAction::KnownAfterApply { reason } => {
+                ("pending", format!("known after apply: {reason}"))
+            }
+            PreviewAction::Skipped { reason } => ("skip", reason.clone()),
+            PreviewAction::WouldWait => ("wait", "pauses for `kmsflow approve`".to_owned()),
+            PreviewAction::WouldFail { error } => ("FAIL", error.clone()),
+        };
+        if preview.action.is_change() {
+            n_changes += 1;
+        }
+        out.push_str(&format!(
+            "  {:<width$}  {word:<9}  {detail}\n",
+            preview.step_id
+        ));
+        if let Some(reason) = &preview.irreversible {
+            out.push_str(&format!(
+                "  {:<width$}  {:<9}  POINT OF NO RETURN: {reason}\n",
+                "", ""
+            ));
+        } else if preview.may_be_irreversible && preview.action.is_change() {
+            out.push_str(&format!(
+                "  {:<width$}  {:<9}  may be a point of no return (known after apply)\n",
+                "", ""
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "\n{n_changes} of {} steps would change something\n",
+        previews.len()
+    ));
+    out
+}
