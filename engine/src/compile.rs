@@ -325,7 +325,7 @@ impl Compiler<'_> {
                             key: "pattern".into(),
                             reason: format!(
                                 "not a regular expression: {}",
-                                first_line(&error.to_string())
+                                regex_message(&error)
                             ),
                             hint: None,
                         },
@@ -776,11 +776,11 @@ impl Compiler<'_> {
         for (path, span) in self.template_refs(&output_sites) {
             self.check_ref(&path, span, &param_names, drafts, &index);
         }
+        let order = self.order(drafts, &edges);
         if !self.problems.is_empty() {
             return None;
         }
-
-        let order = self.order(drafts, &edges)?;
+        let order = order?;
         let position_in_order: HashMap<usize, usize> =
             order.iter().enumerate().map(|(o, &i)| (i, o)).collect();
         let mut needs: Vec<Vec<usize>> = vec![Vec::new(); drafts.len()];
@@ -829,7 +829,7 @@ impl Compiler<'_> {
                 }
                 Err(error) => self.problem(
                     ProblemKind::TemplateSyntax {
-                        message: first_line(&error.message),
+                        message: template_message(&error.message),
                     },
                     site.span,
                 ),
@@ -1031,15 +1031,16 @@ fn declared_outputs(draft: &StepDraft) -> Option<Vec<String>> {
     match spec.outputs {
         OutputsSpec::Fixed(outputs) => Some(outputs.iter().map(|o| o.name.to_owned()).collect()),
         OutputsSpec::KeysOf(param) => {
-            let with = draft.with.as_ref()?.as_map()?;
-            let (_, value) = with.iter().find(|(k, _)| k.value == param)?;
-            Some(
-                value
-                    .as_map()?
-                    .iter()
-                    .map(|(k, _)| k.value.clone())
-                    .collect(),
-            )
+            let given = draft
+                .with
+                .as_ref()
+                .and_then(Yaml::as_map)
+                .and_then(|with| with.iter().find(|(k, _)| k.value == param));
+            match given {
+                // Absent: no outputs. Not a mapping (a template): unknown until rendered.
+                None => Some(Vec::new()),
+                Some((_, value)) => Some(value.as_map()?.iter().map(|(k, _)| k.value.clone()).collect()),
+            }
         }
     }
 }
@@ -1068,6 +1069,26 @@ fn collect_templates(value: &Yaml, sites: &mut Vec<TemplateSite>) {
 /// Parameter patterns must match the whole value.
 pub(crate) fn anchored(pattern: &str) -> String {
     format!("^(?:{pattern})$")
+}
+
+/// Handlebars' parser lists every token it could have accepted; say what is usually wrong.
+fn template_message(message: &str) -> String {
+    let message = first_line(message);
+    if message.matches(", ").count() > 3 {
+        "the template is not closed: every `{{` needs its `}}`, and every `{{#block}}` its `{{/block}}`".to_owned()
+    } else {
+        message
+    }
+}
+
+/// The regex crate draws a caret diagram; keep its last line, which says what is wrong.
+fn regex_message(error: &regex::Error) -> String {
+    let text = error.to_string();
+    text.lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with("error:"))
+        .map(|l| l.trim_start().trim_start_matches("error:").trim().to_owned())
+        .unwrap_or_else(|| first_line(&text))
 }
 
 fn first_line(text: &str) -> String {

@@ -25,22 +25,25 @@ impl From<Span> for SourceSpan {
 }
 
 /// A runbook's text with the name it is shown under (a path, or `bundled:<name>`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RunbookSource {
     pub name: String,
     pub text: Arc<str>,
+    /// The same, as miette shows it: `[file:line:col]` above each snippet.
+    named: NamedSource<Arc<str>>,
+}
+
+impl fmt::Debug for RunbookSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunbookSource").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 impl RunbookSource {
     pub fn new(name: impl Into<String>, text: impl Into<Arc<str>>) -> RunbookSource {
-        RunbookSource {
-            name: name.into(),
-            text: text.into(),
-        }
-    }
-
-    fn named(&self) -> NamedSource<Arc<str>> {
-        NamedSource::new(self.name.clone(), self.text.clone()).with_language("yaml")
+        let (name, text) = (name.into(), text.into());
+        let named = NamedSource::new(name.clone(), text.clone()).with_language("yaml");
+        RunbookSource { name, text, named }
     }
 }
 
@@ -254,7 +257,7 @@ impl Diagnostic for Problem {
     }
 
     fn source_code(&self) -> Option<&dyn SourceCode> {
-        Some(&self.source.text as &dyn SourceCode)
+        Some(&self.source.named as &dyn SourceCode)
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
@@ -279,9 +282,9 @@ impl Problem {
         format!("{}:{line}:{col}", self.source.name)
     }
 
-    /// The problem as a miette report with the file's name attached.
+    /// The problem as a miette report.
     pub fn report(&self) -> miette::Report {
-        miette::Report::new(self.clone()).with_source_code(self.source.named())
+        miette::Report::new(self.clone())
     }
 }
 
@@ -327,7 +330,11 @@ pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     candidates
         .into_iter()
         .map(|c| (strsim::damerau_levenshtein(word, c), c))
-        .filter(|(distance, c)| *distance <= (word.len().max(c.len()) / 3).max(1))
+        .filter(|(distance, c)| {
+            // A small edit, or one word abbreviating the other (`integer` for `int`).
+            let abbreviation = c.len() >= 3 && word.len() >= 3 && (word.starts_with(c) || c.starts_with(word));
+            *distance <= (word.len().max(c.len()) / 3).max(1) || abbreviation
+        })
         .min_by_key(|(distance, c)| (*distance, c.to_string()))
         .map(|(_, c)| c.to_owned())
 }

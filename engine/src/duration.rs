@@ -38,8 +38,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
             .map_err(|_| DurationError::Overflow(trimmed.to_owned()))?;
         rest = &rest[digits..];
         let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-        if unit_len == 0 {
+        if unit_len == 0 && rest.is_empty() {
             return Err(DurationError::MissingUnit(trimmed.to_owned()));
+        }
+        if unit_len == 0 {
+            return Err(DurationError::Malformed(trimmed.to_owned()));
         }
         let unit = &rest[..unit_len];
         let millis_per_unit: u128 = match unit {

@@ -117,10 +117,14 @@ pub fn parse(source: &RunbookSource) -> Result<Yaml, Problem> {
 /// diagnostic shows the place itself.
 fn strip_marker(message: &str) -> String {
     let mut text = message;
-    let mut parts = text.splitn(4, ':');
-    let prefix: Vec<_> = parts.by_ref().take(3).collect();
-    if prefix.len() == 3 && prefix.iter().all(|p| p.trim().parse::<usize>().is_ok()) {
-        text = parts.next().unwrap_or("").trim_start();
+    // Drop up to three leading `N:` position fields.
+    for _ in 0..3 {
+        match text.split_once(':') {
+            Some((head, rest)) if !head.is_empty() && head.trim().parse::<usize>().is_ok() => {
+                text = rest.trim_start();
+            }
+            _ => break,
+        }
     }
     match text.find(" at line ") {
         Some(index) => text[..index].to_owned(),

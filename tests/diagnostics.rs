@@ -1,0 +1,44 @@
+//! Snapshot tests of runbook diagnostics: every file under `tests/fixtures/invalid/` is
+//! rejected, and what `kmsflow validate` prints for it is pinned.
+
+use std::path::Path;
+
+use kmsflow_engine::{Registry, RunbookSource, compile};
+use miette::{GraphicalReportHandler, GraphicalTheme};
+
+fn render(name: &str, text: &str) -> String {
+    let source = RunbookSource::new(name, text);
+    let diagnostics = compile(&source, &Registry::with_engine_kinds())
+        .expect_err("every fixture under tests/fixtures/invalid must be rejected");
+    let handler = GraphicalReportHandler::new_themed(GraphicalTheme::unicode_nocolor()).with_width(100);
+    let mut out = diagnostics.render(&handler);
+    out.push_str(&format!("{diagnostics}\n"));
+    for problem in &diagnostics.problems {
+        out.push_str(&format!("at {}\n", problem.location()));
+    }
+    out
+}
+
+#[test]
+fn invalid_runbooks_are_rejected_with_located_diagnostics() {
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/invalid");
+    let mut files: Vec<_> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 26, "the corpus has {} files", files.len());
+    for path in files {
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let rendered = render(&format!("tests/fixtures/invalid/{name}"), &text);
+        let problems = rendered.matches("\nat tests/").count();
+        if name == "many-problems.yaml" {
+            assert!(problems >= 10, "{name} reports only {problems} problems:\n{rendered}");
+        } else {
+            assert_eq!(problems, 1, "{name} must have exactly one problem:\n{rendered}");
+        }
+        insta::assert_snapshot!(name.trim_end_matches(".yaml"), rendered);
+    }
+}
