@@ -10,7 +10,8 @@ fn render(name: &str, text: &str) -> String {
     let source = RunbookSource::new(name, text);
     let diagnostics = compile(&source, &Registry::with_engine_kinds())
         .expect_err("every fixture under tests/fixtures/invalid must be rejected");
-    let handler = GraphicalReportHandler::new_themed(GraphicalTheme::unicode_nocolor()).with_width(100);
+    let handler =
+        GraphicalReportHandler::new_themed(GraphicalTheme::unicode_nocolor()).with_width(100);
     let mut out = diagnostics.render(&handler);
     out.push_str(&format!("{diagnostics}\n"));
     for problem in &diagnostics.problems {
@@ -35,9 +36,15 @@ fn invalid_runbooks_are_rejected_with_located_diagnostics() {
         let rendered = render(&format!("tests/fixtures/invalid/{name}"), &text);
         let problems = rendered.matches("\nat tests/").count();
         if name == "many-problems.yaml" {
-            assert!(problems >= 10, "{name} reports only {problems} problems:\n{rendered}");
+            assert!(
+                problems >= 10,
+                "{name} reports only {problems} problems:\n{rendered}"
+            );
         } else {
-            assert_eq!(problems, 1, "{name} must have exactly one problem:\n{rendered}");
+            assert_eq!(
+                problems, 1,
+                "{name} must have exactly one problem:\n{rendered}"
+            );
         }
         insta::assert_snapshot!(name.trim_end_matches(".yaml"), rendered);
     }

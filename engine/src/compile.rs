@@ -323,10 +323,7 @@ impl Compiler<'_> {
                     self.problem(
                         ProblemKind::InvalidValue {
                             key: "pattern".into(),
-                            reason: format!(
-                                "not a regular expression: {}",
-                                regex_message(&error)
-                            ),
+                            reason: format!("not a regular expression: {}", regex_message(&error)),
                             hint: None,
                         },
                         p.span,
@@ -1039,7 +1036,13 @@ fn declared_outputs(draft: &StepDraft) -> Option<Vec<String>> {
             match given {
                 // Absent: no outputs. Not a mapping (a template): unknown until rendered.
                 None => Some(Vec::new()),
-                Some((_, value)) => Some(value.as_map()?.iter().map(|(k, _)| k.value.clone()).collect()),
+                Some((_, value)) => Some(
+                    value
+                        .as_map()?
+                        .iter()
+                        .map(|(k, _)| k.value.clone())
+                        .collect(),
+                ),
             }
         }
     }
@@ -1087,7 +1090,12 @@ fn regex_message(error: &regex::Error) -> String {
     text.lines()
         .rev()
         .find(|l| l.trim_start().starts_with("error:"))
-        .map(|l| l.trim_start().trim_start_matches("error:").trim().to_owned())
+        .map(|l| {
+            l.trim_start()
+                .trim_start_matches("error:")
+                .trim()
+                .to_owned()
+        })
         .unwrap_or_else(|| first_line(&text))
 }
 

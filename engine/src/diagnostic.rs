@@ -35,7 +35,9 @@ pub struct RunbookSource {
 
 impl fmt::Debug for RunbookSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RunbookSource").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("RunbookSource")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -332,7 +334,8 @@ pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
         .map(|c| (strsim::damerau_levenshtein(word, c), c))
         .filter(|(distance, c)| {
             // A small edit, or one word abbreviating the other (`integer` for `int`).
-            let abbreviation = c.len() >= 3 && word.len() >= 3 && (word.starts_with(c) || c.starts_with(word));
+            let abbreviation =
+                c.len() >= 3 && word.len() >= 3 && (word.starts_with(c) || c.starts_with(word));
             *distance <= (word.len().max(c.len()) / 3).max(1) || abbreviation
         })
         .min_by_key(|(distance, c)| (*distance, c.to_string()))

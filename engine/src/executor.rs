@@ -10,14 +10,16 @@
 //! changes something commits its before image first (rollback needs it, and a crash between
 //! the two leaves it `running`, so resume observes it again), then its outcome.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use kmsflow_state::{Approval, Outcome, RunStatus, StepRecord, StepStatus, StoreError, Write};
 use serde_json::{Map, Value, json};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::Checkpoints;
@@ -216,85 +218,79 @@ pub async fn execute(execution: Execution) -> Result<RunSummary, CheckpointFaile
         })
     });
 
-    let mut tasks: JoinSet<(usize, Result<TaskEnd, StoreError>)> = JoinSet::new();
+    // Dependencies as indices, and how many of each step's are not done yet: a step becomes
+    // ready when its count reaches zero, so scheduling never rescans the whole runbook.
+    let index_of = |id: &str| position[id];
+    let needs: Vec<Vec<usize>> = runbook
+        .steps
+        .iter()
+        .map(|s| s.needs.iter().map(|d| index_of(d)).collect())
+        .collect();
+    let reads: Vec<Vec<usize>> = runbook
+        .steps
+        .iter()
+        .map(|s| s.reads_outputs_of.iter().map(|d| index_of(d)).collect())
+        .collect();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n_steps];
+    for (index, deps) in needs.iter().enumerate() {
+        for &dep in deps {
+            dependents[dep].push(index);
+        }
+    }
+    let is_done = |slot: Slot| matches!(slot, Slot::Succeeded | Slot::Skipped);
+    let mut waiting_on: Vec<usize> = needs
+        .iter()
+        .map(|deps| deps.iter().filter(|&&d| !is_done(slots[d])).count())
+        .collect();
+    // Ready steps, earliest in execution order first, so runs are deterministic.
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..n_steps)
+        .filter(|&i| slots[i] == Slot::Pending && waiting_on[i] == 0)
+        .map(Reverse)
+        .collect();
+    let mark_done =
+        |index: usize, waiting_on: &mut Vec<usize>, ready: &mut BinaryHeap<Reverse<usize>>| {
+            for &dependent in &dependents[index] {
+                waiting_on[dependent] -= 1;
+                if waiting_on[dependent] == 0 {
+                    ready.push(Reverse(dependent));
+                }
+            }
+        };
+
+    // Steps run as futures polled by this loop's own task rather than as spawned tasks: they
+    // wait on the network and the store, not the CPU, and a spawn plus a join costs two
+    // cross-thread wake-ups per step, which is most of a chain's overhead.
+    let mut tasks: FuturesUnordered<BoxFuture<'static, (usize, Result<TaskEnd, StoreError>)>> =
+        FuturesUnordered::new();
     let mut failure: Option<String> = None;
     let mut draining = false;
     let mut store_error: Option<StoreError> = None;
     loop {
-        if !draining && failure.is_none() && store_error.is_none() {
-            for index in 0..n_steps {
-                if tasks.len() >= options.concurrency.max(1) {
-                    break;
-                }
-                if slots[index] != Slot::Pending {
-                    continue;
-                }
-                let step = &runbook.steps[index];
-                let deps: Vec<Slot> = step
-                    .needs
-                    .iter()
-                    .map(|d| slots[position[d.as_str()]])
-                    .collect();
-                if !deps
-                    .iter()
-                    .all(|s| matches!(s, Slot::Succeeded | Slot::Skipped))
-                {
-                    continue;
-                }
-                let now = Utc::now();
-                // A step that reads outputs of a skipped step has nothing to read: skip it too.
-                let skipped_source = step
-                    .reads_outputs_of
-                    .iter()
-                    .find(|d| slots[position[d.as_str()]] == Slot::Skipped);
-                let skip_reason = match (skipped_source, &step.condition) {
-                    (Some(dep), _) => Some(format!("reads outputs of skipped step `{dep}`")),
-                    (None, Some(condition)) => match renderer.render_condition(condition, &context)
-                    {
-                        Ok(true) => None,
-                        Ok(false) => Some(format!("`if` is false: {condition}")),
-                        Err(error) => {
-                            let error = redactor.text(&error.to_string());
-                            fail_step(&shared, index, &error, now)
-                                .await
-                                .map_err(fail_store)?;
-                            slots[index] = Slot::Failed;
-                            failure = Some(format!("step `{}` failed: {error}", step.id));
-                            break;
-                        }
-                    },
-                    (None, None) => None,
-                };
-                if let Some(reason) = skip_reason {
-                    checkpoints
-                        .commit(vec![Write::StepSkipped {
-                            run_id: run_id.clone(),
-                            step_id: step.id.clone(),
-                            reason: reason.clone(),
-                            at: now,
-                        }])
-                        .await
-                        .map_err(fail_store)?;
-                    progress(&Progress::StepSkipped {
-                        step_id: step.id.clone(),
-                        reason,
-                    });
-                    slots[index] = Slot::Skipped;
-                    continue;
-                }
-                let spec = shared
-                    .registry
-                    .get(&step.uses)
-                    .expect("compile checked the step kind")
-                    .spec();
-                let input = renderer
-                    .render_value(&step.with, &context)
-                    .map_err(|e| e.to_string())
-                    .and_then(|rendered| prepare_input(spec, rendered));
-                let input = match input {
-                    Ok(input) => input,
+        while !draining
+            && failure.is_none()
+            && store_error.is_none()
+            && tasks.len() < options.concurrency.max(1)
+        {
+            let Some(Reverse(index)) = ready.pop() else {
+                break;
+            };
+            if slots[index] != Slot::Pending {
+                continue;
+            }
+            let step = &runbook.steps[index];
+            let now = Utc::now();
+            // A step that reads outputs of a skipped step has nothing to read: skip it too.
+            let skipped_source = reads[index].iter().find(|&&d| slots[d] == Slot::Skipped);
+            let skip_reason = match (skipped_source, &step.condition) {
+                (Some(&dep), _) => Some(format!(
+                    "reads outputs of skipped step `{}`",
+                    runbook.steps[dep].id
+                )),
+                (None, Some(condition)) => match renderer.render_condition(condition, &context) {
+                    Ok(true) => None,
+                    Ok(false) => Some(format!("`if` is false: {condition}")),
                     Err(error) => {
-                        let error = redactor.text(&format!("invalid input: {error}"));
+                        let error = redactor.text(&error.to_string());
                         fail_step(&shared, index, &error, now)
                             .await
                             .map_err(fail_store)?;
@@ -302,30 +298,71 @@ pub async fn execute(execution: Execution) -> Result<RunSummary, CheckpointFaile
                         failure = Some(format!("step `{}` failed: {error}", step.id));
                         break;
                     }
-                };
-                slots[index] = Slot::Running;
-                let task = StepTask {
-                    shared: shared.clone(),
-                    index,
-                    input,
-                    prior_attempts: prior[index].as_ref().map_or(0, |r| r.attempts),
-                    prior_planned: prior[index].as_ref().and_then(|r| r.planned_outcome),
-                    approval: approvals.get(&step.id).cloned(),
-                };
-                tasks.spawn(async move { (index, task.run().await) });
+                },
+                (None, None) => None,
+            };
+            if let Some(reason) = skip_reason {
+                checkpoints
+                    .commit(vec![Write::StepSkipped {
+                        run_id: run_id.clone(),
+                        step_id: step.id.clone(),
+                        reason: reason.clone(),
+                        at: now,
+                    }])
+                    .await
+                    .map_err(fail_store)?;
+                progress(&Progress::StepSkipped {
+                    step_id: step.id.clone(),
+                    reason,
+                });
+                slots[index] = Slot::Skipped;
+                mark_done(index, &mut waiting_on, &mut ready);
+                continue;
             }
+            let spec = shared
+                .registry
+                .get(&step.uses)
+                .expect("compile checked the step kind")
+                .spec();
+            let input = renderer
+                .render_value(&step.with, &context)
+                .map_err(|e| e.to_string())
+                .and_then(|rendered| prepare_input(spec, rendered));
+            let input = match input {
+                Ok(input) => input,
+                Err(error) => {
+                    let error = redactor.text(&format!("invalid input: {error}"));
+                    fail_step(&shared, index, &error, now)
+                        .await
+                        .map_err(fail_store)?;
+                    slots[index] = Slot::Failed;
+                    failure = Some(format!("step `{}` failed: {error}", step.id));
+                    break;
+                }
+            };
+            slots[index] = Slot::Running;
+            let task = StepTask {
+                shared: shared.clone(),
+                index,
+                input,
+                prior_attempts: prior[index].as_ref().map_or(0, |r| r.attempts),
+                prior_planned: prior[index].as_ref().and_then(|r| r.planned_outcome),
+                approval: approvals.get(&step.id).cloned(),
+            };
+            tasks.push(Box::pin(async move { (index, task.run().await) }));
         }
         if tasks.is_empty() {
             break;
         }
         tokio::select! {
-            joined = tasks.join_next() => {
-                let (index, end) = joined.expect("tasks is not empty").expect("step tasks do not panic");
-                let step_id = runbook.steps[index].id.clone();
+            finished = tasks.next() => {
+                let (index, end) = finished.expect("tasks is not empty");
+                let step_id = &runbook.steps[index].id;
                 match end {
                     Ok(TaskEnd::Succeeded(outputs)) => {
                         slots[index] = Slot::Succeeded;
-                        context["steps"][&step_id] = json!({"outputs": outputs});
+                        context["steps"][step_id] = json!({"outputs": outputs});
+                        mark_done(index, &mut waiting_on, &mut ready);
                     }
                     Ok(TaskEnd::Failed(error)) => {
                         slots[index] = Slot::Failed;

@@ -90,6 +90,18 @@ fn commit_batch(store: &mut Store, batch: &[Job]) -> Vec<Result<(), StoreError>>
         Err(error) => return shared_failure(&error),
     };
     let mut results = Vec::with_capacity(batch.len());
+    if let [job] = batch {
+        // Alone in its transaction: no savepoint needed to keep a failure to itself.
+        let result = job
+            .writes
+            .iter()
+            .try_for_each(|write| crate::write::apply(&tx, write));
+        return match (result, tx.commit()) {
+            (Ok(()), Ok(())) => vec![Ok(())],
+            (Err(error), _) => vec![Err(error)],
+            (Ok(()), Err(error)) => shared_failure(&error),
+        };
+    }
     for job in batch {
         let result = (|| {
             let savepoint = tx.savepoint()?;

@@ -1,0 +1,585 @@
+//! End-to-end tests of the `kmsflow` binary: crash and resume, locks, rollback, approvals,
+//! changed runbooks, secrets and exit codes. Each test works in its own temporary folder with
+//! its own state file.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Workspace {
+    dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    fn new() -> Workspace {
+        Workspace {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kmsflow"));
+        command
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("KMSFLOW_STATE", self.path("state.db"))
+            .env_remove("KMSFLOW_LOG");
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Starts kmsflow and reads its stderr until a line contains `marker`; returns the child
+    /// and the lines read so far.
+    fn spawn_until(&self, args: &[&str], marker: &str) -> (Child, Vec<String>) {
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match receiver.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    let found = line.contains(marker);
+                    lines.push(line);
+                    if found {
+                        // Keep draining in the background so the child never blocks on stderr.
+                        std::thread::spawn(move || while receiver.recv().is_ok() {});
+                        return (child, lines);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = child.kill();
+        panic!(
+            "`{marker}` never appeared; stderr so far:\n{}",
+            lines.join("\n")
+        );
+    }
+
+    fn show(&self, run_id: &str) -> Value {
+        let output = self.run(&["show", run_id, "--output", "json"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    fn events(&self, run_id: &str) -> Vec<Value> {
+        let output = self.run(&["events", run_id, "--output", "json"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_slice::<Value>(&output.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn run_id_from(lines: &[String]) -> String {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("kmsflow: starting run "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the first line names the run")
+        .to_owned()
+}
+
+fn run_id_of(output: &Output) -> String {
+    run_id_from(
+        &stderr(output)
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {run}"))
+}
+
+fn kill_9(child: &mut Child) {
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+}
+
+const JOURNAL: &str = r#"
+name: journal
+lock: "journal"
+steps:
+  - id: one
+    uses: file
+    with: { path: log.txt, content: "one\n", mode: append }
+  - id: two
+    uses: file
+    needs: [one]
+    with: { path: log.txt, content: "two\n", mode: append }
+  - id: pause
+    uses: sleep
+    needs: [two]
+    with: { duration: 2s }
+  - id: three
+    uses: file
+    needs: [pause]
+    with: { path: log.txt, content: "three\n", mode: append }
+  - id: four
+    uses: file
+    needs: [three]
+    with: { path: log.txt, content: "four\n", mode: append }
+"#;
+
+#[test]
+fn a_run_killed_mid_step_resumes_and_applies_every_step_exactly_once() {
+    let ws = Workspace::new();
+    ws.write("journal.yaml", JOURNAL);
+    let (mut child, lines) = ws.spawn_until(&["run", "journal.yaml"], "wait 2s");
+    kill_9(&mut child);
+    let run_id = run_id_from(&lines);
+    assert_eq!(ws.read("log.txt"), "one\ntwo\n");
+    assert_eq!(
+        ws.show(&run_id)["status"],
+        "running",
+        "a killed run stays `running`"
+    );
+
+    let output = ws.run(&["resume", &run_id]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(ws.read("log.txt"), "one\ntwo\nthree\nfour\n");
+    let run = ws.show(&run_id);
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(
+        step(&run, "pause")["attempts"],
+        2,
+        "the interrupted step ran again"
+    );
+    assert_eq!(step(&run, "one")["attempts"], 1);
+    let applying: Vec<String> = ws
+        .events(&run_id)
+        .iter()
+        .filter(|e| e["kind"] == "step_applying")
+        .map(|e| e["step_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(applying, ["one", "two", "pause", "pause", "three", "four"]);
+    assert!(stderr(&output).contains("succeeded before; outputs reused"));
+}
+
+#[test]
+fn a_second_run_with_the_same_lock_key_exits_3_naming_the_holder() {
+    let ws = Workspace::new();
+    ws.write(
+        "slow.yaml",
+        r#"
+name: slow
+params:
+  cluster: { type: string }
+lock: "cluster/{{params.cluster}}"
+steps:
+  - id: hold
+    uses: sleep
+    with: { duration: 3s }
+"#,
+    );
+    let (mut first, lines) =
+        ws.spawn_until(&["run", "slow.yaml", "-p", "cluster=aks-1"], "wait 3s");
+    let holder = run_id_from(&lines);
+    let second = ws.run(&["run", "slow.yaml", "-p", "cluster=aks-1"]);
+    assert_eq!(second.status.code(), Some(3), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains(&format!("held by run `{holder}`")),
+        "{}",
+        stderr(&second)
+    );
+    // Another cluster is another lock.
+    let (mut other, _) = ws.spawn_until(&["run", "slow.yaml", "-p", "cluster=aks-2"], "wait 3s");
+    assert_eq!(first.wait().unwrap().code(), Some(0));
+    assert_eq!(other.wait().unwrap().code(), Some(0));
+    // The lock is free again.
+    let (mut third, _) = ws.spawn_until(&["run", "slow.yaml", "-p", "cluster=aks-1"], "wait 3s");
+    kill_9(&mut third);
+}
+
+#[test]
+fn a_lock_whose_holder_was_killed_is_taken_over() {
+    let ws = Workspace::new();
+    ws.write("journal.yaml", JOURNAL);
+    let (mut child, _) = ws.spawn_until(&["run", "journal.yaml"], "wait 2s");
+    kill_9(&mut child);
+    let output = ws.run(&["run", "journal.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+#[test]
+fn rollback_undoes_changes_newest_first_and_restores_what_existed() {
+    let ws = Workspace::new();
+    ws.write("existing.txt", "original\n");
+    ws.write(
+        "change.yaml",
+        r#"
+name: change
+steps:
+  - id: first
+    uses: file
+    with: { path: a.txt, content: "a" }
+  - id: second
+    uses: file
+    needs: [first]
+    with: { path: b.txt, content: "b" }
+  - id: third
+    uses: file
+    needs: [second]
+    with: { path: existing.txt, content: "changed\n" }
+  - id: unchanged
+    uses: noop
+    needs: [third]
+  - id: check
+    uses: assert
+    needs: [unchanged]
+    with: { condition: "false", message: the change broke something }
+"#,
+    );
+    let output = ws.run(&["run", "change.yaml"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("the change broke something"));
+    assert!(
+        stderr(&output).contains("kmsflow rollback"),
+        "a failed run says how to undo it"
+    );
+    let run_id = run_id_of(&output);
+    assert_eq!(ws.read("existing.txt"), "changed\n");
+
+    let output = ws.run(&["rollback", &run_id]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!ws.path("a.txt").exists());
+    assert!(!ws.path("b.txt").exists());
+    assert_eq!(ws.read("existing.txt"), "original\n");
+    let run = ws.show(&run_id);
+    assert_eq!(run["status"], "rolled_back");
+    assert_eq!(
+        step(&run, "unchanged")["status"],
+        "succeeded",
+        "nothing to undo there"
+    );
+    let order: Vec<String> = ws
+        .events(&run_id)
+        .iter()
+        .filter(|e| e["kind"] == "step_rolled_back")
+        .map(|e| e["step_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(order, ["third", "second", "first"]);
+    // A rolled-back run cannot be rolled back again or resumed.
+    assert_eq!(ws.run(&["rollback", &run_id]).status.code(), Some(2));
+    assert_eq!(ws.run(&["resume", &run_id]).status.code(), Some(2));
+}
+
+#[test]
+fn an_approve_step_pauses_the_run_until_approved() {
+    let ws = Workspace::new();
+    ws.write(
+        "gated.yaml",
+        r#"
+name: gated
+steps:
+  - id: prepare
+    uses: file
+    with: { path: prepared.txt, content: "ready" }
+  - id: gate
+    uses: approve
+    needs: [prepare]
+    with: { message: look at prepared.txt }
+  - id: go
+    uses: file
+    needs: [gate]
+    with: { path: done.txt, content: "approved by {{steps.gate.outputs.approved_by}}" }
+"#,
+    );
+    let output = ws.run(&["run", "gated.yaml"]);
+    assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+    let run_id = run_id_of(&output);
+    assert_eq!(ws.show(&run_id)["status"], "waiting");
+    assert!(!ws.path("done.txt").exists());
+    // Resuming before approval waits again.
+    assert_eq!(ws.run(&["resume", &run_id]).status.code(), Some(4));
+
+    let approve = ws.run(&["approve", &run_id, "gate", "--by", "alice@ops"]);
+    assert!(approve.status.success(), "{}", stderr(&approve));
+    let output = ws.run(&["resume", &run_id]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(ws.read("done.txt"), "approved by alice@ops");
+    let run = ws.show(&run_id);
+    assert_eq!(step(&run, "gate")["outputs"]["approved_by"], "alice@ops");
+    // Approving a step that does not exist is a usage error.
+    assert_eq!(ws.run(&["approve", &run_id, "nope"]).status.code(), Some(2));
+}
+
+#[test]
+fn resume_refuses_a_changed_runbook_unless_allowed() {
+    let ws = Workspace::new();
+    let text = r#"
+name: flaky
+steps:
+  - id: flaky
+    uses: fail
+    with: { times: 1, message: not yet }
+"#;
+    ws.write("flaky.yaml", text);
+    let output = ws.run(&["run", "flaky.yaml"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let run_id = run_id_of(&output);
+    ws.write(
+        "flaky.yaml",
+        &format!("{text}  - id: extra\n    uses: noop\n"),
+    );
+
+    let refused = ws.run(&["resume", &run_id]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("changed since run"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(stderr(&refused).contains("--allow-changed-runbook"));
+
+    let allowed = ws.run(&["resume", &run_id, "--allow-changed-runbook"]);
+    assert!(allowed.status.success(), "{}", stderr(&allowed));
+    let run = ws.show(&run_id);
+    assert_eq!(step(&run, "flaky")["attempts"], 2);
+    assert_eq!(step(&run, "extra")["status"], "succeeded");
+}
+
+#[test]
+fn secrets_never_reach_the_store_and_are_asked_for_again_on_resume() {
+    let ws = Workspace::new();
+    ws.write(
+        "secret.yaml",
+        r#"
+name: secret
+params:
+  token: { type: string, secret: true }
+steps:
+  - id: use
+    uses: noop
+    with: { outputs: { header: "Bearer {{params.token}}" } }
+  - id: boom
+    uses: fail
+    needs: [use]
+    with: { times: 1, message: "rejected {{params.token}}" }
+"#,
+    );
+    let secret = "hunter2-7f3a9c";
+    let output = ws.run(&["run", "secret.yaml", "-p", &format!("token={secret}")]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(!stderr(&output).contains(secret), "{}", stderr(&output));
+    let run_id = run_id_of(&output);
+    let run = ws.show(&run_id);
+    assert_eq!(run["params"]["token"], "***");
+    assert_eq!(step(&run, "use")["outputs"]["header"], "Bearer ***");
+    for file in ["state.db", "state.db-wal"] {
+        let bytes = std::fs::read(ws.path(file)).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{file} holds the secret"
+        );
+    }
+    let missing = ws.run(&["resume", &run_id]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        stderr(&missing).contains("parameter `token`: is required (secret"),
+        "{}",
+        stderr(&missing)
+    );
+    let resumed = ws
+        .command(&["resume", &run_id])
+        .env("KMSFLOW_PARAM_TOKEN", secret)
+        .output()
+        .unwrap();
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+}
+
+#[cfg(unix)]
+#[test]
+fn the_state_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = Workspace::new();
+    let output = ws.run(&["runs"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mode = std::fs::metadata(ws.path("state.db"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_once_lets_running_steps_finish_and_exits_4() {
+    let ws = Workspace::new();
+    ws.write(
+        "two.yaml",
+        r#"
+name: two
+steps:
+  - id: first
+    uses: sleep
+    with: { duration: 1s }
+  - id: second
+    uses: file
+    needs: [first]
+    with: { path: second.txt, content: x }
+"#,
+    );
+    let (mut child, lines) = ws.spawn_until(&["run", "two.yaml"], "wait 1s");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(child.wait().unwrap().code(), Some(4));
+    let run_id = run_id_from(&lines);
+    let run = ws.show(&run_id);
+    assert_eq!(run["status"], "interrupted");
+    assert_eq!(
+        step(&run, "first")["status"],
+        "succeeded",
+        "the running step finished"
+    );
+    assert_eq!(step(&run, "second")["status"], "pending");
+    assert!(!ws.path("second.txt").exists());
+    let resumed = ws.run(&["resume", &run_id]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert!(ws.path("second.txt").exists());
+}
+
+#[test]
+fn run_output_json_follows_the_contract() {
+    let ws = Workspace::new();
+    let output = ws.run(&["run", "engine-drill", "-p", "soak=10ms", "--output", "json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let run: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let keys: Vec<&str> = run
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for key in [
+        "id",
+        "runbook",
+        "status",
+        "params",
+        "started_at",
+        "finished_at",
+        "steps",
+        "outputs",
+    ] {
+        assert!(keys.contains(&key), "missing `{key}` in {run}");
+    }
+    assert_eq!(run["status"], "succeeded");
+    for step in run["steps"].as_array().unwrap() {
+        for key in [
+            "id", "uses", "status", "outcome", "attempts", "outputs", "error",
+        ] {
+            assert!(step.get(key).is_some(), "step lacks `{key}`: {step}");
+        }
+    }
+    assert_eq!(step(&run, "approval")["status"], "skipped");
+    assert_eq!(step(&run, "flaky-dependency")["attempts"], 3);
+    // A second run changes nothing the first one wrote.
+    let again = ws.run(&["run", "engine-drill", "-p", "soak=10ms", "--output", "json"]);
+    let run: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(step(&run, "render-config")["outcome"], "unchanged");
+}
+
+#[test]
+fn validate_and_bind_errors_exit_2() {
+    let ws = Workspace::new();
+    let valid = ws.run(&["validate", "engine-drill"]);
+    assert_eq!(valid.status.code(), Some(0), "{}", stderr(&valid));
+    let bad = ws.write("bad.yaml", "name: bad\nsteps:\n  - id: a\n    uses: slep\n");
+    let invalid = ws.run(&["validate", bad.to_str().unwrap()]);
+    assert_eq!(invalid.status.code(), Some(2));
+    assert!(
+        stderr(&invalid).contains("did you mean `sleep`?"),
+        "{}",
+        stderr(&invalid)
+    );
+    assert!(
+        stderr(&invalid).contains("bad.yaml:4:11"),
+        "{}",
+        stderr(&invalid)
+    );
+    let unknown_param = ws.run(&["run", "engine-drill", "-p", "enviroment=production"]);
+    assert_eq!(unknown_param.status.code(), Some(2));
+    assert!(stderr(&unknown_param).contains("did you mean `environment`?"));
+    let wrong_enum = ws.run(&["plan", "engine-drill", "-p", "environment=prod"]);
+    assert_eq!(wrong_enum.status.code(), Some(2));
+    let missing = ws.run(&["run", "no-such-runbook"]);
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+#[test]
+fn plan_changes_nothing_and_reports_changes_with_detailed_exitcode() {
+    let ws = Workspace::new();
+    let plan = ws.run(&["plan", "engine-drill", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(5), "{}", stderr(&plan));
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        text.contains("create target/kmsflow-drill/staging.conf"),
+        "{text}"
+    );
+    assert!(
+        !ws.path("target/kmsflow-drill/staging.conf").exists(),
+        "plan wrote a file"
+    );
+    let run = ws.run(&["run", "engine-drill", "-p", "soak=10ms"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let plan = ws.run(&["plan", "engine-drill", "--output", "json"]);
+    let previews: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let render = previews
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["step_id"] == "render-config")
+        .unwrap();
+    assert_eq!(render["change"]["change"], "unchanged", "{render}");
+}
