@@ -85,6 +85,7 @@ impl Workspace {
             }
         }
         let _ = child.kill();
+        let _ = child.wait();
         panic!(
             "`{marker}` never appeared; stderr so far:\n{}",
             lines.join("\n")

@@ -62,7 +62,7 @@ pub fn compile(
         file: source.name.clone(),
         problems,
     };
-    let document = yaml::parse(source).map_err(|p| diagnostics(vec![p]))?;
+    let document = yaml::parse(source).map_err(|p| diagnostics(vec![*p]))?;
     let mut compiler = Compiler {
         source,
         registry,
@@ -365,8 +365,8 @@ impl Compiler<'_> {
                             value.span,
                         );
                     }
-                    if let (Some(regex), Value::String(s)) = (&regex, v) {
-                        if !regex.is_match(s) {
+                    if let (Some(regex), Value::String(s)) = (&regex, v)
+                        && !regex.is_match(s) {
                             self.problem(
                                 ProblemKind::InvalidValue {
                                     key: "default".into(),
@@ -380,14 +380,13 @@ impl Compiler<'_> {
                                 value.span,
                             );
                         }
-                    }
                 }
                 typed
             }
             None => None,
         };
-        if secret && default.is_some() {
-            if let Some((_, value)) = keys.get("default") {
+        if secret && default.is_some()
+            && let Some((_, value)) = keys.get("default") {
                 self.problem(
                     ProblemKind::InvalidValue {
                         key: "default".into(),
@@ -397,7 +396,6 @@ impl Compiler<'_> {
                     value.span,
                 );
             }
-        }
         Some(ParamDecl {
             name: name.value.clone(),
             ty,
@@ -500,8 +498,8 @@ impl Compiler<'_> {
                 None
             }
         };
-        if let Some(id) = &id {
-            if !STEP_ID.is_match(&id.value) {
+        if let Some(id) = &id
+            && !STEP_ID.is_match(&id.value) {
                 self.problem(
                     ProblemKind::InvalidName {
                         what: "step id".into(),
@@ -510,7 +508,6 @@ impl Compiler<'_> {
                     id.span,
                 );
             }
-        }
         let uses = match keys.get("uses") {
             Some((_, v)) => self.string("uses", v),
             None => {
@@ -684,11 +681,10 @@ impl Compiler<'_> {
                 }
                 continue;
             };
-            if let YamlValue::Str(s) = &value.value {
-                if template::is_template(s) {
+            if let YamlValue::Str(s) = &value.value
+                && template::is_template(s) {
                     continue;
                 }
-            }
             let json = value.value.to_json();
             if let Err(reason) = crate::input::check_value(param, &json) {
                 let kind = match (&param.ty, &value.value) {
@@ -883,8 +879,8 @@ impl Compiler<'_> {
                 };
                 let draft = &drafts[target];
                 let declared = declared_outputs(draft);
-                if let Some(declared) = declared {
-                    if !declared.iter().any(|d| d == output) {
+                if let Some(declared) = declared
+                    && !declared.iter().any(|d| d == output) {
                         self.problem(
                             ProblemKind::UnknownOutput {
                                 step: step.to_owned(),
@@ -895,14 +891,13 @@ impl Compiler<'_> {
                             span,
                         );
                     }
-                }
                 Some(target)
             }
             Target::Run(field) if RUN_FIELDS.contains(&field) => None,
             Target::Run(_) | Target::Unknown if path.nested => None,
             Target::Run(_) | Target::Unknown => {
-                if let Some(step) = path.step() {
-                    if !index.contains_key(step) {
+                if let Some(step) = path.step()
+                    && !index.contains_key(step) {
                         self.problem(
                             ProblemKind::UnknownStepRef {
                                 step: step.to_owned(),
@@ -912,7 +907,6 @@ impl Compiler<'_> {
                         );
                         return None;
                     }
-                }
                 self.problem(
                     ProblemKind::UnknownVariable {
                         path: path.raw.clone(),

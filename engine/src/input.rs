@@ -42,11 +42,10 @@ pub fn check_value(param: &ParamSpec, value: &Value) -> Result<(), String> {
                     .join(", ")
             ));
         }
-        if let Some(pattern) = param.pattern {
-            if !cached_regex(pattern).is_match(s) {
+        if let Some(pattern) = param.pattern
+            && !cached_regex(pattern).is_match(s) {
                 return Err(format!("`{s}` does not match `{pattern}`"));
             }
-        }
     }
     Ok(())
 }

@@ -78,7 +78,7 @@ impl Yaml {
 }
 
 /// Parses a whole document; a syntax error is one problem pointing at its place.
-pub fn parse(source: &RunbookSource) -> Result<Yaml, Problem> {
+pub fn parse(source: &RunbookSource) -> Result<Yaml, Box<Problem>> {
     let options = LoaderOptions::default()
         .error_on_duplicate_keys(true)
         .toplevel_mapping();
@@ -102,13 +102,13 @@ pub fn parse(source: &RunbookSource) -> Result<Yaml, Problem> {
             };
             let offset = marker.map_or(0, |m| offsets.byte(m.character()));
             let len = usize::from(offset < source.text.len());
-            Err(Problem {
+            Err(Box::new(Problem {
                 kind: ProblemKind::Yaml {
                     message: format!("invalid YAML: {message}"),
                 },
                 span: Span::new(offset, len),
                 source: source.clone(),
-            })
+            }))
         }
     }
 }
@@ -266,11 +266,10 @@ fn plain_scalar(text: &str) -> YamlValue {
         .bytes()
         .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
         && text.bytes().any(|b| b.is_ascii_digit());
-    if looks_numeric {
-        if let Ok(float) = text.parse::<f64>() {
+    if looks_numeric
+        && let Ok(float) = text.parse::<f64>() {
             return YamlValue::Float(float);
         }
-    }
     YamlValue::Str(text.to_owned())
 }
 
