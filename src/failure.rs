@@ -48,7 +48,8 @@ impl From<LaunchError> for Failure {
             }
             LaunchError::NotResumable { .. }
             | LaunchError::NotRollbackable { .. }
-            | LaunchError::UnknownStep { .. } => Failure::Usage(error.to_string()),
+            | LaunchError::UnknownStep { .. }
+            | LaunchError::NotAnApproval { .. } => Failure::Usage(error.to_string()),
             other => Failure::Launch(other),
         }
     }

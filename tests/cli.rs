@@ -351,6 +351,9 @@ steps:
     assert_eq!(step(&run, "gate")["outputs"]["approved_by"], "alice@ops");
     // Approving a step that does not exist is a usage error.
     assert_eq!(ws.run(&["approve", &run_id, "nope"]).status.code(), Some(2));
+    let not_a_gate = ws.run(&["approve", &run_id, "prepare"]);
+    assert_eq!(not_a_gate.status.code(), Some(2));
+    assert!(stderr(&not_a_gate).contains("only `approve` steps take approvals"));
 }
 
 #[test]

@@ -366,28 +366,27 @@ impl Compiler<'_> {
                         );
                     }
                     if let (Some(regex), Value::String(s)) = (&regex, v)
-                        && !regex.is_match(s) {
-                            self.problem(
-                                ProblemKind::InvalidValue {
-                                    key: "default".into(),
-                                    reason: format!(
-                                        "`{s}` does not match the parameter's `pattern`"
-                                    ),
-                                    hint: pattern
-                                        .as_ref()
-                                        .map(|p| format!("pattern: `{}`", p.value)),
-                                },
-                                value.span,
-                            );
-                        }
+                        && !regex.is_match(s)
+                    {
+                        self.problem(
+                            ProblemKind::InvalidValue {
+                                key: "default".into(),
+                                reason: format!("`{s}` does not match the parameter's `pattern`"),
+                                hint: pattern.as_ref().map(|p| format!("pattern: `{}`", p.value)),
+                            },
+                            value.span,
+                        );
+                    }
                 }
                 typed
             }
             None => None,
         };
-        if secret && default.is_some()
-            && let Some((_, value)) = keys.get("default") {
-                self.problem(
+        if secret
+            && default.is_some()
+            && let Some((_, value)) = keys.get("default")
+        {
+            self.problem(
                     ProblemKind::InvalidValue {
                         key: "default".into(),
                         reason: "a secret parameter cannot have a default: it would sit in the runbook in clear".into(),
@@ -395,7 +394,7 @@ impl Compiler<'_> {
                     },
                     value.span,
                 );
-            }
+        }
         Some(ParamDecl {
             name: name.value.clone(),
             ty,
@@ -499,15 +498,16 @@ impl Compiler<'_> {
             }
         };
         if let Some(id) = &id
-            && !STEP_ID.is_match(&id.value) {
-                self.problem(
-                    ProblemKind::InvalidName {
-                        what: "step id".into(),
-                        name: id.value.clone(),
-                    },
-                    id.span,
-                );
-            }
+            && !STEP_ID.is_match(&id.value)
+        {
+            self.problem(
+                ProblemKind::InvalidName {
+                    what: "step id".into(),
+                    name: id.value.clone(),
+                },
+                id.span,
+            );
+        }
         let uses = match keys.get("uses") {
             Some((_, v)) => self.string("uses", v),
             None => {
@@ -682,9 +682,10 @@ impl Compiler<'_> {
                 continue;
             };
             if let YamlValue::Str(s) = &value.value
-                && template::is_template(s) {
-                    continue;
-                }
+                && template::is_template(s)
+            {
+                continue;
+            }
             let json = value.value.to_json();
             if let Err(reason) = crate::input::check_value(param, &json) {
                 let kind = match (&param.ty, &value.value) {
@@ -880,33 +881,35 @@ impl Compiler<'_> {
                 let draft = &drafts[target];
                 let declared = declared_outputs(draft);
                 if let Some(declared) = declared
-                    && !declared.iter().any(|d| d == output) {
-                        self.problem(
-                            ProblemKind::UnknownOutput {
-                                step: step.to_owned(),
-                                uses: draft.uses.value.clone(),
-                                output: output.to_owned(),
-                                declared,
-                            },
-                            span,
-                        );
-                    }
+                    && !declared.iter().any(|d| d == output)
+                {
+                    self.problem(
+                        ProblemKind::UnknownOutput {
+                            step: step.to_owned(),
+                            uses: draft.uses.value.clone(),
+                            output: output.to_owned(),
+                            declared,
+                        },
+                        span,
+                    );
+                }
                 Some(target)
             }
             Target::Run(field) if RUN_FIELDS.contains(&field) => None,
             Target::Run(_) | Target::Unknown if path.nested => None,
             Target::Run(_) | Target::Unknown => {
                 if let Some(step) = path.step()
-                    && !index.contains_key(step) {
-                        self.problem(
-                            ProblemKind::UnknownStepRef {
-                                step: step.to_owned(),
-                                suggestion: suggest(step, index.keys().copied()),
-                            },
-                            span,
-                        );
-                        return None;
-                    }
+                    && !index.contains_key(step)
+                {
+                    self.problem(
+                        ProblemKind::UnknownStepRef {
+                            step: step.to_owned(),
+                            suggestion: suggest(step, index.keys().copied()),
+                        },
+                        span,
+                    );
+                    return None;
+                }
                 self.problem(
                     ProblemKind::UnknownVariable {
                         path: path.raw.clone(),

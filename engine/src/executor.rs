@@ -21,6 +21,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use kmsflow_state::{Approval, Outcome, RunStatus, StepRecord, StepStatus, StoreError, Write};
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::checkpoint::Checkpoints;
 use crate::input::prepare_input;
@@ -124,6 +125,12 @@ const LOCK_RENEW_EVERY: Duration = Duration::from_secs(15);
 
 /// Runs (or resumes) a run to its end: succeeded, failed, waiting or interrupted.
 pub async fn execute(execution: Execution) -> Result<RunSummary, CheckpointFailed> {
+    let span =
+        tracing::info_span!("run", run_id = %execution.run_id, runbook = %execution.runbook.name);
+    execute_in_span(execution).instrument(span).await
+}
+
+async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointFailed> {
     let Execution {
         run_id,
         started_at,
@@ -349,7 +356,15 @@ pub async fn execute(execution: Execution) -> Result<RunSummary, CheckpointFaile
                 prior_planned: prior[index].as_ref().and_then(|r| r.planned_outcome),
                 approval: approvals.get(&step.id).cloned(),
             };
-            tasks.push(Box::pin(async move { (index, task.run().await) }));
+            let span = tracing::info_span!(
+                "step",
+                step_id = %step.id,
+                kind = %step.uses,
+                attempt = tracing::field::Empty
+            );
+            tasks.push(Box::pin(
+                async move { (index, task.run().await) }.instrument(span),
+            ));
         }
         if tasks.is_empty() {
             break;
@@ -513,6 +528,7 @@ impl StepTask {
         loop {
             attempt += 1;
             attempts_here += 1;
+            tracing::Span::current().record("attempt", attempt);
             let started = Instant::now();
             (shared.progress)(&Progress::StepStarted {
                 step_id: step.id.clone(),
@@ -559,6 +575,7 @@ impl StepTask {
                             at,
                         }])
                         .await?;
+                    tracing::info!(outcome = %outcome, "step succeeded");
                     (shared.progress)(&Progress::StepSucceeded {
                         step_id: step.id.clone(),
                         outcome,
@@ -603,6 +620,7 @@ impl StepTask {
                                 at,
                             }])
                             .await?;
+                        tracing::warn!(error = %message, retry_in_ms = delay.as_millis() as u64, "step attempt failed; retrying");
                         (shared.progress)(&Progress::StepRetrying {
                             step_id: step.id.clone(),
                             attempt,
@@ -629,6 +647,7 @@ impl StepTask {
                             at,
                         }])
                         .await?;
+                    tracing::error!(error = %message, "step failed");
                     (shared.progress)(&Progress::StepFailed {
                         step_id: step.id.clone(),
                         error: message.clone(),

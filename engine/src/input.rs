@@ -43,9 +43,10 @@ pub fn check_value(param: &ParamSpec, value: &Value) -> Result<(), String> {
             ));
         }
         if let Some(pattern) = param.pattern
-            && !cached_regex(pattern).is_match(s) {
-                return Err(format!("`{s}` does not match `{pattern}`"));
-            }
+            && !cached_regex(pattern).is_match(s)
+        {
+            return Err(format!("`{s}` does not match `{pattern}`"));
+        }
     }
     Ok(())
 }

@@ -58,6 +58,14 @@ pub enum LaunchError {
     NotRollbackable { run_id: String, status: RunStatus },
     #[error("run `{run_id}` has no step `{step_id}`")]
     UnknownStep { run_id: String, step_id: String },
+    #[error(
+        "step `{step_id}` of run `{run_id}` is a `{uses}` step; only `approve` steps take approvals"
+    )]
+    NotAnApproval {
+        run_id: String,
+        step_id: String,
+        uses: String,
+    },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointFailed),
 }
@@ -254,11 +262,21 @@ pub fn approve(
 ) -> Result<String, LaunchError> {
     let mut store = Store::open(&engine.state_path, engine.durability)?;
     let run_id = store.resolve_run_id(run_id_or_prefix)?;
-    if !store.steps(&run_id)?.iter().any(|s| s.step_id == step_id) {
-        return Err(LaunchError::UnknownStep {
-            run_id,
-            step_id: step_id.to_owned(),
-        });
+    match store.steps(&run_id)?.iter().find(|s| s.step_id == step_id) {
+        None => {
+            return Err(LaunchError::UnknownStep {
+                run_id,
+                step_id: step_id.to_owned(),
+            });
+        }
+        Some(step) if step.uses != "approve" => {
+            return Err(LaunchError::NotAnApproval {
+                run_id,
+                step_id: step_id.to_owned(),
+                uses: step.uses.clone(),
+            });
+        }
+        Some(_) => {}
     }
     store.commit(&[Write::Approve {
         run_id: run_id.clone(),

@@ -266,10 +266,9 @@ fn plain_scalar(text: &str) -> YamlValue {
         .bytes()
         .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
         && text.bytes().any(|b| b.is_ascii_digit());
-    if looks_numeric
-        && let Ok(float) = text.parse::<f64>() {
-            return YamlValue::Float(float);
-        }
+    if looks_numeric && let Ok(float) = text.parse::<f64>() {
+        return YamlValue::Float(float);
+    }
     YamlValue::Str(text.to_owned())
 }
 

@@ -51,9 +51,10 @@ fn render(dag: &Dag, extra: Option<(usize, usize)>) -> String {
             }
         }
         if let Some((from, to)) = extra
-            && to == step {
-                needs.push(format!("s{from}"));
-            }
+            && to == step
+        {
+            needs.push(format!("s{from}"));
+        }
         text.push_str(&format!("  - id: s{step}\n    uses: noop\n"));
         if !needs.is_empty() {
             text.push_str(&format!("    needs: [{}]\n", needs.join(", ")));

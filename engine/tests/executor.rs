@@ -1,0 +1,517 @@
+//! The executor against a real state file, with a probe step kind that counts what the engine
+//! asks of it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use kmsflow_engine::executor::{ExecOptions, RunSummary, Signals};
+use kmsflow_engine::kind::*;
+use kmsflow_engine::launch::{self, Engine, RunRequest};
+use kmsflow_engine::params::{ParamSources, bind};
+use kmsflow_engine::progress::silent;
+use kmsflow_engine::{Registry, RunbookSource, compile};
+use kmsflow_state::{Durability, NewRun, RunStatus, StepStatus, Store, Write};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+/// What the probe kind was asked to do, per key.
+#[derive(Default)]
+struct Calls {
+    observe: HashMap<String, usize>,
+    apply: HashMap<String, usize>,
+    /// Keys whose resource "exists" (created by apply, or seeded).
+    existing: Vec<String>,
+}
+
+struct Probe {
+    calls: Arc<Mutex<Calls>>,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+}
+
+#[derive(Deserialize)]
+struct ProbeParams {
+    key: String,
+    #[serde(default)]
+    fail_transiently: u32,
+    #[serde(default)]
+    fail_permanently: bool,
+    #[serde(default)]
+    hold_ms: u64,
+}
+
+static SPEC: KindSpec = KindSpec {
+    name: "probe",
+    summary: "test kind",
+    params: &[
+        ParamSpec::required("key", ValueType::String, "resource name"),
+        ParamSpec::optional("fail_transiently", ValueType::Int, "failing attempts"),
+        ParamSpec::optional("fail_permanently", ValueType::Bool, "fail for good"),
+        ParamSpec::optional("hold_ms", ValueType::Int, "apply takes this long"),
+    ],
+    outputs: OutputsSpec::Fixed(&[OutputSpec {
+        name: "key",
+        description: "the key",
+    }]),
+    may_be_irreversible: false,
+};
+
+#[async_trait]
+impl StepKind for Probe {
+    fn spec(&self) -> &'static KindSpec {
+        &SPEC
+    }
+
+    async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
+        let params: ProbeParams = cx.params()?;
+        let mut calls = self.calls.lock().unwrap();
+        *calls.observe.entry(params.key.clone()).or_default() += 1;
+        Ok(json!({"exists": calls.existing.contains(&params.key)}))
+    }
+
+    fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {
+        let params: ProbeParams = cx.params()?;
+        let mut outputs = Map::new();
+        outputs.insert("key".into(), json!(params.key));
+        if before["exists"] == true {
+            return Ok(StepPlan::unchanged(outputs));
+        }
+        Ok(StepPlan::change(Change::Create {
+            summary: format!("create {}", params.key),
+        }))
+    }
+
+    async fn apply(
+        &self,
+        cx: &StepContext<'_>,
+        _: &Value,
+        _: &StepPlan,
+    ) -> Result<Map<String, Value>, StepError> {
+        let params: ProbeParams = cx.params()?;
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(params.hold_ms)).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let mut calls = self.calls.lock().unwrap();
+        *calls.apply.entry(params.key.clone()).or_default() += 1;
+        if params.fail_permanently {
+            return Err(StepError::permanent("bad request: the name is taken"));
+        }
+        if cx.attempt <= params.fail_transiently {
+            return Err(StepError::transient("503 service unavailable")
+                .with_retry_after(Duration::from_millis(20)));
+        }
+        calls.existing.push(params.key.clone());
+        let mut outputs = Map::new();
+        outputs.insert("key".into(), json!(params.key));
+        Ok(outputs)
+    }
+
+    async fn rollback(
+        &self,
+        _: &StepContext<'_>,
+        _: &Value,
+        _: Outcome,
+    ) -> Result<Undo, StepError> {
+        Ok(Undo::Done)
+    }
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    probe: Arc<Probe>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness {
+            dir: tempfile::tempdir().unwrap(),
+            probe: Arc::new(Probe {
+                calls: Arc::default(),
+                in_flight: Arc::default(),
+                max_in_flight: Arc::default(),
+            }),
+        }
+    }
+
+    fn engine(&self) -> Engine {
+        let mut registry = Registry::with_engine_kinds();
+        registry.register(self.probe.clone());
+        Engine {
+            registry,
+            state_path: self.dir.path().join("state.db"),
+            durability: Durability::Normal,
+        }
+    }
+
+    fn request(&self, text: &str, concurrency: usize) -> RunRequest {
+        let compiled = Arc::new(
+            compile(&RunbookSource::new("t.yaml", text), &self.engine().registry).unwrap(),
+        );
+        let params = bind(&compiled, &ParamSources::default()).unwrap();
+        RunRequest {
+            runbook: compiled,
+            runbook_ref: "t.yaml".into(),
+            source: text.into(),
+            params,
+            options: ExecOptions { concurrency },
+            signals: Signals::default(),
+            progress: silent(),
+        }
+    }
+
+    async fn run(&self, text: &str, concurrency: usize) -> RunSummary {
+        launch::start(&self.engine(), self.request(text, concurrency))
+            .await
+            .unwrap()
+    }
+
+    fn store(&self) -> Store {
+        Store::open(&self.dir.path().join("state.db"), Durability::Normal).unwrap()
+    }
+
+    fn count(&self, which: &str, key: &str) -> usize {
+        let calls = self.probe.calls.lock().unwrap();
+        let map = if which == "observe" {
+            &calls.observe
+        } else {
+            &calls.apply
+        };
+        map.get(key).copied().unwrap_or(0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_found_running_after_a_crash_is_observed_again_and_keeps_its_outcome() {
+    let h = Harness::new();
+    let text = "name: t\nsteps:\n  - id: make\n    uses: probe\n    with: { key: vault }\n";
+    // The state a crash leaves: the before image is committed, apply went through (the
+    // resource exists), the outcome never was.
+    let mut store = h.store();
+    let now = Utc::now();
+    store
+        .commit(&[
+            Write::CreateRun(NewRun {
+                id: "crashed".into(),
+                runbook: "t".into(),
+                runbook_ref: "t.yaml".into(),
+                content_hash: kmsflow_engine::content_hash(text),
+                source: text.into(),
+                params: json!({}),
+                secret_params: vec![],
+                started_at: now,
+                lock_key: None,
+                steps: vec![("make".into(), "probe".into())],
+            }),
+            Write::StepApplying {
+                run_id: "crashed".into(),
+                step_id: "make".into(),
+                attempt: 1,
+                before_image: json!({"exists": false}),
+                planned_outcome: Outcome::Created,
+                at: now,
+            },
+        ])
+        .unwrap();
+    drop(store);
+    h.probe.calls.lock().unwrap().existing.push("vault".into());
+
+    let run = h.store().run("crashed").unwrap();
+    let summary = launch::resume(&h.engine(), &run, h.request(text, 8))
+        .await
+        .unwrap();
+    assert_eq!(summary.status, RunStatus::Succeeded);
+    assert_eq!(h.count("observe", "vault"), 1, "observed again");
+    assert_eq!(h.count("apply", "vault"), 0, "not applied twice");
+    let step = &h.store().steps("crashed").unwrap()[0];
+    assert_eq!(
+        step.outcome,
+        Some(Outcome::Created),
+        "the run still created it, so rollback deletes it"
+    );
+    assert_eq!(
+        step.before_image,
+        Some(json!({"exists": false})),
+        "the first before image is kept"
+    );
+    assert_eq!(step.attempts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_are_retried_and_permanent_ones_fail_at_once() {
+    let h = Harness::new();
+    let text = r#"
+name: t
+steps:
+  - id: flaky
+    uses: probe
+    with: { key: flaky, fail_transiently: 2 }
+    retry: { attempts: 3, initial: 10ms, max: 50ms }
+  - id: broken
+    uses: probe
+    needs: [flaky]
+    with: { key: broken, fail_permanently: true }
+    retry: { attempts: 5, initial: 10ms }
+  - id: after
+    uses: probe
+    needs: [broken]
+    with: { key: after }
+"#;
+    let summary = h.run(text, 8).await;
+    assert_eq!(summary.status, RunStatus::Failed);
+    let error = summary.error.unwrap();
+    assert!(
+        error.contains("step `broken` failed: bad request: the name is taken"),
+        "{error}"
+    );
+    assert_eq!(h.count("apply", "flaky"), 3);
+    assert_eq!(
+        h.count("apply", "broken"),
+        1,
+        "a permanent error is not retried"
+    );
+    assert_eq!(
+        h.count("observe", "after"),
+        0,
+        "nothing starts after a failure"
+    );
+    let steps = h.store().steps(&summary.run_id).unwrap();
+    let status: Vec<_> = steps
+        .iter()
+        .map(|s| (s.step_id.as_str(), s.status))
+        .collect();
+    assert_eq!(
+        status,
+        [
+            ("flaky", StepStatus::Succeeded),
+            ("broken", StepStatus::Failed),
+            ("after", StepStatus::Pending)
+        ]
+    );
+    let attempt_failures = h
+        .store()
+        .events(&summary.run_id)
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == "step_attempt_failed")
+        .count();
+    assert_eq!(attempt_failures, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_bounds_each_attempt() {
+    let h = Harness::new();
+    let text = r#"
+name: t
+steps:
+  - id: slow
+    uses: probe
+    with: { key: slow, hold_ms: 2000 }
+    timeout: 50ms
+    retry: { attempts: 2, initial: 10ms }
+"#;
+    let started = std::time::Instant::now();
+    let summary = h.run(text, 8).await;
+    assert_eq!(summary.status, RunStatus::Failed);
+    assert!(summary.error.unwrap().contains("timed out after 50ms"));
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skipped_steps_skip_their_readers_but_not_their_other_dependents() {
+    let h = Harness::new();
+    let text = r#"
+name: t
+steps:
+  - id: optional
+    uses: probe
+    if: false
+    with: { key: optional }
+  - id: reader
+    uses: probe
+    with: { key: "reads-{{steps.optional.outputs.key}}" }
+  - id: follower
+    uses: probe
+    needs: [optional]
+    with: { key: follower }
+"#;
+    let summary = h.run(text, 8).await;
+    assert_eq!(summary.status, RunStatus::Succeeded);
+    let steps = h.store().steps(&summary.run_id).unwrap();
+    let status: HashMap<_, _> = steps
+        .iter()
+        .map(|s| (s.step_id.as_str(), s.status))
+        .collect();
+    assert_eq!(status["optional"], StepStatus::Skipped);
+    assert_eq!(status["reader"], StepStatus::Skipped);
+    assert_eq!(status["follower"], StepStatus::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_is_capped_and_independent_steps_overlap() {
+    let h = Harness::new();
+    let mut text = String::from("name: t\nsteps:\n");
+    for i in 0..12 {
+        text.push_str(&format!(
+            "  - id: s{i}\n    uses: probe\n    with: {{ key: k{i}, hold_ms: 40 }}\n"
+        ));
+    }
+    let started = std::time::Instant::now();
+    let summary = h.run(&text, 3).await;
+    assert_eq!(summary.status, RunStatus::Succeeded);
+    assert_eq!(h.probe.max_in_flight.load(Ordering::SeqCst), 3);
+    // 12 steps of 40 ms, 3 at a time: about 160 ms, far from the 480 ms of one at a time.
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_is_all_unchanged_and_applies_nothing() {
+    let h = Harness::new();
+    let text = r#"
+name: t
+steps:
+  - id: a
+    uses: probe
+    with: { key: a }
+  - id: b
+    uses: probe
+    with: { key: "{{steps.a.outputs.key}}-b" }
+"#;
+    assert_eq!(h.run(text, 8).await.status, RunStatus::Succeeded);
+    let second = h.run(text, 8).await;
+    assert_eq!(second.status, RunStatus::Succeeded);
+    assert_eq!(
+        h.count("apply", "a") + h.count("apply", "a-b"),
+        2,
+        "applied once each, in the first run"
+    );
+    for step in h.store().steps(&second.run_id).unwrap() {
+        assert_eq!(step.outcome, Some(Outcome::Unchanged), "{}", step.step_id);
+    }
+}
+
+/// A change that cannot be undone, like enabling AKS infrastructure encryption.
+struct OneWay;
+
+static ONE_WAY: KindSpec = KindSpec {
+    name: "oneway",
+    summary: "test kind",
+    params: &[],
+    outputs: OutputsSpec::Fixed(&[]),
+    may_be_irreversible: true,
+};
+
+#[async_trait]
+impl StepKind for OneWay {
+    fn spec(&self) -> &'static KindSpec {
+        &ONE_WAY
+    }
+    async fn observe(&self, _: &StepContext<'_>) -> Result<Value, StepError> {
+        Ok(Value::Null)
+    }
+    fn plan(&self, _: &StepContext<'_>, _: &Value) -> Result<StepPlan, StepError> {
+        let mut plan = StepPlan::change(Change::Action {
+            summary: "enable infrastructure encryption".into(),
+        });
+        plan.irreversible = Some("infrastructure encryption cannot be turned off".into());
+        Ok(plan)
+    }
+    async fn apply(
+        &self,
+        _: &StepContext<'_>,
+        _: &Value,
+        _: &StepPlan,
+    ) -> Result<Map<String, Value>, StepError> {
+        Ok(Map::new())
+    }
+    async fn rollback(
+        &self,
+        _: &StepContext<'_>,
+        _: &Value,
+        _: Outcome,
+    ) -> Result<Undo, StepError> {
+        Ok(Undo::Irreversible(
+            "infrastructure encryption cannot be turned off".into(),
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_undoes_what_it_can_and_names_the_irreversible_step() {
+    let h = Harness::new();
+    let mut engine = h.engine();
+    engine.registry.register(Arc::new(OneWay));
+    let text = r#"
+name: t
+steps:
+  - id: before
+    uses: probe
+    with: { key: before }
+  - id: encrypt
+    uses: oneway
+    needs: [before]
+  - id: after
+    uses: probe
+    needs: [encrypt]
+    with: { key: after }
+  - id: verify
+    uses: assert
+    needs: [after]
+    with: { condition: false, message: verification failed }
+"#;
+    let compiled =
+        Arc::new(compile(&RunbookSource::new("t.yaml", text), &engine.registry).unwrap());
+    assert!(compiled.step("encrypt").unwrap().may_be_irreversible);
+    let params = bind(&compiled, &ParamSources::default()).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = {
+        let seen = seen.clone();
+        Arc::new(move |p: &kmsflow_engine::progress::Progress| seen.lock().unwrap().push(p.clone()))
+    };
+    let request = RunRequest {
+        runbook: compiled.clone(),
+        runbook_ref: "t.yaml".into(),
+        source: text.into(),
+        params: params.clone(),
+        options: ExecOptions::default(),
+        signals: Signals::default(),
+        progress: sink,
+    };
+    let summary = launch::start(&engine, request).await.unwrap();
+    assert_eq!(summary.status, RunStatus::Failed);
+    assert!(seen.lock().unwrap().iter().any(|p| matches!(
+        p,
+        kmsflow_engine::progress::Progress::PointOfNoReturn { step_id, .. } if step_id == "encrypt"
+    )));
+
+    let run = h.store().run(&summary.run_id).unwrap();
+    let rolled = kmsflow_engine::rollback::rollback(&engine, &run, compiled, params, silent())
+        .await
+        .unwrap();
+    assert_eq!(rolled.status, RunStatus::RollbackFailed);
+    let error = rolled.error.unwrap();
+    assert!(
+        error.contains("`encrypt` (infrastructure encryption cannot be turned off)"),
+        "{error}"
+    );
+    let steps = h.store().steps(&summary.run_id).unwrap();
+    let status: HashMap<_, _> = steps
+        .iter()
+        .map(|s| (s.step_id.as_str(), s.status))
+        .collect();
+    assert_eq!(
+        status["before"],
+        StepStatus::RolledBack,
+        "undid what it could past the irreversible step"
+    );
+    assert_eq!(status["after"], StepStatus::RolledBack);
+    assert_eq!(status["encrypt"], StepStatus::Succeeded);
+}
