@@ -1,1 +1,16 @@
-//! placeholder
+//! kmsflow's sandbox: a real HTTP server on 127.0.0.1 that behaves like the parts of Azure
+//! kmsflow's steps use (Resource Manager, Key Vault's data plane, and a managed-identity token
+//! endpoint), including how they fail.
+//!
+//! It is how the tests run and how a new user tries a runbook without a subscription. It
+//! depends on none of kmsflow's crates: it stands in for Azure, and must not share code with
+//! the client it tests.
+
+mod auth;
+mod faults;
+mod server;
+mod world;
+
+pub use faults::{Delays, Faults, Latency, Rule, ServerErrors, Throttle};
+pub use server::{RequestRecord, Sandbox, SandboxOptions};
+pub use world::ROLES;

@@ -1,0 +1,381 @@
+//! The HTTP layer: routing by surface (control, token, ARM, Key Vault), authentication,
+//! fault injection, the request log and the headers Azure sends with every answer.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::auth::{ARM_AUDIENCE, Caller, TokenIssuer, VAULT_AUDIENCE};
+use crate::faults::{Faults, Injector, Verdict};
+use crate::world::{Req, Resp, World};
+
+/// How to start a sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    pub subscription: String,
+    pub tenant: String,
+    /// The caller's object id, as the token's `oid` claim carries it.
+    pub caller_object_id: String,
+    pub faults: Faults,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        SandboxOptions {
+            subscription: "00000000-0000-4000-8000-5a4db0c5ab0c".into(),
+            tenant: "00000000-0000-4000-8000-7e4a47000001".into(),
+            caller_object_id: "00000000-0000-4000-8000-ca11e4000001".into(),
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// One request the sandbox served.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    /// Milliseconds since the sandbox started.
+    pub at_ms: u64,
+    /// Whether the request asked for a change (PUT, PATCH, POST, DELETE).
+    pub write: bool,
+}
+
+struct Shared {
+    world: Mutex<World>,
+    injector: Mutex<Injector>,
+    issuer: TokenIssuer,
+    identity_header: String,
+    log: Mutex<Vec<RequestRecord>>,
+    started: Instant,
+    subscription: String,
+}
+
+/// A running sandbox. Dropping it stops the server.
+pub struct Sandbox {
+    base_url: String,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Sandbox {
+    /// Binds 127.0.0.1 on a free port and serves in the background of the current runtime.
+    pub async fn start(options: SandboxOptions) -> std::io::Result<Sandbox> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        Sandbox::serve(listener, options)
+    }
+
+    /// Serves on a listener bound by the caller (so its address is known before the runtime
+    /// starts, as `kmsflow run --sandbox` needs).
+    pub fn serve(listener: tokio::net::TcpListener, options: SandboxOptions) -> std::io::Result<Sandbox> {
+        let address: SocketAddr = listener.local_addr()?;
+        let base_url = format!("http://{address}");
+        let issuer = TokenIssuer::new(Caller {
+            object_id: options.caller_object_id.clone(),
+            tenant_id: options.tenant.clone(),
+        });
+        let world = World::new(
+            base_url.clone(),
+            options.subscription.clone(),
+            options.tenant.clone(),
+            options.caller_object_id.clone(),
+            options.faults.delays,
+        );
+        let shared = Arc::new(Shared {
+            world: Mutex::new(world),
+            injector: Mutex::new(Injector::new(options.faults)),
+            issuer,
+            identity_header: uuid::Uuid::new_v4().simple().to_string(),
+            log: Mutex::new(Vec::new()),
+            started: Instant::now(),
+            subscription: options.subscription,
+        });
+        let router = axum::Router::new().fallback(handle).with_state(shared.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Sandbox {
+            base_url,
+            shared,
+            stop: Some(stop),
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`, the ARM endpoint a client uses.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub fn subscription(&self) -> &str {
+        &self.shared.subscription
+    }
+
+    /// The environment a client needs, as `serve` prints it.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let world = self.shared.world.lock().expect("world lock");
+        vec![
+            ("AZURE_SUBSCRIPTION_ID".into(), world.subscription.clone()),
+            ("AZURE_TENANT_ID".into(), world.tenant.clone()),
+            ("IDENTITY_ENDPOINT".into(), format!("{}/msi/token", self.base_url)),
+            ("IDENTITY_HEADER".into(), self.shared.identity_header.clone()),
+        ]
+    }
+
+    /// Every request served so far.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared.log.lock().expect("log lock").clone()
+    }
+
+    /// The world as JSON.
+    pub fn world(&self) -> Value {
+        self.shared.world.lock().expect("world lock").dump()
+    }
+
+    /// Replaces the fault configuration.
+    pub fn set_faults(&self, faults: Faults) {
+        let delays = faults.delays;
+        *self.shared.injector.lock().expect("injector lock") = Injector::new(faults);
+        self.shared.world.lock().expect("world lock").delays = delays;
+    }
+
+    /// Changes the world directly (seeding existing resources).
+    pub fn with_world<R>(&self, change: impl FnOnce(&mut WorldHandle<'_>) -> R) -> R {
+        let mut world = self.shared.world.lock().expect("world lock");
+        change(&mut WorldHandle { world: &mut world })
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Seeding access to the world.
+pub struct WorldHandle<'a> {
+    world: &'a mut World,
+}
+
+impl WorldHandle<'_> {
+    pub fn resource_group(&mut self, name: &str, location: &str) {
+        self.world.seed_group(name, location);
+    }
+
+    /// Adds a resource (its body must carry `id`), as if created long ago.
+    pub fn resource(&mut self, body: Value) {
+        self.world.seed_resource(body);
+    }
+
+    pub fn feature_registered(&mut self, namespace: &str, feature: &str) {
+        self.world.seed_feature_registered(namespace, feature);
+    }
+}
+
+fn parse_query(query: Option<&str>) -> BTreeMap<String, String> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(key), decode(value))
+        })
+        .collect()
+}
+
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'+' => out.push(b' '),
+            b'%' if index + 2 < bytes.len() => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                match (hex(bytes[index + 1]), hex(bytes[index + 2])) {
+                    (Some(high), Some(low)) => {
+                        out.push((high * 16 + low) as u8);
+                        index += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            other => out.push(other),
+        }
+        index += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn to_response(resp: Resp, extra: &[(String, String)]) -> Response {
+    let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = match resp.body {
+        Some(body) => (status, axum::Json(body)).into_response(),
+        None => status.into_response(),
+    };
+    for (name, value) in resp.headers.iter().chain(extra) {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}
+
+async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let path = uri.path().to_owned();
+    let method = method.as_str().to_owned();
+    let write = method != "GET" && method != "HEAD";
+    let correlation = headers
+        .get("x-ms-correlation-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let mut extra = vec![
+        ("x-ms-request-id".to_owned(), uuid::Uuid::new_v4().to_string()),
+        ("x-ms-correlation-request-id".to_owned(), correlation),
+    ];
+    let response = if path.starts_with("/_sandbox/") {
+        control(&shared, &method, &path, &body)
+    } else if path == "/msi/token" {
+        token(&shared, &uri, &headers)
+    } else {
+        let vault = path.starts_with("/_kv/");
+        let audience = if vault { VAULT_AUDIENCE } else { ARM_AUDIENCE };
+        let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+        let now = chrono::Utc::now().timestamp();
+        match shared.issuer.check(authorization, audience, now) {
+            Err(error) => {
+                let resp = if vault {
+                    Resp::vault_error(401, "Unauthorized", Some("AKV10000"), error.to_string())
+                } else {
+                    Resp::arm_error(401, if matches!(error, crate::auth::TokenError::Expired) { "ExpiredAuthenticationToken" } else { "InvalidAuthenticationToken" }, error.to_string())
+                };
+                extra.push((
+                    "WWW-Authenticate".into(),
+                    format!("Bearer authorization=\"https://login.windows.net/{}\", resource=\"{audience}\"", shared.issuer.caller.tenant_id),
+                ));
+                resp
+            }
+            Ok(claims) => {
+                let subscription = (!vault)
+                    .then(|| path.split('/').nth(2).map(str::to_owned))
+                    .flatten();
+                let (latency, (verdict, quota)) = {
+                    let mut injector = shared.injector.lock().expect("injector lock");
+                    let latency = injector.latency(write);
+                    (latency, injector.judge(&method, &path, subscription.as_deref(), write))
+                };
+                if !latency.is_zero() {
+                    tokio::time::sleep(latency).await;
+                }
+                if !vault {
+                    extra.push(("x-ms-ratelimit-remaining-subscription-reads".into(), quota.reads.unwrap_or(249).to_string()));
+                    extra.push(("x-ms-ratelimit-remaining-subscription-writes".into(), quota.writes.unwrap_or(199).to_string()));
+                }
+                match verdict {
+                    Verdict::Fail { status, code, message, retry_after_s } => {
+                        if let Some(after) = retry_after_s {
+                            extra.push(("Retry-After".into(), after.to_string()));
+                        }
+                        if vault {
+                            Resp::vault_error(status, &code, None, message)
+                        } else {
+                            Resp::arm_error(status, &code, message)
+                        }
+                    }
+                    Verdict::Pass => {
+                        let parsed: Option<Value> = if body.is_empty() { None } else { serde_json::from_slice(&body).ok() };
+                        if !body.is_empty() && parsed.is_none() {
+                            Resp::arm_error(400, "InvalidRequestContent", "The request content was invalid and could not be deserialized.")
+                        } else {
+                            let raw_segments: Vec<String> = path.trim_matches('/').split('/').map(decode).collect();
+                            let req = Req {
+                                method: method.clone(),
+                                path: path.clone(),
+                                segments: raw_segments.iter().map(|s| s.to_ascii_lowercase()).collect(),
+                                raw_segments,
+                                query: parse_query(uri.query()),
+                                if_match: headers.get("if-match").and_then(|v| v.to_str().ok()).map(str::to_owned),
+                                body: parsed,
+                                caller: claims["oid"].as_str().unwrap_or_default().to_owned(),
+                            };
+                            let mut world = shared.world.lock().expect("world lock");
+                            if vault {
+                                let caller = req.caller.clone();
+                                world.key_vault(&req, &caller)
+                            } else {
+                                world.arm(&req)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let status = response.status;
+    if !path.starts_with("/_sandbox/") {
+        shared.log.lock().expect("log lock").push(RequestRecord {
+            method,
+            path,
+            status,
+            at_ms: shared.started.elapsed().as_millis() as u64,
+            write,
+        });
+    }
+    to_response(response, &extra)
+}
+
+fn control(shared: &Shared, method: &str, path: &str, body: &Bytes) -> Resp {
+    match (method, path) {
+        ("GET", "/_sandbox/world") => Resp::json(200, shared.world.lock().expect("world lock").dump()),
+        ("GET", "/_sandbox/requests") => Resp::json(200, json!(*shared.log.lock().expect("log lock"))),
+        ("POST", "/_sandbox/faults") => match Faults::from_yaml(&String::from_utf8_lossy(body)) {
+            Ok(faults) => {
+                let delays = faults.delays;
+                *shared.injector.lock().expect("injector lock") = Injector::new(faults);
+                shared.world.lock().expect("world lock").delays = delays;
+                Resp::empty(204)
+            }
+            Err(error) => Resp::arm_error(400, "InvalidFaults", error.to_string()),
+        },
+        _ => Resp::arm_error(404, "NotFound", format!("no sandbox control endpoint {method} {path}")),
+    }
+}
+
+/// The App Service managed-identity protocol (api-version 2019-08-01): `GET
+/// {IDENTITY_ENDPOINT}?api-version=...&resource=...` with the `X-IDENTITY-HEADER` secret.
+fn token(shared: &Shared, uri: &Uri, headers: &HeaderMap) -> Resp {
+    let query = parse_query(uri.query());
+    let secret = headers.get("x-identity-header").and_then(|v| v.to_str().ok());
+    if secret != Some(shared.identity_header.as_str()) {
+        return Resp::json(401, json!({"statusCode": 401, "message": "The X-IDENTITY-HEADER header is missing or wrong."}));
+    }
+    let Some(resource) = query.get("resource").filter(|r| !r.is_empty()) else {
+        return Resp::json(400, json!({"statusCode": 400, "message": "The resource query parameter is required."}));
+    };
+    let (access_token, expires_on) = shared.issuer.mint(resource, chrono::Utc::now().timestamp());
+    Resp::json(200, json!({
+        "access_token": access_token,
+        "expires_on": expires_on.to_string(),
+        "resource": resource,
+        "token_type": "Bearer",
+        "client_id": shared.issuer.caller.object_id,
+    }))
+}
