@@ -1,0 +1,630 @@
+//! The ARM and Key Vault REST client: tokens per audience from `azure_identity`, URLs built
+//! only from validated segments, error envelopes parsed into [`AzureError`], bounded retries,
+//! and long-running operations followed to the end.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use azure_core::credentials::TokenCredential;
+use base64::Engine as _;
+use reqwest::Method;
+use serde_json::Value;
+use tokio::sync::Mutex;
+use url::Url;
+
+use crate::error::AzureError;
+
+/// The ARM token scope.
+pub const ARM_SCOPE: &str = "https://management.azure.com/.default";
+/// The Key Vault data-plane token scope.
+pub const VAULT_SCOPE: &str = "https://vault.azure.net/.default";
+
+/// How kmsflow authenticates (`--auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthMode {
+    /// Workload identity when its environment is set, then managed identity when its endpoint
+    /// is set, then the Azure CLI.
+    #[default]
+    Auto,
+    Cli,
+    ManagedIdentity,
+    WorkloadIdentity,
+    /// `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET`.
+    ClientSecret,
+}
+
+/// Retry bounds of the client itself (the step's own retry policy comes on top).
+#[derive(Debug, Clone, Copy)]
+pub struct RetryBounds {
+    /// Attempts for throttling, 5xx and connection errors.
+    pub transient_attempts: u32,
+    /// Backoff when Azure gives no `Retry-After`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long to keep retrying eventual-consistency errors (`PrincipalNotFound`,
+    /// `ForbiddenByRbac`, `OperationNotAllowed`).
+    pub eventual_budget: Duration,
+    /// The longest a long-running operation is followed.
+    pub operation_timeout: Duration,
+}
+
+impl Default for RetryBounds {
+    fn default() -> Self {
+        RetryBounds {
+            transient_attempts: 8,
+            initial_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(60),
+            eventual_budget: Duration::from_secs(600),
+            operation_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Where and how to reach Azure.
+#[derive(Debug, Clone)]
+pub struct AzureConfig {
+    /// `https://management.azure.com` unless a sovereign cloud or the sandbox.
+    pub arm_endpoint: Url,
+    pub auth: AuthMode,
+    pub retry: RetryBounds,
+}
+
+impl AzureConfig {
+    /// Checks the endpoint: https, except on loopback (the sandbox).
+    pub fn new(arm_endpoint: &str, auth: AuthMode) -> Result<AzureConfig, AzureError> {
+        let url = Url::parse(arm_endpoint)
+            .map_err(|e| AzureError::Refused(format!("`{arm_endpoint}` is not a URL: {e}")))?;
+        check_scheme(&url)?;
+        Ok(AzureConfig {
+            arm_endpoint: url,
+            auth,
+            retry: RetryBounds::default(),
+        })
+    }
+}
+
+/// Whether a host is on this machine.
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(domain)) => domain == "localhost",
+        None => false,
+    }
+}
+
+fn check_scheme(url: &Url) -> Result<(), AzureError> {
+    if url.scheme() == "https" || (url.scheme() == "http" && is_loopback(url)) {
+        Ok(())
+    } else {
+        Err(AzureError::Refused(format!(
+            "refusing `{}`: Azure endpoints must use https (plain http only on loopback, for the sandbox)",
+            url.origin().ascii_serialization()
+        )))
+    }
+}
+
+/// A bearer token; its `Debug` never shows it.
+#[derive(Clone)]
+struct Token {
+    secret: String,
+    expires_at: std::time::SystemTime,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(***)")
+    }
+}
+
+/// Who the caller is, from the ARM token's claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub object_id: String,
+    /// `User` or `ServicePrincipal`, as role assignments want it.
+    pub principal_type: String,
+}
+
+/// An answer from Azure with the headers the client acts on.
+#[derive(Debug, Clone)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub body: Value,
+    pub async_operation: Option<String>,
+    pub location: Option<String>,
+    pub retry_after: Option<Duration>,
+    pub etag: Option<String>,
+}
+
+/// The client. Cheap to share (`Arc`).
+pub struct AzureClient {
+    http: reqwest::Client,
+    config: AzureConfig,
+    credential: Arc<dyn TokenCredential>,
+    tokens: Mutex<HashMap<&'static str, Token>>,
+}
+
+impl std::fmt::Debug for AzureClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzureClient")
+            .field("arm_endpoint", &self.config.arm_endpoint.as_str())
+            .field("auth", &self.config.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+fn credential_for(mode: AuthMode) -> Result<Arc<dyn TokenCredential>, AzureError> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let failed = |what: &str, e: azure_core::Error| AzureError::Credential {
+        scope: what.to_owned(),
+        detail: e.to_string(),
+    };
+    let mode = match mode {
+        AuthMode::Auto if env("AZURE_FEDERATED_TOKEN_FILE").is_some() => AuthMode::WorkloadIdentity,
+        AuthMode::Auto if env("IDENTITY_ENDPOINT").is_some() || env("MSI_ENDPOINT").is_some() => {
+            AuthMode::ManagedIdentity
+        }
+        AuthMode::Auto => AuthMode::Cli,
+        other => other,
+    };
+    Ok(match mode {
+        AuthMode::ManagedIdentity => azure_identity::ManagedIdentityCredential::new(None)
+            .map_err(|e| failed("managed identity", e))?,
+        AuthMode::WorkloadIdentity => azure_identity::WorkloadIdentityCredential::new(None)
+            .map_err(|e| failed("workload identity", e))?,
+        AuthMode::Cli => {
+            azure_identity::AzureCliCredential::new(None).map_err(|e| failed("the Azure CLI", e))?
+        }
+        AuthMode::ClientSecret => {
+            let (Some(tenant), Some(client), Some(secret)) = (
+                env("AZURE_TENANT_ID"),
+                env("AZURE_CLIENT_ID"),
+                env("AZURE_CLIENT_SECRET"),
+            ) else {
+                return Err(AzureError::Credential {
+                    scope: "client secret".into(),
+                    detail: "set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET".into(),
+                });
+            };
+            azure_identity::ClientSecretCredential::new(
+                &tenant,
+                client,
+                azure_core::credentials::Secret::new(secret),
+                None,
+            )
+            .map_err(|e| failed("client secret", e))?
+        }
+        AuthMode::Auto => unreachable!("resolved above"),
+    })
+}
+
+/// Pulls `{"error": {"code", "message", "innererror": {"code"}}}` out of a body; Key Vault's
+/// inner code (`ForbiddenByRbac`) is more useful than its outer one (`Forbidden`).
+fn error_code_and_message(body: &Value, status: u16) -> (String, String) {
+    let error = &body["error"];
+    let inner = error["innererror"]["code"].as_str();
+    let code = inner
+        .filter(|c| !c.is_empty() && *c != "AKV10000")
+        .or_else(|| error["code"].as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("Http{status}"));
+    let message = error["message"]
+        .as_str()
+        .map(|m| m.replace("\r\n", " "))
+        .or_else(|| body["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "no error message in the response".to_owned());
+    (code, message)
+}
+
+impl AzureClient {
+    /// Builds the client and its credential; no request is sent yet.
+    pub fn new(config: AzureConfig) -> Result<AzureClient, AzureError> {
+        let credential = credential_for(config.auth)?;
+        Self::with_credential(config, credential)
+    }
+
+    /// A client with a given credential (tests, embedding).
+    pub fn with_credential(
+        config: AzureConfig,
+        credential: Arc<dyn TokenCredential>,
+    ) -> Result<AzureClient, AzureError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .user_agent(concat!("kmsflow/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| AzureError::Refused(format!("cannot build the HTTP client: {e}")))?;
+        Ok(AzureClient {
+            http,
+            config,
+            credential,
+            tokens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> &AzureConfig {
+        &self.config
+    }
+
+    /// A token for `scope`, cached until five minutes before it expires.
+    async fn token(&self, scope: &'static str) -> Result<Token, AzureError> {
+        let mut tokens = self.tokens.lock().await;
+        let fresh_enough = std::time::SystemTime::now() + Duration::from_secs(300);
+        if let Some(token) = tokens.get(scope).filter(|t| t.expires_at > fresh_enough) {
+            return Ok(token.clone());
+        }
+        let access = self
+            .credential
+            .get_token(&[scope], None)
+            .await
+            .map_err(|e| AzureError::Credential {
+                scope: scope.to_owned(),
+                detail: e.to_string(),
+            })?;
+        let expires_at = std::time::UNIX_EPOCH
+            + Duration::from_secs(access.expires_on.unix_timestamp().max(0) as u64);
+        let token = Token {
+            secret: access.token.secret().to_owned(),
+            expires_at,
+        };
+        tokens.insert(scope, token.clone());
+        Ok(token)
+    }
+
+    /// The caller's object id and principal type, from the ARM token's `oid` and `idtyp`.
+    pub async fn caller(&self) -> Result<Caller, AzureError> {
+        let token = self.token(ARM_SCOPE).await?;
+        let claims = token
+            .secret
+            .split('.')
+            .nth(1)
+            .and_then(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).ok())
+            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            .ok_or_else(|| AzureError::Refused("the ARM token is not a JWT; cannot tell who the caller is".into()))?;
+        let object_id = claims["oid"]
+            .as_str()
+            .ok_or_else(|| AzureError::Refused("the ARM token has no `oid` claim".into()))?
+            .to_owned();
+        let principal_type = match claims["idtyp"].as_str() {
+            Some("app") => "ServicePrincipal",
+            _ if claims.get("scp").is_none() && claims.get("roles").is_some() => "ServicePrincipal",
+            _ => "User",
+        };
+        Ok(Caller {
+            object_id,
+            principal_type: principal_type.to_owned(),
+        })
+    }
+
+    /// An ARM URL from path segments (each percent-encoded on its own, so no value can add a
+    /// segment, a query or a fragment) and an api-version.
+    pub fn arm_url(&self, segments: &[&str], api_version: &str) -> Result<Url, AzureError> {
+        let mut url = self.config.arm_endpoint.clone();
+        push_segments(&mut url, segments)?;
+        url.query_pairs_mut().append_pair("api-version", api_version);
+        Ok(url)
+    }
+
+    /// A Key Vault data-plane URL under the vault's own `vaultUri` (never built from a name).
+    pub fn vault_url(&self, vault_uri: &str, segments: &[&str], api_version: &str) -> Result<Url, AzureError> {
+        let mut url = Url::parse(vault_uri)
+            .map_err(|e| AzureError::Refused(format!("the vault URI `{vault_uri}` is not a URL: {e}")))?;
+        check_scheme(&url)?;
+        push_segments(&mut url, segments)?;
+        url.query_pairs_mut().append_pair("api-version", api_version);
+        Ok(url)
+    }
+
+    /// One request, no retries.
+    async fn send_once(
+        &self,
+        method: &Method,
+        url: &Url,
+        scope: &'static str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> Result<ApiResponse, AzureError> {
+        let token = self.token(scope).await?;
+        let mut request = self
+            .http
+            .request(method.clone(), url.clone())
+            .bearer_auth(&token.secret)
+            .header("x-ms-client-request-id", uuid::Uuid::new_v4().to_string());
+        request = match body {
+            Some(body) => request.json(body),
+            // ARM front ends want an explicit empty body on POSTs without one.
+            None if *method == Method::POST => request.header("content-length", "0"),
+            None => request,
+        };
+        if let Some(etag) = if_match {
+            request = request.header("if-match", etag);
+        }
+        let path = url.path().to_owned();
+        let response = request.send().await.map_err(|e| AzureError::Transport {
+            method: method.to_string(),
+            path: path.clone(),
+            detail: without_url(&e),
+        })?;
+        let status = response.status().as_u16();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let retry_after = header("retry-after")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let correlation_id = header("x-ms-correlation-request-id");
+        let async_operation = header("azure-asyncoperation");
+        let location = header("location");
+        let etag = header("etag");
+        let text = response.text().await.map_err(|e| AzureError::Transport {
+            method: method.to_string(),
+            path: path.clone(),
+            detail: without_url(&e),
+        })?;
+        let body: Value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !(200..300).contains(&status) {
+            let (code, message) = error_code_and_message(&body, status);
+            return Err(AzureError::Api {
+                method: method.to_string(),
+                path,
+                status,
+                code,
+                message,
+                correlation_id,
+                retry_after,
+            });
+        }
+        Ok(ApiResponse {
+            status,
+            body,
+            async_operation,
+            location,
+            retry_after,
+            etag,
+        })
+    }
+
+    /// A request with the client's retries: throttling, 5xx and connection errors a bounded
+    /// number of times; eventual-consistency errors for a bounded time. `Retry-After` is
+    /// always honoured.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &Url,
+        scope: &'static str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> Result<ApiResponse, AzureError> {
+        let bounds = self.config.retry;
+        let started = Instant::now();
+        let mut transient_failures = 0u32;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let error = match self.send_once(&method, url, scope, body, if_match).await {
+                Ok(response) => return Ok(response),
+                Err(error) => error,
+            };
+            let retry = if error.is_transient() {
+                transient_failures += 1;
+                transient_failures < bounds.transient_attempts
+            } else {
+                error.is_eventual() && started.elapsed() < bounds.eventual_budget
+            };
+            if !retry {
+                return Err(error);
+            }
+            let backoff = bounds
+                .initial_backoff
+                .saturating_mul(2u32.saturating_pow(attempt.min(16) - 1))
+                .min(bounds.max_backoff);
+            let jittered = backoff / 2 + backoff.mul_f64(fastrand::f64() / 2.0);
+            let delay = error.retry_after().map_or(jittered, |after| after.max(jittered.min(after)));
+            tracing::debug!(error = %error, delay_ms = delay.as_millis() as u64, "retrying Azure request");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// GET an ARM resource; `None` on 404.
+    pub async fn get(&self, url: &Url) -> Result<Option<ApiResponse>, AzureError> {
+        match self.send(Method::GET, url, ARM_SCOPE, None, None).await {
+            Ok(response) => Ok(Some(response)),
+            Err(AzureError::Api { status: 404, .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// PUT (or PATCH) and follow the long-running operation; returns the resource as it ends.
+    pub async fn write_and_wait(
+        &self,
+        method: Method,
+        url: &Url,
+        body: &Value,
+        if_match: Option<&str>,
+    ) -> Result<Value, AzureError> {
+        let response = self.send(method, url, ARM_SCOPE, Some(body), if_match).await?;
+        self.follow(response, url).await
+    }
+
+    /// Follows a long-running operation: `Azure-AsyncOperation`, else `Location`, else the
+    /// resource's `provisioningState`; then returns the resource.
+    pub async fn follow(&self, response: ApiResponse, resource_url: &Url) -> Result<Value, AzureError> {
+        let deadline = Instant::now() + self.config.retry.operation_timeout;
+        let mut delay = response.retry_after.unwrap_or(Duration::from_secs(1));
+        if let Some(status_url) = &response.async_operation {
+            let status_url = self.trusted(status_url)?;
+            loop {
+                tokio::time::sleep(delay.min(Duration::from_secs(30))).await;
+                let status = self.send(Method::GET, &status_url, ARM_SCOPE, None, None).await?;
+                let state = status.body["status"].as_str().unwrap_or("InProgress").to_owned();
+                match state.as_str() {
+                    "Succeeded" => break,
+                    "Failed" | "Canceled" | "Cancelled" => {
+                        let (code, message) = error_code_and_message(&status.body, 200);
+                        return Err(AzureError::OperationFailed {
+                            path: resource_url.path().to_owned(),
+                            status: state,
+                            code,
+                            message,
+                            correlation_id: None,
+                        });
+                    }
+                    _ if Instant::now() > deadline => {
+                        return Err(AzureError::Timeout {
+                            path: resource_url.path().to_owned(),
+                            state,
+                            waited_s: self.config.retry.operation_timeout.as_secs(),
+                        });
+                    }
+                    _ => delay = status.retry_after.unwrap_or(delay),
+                }
+            }
+        } else if let (Some(location), 201 | 202) = (&response.location, response.status) {
+            let location = self.trusted(location)?;
+            loop {
+                let polled = self.send(Method::GET, &location, ARM_SCOPE, None, None).await?;
+                if polled.status != 202 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(AzureError::Timeout {
+                        path: resource_url.path().to_owned(),
+                        state: "Accepted".into(),
+                        waited_s: self.config.retry.operation_timeout.as_secs(),
+                    });
+                }
+                tokio::time::sleep(polled.retry_after.unwrap_or(delay)).await;
+                delay = polled.retry_after.unwrap_or(delay);
+            }
+        } else if response.status == 202 && response.body.is_null() {
+            return Ok(Value::Null);
+        } else if !is_provisioning(&response.body) {
+            return Ok(response.body);
+        }
+        // Read the resource until its provisioning state is terminal.
+        loop {
+            let Some(current) = self.get(resource_url).await? else {
+                return Ok(Value::Null);
+            };
+            let state = current.body["properties"]["provisioningState"]
+                .as_str()
+                .unwrap_or("Succeeded")
+                .to_owned();
+            match state.as_str() {
+                "Succeeded" => return Ok(current.body),
+                "Failed" | "Canceled" => {
+                    return Err(AzureError::OperationFailed {
+                        path: resource_url.path().to_owned(),
+                        status: state,
+                        code: "ProvisioningFailed".into(),
+                        message: "the resource's provisioningState is not Succeeded".into(),
+                        correlation_id: None,
+                    });
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(AzureError::Timeout {
+                        path: resource_url.path().to_owned(),
+                        state,
+                        waited_s: self.config.retry.operation_timeout.as_secs(),
+                    });
+                }
+                _ => tokio::time::sleep(delay).await,
+            }
+        }
+    }
+
+    /// A status URL from a response, only if it points at the ARM endpoint we talk to: a token
+    /// must never be sent anywhere else.
+    fn trusted(&self, status_url: &str) -> Result<Url, AzureError> {
+        let url = Url::parse(status_url)
+            .map_err(|e| AzureError::Refused(format!("the operation status URL is not a URL: {e}")))?;
+        if url.origin() != self.config.arm_endpoint.origin() {
+            return Err(AzureError::Refused(format!(
+                "refusing to follow an operation status URL on `{}`: it is not the ARM endpoint `{}`",
+                url.origin().ascii_serialization(),
+                self.config.arm_endpoint.origin().ascii_serialization()
+            )));
+        }
+        Ok(url)
+    }
+}
+
+fn is_provisioning(body: &Value) -> bool {
+    body["properties"]["provisioningState"]
+        .as_str()
+        .is_some_and(|s| !matches!(s, "Succeeded" | "Failed" | "Canceled"))
+}
+
+fn push_segments(url: &mut Url, segments: &[&str]) -> Result<(), AzureError> {
+    for segment in segments {
+        if segment.is_empty() || *segment == "." || *segment == ".." {
+            return Err(AzureError::Refused(format!(
+                "refusing a URL path segment `{segment}`: names cannot be empty, `.` or `..`"
+            )));
+        }
+    }
+    let mut path = url
+        .path_segments_mut()
+        .map_err(|_| AzureError::Refused("the endpoint cannot take a path".into()))?;
+    path.pop_if_empty();
+    for segment in segments {
+        path.push(segment);
+    }
+    Ok(())
+}
+
+/// reqwest's errors carry the URL, query included; keep its path only.
+fn without_url(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    if let Some(url) = error.url() {
+        text = text.replace(url.as_str(), url.path());
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_must_be_https_except_on_loopback() {
+        assert!(AzureConfig::new("https://management.azure.com", AuthMode::Cli).is_ok());
+        assert!(AzureConfig::new("http://127.0.0.1:8080", AuthMode::Cli).is_ok());
+        assert!(AzureConfig::new("http://localhost:8080", AuthMode::Cli).is_ok());
+        let refused = AzureConfig::new("http://management.example.com", AuthMode::Cli).unwrap_err();
+        assert!(refused.to_string().contains("must use https"));
+    }
+
+    #[test]
+    fn values_cannot_change_the_url() {
+        let config = AzureConfig::new("https://management.azure.com", AuthMode::Cli).unwrap();
+        let mut url = config.arm_endpoint.clone();
+        push_segments(&mut url, &["subscriptions", "s", "resourceGroups", "rg/../x?y#z"]).unwrap();
+        assert_eq!(url.path(), "/subscriptions/s/resourceGroups/rg%2F..%2Fx%3Fy%23z");
+        assert!(url.query().is_none());
+        assert!(push_segments(&mut url, &[".."]).is_err());
+        assert!(push_segments(&mut url, &[""]).is_err());
+    }
+
+    #[test]
+    fn key_vault_inner_codes_win() {
+        let body = serde_json::json!({"error": {"code": "Forbidden", "message": "no", "innererror": {"code": "ForbiddenByRbac"}}});
+        assert_eq!(error_code_and_message(&body, 403).0, "ForbiddenByRbac");
+        let arm = serde_json::json!({"error": {"code": "PrincipalNotFound", "message": "Principal x"}});
+        assert_eq!(error_code_and_message(&arm, 400), ("PrincipalNotFound".into(), "Principal x".into()));
+    }
+}

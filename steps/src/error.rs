@@ -1,0 +1,130 @@
+//! Errors from Azure, typed, with what a platform engineer needs to act: the HTTP status, the
+//! ARM (or Key Vault) error code and message, and the correlation id to quote to support.
+
+use std::time::Duration;
+
+use kmsflow_engine::kind::StepError;
+
+/// A failed call to ARM or Key Vault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AzureError {
+    /// Azure answered with an error.
+    #[error("{method} {path}: {status} {code}: {message}{}", correlation_suffix(.correlation_id))]
+    Api {
+        method: String,
+        /// The URL path, without query string (never a token or secret).
+        path: String,
+        status: u16,
+        /// The ARM error code, or Key Vault's inner code when it is more specific
+        /// (`ForbiddenByRbac`, `ForbiddenByFirewall`).
+        code: String,
+        message: String,
+        correlation_id: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    /// The request never got an answer (connection refused, reset, timed out).
+    #[error("{method} {path}: {detail}")]
+    Transport {
+        method: String,
+        path: String,
+        detail: String,
+    },
+    /// A long-running operation ended `Failed` or `Canceled`.
+    #[error("{path}: the operation ended {status}: {code}: {message}{}", correlation_suffix(.correlation_id))]
+    OperationFailed {
+        path: String,
+        status: String,
+        code: String,
+        message: String,
+        correlation_id: Option<String>,
+    },
+    /// No token could be had.
+    #[error("cannot get a token for {scope}: {detail}")]
+    Credential { scope: String, detail: String },
+    /// The client refused to send a request (a bad name, an untrusted status URL).
+    #[error("{0}")]
+    Refused(String),
+    /// A long-running operation outlived its deadline.
+    #[error("{path}: still {state} after {waited_s}s")]
+    Timeout {
+        path: String,
+        state: String,
+        waited_s: u64,
+    },
+}
+
+fn correlation_suffix(id: &Option<String>) -> String {
+    id.as_ref()
+        .map(|id| format!(" (correlation id {id})"))
+        .unwrap_or_default()
+}
+
+/// Codes that mean "Azure has not caught up yet": retried, within a bound.
+pub const EVENTUAL_CODES: &[&str] = &[
+    "PrincipalNotFound",
+    "ForbiddenByRbac",
+    "OperationNotAllowed",
+    "PreconditionFailed",
+    "AnotherOperationInProgress",
+    "RetryableErrorDueToAnotherOperation",
+];
+
+impl AzureError {
+    /// The HTTP status, where Azure answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            AzureError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The ARM error code, where Azure answered.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            AzureError::Api { code, .. } | AzureError::OperationFailed { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Throttling, server errors and lost connections: worth retrying soon.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            AzureError::Api { status, .. } => *status == 429 || *status >= 500,
+            AzureError::Transport { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Azure's eventual consistency: a new principal, a fresh role assignment, an operation
+    /// still running. Retried, but within a bound.
+    pub fn is_eventual(&self) -> bool {
+        self.code().is_some_and(|c| EVENTUAL_CODES.contains(&c))
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AzureError::Api { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// As a step error, classified for the engine's retry policy.
+    pub fn into_step_error(self) -> StepError {
+        let retry_after = self.retry_after();
+        let error = if self.is_transient() || self.is_eventual() || matches!(self, AzureError::Timeout { .. }) {
+            StepError::transient(self)
+        } else {
+            StepError::permanent(self)
+        };
+        match retry_after {
+            Some(delay) => error.with_retry_after(delay),
+            None => error,
+        }
+    }
+}
+
+impl From<AzureError> for StepError {
+    fn from(error: AzureError) -> StepError {
+        error.into_step_error()
+    }
+}
