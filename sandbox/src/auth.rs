@@ -73,7 +73,12 @@ impl TokenIssuer {
     }
 
     /// Checks an `Authorization` header value against the audience a surface expects.
-    pub fn check(&self, authorization: Option<&str>, audience: &str, now: i64) -> Result<Value, TokenError> {
+    pub fn check(
+        &self,
+        authorization: Option<&str>,
+        audience: &str,
+        now: i64,
+    ) -> Result<Value, TokenError> {
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer "))
             .ok_or(TokenError::Missing)?;
@@ -127,10 +132,19 @@ mod tests {
             issuer.check(Some(&header), VAULT_AUDIENCE, 1001),
             Err(TokenError::WrongAudience { .. })
         ));
-        assert_eq!(issuer.check(Some(&header), ARM_AUDIENCE, 1000 + 3600), Err(TokenError::Expired));
-        assert_eq!(issuer.check(None, ARM_AUDIENCE, 1001), Err(TokenError::Missing));
+        assert_eq!(
+            issuer.check(Some(&header), ARM_AUDIENCE, 1000 + 3600),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            issuer.check(None, ARM_AUDIENCE, 1001),
+            Err(TokenError::Missing)
+        );
         let forged = issuer_other_token();
-        assert_eq!(issuer.check(Some(&forged), ARM_AUDIENCE, 1001), Err(TokenError::Malformed));
+        assert_eq!(
+            issuer.check(Some(&forged), ARM_AUDIENCE, 1001),
+            Err(TokenError::Malformed)
+        );
     }
 
     fn issuer_other_token() -> String {

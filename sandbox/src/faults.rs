@@ -327,8 +327,14 @@ impl Injector {
                 return (
                     Verdict::Fail {
                         status,
-                        code: if status == 503 { "ServiceUnavailable" } else { "InternalServerError" }.into(),
-                        message: "The server had an error while processing the request (injected).".into(),
+                        code: if status == 503 {
+                            "ServiceUnavailable"
+                        } else {
+                            "InternalServerError"
+                        }
+                        .into(),
+                        message: "The server had an error while processing the request (injected)."
+                            .into(),
                         retry_after_s: None,
                     },
                     quota,
@@ -377,7 +383,10 @@ mod tests {
 
     #[test]
     fn globs() {
-        assert!(glob("*/managedclusters/*", "/subscriptions/s/resourcegroups/rg/providers/microsoft.containerservice/managedclusters/c"));
+        assert!(glob(
+            "*/managedclusters/*",
+            "/subscriptions/s/resourcegroups/rg/providers/microsoft.containerservice/managedclusters/c"
+        ));
         assert!(!glob("*/vaults/*", "/subscriptions/s/resourcegroups/rg"));
         assert!(glob("/exact", "/exact"));
     }
@@ -415,10 +424,22 @@ rules:
             ..Faults::default()
         });
         let path = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/v";
-        assert!(matches!(injector.judge("PUT", path, Some("s"), true).0, Verdict::Fail { status: 409, .. }));
-        assert!(matches!(injector.judge("GET", path, Some("s"), false).0, Verdict::Pass));
-        assert!(matches!(injector.judge("PUT", path, Some("s"), true).0, Verdict::Fail { .. }));
-        assert_eq!(injector.judge("PUT", path, Some("s"), true).0, Verdict::Pass);
+        assert!(matches!(
+            injector.judge("PUT", path, Some("s"), true).0,
+            Verdict::Fail { status: 409, .. }
+        ));
+        assert!(matches!(
+            injector.judge("GET", path, Some("s"), false).0,
+            Verdict::Pass
+        ));
+        assert!(matches!(
+            injector.judge("PUT", path, Some("s"), true).0,
+            Verdict::Fail { .. }
+        ));
+        assert_eq!(
+            injector.judge("PUT", path, Some("s"), true).0,
+            Verdict::Pass
+        );
     }
 
     #[test]

@@ -77,7 +77,10 @@ impl Sandbox {
 
     /// Serves on a listener bound by the caller (so its address is known before the runtime
     /// starts, as `kmsflow run --sandbox` needs).
-    pub fn serve(listener: tokio::net::TcpListener, options: SandboxOptions) -> std::io::Result<Sandbox> {
+    pub fn serve(
+        listener: tokio::net::TcpListener,
+        options: SandboxOptions,
+    ) -> std::io::Result<Sandbox> {
         let address: SocketAddr = listener.local_addr()?;
         let base_url = format!("http://{address}");
         let issuer = TokenIssuer::new(Caller {
@@ -100,7 +103,9 @@ impl Sandbox {
             started: Instant::now(),
             subscription: options.subscription,
         });
-        let router = axum::Router::new().fallback(handle).with_state(shared.clone());
+        let router = axum::Router::new()
+            .fallback(handle)
+            .with_state(shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let _ = axum::serve(listener, router)
@@ -131,8 +136,14 @@ impl Sandbox {
         vec![
             ("AZURE_SUBSCRIPTION_ID".into(), world.subscription.clone()),
             ("AZURE_TENANT_ID".into(), world.tenant.clone()),
-            ("IDENTITY_ENDPOINT".into(), format!("{}/msi/token", self.base_url)),
-            ("IDENTITY_HEADER".into(), self.shared.identity_header.clone()),
+            (
+                "IDENTITY_ENDPOINT".into(),
+                format!("{}/msi/token", self.base_url),
+            ),
+            (
+                "IDENTITY_HEADER".into(),
+                self.shared.identity_header.clone(),
+            ),
         ]
     }
 
@@ -231,14 +242,23 @@ fn to_response(resp: Resp, extra: &[(String, String)]) -> Response {
         None => status.into_response(),
     };
     for (name, value) in resp.headers.iter().chain(extra) {
-        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::from_str(value),
+        ) {
             response.headers_mut().insert(name, value);
         }
     }
     response
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let path = uri.path().to_owned();
     let method = method.as_str().to_owned();
     let write = method != "GET" && method != "HEAD";
@@ -248,7 +268,10 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, hea
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let mut extra = vec![
-        ("x-ms-request-id".to_owned(), uuid::Uuid::new_v4().to_string()),
+        (
+            "x-ms-request-id".to_owned(),
+            uuid::Uuid::new_v4().to_string(),
+        ),
         ("x-ms-correlation-request-id".to_owned(), correlation),
     ];
     let response = if path.starts_with("/_sandbox/") {
@@ -265,7 +288,15 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, hea
                 let resp = if vault {
                     Resp::vault_error(401, "Unauthorized", Some("AKV10000"), error.to_string())
                 } else {
-                    Resp::arm_error(401, if matches!(error, crate::auth::TokenError::Expired) { "ExpiredAuthenticationToken" } else { "InvalidAuthenticationToken" }, error.to_string())
+                    Resp::arm_error(
+                        401,
+                        if matches!(error, crate::auth::TokenError::Expired) {
+                            "ExpiredAuthenticationToken"
+                        } else {
+                            "InvalidAuthenticationToken"
+                        },
+                        error.to_string(),
+                    )
                 };
                 extra.push((
                     "WWW-Authenticate".into(),
@@ -280,17 +311,31 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, hea
                 let (latency, (verdict, quota)) = {
                     let mut injector = shared.injector.lock().expect("injector lock");
                     let latency = injector.latency(write);
-                    (latency, injector.judge(&method, &path, subscription.as_deref(), write))
+                    (
+                        latency,
+                        injector.judge(&method, &path, subscription.as_deref(), write),
+                    )
                 };
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
                 }
                 if !vault {
-                    extra.push(("x-ms-ratelimit-remaining-subscription-reads".into(), quota.reads.unwrap_or(249).to_string()));
-                    extra.push(("x-ms-ratelimit-remaining-subscription-writes".into(), quota.writes.unwrap_or(199).to_string()));
+                    extra.push((
+                        "x-ms-ratelimit-remaining-subscription-reads".into(),
+                        quota.reads.unwrap_or(249).to_string(),
+                    ));
+                    extra.push((
+                        "x-ms-ratelimit-remaining-subscription-writes".into(),
+                        quota.writes.unwrap_or(199).to_string(),
+                    ));
                 }
                 match verdict {
-                    Verdict::Fail { status, code, message, retry_after_s } => {
+                    Verdict::Fail {
+                        status,
+                        code,
+                        message,
+                        retry_after_s,
+                    } => {
                         if let Some(after) = retry_after_s {
                             extra.push(("Retry-After".into(), after.to_string()));
                         }
@@ -301,18 +346,33 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, hea
                         }
                     }
                     Verdict::Pass => {
-                        let parsed: Option<Value> = if body.is_empty() { None } else { serde_json::from_slice(&body).ok() };
-                        if !body.is_empty() && parsed.is_none() {
-                            Resp::arm_error(400, "InvalidRequestContent", "The request content was invalid and could not be deserialized.")
+                        let parsed: Option<Value> = if body.is_empty() {
+                            None
                         } else {
-                            let raw_segments: Vec<String> = path.trim_matches('/').split('/').map(decode).collect();
+                            serde_json::from_slice(&body).ok()
+                        };
+                        if !body.is_empty() && parsed.is_none() {
+                            Resp::arm_error(
+                                400,
+                                "InvalidRequestContent",
+                                "The request content was invalid and could not be deserialized.",
+                            )
+                        } else {
+                            let raw_segments: Vec<String> =
+                                path.trim_matches('/').split('/').map(decode).collect();
                             let req = Req {
                                 method: method.clone(),
                                 path: path.clone(),
-                                segments: raw_segments.iter().map(|s| s.to_ascii_lowercase()).collect(),
+                                segments: raw_segments
+                                    .iter()
+                                    .map(|s| s.to_ascii_lowercase())
+                                    .collect(),
                                 raw_segments,
                                 query: parse_query(uri.query()),
-                                if_match: headers.get("if-match").and_then(|v| v.to_str().ok()).map(str::to_owned),
+                                if_match: headers
+                                    .get("if-match")
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_owned),
                                 body: parsed,
                                 caller: claims["oid"].as_str().unwrap_or_default().to_owned(),
                             };
@@ -344,8 +404,12 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, hea
 
 fn control(shared: &Shared, method: &str, path: &str, body: &Bytes) -> Resp {
     match (method, path) {
-        ("GET", "/_sandbox/world") => Resp::json(200, shared.world.lock().expect("world lock").dump()),
-        ("GET", "/_sandbox/requests") => Resp::json(200, json!(*shared.log.lock().expect("log lock"))),
+        ("GET", "/_sandbox/world") => {
+            Resp::json(200, shared.world.lock().expect("world lock").dump())
+        }
+        ("GET", "/_sandbox/requests") => {
+            Resp::json(200, json!(*shared.log.lock().expect("log lock")))
+        }
         ("POST", "/_sandbox/faults") => match Faults::from_yaml(&String::from_utf8_lossy(body)) {
             Ok(faults) => {
                 let delays = faults.delays;
@@ -355,7 +419,11 @@ fn control(shared: &Shared, method: &str, path: &str, body: &Bytes) -> Resp {
             }
             Err(error) => Resp::arm_error(400, "InvalidFaults", error.to_string()),
         },
-        _ => Resp::arm_error(404, "NotFound", format!("no sandbox control endpoint {method} {path}")),
+        _ => Resp::arm_error(
+            404,
+            "NotFound",
+            format!("no sandbox control endpoint {method} {path}"),
+        ),
     }
 }
 
@@ -363,19 +431,30 @@ fn control(shared: &Shared, method: &str, path: &str, body: &Bytes) -> Resp {
 /// {IDENTITY_ENDPOINT}?api-version=...&resource=...` with the `X-IDENTITY-HEADER` secret.
 fn token(shared: &Shared, uri: &Uri, headers: &HeaderMap) -> Resp {
     let query = parse_query(uri.query());
-    let secret = headers.get("x-identity-header").and_then(|v| v.to_str().ok());
+    let secret = headers
+        .get("x-identity-header")
+        .and_then(|v| v.to_str().ok());
     if secret != Some(shared.identity_header.as_str()) {
-        return Resp::json(401, json!({"statusCode": 401, "message": "The X-IDENTITY-HEADER header is missing or wrong."}));
+        return Resp::json(
+            401,
+            json!({"statusCode": 401, "message": "The X-IDENTITY-HEADER header is missing or wrong."}),
+        );
     }
     let Some(resource) = query.get("resource").filter(|r| !r.is_empty()) else {
-        return Resp::json(400, json!({"statusCode": 400, "message": "The resource query parameter is required."}));
+        return Resp::json(
+            400,
+            json!({"statusCode": 400, "message": "The resource query parameter is required."}),
+        );
     };
     let (access_token, expires_on) = shared.issuer.mint(resource, chrono::Utc::now().timestamp());
-    Resp::json(200, json!({
-        "access_token": access_token,
-        "expires_on": expires_on.to_string(),
-        "resource": resource,
-        "token_type": "Bearer",
-        "client_id": shared.issuer.caller.object_id,
-    }))
+    Resp::json(
+        200,
+        json!({
+            "access_token": access_token,
+            "expires_on": expires_on.to_string(),
+            "resource": resource,
+            "token_type": "Bearer",
+            "client_id": shared.issuer.caller.object_id,
+        }),
+    )
 }

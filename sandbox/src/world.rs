@@ -14,11 +14,23 @@ use crate::faults::Delays;
 
 /// Built-in role definitions the sandbox knows, by GUID.
 pub const ROLES: &[(&str, &str)] = &[
-    ("14b46e9e-c2b7-41b4-b07b-48a6ebf60603", "Key Vault Crypto Officer"),
-    ("12338af0-0e69-4776-bea7-57ae8d297424", "Key Vault Crypto User"),
-    ("f25e0fa2-a7c8-4377-a976-54943a77a395", "Key Vault Contributor"),
+    (
+        "14b46e9e-c2b7-41b4-b07b-48a6ebf60603",
+        "Key Vault Crypto Officer",
+    ),
+    (
+        "12338af0-0e69-4776-bea7-57ae8d297424",
+        "Key Vault Crypto User",
+    ),
+    (
+        "f25e0fa2-a7c8-4377-a976-54943a77a395",
+        "Key Vault Contributor",
+    ),
     ("21090545-7ca7-4776-b22c-e363652d74d2", "Key Vault Reader"),
-    ("8b54135c-b56d-4d72-a534-26097cfdc8d8", "Key Vault Data Access Administrator"),
+    (
+        "8b54135c-b56d-4d72-a534-26097cfdc8d8",
+        "Key Vault Data Access Administrator",
+    ),
     ("b24988ac-6180-42a0-ab88-20f7382dd24c", "Contributor"),
     ("acdd72a7-3385-48ef-bd42-f606fba81ae7", "Reader"),
 ];
@@ -69,11 +81,19 @@ impl Resp {
 
     /// An ARM error envelope.
     pub fn arm_error(status: u16, code: &str, message: impl Into<String>) -> Resp {
-        Resp::json(status, json!({"error": {"code": code, "message": message.into()}}))
+        Resp::json(
+            status,
+            json!({"error": {"code": code, "message": message.into()}}),
+        )
     }
 
     /// A Key Vault data-plane error envelope, with its inner code.
-    pub fn vault_error(status: u16, code: &str, inner: Option<&str>, message: impl Into<String>) -> Resp {
+    pub fn vault_error(
+        status: u16,
+        code: &str,
+        inner: Option<&str>,
+        message: impl Into<String>,
+    ) -> Resp {
         let mut error = json!({"code": code, "message": message.into()});
         if let Some(inner) = inner {
             error["innererror"] = json!({"code": inner});
@@ -181,7 +201,13 @@ fn name_ok(name: &str, min: usize, max: usize, allowed: impl Fn(char) -> bool) -
 }
 
 impl World {
-    pub fn new(base_url: String, subscription: String, tenant: String, caller: String, delays: Delays) -> World {
+    pub fn new(
+        base_url: String,
+        subscription: String,
+        tenant: String,
+        caller: String,
+        delays: Delays,
+    ) -> World {
         World {
             base_url,
             subscription,
@@ -233,7 +259,10 @@ impl World {
     pub fn seed_resource(&mut self, body: Value) {
         let id = body["id"].as_str().unwrap_or_default().to_ascii_lowercase();
         if let Some(principal) = body["properties"]["principalId"].as_str() {
-            self.principals.insert(principal.to_owned(), Instant::now() - Duration::from_secs(3600));
+            self.principals.insert(
+                principal.to_owned(),
+                Instant::now() - Duration::from_secs(3600),
+            );
         }
         self.resources.insert(id, body);
     }
@@ -251,7 +280,11 @@ impl World {
     pub fn seed_feature_registered(&mut self, namespace: &str, feature: &str) {
         let long_ago = Instant::now() - Duration::from_secs(3600);
         self.features.insert(
-            format!("{}/{}", namespace.to_ascii_lowercase(), feature.to_ascii_lowercase()),
+            format!(
+                "{}/{}",
+                namespace.to_ascii_lowercase(),
+                feature.to_ascii_lowercase()
+            ),
             Feature {
                 state: "Registered".into(),
                 registered_at: Some(long_ago),
@@ -270,14 +303,28 @@ impl World {
         let now = Instant::now();
         self.settle(now);
         if req.query.get("api-version").is_none_or(|v| v.is_empty()) {
-            return Resp::arm_error(400, "MissingApiVersionParameter", "The api-version query parameter (?api-version=) is required for all requests.");
+            return Resp::arm_error(
+                400,
+                "MissingApiVersionParameter",
+                "The api-version query parameter (?api-version=) is required for all requests.",
+            );
         }
         let s: Vec<&str> = req.segments.iter().map(String::as_str).collect();
         if s.get(1).copied() != Some(self.subscription.to_ascii_lowercase().as_str()) {
-            return Resp::arm_error(404, "SubscriptionNotFound", format!("The subscription '{}' could not be found.", req.raw_segments.get(1).cloned().unwrap_or_default()));
+            return Resp::arm_error(
+                404,
+                "SubscriptionNotFound",
+                format!(
+                    "The subscription '{}' could not be found.",
+                    req.raw_segments.get(1).cloned().unwrap_or_default()
+                ),
+            );
         }
         // Role assignments can hang under any scope.
-        if let Some(position) = s.windows(2).position(|w| w == ["providers", "microsoft.authorization"]) {
+        if let Some(position) = s
+            .windows(2)
+            .position(|w| w == ["providers", "microsoft.authorization"])
+        {
             if s.get(position + 2) == Some(&"roleassignments") {
                 let scope = format!("/{}", req.raw_segments[..position].join("/"));
                 return match s.get(position + 3) {
@@ -289,32 +336,97 @@ impl World {
         }
         match s.as_slice() {
             ["subscriptions", _, "resourcegroups", _] => self.resource_group(req),
-            ["subscriptions", _, "providers", "microsoft.features", "providers", namespace, "features", feature] => {
-                self.feature(req, namespace, feature, false, now)
+            [
+                "subscriptions",
+                _,
+                "providers",
+                "microsoft.features",
+                "providers",
+                namespace,
+                "features",
+                feature,
+            ] => self.feature(req, namespace, feature, false, now),
+            [
+                "subscriptions",
+                _,
+                "providers",
+                "microsoft.features",
+                "providers",
+                namespace,
+                "features",
+                feature,
+                "register",
+            ] => self.feature(req, namespace, feature, true, now),
+            ["subscriptions", _, "providers", namespace] => {
+                self.provider(req, namespace, false, now)
             }
-            ["subscriptions", _, "providers", "microsoft.features", "providers", namespace, "features", feature, "register"] => {
-                self.feature(req, namespace, feature, true, now)
+            ["subscriptions", _, "providers", namespace, "register"] => {
+                self.provider(req, namespace, true, now)
             }
-            ["subscriptions", _, "providers", namespace] => self.provider(req, namespace, false, now),
-            ["subscriptions", _, "providers", namespace, "register"] => self.provider(req, namespace, true, now),
-            ["subscriptions", _, "providers", "microsoft.containerservice", "locations", _, "operations", operation] => {
-                self.operation_status(req, operation)
-            }
-            ["subscriptions", _, "providers", "microsoft.keyvault", "locations", _, "operationresults", operation] => {
-                self.vault_operation(req, operation)
-            }
-            ["subscriptions", _, "resourcegroups", group, "providers", namespace, kind, _] => {
+            [
+                "subscriptions",
+                _,
+                "providers",
+                "microsoft.containerservice",
+                "locations",
+                _,
+                "operations",
+                operation,
+            ] => self.operation_status(req, operation),
+            [
+                "subscriptions",
+                _,
+                "providers",
+                "microsoft.keyvault",
+                "locations",
+                _,
+                "operationresults",
+                operation,
+            ] => self.vault_operation(req, operation),
+            [
+                "subscriptions",
+                _,
+                "resourcegroups",
+                group,
+                "providers",
+                namespace,
+                kind,
+                _,
+            ] => {
                 if !self.groups.contains_key(*group) {
-                    return Resp::arm_error(404, "ResourceGroupNotFound", format!("Resource group '{}' could not be found.", req.raw_segments[3]));
+                    return Resp::arm_error(
+                        404,
+                        "ResourceGroupNotFound",
+                        format!(
+                            "Resource group '{}' could not be found.",
+                            req.raw_segments[3]
+                        ),
+                    );
                 }
                 match (*namespace, *kind) {
                     ("microsoft.keyvault", "vaults") => self.vault(req),
-                    ("microsoft.managedidentity", "userassignedidentities") => self.identity(req, now),
+                    ("microsoft.managedidentity", "userassignedidentities") => {
+                        self.identity(req, now)
+                    }
                     ("microsoft.containerservice", "managedclusters") => self.cluster(req, now),
-                    _ => Resp::arm_error(400, "NoRegisteredProviderFound", format!("No registered resource provider found for type '{}/{}'.", req.raw_segments[5], req.raw_segments[6])),
+                    _ => Resp::arm_error(
+                        400,
+                        "NoRegisteredProviderFound",
+                        format!(
+                            "No registered resource provider found for type '{}/{}'.",
+                            req.raw_segments[5], req.raw_segments[6]
+                        ),
+                    ),
                 }
             }
-            _ => Resp::arm_error(404, "InvalidResourceType", format!("The resource type could not be found for path '{}'.", req.path)),
+            _ => Resp::arm_error(
+                404,
+                "InvalidResourceType",
+                format!(
+                    "The resource type could not be found for path '{}'.",
+                    req.path
+                ),
+            ),
         }
     }
 
@@ -324,22 +436,49 @@ impl World {
         match req.method.as_str() {
             "GET" => match self.groups.get(&key) {
                 Some(group) => Resp::json(200, group.clone()),
-                None => Resp::arm_error(404, "ResourceGroupNotFound", format!("Resource group '{name}' could not be found.")),
+                None => Resp::arm_error(
+                    404,
+                    "ResourceGroupNotFound",
+                    format!("Resource group '{name}' could not be found."),
+                ),
             },
             "PUT" => {
-                if !name_ok(&name, 1, 90, |c| c.is_alphanumeric() || "-_.()".contains(c)) || name.ends_with('.') {
-                    return Resp::arm_error(400, "InvalidResourceGroup", format!("The provided resource group name '{name}' has these invalid characters or length."));
+                if !name_ok(&name, 1, 90, |c| c.is_alphanumeric() || "-_.()".contains(c))
+                    || name.ends_with('.')
+                {
+                    return Resp::arm_error(
+                        400,
+                        "InvalidResourceGroup",
+                        format!(
+                            "The provided resource group name '{name}' has these invalid characters or length."
+                        ),
+                    );
                 }
                 let Some(location) = req.body.as_ref().and_then(|b| b["location"].as_str()) else {
-                    return Resp::arm_error(400, "LocationRequired", "The location property is required for this definition.");
+                    return Resp::arm_error(
+                        400,
+                        "LocationRequired",
+                        "The location property is required for this definition.",
+                    );
                 };
                 if let Some(existing) = self.groups.get(&key) {
                     if existing["location"].as_str() != Some(location) {
-                        return Resp::arm_error(409, "InvalidResourceGroupLocation", format!("Invalid resource group location '{location}'. The Resource group already exists in location '{}'.", existing["location"].as_str().unwrap_or_default()));
+                        return Resp::arm_error(
+                            409,
+                            "InvalidResourceGroupLocation",
+                            format!(
+                                "Invalid resource group location '{location}'. The Resource group already exists in location '{}'.",
+                                existing["location"].as_str().unwrap_or_default()
+                            ),
+                        );
                     }
                 }
                 let existed = self.groups.contains_key(&key);
-                let stored_name = self.groups.get(&key).and_then(|g| g["name"].as_str().map(str::to_owned)).unwrap_or(name);
+                let stored_name = self
+                    .groups
+                    .get(&key)
+                    .and_then(|g| g["name"].as_str().map(str::to_owned))
+                    .unwrap_or(name);
                 let mut group = json!({
                     "id": format!("/subscriptions/{}/resourceGroups/{stored_name}", self.subscription),
                     "name": stored_name,
@@ -354,7 +493,10 @@ impl World {
             }
             "DELETE" => match self.groups.remove(&key) {
                 Some(_) => {
-                    let prefix = format!("/subscriptions/{}/resourcegroups/{key}/", self.subscription.to_ascii_lowercase());
+                    let prefix = format!(
+                        "/subscriptions/{}/resourcegroups/{key}/",
+                        self.subscription.to_ascii_lowercase()
+                    );
                     self.resources.retain(|id, _| !id.starts_with(&prefix));
                     Resp::empty(200)
                 }
@@ -366,12 +508,24 @@ impl World {
 
     fn feature_state(&self, feature: &Feature, now: Instant) -> String {
         match feature.registered_at {
-            Some(at) if feature.state == "Registering" && now >= at + self.delays.feature_registration => "Registered".into(),
+            Some(at)
+                if feature.state == "Registering"
+                    && now >= at + self.delays.feature_registration =>
+            {
+                "Registered".into()
+            }
             _ => feature.state.clone(),
         }
     }
 
-    fn feature(&mut self, req: &Req, namespace: &str, feature: &str, register: bool, now: Instant) -> Resp {
+    fn feature(
+        &mut self,
+        req: &Req,
+        namespace: &str,
+        feature: &str,
+        register: bool,
+        now: Instant,
+    ) -> Resp {
         let key = format!("{namespace}/{feature}");
         let display = format!("{}/{}", req.raw_segments[5], req.raw_segments[7]);
         if register {
@@ -389,16 +543,19 @@ impl World {
         } else if req.method != "GET" {
             return method_not_allowed(req);
         }
-        let state = self
-            .features
-            .get(&key)
-            .map_or_else(|| "NotRegistered".to_owned(), |f| self.feature_state(f, now));
-        Resp::json(200, json!({
-            "id": format!("/subscriptions/{}/providers/Microsoft.Features/providers/{}/features/{}", self.subscription, req.raw_segments[5], req.raw_segments[7]),
-            "name": display,
-            "type": "Microsoft.Features/providers/features",
-            "properties": {"state": state},
-        }))
+        let state = self.features.get(&key).map_or_else(
+            || "NotRegistered".to_owned(),
+            |f| self.feature_state(f, now),
+        );
+        Resp::json(
+            200,
+            json!({
+                "id": format!("/subscriptions/{}/providers/Microsoft.Features/providers/{}/features/{}", self.subscription, req.raw_segments[5], req.raw_segments[7]),
+                "name": display,
+                "type": "Microsoft.Features/providers/features",
+                "properties": {"state": state},
+            }),
+        )
     }
 
     fn provider(&mut self, req: &Req, namespace: &str, register: bool, now: Instant) -> Resp {
@@ -406,18 +563,30 @@ impl World {
             if req.method != "POST" {
                 return method_not_allowed(req);
             }
-            self.providers.insert(namespace.to_owned(), Provider { registered_at: Some(now) });
+            self.providers.insert(
+                namespace.to_owned(),
+                Provider {
+                    registered_at: Some(now),
+                },
+            );
         } else if req.method != "GET" {
             return method_not_allowed(req);
         }
-        let registered = self.providers.get(namespace).and_then(|p| p.registered_at).is_some();
-        Resp::json(200, json!({
-            "id": format!("/subscriptions/{}/providers/{}", self.subscription, req.raw_segments[3]),
-            "namespace": req.raw_segments[3],
-            "registrationState": if registered { "Registered" } else { "NotRegistered" },
-            "registrationPolicy": "RegistrationRequired",
-            "resourceTypes": [{"resourceType": "managedClusters", "locations": ["East US", "West Europe"], "apiVersions": ["2025-10-02-preview", "2026-01-01"]}],
-        }))
+        let registered = self
+            .providers
+            .get(namespace)
+            .and_then(|p| p.registered_at)
+            .is_some();
+        Resp::json(
+            200,
+            json!({
+                "id": format!("/subscriptions/{}/providers/{}", self.subscription, req.raw_segments[3]),
+                "namespace": req.raw_segments[3],
+                "registrationState": if registered { "Registered" } else { "NotRegistered" },
+                "registrationPolicy": "RegistrationRequired",
+                "resourceTypes": [{"resourceType": "managedClusters", "locations": ["East US", "West Europe"], "apiVersions": ["2025-10-02-preview", "2026-01-01"]}],
+            }),
+        )
     }
 
     /// Whether a preview feature is registered and its provider re-registered since.
@@ -428,8 +597,13 @@ impl World {
         if self.feature_state(f, now) != "Registered" {
             return false;
         }
-        let registered_at = f.registered_at.map(|at| at + self.delays.feature_registration);
-        match (self.providers.get(namespace).and_then(|p| p.registered_at), registered_at) {
+        let registered_at = f
+            .registered_at
+            .map(|at| at + self.delays.feature_registration);
+        match (
+            self.providers.get(namespace).and_then(|p| p.registered_at),
+            registered_at,
+        ) {
             (Some(provider), Some(feature)) => provider >= feature,
             (Some(_), None) => true,
             _ => false,
@@ -446,25 +620,64 @@ impl World {
             },
             "PUT" => {
                 if !name_ok(&name, 3, 24, |c| c.is_ascii_alphanumeric() || c == '-') {
-                    return Resp::arm_error(400, "VaultNameNotValid", format!("The vault name '{name}' is invalid. A vault's name must be between 3-24 alphanumeric characters."));
+                    return Resp::arm_error(
+                        400,
+                        "VaultNameNotValid",
+                        format!(
+                            "The vault name '{name}' is invalid. A vault's name must be between 3-24 alphanumeric characters."
+                        ),
+                    );
                 }
                 let body = req.body.clone().unwrap_or(Value::Null);
                 let Some(location) = body["location"].as_str() else {
-                    return Resp::arm_error(400, "LocationRequired", "The location property is required for this definition.");
+                    return Resp::arm_error(
+                        400,
+                        "LocationRequired",
+                        "The location property is required for this definition.",
+                    );
                 };
-                if body["properties"]["tenantId"].as_str().is_none() || body["properties"]["sku"].is_null() {
-                    return Resp::arm_error(400, "BadRequest", "The properties 'tenantId' and 'sku' are required.");
+                if body["properties"]["tenantId"].as_str().is_none()
+                    || body["properties"]["sku"].is_null()
+                {
+                    return Resp::arm_error(
+                        400,
+                        "BadRequest",
+                        "The properties 'tenantId' and 'sku' are required.",
+                    );
                 }
                 let existing = self.resources.get(&id_key).cloned();
                 if existing.is_none() && self.deleted_vaults.contains(&name.to_ascii_lowercase()) {
-                    return Resp::arm_error(409, "ConflictError", format!("A vault with the same name already exists in deleted state. You need to either recover or purge existing key vault. Vault name: {name}"));
+                    return Resp::arm_error(
+                        409,
+                        "ConflictError",
+                        format!(
+                            "A vault with the same name already exists in deleted state. You need to either recover or purge existing key vault. Vault name: {name}"
+                        ),
+                    );
                 }
-                if existing.is_none() && self.resources.keys().any(|k| k.ends_with(&format!("/providers/microsoft.keyvault/vaults/{}", name.to_ascii_lowercase()))) {
-                    return Resp::arm_error(409, "VaultAlreadyExists", format!("The vault name '{name}' is already in use."));
+                if existing.is_none()
+                    && self.resources.keys().any(|k| {
+                        k.ends_with(&format!(
+                            "/providers/microsoft.keyvault/vaults/{}",
+                            name.to_ascii_lowercase()
+                        ))
+                    })
+                {
+                    return Resp::arm_error(
+                        409,
+                        "VaultAlreadyExists",
+                        format!("The vault name '{name}' is already in use."),
+                    );
                 }
                 if let Some(existing) = &existing {
-                    if existing["properties"]["enablePurgeProtection"] == true && body["properties"]["enablePurgeProtection"] == false {
-                        return Resp::arm_error(400, "BadRequest", "Purge protection cannot be disabled once enabled.");
+                    if existing["properties"]["enablePurgeProtection"] == true
+                        && body["properties"]["enablePurgeProtection"] == false
+                    {
+                        return Resp::arm_error(
+                            400,
+                            "BadRequest",
+                            "Purge protection cannot be disabled once enabled.",
+                        );
                     }
                 }
                 let mut properties = body["properties"].clone();
@@ -481,9 +694,16 @@ impl World {
                         properties[key] = value.clone();
                     }
                 }
-                properties["vaultUri"] = json!(format!("{}/_kv/{}", self.base_url, name.to_ascii_lowercase()));
+                properties["vaultUri"] = json!(format!(
+                    "{}/_kv/{}",
+                    self.base_url,
+                    name.to_ascii_lowercase()
+                ));
                 properties["provisioningState"] = json!("Succeeded");
-                let stored_id = existing.as_ref().and_then(|e| e["id"].as_str().map(str::to_owned)).unwrap_or_else(|| req.path.trim_end_matches('/').to_owned());
+                let stored_id = existing
+                    .as_ref()
+                    .and_then(|e| e["id"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| req.path.trim_end_matches('/').to_owned());
                 let vault = json!({
                     "id": stored_id,
                     "name": name,
@@ -499,15 +719,18 @@ impl World {
                 } else {
                     // Vault creation is long-running: 201 with a status URL to follow.
                     let operation = uuid();
-                    self.operations.insert(operation.clone(), Operation {
-                        cluster: String::new(),
-                        started: Instant::now(),
-                        done_at: Instant::now(),
-                        failure: None,
-                        result: vault.clone(),
-                        previous: None,
-                        finished: true,
-                    });
+                    self.operations.insert(
+                        operation.clone(),
+                        Operation {
+                            cluster: String::new(),
+                            started: Instant::now(),
+                            done_at: Instant::now(),
+                            failure: None,
+                            result: vault.clone(),
+                            previous: None,
+                            finished: true,
+                        },
+                    );
                     Resp::json(201, vault)
                         .header("Location", format!("{}/subscriptions/{}/providers/Microsoft.KeyVault/locations/{location}/operationResults/{operation}?api-version={}", self.base_url, self.subscription, req.query["api-version"]))
                         .header("Retry-After", "1")
@@ -518,11 +741,20 @@ impl World {
                     return not_found("Microsoft.KeyVault/vaults", &name, &req.raw_segments[3]);
                 };
                 let patch = req.body.clone().unwrap_or(Value::Null);
-                if vault["properties"]["enablePurgeProtection"] == true && patch["properties"]["enablePurgeProtection"] == false {
-                    return Resp::arm_error(400, "BadRequest", "Purge protection cannot be disabled once enabled.");
+                if vault["properties"]["enablePurgeProtection"] == true
+                    && patch["properties"]["enablePurgeProtection"] == false
+                {
+                    return Resp::arm_error(
+                        400,
+                        "BadRequest",
+                        "Purge protection cannot be disabled once enabled.",
+                    );
                 }
                 // Arrays (ipRules, virtualNetworkRules) are replaced when given, kept when not.
-                deep_merge(vault, &json!({"properties": patch["properties"], "tags": patch.get("tags").cloned().unwrap_or_else(|| vault["tags"].clone())}));
+                deep_merge(
+                    vault,
+                    &json!({"properties": patch["properties"], "tags": patch.get("tags").cloned().unwrap_or_else(|| vault["tags"].clone())}),
+                );
                 Resp::json(200, vault.clone())
             }
             "DELETE" => match self.resources.remove(&id_key) {
@@ -530,7 +762,8 @@ impl World {
                     let lower = name.to_ascii_lowercase();
                     self.deleted_vaults.insert(lower.clone());
                     self.keys.retain(|(vault, _), _| *vault != lower);
-                    self.rotation_policies.retain(|(vault, _), _| *vault != lower);
+                    self.rotation_policies
+                        .retain(|(vault, _), _| *vault != lower);
                     Resp::empty(200)
                 }
                 None => Resp::empty(204),
@@ -543,7 +776,11 @@ impl World {
         match self.operations.get(operation) {
             Some(op) if req.method == "GET" => Resp::json(200, op.result.clone()),
             Some(_) => method_not_allowed(req),
-            None => Resp::arm_error(404, "OperationNotFound", format!("Operation '{operation}' was not found.")),
+            None => Resp::arm_error(
+                404,
+                "OperationNotFound",
+                format!("Operation '{operation}' was not found."),
+            ),
         }
     }
 
@@ -553,23 +790,50 @@ impl World {
         match req.method.as_str() {
             "GET" => match self.resources.get(&id_key) {
                 Some(identity) => Resp::json(200, identity.clone()),
-                None => not_found("Microsoft.ManagedIdentity/userAssignedIdentities", &name, &req.raw_segments[3]),
+                None => not_found(
+                    "Microsoft.ManagedIdentity/userAssignedIdentities",
+                    &name,
+                    &req.raw_segments[3],
+                ),
             },
             "PUT" => {
-                if !name_ok(&name, 3, 128, |c| c.is_ascii_alphanumeric() || c == '-' || c == '_') || name.starts_with(['-', '_']) {
-                    return Resp::arm_error(400, "InvalidResourceName", format!("Resource name '{name}' is invalid."));
+                if !name_ok(&name, 3, 128, |c| {
+                    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+                }) || name.starts_with(['-', '_'])
+                {
+                    return Resp::arm_error(
+                        400,
+                        "InvalidResourceName",
+                        format!("Resource name '{name}' is invalid."),
+                    );
                 }
                 let body = req.body.clone().unwrap_or(Value::Null);
                 let Some(location) = body["location"].as_str() else {
-                    return Resp::arm_error(400, "LocationRequired", "The location property is required for this definition.");
+                    return Resp::arm_error(
+                        400,
+                        "LocationRequired",
+                        "The location property is required for this definition.",
+                    );
                 };
                 let existing = self.resources.get(&id_key).cloned();
                 let (principal, client) = match &existing {
-                    Some(e) => (e["properties"]["principalId"].as_str().unwrap_or_default().to_owned(), e["properties"]["clientId"].as_str().unwrap_or_default().to_owned()),
+                    Some(e) => (
+                        e["properties"]["principalId"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                        e["properties"]["clientId"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    ),
                     None => (uuid(), uuid()),
                 };
                 // ARM returns ids of identities with a lowercase `resourcegroups`.
-                let id = format!("/subscriptions/{}/resourcegroups/{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}", self.subscription, req.raw_segments[3]);
+                let id = format!(
+                    "/subscriptions/{}/resourcegroups/{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}",
+                    self.subscription, req.raw_segments[3]
+                );
                 let identity = json!({
                     "id": existing.as_ref().and_then(|e| e["id"].as_str().map(str::to_owned)).unwrap_or(id),
                     "location": location,
@@ -601,14 +865,22 @@ impl World {
     }
 
     fn role_assignment(&mut self, scope: &str, req: &Req, now: Instant) -> Resp {
-        let position = req.segments.iter().rposition(|s| s == "roleassignments").expect("routed here");
+        let position = req
+            .segments
+            .iter()
+            .rposition(|s| s == "roleassignments")
+            .expect("routed here");
         let name = req.raw_segments[position + 1].clone();
         let id = format!("{scope}/providers/Microsoft.Authorization/roleAssignments/{name}");
         let key = id.to_ascii_lowercase();
         match req.method.as_str() {
             "GET" => match self.assignments.get(&key) {
                 Some(a) => Resp::json(200, a.body.clone()),
-                None => Resp::arm_error(404, "RoleAssignmentNotFound", format!("The role assignment '{name}' is not found.")),
+                None => Resp::arm_error(
+                    404,
+                    "RoleAssignmentNotFound",
+                    format!("The role assignment '{name}' is not found."),
+                ),
             },
             "DELETE" => match self.assignments.remove(&key) {
                 Some(a) => Resp::json(200, a.body),
@@ -616,32 +888,80 @@ impl World {
             },
             "PUT" => {
                 if uuid::Uuid::parse_str(&name).is_err() {
-                    return Resp::arm_error(400, "InvalidRoleAssignmentId", format!("The role assignment ID '{name}' is not valid. The role assignment ID must be a GUID."));
+                    return Resp::arm_error(
+                        400,
+                        "InvalidRoleAssignmentId",
+                        format!(
+                            "The role assignment ID '{name}' is not valid. The role assignment ID must be a GUID."
+                        ),
+                    );
                 }
                 let body = req.body.clone().unwrap_or(Value::Null);
                 let properties = &body["properties"];
-                let (Some(role_definition), Some(principal)) = (properties["roleDefinitionId"].as_str(), properties["principalId"].as_str()) else {
-                    return Resp::arm_error(400, "InvalidRequest", "roleDefinitionId and principalId are required.");
+                let (Some(role_definition), Some(principal)) = (
+                    properties["roleDefinitionId"].as_str(),
+                    properties["principalId"].as_str(),
+                ) else {
+                    return Resp::arm_error(
+                        400,
+                        "InvalidRequest",
+                        "roleDefinitionId and principalId are required.",
+                    );
                 };
-                let role = role_definition.rsplit('/').next().unwrap_or_default().to_ascii_lowercase();
+                let role = role_definition
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_ascii_lowercase();
                 if !ROLES.iter().any(|(guid, _)| *guid == role) {
-                    return Resp::arm_error(400, "RoleDefinitionDoesNotExist", format!("The specified role definition with ID '{role}' does not exist."));
+                    return Resp::arm_error(
+                        400,
+                        "RoleDefinitionDoesNotExist",
+                        format!("The specified role definition with ID '{role}' does not exist."),
+                    );
                 }
-                if scope.to_ascii_lowercase().contains("/providers/microsoft.keyvault/vaults/") && !self.resources.contains_key(&scope.to_ascii_lowercase()) {
-                    return Resp::arm_error(404, "ResourceNotFound", format!("The scope '{scope}' does not exist."));
+                if scope
+                    .to_ascii_lowercase()
+                    .contains("/providers/microsoft.keyvault/vaults/")
+                    && !self.resources.contains_key(&scope.to_ascii_lowercase())
+                {
+                    return Resp::arm_error(
+                        404,
+                        "ResourceNotFound",
+                        format!("The scope '{scope}' does not exist."),
+                    );
                 }
                 if !self.principal_known(principal, now) {
-                    return Resp::arm_error(400, "PrincipalNotFound", format!("Principal {principal} does not exist in the directory {}. Check that you have the correct principal ID. If you are creating this principal and then immediately assigning a role, this error might be related to a replication delay. In this case, set the role assignment principalType property to a value, such as ServicePrincipal, User, or Group.  See https://aka.ms/docs-principaltype", self.tenant));
+                    return Resp::arm_error(
+                        400,
+                        "PrincipalNotFound",
+                        format!(
+                            "Principal {principal} does not exist in the directory {}. Check that you have the correct principal ID. If you are creating this principal and then immediately assigning a role, this error might be related to a replication delay. In this case, set the role assignment principalType property to a value, such as ServicePrincipal, User, or Group.  See https://aka.ms/docs-principaltype",
+                            self.tenant
+                        ),
+                    );
                 }
                 let scope_key = scope.to_ascii_lowercase();
                 if let Some(existing) = self.assignments.get(&key) {
                     if existing.principal == principal && existing.role == role {
                         return Resp::json(200, existing.body.clone());
                     }
-                    return Resp::arm_error(409, "RoleAssignmentUpdateNotPermitted", "Tenant ID, application ID, principal ID, and scope are not allowed to be updated.");
+                    return Resp::arm_error(
+                        409,
+                        "RoleAssignmentUpdateNotPermitted",
+                        "Tenant ID, application ID, principal ID, and scope are not allowed to be updated.",
+                    );
                 }
-                if self.assignments.values().any(|a| a.scope == scope_key && a.principal == principal && a.role == role) {
-                    return Resp::arm_error(409, "RoleAssignmentExists", "The role assignment already exists.");
+                if self
+                    .assignments
+                    .values()
+                    .any(|a| a.scope == scope_key && a.principal == principal && a.role == role)
+                {
+                    return Resp::arm_error(
+                        409,
+                        "RoleAssignmentExists",
+                        "The role assignment already exists.",
+                    );
                 }
                 let stored = json!({
                     "properties": {
@@ -654,13 +974,16 @@ impl World {
                     "type": "Microsoft.Authorization/roleAssignments",
                     "name": name,
                 });
-                self.assignments.insert(key, Assignment {
-                    body: stored.clone(),
-                    scope: scope_key,
-                    principal: principal.to_owned(),
-                    role,
-                    created: now,
-                });
+                self.assignments.insert(
+                    key,
+                    Assignment {
+                        body: stored.clone(),
+                        scope: scope_key,
+                        principal: principal.to_owned(),
+                        role,
+                        created: now,
+                    },
+                );
                 Resp::json(201, stored)
             }
             _ => method_not_allowed(req),
@@ -685,7 +1008,13 @@ impl World {
 
     /// Whether `principal` holds one of `roles` on the vault (or a scope above it), and the
     /// assignment has propagated.
-    fn holds_role(&self, principal: &str, vault_id: &str, roles: &[&str], now: Instant) -> Result<(), bool> {
+    fn holds_role(
+        &self,
+        principal: &str,
+        vault_id: &str,
+        roles: &[&str],
+        now: Instant,
+    ) -> Result<(), bool> {
         let vault_key = vault_id.to_ascii_lowercase();
         let mut pending = false;
         for a in self.assignments.values() {
@@ -701,8 +1030,14 @@ impl World {
     }
 
     fn find_vault(&self, name: &str) -> Option<&Value> {
-        let suffix = format!("/providers/microsoft.keyvault/vaults/{}", name.to_ascii_lowercase());
-        self.resources.iter().find(|(k, _)| k.ends_with(&suffix)).map(|(_, v)| v)
+        let suffix = format!(
+            "/providers/microsoft.keyvault/vaults/{}",
+            name.to_ascii_lowercase()
+        );
+        self.resources
+            .iter()
+            .find(|(k, _)| k.ends_with(&suffix))
+            .map(|(_, v)| v)
     }
 
     /// Handles a Key Vault data-plane request: `/_kv/{vault}/keys/...`.
@@ -715,55 +1050,119 @@ impl World {
         let Some(vault) = self.find_vault(&vault_name).cloned() else {
             // The vault's host does not resolve: what a client sees is a connection error, but
             // on loopback the nearest honest answer is 404.
-            return Resp::vault_error(404, "VaultNotFound", None, format!("The vault '{vault_name}' does not exist."));
+            return Resp::vault_error(
+                404,
+                "VaultNotFound",
+                None,
+                format!("The vault '{vault_name}' does not exist."),
+            );
         };
         let acls = &vault["properties"]["networkAcls"];
         let public_disabled = vault["properties"]["publicNetworkAccess"] == "Disabled";
-        if public_disabled || (acls["defaultAction"] == "Deny" && !acls["ipRules"].as_array().is_some_and(|r| r.iter().any(|ip| ip["value"].as_str().is_some_and(|v| v.starts_with("127.0.0.1"))))) {
+        if public_disabled
+            || (acls["defaultAction"] == "Deny"
+                && !acls["ipRules"].as_array().is_some_and(|r| {
+                    r.iter().any(|ip| {
+                        ip["value"]
+                            .as_str()
+                            .is_some_and(|v| v.starts_with("127.0.0.1"))
+                    })
+                }))
+        {
             return Resp::vault_error(403, "Forbidden", Some("ForbiddenByFirewall"), "Client address is not authorized and caller is not a trusted service.\r\nClient address: 127.0.0.1\r\nCaller: appid=sandbox;oid=".to_owned() + caller);
         }
         if vault["properties"]["enableRbacAuthorization"] != true {
-            return Resp::vault_error(403, "Forbidden", Some("AccessDenied"), "The user, group or application does not have keys permissions on key vault; the vault uses access policies, and kmsflow expects RBAC authorization.");
+            return Resp::vault_error(
+                403,
+                "Forbidden",
+                Some("AccessDenied"),
+                "The user, group or application does not have keys permissions on key vault; the vault uses access policies, and kmsflow expects RBAC authorization.",
+            );
         }
         let s: Vec<&str> = req.segments.iter().map(String::as_str).collect();
         let write = req.method != "GET";
-        let roles: &[&str] = if write { &[CRYPTO_OFFICER] } else { &[CRYPTO_OFFICER, CRYPTO_USER] };
+        let roles: &[&str] = if write {
+            &[CRYPTO_OFFICER]
+        } else {
+            &[CRYPTO_OFFICER, CRYPTO_USER]
+        };
         let vault_id = vault["id"].as_str().unwrap_or_default().to_owned();
         if let Err(pending) = self.holds_role(caller, &vault_id, roles, now) {
-            let detail = if pending { " If role assignments, deny assignments or role definitions were changed recently, please observe propagation time." } else { "" };
-            return Resp::vault_error(403, "Forbidden", Some("ForbiddenByRbac"), format!("Caller is not authorized to perform action on resource.{detail}\r\nCaller: oid={caller}\r\nAction: 'Microsoft.KeyVault/vaults/keys/{}'\r\nResource: '{}'\r\nDecisionReason: 'DeniedWithNoValidRBAC'", if write { "create/action" } else { "read" }, vault_id.to_ascii_lowercase()));
+            let detail = if pending {
+                " If role assignments, deny assignments or role definitions were changed recently, please observe propagation time."
+            } else {
+                ""
+            };
+            return Resp::vault_error(
+                403,
+                "Forbidden",
+                Some("ForbiddenByRbac"),
+                format!(
+                    "Caller is not authorized to perform action on resource.{detail}\r\nCaller: oid={caller}\r\nAction: 'Microsoft.KeyVault/vaults/keys/{}'\r\nResource: '{}'\r\nDecisionReason: 'DeniedWithNoValidRBAC'",
+                    if write { "create/action" } else { "read" },
+                    vault_id.to_ascii_lowercase()
+                ),
+            );
         }
-        let vault_uri = vault["properties"]["vaultUri"].as_str().unwrap_or_default().to_owned();
+        let vault_uri = vault["properties"]["vaultUri"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         match (req.method.as_str(), &s[2..]) {
             ("POST", ["keys", key, "create"]) => {
                 if !name_ok(key, 1, 127, |c| c.is_ascii_alphanumeric() || c == '-') {
-                    return Resp::vault_error(400, "BadParameter", None, format!("The key name '{key}' is invalid."));
+                    return Resp::vault_error(
+                        400,
+                        "BadParameter",
+                        None,
+                        format!("The key name '{key}' is invalid."),
+                    );
                 }
                 let body = req.body.clone().unwrap_or(Value::Null);
                 let kty = body["kty"].as_str().unwrap_or_default();
                 if !["RSA", "RSA-HSM", "EC", "EC-HSM"].contains(&kty) {
-                    return Resp::vault_error(400, "BadParameter", None, "The key type (kty) is missing or not supported.");
+                    return Resp::vault_error(
+                        400,
+                        "BadParameter",
+                        None,
+                        "The key type (kty) is missing or not supported.",
+                    );
                 }
-                let bundle = self.new_key_version(&vault_uri, &vault_name, &req.raw_segments[3], &body);
+                let bundle =
+                    self.new_key_version(&vault_uri, &vault_name, &req.raw_segments[3], &body);
                 Resp::json(200, bundle)
             }
             ("POST", ["keys", key, "rotate"]) => {
-                let Some(latest) = self.keys.get(&(vault_name.clone(), key.to_string())).and_then(|v| v.last()).cloned() else {
+                let Some(latest) = self
+                    .keys
+                    .get(&(vault_name.clone(), key.to_string()))
+                    .and_then(|v| v.last())
+                    .cloned()
+                else {
                     return key_not_found(key);
                 };
                 let template = json!({"kty": latest.body["key"]["kty"], "key_ops": latest.body["key"]["key_ops"], "tags": latest.body["tags"]});
-                let bundle = self.new_key_version(&vault_uri, &vault_name, &req.raw_segments[3], &template);
+                let bundle =
+                    self.new_key_version(&vault_uri, &vault_name, &req.raw_segments[3], &template);
                 Resp::json(200, bundle)
             }
-            ("GET", ["keys", key, "versions"]) => match self.keys.get(&(vault_name.clone(), key.to_string())) {
-                Some(versions) => Resp::json(200, json!({
-                    "value": versions.iter().map(|v| json!({"kid": v.body["key"]["kid"], "attributes": v.body["attributes"], "tags": v.body["tags"]})).collect::<Vec<_>>(),
-                    "nextLink": null,
-                })),
-                None => key_not_found(key),
-            },
+            ("GET", ["keys", key, "versions"]) => {
+                match self.keys.get(&(vault_name.clone(), key.to_string())) {
+                    Some(versions) => Resp::json(
+                        200,
+                        json!({
+                            "value": versions.iter().map(|v| json!({"kid": v.body["key"]["kid"], "attributes": v.body["attributes"], "tags": v.body["tags"]})).collect::<Vec<_>>(),
+                            "nextLink": null,
+                        }),
+                    ),
+                    None => key_not_found(key),
+                }
+            }
             ("PUT", ["keys", key, "rotationpolicy"]) => {
-                if !self.keys.contains_key(&(vault_name.clone(), key.to_string())) {
+                if !self
+                    .keys
+                    .contains_key(&(vault_name.clone(), key.to_string()))
+                {
                     return key_not_found(key);
                 }
                 let body = req.body.clone().unwrap_or(json!({}));
@@ -773,36 +1172,82 @@ impl World {
                     "lifetimeActions": body.get("lifetimeActions").cloned().unwrap_or(json!([])),
                     "attributes": {"expiryTime": body["attributes"]["expiryTime"], "created": unix, "updated": unix},
                 });
-                self.rotation_policies.insert((vault_name, key.to_string()), policy.clone());
+                self.rotation_policies
+                    .insert((vault_name, key.to_string()), policy.clone());
                 Resp::json(200, policy)
             }
             ("GET", ["keys", key, "rotationpolicy"]) => {
-                if !self.keys.contains_key(&(vault_name.clone(), key.to_string())) {
+                if !self
+                    .keys
+                    .contains_key(&(vault_name.clone(), key.to_string()))
+                {
                     return key_not_found(key);
                 }
                 match self.rotation_policies.get(&(vault_name, key.to_string())) {
                     Some(policy) => Resp::json(200, policy.clone()),
                     // A key without a policy answers with the service's default: notify only.
-                    None => Resp::json(200, json!({
-                        "id": format!("{vault_uri}/keys/{}/rotationpolicy", req.raw_segments[3]),
-                        "lifetimeActions": [{"trigger": {"timeBeforeExpiry": "P30D"}, "action": {"type": "Notify"}}],
-                        "attributes": {},
-                    })),
+                    None => Resp::json(
+                        200,
+                        json!({
+                            "id": format!("{vault_uri}/keys/{}/rotationpolicy", req.raw_segments[3]),
+                            "lifetimeActions": [{"trigger": {"timeBeforeExpiry": "P30D"}, "action": {"type": "Notify"}}],
+                            "attributes": {},
+                        }),
+                    ),
                 }
             }
-            ("GET", ["keys", key]) => match self.keys.get(&(vault_name, key.to_string())).and_then(|v| v.last()) {
+            ("DELETE", ["keys", key]) => {
+                match self.keys.remove(&(vault_name.clone(), key.to_string())) {
+                    Some(versions) => {
+                        self.rotation_policies
+                            .remove(&(vault_name, key.to_string()));
+                        let latest = versions
+                            .last()
+                            .map(|v| v.body.clone())
+                            .unwrap_or(Value::Null);
+                        Resp::json(
+                            200,
+                            json!({"recoveryId": format!("{vault_uri}/deletedkeys/{}", req.raw_segments[3]), "key": latest["key"], "attributes": latest["attributes"]}),
+                        )
+                    }
+                    None => key_not_found(key),
+                }
+            }
+            ("GET", ["keys", key]) => match self
+                .keys
+                .get(&(vault_name, key.to_string()))
+                .and_then(|v| v.last())
+            {
                 Some(latest) => Resp::json(200, latest.body.clone()),
                 None => key_not_found(key),
             },
-            ("GET", ["keys", key, version]) => match self.keys.get(&(vault_name, key.to_string())).and_then(|v| v.iter().find(|k| k.version == *version)) {
+            ("GET", ["keys", key, version]) => match self
+                .keys
+                .get(&(vault_name, key.to_string()))
+                .and_then(|v| v.iter().find(|k| k.version == *version))
+            {
                 Some(found) => Resp::json(200, found.body.clone()),
                 None => key_not_found(key),
             },
-            _ => Resp::vault_error(400, "BadParameter", None, format!("{} {} is not an operation the sandbox's Key Vault serves.", req.method, req.path)),
+            _ => Resp::vault_error(
+                400,
+                "BadParameter",
+                None,
+                format!(
+                    "{} {} is not an operation the sandbox's Key Vault serves.",
+                    req.method, req.path
+                ),
+            ),
         }
     }
 
-    fn new_key_version(&mut self, vault_uri: &str, vault: &str, key_name: &str, request: &Value) -> Value {
+    fn new_key_version(
+        &mut self,
+        vault_uri: &str,
+        vault: &str,
+        key_name: &str,
+        request: &Value,
+    ) -> Value {
         let version = uuid::Uuid::new_v4().simple().to_string();
         let unix = unix_now();
         let mut attributes = json!({"enabled": true, "created": unix, "updated": unix, "recoveryLevel": "Recoverable+Purgeable", "recoverableDays": 90});
@@ -826,7 +1271,10 @@ impl World {
         self.keys
             .entry((vault.to_owned(), key_name.to_ascii_lowercase()))
             .or_default()
-            .push(KeyVersion { version, body: bundle.clone() });
+            .push(KeyVersion {
+                version,
+                body: bundle.clone(),
+            });
         bundle
     }
 
@@ -860,18 +1308,24 @@ impl World {
 
     fn operation_status(&mut self, req: &Req, operation: &str) -> Resp {
         let Some(op) = self.operations.get(operation) else {
-            return Resp::arm_error(404, "OperationNotFound", format!("Operation '{operation}' was not found."));
+            return Resp::arm_error(
+                404,
+                "OperationNotFound",
+                format!("Operation '{operation}' was not found."),
+            );
         };
         if req.method != "GET" {
             return method_not_allowed(req);
         }
-        let start = chrono::Utc::now() - chrono::Duration::from_std(Instant::now() - op.started).unwrap_or_default();
+        let start = chrono::Utc::now()
+            - chrono::Duration::from_std(Instant::now() - op.started).unwrap_or_default();
         let mut status = json!({"name": operation, "startTime": start.to_rfc3339()});
         match (&op.failure, op.finished) {
             (_, false) => {
                 status["status"] = json!("InProgress");
                 let total = (op.done_at - op.started).as_secs_f64().max(0.001);
-                status["percentComplete"] = json!(((Instant::now() - op.started).as_secs_f64() / total * 100.0).min(99.0));
+                status["percentComplete"] =
+                    json!(((Instant::now() - op.started).as_secs_f64() / total * 100.0).min(99.0));
             }
             (None, true) => {
                 status["status"] = json!("Succeeded");
@@ -888,11 +1342,18 @@ impl World {
     fn cluster(&mut self, req: &Req, now: Instant) -> Resp {
         let name = req.raw_segments[7].clone();
         let id_key = req.path.trim_end_matches('/').to_ascii_lowercase();
-        let running = self.operations.values().any(|op| op.cluster == id_key && !op.finished);
+        let running = self
+            .operations
+            .values()
+            .any(|op| op.cluster == id_key && !op.finished);
         match req.method.as_str() {
             "GET" => match self.resources.get(&id_key) {
                 Some(cluster) => Resp::json(200, cluster.clone()),
-                None => not_found("Microsoft.ContainerService/managedClusters", &name, &req.raw_segments[3]),
+                None => not_found(
+                    "Microsoft.ContainerService/managedClusters",
+                    &name,
+                    &req.raw_segments[3],
+                ),
             },
             "DELETE" => {
                 if running {
@@ -904,11 +1365,22 @@ impl World {
                 }
             }
             "PUT" => {
-                let valid_name = name_ok(&name, 1, 63, |c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                    && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-                    && name.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
+                let valid_name = name_ok(&name, 1, 63, |c| {
+                    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+                }) && name
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphanumeric())
+                    && name
+                        .chars()
+                        .last()
+                        .is_some_and(|c| c.is_ascii_alphanumeric());
                 if !valid_name {
-                    return Resp::arm_error(400, "InvalidResourceName", format!("Resource name '{name}' is invalid."));
+                    return Resp::arm_error(
+                        400,
+                        "InvalidResourceName",
+                        format!("Resource name '{name}' is invalid."),
+                    );
                 }
                 if running {
                     return operation_not_allowed();
@@ -917,59 +1389,122 @@ impl World {
                 if let (Some(if_match), Some(existing)) = (&req.if_match, &existing) {
                     let etag = existing["eTag"].as_str().unwrap_or_default();
                     if if_match.trim_matches('"') != etag.trim_matches('"') && if_match != "*" {
-                        return Resp::arm_error(412, "PreconditionFailed", format!("Operation failed: the If-Match header '{if_match}' does not match the current ETag '{etag}'."));
+                        return Resp::arm_error(
+                            412,
+                            "PreconditionFailed",
+                            format!(
+                                "Operation failed: the If-Match header '{if_match}' does not match the current ETag '{etag}'."
+                            ),
+                        );
                     }
                 }
                 let body = req.body.clone().unwrap_or(Value::Null);
                 let Some(location) = body["location"].as_str() else {
-                    return Resp::arm_error(400, "LocationRequired", "The location property is required for this definition.");
+                    return Resp::arm_error(
+                        400,
+                        "LocationRequired",
+                        "The location property is required for this definition.",
+                    );
                 };
-                let version = body["properties"]["kubernetesVersion"].as_str().unwrap_or_default().to_owned();
-                let current = existing.as_ref().and_then(|e| e["properties"]["currentKubernetesVersion"].as_str().map(str::to_owned));
-                let effective_version = if version.is_empty() { current.clone().unwrap_or_default() } else { version.clone() };
+                let version = body["properties"]["kubernetesVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let current = existing.as_ref().and_then(|e| {
+                    e["properties"]["currentKubernetesVersion"]
+                        .as_str()
+                        .map(str::to_owned)
+                });
+                let effective_version = if version.is_empty() {
+                    current.clone().unwrap_or_default()
+                } else {
+                    version.clone()
+                };
                 let security = &body["properties"]["securityProfile"];
                 let infrastructure = security["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"].as_str();
                 let kms = &security["azureKeyVaultKms"];
-                let was_enabled = existing.as_ref().is_some_and(|e| e["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"] == "Enabled");
+                let was_enabled = existing.as_ref().is_some_and(|e| {
+                    e["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]
+                        ["infrastructureEncryption"]
+                        == "Enabled"
+                });
                 if was_enabled && infrastructure != Some("Enabled") {
-                    return Resp::arm_error(400, "BadRequest", "KMS infrastructure encryption cannot be disabled once it is enabled (no downgrade).");
+                    return Resp::arm_error(
+                        400,
+                        "BadRequest",
+                        "KMS infrastructure encryption cannot be disabled once it is enabled (no downgrade).",
+                    );
                 }
                 let wants_kms = infrastructure == Some("Enabled") || kms["enabled"] == true;
                 if wants_kms && !version_at_least(&effective_version, 1, 33) {
-                    return Resp::arm_error(400, "BadRequest", format!("KMS data encryption requires Kubernetes version 1.33 or later; the cluster runs '{effective_version}'."));
+                    return Resp::arm_error(
+                        400,
+                        "BadRequest",
+                        format!(
+                            "KMS data encryption requires Kubernetes version 1.33 or later; the cluster runs '{effective_version}'."
+                        ),
+                    );
                 }
-                if wants_kms && !self.feature_effective("microsoft.containerservice", "kmspmkpreview", now) {
-                    return Resp::arm_error(400, "BadRequest", "Feature Microsoft.ContainerService/KMSPMKPreview is not enabled. Please see https://aka.ms/aks/previews for how to enable features.");
+                if wants_kms
+                    && !self.feature_effective("microsoft.containerservice", "kmspmkpreview", now)
+                {
+                    return Resp::arm_error(
+                        400,
+                        "BadRequest",
+                        "Feature Microsoft.ContainerService/KMSPMKPreview is not enabled. Please see https://aka.ms/aks/previews for how to enable features.",
+                    );
                 }
                 if kms["enabled"] == true {
                     if let Err(resp) = self.check_kms_request(&body) {
                         return resp;
                     }
                 }
-                let failure = if kms["enabled"] == true { self.kms_access_failure(&body, now) } else { None };
+                let failure = if kms["enabled"] == true {
+                    self.kms_access_failure(&body, now)
+                } else {
+                    None
+                };
                 let mut stored = body.clone();
                 let etag = uuid();
-                stored["id"] = json!(existing.as_ref().and_then(|e| e["id"].as_str().map(str::to_owned)).unwrap_or_else(|| req.path.trim_end_matches('/').to_owned()));
+                stored["id"] = json!(
+                    existing
+                        .as_ref()
+                        .and_then(|e| e["id"].as_str().map(str::to_owned))
+                        .unwrap_or_else(|| req.path.trim_end_matches('/').to_owned())
+                );
                 stored["name"] = json!(name);
                 stored["type"] = json!("Microsoft.ContainerService/ManagedClusters");
                 stored["eTag"] = json!(etag);
-                let properties = stored["properties"].as_object_mut().map(std::mem::take).unwrap_or_default();
+                let properties = stored["properties"]
+                    .as_object_mut()
+                    .map(std::mem::take)
+                    .unwrap_or_default();
                 let mut properties = Value::Object(properties);
                 properties["kubernetesVersion"] = json!(effective_version);
                 properties["currentKubernetesVersion"] = json!(effective_version);
-                properties["fqdn"] = json!(format!("{}-{}.hcp.{location}.azmk8s.io", properties["dnsPrefix"].as_str().unwrap_or(&name), &etag[..8]));
+                properties["fqdn"] = json!(format!(
+                    "{}-{}.hcp.{location}.azmk8s.io",
+                    properties["dnsPrefix"].as_str().unwrap_or(&name),
+                    &etag[..8]
+                ));
                 if properties.get("securityProfile").is_none() {
                     properties["securityProfile"] = json!({});
                 }
                 let security = &mut properties["securityProfile"];
-                for field in ["azureKeyVaultKms", "kubernetesResourceObjectEncryptionProfile"] {
+                for field in [
+                    "azureKeyVaultKms",
+                    "kubernetesResourceObjectEncryptionProfile",
+                ] {
                     if security.get(field).is_none() {
                         security[field] = Value::Null;
                     }
                 }
                 stored["properties"] = properties;
                 if stored["identity"]["type"] == "UserAssigned" {
-                    let ids: Vec<String> = stored["identity"]["userAssignedIdentities"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+                    let ids: Vec<String> = stored["identity"]["userAssignedIdentities"]
+                        .as_object()
+                        .map(|m| m.keys().cloned().collect())
+                        .unwrap_or_default();
                     for id in ids {
                         let identity = self.resources.get(&id.to_ascii_lowercase()).cloned();
                         if let Some(identity) = identity {
@@ -977,29 +1512,37 @@ impl World {
                         }
                     }
                 } else if stored["identity"]["type"] == "SystemAssigned" {
-                    let principal = existing.as_ref().and_then(|e| e["identity"]["principalId"].as_str().map(str::to_owned)).unwrap_or_else(uuid);
+                    let principal = existing
+                        .as_ref()
+                        .and_then(|e| e["identity"]["principalId"].as_str().map(str::to_owned))
+                        .unwrap_or_else(uuid);
                     stored["identity"]["principalId"] = json!(principal);
                     stored["identity"]["tenantId"] = json!(self.tenant);
                 }
                 let creating = existing.is_none();
                 let mut shown = stored.clone();
-                shown["properties"]["provisioningState"] = json!(if creating { "Creating" } else { "Updating" });
+                shown["properties"]["provisioningState"] =
+                    json!(if creating { "Creating" } else { "Updating" });
                 let operation = uuid();
-                self.operations.insert(operation.clone(), Operation {
-                    cluster: id_key.clone(),
-                    started: now,
-                    done_at: now + self.delays.cluster_operation,
-                    failure,
-                    result: stored,
-                    previous: existing.clone(),
-                    finished: false,
-                });
+                self.operations.insert(
+                    operation.clone(),
+                    Operation {
+                        cluster: id_key.clone(),
+                        started: now,
+                        done_at: now + self.delays.cluster_operation,
+                        failure,
+                        result: stored,
+                        previous: existing.clone(),
+                        finished: false,
+                    },
+                );
                 // While the operation runs, GET shows the new body as `Creating`/`Updating`.
                 let mut in_progress = match &existing {
                     Some(previous) => {
                         let mut p = shown.clone();
                         if self.operations[&operation].failure.is_some() {
-                            p["properties"]["securityProfile"] = previous["properties"]["securityProfile"].clone();
+                            p["properties"]["securityProfile"] =
+                                previous["properties"]["securityProfile"].clone();
                         }
                         p
                     }
@@ -1022,19 +1565,41 @@ impl World {
         let key_id = kms["keyId"].as_str().unwrap_or_default();
         let access = kms["keyVaultNetworkAccess"].as_str().unwrap_or("Public");
         if key_id.is_empty() {
-            return Err(Resp::arm_error(400, "InvalidParameter", "azureKeyVaultKms.keyId is required when azureKeyVaultKms is enabled."));
+            return Err(Resp::arm_error(
+                400,
+                "InvalidParameter",
+                "azureKeyVaultKms.keyId is required when azureKeyVaultKms is enabled.",
+            ));
         }
         let Some(rest) = key_id.split("/keys/").nth(1) else {
-            return Err(Resp::arm_error(400, "InvalidParameter", format!("azureKeyVaultKms.keyId '{key_id}' is not a valid key identifier.")));
+            return Err(Resp::arm_error(
+                400,
+                "InvalidParameter",
+                format!("azureKeyVaultKms.keyId '{key_id}' is not a valid key identifier."),
+            ));
         };
         if rest.contains('/') {
-            return Err(Resp::arm_error(400, "InvalidParameter", format!("azureKeyVaultKms.keyId '{key_id}' must not include a key version; use the versionless key identifier.")));
+            return Err(Resp::arm_error(
+                400,
+                "InvalidParameter",
+                format!(
+                    "azureKeyVaultKms.keyId '{key_id}' must not include a key version; use the versionless key identifier."
+                ),
+            ));
         }
         if access == "Private" && kms["keyVaultResourceId"].as_str().is_none_or(str::is_empty) {
-            return Err(Resp::arm_error(400, "InvalidParameter", "azureKeyVaultKms.keyVaultResourceId is required when keyVaultNetworkAccess is Private."));
+            return Err(Resp::arm_error(
+                400,
+                "InvalidParameter",
+                "azureKeyVaultKms.keyVaultResourceId is required when keyVaultNetworkAccess is Private.",
+            ));
         }
         if body["identity"]["type"] != "UserAssigned" {
-            return Err(Resp::arm_error(400, "InvalidParameter", "Customer-managed key KMS requires a user-assigned identity on the cluster."));
+            return Err(Resp::arm_error(
+                400,
+                "InvalidParameter",
+                "Customer-managed key KMS requires a user-assigned identity on the cluster.",
+            ));
         }
         Ok(())
     }
@@ -1045,54 +1610,122 @@ impl World {
         let key_id = kms["keyId"].as_str().unwrap_or_default();
         let access = kms["keyVaultNetworkAccess"].as_str().unwrap_or("Public");
         let vault_uri = key_id.split("/keys/").next().unwrap_or_default();
-        let key_name = key_id.split("/keys/").nth(1).unwrap_or_default().to_ascii_lowercase();
-        let vault = self.resources.values().find(|r| r["type"] == "Microsoft.KeyVault/vaults" && r["properties"]["vaultUri"].as_str() == Some(vault_uri));
+        let key_name = key_id
+            .split("/keys/")
+            .nth(1)
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let vault = self.resources.values().find(|r| {
+            r["type"] == "Microsoft.KeyVault/vaults"
+                && r["properties"]["vaultUri"].as_str() == Some(vault_uri)
+        });
         let Some(vault) = vault else {
-            return Some(("AzureKeyVaultKmsKeyNotFound".into(), format!("The key '{key_id}' does not belong to any vault.")));
+            return Some((
+                "AzureKeyVaultKmsKeyNotFound".into(),
+                format!("The key '{key_id}' does not belong to any vault."),
+            ));
         };
         if let Some(resource_id) = kms["keyVaultResourceId"].as_str().filter(|s| !s.is_empty()) {
             if !resource_id.eq_ignore_ascii_case(vault["id"].as_str().unwrap_or_default()) {
-                return Some(("AzureKeyVaultKmsKeyVaultMismatch".into(), format!("The key '{key_id}' does not belong to the key vault '{resource_id}'.")));
+                return Some((
+                    "AzureKeyVaultKmsKeyVaultMismatch".into(),
+                    format!("The key '{key_id}' does not belong to the key vault '{resource_id}'."),
+                ));
             }
         }
-        let vault_name = vault["name"].as_str().unwrap_or_default().to_ascii_lowercase();
+        let vault_name = vault["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         if !self.keys.contains_key(&(vault_name, key_name)) {
-            return Some(("AzureKeyVaultKmsKeyNotFound".into(), format!("The key '{key_id}' was not found.")));
+            return Some((
+                "AzureKeyVaultKmsKeyNotFound".into(),
+                format!("The key '{key_id}' was not found."),
+            ));
         }
         let acls = &vault["properties"]["networkAcls"];
         if acls["defaultAction"] == "Deny" && acls["bypass"] != "AzureServices" {
             return Some(("AzureKeyVaultKmsNetworkAccessDenied".into(), "The key vault's firewall blocks AKS: set `bypass: AzureServices` so AKS can reach it as a trusted service.".into()));
         }
         if access == "Public" && vault["properties"]["publicNetworkAccess"] == "Disabled" {
-            return Some(("AzureKeyVaultKmsNetworkAccessDenied".into(), "keyVaultNetworkAccess is Public but the vault disables public network access.".into()));
+            return Some((
+                "AzureKeyVaultKmsNetworkAccessDenied".into(),
+                "keyVaultNetworkAccess is Public but the vault disables public network access."
+                    .into(),
+            ));
         }
-        let identities = body["identity"]["userAssignedIdentities"].as_object().cloned().unwrap_or_default();
+        let identities = body["identity"]["userAssignedIdentities"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
         let principal = identities
             .keys()
             .find_map(|id| self.resources.get(&id.to_ascii_lowercase()))
-            .and_then(|identity| identity["properties"]["principalId"].as_str().map(str::to_owned));
+            .and_then(|identity| {
+                identity["properties"]["principalId"]
+                    .as_str()
+                    .map(str::to_owned)
+            });
         let Some(principal) = principal else {
-            return Some(("InvalidUserAssignedIdentity".into(), "The cluster's user-assigned identity does not exist.".into()));
+            return Some((
+                "InvalidUserAssignedIdentity".into(),
+                "The cluster's user-assigned identity does not exist.".into(),
+            ));
         };
-        if self.holds_role(&principal, vault["id"].as_str().unwrap_or_default(), &[CRYPTO_USER, CRYPTO_OFFICER], now).is_err() {
-            return Some(("AzureKeyVaultKmsAccessDenied".into(), format!("The cluster identity '{principal}' does not hold Key Vault Crypto User on the vault.")));
+        if self
+            .holds_role(
+                &principal,
+                vault["id"].as_str().unwrap_or_default(),
+                &[CRYPTO_USER, CRYPTO_OFFICER],
+                now,
+            )
+            .is_err()
+        {
+            return Some((
+                "AzureKeyVaultKmsAccessDenied".into(),
+                format!(
+                    "The cluster identity '{principal}' does not hold Key Vault Crypto User on the vault."
+                ),
+            ));
         }
         None
     }
 }
 
 fn method_not_allowed(req: &Req) -> Resp {
-    Resp::arm_error(405, "MethodNotAllowed", format!("The requested method '{}' is not allowed for '{}'.", req.method, req.path))
+    Resp::arm_error(
+        405,
+        "MethodNotAllowed",
+        format!(
+            "The requested method '{}' is not allowed for '{}'.",
+            req.method, req.path
+        ),
+    )
 }
 
 fn operation_not_allowed() -> Resp {
-    Resp::arm_error(409, "OperationNotAllowed", "Operation is not allowed: Another operation (Updating) is in progress, please wait for it to finish before starting a new operation. See https://aka.ms/aks-pending-operation for more details")
+    Resp::arm_error(
+        409,
+        "OperationNotAllowed",
+        "Operation is not allowed: Another operation (Updating) is in progress, please wait for it to finish before starting a new operation. See https://aka.ms/aks-pending-operation for more details",
+    )
 }
 
 fn not_found(kind: &str, name: &str, group: &str) -> Resp {
-    Resp::arm_error(404, "ResourceNotFound", format!("The Resource '{kind}/{name}' under resource group '{group}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"))
+    Resp::arm_error(
+        404,
+        "ResourceNotFound",
+        format!(
+            "The Resource '{kind}/{name}' under resource group '{group}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"
+        ),
+    )
 }
 
 fn key_not_found(key: &str) -> Resp {
-    Resp::vault_error(404, "KeyNotFound", None, format!("A key with (name/id) {key} was not found in this key vault."))
+    Resp::vault_error(
+        404,
+        "KeyNotFound",
+        None,
+        format!("A key with (name/id) {key} was not found in this key vault."),
+    )
 }

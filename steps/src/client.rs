@@ -279,9 +279,17 @@ impl AzureClient {
             .secret
             .split('.')
             .nth(1)
-            .and_then(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).ok())
+            .and_then(|p| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(p.trim_end_matches('='))
+                    .ok()
+            })
             .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
-            .ok_or_else(|| AzureError::Refused("the ARM token is not a JWT; cannot tell who the caller is".into()))?;
+            .ok_or_else(|| {
+                AzureError::Refused(
+                    "the ARM token is not a JWT; cannot tell who the caller is".into(),
+                )
+            })?;
         let object_id = claims["oid"]
             .as_str()
             .ok_or_else(|| AzureError::Refused("the ARM token has no `oid` claim".into()))?
@@ -302,17 +310,25 @@ impl AzureClient {
     pub fn arm_url(&self, segments: &[&str], api_version: &str) -> Result<Url, AzureError> {
         let mut url = self.config.arm_endpoint.clone();
         push_segments(&mut url, segments)?;
-        url.query_pairs_mut().append_pair("api-version", api_version);
+        url.query_pairs_mut()
+            .append_pair("api-version", api_version);
         Ok(url)
     }
 
     /// A Key Vault data-plane URL under the vault's own `vaultUri` (never built from a name).
-    pub fn vault_url(&self, vault_uri: &str, segments: &[&str], api_version: &str) -> Result<Url, AzureError> {
-        let mut url = Url::parse(vault_uri)
-            .map_err(|e| AzureError::Refused(format!("the vault URI `{vault_uri}` is not a URL: {e}")))?;
+    pub fn vault_url(
+        &self,
+        vault_uri: &str,
+        segments: &[&str],
+        api_version: &str,
+    ) -> Result<Url, AzureError> {
+        let mut url = Url::parse(vault_uri).map_err(|e| {
+            AzureError::Refused(format!("the vault URI `{vault_uri}` is not a URL: {e}"))
+        })?;
         check_scheme(&url)?;
         push_segments(&mut url, segments)?;
-        url.query_pairs_mut().append_pair("api-version", api_version);
+        url.query_pairs_mut()
+            .append_pair("api-version", api_version);
         Ok(url)
     }
 
@@ -428,7 +444,9 @@ impl AzureClient {
                 .saturating_mul(2u32.saturating_pow(attempt.min(16) - 1))
                 .min(bounds.max_backoff);
             let jittered = backoff / 2 + backoff.mul_f64(fastrand::f64() / 2.0);
-            let delay = error.retry_after().map_or(jittered, |after| after.max(jittered.min(after)));
+            let delay = error
+                .retry_after()
+                .map_or(jittered, |after| after.max(jittered.min(after)));
             tracing::debug!(error = %error, delay_ms = delay.as_millis() as u64, "retrying Azure request");
             tokio::time::sleep(delay).await;
         }
@@ -451,21 +469,32 @@ impl AzureClient {
         body: &Value,
         if_match: Option<&str>,
     ) -> Result<Value, AzureError> {
-        let response = self.send(method, url, ARM_SCOPE, Some(body), if_match).await?;
+        let response = self
+            .send(method, url, ARM_SCOPE, Some(body), if_match)
+            .await?;
         self.follow(response, url).await
     }
 
     /// Follows a long-running operation: `Azure-AsyncOperation`, else `Location`, else the
     /// resource's `provisioningState`; then returns the resource.
-    pub async fn follow(&self, response: ApiResponse, resource_url: &Url) -> Result<Value, AzureError> {
+    pub async fn follow(
+        &self,
+        response: ApiResponse,
+        resource_url: &Url,
+    ) -> Result<Value, AzureError> {
         let deadline = Instant::now() + self.config.retry.operation_timeout;
         let mut delay = response.retry_after.unwrap_or(Duration::from_secs(1));
         if let Some(status_url) = &response.async_operation {
             let status_url = self.trusted(status_url)?;
             loop {
                 tokio::time::sleep(delay.min(Duration::from_secs(30))).await;
-                let status = self.send(Method::GET, &status_url, ARM_SCOPE, None, None).await?;
-                let state = status.body["status"].as_str().unwrap_or("InProgress").to_owned();
+                let status = self
+                    .send(Method::GET, &status_url, ARM_SCOPE, None, None)
+                    .await?;
+                let state = status.body["status"]
+                    .as_str()
+                    .unwrap_or("InProgress")
+                    .to_owned();
                 match state.as_str() {
                     "Succeeded" => break,
                     "Failed" | "Canceled" | "Cancelled" => {
@@ -491,7 +520,9 @@ impl AzureClient {
         } else if let (Some(location), 201 | 202) = (&response.location, response.status) {
             let location = self.trusted(location)?;
             loop {
-                let polled = self.send(Method::GET, &location, ARM_SCOPE, None, None).await?;
+                let polled = self
+                    .send(Method::GET, &location, ARM_SCOPE, None, None)
+                    .await?;
                 if polled.status != 202 {
                     break;
                 }
@@ -545,8 +576,9 @@ impl AzureClient {
     /// A status URL from a response, only if it points at the ARM endpoint we talk to: a token
     /// must never be sent anywhere else.
     fn trusted(&self, status_url: &str) -> Result<Url, AzureError> {
-        let url = Url::parse(status_url)
-            .map_err(|e| AzureError::Refused(format!("the operation status URL is not a URL: {e}")))?;
+        let url = Url::parse(status_url).map_err(|e| {
+            AzureError::Refused(format!("the operation status URL is not a URL: {e}"))
+        })?;
         if url.origin() != self.config.arm_endpoint.origin() {
             return Err(AzureError::Refused(format!(
                 "refusing to follow an operation status URL on `{}`: it is not the ARM endpoint `{}`",
@@ -613,8 +645,15 @@ mod tests {
     fn values_cannot_change_the_url() {
         let config = AzureConfig::new("https://management.azure.com", AuthMode::Cli).unwrap();
         let mut url = config.arm_endpoint.clone();
-        push_segments(&mut url, &["subscriptions", "s", "resourceGroups", "rg/../x?y#z"]).unwrap();
-        assert_eq!(url.path(), "/subscriptions/s/resourceGroups/rg%2F..%2Fx%3Fy%23z");
+        push_segments(
+            &mut url,
+            &["subscriptions", "s", "resourceGroups", "rg/../x?y#z"],
+        )
+        .unwrap();
+        assert_eq!(
+            url.path(),
+            "/subscriptions/s/resourceGroups/rg%2F..%2Fx%3Fy%23z"
+        );
         assert!(url.query().is_none());
         assert!(push_segments(&mut url, &[".."]).is_err());
         assert!(push_segments(&mut url, &[""]).is_err());
@@ -624,7 +663,11 @@ mod tests {
     fn key_vault_inner_codes_win() {
         let body = serde_json::json!({"error": {"code": "Forbidden", "message": "no", "innererror": {"code": "ForbiddenByRbac"}}});
         assert_eq!(error_code_and_message(&body, 403).0, "ForbiddenByRbac");
-        let arm = serde_json::json!({"error": {"code": "PrincipalNotFound", "message": "Principal x"}});
-        assert_eq!(error_code_and_message(&arm, 400), ("PrincipalNotFound".into(), "Principal x".into()));
+        let arm =
+            serde_json::json!({"error": {"code": "PrincipalNotFound", "message": "Principal x"}});
+        assert_eq!(
+            error_code_and_message(&arm, 400),
+            ("PrincipalNotFound".into(), "Principal x".into())
+        );
     }
 }

@@ -111,7 +111,10 @@ impl AzureError {
     /// As a step error, classified for the engine's retry policy.
     pub fn into_step_error(self) -> StepError {
         let retry_after = self.retry_after();
-        let error = if self.is_transient() || self.is_eventual() || matches!(self, AzureError::Timeout { .. }) {
+        let error = if self.is_transient()
+            || self.is_eventual()
+            || matches!(self, AzureError::Timeout { .. })
+        {
             StepError::transient(self)
         } else {
             StepError::permanent(self)

@@ -1,0 +1,163 @@
+//! Helpers the Azure step kinds share: naming rules, resource paths, and field comparison.
+
+use kmsflow_engine::kind::{FieldChange, ParamSpec, StepError, ValueType};
+use serde_json::{Map, Value};
+
+/// Azure's naming rules, as parameter patterns (checked when a step's input is bound, so a
+/// value can never carry `/`, `?`, `#` or `..` into a URL).
+pub mod pattern {
+    pub const SUBSCRIPTION: &str =
+        "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}";
+    pub const RESOURCE_GROUP: &str = r"[-A-Za-z0-9._()]{0,89}[-A-Za-z0-9_()]";
+    pub const LOCATION: &str = "[a-z0-9]{1,40}";
+    pub const VAULT: &str = "[a-zA-Z][a-zA-Z0-9-]{1,22}[a-zA-Z0-9]";
+    pub const KEY: &str = "[0-9a-zA-Z-]{1,127}";
+    pub const IDENTITY: &str = "[a-zA-Z0-9][a-zA-Z0-9_-]{2,127}";
+    pub const GUID: &str = SUBSCRIPTION;
+    /// An ARM resource id: `/subscriptions/...`, segments of safe characters only.
+    pub const RESOURCE_ID: &str = r"(/[A-Za-z0-9._()\-]+)+";
+}
+
+pub const SUBSCRIPTION: ParamSpec =
+    ParamSpec::required("subscription", ValueType::String, "the subscription id")
+        .pattern(pattern::SUBSCRIPTION);
+pub const RESOURCE_GROUP: ParamSpec =
+    ParamSpec::required("resource_group", ValueType::String, "the resource group")
+        .pattern(pattern::RESOURCE_GROUP);
+pub const LOCATION: ParamSpec = ParamSpec::required(
+    "location",
+    ValueType::String,
+    "the Azure region, e.g. `eastus`",
+)
+.pattern(pattern::LOCATION);
+pub const TAGS: ParamSpec =
+    ParamSpec::optional("tags", ValueType::Map, "tags to set on the resource");
+
+/// Path segments of a resource in a resource group.
+pub fn resource_path<'a>(
+    subscription: &'a str,
+    resource_group: &'a str,
+    namespace: &'a str,
+    kind: &'a str,
+    name: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "subscriptions",
+        subscription,
+        "resourceGroups",
+        resource_group,
+        "providers",
+        namespace,
+        kind,
+        name,
+    ]
+}
+
+/// Splits an ARM id into segments, refusing anything that could change the URL.
+pub fn id_segments(id: &str) -> Result<Vec<&str>, StepError> {
+    let valid = id.starts_with("/subscriptions/")
+        && id[1..].split('/').all(|s| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._()-".contains(c))
+        });
+    if !valid {
+        return Err(StepError::permanent(format!(
+            "`{id}` is not an ARM resource id (`/subscriptions/...`)"
+        )));
+    }
+    Ok(id[1..].split('/').collect())
+}
+
+/// The fields of `desired` whose values differ in `observed` (objects compared key by key, so
+/// fields Azure adds are not differences; ids and strings compared case-insensitively where
+/// ARM is case-insensitive).
+pub fn differences(desired: &Value, observed: &Value, path: &str, out: &mut Vec<FieldChange>) {
+    match (desired, observed) {
+        (Value::Object(want), Value::Object(have)) => {
+            for (key, value) in want {
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                differences(value, have.get(key).unwrap_or(&Value::Null), &child, out);
+            }
+        }
+        (Value::String(a), Value::String(b)) if a.eq_ignore_ascii_case(b) => {}
+        (a, b) if a == b => {}
+        (Value::Null, _) => {}
+        (a, b) => out.push(FieldChange {
+            path: path.to_owned(),
+            from: b.clone(),
+            to: a.clone(),
+        }),
+    }
+}
+
+/// Outputs as a map.
+pub fn outputs<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn only_desired_fields_count() {
+        let mut out = Vec::new();
+        differences(
+            &json!({"properties": {"sku": {"name": "standard"}, "enableRbacAuthorization": true}}),
+            &json!({"properties": {"sku": {"name": "Standard", "family": "A"}, "enableRbacAuthorization": false, "vaultUri": "x"}}),
+            "",
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].path, "properties.enableRbacAuthorization");
+    }
+
+    #[test]
+    fn ids_cannot_smuggle_urls() {
+        assert!(id_segments("/subscriptions/s/resourceGroups/rg").is_ok());
+        assert!(id_segments("/subscriptions/s/../x").is_err());
+        assert!(id_segments("/subscriptions/s?x=1").is_err());
+        assert!(id_segments("https://evil/subscriptions/s").is_err());
+    }
+}
+
+use crate::client::{ARM_SCOPE, AzureClient};
+use reqwest::Method;
+use url::Url;
+
+/// GET a resource: its body, or `null` when it does not exist.
+pub async fn read(client: &AzureClient, url: &Url) -> Result<Value, StepError> {
+    Ok(client
+        .get(url)
+        .await?
+        .map(|r| r.body)
+        .unwrap_or(Value::Null))
+}
+
+/// PUT a resource and wait for it to settle.
+pub async fn put(client: &AzureClient, url: &Url, body: &Value) -> Result<Value, StepError> {
+    Ok(client.write_and_wait(Method::PUT, url, body, None).await?)
+}
+
+/// DELETE a resource and wait until it is gone; absent already is fine.
+pub async fn delete(client: &AzureClient, url: &Url) -> Result<(), StepError> {
+    match client
+        .send(Method::DELETE, url, ARM_SCOPE, None, None)
+        .await
+    {
+        Ok(response) => {
+            client.follow(response, url).await?;
+            Ok(())
+        }
+        Err(crate::AzureError::Api { status: 404, .. }) => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}

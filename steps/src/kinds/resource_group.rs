@@ -1,0 +1,156 @@
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use kmsflow_engine::kind::*;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::common::{self, LOCATION, RESOURCE_GROUP, SUBSCRIPTION, TAGS, outputs};
+use crate::azure::Azure;
+
+const API: &str = "2025-04-01";
+
+/// A resource group (`PUT /subscriptions/{s}/resourcegroups/{rg}`).
+pub struct ResourceGroup(pub Arc<Azure>);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    subscription: String,
+    resource_group: String,
+    location: String,
+    #[serde(default)]
+    tags: Option<Map<String, Value>>,
+}
+
+static SPEC: KindSpec = KindSpec {
+    name: "azure.resource_group",
+    summary: "Ensures a resource group exists in `location` (with `tags`, if given). Rollback deletes it only if this run created it.",
+    params: &[SUBSCRIPTION, RESOURCE_GROUP, LOCATION, TAGS],
+    outputs: OutputsSpec::Fixed(&[
+        OutputSpec {
+            name: "id",
+            description: "the resource group's ARM id",
+        },
+        OutputSpec {
+            name: "name",
+            description: "its name",
+        },
+        OutputSpec {
+            name: "location",
+            description: "its region",
+        },
+    ]),
+    may_be_irreversible: false,
+};
+
+impl ResourceGroup {
+    async fn url(&self, p: &Params) -> Result<(Arc<crate::AzureClient>, url::Url), StepError> {
+        let client = self.0.client().await?;
+        let url = client.arm_url(
+            &[
+                "subscriptions",
+                &p.subscription,
+                "resourcegroups",
+                &p.resource_group,
+            ],
+            API,
+        )?;
+        Ok((client, url))
+    }
+}
+
+fn group_outputs(body: &Value) -> Map<String, Value> {
+    outputs([
+        ("id", body["id"].clone()),
+        ("name", body["name"].clone()),
+        ("location", body["location"].clone()),
+    ])
+}
+
+#[async_trait]
+impl StepKind for ResourceGroup {
+    fn spec(&self) -> &'static KindSpec {
+        &SPEC
+    }
+
+    async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
+        let p: Params = cx.params()?;
+        let (client, url) = self.url(&p).await?;
+        common::read(&client, &url).await
+    }
+
+    fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {
+        let p: Params = cx.params()?;
+        if before.is_null() {
+            return Ok(StepPlan::change(Change::Create {
+                summary: format!(
+                    "create resource group {} in {}",
+                    p.resource_group, p.location
+                ),
+            }));
+        }
+        if !before["location"]
+            .as_str()
+            .unwrap_or_default()
+            .eq_ignore_ascii_case(&p.location)
+        {
+            return Err(StepError::permanent(format!(
+                "resource group `{}` already exists in `{}`, not `{}`; a resource group cannot move: use its location or another name",
+                p.resource_group,
+                before["location"].as_str().unwrap_or_default(),
+                p.location
+            )));
+        }
+        let mut fields = Vec::new();
+        if let Some(tags) = &p.tags {
+            common::differences(&json!({"tags": tags}), before, "", &mut fields);
+        }
+        if fields.is_empty() {
+            return Ok(StepPlan::unchanged(group_outputs(before)));
+        }
+        Ok(StepPlan::change(Change::Update {
+            summary: format!("update tags of resource group {}", p.resource_group),
+            fields,
+        }))
+    }
+
+    async fn apply(
+        &self,
+        cx: &StepContext<'_>,
+        before: &Value,
+        _plan: &StepPlan,
+    ) -> Result<Map<String, Value>, StepError> {
+        let p: Params = cx.params()?;
+        let (client, url) = self.url(&p).await?;
+        let mut body = json!({"location": p.location});
+        match (&p.tags, before.get("tags")) {
+            (Some(tags), _) => body["tags"] = json!(tags),
+            (None, Some(existing)) => body["tags"] = existing.clone(),
+            _ => {}
+        }
+        let result = common::put(&client, &url, &body).await?;
+        Ok(group_outputs(&result))
+    }
+
+    async fn rollback(
+        &self,
+        cx: &StepContext<'_>,
+        before: &Value,
+        outcome: Outcome,
+    ) -> Result<Undo, StepError> {
+        let p: Params = cx.params()?;
+        let (client, url) = self.url(&p).await?;
+        match outcome {
+            Outcome::Created => {
+                common::delete(&client, &url).await?;
+                Ok(Undo::Done)
+            }
+            Outcome::Updated => {
+                common::put(&client, &url, &json!({"location": before["location"], "tags": before.get("tags").cloned().unwrap_or(json!({}))})).await?;
+                Ok(Undo::Done)
+            }
+            _ => Ok(Undo::NothingToUndo),
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! Every Azure step kind against the sandbox: the first run creates, the second changes
+//! nothing and sends zero writes; faults are survived within the retry budgets; errors that
+//! retrying cannot fix fail at once with the ARM code, message and correlation id.
+
+mod support;
+
+use kmsflow_engine::kind::Outcome;
+use kmsflow_sandbox::{Delays, Faults, Latency, Rule, ServerErrors, Throttle};
+use kmsflow_state::{RunStatus, StepStatus};
+use serde_json::Value;
+use std::time::Duration;
+use support::Harness;
+
+const CMK_SETUP: &str = r#"
+name: cmk-setup
+params:
+  subscription: { type: string }
+  tenant: { type: string }
+  resource_group: { type: string, default: rg-kms }
+  location: { type: string, default: eastus }
+  key_vault: { type: string, default: kv-kms-test }
+  key_name: { type: string, default: kms-key }
+  identity: { type: string, default: id-kms }
+steps:
+  - id: feature
+    uses: azure.feature
+    with: { subscription: "{{params.subscription}}", poll_interval: 100ms }
+  - id: group
+    uses: azure.resource_group
+    with: { subscription: "{{params.subscription}}", resource_group: "{{params.resource_group}}", location: "{{params.location}}" }
+  - id: vault
+    uses: azure.keyvault
+    needs: [group]
+    with:
+      subscription: "{{params.subscription}}"
+      resource_group: "{{params.resource_group}}"
+      name: "{{params.key_vault}}"
+      location: "{{params.location}}"
+      tenant: "{{params.tenant}}"
+  - id: officer
+    uses: azure.role_assignment
+    with: { scope: "{{steps.vault.outputs.id}}", role: Key Vault Crypto Officer, principal: me }
+  - id: key
+    uses: azure.keyvault_key
+    needs: [officer]
+    with: { vault_uri: "{{steps.vault.outputs.vault_uri}}", name: "{{params.key_name}}" }
+  - id: firewall
+    uses: azure.keyvault_network
+    needs: [key]
+    with: { subscription: "{{params.subscription}}", resource_group: "{{params.resource_group}}", name: "{{params.key_vault}}" }
+  - id: identity
+    uses: azure.identity
+    needs: [group]
+    with:
+      subscription: "{{params.subscription}}"
+      resource_group: "{{params.resource_group}}"
+      name: "{{params.identity}}"
+      location: "{{params.location}}"
+  - id: crypto-user
+    uses: azure.role_assignment
+    with: { scope: "{{steps.vault.outputs.id}}", role: Key Vault Crypto User, principal: "{{steps.identity.outputs.principal_id}}" }
+  - id: contributor
+    uses: azure.role_assignment
+    with: { scope: "{{steps.vault.outputs.id}}", role: Key Vault Contributor, principal: "{{steps.identity.outputs.principal_id}}" }
+outputs:
+  key_id: "{{steps.key.outputs.key_id}}"
+"#;
+
+fn world_counts(world: &Value) -> (usize, usize, usize) {
+    let versions = world["keys"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_array().unwrap().len())
+        .sum();
+    let assignments = world["role_assignments"].as_array().unwrap().len();
+    let resources = world["resources"].as_array().unwrap().len();
+    (versions, assignments, resources)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cmk_setup_creates_once_and_a_second_run_sends_zero_writes() {
+    let h = Harness::new(Faults::default()).await;
+    let first = h.run(CMK_SETUP, &[]).await;
+    assert_eq!(first.status, RunStatus::Succeeded, "{:?}", first.error);
+    for step in h.steps(&first.run_id) {
+        assert_ne!(
+            step.outcome,
+            Some(Outcome::Unchanged),
+            "{} changed nothing on a fresh world",
+            step.step_id
+        );
+    }
+    let key_id = first.outputs.as_ref().unwrap()["key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        key_id.ends_with("/_kv/kv-kms-test/keys/kms-key"),
+        "{key_id}"
+    );
+    let world = h.sandbox.world();
+    assert_eq!(
+        world_counts(&world),
+        (1, 3, 2),
+        "one key version, three assignments, vault and identity"
+    );
+    let vault = world["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Microsoft.KeyVault/vaults")
+        .unwrap();
+    assert_eq!(vault["properties"]["networkAcls"]["defaultAction"], "Deny");
+    assert_eq!(
+        vault["properties"]["networkAcls"]["bypass"],
+        "AzureServices"
+    );
+    assert_eq!(vault["properties"]["enableRbacAuthorization"], true);
+
+    // The firewall now blocks this machine from the data plane, as it would in Azure, so the
+    // key step's second observation must fail: the private flow reads the key before the
+    // firewall closes. A second run of everything but the data-plane key read proves idempotency.
+    let mark = h.sandbox.requests().len();
+    let second = h.run(&CMK_SETUP.replace("needs: [key]", "needs: [officer]").replace(
+        "  - id: key\n    uses: azure.keyvault_key\n    needs: [officer]\n    with: { vault_uri: \"{{steps.vault.outputs.vault_uri}}\", name: \"{{params.key_name}}\" }\n",
+        "",
+    ).replace("key_id: \"{{steps.key.outputs.key_id}}\"", "vault: \"{{steps.vault.outputs.id}}\""), &[]).await;
+    assert_eq!(second.status, RunStatus::Succeeded, "{:?}", second.error);
+    for step in h.steps(&second.run_id) {
+        assert_eq!(step.outcome, Some(Outcome::Unchanged), "{}", step.step_id);
+    }
+    assert_eq!(h.writes_since(mark), vec![], "a second run sends no writes");
+    assert_eq!(world_counts(&h.sandbox.world()), (1, 3, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_vault_setup_is_fully_idempotent_including_the_key() {
+    let h = Harness::new(Faults::default()).await;
+    let public = CMK_SETUP.replace(
+        "  - id: firewall\n    uses: azure.keyvault_network\n    needs: [key]\n    with: { subscription: \"{{params.subscription}}\", resource_group: \"{{params.resource_group}}\", name: \"{{params.key_vault}}\" }\n",
+        "",
+    );
+    assert_eq!(h.run(&public, &[]).await.status, RunStatus::Succeeded);
+    let mark = h.sandbox.requests().len();
+    let second = h.run(&public, &[]).await;
+    assert_eq!(second.status, RunStatus::Succeeded, "{:?}", second.error);
+    assert_eq!(h.writes_since(mark), vec![]);
+    assert_eq!(
+        h.step(&second.run_id, "key").outcome,
+        Some(Outcome::Unchanged)
+    );
+    assert_eq!(
+        world_counts(&h.sandbox.world()).0,
+        1,
+        "still exactly one key version"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventual_consistency_throttling_and_5xx_are_survived() {
+    let faults = Faults {
+        seed: 7,
+        latency: Some(Latency {
+            min_ms: 1,
+            max_ms: 10,
+            write_ms: 0,
+        }),
+        throttle: Some(Throttle {
+            probability: 0.1,
+            retry_after_s: 1,
+        }),
+        errors: Some(ServerErrors {
+            probability: 0.1,
+            statuses: vec![500, 503],
+        }),
+        delays: Delays {
+            feature_registration: Duration::from_millis(500),
+            principal_replication: Duration::from_millis(1500),
+            rbac_propagation: Duration::from_millis(1500),
+            cluster_operation: Duration::ZERO,
+        },
+        token_buckets: false,
+        rules: vec![Rule {
+            method: Some("PUT".into()),
+            path: "*/vaults/*".into(),
+            times: 2,
+            status: 503,
+            code: "ServiceUnavailable".into(),
+            message: None,
+        }],
+    };
+    let h = Harness::new(faults).await;
+    let summary = h.run(CMK_SETUP, &[]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    assert_eq!(world_counts(&h.sandbox.world()), (1, 3, 2));
+    let requests = h.sandbox.requests();
+    assert!(
+        requests.iter().any(|r| r.status == 429),
+        "the storm throttled something"
+    );
+    assert!(
+        requests.iter().any(|r| r.status == 400),
+        "a fresh principal was not found at first"
+    );
+    assert!(
+        requests.iter().any(|r| r.status == 403),
+        "a fresh role assignment had not propagated at first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firewalled_vault_fails_the_key_step_at_once_with_code_message_and_correlation_id() {
+    let h = Harness::new(Faults::default()).await;
+    let closed_first = CMK_SETUP.replace("needs: [key]", "needs: [officer]").replace(
+        "  - id: key\n    uses: azure.keyvault_key\n    needs: [officer]",
+        "  - id: key\n    uses: azure.keyvault_key\n    needs: [firewall]\n    retry: { attempts: 3, initial: 10ms }",
+    );
+    let summary = h.run(&closed_first, &[]).await;
+    assert_eq!(summary.status, RunStatus::Failed);
+    let key = h.step(&summary.run_id, "key");
+    assert_eq!(key.status, StepStatus::Failed);
+    assert_eq!(key.attempts, 1, "ForbiddenByFirewall is not retried");
+    let error = key.error.unwrap();
+    assert!(error.contains("403 ForbiddenByFirewall"), "{error}");
+    assert!(
+        error.contains("Client address is not authorized"),
+        "{error}"
+    );
+    assert!(error.contains("correlation id "), "{error}");
+    assert!(!error.contains("Bearer"), "no token in errors: {error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_outside_azure_rules_are_rejected_before_any_request() {
+    let h = Harness::new(Faults::default()).await;
+    for bad in ["kv/../other", "kv?x=1", "a", "kv#frag"] {
+        let mark = h.sandbox.requests().len();
+        let summary = h.run(CMK_SETUP, &[("key_vault", bad)]).await;
+        assert_eq!(summary.status, RunStatus::Failed, "{bad}");
+        let vault = h.step(&summary.run_id, "vault");
+        let error = vault.error.unwrap();
+        assert!(
+            error.contains("invalid input: `name`") && error.contains("does not match"),
+            "{bad}: {error}"
+        );
+        assert!(
+            h.sandbox.requests()[mark..]
+                .iter()
+                .all(|r| !r.path.to_ascii_lowercase().contains("/vaults/")),
+            "no vault request was sent for {bad}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_audience_token_is_a_clear_401_not_a_retry_loop() {
+    let sandbox = kmsflow_sandbox::Sandbox::start(Default::default())
+        .await
+        .unwrap();
+    let mut credential = support::credential(&sandbox);
+    credential.force_resource = Some("https://vault.azure.net".into());
+    let client = support::client(&sandbox, credential);
+    let url = client
+        .arm_url(
+            &[
+                "subscriptions",
+                sandbox.subscription(),
+                "resourcegroups",
+                "rg",
+            ],
+            "2025-04-01",
+        )
+        .unwrap();
+    let error = client.get(&url).await.unwrap_err();
+    assert_eq!(error.status(), Some(401));
+    assert!(
+        error.to_string().contains("InvalidAuthenticationToken"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("invalid audience"), "{error}");
+    let arm_requests = sandbox
+        .requests()
+        .iter()
+        .filter(|r| r.path != "/msi/token")
+        .count();
+    assert_eq!(arm_requests, 1, "401 is not retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_removes_what_the_run_created_and_nothing_else() {
+    let h = Harness::new(Faults::default()).await;
+    h.sandbox
+        .with_world(|w| w.resource_group("rg-kms", "eastus"));
+    let failing = CMK_SETUP.replace(
+        "outputs:",
+        "  - id: boom\n    uses: assert\n    needs: [contributor, firewall]\n    with: { condition: false, message: cluster update failed }\noutputs:",
+    );
+    let summary = h.run(&failing, &[]).await;
+    assert_eq!(summary.status, RunStatus::Failed);
+    assert_eq!(
+        h.step(&summary.run_id, "group").outcome,
+        Some(Outcome::Unchanged),
+        "the group existed"
+    );
+    let run = kmsflow_state::Store::open(&h.engine.state_path, kmsflow_state::Durability::Normal)
+        .unwrap()
+        .run(&summary.run_id)
+        .unwrap();
+    let compiled = std::sync::Arc::new(
+        kmsflow_engine::compile(
+            &kmsflow_engine::RunbookSource::new("t", failing.as_str()),
+            &h.engine.registry,
+        )
+        .unwrap(),
+    );
+    let params = kmsflow_engine::params::bind(
+        &compiled,
+        &kmsflow_engine::params::ParamSources {
+            stored: run.params.as_object().unwrap().clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let rolled = kmsflow_engine::rollback::rollback(
+        &h.engine,
+        &run,
+        compiled,
+        params,
+        kmsflow_engine::progress::silent(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rolled.status, RunStatus::RolledBack, "{:?}", rolled.error);
+    let world = h.sandbox.world();
+    assert_eq!(
+        world_counts(&world),
+        (0, 0, 0),
+        "assignments, key, identity and vault are gone: {world:#}"
+    );
+    assert_eq!(
+        world["resource_groups"].as_array().unwrap().len(),
+        1,
+        "the pre-existing group stays"
+    );
+}
