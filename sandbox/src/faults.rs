@@ -249,39 +249,39 @@ impl Injector {
         is_write: bool,
     ) -> (Verdict, Quota) {
         let mut quota = Quota::default();
-        if self.faults.token_buckets {
-            if let Some(subscription) = subscription {
-                let now = Instant::now();
-                let bucket = if is_write {
-                    self.writes
-                        .entry(subscription.to_owned())
-                        .or_insert_with(|| Bucket::new(200.0, 10.0))
-                } else {
-                    self.reads
-                        .entry(subscription.to_owned())
-                        .or_insert_with(|| Bucket::new(250.0, 25.0))
-                };
-                let taken = bucket.take(now);
-                let remaining = bucket.remaining();
-                if is_write {
-                    quota.writes = Some(remaining);
-                } else {
-                    quota.reads = Some(remaining);
-                }
-                if let Err(wait) = taken {
-                    return (
-                        Verdict::Fail {
-                            status: 429,
-                            code: "TooManyRequests".into(),
-                            message: format!(
-                                "The request is being throttled: the subscription's {} quota is exhausted. Retry after {wait} seconds.",
-                                if is_write { "write" } else { "read" }
-                            ),
-                            retry_after_s: Some(wait),
-                        },
-                        quota,
-                    );
-                }
+        if self.faults.token_buckets
+            && let Some(subscription) = subscription
+        {
+            let now = Instant::now();
+            let bucket = if is_write {
+                self.writes
+                    .entry(subscription.to_owned())
+                    .or_insert_with(|| Bucket::new(200.0, 10.0))
+            } else {
+                self.reads
+                    .entry(subscription.to_owned())
+                    .or_insert_with(|| Bucket::new(250.0, 25.0))
+            };
+            let taken = bucket.take(now);
+            let remaining = bucket.remaining();
+            if is_write {
+                quota.writes = Some(remaining);
+            } else {
+                quota.reads = Some(remaining);
+            }
+            if let Err(wait) = taken {
+                return (
+                    Verdict::Fail {
+                        status: 429,
+                        code: "TooManyRequests".into(),
+                        message: format!(
+                            "The request is being throttled: the subscription's {} quota is exhausted. Retry after {wait} seconds.",
+                            if is_write { "write" } else { "read" }
+                        ),
+                        retry_after_s: Some(wait),
+                    },
+                    quota,
+                );
             }
         }
         for (index, rule) in self.faults.rules.iter().enumerate() {
@@ -308,38 +308,39 @@ impl Injector {
                 );
             }
         }
-        if let Some(throttle) = self.faults.throttle {
-            if self.rng.f64() < throttle.probability {
-                return (
-                    Verdict::Fail {
-                        status: 429,
-                        code: "TooManyRequests".into(),
-                        message: "The request is being throttled.".into(),
-                        retry_after_s: Some(throttle.retry_after_s),
-                    },
-                    quota,
-                );
-            }
+        if let Some(throttle) = self.faults.throttle
+            && self.rng.f64() < throttle.probability
+        {
+            return (
+                Verdict::Fail {
+                    status: 429,
+                    code: "TooManyRequests".into(),
+                    message: "The request is being throttled.".into(),
+                    retry_after_s: Some(throttle.retry_after_s),
+                },
+                quota,
+            );
         }
-        if let Some(errors) = &self.faults.errors {
-            if !errors.statuses.is_empty() && self.rng.f64() < errors.probability {
-                let status = errors.statuses[self.rng.usize(..errors.statuses.len())];
-                return (
-                    Verdict::Fail {
-                        status,
-                        code: if status == 503 {
-                            "ServiceUnavailable"
-                        } else {
-                            "InternalServerError"
-                        }
+        if let Some(errors) = &self.faults.errors
+            && !errors.statuses.is_empty()
+            && self.rng.f64() < errors.probability
+        {
+            let status = errors.statuses[self.rng.usize(..errors.statuses.len())];
+            return (
+                Verdict::Fail {
+                    status,
+                    code: if status == 503 {
+                        "ServiceUnavailable"
+                    } else {
+                        "InternalServerError"
+                    }
+                    .into(),
+                    message: "The server had an error while processing the request (injected)."
                         .into(),
-                        message: "The server had an error while processing the request (injected)."
-                            .into(),
-                        retry_after_s: None,
-                    },
-                    quota,
-                );
-            }
+                    retry_after_s: None,
+                },
+                quota,
+            );
         }
         (Verdict::Pass, quota)
     }

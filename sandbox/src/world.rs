@@ -324,15 +324,14 @@ impl World {
         if let Some(position) = s
             .windows(2)
             .position(|w| w == ["providers", "microsoft.authorization"])
+            && s.get(position + 2) == Some(&"roleassignments")
         {
-            if s.get(position + 2) == Some(&"roleassignments") {
-                let scope = format!("/{}", req.raw_segments[..position].join("/"));
-                return match s.get(position + 3) {
-                    None if req.method == "GET" => self.list_assignments(&scope, req),
-                    Some(_) => self.role_assignment(&scope, req, now),
-                    None => method_not_allowed(req),
-                };
-            }
+            let scope = format!("/{}", req.raw_segments[..position].join("/"));
+            return match s.get(position + 3) {
+                None if req.method == "GET" => self.list_assignments(&scope, req),
+                Some(_) => self.role_assignment(&scope, req, now),
+                None => method_not_allowed(req),
+            };
         }
         match s.as_slice() {
             ["subscriptions", _, "resourcegroups", _] => self.resource_group(req),
@@ -461,17 +460,17 @@ impl World {
                         "The location property is required for this definition.",
                     );
                 };
-                if let Some(existing) = self.groups.get(&key) {
-                    if existing["location"].as_str() != Some(location) {
-                        return Resp::arm_error(
-                            409,
-                            "InvalidResourceGroupLocation",
-                            format!(
-                                "Invalid resource group location '{location}'. The Resource group already exists in location '{}'.",
-                                existing["location"].as_str().unwrap_or_default()
-                            ),
-                        );
-                    }
+                if let Some(existing) = self.groups.get(&key)
+                    && existing["location"].as_str() != Some(location)
+                {
+                    return Resp::arm_error(
+                        409,
+                        "InvalidResourceGroupLocation",
+                        format!(
+                            "Invalid resource group location '{location}'. The Resource group already exists in location '{}'.",
+                            existing["location"].as_str().unwrap_or_default()
+                        ),
+                    );
                 }
                 let existed = self.groups.contains_key(&key);
                 let stored_name = self
@@ -669,16 +668,15 @@ impl World {
                         format!("The vault name '{name}' is already in use."),
                     );
                 }
-                if let Some(existing) = &existing {
-                    if existing["properties"]["enablePurgeProtection"] == true
-                        && body["properties"]["enablePurgeProtection"] == false
-                    {
-                        return Resp::arm_error(
-                            400,
-                            "BadRequest",
-                            "Purge protection cannot be disabled once enabled.",
-                        );
-                    }
+                if let Some(existing) = &existing
+                    && existing["properties"]["enablePurgeProtection"] == true
+                    && body["properties"]["enablePurgeProtection"] == false
+                {
+                    return Resp::arm_error(
+                        400,
+                        "BadRequest",
+                        "Purge protection cannot be disabled once enabled.",
+                    );
                 }
                 let mut properties = body["properties"].clone();
                 let defaults = json!({
@@ -1454,10 +1452,10 @@ impl World {
                         "Feature Microsoft.ContainerService/KMSPMKPreview is not enabled. Please see https://aka.ms/aks/previews for how to enable features.",
                     );
                 }
-                if kms["enabled"] == true {
-                    if let Err(resp) = self.check_kms_request(&body) {
-                        return resp;
-                    }
+                if kms["enabled"] == true
+                    && let Err(resp) = self.check_kms_request(&body)
+                {
+                    return resp;
                 }
                 let failure = if kms["enabled"] == true {
                     self.kms_access_failure(&body, now)
@@ -1625,13 +1623,13 @@ impl World {
                 format!("The key '{key_id}' does not belong to any vault."),
             ));
         };
-        if let Some(resource_id) = kms["keyVaultResourceId"].as_str().filter(|s| !s.is_empty()) {
-            if !resource_id.eq_ignore_ascii_case(vault["id"].as_str().unwrap_or_default()) {
-                return Some((
-                    "AzureKeyVaultKmsKeyVaultMismatch".into(),
-                    format!("The key '{key_id}' does not belong to the key vault '{resource_id}'."),
-                ));
-            }
+        if let Some(resource_id) = kms["keyVaultResourceId"].as_str().filter(|s| !s.is_empty())
+            && !resource_id.eq_ignore_ascii_case(vault["id"].as_str().unwrap_or_default())
+        {
+            return Some((
+                "AzureKeyVaultKmsKeyVaultMismatch".into(),
+                format!("The key '{key_id}' does not belong to the key vault '{resource_id}'."),
+            ));
         }
         let vault_name = vault["name"]
             .as_str()

@@ -102,33 +102,6 @@ pub fn outputs<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> 
     pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn only_desired_fields_count() {
-        let mut out = Vec::new();
-        differences(
-            &json!({"properties": {"sku": {"name": "standard"}, "enableRbacAuthorization": true}}),
-            &json!({"properties": {"sku": {"name": "Standard", "family": "A"}, "enableRbacAuthorization": false, "vaultUri": "x"}}),
-            "",
-            &mut out,
-        );
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].path, "properties.enableRbacAuthorization");
-    }
-
-    #[test]
-    fn ids_cannot_smuggle_urls() {
-        assert!(id_segments("/subscriptions/s/resourceGroups/rg").is_ok());
-        assert!(id_segments("/subscriptions/s/../x").is_err());
-        assert!(id_segments("/subscriptions/s?x=1").is_err());
-        assert!(id_segments("https://evil/subscriptions/s").is_err());
-    }
-}
-
 use crate::client::{ARM_SCOPE, AzureClient};
 use reqwest::Method;
 use url::Url;
@@ -159,5 +132,32 @@ pub async fn delete(client: &AzureClient, url: &Url) -> Result<(), StepError> {
         }
         Err(crate::AzureError::Api { status: 404, .. }) => Ok(()),
         Err(error) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn only_desired_fields_count() {
+        let mut out = Vec::new();
+        differences(
+            &json!({"properties": {"sku": {"name": "standard"}, "enableRbacAuthorization": true}}),
+            &json!({"properties": {"sku": {"name": "Standard", "family": "A"}, "enableRbacAuthorization": false, "vaultUri": "x"}}),
+            "",
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].path, "properties.enableRbacAuthorization");
+    }
+
+    #[test]
+    fn ids_cannot_smuggle_urls() {
+        assert!(id_segments("/subscriptions/s/resourceGroups/rg").is_ok());
+        assert!(id_segments("/subscriptions/s/../x").is_err());
+        assert!(id_segments("/subscriptions/s?x=1").is_err());
+        assert!(id_segments("https://evil/subscriptions/s").is_err());
     }
 }

@@ -218,10 +218,10 @@ impl StepKind for KeyVault {
         // A PUT replaces the vault: carry over what this step does not manage (the firewall
         // that `azure.keyvault_network` sets, access policies).
         for kept in ["networkAcls", "accessPolicies", "enablePurgeProtection"] {
-            if properties.get(kept).is_none() {
-                if let Some(value) = before["properties"].get(kept).filter(|v| !v.is_null()) {
-                    properties[kept] = value.clone();
-                }
+            if properties.get(kept).is_none()
+                && let Some(value) = before["properties"].get(kept).filter(|v| !v.is_null())
+            {
+                properties[kept] = value.clone();
             }
         }
         let tags = p
