@@ -22,6 +22,21 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
 
+    /// How to authenticate to Azure. `auto`: workload identity when its environment is set,
+    /// then managed identity when its endpoint is set, then the Azure CLI.
+    #[arg(long, global = true, env = "KMSFLOW_AUTH", value_enum, default_value_t = Auth::Auto)]
+    pub auth: Auth,
+
+    /// The Resource Manager endpoint (sovereign clouds, or a sandbox). Must be https except on
+    /// loopback.
+    #[arg(
+        long,
+        global = true,
+        env = "KMSFLOW_ARM_ENDPOINT",
+        default_value = "https://management.azure.com"
+    )]
+    pub arm_endpoint: String,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -30,6 +45,15 @@ pub struct Cli {
 pub enum Sync {
     Full,
     Normal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Auth {
+    Auto,
+    Cli,
+    ManagedIdentity,
+    WorkloadIdentity,
+    ClientSecret,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -145,10 +169,29 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// The loopback Azure stand-in, for trying runbooks without a subscription.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
     /// Show a run's journal of transitions.
     Events {
         run_id: String,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Serve on 127.0.0.1; prints the base URL, then `NAME=value` lines ready for `export`.
+    Serve {
+        /// Port to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Fault injection (YAML): latency, throttling, errors, delays, token buckets, rules.
+        #[arg(long, value_name = "FILE")]
+        faults: Option<PathBuf>,
+        /// Pre-existing resources (YAML or JSON).
+        #[arg(long, value_name = "FILE")]
+        world: Option<PathBuf>,
     },
 }

@@ -11,12 +11,25 @@ use kmsflow_engine::{CompiledRunbook, RunbookSource, compile};
 use kmsflow_state::{Durability, RunStatus, Store};
 use serde_json::{Map, Value};
 
-use crate::cli::{Cli, Command, GraphFormat, LogFormat, Output, ParamArgs, Sync};
+use crate::cli::{
+    Auth, Cli, Command, GraphFormat, LogFormat, Output, ParamArgs, SandboxCommand, Sync,
+};
 use crate::failure::{Failure, code, status_code};
 use crate::{bundled, registry, render};
+use kmsflow_steps::{AuthMode, AzureConfig};
 
 pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
+    let auth = match cli.auth {
+        Auth::Auto => AuthMode::Auto,
+        Auth::Cli => AuthMode::Cli,
+        Auth::ManagedIdentity => AuthMode::ManagedIdentity,
+        Auth::WorkloadIdentity => AuthMode::WorkloadIdentity,
+        Auth::ClientSecret => AuthMode::ClientSecret,
+    };
+    let azure = AzureConfig::new(&cli.arm_endpoint, auth)
+        .map_err(|e| Failure::Usage(format!("--arm-endpoint: {e}")))?;
     let context = Context {
+        azure,
         state: cli.state.clone(),
         durability: match cli.sync {
             Sync::Full => Durability::Full,
@@ -38,7 +51,7 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             params,
             detailed_exitcode,
             output,
-        } => plan(&runbook, &params, detailed_exitcode, output).await,
+        } => plan(&context, &runbook, &params, detailed_exitcode, output).await,
         Command::Run {
             runbook,
             params,
@@ -75,10 +88,16 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Runs { limit, output } => runs(&context, limit, output),
         Command::Show { run_id, output } => show(&context, &run_id, output),
         Command::Events { run_id, output } => events(&context, &run_id, output),
+        Command::Sandbox(SandboxCommand::Serve {
+            port,
+            faults,
+            world,
+        }) => sandbox_serve(port, faults.as_deref(), world.as_deref()).await,
     }
 }
 
 struct Context {
+    azure: AzureConfig,
     state: Option<PathBuf>,
     durability: Durability,
     json_logs: bool,
@@ -98,7 +117,7 @@ impl Context {
                 })?,
         };
         Ok(Engine {
-            registry: registry(),
+            registry: crate::registry_with(self.azure.clone()),
             state_path,
             durability: self.durability,
         })
@@ -319,6 +338,7 @@ pub fn docs() -> String {
 }
 
 async fn plan(
+    context: &Context,
     runbook: &str,
     args: &ParamArgs,
     detailed_exitcode: bool,
@@ -326,7 +346,8 @@ async fn plan(
 ) -> Result<u8, Failure> {
     let compiled = compile_loaded(&load(runbook)?)?;
     let bound = bind(&compiled, &param_sources(args)?)?;
-    let previews = kmsflow_engine::preview::preview(&compiled, &bound, &registry()).await;
+    let registry = crate::registry_with(context.azure.clone());
+    let previews = kmsflow_engine::preview::preview(&compiled, &bound, &registry).await;
     match output {
         Output::Json => {
             print_json(&serde_json::to_value(&previews).expect("previews serialize"))?;
@@ -588,4 +609,61 @@ fn events(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure
             Ok(code::SUCCESS)
         }
     }
+}
+
+fn read_file(path: &std::path::Path, what: &str) -> Result<String, Failure> {
+    std::fs::read_to_string(path).map_err(|e| {
+        Failure::Usage(format!(
+            "cannot read the {what} file `{}`: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// `kmsflow sandbox serve`: the base URL on the first line of stdout, then the environment a
+/// client needs, one `NAME=value` per line; serves until Ctrl-C or SIGTERM.
+async fn sandbox_serve(
+    port: u16,
+    faults: Option<&std::path::Path>,
+    world: Option<&std::path::Path>,
+) -> Result<u8, Failure> {
+    use kmsflow_sandbox::{Faults, Sandbox, SandboxOptions, WorldSeed};
+    use std::io::Write as _;
+    let faults = match faults {
+        Some(path) => Faults::from_yaml(&read_file(path, "faults")?).map_err(|e| {
+            Failure::Usage(format!("invalid faults file `{}`: {e}", path.display()))
+        })?,
+        None => Faults::default(),
+    };
+    let seed = match world {
+        Some(path) => Some(
+            WorldSeed::from_yaml(&read_file(path, "world")?).map_err(|e| {
+                Failure::Usage(format!("invalid world file `{}`: {e}", path.display()))
+            })?,
+        ),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .map_err(|e| Failure::Usage(format!("cannot listen on 127.0.0.1:{port}: {e}")))?;
+    let options = SandboxOptions {
+        faults,
+        ..SandboxOptions::default()
+    };
+    let sandbox = Sandbox::serve(listener, options)
+        .map_err(|e| Failure::Usage(format!("cannot start the sandbox: {e}")))?;
+    if let Some(seed) = &seed {
+        sandbox.seed(seed);
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{}", sandbox.base_url());
+    for (name, value) in sandbox.env() {
+        let _ = writeln!(stdout, "{name}={value}");
+    }
+    let _ = writeln!(stdout, "KMSFLOW_ARM_ENDPOINT={}", sandbox.base_url());
+    let _ = writeln!(stdout, "KMSFLOW_AUTH=managed-identity");
+    let _ = stdout.flush();
+    drop(stdout);
+    crate::signals::install().drain.cancelled().await;
+    Ok(code::SUCCESS)
 }

@@ -12,13 +12,28 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kmsflow_engine::Registry;
+use kmsflow_steps::AzureConfig;
 
 use crate::cli::{Cli, LogFormat};
 use crate::failure::Failure;
 
-/// Every step kind this build knows.
+/// Every step kind this build knows; Azure kinds reach Azure as `config` says, building
+/// their client (and credential) only when a step first needs it.
+pub fn registry_with(config: AzureConfig) -> Registry {
+    let mut registry = Registry::with_engine_kinds();
+    kmsflow_steps::register(&mut registry, kmsflow_steps::Azure::new(config));
+    registry
+}
+
+/// The step kinds, for commands that only compile runbooks.
 pub fn registry() -> Registry {
-    Registry::with_engine_kinds()
+    registry_with(
+        AzureConfig::new(
+            "https://management.azure.com",
+            kmsflow_steps::AuthMode::Auto,
+        )
+        .expect("the default endpoint is valid"),
+    )
 }
 
 fn main() -> ExitCode {

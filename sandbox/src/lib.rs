@@ -12,5 +12,5 @@ mod server;
 mod world;
 
 pub use faults::{Delays, Faults, Latency, Rule, ServerErrors, Throttle};
-pub use server::{RequestRecord, Sandbox, SandboxOptions};
+pub use server::{RequestRecord, Sandbox, SandboxOptions, SeedFeature, SeedGroup, WorldSeed};
 pub use world::ROLES;

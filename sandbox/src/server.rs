@@ -26,6 +26,8 @@ pub struct SandboxOptions {
     /// The caller's object id, as the token's `oid` claim carries it.
     pub caller_object_id: String,
     pub faults: Faults,
+    /// The managed-identity endpoint's secret (`IDENTITY_HEADER`); random when `None`.
+    pub identity_header: Option<String>,
 }
 
 impl Default for SandboxOptions {
@@ -35,6 +37,7 @@ impl Default for SandboxOptions {
             tenant: "00000000-0000-4000-8000-7e4a47000001".into(),
             caller_object_id: "00000000-0000-4000-8000-ca11e4000001".into(),
             faults: Faults::default(),
+            identity_header: None,
         }
     }
 }
@@ -98,7 +101,10 @@ impl Sandbox {
             world: Mutex::new(world),
             injector: Mutex::new(Injector::new(options.faults)),
             issuer,
-            identity_header: uuid::Uuid::new_v4().simple().to_string(),
+            identity_header: options
+                .identity_header
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
             log: Mutex::new(Vec::new()),
             started: Instant::now(),
             subscription: options.subscription,
@@ -274,6 +280,7 @@ async fn handle(
         ),
         ("x-ms-correlation-request-id".to_owned(), correlation),
     ];
+    let mut hold = std::time::Duration::ZERO;
     let response = if path.starts_with("/_sandbox/") {
         control(&shared, &method, &path, &body)
     } else if path == "/msi/token" {
@@ -316,9 +323,9 @@ async fn handle(
                         injector.judge(&method, &path, subscription.as_deref(), write),
                     )
                 };
-                if !latency.is_zero() {
-                    tokio::time::sleep(latency).await;
-                }
+                // The answer is held back after the world changed, as Azure's would be: a
+                // client that gives up (or dies) meanwhile has still made its change.
+                hold = latency;
                 if !vault {
                     extra.push((
                         "x-ms-ratelimit-remaining-subscription-reads".into(),
@@ -391,6 +398,8 @@ async fn handle(
     };
     let status = response.status;
     if !path.starts_with("/_sandbox/") {
+        // Logged when handled, before the answer is held back: a request whose client died
+        // during the hold still counts.
         shared.log.lock().expect("log lock").push(RequestRecord {
             method,
             path,
@@ -398,6 +407,9 @@ async fn handle(
             at_ms: shared.started.elapsed().as_millis() as u64,
             write,
         });
+    }
+    if !hold.is_zero() {
+        tokio::time::sleep(hold).await;
     }
     to_response(response, &extra)
 }
@@ -457,4 +469,56 @@ fn token(shared: &Shared, uri: &Uri, headers: &HeaderMap) -> Resp {
             "client_id": shared.issuer.caller.object_id,
         }),
     )
+}
+
+/// Pre-existing resources for `--world FILE` (YAML or JSON).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorldSeed {
+    #[serde(default)]
+    pub resource_groups: Vec<SeedGroup>,
+    /// Features already registered (and their providers re-registered).
+    #[serde(default)]
+    pub features_registered: Vec<SeedFeature>,
+    /// Whole resource bodies, each with its `id` (vaults, identities, managed clusters).
+    #[serde(default)]
+    pub resources: Vec<Value>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedGroup {
+    pub name: String,
+    pub location: String,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedFeature {
+    pub namespace: String,
+    pub feature: String,
+}
+
+impl WorldSeed {
+    /// Parses a world file.
+    pub fn from_yaml(text: &str) -> Result<WorldSeed, serde_yaml::Error> {
+        serde_yaml::from_str(text)
+    }
+}
+
+impl Sandbox {
+    /// Adds the seed's resources to the world.
+    pub fn seed(&self, seed: &WorldSeed) {
+        self.with_world(|world| {
+            for group in &seed.resource_groups {
+                world.resource_group(&group.name, &group.location);
+            }
+            for feature in &seed.features_registered {
+                world.feature_registered(&feature.namespace, &feature.feature);
+            }
+            for resource in &seed.resources {
+                world.resource(resource.clone());
+            }
+        });
+    }
 }

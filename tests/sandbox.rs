@@ -1,0 +1,204 @@
+//! The binary against `kmsflow sandbox serve` in another process: a run killed with SIGKILL
+//! right after it asked Azure to create a key (before it could checkpoint the answer) resumes
+//! into exactly one key version and one role assignment per grant; a second run sends no writes.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SETUP: &str = r#"
+name: cmk-public-setup
+params:
+  subscription: { type: string, env: AZURE_SUBSCRIPTION_ID }
+  tenant: { type: string, env: AZURE_TENANT_ID }
+steps:
+  - id: feature
+    uses: azure.feature
+    with: { subscription: "{{params.subscription}}", poll_interval: 100ms }
+  - id: group
+    uses: azure.resource_group
+    with: { subscription: "{{params.subscription}}", resource_group: rg-kms, location: eastus }
+  - id: vault
+    uses: azure.keyvault
+    needs: [group]
+    with: { subscription: "{{params.subscription}}", resource_group: rg-kms, name: kv-kms-e2e, location: eastus, tenant: "{{params.tenant}}" }
+  - id: officer
+    uses: azure.role_assignment
+    with: { scope: "{{steps.vault.outputs.id}}", role: Key Vault Crypto Officer, principal: me }
+  - id: key
+    uses: azure.keyvault_key
+    needs: [officer]
+    with: { vault_uri: "{{steps.vault.outputs.vault_uri}}", name: kms-key }
+  - id: identity
+    uses: azure.identity
+    needs: [group]
+    with: { subscription: "{{params.subscription}}", resource_group: rg-kms, name: id-kms, location: eastus }
+  - id: crypto-user
+    uses: azure.role_assignment
+    needs: [key]
+    with: { scope: "{{steps.vault.outputs.id}}", role: Key Vault Crypto User, principal: "{{steps.identity.outputs.principal_id}}" }
+"#;
+
+struct Served {
+    child: Child,
+    env: HashMap<String, String>,
+    base_url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(faults: &std::path::Path) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
+        .args(["sandbox", "serve", "--faults", faults.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let base_url = lines.next().unwrap().unwrap();
+    assert!(base_url.starts_with("http://127.0.0.1:"), "{base_url}");
+    let mut env = HashMap::new();
+    for line in lines.by_ref().take(6) {
+        let line = line.unwrap();
+        let (name, value) = line.split_once('=').expect("NAME=value");
+        env.insert(name.to_owned(), value.to_owned());
+    }
+    for name in [
+        "AZURE_SUBSCRIPTION_ID",
+        "AZURE_TENANT_ID",
+        "IDENTITY_ENDPOINT",
+        "IDENTITY_HEADER",
+    ] {
+        assert!(env.contains_key(name), "serve prints {name}");
+    }
+    Served {
+        child,
+        env,
+        base_url,
+    }
+}
+
+fn kmsflow(dir: &std::path::Path, served: &Served, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kmsflow"));
+    command
+        .args(args)
+        .current_dir(dir)
+        .envs(&served.env)
+        .env("KMSFLOW_STATE", dir.join("state.db"));
+    command
+}
+
+fn get(url: &str) -> Value {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_run_killed_after_a_create_request_resumes_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = dir.path().join("faults.yaml");
+    // Every write is answered 800 ms after it took effect: room to die in between.
+    std::fs::write(
+        &faults,
+        "latency: { min_ms: 0, max_ms: 0, write_ms: 800 }\n",
+    )
+    .unwrap();
+    let served = serve(&faults);
+    std::fs::write(dir.path().join("setup.yaml"), SETUP).unwrap();
+
+    let mut run = kmsflow(dir.path(), &served, &["run", "setup.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr_lines = BufReader::new(run.stderr.take().unwrap()).lines();
+    let mut run_id = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for line in stderr_lines {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("kmsflow: starting run ") {
+            run_id = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.contains("create RSA key kms-key") || Instant::now() > deadline {
+            break;
+        }
+    }
+    // The create request is out and held by the server: the key now exists, and the run has
+    // not seen the answer.
+    std::thread::sleep(Duration::from_millis(400));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let run_id = run_id.expect("the run said its id");
+    let keys = get(&format!("{}/_sandbox/world", served.base_url))["keys"].clone();
+    assert_eq!(
+        keys["kv-kms-e2e/kms-key"].as_array().map(Vec::len),
+        Some(1),
+        "the key was created before the kill"
+    );
+
+    let resumed = kmsflow(dir.path(), &served, &["resume", &run_id])
+        .output()
+        .unwrap();
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let world = get(&format!("{}/_sandbox/world", served.base_url));
+    assert_eq!(
+        world["keys"]["kv-kms-e2e/kms-key"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "exactly one key version"
+    );
+    let assignments = world["role_assignments"].as_array().unwrap();
+    assert_eq!(assignments.len(), 2);
+    let show: Value = serde_json::from_slice(
+        &kmsflow(dir.path(), &served, &["show", &run_id, "--output", "json"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let key = show["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "key")
+        .unwrap();
+    assert_eq!(
+        key["outcome"], "created",
+        "the run made the key, even if it saw it on resume"
+    );
+
+    let before = get(&format!("{}/_sandbox/requests", served.base_url))
+        .as_array()
+        .unwrap()
+        .len();
+    let again = kmsflow(dir.path(), &served, &["run", "setup.yaml"])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    let requests = get(&format!("{}/_sandbox/requests", served.base_url));
+    let writes: Vec<&Value> = requests.as_array().unwrap()[before..]
+        .iter()
+        .filter(|r| r["write"] == true)
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "a second run sends no writes: {writes:?}"
+    );
+}
