@@ -13,6 +13,7 @@ pub mod pattern {
     pub const VAULT: &str = "[a-zA-Z][a-zA-Z0-9-]{1,22}[a-zA-Z0-9]";
     pub const KEY: &str = "[0-9a-zA-Z-]{1,127}";
     pub const IDENTITY: &str = "[a-zA-Z0-9][a-zA-Z0-9_-]{2,127}";
+    pub const CLUSTER: &str = "[a-zA-Z0-9]|[a-zA-Z0-9][-_a-zA-Z0-9]{0,61}[a-zA-Z0-9]";
     pub const GUID: &str = SUBSCRIPTION;
     /// An ARM resource id: `/subscriptions/...`, segments of safe characters only.
     pub const RESOURCE_ID: &str = r"(/[A-Za-z0-9._()\-]+)+";

@@ -1,5 +1,9 @@
 //! The Azure step kinds, one module each.
 
+mod aks;
+mod aks_cluster;
+mod aks_kms;
+mod aks_verify;
 mod common;
 mod feature;
 mod identity;
@@ -23,5 +27,8 @@ pub fn register(registry: &mut Registry, azure: Arc<Azure>) {
     registry.register(Arc::new(keyvault_network::KeyVaultNetwork(azure.clone())));
     registry.register(Arc::new(keyvault_key::KeyVaultKey(azure.clone())));
     registry.register(Arc::new(identity::Identity(azure.clone())));
-    registry.register(Arc::new(role_assignment::RoleAssignment(azure)));
+    registry.register(Arc::new(role_assignment::RoleAssignment(azure.clone())));
+    registry.register(Arc::new(aks_cluster::AksCluster(azure.clone())));
+    registry.register(Arc::new(aks_kms::AksKms(azure.clone())));
+    registry.register(Arc::new(aks_verify::AksVerify(azure)));
 }

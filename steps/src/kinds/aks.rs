@@ -1,0 +1,299 @@
+//! What the AKS step kinds share: the preview API version that carries the KMS fields, the
+//! wanted `securityProfile` for a KMS mode, and how a cluster body is changed to get there.
+
+use kmsflow_engine::kind::{FieldChange, ParamSpec, StepError, ValueType};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::common::pattern;
+
+/// `securityProfile.kubernetesResourceObjectEncryptionProfile` exists only in preview API
+/// versions; every call uses the same one, so a GET-modify-PUT never drops preview fields.
+pub const API: &str = "2025-10-02-preview";
+
+pub const NAME: ParamSpec =
+    ParamSpec::required("name", ValueType::String, "the cluster's name").pattern(pattern::CLUSTER);
+pub const KMS_MODE: ParamSpec = ParamSpec::required(
+    "kms_mode",
+    ValueType::String,
+    "`PMK` (platform-managed keys) or `CMK` (customer-managed key)",
+)
+.one_of(&["PMK", "CMK"]);
+pub const KEY_ID: ParamSpec = ParamSpec::optional(
+    "key_id",
+    ValueType::String,
+    "CMK: the versionless key id (the `key_id` output of `azure.keyvault_key`)",
+);
+pub const KEY_VAULT_ID: ParamSpec = ParamSpec::optional(
+    "key_vault_id",
+    ValueType::String,
+    "CMK: the vault's ARM id (required for `Private`)",
+)
+.pattern(pattern::RESOURCE_ID);
+pub const NETWORK_ACCESS: ParamSpec = ParamSpec::optional(
+    "network_access",
+    ValueType::String,
+    "CMK: `Public` (default) or `Private` (vault firewall with the trusted-services bypass)",
+)
+.one_of(&["Public", "Private"]);
+pub const IDENTITY_ID: ParamSpec = ParamSpec::optional(
+    "identity_id",
+    ValueType::String,
+    "CMK: the user-assigned identity's ARM id (it must hold Key Vault Crypto User on the vault)",
+)
+.pattern(pattern::RESOURCE_ID);
+
+/// The KMS settings every AKS kind takes.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Kms {
+    pub kms_mode: String,
+    #[serde(default)]
+    pub key_id: Option<String>,
+    #[serde(default)]
+    pub key_vault_id: Option<String>,
+    #[serde(default)]
+    pub network_access: Option<String>,
+    #[serde(default)]
+    pub identity_id: Option<String>,
+}
+
+impl Kms {
+    pub fn is_cmk(&self) -> bool {
+        self.kms_mode == "CMK"
+    }
+
+    /// Checks what CMK needs before anything is sent.
+    pub fn check(&self) -> Result<(), StepError> {
+        if !self.is_cmk() {
+            return Ok(());
+        }
+        let key_id = self.key_id.as_deref().unwrap_or_default();
+        let Some((vault, rest)) = key_id.split_once("/keys/") else {
+            return Err(StepError::permanent(format!(
+                "CMK needs `key_id`, a key id like `https://<vault>.vault.azure.net/keys/<name>`; got `{key_id}`"
+            )));
+        };
+        if vault.is_empty() || rest.is_empty() || rest.contains('/') {
+            return Err(StepError::permanent(format!(
+                "`key_id` must be versionless (`.../keys/<name>`, as the `key_id` output of `azure.keyvault_key`); got `{key_id}`"
+            )));
+        }
+        if self.identity_id.is_none() {
+            return Err(StepError::permanent(
+                "CMK needs `identity_id`: the user-assigned identity AKS uses to reach the key",
+            ));
+        }
+        if self.network_access.as_deref() == Some("Private") && self.key_vault_id.is_none() {
+            return Err(StepError::permanent(
+                "`network_access: Private` needs `key_vault_id`, the vault's ARM id",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The wanted `securityProfile` KMS fields.
+    pub fn security_profile(&self) -> Value {
+        let infrastructure = json!({"infrastructureEncryption": "Enabled"});
+        if self.is_cmk() {
+            let mut kms = json!({
+                "enabled": true,
+                "keyId": self.key_id,
+                "keyVaultNetworkAccess": self.network_access.as_deref().unwrap_or("Public"),
+            });
+            if let Some(vault) = &self.key_vault_id {
+                kms["keyVaultResourceId"] = json!(vault);
+            }
+            json!({"kubernetesResourceObjectEncryptionProfile": infrastructure, "azureKeyVaultKms": kms})
+        } else {
+            json!({"kubernetesResourceObjectEncryptionProfile": infrastructure, "azureKeyVaultKms": {"enabled": false}})
+        }
+    }
+
+    /// The wanted cluster identity, for CMK.
+    pub fn identity(&self) -> Option<Value> {
+        let id = self.identity_id.as_ref().filter(|_| self.is_cmk())?;
+        Some(json!({"type": "UserAssigned", "userAssignedIdentities": {id.clone(): {}}}))
+    }
+
+    /// The fields of `cluster` that differ from what this mode wants.
+    pub fn differences(&self, cluster: &Value) -> Vec<FieldChange> {
+        let mut out = Vec::new();
+        let profile = &cluster["properties"]["securityProfile"];
+        let wanted = self.security_profile();
+        let have_infra =
+            &profile["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"];
+        if *have_infra != "Enabled" {
+            out.push(change("properties.securityProfile.kubernetesResourceObjectEncryptionProfile.infrastructureEncryption", have_infra, &json!("Enabled")));
+        }
+        let have_kms = &profile["azureKeyVaultKms"];
+        if self.is_cmk() {
+            for field in [
+                "enabled",
+                "keyId",
+                "keyVaultNetworkAccess",
+                "keyVaultResourceId",
+            ] {
+                let want = &wanted["azureKeyVaultKms"][field];
+                let have = &have_kms[field];
+                let same = match (want, have) {
+                    (Value::String(a), Value::String(b)) => a.eq_ignore_ascii_case(b),
+                    (Value::Null, _) => true,
+                    (a, b) => a == b,
+                };
+                if !same {
+                    out.push(change(
+                        &format!("properties.securityProfile.azureKeyVaultKms.{field}"),
+                        have,
+                        want,
+                    ));
+                }
+            }
+            if let Some(id) = &self.identity_id {
+                let has = cluster["identity"]["userAssignedIdentities"]
+                    .as_object()
+                    .is_some_and(|m| m.keys().any(|k| k.eq_ignore_ascii_case(id)));
+                if cluster["identity"]["type"] != "UserAssigned" || !has {
+                    out.push(change(
+                        "identity",
+                        &cluster["identity"],
+                        &self.identity().unwrap_or_default(),
+                    ));
+                }
+            }
+        } else if have_kms["enabled"] == true {
+            out.push(change(
+                "properties.securityProfile.azureKeyVaultKms.enabled",
+                &json!(true),
+                &json!(false),
+            ));
+        }
+        out
+    }
+
+    /// `cluster` changed to this mode: only `securityProfile`'s KMS fields (and the identity
+    /// for CMK) are touched.
+    pub fn apply_to(&self, cluster: &Value) -> Value {
+        let mut body = cluster.clone();
+        let wanted = self.security_profile();
+        let profile = &mut body["properties"]["securityProfile"];
+        if !profile.is_object() {
+            *profile = json!({});
+        }
+        profile["kubernetesResourceObjectEncryptionProfile"] =
+            wanted["kubernetesResourceObjectEncryptionProfile"].clone();
+        profile["azureKeyVaultKms"] = wanted["azureKeyVaultKms"].clone();
+        if let Some(identity) = self.identity() {
+            body["identity"] = identity;
+        }
+        strip_read_only(&mut body);
+        body
+    }
+}
+
+fn change(path: &str, from: &Value, to: &Value) -> FieldChange {
+    FieldChange {
+        path: path.to_owned(),
+        from: from.clone(),
+        to: to.clone(),
+    }
+}
+
+/// Removes what ARM computes, so a PUT of a read body sends only what a client may set.
+pub fn strip_read_only(body: &mut Value) {
+    if let Some(properties) = body["properties"].as_object_mut() {
+        for field in [
+            "provisioningState",
+            "currentKubernetesVersion",
+            "fqdn",
+            "powerState",
+        ] {
+            properties.remove(field);
+        }
+    }
+    if let Some(map) = body.as_object_mut() {
+        map.remove("systemData");
+    }
+}
+
+/// The KMS mode a cluster runs: `CMK`, `PMK` or `None`.
+pub fn mode_of(cluster: &Value) -> &'static str {
+    let profile = &cluster["properties"]["securityProfile"];
+    if profile["azureKeyVaultKms"]["enabled"] == true {
+        "CMK"
+    } else if profile["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"]
+        == "Enabled"
+    {
+        "PMK"
+    } else {
+        "None"
+    }
+}
+
+/// Whether `version` (`1.33.0`) is at least 1.33.
+pub fn supports_kms(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (1, 33)
+}
+
+pub const NO_DOWNGRADE: &str =
+    "KMS infrastructure encryption cannot be turned off once enabled (no downgrade)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmk() -> Kms {
+        Kms {
+            kms_mode: "CMK".into(),
+            key_id: Some("https://kv.vault.azure.net/keys/k".into()),
+            key_vault_id: Some("/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv".into()),
+            network_access: Some("Private".into()),
+            identity_id: Some("/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id".into()),
+        }
+    }
+
+    #[test]
+    fn cmk_checks_reject_versioned_keys_and_missing_pieces() {
+        assert!(cmk().check().is_ok());
+        let versioned = Kms {
+            key_id: Some("https://kv.vault.azure.net/keys/k/0123".into()),
+            ..cmk()
+        };
+        assert!(
+            versioned
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("versionless")
+        );
+        let no_identity = Kms {
+            identity_id: None,
+            ..cmk()
+        };
+        assert!(no_identity.check().is_err());
+    }
+
+    #[test]
+    fn applying_touches_only_kms_fields_and_a_pmk_cluster_differs_from_cmk() {
+        let cluster = json!({"properties": {"kubernetesVersion": "1.33.0", "provisioningState": "Succeeded",
+            "securityProfile": {"defender": {"x": 1}, "kubernetesResourceObjectEncryptionProfile": {"infrastructureEncryption": "Enabled"}}},
+            "identity": {"type": "SystemAssigned"}});
+        assert_eq!(mode_of(&cluster), "PMK");
+        let changed = cmk().apply_to(&cluster);
+        assert_eq!(
+            changed["properties"]["securityProfile"]["defender"],
+            json!({"x": 1})
+        );
+        assert_eq!(changed["properties"]["kubernetesVersion"], "1.33.0");
+        assert!(changed["properties"].get("provisioningState").is_none());
+        assert_eq!(mode_of(&changed), "CMK");
+        let fields: Vec<String> = cmk()
+            .differences(&cluster)
+            .into_iter()
+            .map(|f| f.path)
+            .collect();
+        assert!(fields.contains(&"identity".to_owned()));
+        assert!(fields.contains(&"properties.securityProfile.azureKeyVaultKms.enabled".to_owned()));
+        assert!(cmk().differences(&changed).is_empty());
+    }
+}

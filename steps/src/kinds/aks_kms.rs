@@ -1,0 +1,194 @@
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use kmsflow_engine::kind::*;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::aks::{self, IDENTITY_ID, KEY_ID, KEY_VAULT_ID, KMS_MODE, Kms, NAME, NETWORK_ACCESS};
+use super::aks_cluster::cluster_outputs;
+use super::common::{self, RESOURCE_GROUP, SUBSCRIPTION};
+use crate::azure::Azure;
+
+/// Changes the KMS configuration of an existing cluster: GET with the preview API version,
+/// check Kubernetes >= 1.33, change only `securityProfile` (and `identity` for CMK), PUT with
+/// `If-Match`, follow the operation to `Succeeded`.
+pub struct AksKms(pub Arc<Azure>);
+
+// No `deny_unknown_fields`: serde does not support it with `flatten`; compile checks keys.
+#[derive(Deserialize)]
+struct Params {
+    subscription: String,
+    resource_group: String,
+    name: String,
+    #[serde(flatten)]
+    kms: Kms,
+}
+
+static SPEC: KindSpec = KindSpec {
+    name: "azure.aks_kms",
+    summary: "Switches an existing cluster's KMS data encryption: to `PMK` (enables infrastructure encryption; from CMK, disables the customer-managed key) or to `CMK` (a versionless `key_id` through the user-assigned `identity_id`). Only `securityProfile` (and `identity` for CMK) change; the PUT carries `If-Match`. Enabling infrastructure encryption is the point of no return: `plan` says so first, and rollback puts back everything else but leaves it on.",
+    params: &[
+        SUBSCRIPTION,
+        RESOURCE_GROUP,
+        NAME,
+        KMS_MODE,
+        KEY_ID,
+        KEY_VAULT_ID,
+        NETWORK_ACCESS,
+        IDENTITY_ID,
+    ],
+    outputs: OutputsSpec::Fixed(&[
+        OutputSpec {
+            name: "id",
+            description: "the cluster's ARM id",
+        },
+        OutputSpec {
+            name: "name",
+            description: "its name",
+        },
+        OutputSpec {
+            name: "kms_mode",
+            description: "`PMK` or `CMK`, as the cluster reports it",
+        },
+        OutputSpec {
+            name: "security_profile",
+            description: "the cluster's `securityProfile`",
+        },
+    ]),
+    may_be_irreversible: true,
+};
+
+/// Puts back the KMS fields and identity of `before` (infrastructure encryption cannot be
+/// turned off, so it stays as it is now).
+pub(crate) async fn restore(
+    client: &crate::AzureClient,
+    url: &url::Url,
+    before: &Value,
+    name: &str,
+) -> Result<Undo, StepError> {
+    let current = common::read(client, url).await?;
+    if current.is_null() {
+        return Ok(Undo::Done);
+    }
+    let mut body = current.clone();
+    let profile = &mut body["properties"]["securityProfile"];
+    let previous_kms = before["properties"]["securityProfile"]["azureKeyVaultKms"].clone();
+    profile["azureKeyVaultKms"] = if previous_kms.is_null() {
+        json!({"enabled": false})
+    } else {
+        previous_kms
+    };
+    body["identity"] = before["identity"].clone();
+    aks::strip_read_only(&mut body);
+    client
+        .write_and_wait(reqwest::Method::PUT, url, &body, current["eTag"].as_str())
+        .await?;
+    if aks::mode_of(before) == "None" {
+        return Ok(Undo::Irreversible(format!(
+            "{} on cluster `{name}`; everything else was put back",
+            aks::NO_DOWNGRADE
+        )));
+    }
+    Ok(Undo::Done)
+}
+
+impl AksKms {
+    async fn url(&self, p: &Params) -> Result<(Arc<crate::AzureClient>, url::Url), StepError> {
+        let client = self.0.client().await?;
+        let segments = common::resource_path(
+            &p.subscription,
+            &p.resource_group,
+            "Microsoft.ContainerService",
+            "managedClusters",
+            &p.name,
+        );
+        let url = client.arm_url(&segments, aks::API)?;
+        Ok((client, url))
+    }
+}
+
+#[async_trait]
+impl StepKind for AksKms {
+    fn spec(&self) -> &'static KindSpec {
+        &SPEC
+    }
+
+    async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
+        let p: Params = cx.params()?;
+        let (client, url) = self.url(&p).await?;
+        let cluster = common::read(&client, &url).await?;
+        if cluster.is_null() {
+            return Err(StepError::permanent(format!(
+                "AKS cluster `{}` does not exist in resource group `{}`",
+                p.name, p.resource_group
+            )));
+        }
+        Ok(cluster)
+    }
+
+    fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {
+        let p: Params = cx.params()?;
+        p.kms.check()?;
+        let fields = p.kms.differences(before);
+        if fields.is_empty() {
+            return Ok(StepPlan::unchanged(cluster_outputs(before)));
+        }
+        let version = before["properties"]["currentKubernetesVersion"]
+            .as_str()
+            .or_else(|| before["properties"]["kubernetesVersion"].as_str())
+            .unwrap_or_default();
+        if !aks::supports_kms(version) {
+            return Err(StepError::permanent(format!(
+                "cluster `{}` runs Kubernetes {version}; KMS data encryption needs 1.33 or later: upgrade the cluster first",
+                p.name
+            )));
+        }
+        let mut plan = StepPlan::change(Change::Update {
+            summary: format!(
+                "switch AKS cluster {} from {} to {} KMS encryption",
+                p.name,
+                aks::mode_of(before),
+                p.kms.kms_mode
+            ),
+            fields,
+        });
+        if aks::mode_of(before) == "None" {
+            plan.irreversible = Some(format!("{} on cluster `{}`", aks::NO_DOWNGRADE, p.name));
+        }
+        Ok(plan)
+    }
+
+    async fn apply(
+        &self,
+        cx: &StepContext<'_>,
+        before: &Value,
+        _plan: &StepPlan,
+    ) -> Result<Map<String, Value>, StepError> {
+        let p: Params = cx.params()?;
+        let (client, url) = self.url(&p).await?;
+        let result = client
+            .write_and_wait(
+                reqwest::Method::PUT,
+                &url,
+                &p.kms.apply_to(before),
+                before["eTag"].as_str(),
+            )
+            .await?;
+        Ok(cluster_outputs(&result))
+    }
+
+    async fn rollback(
+        &self,
+        cx: &StepContext<'_>,
+        before: &Value,
+        outcome: Outcome,
+    ) -> Result<Undo, StepError> {
+        if outcome != Outcome::Updated {
+            return Ok(Undo::NothingToUndo);
+        }
+        let p: Params = cx.params()?;
+        let (client, url) = self.url(&p).await?;
+        restore(&client, &url, before, &p.name).await
+    }
+}

@@ -1,0 +1,317 @@
+//! The AKS kinds against the sandbox: a new PMK cluster, a PMK → CMK migration of an existing
+//! cluster and its rollback, Kubernetes < 1.33 refused, and a 409 during a cluster operation.
+
+mod support;
+
+use std::time::Duration;
+
+use kmsflow_engine::kind::Outcome;
+use kmsflow_sandbox::{Delays, Faults, Rule};
+use kmsflow_state::RunStatus;
+use serde_json::{Value, json};
+use support::Harness;
+
+fn quick_clusters() -> Faults {
+    Faults {
+        delays: Delays {
+            cluster_operation: Duration::from_millis(300),
+            ..Delays::default()
+        },
+        ..Faults::default()
+    }
+}
+
+const PMK_NEW: &str = r#"
+name: pmk-new
+params:
+  subscription: { type: string }
+steps:
+  - id: feature
+    uses: azure.feature
+    with: { subscription: "{{params.subscription}}", poll_interval: 50ms }
+  - id: group
+    uses: azure.resource_group
+    with: { subscription: "{{params.subscription}}", resource_group: rg-aks, location: eastus }
+  - id: cluster
+    uses: azure.aks_cluster
+    needs: [feature, group]
+    with: { subscription: "{{params.subscription}}", resource_group: rg-aks, name: aks-pmk, location: eastus, kms_mode: PMK }
+  - id: verify
+    uses: azure.aks_verify
+    with: { subscription: "{{params.subscription}}", resource_group: rg-aks, name: "{{steps.cluster.outputs.name}}", expected_mode: PMK }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pmk_cluster_is_created_verified_and_then_left_alone() {
+    let h = Harness::new(quick_clusters()).await;
+    let first = h.run(PMK_NEW, &[]).await;
+    assert_eq!(first.status, RunStatus::Succeeded, "{:?}", first.error);
+    assert_eq!(
+        h.step(&first.run_id, "cluster").outcome,
+        Some(Outcome::Created)
+    );
+    let profile = &h.step(&first.run_id, "verify").outputs.unwrap()["security_profile"];
+    assert_eq!(
+        profile["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"],
+        "Enabled"
+    );
+    let mark = h.sandbox.requests().len();
+    let second = h.run(PMK_NEW, &[]).await;
+    assert_eq!(second.status, RunStatus::Succeeded, "{:?}", second.error);
+    assert_eq!(h.writes_since(mark), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pmk_is_refused_until_the_feature_is_registered() {
+    let h = Harness::new(quick_clusters()).await;
+    let without_feature = PMK_NEW.replace("needs: [feature, group]", "needs: [group]").replace(
+        "  - id: feature\n    uses: azure.feature\n    with: { subscription: \"{{params.subscription}}\", poll_interval: 50ms }\n",
+        "",
+    );
+    let summary = h.run(&without_feature, &[]).await;
+    assert_eq!(summary.status, RunStatus::Failed);
+    let error = h.step(&summary.run_id, "cluster").error.unwrap();
+    assert!(
+        error.contains("400 BadRequest") && error.contains("KMSPMKPreview is not enabled"),
+        "{error}"
+    );
+}
+
+fn existing_cluster(subscription: &str, version: &str, pmk: bool) -> Value {
+    let profile = if pmk {
+        json!({"kubernetesResourceObjectEncryptionProfile": {"infrastructureEncryption": "Enabled"}, "azureKeyVaultKms": null})
+    } else {
+        json!({"kubernetesResourceObjectEncryptionProfile": null, "azureKeyVaultKms": null})
+    };
+    json!({
+        "id": format!("/subscriptions/{subscription}/resourceGroups/rg-aks/providers/Microsoft.ContainerService/managedClusters/aks-prod"),
+        "name": "aks-prod",
+        "type": "Microsoft.ContainerService/ManagedClusters",
+        "location": "eastus",
+        "eTag": "etag-1",
+        "identity": {"type": "SystemAssigned", "principalId": "11111111-1111-4111-8111-111111111111", "tenantId": "t"},
+        "properties": {
+            "provisioningState": "Succeeded",
+            "kubernetesVersion": version,
+            "currentKubernetesVersion": version,
+            "dnsPrefix": "aks-prod",
+            "agentPoolProfiles": [{"name": "nodepool1", "mode": "System", "count": 3, "vmSize": "Standard_DS2_v2", "osType": "Linux", "type": "VirtualMachineScaleSets"}],
+            "securityProfile": profile,
+        },
+    })
+}
+
+const MIGRATE: &str = r#"
+name: migrate-pmk-to-cmk
+params:
+  subscription: { type: string }
+  tenant: { type: string }
+  network_access: { type: string, default: Private, enum: [Public, Private] }
+steps:
+  - id: vault
+    uses: azure.keyvault
+    with: { subscription: "{{params.subscription}}", resource_group: rg-aks, name: kv-aks-prod, location: eastus, tenant: "{{params.tenant}}" }
+  - id: officer
+    uses: azure.role_assignment
+    with: { scope: "{{steps.vault.outputs.id}}", role: Key Vault Crypto Officer, principal: me }
+  - id: key
+    uses: azure.keyvault_key
+    needs: [officer]
+    with: { vault_uri: "{{steps.vault.outputs.vault_uri}}", name: kms-key }
+  - id: firewall
+    uses: azure.keyvault_network
+    needs: [key]
+    with: { subscription: "{{params.subscription}}", resource_group: rg-aks, name: kv-aks-prod }
+  - id: identity
+    uses: azure.identity
+    with: { subscription: "{{params.subscription}}", resource_group: rg-aks, name: id-aks-prod, location: eastus }
+  - id: crypto-user
+    uses: azure.role_assignment
+    with: { scope: "{{steps.vault.outputs.id}}", role: Key Vault Crypto User, principal: "{{steps.identity.outputs.principal_id}}" }
+  - id: contributor
+    uses: azure.role_assignment
+    with: { scope: "{{steps.vault.outputs.id}}", role: Key Vault Contributor, principal: "{{steps.identity.outputs.principal_id}}" }
+  - id: switch
+    uses: azure.aks_kms
+    needs: [firewall, crypto-user, contributor]
+    with:
+      subscription: "{{params.subscription}}"
+      resource_group: rg-aks
+      name: aks-prod
+      kms_mode: CMK
+      key_id: "{{steps.key.outputs.key_id}}"
+      key_vault_id: "{{steps.vault.outputs.id}}"
+      network_access: "{{params.network_access}}"
+      identity_id: "{{steps.identity.outputs.id}}"
+  - id: verify
+    uses: azure.aks_verify
+    needs: [switch]
+    with:
+      subscription: "{{params.subscription}}"
+      resource_group: rg-aks
+      name: aks-prod
+      expected_mode: CMK
+      key_id: "{{steps.key.outputs.key_id}}"
+      network_access: "{{params.network_access}}"
+"#;
+
+fn seed(h: &Harness, version: &str, pmk: bool) {
+    let cluster = existing_cluster(&h.subscription(), version, pmk);
+    h.sandbox.with_world(|w| {
+        w.resource_group("rg-aks", "eastus");
+        w.feature_registered("Microsoft.ContainerService", "KMSPMKPreview");
+        w.resource(cluster);
+    });
+}
+
+fn cluster_of(h: &Harness) -> Value {
+    h.sandbox.world()["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "aks-prod")
+        .cloned()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pmk_cluster_migrates_to_cmk_and_rolls_back_to_pmk() {
+    let h = Harness::new(quick_clusters()).await;
+    seed(&h, "1.33.0", true);
+    let summary = h.run(MIGRATE, &[]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    let cluster = cluster_of(&h);
+    let kms = &cluster["properties"]["securityProfile"]["azureKeyVaultKms"];
+    assert_eq!(kms["enabled"], true);
+    assert_eq!(kms["keyVaultNetworkAccess"], "Private");
+    assert!(kms["keyId"].as_str().unwrap().ends_with("/keys/kms-key"));
+    assert_eq!(cluster["identity"]["type"], "UserAssigned");
+
+    let run = kmsflow_state::Store::open(&h.engine.state_path, kmsflow_state::Durability::Normal)
+        .unwrap()
+        .run(&summary.run_id)
+        .unwrap();
+    let compiled = std::sync::Arc::new(
+        kmsflow_engine::compile(
+            &kmsflow_engine::RunbookSource::new("t", MIGRATE),
+            &h.engine.registry,
+        )
+        .unwrap(),
+    );
+    let params = kmsflow_engine::params::bind(
+        &compiled,
+        &kmsflow_engine::params::ParamSources {
+            stored: run.params.as_object().unwrap().clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let rolled = kmsflow_engine::rollback::rollback(
+        &h.engine,
+        &run,
+        compiled,
+        params,
+        kmsflow_engine::progress::silent(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rolled.status, RunStatus::RolledBack, "{:?}", rolled.error);
+    let cluster = cluster_of(&h);
+    assert_eq!(
+        cluster["properties"]["securityProfile"]["azureKeyVaultKms"]["enabled"],
+        false
+    );
+    assert_eq!(
+        cluster["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"],
+        "Enabled"
+    );
+    assert_eq!(cluster["identity"]["type"], "SystemAssigned");
+    let world = h.sandbox.world();
+    assert_eq!(world["role_assignments"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        world["resources"].as_array().unwrap().len(),
+        1,
+        "only the pre-existing cluster is left: {world:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_below_1_33_is_refused_before_any_change() {
+    let h = Harness::new(quick_clusters()).await;
+    seed(&h, "1.32.7", false);
+    let only_switch = r#"
+name: pmk-existing
+params:
+  subscription: { type: string }
+steps:
+  - id: switch
+    uses: azure.aks_kms
+    with: { subscription: "{{params.subscription}}", resource_group: rg-aks, name: aks-prod, kms_mode: PMK }
+"#;
+    let mark = h.sandbox.requests().len();
+    let summary = h.run(only_switch, &[]).await;
+    assert_eq!(summary.status, RunStatus::Failed);
+    let error = h.step(&summary.run_id, "switch").error.unwrap();
+    assert!(
+        error.contains("runs Kubernetes 1.32.7") && error.contains("1.33"),
+        "{error}"
+    );
+    assert_eq!(h.writes_since(mark), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enabling_pmk_is_a_point_of_no_return_and_survives_a_409() {
+    let mut faults = quick_clusters();
+    faults.rules.push(Rule {
+        method: Some("PUT".into()),
+        path: "*/managedClusters/*".into(),
+        times: 1,
+        status: 409,
+        code: "OperationNotAllowed".into(),
+        message: None,
+    });
+    let h = Harness::new(faults).await;
+    seed(&h, "1.33.0", false);
+    let enable = r#"
+name: pmk-existing
+params:
+  subscription: { type: string }
+steps:
+  - id: switch
+    uses: azure.aks_kms
+    with: { subscription: "{{params.subscription}}", resource_group: rg-aks, name: aks-prod, kms_mode: PMK }
+"#;
+    let compiled = kmsflow_engine::compile(
+        &kmsflow_engine::RunbookSource::new("t", enable),
+        &h.engine.registry,
+    )
+    .unwrap();
+    let params = kmsflow_engine::params::bind(
+        &compiled,
+        &kmsflow_engine::params::ParamSources {
+            cli: vec![("subscription".into(), h.subscription())],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let previews = kmsflow_engine::preview::preview(&compiled, &params, &h.engine.registry).await;
+    assert!(
+        previews[0]
+            .irreversible
+            .as_deref()
+            .unwrap()
+            .contains("cannot be turned off"),
+        "{previews:?}"
+    );
+    let summary = h.run(enable, &[]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    assert!(
+        h.sandbox.requests().iter().any(|r| r.status == 409),
+        "the 409 happened and was retried"
+    );
+    assert_eq!(
+        cluster_of(&h)["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]
+            ["infrastructureEncryption"],
+        "Enabled"
+    );
+}
