@@ -141,13 +141,13 @@ impl StepKind for AksVerify {
                 ("keyVaultNetworkAccess", &p.network_access),
                 ("keyVaultResourceId", &p.key_vault_id),
             ] {
-                if let Some(want) = want {
-                    if !same(want, &kms[field]) {
-                        mismatches.push(format!(
-                            "azureKeyVaultKms.{field} is {}, expected \"{want}\"",
-                            kms[field]
-                        ));
-                    }
+                if let Some(want) = want
+                    && !same(want, &kms[field])
+                {
+                    mismatches.push(format!(
+                        "azureKeyVaultKms.{field} is {}, expected \"{want}\"",
+                        kms[field]
+                    ));
                 }
             }
             if kms["keyId"]
