@@ -680,6 +680,9 @@ impl World {
                 }
                 let mut properties = body["properties"].clone();
                 let defaults = json!({
+                    "enabledForDeployment": false,
+                    "enabledForDiskEncryption": false,
+                    "enabledForTemplateDeployment": false,
                     "enableRbacAuthorization": false,
                     "enableSoftDelete": true,
                     "softDeleteRetentionInDays": 90,
@@ -1480,6 +1483,14 @@ impl World {
                 let mut properties = Value::Object(properties);
                 properties["kubernetesVersion"] = json!(effective_version);
                 properties["currentKubernetesVersion"] = json!(effective_version);
+                properties["maxAgentPools"] = json!(100);
+                if properties
+                    .get("nodeResourceGroup")
+                    .is_none_or(Value::is_null)
+                {
+                    properties["nodeResourceGroup"] =
+                        json!(format!("MC_{}_{name}_{location}", req.raw_segments[3]));
+                }
                 properties["fqdn"] = json!(format!(
                     "{}-{}.hcp.{location}.azmk8s.io",
                     properties["dnsPrefix"].as_str().unwrap_or(&name),
