@@ -6,6 +6,7 @@ mod aks_kms;
 mod aks_verify;
 mod common;
 mod feature;
+mod generic;
 mod identity;
 mod keyvault;
 mod keyvault_key;
@@ -30,5 +31,9 @@ pub fn register(registry: &mut Registry, azure: Arc<Azure>) {
     registry.register(Arc::new(role_assignment::RoleAssignment(azure.clone())));
     registry.register(Arc::new(aks_cluster::AksCluster(azure.clone())));
     registry.register(Arc::new(aks_kms::AksKms(azure.clone())));
-    registry.register(Arc::new(aks_verify::AksVerify(azure)));
+    registry.register(Arc::new(aks_verify::AksVerify(azure.clone())));
+    registry.register(Arc::new(generic::Resource(azure.clone())));
+    registry.register(Arc::new(generic::Action(azure.clone())));
+    registry.register(Arc::new(generic::Wait(azure.clone())));
+    registry.register(Arc::new(generic::Assert(azure)));
 }

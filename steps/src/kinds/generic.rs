@@ -1,0 +1,436 @@
+//! Generic ARM kinds, so runbooks can reach beyond KMS (as SSM Automation's executeAwsApi,
+//! waitForAwsResourceProperty and assertAwsResourceProperty do): `azure.resource`,
+//! `azure.action`, `azure.wait`, `azure.assert`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kmsflow_engine::duration::HumanDuration;
+use kmsflow_engine::kind::*;
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::common::{self, outputs, pattern};
+use crate::azure::Azure;
+use crate::client::ARM_SCOPE;
+
+const ID: ParamSpec = ParamSpec::required("id", ValueType::String, "the resource's ARM id")
+    .pattern(pattern::RESOURCE_ID);
+const API_VERSION: ParamSpec = ParamSpec::required(
+    "api_version",
+    ValueType::String,
+    "the API version to call, e.g. `2025-04-01`",
+)
+.pattern(r"\d{4}-\d{2}-\d{2}(-preview)?|\d+\.\d+");
+const POINTER: ParamSpec = ParamSpec::required(
+    "pointer",
+    ValueType::String,
+    "a JSON pointer into the resource, e.g. `/properties/provisioningState`",
+)
+.pattern(r"(/[^/]*)*");
+
+async fn url(
+    azure: &Azure,
+    id: &str,
+    extra: Option<&str>,
+    api_version: &str,
+) -> Result<(Arc<crate::AzureClient>, url::Url), StepError> {
+    let client = azure.client().await?;
+    let mut segments = common::id_segments(id)?;
+    if let Some(extra) = extra {
+        segments.push(extra);
+    }
+    let url = client.arm_url(&segments, api_version)?;
+    Ok((client, url))
+}
+
+/// A resource with a desired body: PUT only when it differs from what is there.
+pub struct Resource(pub Arc<Azure>);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResourceParams {
+    id: String,
+    api_version: String,
+    body: Map<String, Value>,
+}
+
+static RESOURCE: KindSpec = KindSpec {
+    name: "azure.resource",
+    summary: "Ensures an ARM resource matches `body` (compared field by field; fields Azure adds are ignored): created when absent, PUT when different, untouched otherwise. Rollback deletes what it created, or PUTs back what was there.",
+    params: &[
+        ID,
+        API_VERSION,
+        ParamSpec::required(
+            "body",
+            ValueType::Map,
+            "the resource's desired body (`location`, `properties`, ...)",
+        ),
+    ],
+    outputs: OutputsSpec::Fixed(&[
+        OutputSpec {
+            name: "id",
+            description: "the resource's ARM id",
+        },
+        OutputSpec {
+            name: "resource",
+            description: "the resource as Azure returns it",
+        },
+    ]),
+    may_be_irreversible: false,
+};
+
+#[async_trait]
+impl StepKind for Resource {
+    fn spec(&self) -> &'static KindSpec {
+        &RESOURCE
+    }
+
+    async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
+        let p: ResourceParams = cx.params()?;
+        let (client, url) = url(&self.0, &p.id, None, &p.api_version).await?;
+        common::read(&client, &url).await
+    }
+
+    fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {
+        let p: ResourceParams = cx.params()?;
+        if before.is_null() {
+            return Ok(StepPlan::change(Change::Create {
+                summary: format!("create {}", p.id),
+            }));
+        }
+        let mut fields = Vec::new();
+        common::differences(&Value::Object(p.body), before, "", &mut fields);
+        if fields.is_empty() {
+            return Ok(StepPlan::unchanged(outputs([
+                ("id", before["id"].clone()),
+                ("resource", before.clone()),
+            ])));
+        }
+        Ok(StepPlan::change(Change::Update {
+            summary: format!("update {}", p.id),
+            fields,
+        }))
+    }
+
+    async fn apply(
+        &self,
+        cx: &StepContext<'_>,
+        _before: &Value,
+        _plan: &StepPlan,
+    ) -> Result<Map<String, Value>, StepError> {
+        let p: ResourceParams = cx.params()?;
+        let (client, url) = url(&self.0, &p.id, None, &p.api_version).await?;
+        let result = common::put(&client, &url, &Value::Object(p.body)).await?;
+        Ok(outputs([
+            ("id", result["id"].clone()),
+            ("resource", result),
+        ]))
+    }
+
+    async fn rollback(
+        &self,
+        cx: &StepContext<'_>,
+        before: &Value,
+        outcome: Outcome,
+    ) -> Result<Undo, StepError> {
+        let p: ResourceParams = cx.params()?;
+        let (client, url) = url(&self.0, &p.id, None, &p.api_version).await?;
+        match outcome {
+            Outcome::Created => common::delete(&client, &url).await.map(|_| Undo::Done),
+            Outcome::Updated => {
+                let mut body = before.clone();
+                if let Some(properties) = body["properties"].as_object_mut() {
+                    properties.remove("provisioningState");
+                }
+                common::put(&client, &url, &body).await.map(|_| Undo::Done)
+            }
+            _ => Ok(Undo::NothingToUndo),
+        }
+    }
+}
+
+/// A POST action on a resource.
+pub struct Action(pub Arc<Azure>);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionParams {
+    id: String,
+    action: String,
+    api_version: String,
+    #[serde(default)]
+    body: Option<Map<String, Value>>,
+    #[serde(default)]
+    undo_action: Option<String>,
+}
+
+static ACTION: KindSpec = KindSpec {
+    name: "azure.action",
+    summary: "POSTs `action` on a resource (e.g. `register`, `rotate`, `abort`) and follows the operation. It runs on every run: use `azure.wait`/`azure.assert` or `if` to make it conditional. Rollback POSTs `undo_action` when given, and otherwise leaves things as they are.",
+    params: &[
+        ID,
+        ParamSpec::required(
+            "action",
+            ValueType::String,
+            "the action's name, the last URL segment",
+        )
+        .pattern("[A-Za-z][A-Za-z0-9]{0,63}"),
+        API_VERSION,
+        ParamSpec::optional(
+            "body",
+            ValueType::Map,
+            "the request body, if the action takes one",
+        ),
+        ParamSpec::optional(
+            "undo_action",
+            ValueType::String,
+            "an action that undoes this one, for rollback",
+        )
+        .pattern("[A-Za-z][A-Za-z0-9]{0,63}"),
+    ],
+    outputs: OutputsSpec::Fixed(&[OutputSpec {
+        name: "response",
+        description: "the action's response body",
+    }]),
+    may_be_irreversible: false,
+};
+
+#[async_trait]
+impl StepKind for Action {
+    fn spec(&self) -> &'static KindSpec {
+        &ACTION
+    }
+
+    async fn observe(&self, _cx: &StepContext<'_>) -> Result<Value, StepError> {
+        Ok(Value::Null)
+    }
+
+    fn plan(&self, cx: &StepContext<'_>, _before: &Value) -> Result<StepPlan, StepError> {
+        let p: ActionParams = cx.params()?;
+        Ok(StepPlan::change(Change::Action {
+            summary: format!("POST {} on {}", p.action, p.id),
+        }))
+    }
+
+    async fn apply(
+        &self,
+        cx: &StepContext<'_>,
+        _before: &Value,
+        _plan: &StepPlan,
+    ) -> Result<Map<String, Value>, StepError> {
+        let p: ActionParams = cx.params()?;
+        let (client, url) = url(&self.0, &p.id, Some(&p.action), &p.api_version).await?;
+        let body = p.body.map(Value::Object);
+        let response = client
+            .send(Method::POST, &url, ARM_SCOPE, body.as_ref(), None)
+            .await?;
+        let status_url = url.clone();
+        let result = if response.async_operation.is_some() || response.status == 202 {
+            client.follow(response, &status_url).await?
+        } else {
+            response.body
+        };
+        Ok(outputs([("response", result)]))
+    }
+
+    async fn rollback(
+        &self,
+        cx: &StepContext<'_>,
+        _before: &Value,
+        _outcome: Outcome,
+    ) -> Result<Undo, StepError> {
+        let p: ActionParams = cx.params()?;
+        let Some(undo) = &p.undo_action else {
+            return Ok(Undo::NothingToUndo);
+        };
+        let (client, url) = url(&self.0, &p.id, Some(undo), &p.api_version).await?;
+        client
+            .send(Method::POST, &url, ARM_SCOPE, None, None)
+            .await?;
+        Ok(Undo::Done)
+    }
+}
+
+/// Polls a resource until a JSON pointer has one of the wanted values.
+pub struct Wait(pub Arc<Azure>);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitParams {
+    id: String,
+    api_version: String,
+    pointer: String,
+    values: Vec<Value>,
+    #[serde(default = "ten_seconds")]
+    poll_interval: HumanDuration,
+}
+
+fn ten_seconds() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+static WAIT: KindSpec = KindSpec {
+    name: "azure.wait",
+    summary: "Reads a resource every `poll_interval` until the value at `pointer` is one of `values` (strings compare case-insensitively); a missing resource counts as not yet. Bound it with the step's `timeout`. Reads only.",
+    params: &[
+        ID,
+        API_VERSION,
+        POINTER,
+        ParamSpec::required("values", ValueType::List, "the values to wait for"),
+        ParamSpec::optional(
+            "poll_interval",
+            ValueType::Duration,
+            "how often to read (default 10s)",
+        ),
+    ],
+    outputs: OutputsSpec::Fixed(&[OutputSpec {
+        name: "value",
+        description: "the value found",
+    }]),
+    may_be_irreversible: false,
+};
+
+fn matches_any(found: &Value, wanted: &[Value]) -> bool {
+    wanted.iter().any(|w| match (w, found) {
+        (Value::String(a), Value::String(b)) => a.eq_ignore_ascii_case(b),
+        (a, b) => a == b,
+    })
+}
+
+#[async_trait]
+impl StepKind for Wait {
+    fn spec(&self) -> &'static KindSpec {
+        &WAIT
+    }
+
+    async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
+        let p: WaitParams = cx.params()?;
+        let (client, url) = url(&self.0, &p.id, None, &p.api_version).await?;
+        let resource = common::read(&client, &url).await?;
+        Ok(resource.pointer(&p.pointer).cloned().unwrap_or(Value::Null))
+    }
+
+    fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {
+        let p: WaitParams = cx.params()?;
+        if matches_any(before, &p.values) {
+            return Ok(StepPlan::unchanged(outputs([("value", before.clone())])));
+        }
+        Ok(StepPlan::change(Change::Action {
+            summary: format!(
+                "wait until {}{} is one of {} (now {before})",
+                p.id,
+                p.pointer,
+                Value::from(p.values.clone())
+            ),
+        }))
+    }
+
+    async fn apply(
+        &self,
+        cx: &StepContext<'_>,
+        _before: &Value,
+        _plan: &StepPlan,
+    ) -> Result<Map<String, Value>, StepError> {
+        let p: WaitParams = cx.params()?;
+        loop {
+            tokio::time::sleep(p.poll_interval.0).await;
+            let found = self.observe(cx).await?;
+            if matches_any(&found, &p.values) {
+                return Ok(outputs([("value", found)]));
+            }
+        }
+    }
+
+    async fn rollback(
+        &self,
+        _cx: &StepContext<'_>,
+        _before: &Value,
+        _outcome: Outcome,
+    ) -> Result<Undo, StepError> {
+        Ok(Undo::NothingToUndo)
+    }
+}
+
+/// Fails unless a resource's value at a JSON pointer is one of the expected values.
+pub struct Assert(pub Arc<Azure>);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssertParams {
+    id: String,
+    api_version: String,
+    pointer: String,
+    values: Vec<Value>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+static ASSERT: KindSpec = KindSpec {
+    name: "azure.assert",
+    summary: "Fails unless the value at `pointer` in a resource is one of `values` (strings compare case-insensitively), saying what was found. Reads only.",
+    params: &[
+        ID,
+        API_VERSION,
+        POINTER,
+        ParamSpec::required("values", ValueType::List, "the accepted values"),
+        ParamSpec::optional("message", ValueType::String, "what the failure means"),
+    ],
+    outputs: OutputsSpec::Fixed(&[OutputSpec {
+        name: "value",
+        description: "the value found",
+    }]),
+    may_be_irreversible: false,
+};
+
+#[async_trait]
+impl StepKind for Assert {
+    fn spec(&self) -> &'static KindSpec {
+        &ASSERT
+    }
+
+    async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
+        let p: AssertParams = cx.params()?;
+        let (client, url) = url(&self.0, &p.id, None, &p.api_version).await?;
+        let resource = common::read(&client, &url).await?;
+        if resource.is_null() {
+            return Err(StepError::permanent(format!("`{}` does not exist", p.id)));
+        }
+        Ok(json!({"value": resource.pointer(&p.pointer).cloned().unwrap_or(Value::Null)}))
+    }
+
+    fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {
+        let p: AssertParams = cx.params()?;
+        let found = &before["value"];
+        if matches_any(found, &p.values) {
+            return Ok(StepPlan::unchanged(outputs([("value", found.clone())])));
+        }
+        Err(StepError::permanent(format!(
+            "{}: {}{} is {found}, expected one of {}",
+            p.message.as_deref().unwrap_or("assertion failed"),
+            p.id,
+            p.pointer,
+            Value::from(p.values.clone())
+        )))
+    }
+
+    async fn apply(
+        &self,
+        _cx: &StepContext<'_>,
+        _before: &Value,
+        plan: &StepPlan,
+    ) -> Result<Map<String, Value>, StepError> {
+        Ok(plan.outputs.clone())
+    }
+
+    async fn rollback(
+        &self,
+        _cx: &StepContext<'_>,
+        _before: &Value,
+        _outcome: Outcome,
+    ) -> Result<Undo, StepError> {
+        Ok(Undo::NothingToUndo)
+    }
+}
