@@ -75,6 +75,18 @@ pub enum GraphFormat {
     Json,
 }
 
+/// Running against the built-in sandbox instead of Azure.
+#[derive(Debug, Clone, Args)]
+pub struct SandboxArgs {
+    /// Run against an in-process sandbox (a loopback stand-in for Azure) instead of Azure. Its
+    /// world is kept beside the state file, so a killed run resumes against the same world.
+    #[arg(long)]
+    pub sandbox: bool,
+    /// Fault injection for the sandbox (YAML).
+    #[arg(long, value_name = "FILE", requires = "sandbox")]
+    pub sandbox_faults: Option<PathBuf>,
+}
+
 /// Parameters of a runbook.
 #[derive(Debug, Clone, Args)]
 pub struct ParamArgs {
@@ -110,6 +122,8 @@ pub enum Command {
         runbook: String,
         #[command(flatten)]
         params: ParamArgs,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
         /// Exit 5 when the plan has changes.
         #[arg(long)]
         detailed_exitcode: bool,
@@ -121,6 +135,8 @@ pub enum Command {
         runbook: String,
         #[command(flatten)]
         params: ParamArgs,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
         /// Steps running at once, at most.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
@@ -132,6 +148,8 @@ pub enum Command {
         run_id: String,
         #[command(flatten)]
         params: ParamArgs,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
         /// Run the runbook file as it is now even if it changed since the run started.
         #[arg(long)]
         allow_changed_runbook: bool,
@@ -145,6 +163,8 @@ pub enum Command {
         run_id: String,
         #[command(flatten)]
         params: ParamArgs,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -194,4 +214,17 @@ pub enum SandboxCommand {
         #[arg(long, value_name = "FILE")]
         world: Option<PathBuf>,
     },
+}
+
+impl Command {
+    /// The `--sandbox` arguments, for commands that take them and set them.
+    pub fn sandbox(&self) -> Option<&SandboxArgs> {
+        match self {
+            Command::Plan { sandbox, .. }
+            | Command::Run { sandbox, .. }
+            | Command::Resume { sandbox, .. }
+            | Command::Rollback { sandbox, .. } => Some(sandbox).filter(|s| s.sandbox),
+            _ => None,
+        }
+    }
 }

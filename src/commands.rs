@@ -49,18 +49,21 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Plan {
             runbook,
             params,
+            sandbox: _,
             detailed_exitcode,
             output,
         } => plan(&context, &runbook, &params, detailed_exitcode, output).await,
         Command::Run {
             runbook,
             params,
+            sandbox: _,
             concurrency,
             output,
         } => run(&context, &runbook, &params, concurrency, output).await,
         Command::Resume {
             run_id,
             params,
+            sandbox: _,
             allow_changed_runbook,
             concurrency,
             output,
@@ -78,6 +81,7 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Rollback {
             run_id,
             params,
+            sandbox: _,
             output,
         } => rollback(&context, &run_id, &params, output).await,
         Command::Approve {
@@ -105,17 +109,7 @@ struct Context {
 
 impl Context {
     fn engine(&self) -> Result<Engine, Failure> {
-        let state_path = match &self.state {
-            Some(path) => path.clone(),
-            None => dirs::state_dir()
-                .or_else(dirs::data_local_dir)
-                .map(|dir| dir.join("kmsflow").join("state.db"))
-                .ok_or_else(|| {
-                    Failure::Usage(
-                        "cannot find a state directory; pass --state or set KMSFLOW_STATE".into(),
-                    )
-                })?,
-        };
+        let state_path = state_path(self.state.as_deref())?;
         Ok(Engine {
             registry: crate::registry_with(self.azure.clone()),
             state_path,
@@ -666,4 +660,19 @@ async fn sandbox_serve(
     drop(stdout);
     crate::signals::install().drain.cancelled().await;
     Ok(code::SUCCESS)
+}
+
+/// `--state`, `$KMSFLOW_STATE`, else `kmsflow/state.db` under the user's state directory.
+pub fn state_path(given: Option<&std::path::Path>) -> Result<PathBuf, Failure> {
+    match given {
+        Some(path) => Ok(path.to_owned()),
+        None => dirs::state_dir()
+            .or_else(dirs::data_local_dir)
+            .map(|dir| dir.join("kmsflow").join("state.db"))
+            .ok_or_else(|| {
+                Failure::Usage(
+                    "cannot find a state directory; pass --state or set KMSFLOW_STATE".into(),
+                )
+            }),
+    }
 }

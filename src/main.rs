@@ -6,6 +6,7 @@ mod cli;
 mod commands;
 mod failure;
 mod render;
+mod sandboxed;
 mod signals;
 
 use std::process::ExitCode;
@@ -37,13 +38,28 @@ pub fn registry() -> Registry {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     init_tracing(cli.log_format);
+    let sandbox = match sandboxed::prepare(&mut cli) {
+        Ok(sandbox) => sandbox,
+        Err(failure) => {
+            report(&failure);
+            return ExitCode::from(failure.exit_code());
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("build the tokio runtime");
-    match runtime.block_on(commands::dispatch(cli)) {
+    let result = runtime.block_on(async {
+        // Kept alive until the command is done.
+        let _sandbox = match sandbox.map(sandboxed::Prepared::start).transpose() {
+            Ok(sandbox) => sandbox,
+            Err(failure) => return Err(failure),
+        };
+        commands::dispatch(cli).await
+    });
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
             report(&failure);

@@ -202,3 +202,76 @@ fn a_run_killed_after_a_create_request_resumes_without_duplicates() {
         "a second run sends no writes: {writes:?}"
     );
 }
+
+#[test]
+fn a_sandboxed_run_survives_a_kill_and_resumes_against_the_same_world() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("setup.yaml"), SETUP).unwrap();
+    std::fs::write(
+        dir.path().join("slow.yaml"),
+        "latency: { min_ms: 0, max_ms: 0, write_ms: 500 }\n",
+    )
+    .unwrap();
+    let command = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kmsflow"));
+        command
+            .args(args)
+            .current_dir(dir.path())
+            .env("KMSFLOW_STATE", dir.path().join("state.db"))
+            .env_remove("AZURE_SUBSCRIPTION_ID")
+            .env_remove("IDENTITY_ENDPOINT");
+        command
+    };
+    let mut run = command(&[
+        "run",
+        "setup.yaml",
+        "--sandbox",
+        "--sandbox-faults",
+        "slow.yaml",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut run_id = None;
+    for line in BufReader::new(run.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("kmsflow: starting run ") {
+            run_id = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.contains("create RSA key kms-key") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(250));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let run_id = run_id.unwrap();
+    let world: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("state.sandbox.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        world["resources"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.contains("/vaults/kv-kms-e2e")),
+        "the vault was saved"
+    );
+
+    let resumed = command(&["resume", &run_id, "--sandbox"]).output().unwrap();
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let world: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("state.sandbox.json")).unwrap(),
+    )
+    .unwrap();
+    let keys = world["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+        keys[0][2].as_array().unwrap().len(),
+        1,
+        "exactly one key version"
+    );
+    assert_eq!(world["assignments"].as_object().unwrap().len(), 2);
+}

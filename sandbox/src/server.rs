@@ -28,6 +28,9 @@ pub struct SandboxOptions {
     pub faults: Faults,
     /// The managed-identity endpoint's secret (`IDENTITY_HEADER`); random when `None`.
     pub identity_header: Option<String>,
+    /// A file the world is loaded from at start (if it exists) and saved to after every
+    /// write, so a killed client can resume against the same world.
+    pub persist: Option<std::path::PathBuf>,
 }
 
 impl Default for SandboxOptions {
@@ -38,6 +41,7 @@ impl Default for SandboxOptions {
             caller_object_id: "00000000-0000-4000-8000-ca11e4000001".into(),
             faults: Faults::default(),
             identity_header: None,
+            persist: None,
         }
     }
 }
@@ -60,6 +64,7 @@ struct Shared {
     issuer: TokenIssuer,
     identity_header: String,
     log: Mutex<Vec<RequestRecord>>,
+    persist: Option<std::path::PathBuf>,
     started: Instant,
     subscription: String,
 }
@@ -90,13 +95,24 @@ impl Sandbox {
             object_id: options.caller_object_id.clone(),
             tenant_id: options.tenant.clone(),
         });
-        let world = World::new(
+        let mut world = World::new(
             base_url.clone(),
             options.subscription.clone(),
             options.tenant.clone(),
             options.caller_object_id.clone(),
             options.faults.delays,
         );
+        if let Some(path) = options.persist.as_ref().filter(|p| p.exists()) {
+            let invalid = |e: String| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("sandbox world `{}`: {e}", path.display()),
+                )
+            };
+            let saved: Value = serde_json::from_str(&std::fs::read_to_string(path)?)
+                .map_err(|e| invalid(e.to_string()))?;
+            world.restore(saved).map_err(|e| invalid(e.to_string()))?;
+        }
         let shared = Arc::new(Shared {
             world: Mutex::new(world),
             injector: Mutex::new(Injector::new(options.faults)),
@@ -106,6 +122,7 @@ impl Sandbox {
                 .clone()
                 .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
             log: Mutex::new(Vec::new()),
+            persist: options.persist.clone(),
             started: Instant::now(),
             subscription: options.subscription,
         });
@@ -384,12 +401,18 @@ async fn handle(
                                 caller: claims["oid"].as_str().unwrap_or_default().to_owned(),
                             };
                             let mut world = shared.world.lock().expect("world lock");
-                            if vault {
+                            let answer = if vault {
                                 let caller = req.caller.clone();
                                 world.key_vault(&req, &caller)
                             } else {
                                 world.arm(&req)
+                            };
+                            if write {
+                                if let Some(path) = &shared.persist {
+                                    save(path, &world.save());
+                                }
                             }
+                            answer
                         }
                     }
                 }
@@ -520,5 +543,15 @@ impl Sandbox {
                 world.resource(resource.clone());
             }
         });
+    }
+}
+
+/// Writes the world beside, then renames: a crash never leaves half a file.
+fn save(path: &std::path::Path, world: &Value) {
+    let temporary = path.with_extension("tmp");
+    let written = std::fs::write(&temporary, world.to_string())
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(error) = written {
+        tracing::error!(path = %path.display(), %error, "cannot save the sandbox world");
     }
 }
