@@ -407,10 +407,8 @@ async fn handle(
                             } else {
                                 world.arm(&req)
                             };
-                            if write {
-                                if let Some(path) = &shared.persist {
-                                    save(path, &world.save());
-                                }
+                            if write && let Some(path) = &shared.persist {
+                                save(path, &world.save());
                             }
                             answer
                         }
