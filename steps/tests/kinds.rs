@@ -43,7 +43,7 @@ steps:
   - id: key
     uses: azure.keyvault_key
     needs: [officer]
-    with: { vault_uri: "{{steps.vault.outputs.vault_uri}}", name: "{{params.key_name}}" }
+    with: { vault_uri: "{{steps.vault.outputs.vault_uri}}", vault_id: "{{steps.vault.outputs.id}}", name: "{{params.key_name}}" }
   - id: firewall
     uses: azure.keyvault_network
     needs: [key]
@@ -118,14 +118,11 @@ async fn the_cmk_setup_creates_once_and_a_second_run_sends_zero_writes() {
     );
     assert_eq!(vault["properties"]["enableRbacAuthorization"], true);
 
-    // The firewall now blocks this machine from the data plane, as it would in Azure, so the
-    // key step's second observation must fail: the private flow reads the key before the
-    // firewall closes. A second run of everything but the data-plane key read proves idempotency.
+    // The firewall now blocks this machine from the data plane, as it would in Azure; the
+    // key step reads the key through Resource Manager (`vault_id`), so a second run still
+    // sees it, changes nothing and sends no writes.
     let mark = h.sandbox.requests().len();
-    let second = h.run(&CMK_SETUP.replace("needs: [key]", "needs: [officer]").replace(
-        "  - id: key\n    uses: azure.keyvault_key\n    needs: [officer]\n    with: { vault_uri: \"{{steps.vault.outputs.vault_uri}}\", name: \"{{params.key_name}}\" }\n",
-        "",
-    ).replace("key_id: \"{{steps.key.outputs.key_id}}\"", "vault: \"{{steps.vault.outputs.id}}\""), &[]).await;
+    let second = h.run(CMK_SETUP, &[]).await;
     assert_eq!(second.status, RunStatus::Succeeded, "{:?}", second.error);
     for step in h.steps(&second.run_id) {
         assert_eq!(step.outcome, Some(Outcome::Unchanged), "{}", step.step_id);

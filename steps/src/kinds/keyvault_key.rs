@@ -6,12 +6,13 @@ use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::common::{outputs, pattern};
+use super::common::{self, outputs, pattern};
 use crate::AzureError;
 use crate::azure::Azure;
 use crate::client::VAULT_SCOPE;
 
 const API: &str = "7.5";
+const MANAGEMENT_API: &str = "2025-05-01";
 
 /// A Key Vault key (data plane). `create` mints a new version every call, so the key is read
 /// first and created only when absent: a retry after a crash never makes a second version.
@@ -21,6 +22,8 @@ pub struct KeyVaultKey(pub Arc<Azure>);
 #[serde(deny_unknown_fields)]
 struct Params {
     vault_uri: String,
+    #[serde(default)]
+    vault_id: Option<String>,
     name: String,
     #[serde(default = "rsa")]
     kty: String,
@@ -46,6 +49,12 @@ static SPEC: KindSpec = KindSpec {
             ValueType::String,
             "the vault's data-plane URI: the `vault_uri` output of an `azure.keyvault` step",
         ),
+        ParamSpec::optional(
+            "vault_id",
+            ValueType::String,
+            "the vault's ARM id: when given, the key is read through Resource Manager, which the vault's firewall does not block (so a second run of a private-vault runbook still sees the key)",
+        )
+        .pattern(pattern::RESOURCE_ID),
         ParamSpec::required("name", ValueType::String, "the key's name").pattern(pattern::KEY),
         ParamSpec::optional("kty", ValueType::String, "key type (default `RSA`)")
             .one_of(&["RSA", "RSA-HSM", "EC", "EC-HSM"]),
@@ -77,8 +86,15 @@ static SPEC: KindSpec = KindSpec {
     may_be_irreversible: false,
 };
 
-fn key_outputs(bundle: &Value) -> Map<String, Value> {
-    let kid = bundle["key"]["kid"].as_str().unwrap_or_default();
+/// Outputs from a data-plane key bundle or a management-plane key resource. Resource Manager
+/// writes key URIs with `:443`; AKS and the data plane use them without.
+fn key_outputs(key: &Value) -> Map<String, Value> {
+    let kid = key["key"]["kid"]
+        .as_str()
+        .or_else(|| key["properties"]["keyUriWithVersion"].as_str())
+        .unwrap_or_default()
+        .replacen(":443/", "/", 1);
+    let kid = kid.as_str();
     let (versionless, version) = kid.rsplit_once('/').unwrap_or((kid, ""));
     let name = versionless.rsplit('/').next().unwrap_or_default();
     outputs([
@@ -98,6 +114,12 @@ impl StepKind for KeyVaultKey {
     async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
         let p: Params = cx.params()?;
         let client = self.0.client().await?;
+        if let Some(vault_id) = &p.vault_id {
+            let mut segments = common::id_segments(vault_id)?;
+            segments.extend(["keys", p.name.as_str()]);
+            let url = client.arm_url(&segments, MANAGEMENT_API)?;
+            return common::read(&client, &url).await;
+        }
         let url = client.vault_url(&p.vault_uri, &["keys", &p.name], API)?;
         match client
             .send(Method::GET, &url, VAULT_SCOPE, None, None)
