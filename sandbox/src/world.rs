@@ -388,9 +388,27 @@ impl World {
                 "operationresults",
                 operation,
             ] => self.vault_operation(req, operation),
-            ["subscriptions", _, "resourcegroups", group, "providers", "microsoft.keyvault", "vaults", vault, "keys", key] => {
+            [
+                "subscriptions",
+                _,
+                "resourcegroups",
+                group,
+                "providers",
+                "microsoft.keyvault",
+                "vaults",
+                vault,
+                "keys",
+                key,
+            ] => {
                 if !self.groups.contains_key(*group) {
-                    return Resp::arm_error(404, "ResourceGroupNotFound", format!("Resource group '{}' could not be found.", req.raw_segments[3]));
+                    return Resp::arm_error(
+                        404,
+                        "ResourceGroupNotFound",
+                        format!(
+                            "Resource group '{}' could not be found.",
+                            req.raw_segments[3]
+                        ),
+                    );
                 }
                 let (vault, key) = (vault.to_string(), key.to_string());
                 self.management_key(req, &vault, &key)
@@ -1261,38 +1279,68 @@ impl World {
         let lower = req.path.to_ascii_lowercase();
         let vault_key = lower.split("/keys/").next().unwrap_or_default().to_owned();
         let Some(vault) = self.resources.get(&vault_key).cloned() else {
-            return not_found("Microsoft.KeyVault/vaults", &req.raw_segments[7], &req.raw_segments[3]);
+            return not_found(
+                "Microsoft.KeyVault/vaults",
+                &req.raw_segments[7],
+                &req.raw_segments[3],
+            );
         };
-        let vault_uri = vault["properties"]["vaultUri"].as_str().unwrap_or_default().to_owned();
+        let vault_uri = vault["properties"]["vaultUri"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let key = (vault_name.to_owned(), key_name.to_owned());
         match req.method.as_str() {
             "PUT" if !self.keys.contains_key(&key) => {
                 let body = req.body.clone().unwrap_or(Value::Null);
-                let kty = body["properties"]["kty"].as_str().unwrap_or("RSA").to_owned();
-                self.new_key_version(&vault_uri, vault_name, &req.raw_segments[9], &json!({"kty": kty}));
+                let kty = body["properties"]["kty"]
+                    .as_str()
+                    .unwrap_or("RSA")
+                    .to_owned();
+                self.new_key_version(
+                    &vault_uri,
+                    vault_name,
+                    &req.raw_segments[9],
+                    &json!({"kty": kty}),
+                );
             }
             "PUT" | "GET" => {}
             _ => return method_not_allowed(req),
         }
         let Some(latest) = self.keys.get(&key).and_then(|v| v.last()) else {
-            return Resp::arm_error(404, "ResourceNotFound", format!("The key '{}' was not found in vault '{}'.", req.raw_segments[9], req.raw_segments[7]));
+            return Resp::arm_error(
+                404,
+                "ResourceNotFound",
+                format!(
+                    "The key '{}' was not found in vault '{}'.",
+                    req.raw_segments[9], req.raw_segments[7]
+                ),
+            );
         };
         let kid = latest.body["key"]["kid"].as_str().unwrap_or_default();
-        let name = kid.split("/keys/").nth(1).and_then(|r| r.split('/').next()).unwrap_or(key_name).to_owned();
-        Resp::json(200, json!({
-            "id": format!("{}/keys/{name}", vault["id"].as_str().unwrap_or_default()),
-            "name": name,
-            "type": "Microsoft.KeyVault/vaults/keys",
-            "location": vault["location"],
-            "properties": {
-                "attributes": latest.body["attributes"],
-                "kty": latest.body["key"]["kty"],
-                "keyOps": latest.body["key"]["key_ops"],
-                "keySize": 2048,
-                "keyUri": format!("{vault_uri}/keys/{name}"),
-                "keyUriWithVersion": kid,
-            },
-        }))
+        let name = kid
+            .split("/keys/")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .unwrap_or(key_name)
+            .to_owned();
+        Resp::json(
+            200,
+            json!({
+                "id": format!("{}/keys/{name}", vault["id"].as_str().unwrap_or_default()),
+                "name": name,
+                "type": "Microsoft.KeyVault/vaults/keys",
+                "location": vault["location"],
+                "properties": {
+                    "attributes": latest.body["attributes"],
+                    "kty": latest.body["key"]["kty"],
+                    "keyOps": latest.body["key"]["key_ops"],
+                    "keySize": 2048,
+                    "keyUri": format!("{vault_uri}/keys/{name}"),
+                    "keyUriWithVersion": kid,
+                },
+            }),
+        )
     }
 
     fn new_key_version(

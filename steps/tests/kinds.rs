@@ -155,7 +155,7 @@ async fn a_public_vault_setup_is_fully_idempotent_including_the_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eventual_consistency_throttling_and_5xx_are_survived() {
+async fn a_throttling_storm_and_5xx_bursts_are_survived() {
     let faults = Faults {
         seed: 7,
         latency: Some(Latency {
@@ -164,20 +164,13 @@ async fn eventual_consistency_throttling_and_5xx_are_survived() {
             write_ms: 0,
         }),
         throttle: Some(Throttle {
-            probability: 0.1,
+            probability: 0.3,
             retry_after_s: 1,
         }),
         errors: Some(ServerErrors {
             probability: 0.1,
             statuses: vec![500, 503],
         }),
-        delays: Delays {
-            feature_registration: Duration::from_millis(500),
-            principal_replication: Duration::from_millis(1500),
-            rbac_propagation: Duration::from_millis(1500),
-            cluster_operation: Duration::ZERO,
-        },
-        token_buckets: false,
         rules: vec![Rule {
             method: Some("PUT".into()),
             path: "*/vaults/*".into(),
@@ -186,6 +179,31 @@ async fn eventual_consistency_throttling_and_5xx_are_survived() {
             code: "ServiceUnavailable".into(),
             message: None,
         }],
+        ..Faults::default()
+    };
+    let h = Harness::new(faults).await;
+    let summary = h.run(CMK_SETUP, &[]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    assert_eq!(world_counts(&h.sandbox.world()), (1, 3, 2));
+    let requests = h.sandbox.requests();
+    let throttled = requests.iter().filter(|r| r.status == 429).count();
+    assert!(throttled >= 3, "the storm throttled {throttled} requests");
+    assert!(
+        requests.iter().filter(|r| r.status == 503).count() >= 2,
+        "the vault PUT failed twice first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn principal_replication_and_rbac_propagation_delays_are_waited_out() {
+    let faults = Faults {
+        delays: Delays {
+            feature_registration: Duration::from_millis(300),
+            principal_replication: Duration::from_millis(1000),
+            rbac_propagation: Duration::from_millis(1000),
+            cluster_operation: Duration::ZERO,
+        },
+        ..Faults::default()
     };
     let h = Harness::new(faults).await;
     let summary = h.run(CMK_SETUP, &[]).await;
@@ -193,15 +211,15 @@ async fn eventual_consistency_throttling_and_5xx_are_survived() {
     assert_eq!(world_counts(&h.sandbox.world()), (1, 3, 2));
     let requests = h.sandbox.requests();
     assert!(
-        requests.iter().any(|r| r.status == 429),
-        "the storm throttled something"
-    );
-    assert!(
-        requests.iter().any(|r| r.status == 400),
+        requests
+            .iter()
+            .any(|r| r.status == 400 && r.path.contains("roleAssignments")),
         "a fresh principal was not found at first"
     );
     assert!(
-        requests.iter().any(|r| r.status == 403),
+        requests
+            .iter()
+            .any(|r| r.status == 403 && r.path.contains("/keys/")),
         "a fresh role assignment had not propagated at first"
     );
 }
