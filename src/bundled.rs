@@ -15,6 +15,38 @@ macro_rules! bundled {
 /// Every runbook under `runbooks/` (a test keeps this list and the folder in step).
 pub const BUNDLED: &[Bundled] = bundled!["engine-drill"];
 
+/// Fragments the bundled runbooks include, by their path under `runbooks/`.
+pub const FRAGMENTS: &[Bundled] = &[];
+
+/// Finds fragments: beside the including runbook file, or in the binary for bundled runbooks.
+pub struct Fragments;
+
+impl kmsflow_engine::FragmentResolver for Fragments {
+    fn resolve(&self, including: &str, path: &str) -> Option<kmsflow_engine::RunbookSource> {
+        if let Some(base) = including.strip_prefix("bundled:") {
+            // Relative to the including runbook, as for files.
+            let joined = std::path::Path::new(base)
+                .parent()
+                .unwrap_or(std::path::Path::new(""))
+                .join(path);
+            let joined = joined.to_string_lossy();
+            let name = joined.trim_end_matches(".yaml");
+            return FRAGMENTS.iter().find(|f| f.name == name).map(|f| {
+                kmsflow_engine::RunbookSource::new(format!("bundled:{}.yaml", f.name), f.text)
+            });
+        }
+        let file = std::path::Path::new(including)
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(path);
+        let text = std::fs::read_to_string(&file).ok()?;
+        Some(kmsflow_engine::RunbookSource::new(
+            file.display().to_string(),
+            text,
+        ))
+    }
+}
+
 /// The bundled runbook called `name`.
 pub fn find(name: &str) -> Option<&'static Bundled> {
     BUNDLED.iter().find(|b| b.name == name)

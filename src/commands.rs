@@ -7,7 +7,7 @@ use std::sync::Arc;
 use kmsflow_engine::executor::{ExecOptions, RunSummary};
 use kmsflow_engine::launch::{self, Engine, RunRequest};
 use kmsflow_engine::params::{self, BoundParams, ParamSources};
-use kmsflow_engine::{CompiledRunbook, RunbookSource, compile};
+use kmsflow_engine::{CompiledRunbook, RunbookSource};
 use kmsflow_state::{Durability, RunStatus, Store};
 use serde_json::{Map, Value};
 
@@ -157,7 +157,12 @@ fn load(runbook: &str) -> Result<Loaded, Failure> {
 }
 
 fn compile_loaded(loaded: &Loaded) -> Result<Arc<CompiledRunbook>, Failure> {
-    compile(&loaded.source, &registry())
+    compile_source(&loaded.source)
+}
+
+/// Compiles a runbook, finding its fragments beside it (or in the binary, for bundled ones).
+fn compile_source(source: &RunbookSource) -> Result<Arc<CompiledRunbook>, Failure> {
+    kmsflow_engine::compile_with(source, &registry(), &bundled::Fragments)
         .map(Arc::new)
         .map_err(Failure::Invalid)
 }
@@ -224,7 +229,7 @@ fn validate(runbooks: &[String]) -> Result<u8, Failure> {
                 continue;
             }
         };
-        match compile(&loaded.source, &registry()) {
+        match kmsflow_engine::compile_with(&loaded.source, &registry(), &bundled::Fragments) {
             Ok(compiled) => println!(
                 "{}: valid ({} steps)",
                 loaded.source.name,
@@ -261,10 +266,14 @@ fn list_runbooks() -> Result<u8, Failure> {
         .max()
         .unwrap_or(0);
     for b in bundled::BUNDLED {
-        let description = compile(&RunbookSource::new(b.name, b.text), &registry())
-            .ok()
-            .and_then(|c| c.description)
-            .unwrap_or_default();
+        let description = kmsflow_engine::compile_with(
+            &RunbookSource::new(format!("bundled:{}", b.name), b.text),
+            &registry(),
+            &bundled::Fragments,
+        )
+        .ok()
+        .and_then(|c| c.description)
+        .unwrap_or_default();
         let first_sentence = description
             .split(". ")
             .next()
@@ -441,12 +450,13 @@ async fn run(
     finish(context, summary, output)
 }
 
-/// The runbook a stored run should continue with: its file as it is now when unchanged (or
-/// when a change is allowed), else a refusal; the stored text when the file is gone.
+/// The runbook a stored run should continue with: its file (and fragments) as they are now
+/// when unchanged (or when a change is allowed), else a refusal; the stored text when the
+/// file is gone.
 fn runbook_for_resume(
     run: &kmsflow_state::RunRecord,
     allow_changed: bool,
-) -> Result<(RunbookSource, String), Failure> {
+) -> Result<(Arc<CompiledRunbook>, String), Failure> {
     let current = match run.runbook_ref.strip_prefix("bundled:") {
         Some(name) => bundled::find(name).map(|b| b.text.to_owned()),
         None => std::fs::read_to_string(&run.runbook_ref).ok(),
@@ -456,26 +466,21 @@ fn runbook_for_resume(
             "kmsflow: `{}` is gone; resuming with the runbook text stored with the run",
             run.runbook_ref
         );
-        return Ok((
-            RunbookSource::new(&run.runbook_ref, run.source.clone()),
-            run.source.clone(),
-        ));
+        let stored = RunbookSource::new(&run.runbook_ref, run.source.clone());
+        return Ok((compile_source(&stored)?, run.source.clone()));
     };
-    let hash = kmsflow_engine::content_hash(&current);
-    if hash != run.content_hash && !allow_changed {
+    let compiled = compile_source(&RunbookSource::new(&run.runbook_ref, current.clone()))?;
+    if compiled.content_hash != run.content_hash && !allow_changed {
         return Err(Failure::Usage(format!(
-            "the runbook `{}` changed since run `{}` started (sha256 {} then, {} now); \
+            "the runbook `{}` (or a fragment it uses) changed since run `{}` started (sha256 {} then, {} now); \
              resume with `--allow-changed-runbook` to run it as it is now, or restore the file",
             run.runbook_ref,
             run.id,
             &run.content_hash[..12],
-            &hash[..12]
+            &compiled.content_hash[..12]
         )));
     }
-    Ok((
-        RunbookSource::new(&run.runbook_ref, current.clone()),
-        current,
-    ))
+    Ok((compiled, current))
 }
 
 async fn resume(
@@ -488,10 +493,7 @@ async fn resume(
 ) -> Result<u8, Failure> {
     let engine = context.engine()?;
     let (run, _, _) = launch::load_run(&engine, run_id)?;
-    let (source, text) = runbook_for_resume(&run, allow_changed)?;
-    let compiled = compile(&source, &registry())
-        .map(Arc::new)
-        .map_err(Failure::Invalid)?;
+    let (compiled, text) = runbook_for_resume(&run, allow_changed)?;
     let mut sources = param_sources(args)?;
     sources.stored = run.params.as_object().cloned().unwrap_or_default();
     let bound = bind(&compiled, &sources)?;
@@ -515,11 +517,9 @@ async fn rollback(
 ) -> Result<u8, Failure> {
     let engine = context.engine()?;
     let (run, _, _) = launch::load_run(&engine, run_id)?;
-    // Undo with the runbook the run executed, never a later edit of the file.
-    let source = RunbookSource::new(&run.runbook_ref, run.source.clone());
-    let compiled = compile(&source, &registry())
-        .map(Arc::new)
-        .map_err(Failure::Invalid)?;
+    // Undo with the runbook the run executed, never a later edit of the file. (Fragments are
+    // read as they are now: they are not stored with the run.)
+    let compiled = compile_source(&RunbookSource::new(&run.runbook_ref, run.source.clone()))?;
     let mut sources = param_sources(args)?;
     sources.stored = run.params.as_object().cloned().unwrap_or_default();
     let bound = bind(&compiled, &sources)?;

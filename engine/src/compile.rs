@@ -9,7 +9,7 @@ use std::sync::LazyLock;
 
 use petgraph::graph::{DiGraph, NodeIndex};
 use regex::Regex;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::diagnostic::{Diagnostics, Problem, ProblemKind, RunbookSource, Span, suggest};
@@ -41,6 +41,8 @@ const STEP_KEYS: &[&str] = &[
 ];
 const RETRY_KEYS: &[&str] = &["attempts", "backoff", "initial", "max"];
 const RUN_FIELDS: &[&str] = &["id", "started_at"];
+/// The compile-time kind that includes a runbook fragment.
+pub const FRAGMENT_KIND: &str = "runbook";
 
 static STEP_ID: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$").expect("valid regex"));
@@ -58,17 +60,55 @@ pub fn compile(
     source: &RunbookSource,
     registry: &Registry,
 ) -> Result<CompiledRunbook, Diagnostics> {
+    compile_with(source, registry, &NoFragments)
+}
+
+/// Finds the runbook fragments that `uses: runbook` steps name. Compiling stays pure: the
+/// caller decides where fragments come from (files beside the runbook, or the binary).
+pub trait FragmentResolver {
+    /// The fragment at `path`, as named in the runbook called `including`.
+    fn resolve(&self, including: &str, path: &str) -> Option<RunbookSource>;
+}
+
+/// Resolves no fragment at all.
+pub struct NoFragments;
+
+impl FragmentResolver for NoFragments {
+    fn resolve(&self, _including: &str, _path: &str) -> Option<RunbookSource> {
+        None
+    }
+}
+
+/// Compiles a runbook that may use fragments (`uses: runbook`).
+pub fn compile_with(
+    source: &RunbookSource,
+    registry: &Registry,
+    fragments: &dyn FragmentResolver,
+) -> Result<CompiledRunbook, Diagnostics> {
+    compile_nested(source, registry, fragments, &mut Vec::new())
+}
+
+fn compile_nested(
+    source: &RunbookSource,
+    registry: &Registry,
+    fragments: &dyn FragmentResolver,
+    including: &mut Vec<String>,
+) -> Result<CompiledRunbook, Diagnostics> {
     let diagnostics = |problems: Vec<Problem>| Diagnostics {
         file: source.name.clone(),
         problems,
     };
     let document = yaml::parse(source).map_err(|p| diagnostics(vec![*p]))?;
+    including.push(source.name.clone());
     let mut compiler = Compiler {
         source,
         registry,
+        fragments,
+        including,
         problems: Vec::new(),
     };
     let result = compiler.runbook(&document);
+    compiler.including.pop();
     match result {
         Some(runbook) if compiler.problems.is_empty() => Ok(runbook),
         _ => {
@@ -82,6 +122,9 @@ pub fn compile(
 struct Compiler<'a> {
     source: &'a RunbookSource,
     registry: &'a Registry,
+    fragments: &'a dyn FragmentResolver,
+    /// The runbooks being compiled, outermost first, to catch a fragment including itself.
+    including: &'a mut Vec<String>,
     problems: Vec<Problem>,
 }
 
@@ -90,6 +133,8 @@ struct StepDraft {
     id: Spanned<String>,
     uses: Spanned<String>,
     spec: Option<&'static KindSpec>,
+    /// For `uses: runbook`: the compiled fragment and the parameters given to it.
+    fragment: Option<Box<(CompiledRunbook, Map<String, Value>)>>,
     description: Option<String>,
     needs: Vec<Spanned<String>>,
     with: Option<Yaml>,
@@ -222,6 +267,11 @@ impl Compiler<'_> {
         };
 
         let steps = self.resolve(&params, lock.as_ref(), &drafts, &outputs)?;
+        let fragment_hashes: Vec<&str> = drafts
+            .iter()
+            .filter_map(|d| d.fragment.as_ref().map(|f| f.0.content_hash.as_str()))
+            .collect();
+        let steps = crate::fragment::expand(steps, &drafts_fragments(&drafts));
         Some(CompiledRunbook {
             name: name?.value,
             description,
@@ -232,8 +282,136 @@ impl Compiler<'_> {
                 .into_iter()
                 .map(|(k, v)| (k.value, v.value))
                 .collect(),
-            content_hash: content_hash(&self.source.text),
+            // A run must notice a changed fragment as much as a changed runbook.
+            content_hash: if fragment_hashes.is_empty() {
+                content_hash(&self.source.text)
+            } else {
+                content_hash(&format!(
+                    "{}\0{}",
+                    self.source.text,
+                    fragment_hashes.join("\0")
+                ))
+            },
         })
+    }
+
+    /// Reads a `uses: runbook` step's `with:` (`path`, `params`), compiles the fragment, and
+    /// checks the parameters given to it.
+    fn fragment(
+        &mut self,
+        with: Option<&Yaml>,
+        at: Span,
+    ) -> Option<Box<(CompiledRunbook, Map<String, Value>)>> {
+        let Some(entries) = with.and_then(Yaml::as_map) else {
+            self.problem(
+                ProblemKind::MissingKey {
+                    key: "path".into(),
+                    context: "`with` of a `runbook` step".into(),
+                },
+                at,
+            );
+            return None;
+        };
+        let keys = self.keys(entries, &["path", "params"], "`with` of a `runbook` step");
+        let Some((_, path_value)) = keys.get("path") else {
+            self.problem(
+                ProblemKind::MissingKey {
+                    key: "path".into(),
+                    context: "`with` of a `runbook` step".into(),
+                },
+                at,
+            );
+            return None;
+        };
+        let path = self.string("path", path_value)?;
+        let Some(source) = self.fragments.resolve(&self.source.name, &path.value) else {
+            self.problem(
+                ProblemKind::InvalidValue {
+                    key: "path".into(),
+                    reason: format!("no runbook fragment `{}`", path.value),
+                    hint: Some("a fragment's path is relative to the runbook that uses it, e.g. `fragments/cmk-key-vault.yaml`".into()),
+                },
+                path.span,
+            );
+            return None;
+        };
+        if self.including.contains(&source.name) {
+            self.problem(
+                ProblemKind::Cycle {
+                    path: self
+                        .including
+                        .iter()
+                        .cloned()
+                        .chain([source.name.clone()])
+                        .collect(),
+                },
+                path.span,
+            );
+            return None;
+        }
+        let compiled = match compile_nested(&source, self.registry, self.fragments, self.including)
+        {
+            Ok(compiled) => compiled,
+            Err(diagnostics) => {
+                self.problems.extend(diagnostics.problems);
+                return None;
+            }
+        };
+        if let Some(lock) = &compiled.lock {
+            self.problem(
+                ProblemKind::InvalidValue {
+                    key: "path".into(),
+                    reason: format!(
+                        "the fragment `{}` takes a lock (`{lock}`); only a top-level runbook may",
+                        path.value
+                    ),
+                    hint: Some("remove `lock:` from the fragment".into()),
+                },
+                path.span,
+            );
+        }
+        let given: Vec<(Spanned<String>, Yaml)> = match keys.get("params") {
+            Some((_, value)) => self
+                .map("params", value)
+                .map(<[_]>::to_vec)
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let names: Vec<&str> = compiled.params.iter().map(|p| p.name.as_str()).collect();
+        let mut values = Map::new();
+        for (key, value) in &given {
+            if names.contains(&key.value.as_str()) {
+                values.insert(key.value.clone(), value.value.to_json());
+            } else {
+                self.problem(
+                    ProblemKind::UnknownKey {
+                        key: key.value.clone(),
+                        context: format!("the parameters of fragment `{}`", path.value),
+                        suggestion: suggest(&key.value, names.iter().copied()),
+                        allowed: names.iter().map(|n| n.to_string()).collect(),
+                    },
+                    key.span,
+                );
+            }
+        }
+        for param in &compiled.params {
+            if values.contains_key(&param.name) {
+                continue;
+            }
+            match &param.default {
+                Some(default) => {
+                    values.insert(param.name.clone(), default.clone());
+                }
+                None => self.problem(
+                    ProblemKind::MissingKey {
+                        key: param.name.clone(),
+                        context: format!("the parameters of fragment `{}`", path.value),
+                    },
+                    keys.get("params").map_or(path.span, |(k, _)| k.span),
+                ),
+            }
+        }
+        Some(Box::new((compiled, values)))
     }
 
     fn params(&mut self, value: &Yaml) -> Vec<ParamDecl> {
@@ -497,8 +675,9 @@ impl Compiler<'_> {
                 None
             }
         };
+        // `--` joins a fragment step's id to its inner steps' ids (`setup--key`).
         if let Some(id) = &id
-            && !STEP_ID.is_match(&id.value)
+            && (!STEP_ID.is_match(&id.value) || id.value.contains("--"))
         {
             self.problem(
                 ProblemKind::InvalidName {
@@ -517,13 +696,17 @@ impl Compiler<'_> {
         };
         let spec = uses
             .as_ref()
+            .filter(|uses| uses.value != FRAGMENT_KIND)
             .and_then(|uses| match self.registry.get(&uses.value) {
                 Some(kind) => Some(kind.spec()),
                 None => {
                     self.problem(
                         ProblemKind::UnknownKind {
                             uses: uses.value.clone(),
-                            suggestion: suggest(&uses.value, self.registry.names()),
+                            suggestion: suggest(
+                                &uses.value,
+                                self.registry.names().chain([FRAGMENT_KIND]),
+                            ),
                         },
                         uses.span,
                     );
@@ -581,10 +764,18 @@ impl Compiler<'_> {
         let timeout = keys
             .get("timeout")
             .and_then(|(_, v)| self.duration("timeout", v));
+        let fragment = match (&uses, &with) {
+            (Some(uses), _) if uses.value == FRAGMENT_KIND => self.fragment(
+                with.as_ref(),
+                keys.get("with").map_or(item.span, |(k, _)| k.span),
+            ),
+            _ => None,
+        };
         Some(StepDraft {
             id: id?,
             uses: uses?,
             spec,
+            fragment,
             description,
             needs,
             with,
@@ -1021,6 +1212,16 @@ fn find_cycle(
 
 /// The outputs a step declares, or `None` if they cannot be known at compile time.
 fn declared_outputs(draft: &StepDraft) -> Option<Vec<String>> {
+    if let Some(fragment) = &draft.fragment {
+        return Some(
+            fragment
+                .0
+                .outputs
+                .iter()
+                .map(|(name, _)| name.clone())
+                .collect(),
+        );
+    }
     let spec = draft.spec?;
     match spec.outputs {
         OutputsSpec::Fixed(outputs) => Some(outputs.iter().map(|o| o.name.to_owned()).collect()),
@@ -1102,4 +1303,14 @@ fn first_line(text: &str) -> String {
         .find(|l| !l.is_empty())
         .unwrap_or(text)
         .to_owned()
+}
+
+/// The fragments of a runbook's steps, by step id.
+fn drafts_fragments(
+    drafts: &[StepDraft],
+) -> HashMap<String, (CompiledRunbook, Map<String, Value>)> {
+    drafts
+        .iter()
+        .filter_map(|d| Some((d.id.value.clone(), (*d.fragment.clone()?).clone())))
+        .collect()
 }

@@ -192,7 +192,7 @@ impl ProblemKind {
                 Some("step ids must be unique; rename one of them".into())
             }
             ProblemKind::InvalidName { .. } => Some(
-                "use letters, digits, `_` and `-`, starting with a letter (parameters: lowercase letters, digits and `_`)".into(),
+                "use letters, digits, `_` and `-` (not `--`, which names fragment steps), starting with a letter (parameters: lowercase letters, digits and `_`)".into(),
             ),
             ProblemKind::UnknownKind { suggestion, .. } => did_you_mean(suggestion)
                 .or_else(|| Some("`kmsflow docs` lists the step kinds".into())),

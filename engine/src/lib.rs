@@ -11,6 +11,7 @@ pub mod diagnostic;
 pub mod duration;
 pub mod executor;
 pub mod export;
+mod fragment;
 mod input;
 pub mod kind;
 mod kinds;
@@ -25,7 +26,9 @@ pub mod schema;
 pub mod template;
 mod yaml;
 
-pub use compile::{compile, content_hash};
+pub use compile::{
+    FRAGMENT_KIND, FragmentResolver, NoFragments, compile, compile_with, content_hash,
+};
 pub use diagnostic::{Diagnostics, Problem, ProblemKind, RunbookSource};
 pub use input::{check_value, prepare_input};
 pub use kind::Registry;
