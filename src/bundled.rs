@@ -13,10 +13,22 @@ macro_rules! bundled {
 }
 
 /// Every runbook under `runbooks/` (a test keeps this list and the folder in step).
-pub const BUNDLED: &[Bundled] = bundled!["engine-drill"];
+pub const BUNDLED: &[Bundled] = bundled![
+    "register-kms-feature",
+    "pmk-new-cluster",
+    "pmk-existing-cluster",
+    "cmk-private-vault-new-cluster",
+    "cmk-private-vault-existing-cluster",
+    "cmk-public-vault-new-cluster",
+    "cmk-public-vault-existing-cluster",
+    "verify-kms",
+    "migrate-pmk-to-cmk",
+    "migrate-cmk-to-pmk",
+    "engine-drill",
+];
 
 /// Fragments the bundled runbooks include, by their path under `runbooks/`.
-pub const FRAGMENTS: &[Bundled] = &[];
+pub const FRAGMENTS: &[Bundled] = bundled!["fragments/cmk-key-vault"];
 
 /// Finds fragments: beside the including runbook file, or in the binary for bundled runbooks.
 pub struct Fragments;
@@ -71,13 +83,24 @@ mod tests {
         let mut listed: Vec<String> = BUNDLED.iter().map(|b| b.name.to_owned()).collect();
         listed.sort();
         assert_eq!(on_disk, listed, "runbooks/ and BUNDLED differ");
+        let mut fragments: Vec<String> = std::fs::read_dir(folder.join("fragments"))
+            .unwrap()
+            .map(|e| {
+                let path = e.unwrap().path();
+                format!("fragments/{}", path.file_stem().unwrap().to_string_lossy())
+            })
+            .collect();
+        fragments.sort();
+        let mut listed: Vec<String> = FRAGMENTS.iter().map(|b| b.name.to_owned()).collect();
+        listed.sort();
+        assert_eq!(fragments, listed, "runbooks/fragments/ and FRAGMENTS differ");
         let registry = crate::registry();
         for bundled in BUNDLED {
             let source = kmsflow_engine::RunbookSource::new(
                 format!("bundled:{}", bundled.name),
                 bundled.text,
             );
-            if let Err(diagnostics) = kmsflow_engine::compile(&source, &registry) {
+            if let Err(diagnostics) = kmsflow_engine::compile_with(&source, &registry, &Fragments) {
                 panic!(
                     "{}",
                     diagnostics.render(&miette::GraphicalReportHandler::new())

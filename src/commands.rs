@@ -36,6 +36,7 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Sync::Normal => Durability::Normal,
         },
         json_logs: cli.log_format == LogFormat::Json,
+        sandbox: cli.command.sandbox().is_some(),
     };
     match cli.command {
         Command::Validate { runbooks } => validate(&runbooks),
@@ -102,6 +103,8 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
 
 struct Context {
     azure: AzureConfig,
+    /// `--sandbox`: required names default to the sandbox's.
+    sandbox: bool,
     state: Option<PathBuf>,
     durability: Durability,
     json_logs: bool,
@@ -167,7 +170,7 @@ fn compile_source(source: &RunbookSource) -> Result<Arc<CompiledRunbook>, Failur
         .map_err(Failure::Invalid)
 }
 
-fn param_sources(args: &ParamArgs) -> Result<ParamSources, Failure> {
+fn param_sources(context: &Context, args: &ParamArgs) -> Result<ParamSources, Failure> {
     let cli = args
         .params
         .iter()
@@ -197,10 +200,16 @@ fn param_sources(args: &ParamArgs) -> Result<ParamSources, Failure> {
         }
     };
     let env: HashMap<String, String> = std::env::vars().collect();
+    let fallback = if context.sandbox {
+        crate::sandboxed::default_names()
+    } else {
+        Map::new()
+    };
     Ok(ParamSources {
         cli,
         file,
         env,
+        fallback,
         ..Default::default()
     })
 }
@@ -348,7 +357,7 @@ async fn plan(
     output: Output,
 ) -> Result<u8, Failure> {
     let compiled = compile_loaded(&load(runbook)?)?;
-    let bound = bind(&compiled, &param_sources(args)?)?;
+    let bound = bind(&compiled, &param_sources(context, args)?)?;
     let registry = crate::registry_with(context.azure.clone());
     let previews = kmsflow_engine::preview::preview(&compiled, &bound, &registry).await;
     match output {
@@ -436,7 +445,7 @@ async fn run(
 ) -> Result<u8, Failure> {
     let loaded = load(runbook)?;
     let compiled = compile_loaded(&loaded)?;
-    let bound = bind(&compiled, &param_sources(args)?)?;
+    let bound = bind(&compiled, &param_sources(context, args)?)?;
     let engine = context.engine()?;
     let request = request(
         context,
@@ -494,7 +503,7 @@ async fn resume(
     let engine = context.engine()?;
     let (run, _, _) = launch::load_run(&engine, run_id)?;
     let (compiled, text) = runbook_for_resume(&run, allow_changed)?;
-    let mut sources = param_sources(args)?;
+    let mut sources = param_sources(context, args)?;
     sources.stored = run.params.as_object().cloned().unwrap_or_default();
     let bound = bind(&compiled, &sources)?;
     let request = request(
@@ -520,7 +529,7 @@ async fn rollback(
     // Undo with the runbook the run executed, never a later edit of the file. (Fragments are
     // read as they are now: they are not stored with the run.)
     let compiled = compile_source(&RunbookSource::new(&run.runbook_ref, run.source.clone()))?;
-    let mut sources = param_sources(args)?;
+    let mut sources = param_sources(context, args)?;
     sources.stored = run.params.as_object().cloned().unwrap_or_default();
     let bound = bind(&compiled, &sources)?;
     let width = compiled.steps.iter().map(|s| s.id.len()).max().unwrap_or(4);

@@ -17,6 +17,22 @@ pub struct Prepared {
     listener: std::net::TcpListener,
     options: SandboxOptions,
     world_file: PathBuf,
+    /// The runbook the command runs, to seed a fresh world with what it expects to exist.
+    runbook: Option<String>,
+}
+
+/// Names the bundled runbooks need, so `--sandbox` runs without any `-p`.
+pub fn default_names() -> serde_json::Map<String, serde_json::Value> {
+    [
+        ("resource_group", "rg-kms-sandbox"),
+        ("cluster", "aks-sandbox"),
+        ("key_vault", "kv-kms-sandbox"),
+        ("key_name", "kms-key"),
+        ("identity", "id-kms-sandbox"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v.to_owned())))
+    .collect()
 }
 
 /// Binds the sandbox's port, points this process's Azure settings at it, and returns what
@@ -75,10 +91,19 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
     }
     cli.arm_endpoint = base_url;
     cli.auth = Auth::ManagedIdentity;
+    let runbook = match &cli.command {
+        crate::cli::Command::Run { runbook, .. } | crate::cli::Command::Plan { runbook, .. } => {
+            std::path::Path::new(runbook.trim_start_matches("bundled:"))
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+        }
+        _ => None,
+    };
     Ok(Some(Prepared {
         listener,
         options,
         world_file,
+        runbook,
     }))
 }
 
@@ -87,8 +112,12 @@ impl Prepared {
     pub fn start(self) -> Result<Sandbox, Failure> {
         let listener = tokio::net::TcpListener::from_std(self.listener)
             .map_err(|e| Failure::Usage(format!("cannot start the sandbox: {e}")))?;
+        let fresh = !self.world_file.exists();
         let sandbox = Sandbox::serve(listener, self.options)
             .map_err(|e| Failure::Usage(format!("cannot start the sandbox: {e}")))?;
+        if fresh {
+            seed_for(&sandbox, self.runbook.as_deref().unwrap_or_default());
+        }
         eprintln!(
             "kmsflow: sandbox on {} (its world is kept in {})",
             sandbox.base_url(),
@@ -104,4 +133,70 @@ fn random_secret() -> String {
     use std::hash::BuildHasher;
     let half = || std::collections::hash_map::RandomState::new().hash_one(std::process::id());
     format!("{:016x}{:016x}", half(), half())
+}
+
+/// What a bundled runbook expects to exist already: an existing cluster (Kubernetes 1.33, no
+/// KMS) for the `existing` runbooks, a PMK cluster for `migrate-pmk-to-cmk` and `verify-kms`,
+/// and a CMK cluster with its vault, key, identity and roles for `migrate-cmk-to-pmk`.
+fn seed_for(sandbox: &Sandbox, runbook: &str) {
+    use serde_json::json;
+    let names = default_names();
+    let name = |key: &str| names[key].as_str().unwrap_or_default().to_owned();
+    let (group, cluster) = (name("resource_group"), name("cluster"));
+    let mode = match runbook {
+        "pmk-existing-cluster" | "cmk-private-vault-existing-cluster" | "cmk-public-vault-existing-cluster" => "none",
+        "migrate-pmk-to-cmk" | "verify-kms" => "pmk",
+        "migrate-cmk-to-pmk" => "cmk",
+        _ => return,
+    };
+    sandbox.with_world(|world| {
+        let subscription = world.subscription().to_owned();
+        world.resource_group(&group, "eastus");
+        let mut identity = json!({"type": "SystemAssigned", "principalId": "00000000-0000-4000-8000-00000000c1a5", "tenantId": "sandbox"});
+        let mut profile = json!({"kubernetesResourceObjectEncryptionProfile": null, "azureKeyVaultKms": null});
+        if mode != "none" {
+            world.feature_registered("Microsoft.ContainerService", "KMSPMKPreview");
+            profile["kubernetesResourceObjectEncryptionProfile"] = json!({"infrastructureEncryption": "Enabled"});
+        }
+        if mode == "cmk" {
+            let group_id = format!("/subscriptions/{subscription}/resourceGroups/{group}");
+            let vault_name = name("key_vault");
+            let vault_id = format!("{group_id}/providers/Microsoft.KeyVault/vaults/{vault_name}");
+            let vault_uri = format!("{}/_kv/{}", world.base_url(), vault_name.to_ascii_lowercase());
+            world.resource(json!({
+                "id": vault_id, "name": vault_name, "type": "Microsoft.KeyVault/vaults", "location": "eastus", "tags": {},
+                "properties": {
+                    "tenantId": "00000000-0000-4000-8000-7e4a47000001", "sku": {"family": "A", "name": "standard"},
+                    "enableRbacAuthorization": true, "enableSoftDelete": true, "softDeleteRetentionInDays": 90,
+                    "publicNetworkAccess": "Enabled", "accessPolicies": [], "vaultUri": vault_uri, "provisioningState": "Succeeded",
+                    "networkAcls": {"bypass": "AzureServices", "defaultAction": "Allow", "ipRules": [], "virtualNetworkRules": []},
+                },
+            }));
+            let key_id = world.key(&vault_name, &name("key_name")).unwrap_or_default();
+            let identity_name = name("identity");
+            let identity_id = format!("/subscriptions/{subscription}/resourcegroups/{group}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{identity_name}");
+            let principal = "00000000-0000-4000-8000-00000000a1d0";
+            world.resource(json!({
+                "id": identity_id, "name": identity_name, "location": "eastus", "tags": {},
+                "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+                "properties": {"clientId": "00000000-0000-4000-8000-00000000c11e", "principalId": principal, "tenantId": "sandbox"},
+            }));
+            world.role_assignment(&vault_id, principal, "12338af0-0e69-4776-bea7-57ae8d297424");
+            world.role_assignment(&vault_id, principal, "f25e0fa2-a7c8-4377-a976-54943a77a395");
+            identity = json!({"type": "UserAssigned", "userAssignedIdentities": {identity_id: {"clientId": "00000000-0000-4000-8000-00000000c11e", "principalId": principal}}});
+            profile["azureKeyVaultKms"] = json!({"enabled": true, "keyId": key_id, "keyVaultNetworkAccess": "Public", "keyVaultResourceId": vault_id});
+        }
+        world.resource(json!({
+            "id": format!("/subscriptions/{subscription}/resourceGroups/{group}/providers/Microsoft.ContainerService/managedClusters/{cluster}"),
+            "name": cluster, "type": "Microsoft.ContainerService/ManagedClusters", "location": "eastus",
+            "eTag": "00000000-0000-4000-8000-0000000e7a90",
+            "identity": identity,
+            "properties": {
+                "provisioningState": "Succeeded", "kubernetesVersion": "1.33.0", "currentKubernetesVersion": "1.33.0",
+                "dnsPrefix": format!("{cluster}-dns"),
+                "agentPoolProfiles": [{"name": "nodepool1", "mode": "System", "count": 3, "vmSize": "Standard_DS2_v2", "osType": "Linux", "type": "VirtualMachineScaleSets"}],
+                "securityProfile": profile,
+            },
+        }));
+    });
 }

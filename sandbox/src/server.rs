@@ -220,6 +220,26 @@ impl WorldHandle<'_> {
     pub fn feature_registered(&mut self, namespace: &str, feature: &str) {
         self.world.seed_feature_registered(namespace, feature);
     }
+
+    /// Adds a key with one version to a seeded vault; returns the versionless key id.
+    pub fn key(&mut self, vault: &str, key: &str) -> Option<String> {
+        self.world.seed_key(vault, key)
+    }
+
+    /// Adds a role assignment (a role definition GUID) that has long propagated.
+    pub fn role_assignment(&mut self, scope: &str, principal: &str, role: &str) {
+        self.world.seed_assignment(scope, principal, role);
+    }
+
+    /// The sandbox's base URL, which vault URIs start with.
+    pub fn base_url(&self) -> &str {
+        &self.world.base_url
+    }
+
+    /// The sandbox's subscription.
+    pub fn subscription(&self) -> &str {
+        &self.world.subscription
+    }
 }
 
 fn parse_query(query: Option<&str>) -> BTreeMap<String, String> {

@@ -273,6 +273,38 @@ impl World {
         self.resources.insert(id, body);
     }
 
+    /// Seeds a key (one version) in a seeded vault; returns its versionless id.
+    pub fn seed_key(&mut self, vault_name: &str, key_name: &str) -> Option<String> {
+        let vault = self.find_vault(vault_name)?.clone();
+        let vault_uri = vault["properties"]["vaultUri"].as_str()?.to_owned();
+        self.new_key_version(&vault_uri, &vault_name.to_ascii_lowercase(), key_name, &json!({"kty": "RSA"}));
+        Some(format!("{vault_uri}/keys/{key_name}"))
+    }
+
+    /// Seeds a role assignment, propagated long ago.
+    pub fn seed_assignment(&mut self, scope: &str, principal: &str, role: &str) {
+        let name = uuid();
+        let id = format!("{scope}/providers/Microsoft.Authorization/roleAssignments/{name}");
+        let body = json!({
+            "properties": {
+                "roleDefinitionId": format!("/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions/{role}", self.subscription),
+                "principalId": principal,
+                "principalType": "ServicePrincipal",
+                "scope": scope,
+            },
+            "id": id,
+            "type": "Microsoft.Authorization/roleAssignments",
+            "name": name,
+        });
+        self.assignments.insert(id.to_ascii_lowercase(), Assignment {
+            body,
+            scope: scope.to_ascii_lowercase(),
+            principal: principal.to_owned(),
+            role: role.to_ascii_lowercase(),
+            created: Instant::now() - Duration::from_secs(3600),
+        });
+    }
+
     /// Seeds a resource group.
     pub fn seed_group(&mut self, name: &str, location: &str) {
         let id = format!("/subscriptions/{}/resourceGroups/{name}", self.subscription);
