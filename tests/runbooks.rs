@@ -81,3 +81,19 @@ fn plan_marks_the_point_of_no_return_and_values_known_after_apply() {
     assert!(text.contains("create key vault kv-kms-sandbox"), "{text}");
     assert!(text.contains("known after apply"), "{text}");
 }
+
+#[test]
+fn every_kms_runbook_succeeds_under_the_realistic_fault_profile() {
+    let faults = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks/faults/azure-realistic.yaml");
+    let faults = faults.to_str().unwrap();
+    // The runs wait on the sandbox's delays, not the CPU: run them side by side.
+    std::thread::scope(|scope| {
+        for runbook in RUNBOOKS {
+            scope.spawn(move || {
+                let dir = tempfile::tempdir().unwrap();
+                let run = kmsflow(dir.path(), &["run", runbook, "--sandbox", "--sandbox-faults", faults, "--output", "json"]);
+                assert!(run.status.success(), "{runbook}: {}", String::from_utf8_lossy(&run.stderr));
+            });
+        }
+    });
+}

@@ -27,7 +27,7 @@ struct Params {
     namespace: String,
     #[serde(default = "kms_feature")]
     feature: String,
-    #[serde(default = "ten_seconds")]
+    #[serde(default = "thirty_seconds")]
     poll_interval: HumanDuration,
 }
 
@@ -37,8 +37,16 @@ fn container_service() -> String {
 fn kms_feature() -> String {
     "KMSPMKPreview".into()
 }
-fn ten_seconds() -> HumanDuration {
-    HumanDuration(Duration::from_secs(10))
+fn thirty_seconds() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+/// Waits before the next check: 1 s, then doubling up to `max` (a registration that takes
+/// seconds is seen in seconds; one that takes minutes costs few reads).
+async fn pause(waited: &mut Duration, max: Duration) {
+    let next = if waited.is_zero() { Duration::from_secs(1) } else { (*waited * 2).min(max) };
+    *waited = next.min(max);
+    tokio::time::sleep(*waited).await;
 }
 
 static SPEC: KindSpec = KindSpec {
@@ -61,7 +69,7 @@ static SPEC: KindSpec = KindSpec {
         ParamSpec::optional(
             "poll_interval",
             ValueType::Duration,
-            "how often to check the registration (default 10s)",
+            "the longest wait between checks of the registration (default 30s; checks start at 1s and double)",
         ),
     ],
     outputs: OutputsSpec::Fixed(&[
@@ -184,6 +192,7 @@ impl StepKind for Feature {
             .await?;
         let mut current = state(&register.body, "/properties/state");
         let get = Self::feature_url(&client, &p, false)?;
+        let mut waited = Duration::ZERO;
         while !current.eq_ignore_ascii_case("Registered") {
             if current.eq_ignore_ascii_case("Pending") {
                 return Err(StepError::permanent(format!(
@@ -191,7 +200,7 @@ impl StepKind for Feature {
                     p.namespace, p.feature
                 )));
             }
-            tokio::time::sleep(p.poll_interval.0).await;
+            pause(&mut waited, p.poll_interval.0).await;
             current = state(&common::read(&client, &get).await?, "/properties/state");
         }
         client
@@ -208,8 +217,9 @@ impl StepKind for Feature {
             &common::read(&client, &provider).await?,
             "/registrationState",
         );
+        let mut waited = Duration::ZERO;
         while !provider_state.eq_ignore_ascii_case("Registered") {
-            tokio::time::sleep(p.poll_interval.0).await;
+            pause(&mut waited, p.poll_interval.0).await;
             provider_state = state(
                 &common::read(&client, &provider).await?,
                 "/registrationState",
