@@ -93,7 +93,10 @@ mod tests {
         fragments.sort();
         let mut listed: Vec<String> = FRAGMENTS.iter().map(|b| b.name.to_owned()).collect();
         listed.sort();
-        assert_eq!(fragments, listed, "runbooks/fragments/ and FRAGMENTS differ");
+        assert_eq!(
+            fragments, listed,
+            "runbooks/fragments/ and FRAGMENTS differ"
+        );
         let registry = crate::registry();
         for bundled in BUNDLED {
             let source = kmsflow_engine::RunbookSource::new(

@@ -144,7 +144,9 @@ fn seed_for(sandbox: &Sandbox, runbook: &str) {
     let name = |key: &str| names[key].as_str().unwrap_or_default().to_owned();
     let (group, cluster) = (name("resource_group"), name("cluster"));
     let mode = match runbook {
-        "pmk-existing-cluster" | "cmk-private-vault-existing-cluster" | "cmk-public-vault-existing-cluster" => "none",
+        "pmk-existing-cluster"
+        | "cmk-private-vault-existing-cluster"
+        | "cmk-public-vault-existing-cluster" => "none",
         "migrate-pmk-to-cmk" | "verify-kms" => "pmk",
         "migrate-cmk-to-pmk" => "cmk",
         _ => return,

@@ -43,19 +43,42 @@ fn expected_mode(runbook: &str) -> Option<&'static str> {
 fn every_kms_runbook_runs_verified_and_a_second_run_changes_nothing() {
     for runbook in RUNBOOKS {
         let dir = tempfile::tempdir().unwrap();
-        let first = kmsflow(dir.path(), &["run", runbook, "--sandbox", "--output", "json"]);
-        assert!(first.status.success(), "{runbook}: {}", String::from_utf8_lossy(&first.stderr));
+        let first = kmsflow(
+            dir.path(),
+            &["run", runbook, "--sandbox", "--output", "json"],
+        );
+        assert!(
+            first.status.success(),
+            "{runbook}: {}",
+            String::from_utf8_lossy(&first.stderr)
+        );
         let run: Value = serde_json::from_slice(&first.stdout).unwrap();
         assert_eq!(run["status"], "succeeded", "{runbook}");
         if let Some(mode) = expected_mode(runbook) {
-            let verify = run["steps"].as_array().unwrap().iter().find(|s| s["id"] == "verify").unwrap();
+            let verify = run["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["id"] == "verify")
+                .unwrap();
             assert_eq!(verify["status"], "succeeded", "{runbook}");
             assert_eq!(verify["outputs"]["kms_mode"], mode, "{runbook}");
             let profile = &run["outputs"]["security_profile"];
-            assert_eq!(profile["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"], "Enabled", "{runbook}");
+            assert_eq!(
+                profile["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"],
+                "Enabled",
+                "{runbook}"
+            );
         }
-        let second = kmsflow(dir.path(), &["run", runbook, "--sandbox", "--output", "json"]);
-        assert!(second.status.success(), "{runbook} again: {}", String::from_utf8_lossy(&second.stderr));
+        let second = kmsflow(
+            dir.path(),
+            &["run", runbook, "--sandbox", "--output", "json"],
+        );
+        assert!(
+            second.status.success(),
+            "{runbook} again: {}",
+            String::from_utf8_lossy(&second.stderr)
+        );
         let run: Value = serde_json::from_slice(&second.stdout).unwrap();
         for step in run["steps"].as_array().unwrap() {
             assert!(
@@ -71,12 +94,19 @@ fn every_kms_runbook_runs_verified_and_a_second_run_changes_nothing() {
 fn plan_marks_the_point_of_no_return_and_values_known_after_apply() {
     let dir = tempfile::tempdir().unwrap();
     let plan = kmsflow(dir.path(), &["plan", "pmk-existing-cluster", "--sandbox"]);
-    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
     let text = String::from_utf8_lossy(&plan.stdout);
     assert!(text.contains("POINT OF NO RETURN"), "{text}");
     assert!(text.contains("cannot be turned off"), "{text}");
 
-    let plan = kmsflow(dir.path(), &["plan", "cmk-private-vault-new-cluster", "--sandbox"]);
+    let plan = kmsflow(
+        dir.path(),
+        &["plan", "cmk-private-vault-new-cluster", "--sandbox"],
+    );
     let text = String::from_utf8_lossy(&plan.stdout);
     assert!(text.contains("create key vault kv-kms-sandbox"), "{text}");
     assert!(text.contains("known after apply"), "{text}");
@@ -84,16 +114,226 @@ fn plan_marks_the_point_of_no_return_and_values_known_after_apply() {
 
 #[test]
 fn every_kms_runbook_succeeds_under_the_realistic_fault_profile() {
-    let faults = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks/faults/azure-realistic.yaml");
+    let faults = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("runbooks/faults/azure-realistic.yaml");
     let faults = faults.to_str().unwrap();
     // The runs wait on the sandbox's delays, not the CPU: run them side by side.
     std::thread::scope(|scope| {
         for runbook in RUNBOOKS {
             scope.spawn(move || {
                 let dir = tempfile::tempdir().unwrap();
-                let run = kmsflow(dir.path(), &["run", runbook, "--sandbox", "--sandbox-faults", faults, "--output", "json"]);
-                assert!(run.status.success(), "{runbook}: {}", String::from_utf8_lossy(&run.stderr));
+                let run = kmsflow(
+                    dir.path(),
+                    &[
+                        "run",
+                        runbook,
+                        "--sandbox",
+                        "--sandbox-faults",
+                        faults,
+                        "--output",
+                        "json",
+                    ],
+                );
+                assert!(
+                    run.status.success(),
+                    "{runbook}: {}",
+                    String::from_utf8_lossy(&run.stderr)
+                );
             });
         }
     });
+}
+
+fn world(dir: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("state.sandbox.json")).unwrap()).unwrap()
+}
+
+fn cluster(world: &Value) -> Value {
+    world["resources"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(id, _)| id.contains("/managedclusters/"))
+        .map(|(_, c)| c.clone())
+        .unwrap()
+}
+
+fn run_id(output: &Output) -> String {
+    let run: Value = serde_json::from_slice(&output.stdout).unwrap();
+    run["id"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_failed_migration_rolls_back_what_it_created_and_leaves_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fail-cluster.yaml"),
+        "rules:\n  - { method: PUT, path: \"*/managedClusters/*\", times: 5, status: 400, code: BadRequest, message: the cluster update failed }\n",
+    )
+    .unwrap();
+    let run = kmsflow(
+        dir.path(),
+        &[
+            "run",
+            "migrate-pmk-to-cmk",
+            "--sandbox",
+            "--sandbox-faults",
+            "fail-cluster.yaml",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let before = world(dir.path());
+    assert_eq!(before["assignments"].as_object().unwrap().len(), 3);
+    let rollback = kmsflow(dir.path(), &["rollback", &run_id(&run), "--sandbox"]);
+    assert!(
+        rollback.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rollback.stderr)
+    );
+    let after = world(dir.path());
+    assert_eq!(
+        after["assignments"].as_object().unwrap().len(),
+        0,
+        "role assignments removed"
+    );
+    assert!(after["keys"].as_array().unwrap().is_empty(), "key removed");
+    let ids: Vec<&String> = after["resources"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "only the pre-existing cluster is left: {ids:?}"
+    );
+    assert_eq!(
+        after["groups"].as_object().unwrap().len(),
+        1,
+        "the resource group stays"
+    );
+    let profile = &cluster(&after)["properties"]["securityProfile"];
+    assert_eq!(
+        profile["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"],
+        "Enabled"
+    );
+    assert!(
+        profile["azureKeyVaultKms"].is_null(),
+        "still PMK: {profile}"
+    );
+}
+
+#[test]
+fn rolling_back_after_enabling_infrastructure_encryption_reports_it_as_irreversible() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = kmsflow(
+        dir.path(),
+        &[
+            "run",
+            "pmk-existing-cluster",
+            "--sandbox",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let rollback = kmsflow(
+        dir.path(),
+        &["rollback", &run_id(&run), "--sandbox", "--output", "json"],
+    );
+    assert_eq!(rollback.status.code(), Some(1));
+    let result: Value = serde_json::from_slice(&rollback.stdout).unwrap();
+    assert_eq!(result["status"], "rollback_failed");
+    let error = result["error"].as_str().unwrap();
+    assert!(
+        error.contains("`cluster`") && error.contains("cannot be turned off"),
+        "{error}"
+    );
+    let stderr = String::from_utf8_lossy(&rollback.stderr);
+    assert!(stderr.contains("irreversible"), "{stderr}");
+}
+
+#[test]
+fn migrate_cmk_to_pmk_rolled_back_puts_the_customer_managed_key_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = kmsflow(
+        dir.path(),
+        &["run", "migrate-cmk-to-pmk", "--sandbox", "--output", "json"],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(
+        cluster(&world(dir.path()))["properties"]["securityProfile"]["azureKeyVaultKms"]["enabled"],
+        false
+    );
+    let rollback = kmsflow(dir.path(), &["rollback", &run_id(&run), "--sandbox"]);
+    assert!(
+        rollback.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rollback.stderr)
+    );
+    let restored = cluster(&world(dir.path()));
+    let kms = &restored["properties"]["securityProfile"]["azureKeyVaultKms"];
+    assert_eq!(kms["enabled"], true, "{kms}");
+    assert!(kms["keyId"].as_str().unwrap().ends_with("/keys/kms-key"));
+    assert_eq!(restored["identity"]["type"], "UserAssigned");
+}
+
+#[test]
+fn a_second_run_against_the_same_cluster_exits_3_naming_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("slow.yaml"),
+        "delays: { cluster_operation: 4s }\n",
+    )
+    .unwrap();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
+        .args([
+            "run",
+            "pmk-new-cluster",
+            "--sandbox",
+            "--sandbox-faults",
+            "slow.yaml",
+        ])
+        .current_dir(dir.path())
+        .env("KMSFLOW_STATE", dir.path().join("state.db"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(first.stderr.take().unwrap()));
+    let mut holder = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("kmsflow: starting run ") {
+            holder = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.contains("create AKS cluster") {
+            break;
+        }
+    }
+    let second = kmsflow(dir.path(), &["run", "pmk-new-cluster", "--sandbox"]);
+    assert_eq!(
+        second.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!("held by run `{}`", holder.unwrap())),
+        "{stderr}"
+    );
+    std::thread::spawn(move || lines.for_each(drop));
+    assert!(first.wait().unwrap().success());
 }

@@ -277,7 +277,12 @@ impl World {
     pub fn seed_key(&mut self, vault_name: &str, key_name: &str) -> Option<String> {
         let vault = self.find_vault(vault_name)?.clone();
         let vault_uri = vault["properties"]["vaultUri"].as_str()?.to_owned();
-        self.new_key_version(&vault_uri, &vault_name.to_ascii_lowercase(), key_name, &json!({"kty": "RSA"}));
+        self.new_key_version(
+            &vault_uri,
+            &vault_name.to_ascii_lowercase(),
+            key_name,
+            &json!({"kty": "RSA"}),
+        );
         Some(format!("{vault_uri}/keys/{key_name}"))
     }
 
@@ -296,13 +301,16 @@ impl World {
             "type": "Microsoft.Authorization/roleAssignments",
             "name": name,
         });
-        self.assignments.insert(id.to_ascii_lowercase(), Assignment {
-            body,
-            scope: scope.to_ascii_lowercase(),
-            principal: principal.to_owned(),
-            role: role.to_ascii_lowercase(),
-            created: Instant::now() - Duration::from_secs(3600),
-        });
+        self.assignments.insert(
+            id.to_ascii_lowercase(),
+            Assignment {
+                body,
+                scope: scope.to_ascii_lowercase(),
+                principal: principal.to_owned(),
+                role: role.to_ascii_lowercase(),
+                created: Instant::now() - Duration::from_secs(3600),
+            },
+        );
     }
 
     /// Seeds a resource group.

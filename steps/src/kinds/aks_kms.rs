@@ -71,6 +71,13 @@ pub(crate) async fn restore(
     if current.is_null() {
         return Ok(Undo::Done);
     }
+    // A step that failed before its change took effect has nothing to put back.
+    let kms = |c: &Value| c["properties"]["securityProfile"]["azureKeyVaultKms"].clone();
+    let same_kms = aks::mode_of(&current) == aks::mode_of(before)
+        && kms(&current)["keyId"] == kms(before)["keyId"];
+    if same_kms && current["identity"]["type"] == before["identity"]["type"] {
+        return Ok(Undo::NothingToUndo);
+    }
     let mut body = current.clone();
     let profile = &mut body["properties"]["securityProfile"];
     let previous_kms = before["properties"]["securityProfile"]["azureKeyVaultKms"].clone();

@@ -44,7 +44,11 @@ fn thirty_seconds() -> HumanDuration {
 /// Waits before the next check: 1 s, then doubling up to `max` (a registration that takes
 /// seconds is seen in seconds; one that takes minutes costs few reads).
 async fn pause(waited: &mut Duration, max: Duration) {
-    let next = if waited.is_zero() { Duration::from_secs(1) } else { (*waited * 2).min(max) };
+    let next = if waited.is_zero() {
+        Duration::from_secs(1)
+    } else {
+        (*waited * 2).min(max)
+    };
     *waited = next.min(max);
     tokio::time::sleep(*waited).await;
 }
