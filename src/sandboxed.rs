@@ -117,6 +117,8 @@ impl Prepared {
             .map_err(|e| Failure::Usage(format!("cannot start the sandbox: {e}")))?;
         if fresh {
             seed_for(&sandbox, self.runbook.as_deref().unwrap_or_default());
+            // Kept at once: a run killed before its first write resumes against this world.
+            sandbox.save();
         }
         eprintln!(
             "kmsflow: sandbox on {} (its world is kept in {})",

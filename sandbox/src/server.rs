@@ -180,6 +180,13 @@ impl Sandbox {
         self.shared.world.lock().expect("world lock").dump()
     }
 
+    /// Saves the world to its persist file now (after seeding, say), if it has one.
+    pub fn save(&self) {
+        if let Some(path) = &self.shared.persist {
+            save(path, &self.shared.world.lock().expect("world lock").save());
+        }
+    }
+
     /// Replaces the fault configuration.
     pub fn set_faults(&self, faults: Faults) {
         let delays = faults.delays;
