@@ -18,6 +18,9 @@ use kmsflow_sandbox::{Delays, Faults, Latency, Sandbox, SandboxOptions};
 use kmsflow_state::{Durability, RunStatus};
 use kmsflow_steps::{AuthMode, Azure, AzureConfig};
 
+/// When a step first started and when it succeeded.
+type StepTimes = (Option<Instant>, Option<Instant>);
+
 struct Files;
 
 impl FragmentResolver for Files {
@@ -82,7 +85,7 @@ fn main() {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
         let params = bind(&compiled, &ParamSources { cli, ..Default::default() }).unwrap();
-        let marks: Arc<Mutex<HashMap<String, (Option<Instant>, Option<Instant>)>>> = Arc::default();
+        let marks: Arc<Mutex<HashMap<String, StepTimes>>> = Arc::default();
         let sink = {
             let marks = marks.clone();
             Arc::new(move |event: &Progress| {
