@@ -210,7 +210,8 @@ pub enum SandboxCommand {
         /// Fault injection (YAML): latency, throttling, errors, delays, token buckets, rules.
         #[arg(long, value_name = "FILE")]
         faults: Option<PathBuf>,
-        /// Pre-existing resources (YAML or JSON).
+        /// Pre-existing resources (YAML or JSON), or the name of a bundled runbook to seed what
+        /// it expects to exist (as `--sandbox` does).
         #[arg(long, value_name = "FILE")]
         world: Option<PathBuf>,
     },

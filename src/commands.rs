@@ -646,6 +646,13 @@ async fn sandbox_serve(
         })?,
         None => Faults::default(),
     };
+    // `--world NAME` with a bundled runbook's name seeds what `--sandbox` would for it.
+    let runbook_world = world
+        .filter(|path| !path.exists())
+        .and_then(|path| path.to_str())
+        .and_then(bundled::find)
+        .map(|b| b.name);
+    let world = world.filter(|_| runbook_world.is_none());
     let seed = match world {
         Some(path) => Some(
             WorldSeed::from_yaml(&read_file(path, "world")?).map_err(|e| {
@@ -665,6 +672,9 @@ async fn sandbox_serve(
         .map_err(|e| Failure::Usage(format!("cannot start the sandbox: {e}")))?;
     if let Some(seed) = &seed {
         sandbox.seed(seed);
+    }
+    if let Some(name) = runbook_world {
+        crate::sandboxed::seed_for(&sandbox, name);
     }
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "{}", sandbox.base_url());

@@ -140,7 +140,7 @@ fn random_secret() -> String {
 /// What a bundled runbook expects to exist already: an existing cluster (Kubernetes 1.33, no
 /// KMS) for the `existing` runbooks, a PMK cluster for `migrate-pmk-to-cmk` and `verify-kms`,
 /// and a CMK cluster with its vault, key, identity and roles for `migrate-cmk-to-pmk`.
-fn seed_for(sandbox: &Sandbox, runbook: &str) {
+pub fn seed_for(sandbox: &Sandbox, runbook: &str) {
     use serde_json::json;
     let names = default_names();
     let name = |key: &str| names[key].as_str().unwrap_or_default().to_owned();

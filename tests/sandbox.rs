@@ -275,3 +275,91 @@ fn a_sandboxed_run_survives_a_kill_and_resumes_against_the_same_world() {
     );
     assert_eq!(world["assignments"].as_object().unwrap().len(), 2);
 }
+
+const KMS_RUNBOOKS: &[&str] = &[
+    "register-kms-feature",
+    "pmk-new-cluster",
+    "pmk-existing-cluster",
+    "cmk-private-vault-new-cluster",
+    "cmk-private-vault-existing-cluster",
+    "cmk-public-vault-new-cluster",
+    "cmk-public-vault-existing-cluster",
+    "verify-kms",
+    "migrate-pmk-to-cmk",
+    "migrate-cmk-to-pmk",
+];
+
+fn serve_world(name: &str) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
+        .args(["sandbox", "serve", "--world", name])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let base_url = lines.next().unwrap().unwrap();
+    let env = lines
+        .take(6)
+        .map(|l| {
+            let l = l.unwrap();
+            let (k, v) = l.split_once('=').unwrap();
+            (k.to_owned(), v.to_owned())
+        })
+        .collect();
+    Served {
+        child,
+        env,
+        base_url,
+    }
+}
+
+#[test]
+fn every_kms_runbook_sends_zero_writes_on_its_second_run() {
+    std::thread::scope(|scope| {
+        for runbook in KMS_RUNBOOKS {
+            scope.spawn(move || {
+                let dir = tempfile::tempdir().unwrap();
+                let served = serve_world(runbook);
+                // The names the seeded world uses, for the parameters this runbook declares.
+                let text = std::fs::read_to_string(
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join(format!("runbooks/{runbook}.yaml")),
+                )
+                .unwrap();
+                let mut run_args: Vec<&str> = vec!["run", runbook];
+                for assignment in [
+                    "resource_group=rg-kms-sandbox",
+                    "cluster=aks-sandbox",
+                    "key_vault=kv-kms-sandbox",
+                    "identity=id-kms-sandbox",
+                ] {
+                    let name = assignment.split('=').next().unwrap();
+                    if text.contains(&format!("\n  {name}:")) {
+                        run_args.extend(["-p", assignment]);
+                    }
+                }
+                let first = kmsflow(dir.path(), &served, &run_args).output().unwrap();
+                assert!(first.status.success(), "{runbook}: {}", stderr(&first));
+                let before = get(&format!("{}/_sandbox/requests", served.base_url))
+                    .as_array()
+                    .unwrap()
+                    .len();
+                let second = kmsflow(dir.path(), &served, &run_args).output().unwrap();
+                assert!(
+                    second.status.success(),
+                    "{runbook} again: {}",
+                    stderr(&second)
+                );
+                let requests = get(&format!("{}/_sandbox/requests", served.base_url));
+                let writes: Vec<&Value> = requests.as_array().unwrap()[before..]
+                    .iter()
+                    .filter(|r| r["write"] == true)
+                    .collect();
+                assert!(
+                    writes.is_empty(),
+                    "{runbook}: a second run wrote {writes:?}"
+                );
+            });
+        }
+    });
+}
