@@ -64,7 +64,6 @@ pub const EVENTUAL_CODES: &[&str] = &[
     "PrincipalNotFound",
     "ForbiddenByRbac",
     "OperationNotAllowed",
-    "PreconditionFailed",
     "AnotherOperationInProgress",
     "RetryableErrorDueToAnotherOperation",
 ];
@@ -111,8 +110,10 @@ impl AzureError {
     /// As a step error, classified for the engine's retry policy.
     pub fn into_step_error(self) -> StepError {
         let retry_after = self.retry_after();
+        // A 412 means the resource changed under us: the step's next attempt observes it again.
         let error = if self.is_transient()
             || self.is_eventual()
+            || self.status() == Some(412)
             || matches!(self, AzureError::Timeout { .. })
         {
             StepError::transient(self)

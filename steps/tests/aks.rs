@@ -315,3 +315,40 @@ steps:
         "Enabled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_if_match_conflict_is_read_again_and_retried() {
+    let mut faults = quick_clusters();
+    faults.rules.push(Rule {
+        method: Some("PUT".into()),
+        path: "*/managedClusters/*".into(),
+        times: 1,
+        status: 412,
+        code: "PreconditionFailed".into(),
+        message: None,
+    });
+    let h = Harness::new(faults).await;
+    seed(&h, "1.33.0", false);
+    let enable = r#"
+name: pmk-existing
+params:
+  subscription: { type: string }
+steps:
+  - id: switch
+    uses: azure.aks_kms
+    with: { subscription: "{{params.subscription}}", resource_group: rg-aks, name: aks-prod, kms_mode: PMK }
+"#;
+    let summary = h.run(enable, &[]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    let requests = h.sandbox.requests();
+    let puts: Vec<u16> = requests
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        puts,
+        vec![412, 200],
+        "one 412, then a PUT on what was read again"
+    );
+}

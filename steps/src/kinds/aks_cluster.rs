@@ -221,10 +221,7 @@ impl StepKind for AksCluster {
         let result = if before.is_null() {
             common::put(&client, &url, &p.new_cluster()).await?
         } else {
-            let etag = before["eTag"].as_str();
-            client
-                .write_and_wait(reqwest::Method::PUT, &url, &p.kms.apply_to(before), etag)
-                .await?
+            super::aks_kms::put_kms(&client, &url, &p.kms, before).await?
         };
         Ok(cluster_outputs(&result))
     }

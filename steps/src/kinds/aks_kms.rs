@@ -100,6 +100,36 @@ pub(crate) async fn restore(
     Ok(Undo::Done)
 }
 
+/// PUTs `cluster` changed to `kms`, with `If-Match` on its etag. When the cluster changed in
+/// between (412), it is read again and the change made on what is there now, twice at most.
+pub(crate) async fn put_kms(
+    client: &crate::AzureClient,
+    url: &url::Url,
+    kms: &Kms,
+    cluster: &Value,
+) -> Result<Value, StepError> {
+    let mut current = cluster.clone();
+    for attempt in 1..=3 {
+        match client
+            .write_and_wait(
+                reqwest::Method::PUT,
+                url,
+                &kms.apply_to(&current),
+                current["eTag"].as_str(),
+            )
+            .await
+        {
+            Ok(result) => return Ok(result),
+            Err(error) if error.status() == Some(412) && attempt < 3 => {
+                tracing::debug!(%error, "the cluster changed meanwhile; reading it again");
+                current = common::read(client, url).await?;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
 impl AksKms {
     async fn url(&self, p: &Params) -> Result<(Arc<crate::AzureClient>, url::Url), StepError> {
         let client = self.0.client().await?;
@@ -174,14 +204,7 @@ impl StepKind for AksKms {
     ) -> Result<Map<String, Value>, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
-        let result = client
-            .write_and_wait(
-                reqwest::Method::PUT,
-                &url,
-                &p.kms.apply_to(before),
-                before["eTag"].as_str(),
-            )
-            .await?;
+        let result = put_kms(&client, &url, &p.kms, before).await?;
         Ok(cluster_outputs(&result))
     }
 
