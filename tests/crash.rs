@@ -10,6 +10,16 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 const KILL_POINTS: usize = 20;
+/// Chooses where in its slice of the run each kill lands; change it to explore other points.
+const SEED: u64 = 0x6b6d_7366_6c6f_77;
+
+/// A number in [0, 1) from the seed and the kill point (SplitMix64).
+fn unit(seed: u64, point: usize) -> f64 {
+    let mut z = seed.wrapping_add((point as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as f64 / (u64::MAX as f64 + 1.0)
+}
 const CALLER: &str = "00000000-0000-4000-8000-ca11e4000001";
 /// Writes answered 40 ms after they take effect, and cluster operations of 300 ms: a run
 /// lasts long enough to be killed anywhere in it.
@@ -161,8 +171,8 @@ fn crash_and_resume(runbook: &str) {
                 scope.spawn(move || {
                     let dir = tempfile::tempdir().unwrap();
                     std::fs::write(dir.path().join("faults.yaml"), FAULTS).unwrap();
-                    // Spread the kills over the whole run, the first right after start.
-                    let kill_at = duration.mul_f64((point as f64 + 0.3) / KILL_POINTS as f64);
+                    // One kill in each twentieth of a run, placed within it by the seed.
+                    let kill_at = duration.mul_f64((point as f64 + unit(SEED, point)) / KILL_POINTS as f64);
                     let mut child = kmsflow(dir.path(), &["run", runbook, "--sandbox", "--sandbox-faults", "faults.yaml"])
                         .stdout(Stdio::null())
                         .stderr(Stdio::null())
