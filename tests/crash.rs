@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 const KILL_POINTS: usize = 20;
 /// Chooses where in its slice of the run each kill lands; change it to explore other points.
-const SEED: u64 = 0x6b6d_7366_6c6f_77;
+const SEED: u64 = 0x006b_6d73_666c_6f77;
 
 /// A number in [0, 1) from the seed and the kill point (SplitMix64).
 fn unit(seed: u64, point: usize) -> f64 {
