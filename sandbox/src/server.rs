@@ -233,6 +233,17 @@ impl WorldHandle<'_> {
         self.world.seed_key(vault, key)
     }
 
+    /// Adds a key version with the given attributes (`created`, `exp`, `enabled`, as Unix
+    /// seconds and booleans); returns the versionless key id.
+    pub fn key_with(&mut self, vault: &str, key: &str, attributes: Value) -> Option<String> {
+        self.world.seed_key_with(vault, key, &attributes)
+    }
+
+    /// Gives a key a rotation policy.
+    pub fn rotation_policy(&mut self, vault: &str, key: &str, policy: Value) {
+        self.world.seed_rotation_policy(vault, key, policy);
+    }
+
     /// Adds a role assignment (a role definition GUID) that has long propagated.
     pub fn role_assignment(&mut self, scope: &str, principal: &str, role: &str) {
         self.world.seed_assignment(scope, principal, role);

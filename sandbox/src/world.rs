@@ -286,6 +286,41 @@ impl World {
         Some(format!("{vault_uri}/keys/{key_name}"))
     }
 
+    /// Seeds a key version with some attributes (`created`, `exp`, `enabled`) as given.
+    pub fn seed_key_with(
+        &mut self,
+        vault_name: &str,
+        key_name: &str,
+        attributes: &Value,
+    ) -> Option<String> {
+        let id = self.seed_key(vault_name, key_name)?;
+        let versions = self.keys.get_mut(&(
+            vault_name.to_ascii_lowercase(),
+            key_name.to_ascii_lowercase(),
+        ))?;
+        let latest = versions.last_mut()?;
+        if let (Some(target), Some(changes)) = (
+            latest.body["attributes"].as_object_mut(),
+            attributes.as_object(),
+        ) {
+            for (key, value) in changes {
+                target.insert(key.clone(), value.clone());
+            }
+        }
+        Some(id)
+    }
+
+    /// Seeds a rotation policy on a key.
+    pub fn seed_rotation_policy(&mut self, vault_name: &str, key_name: &str, policy: Value) {
+        self.rotation_policies.insert(
+            (
+                vault_name.to_ascii_lowercase(),
+                key_name.to_ascii_lowercase(),
+            ),
+            policy,
+        );
+    }
+
     /// Seeds a role assignment, propagated long ago.
     pub fn seed_assignment(&mut self, scope: &str, principal: &str, role: &str) {
         let name = uuid();
@@ -1378,6 +1413,10 @@ impl World {
                     "keySize": 2048,
                     "keyUri": format!("{vault_uri}/keys/{name}"),
                     "keyUriWithVersion": kid,
+                    "rotationPolicy": self.rotation_policies.get(&key).map(|p| json!({
+                        "lifetimeActions": p["lifetimeActions"],
+                        "attributes": p["attributes"],
+                    })),
                 },
             }),
         )

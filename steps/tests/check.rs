@@ -1,0 +1,226 @@
+//! `azure.kms_check` against seeded worlds: each finding the on-call engineer needs, with its
+//! severity.
+
+mod support;
+
+use kmsflow_sandbox::Faults;
+use kmsflow_state::RunStatus;
+use serde_json::{Value, json};
+use support::Harness;
+
+const CHECK: &str = r#"
+name: check
+params:
+  subscription: { type: string }
+  expected_mode: { type: string, default: CMK }
+steps:
+  - id: check
+    uses: azure.kms_check
+    with: { subscription: "{{params.subscription}}", resource_group: rg-aks, name: aks-prod, expected_mode: "{{params.expected_mode}}" }
+outputs:
+  worst: "{{steps.check.outputs.worst}}"
+  findings: "{{steps.check.outputs.findings}}"
+"#;
+
+const DAY: i64 = 86_400;
+
+/// What to change from a healthy CMK world.
+#[derive(Default, Clone, Copy)]
+struct Drift {
+    pmk_only: bool,
+    no_cluster: bool,
+    expires_in_days: Option<i64>,
+    created_days_ago: Option<f64>,
+    no_rotation_policy: bool,
+    role_removed: bool,
+    firewall_open: bool,
+}
+
+fn seed(h: &Harness, drift: Drift) {
+    let sub = h.subscription();
+    let group = format!("/subscriptions/{sub}/resourceGroups/rg-aks");
+    let vault_id = format!("{group}/providers/Microsoft.KeyVault/vaults/kv-prod");
+    let vault_uri = format!("{}/_kv/kv-prod", h.sandbox.base_url());
+    let identity_id = format!(
+        "/subscriptions/{sub}/resourcegroups/rg-aks/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-prod"
+    );
+    let principal = "22222222-2222-4222-8222-222222222222";
+    let now = chrono::Utc::now().timestamp();
+    h.sandbox.with_world(|w| {
+        w.resource_group("rg-aks", "eastus");
+        w.resource(json!({
+            "id": vault_id, "name": "kv-prod", "type": "Microsoft.KeyVault/vaults", "location": "eastus",
+            "properties": {"vaultUri": vault_uri, "enableRbacAuthorization": true, "tenantId": "t", "sku": {"family": "A", "name": "standard"},
+                "networkAcls": {"defaultAction": if drift.firewall_open { "Allow" } else { "Deny" }, "bypass": "AzureServices", "ipRules": [], "virtualNetworkRules": []}},
+        }));
+        let created = now - (drift.created_days_ago.unwrap_or(10.0) * DAY as f64) as i64;
+        let mut attributes = json!({"created": created, "updated": created});
+        attributes["exp"] = json!(now + drift.expires_in_days.unwrap_or(365) * DAY);
+        let key_id = w.key_with("kv-prod", "kms-key", attributes).unwrap();
+        if !drift.no_rotation_policy {
+            w.rotation_policy("kv-prod", "kms-key", json!({"lifetimeActions": [{"trigger": {"timeAfterCreate": "P90D"}, "action": {"type": "Rotate"}}], "attributes": {"expiryTime": "P2Y"}}));
+        }
+        w.resource(json!({
+            "id": identity_id, "name": "id-prod", "type": "Microsoft.ManagedIdentity/userAssignedIdentities", "location": "eastus",
+            "properties": {"principalId": principal, "clientId": "c", "tenantId": "t"},
+        }));
+        if !drift.role_removed {
+            w.role_assignment(&vault_id, principal, "12338af0-0e69-4776-bea7-57ae8d297424");
+        }
+        if drift.no_cluster {
+            return;
+        }
+        let mut profile = json!({"kubernetesResourceObjectEncryptionProfile": {"infrastructureEncryption": "Enabled"}, "azureKeyVaultKms": null});
+        let mut identity = json!({"type": "SystemAssigned"});
+        if !drift.pmk_only {
+            profile["azureKeyVaultKms"] = json!({"enabled": true, "keyId": key_id, "keyVaultNetworkAccess": "Private", "keyVaultResourceId": vault_id});
+            identity = json!({"type": "UserAssigned", "userAssignedIdentities": {identity_id.clone(): {"principalId": principal, "clientId": "c"}}});
+        }
+        w.resource(json!({
+            "id": format!("{group}/providers/Microsoft.ContainerService/managedClusters/aks-prod"), "name": "aks-prod",
+            "type": "Microsoft.ContainerService/ManagedClusters", "location": "eastus", "identity": identity,
+            "properties": {"provisioningState": "Succeeded", "currentKubernetesVersion": "1.33.0", "securityProfile": profile},
+        }));
+    });
+}
+
+async fn check(drift: Drift, expected_mode: &str) -> (String, Vec<Value>) {
+    let h = Harness::new(Faults::default()).await;
+    seed(&h, drift);
+    let summary = h.run(CHECK, &[("expected_mode", expected_mode)]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    let outputs = summary.outputs.unwrap();
+    (
+        outputs["worst"].as_str().unwrap().to_owned(),
+        outputs["findings"].as_array().unwrap().clone(),
+    )
+}
+
+fn has(findings: &[Value], severity: &str, code: &str) -> bool {
+    findings
+        .iter()
+        .any(|f| f["severity"] == severity && f["code"] == code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_cmk_cluster_is_all_ok() {
+    let (worst, findings) = check(Drift::default(), "CMK").await;
+    assert_eq!(worst, "ok", "{findings:#?}");
+    for code in [
+        "infrastructure-encryption",
+        "key-expiry",
+        "key-age",
+        "rotation-policy",
+        "identity-role",
+        "firewall",
+    ] {
+        assert!(has(&findings, "ok", code), "{code}: {findings:#?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_drift_is_a_finding_with_its_severity() {
+    let cases: &[(Drift, &str, &str, &str)] = &[
+        (
+            Drift {
+                expires_in_days: Some(-1),
+                ..Drift::default()
+            },
+            "fail",
+            "fail",
+            "key-expired",
+        ),
+        (
+            Drift {
+                expires_in_days: Some(10),
+                ..Drift::default()
+            },
+            "warn",
+            "warn",
+            "key-expiring",
+        ),
+        (
+            Drift {
+                no_rotation_policy: true,
+                ..Drift::default()
+            },
+            "warn",
+            "warn",
+            "rotation-policy-missing",
+        ),
+        (
+            Drift {
+                role_removed: true,
+                ..Drift::default()
+            },
+            "fail",
+            "fail",
+            "identity-role-missing",
+        ),
+        (
+            Drift {
+                firewall_open: true,
+                ..Drift::default()
+            },
+            "warn",
+            "warn",
+            "firewall-open",
+        ),
+        (
+            Drift {
+                created_days_ago: Some(120.0),
+                ..Drift::default()
+            },
+            "warn",
+            "warn",
+            "rotation-overdue",
+        ),
+        (
+            Drift {
+                created_days_ago: Some(1.0 / 24.0),
+                ..Drift::default()
+            },
+            "ok",
+            "ok",
+            "rotation-pickup-pending",
+        ),
+        (
+            Drift {
+                no_cluster: true,
+                ..Drift::default()
+            },
+            "fail",
+            "fail",
+            "cluster-missing",
+        ),
+    ];
+    for (drift, worst, severity, code) in cases {
+        let (found_worst, findings) = check(*drift, "CMK").await;
+        assert_eq!(found_worst, *worst, "{code}: {findings:#?}");
+        assert!(has(&findings, severity, code), "{code}: {findings:#?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pmk_cluster_is_judged_as_pmk() {
+    let (worst, findings) = check(
+        Drift {
+            pmk_only: true,
+            ..Drift::default()
+        },
+        "PMK",
+    )
+    .await;
+    assert_eq!(worst, "ok", "{findings:#?}");
+    assert!(has(&findings, "ok", "infrastructure-encryption"));
+    let (worst, findings) = check(
+        Drift {
+            pmk_only: true,
+            ..Drift::default()
+        },
+        "CMK",
+    )
+    .await;
+    assert_eq!(worst, "fail");
+    assert!(has(&findings, "fail", "mode-mismatch"));
+}
