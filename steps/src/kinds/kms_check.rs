@@ -266,15 +266,15 @@ fn judge(p: &Params, gathered: &Value, now: DateTime<Utc>) -> Vec<Finding> {
     {
         findings.push(finding(Fail, "key-id-versioned", "the cluster's key id carries a version: rotated key versions will never be picked up; use the versionless id", json!({"keyId": key_id})));
     }
-    if let Some(expected) = &p.network_access {
-        if !expected.eq_ignore_ascii_case(access) {
-            findings.push(finding(
-                Fail,
-                "network-access-mismatch",
-                format!("keyVaultNetworkAccess is {access}, expected {expected}"),
-                json!({"keyVaultNetworkAccess": access}),
-            ));
-        }
+    if let Some(expected) = &p.network_access
+        && !expected.eq_ignore_ascii_case(access)
+    {
+        findings.push(finding(
+            Fail,
+            "network-access-mismatch",
+            format!("keyVaultNetworkAccess is {access}, expected {expected}"),
+            json!({"keyVaultNetworkAccess": access}),
+        ));
     }
     let vault = &gathered["vault"];
     if vault.is_null() {
