@@ -24,6 +24,7 @@ pub const BUNDLED: &[Bundled] = bundled![
     "verify-kms",
     "migrate-pmk-to-cmk",
     "migrate-cmk-to-pmk",
+    "rotation-check",
     "engine-drill",
 ];
 

@@ -189,6 +189,22 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Check KMS health (the `rotation-check` runbook) for one cluster, or a fleet with
+    /// `--targets`; exit 0 all ok, 5 any warning, 1 any failure.
+    Check {
+        #[command(flatten)]
+        params: ParamArgs,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+        /// A YAML list or CSV (`subscription,resource_group,cluster,expected_mode`) of clusters.
+        #[arg(long, value_name = "FILE")]
+        targets: Option<PathBuf>,
+        /// Clusters checked at once, at most.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// The loopback Azure stand-in, for trying runbooks without a subscription.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
@@ -224,7 +240,8 @@ impl Command {
             Command::Plan { sandbox, .. }
             | Command::Run { sandbox, .. }
             | Command::Resume { sandbox, .. }
-            | Command::Rollback { sandbox, .. } => Some(sandbox).filter(|s| s.sandbox),
+            | Command::Rollback { sandbox, .. }
+            | Command::Check { sandbox, .. } => Some(sandbox).filter(|s| s.sandbox),
             _ => None,
         }
     }

@@ -93,6 +93,13 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Runs { limit, output } => runs(&context, limit, output),
         Command::Show { run_id, output } => show(&context, &run_id, output),
         Command::Events { run_id, output } => events(&context, &run_id, output),
+        Command::Check {
+            params,
+            sandbox: _,
+            targets,
+            concurrency,
+            output,
+        } => check(&context, &params, targets.as_deref(), concurrency, output).await,
         Command::Sandbox(SandboxCommand::Serve {
             port,
             faults,
@@ -714,4 +721,37 @@ mod tests {
             "docs/step-kinds.md is stale: run `cargo run -- docs > docs/step-kinds.md`"
         );
     }
+}
+
+/// `kmsflow check`: one cluster from `-p`, or a fleet from `--targets`.
+async fn check(
+    context: &Context,
+    args: &ParamArgs,
+    targets: Option<&std::path::Path>,
+    concurrency: u16,
+    output: Output,
+) -> Result<u8, Failure> {
+    let engine = context.engine()?;
+    let (runbook, source) = crate::check::runbook()?;
+    let shared = param_sources(context, args)?;
+    let targets = match targets {
+        Some(path) => crate::check::read_targets(path)?,
+        None => vec![crate::check::Target { params: Map::new() }],
+    };
+    let results = crate::check::check_all(
+        &engine,
+        runbook,
+        source,
+        &shared,
+        targets,
+        concurrency as usize,
+    )
+    .await;
+    match output {
+        Output::Json => {
+            print_json(&crate::check::report(&results))?;
+        }
+        Output::Text => print!("{}", crate::check::table(&results)),
+    }
+    Ok(crate::check::exit_code(&results))
 }

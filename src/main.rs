@@ -2,6 +2,7 @@
 //! errors and chooses the exit code. Everything else lives in the workspace crates.
 
 mod bundled;
+mod check;
 mod cli;
 mod commands;
 mod failure;

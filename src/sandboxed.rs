@@ -92,6 +92,7 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
     cli.arm_endpoint = base_url;
     cli.auth = Auth::ManagedIdentity;
     let runbook = match &cli.command {
+        crate::cli::Command::Check { .. } => Some("verify-kms".to_owned()),
         crate::cli::Command::Run { runbook, .. } | crate::cli::Command::Plan { runbook, .. } => {
             std::path::Path::new(runbook.trim_start_matches("bundled:"))
                 .file_stem()

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const SETUP: &str = r#"
 name: cmk-public-setup
@@ -362,4 +362,113 @@ fn every_kms_runbook_sends_zero_writes_on_its_second_run() {
             });
         }
     });
+}
+
+#[test]
+fn a_fleet_check_of_200_clusters_counts_exactly_what_was_seeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let subscription = "00000000-0000-4000-8000-5a4db0c5ab0c";
+    let mut resources = Vec::new();
+    let mut targets = String::from("resource_group,cluster,expected_mode\n");
+    let (mut ok, mut warn, mut fail) = (0, 0, 0);
+    for i in 0..200 {
+        let name = format!("aks-{i:03}");
+        targets.push_str(&format!("rg-fleet,{name},PMK\n"));
+        let profile = match i % 4 {
+            0 => {
+                ok += 1;
+                json!({"kubernetesResourceObjectEncryptionProfile": {"infrastructureEncryption": "Enabled"}})
+            }
+            1 => {
+                warn += 1;
+                json!({"kubernetesResourceObjectEncryptionProfile": {"infrastructureEncryption": "Enabled"}, "azureKeyVaultKms": {"enabled": true, "keyId": "https://kv.vault.azure.net/keys/k"}})
+            }
+            2 => {
+                fail += 1;
+                json!({"kubernetesResourceObjectEncryptionProfile": null})
+            }
+            _ => {
+                fail += 1;
+                continue;
+            } // listed, never created: unreachable
+        };
+        resources.push(json!({
+            "id": format!("/subscriptions/{subscription}/resourceGroups/rg-fleet/providers/Microsoft.ContainerService/managedClusters/{name}"),
+            "name": name, "type": "Microsoft.ContainerService/ManagedClusters", "location": "eastus",
+            "properties": {"provisioningState": "Succeeded", "currentKubernetesVersion": "1.33.0", "securityProfile": profile},
+        }));
+    }
+    let world = json!({"resource_groups": [{"name": "rg-fleet", "location": "eastus"}], "resources": resources});
+    std::fs::write(dir.path().join("world.json"), world.to_string()).unwrap();
+    std::fs::write(dir.path().join("targets.csv"), targets).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
+        .args([
+            "sandbox",
+            "serve",
+            "--world",
+            dir.path().join("world.json").to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let base_url = lines.next().unwrap().unwrap();
+    let env: HashMap<String, String> = lines
+        .take(6)
+        .map(|l| {
+            let l = l.unwrap();
+            let (k, v) = l.split_once('=').unwrap();
+            (k.to_owned(), v.to_owned())
+        })
+        .collect();
+    let served = Served {
+        child,
+        env,
+        base_url,
+    };
+    let check = kmsflow(
+        dir.path(),
+        &served,
+        &[
+            "check",
+            "--targets",
+            "targets.csv",
+            "--concurrency",
+            "16",
+            "--output",
+            "json",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
+    let report: Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(
+        report["summary"],
+        json!({"clusters": 200, "ok": ok, "warn": warn, "fail": fail})
+    );
+    let missing = report["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["findings"][0]["code"] == "cluster-missing")
+        .count();
+    assert_eq!(missing, 50);
+    let runs: Value = serde_json::from_slice(
+        &kmsflow(
+            dir.path(),
+            &served,
+            &["runs", "--limit", "500", "--output", "json"],
+        )
+        .output()
+        .unwrap()
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        runs.as_array().unwrap().len(),
+        200,
+        "one run per cluster in the store"
+    );
 }

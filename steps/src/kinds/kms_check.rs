@@ -117,6 +117,18 @@ static SPEC: KindSpec = KindSpec {
             name: "mode",
             description: "the cluster's KMS mode: `PMK`, `CMK` or `None`",
         },
+        OutputSpec {
+            name: "rotation_overdue",
+            description: "whether the key's newest version is older than `max_key_age_days`, or the key expired or expires soon",
+        },
+        OutputSpec {
+            name: "vault_uri",
+            description: "the data-plane URI of the key's vault (empty for PMK)",
+        },
+        OutputSpec {
+            name: "key_name",
+            description: "the key's name (empty for PMK)",
+        },
     ]),
     may_be_irreversible: false,
 };
@@ -488,6 +500,24 @@ impl StepKind for KmsCheck {
         } else {
             aks::mode_of(&before["cluster"])
         };
+        let overdue = findings.iter().any(|f| {
+            matches!(
+                f.code.as_str(),
+                "rotation-overdue" | "key-expired" | "key-expiring"
+            )
+        });
+        let key_id =
+            before["cluster"]["properties"]["securityProfile"]["azureKeyVaultKms"]["keyId"]
+                .as_str()
+                .unwrap_or_default();
+        let key_name = key_id
+            .split("/keys/")
+            .nth(1)
+            .map(|r| r.split('/').next().unwrap_or(r))
+            .unwrap_or_default();
+        let vault_uri = before["vault"]["properties"]["vaultUri"]
+            .as_str()
+            .unwrap_or_default();
         Ok(StepPlan::unchanged(outputs([
             (
                 "findings",
@@ -498,6 +528,9 @@ impl StepKind for KmsCheck {
                 serde_json::to_value(worst).expect("severity serializes"),
             ),
             ("mode", json!(mode)),
+            ("rotation_overdue", json!(overdue)),
+            ("vault_uri", json!(vault_uri)),
+            ("key_name", json!(key_name)),
         ])))
     }
 

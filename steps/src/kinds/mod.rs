@@ -11,6 +11,7 @@ mod identity;
 mod keyvault;
 mod keyvault_key;
 mod keyvault_network;
+mod keyvault_rotate;
 pub mod kms_check;
 mod resource_group;
 pub mod role_assignment;
@@ -37,5 +38,6 @@ pub fn register(registry: &mut Registry, azure: Arc<Azure>) {
     registry.register(Arc::new(generic::Action(azure.clone())));
     registry.register(Arc::new(generic::Wait(azure.clone())));
     registry.register(Arc::new(generic::Assert(azure.clone())));
-    registry.register(Arc::new(kms_check::KmsCheck(azure)));
+    registry.register(Arc::new(kms_check::KmsCheck(azure.clone())));
+    registry.register(Arc::new(keyvault_rotate::KeyVaultRotate(azure)));
 }

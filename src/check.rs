@@ -1,0 +1,369 @@
+//! `kmsflow check`: the `rotation-check` runbook for one cluster or a fleet, one run per
+//! cluster in the store, a summary table (or JSON report), and the worst severity as the exit
+//! code.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kmsflow_engine::executor::{ExecOptions, Signals};
+use kmsflow_engine::launch::{self, Engine, RunRequest};
+use kmsflow_engine::params::{self, ParamSources};
+use kmsflow_engine::progress::silent;
+use kmsflow_engine::{CompiledRunbook, RunbookSource};
+use kmsflow_state::RunStatus;
+use serde_json::{Map, Value, json};
+
+use crate::failure::{Failure, code};
+
+/// One cluster to check: its parameters for `rotation-check`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub params: Map<String, Value>,
+}
+
+/// `resource_group/cluster`, from the parameters a check runs with.
+fn label(sources: &ParamSources) -> String {
+    let get = |k: &str| {
+        sources
+            .cli
+            .iter()
+            .rev()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .or_else(|| {
+                sources
+                    .file
+                    .get(k)
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .or_else(|| {
+                sources
+                    .fallback
+                    .get(k)
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "?".into())
+    };
+    format!("{}/{}", get("resource_group"), get("cluster"))
+}
+
+const COLUMNS: &[&str] = &["subscription", "resource_group", "cluster", "expected_mode"];
+
+/// Reads `--targets`: a YAML list of mappings, or CSV with a header row.
+pub fn read_targets(path: &Path) -> Result<Vec<Target>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Usage(format!("cannot read `{}`: {e}", path.display())))?;
+    let is_csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let targets = if is_csv {
+        csv_targets(&text)
+    } else {
+        yaml_targets(&text)
+    }
+    .map_err(|reason| Failure::Usage(format!("`{}`: {reason}", path.display())))?;
+    if targets.is_empty() {
+        return Err(Failure::Usage(format!(
+            "`{}` lists no clusters",
+            path.display()
+        )));
+    }
+    Ok(targets)
+}
+
+fn yaml_targets(text: &str) -> Result<Vec<Target>, String> {
+    let value: Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let list = value
+        .get("targets")
+        .cloned()
+        .unwrap_or(value)
+        .as_array()
+        .cloned()
+        .ok_or("expected a list of clusters (or `targets:` holding one)")?;
+    list.into_iter()
+        .enumerate()
+        .map(|(index, item)| match item {
+            Value::Object(map) => {
+                for key in map.keys() {
+                    if !COLUMNS.contains(&key.as_str()) {
+                        return Err(format!(
+                            "entry {}: unknown key `{key}`; use {}",
+                            index + 1,
+                            COLUMNS.join(", ")
+                        ));
+                    }
+                }
+                Ok(Target { params: map })
+            }
+            _ => Err(format!("entry {} is not a mapping", index + 1)),
+        })
+        .collect()
+}
+
+fn csv_targets(text: &str) -> Result<Vec<Target>, String> {
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or("the CSV has no header row")?
+        .split(',')
+        .map(str::trim)
+        .collect();
+    for column in &header {
+        if !COLUMNS.contains(column) {
+            return Err(format!(
+                "unknown column `{column}`; use {}",
+                COLUMNS.join(", ")
+            ));
+        }
+    }
+    lines
+        .enumerate()
+        .map(|(index, line)| {
+            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+            if cells.len() != header.len() {
+                return Err(format!(
+                    "row {} has {} cells, the header {}",
+                    index + 2,
+                    cells.len(),
+                    header.len()
+                ));
+            }
+            Ok(Target {
+                params: header
+                    .iter()
+                    .zip(cells)
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k.to_string(), Value::String(v.to_owned())))
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// What checking one cluster came to.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub target: String,
+    pub run_id: Option<String>,
+    pub worst: String,
+    pub mode: String,
+    pub findings: Vec<Value>,
+}
+
+/// Checks every target, at most `concurrency` at once.
+pub async fn check_all(
+    engine: &Engine,
+    runbook: Arc<CompiledRunbook>,
+    source: String,
+    shared: &ParamSources,
+    targets: Vec<Target>,
+    concurrency: usize,
+) -> Vec<Checked> {
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, target) in targets.into_iter().enumerate() {
+        let (engine, runbook, source, semaphore) = (
+            engine.clone(),
+            runbook.clone(),
+            source.clone(),
+            semaphore.clone(),
+        );
+        let mut sources = shared.clone();
+        for (key, value) in &target.params {
+            sources.cli.retain(|(k, _)| k != key);
+            sources.cli.push((
+                key.clone(),
+                value
+                    .as_str()
+                    .map_or_else(|| value.to_string(), str::to_owned),
+            ));
+        }
+        let label = label(&sources);
+        tasks.spawn(async move {
+            let _permit = semaphore
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            (
+                index,
+                check_one(&engine, runbook, source, &sources, label).await,
+            )
+        });
+    }
+    let mut results: Vec<(usize, Checked)> = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        results.push(joined.expect("checks do not panic"));
+    }
+    results.sort_by_key(|(index, _)| *index);
+    results.into_iter().map(|(_, checked)| checked).collect()
+}
+
+async fn check_one(
+    engine: &Engine,
+    runbook: Arc<CompiledRunbook>,
+    source: String,
+    sources: &ParamSources,
+    target: String,
+) -> Checked {
+    let failed = |message: String, run_id: Option<String>| Checked {
+        target: target.clone(),
+        run_id,
+        worst: "fail".into(),
+        mode: "?".into(),
+        findings: vec![
+            json!({"severity": "fail", "code": "check-failed", "message": message, "evidence": {}}),
+        ],
+    };
+    let bound = match params::bind(&runbook, sources) {
+        Ok(bound) => bound,
+        Err(errors) => return failed(errors.to_string().replace('\n', "; "), None),
+    };
+    let request = RunRequest {
+        runbook,
+        runbook_ref: "bundled:rotation-check".into(),
+        source,
+        params: bound,
+        options: ExecOptions::default(),
+        signals: Signals::default(),
+        progress: silent(),
+    };
+    let summary = match launch::start(engine, request).await {
+        Ok(summary) => summary,
+        Err(error) => return failed(error.to_string(), None),
+    };
+    let outputs = summary.outputs.clone().unwrap_or_default();
+    match summary.status {
+        RunStatus::Succeeded => Checked {
+            target,
+            run_id: Some(summary.run_id),
+            worst: outputs["worst"].as_str().unwrap_or("fail").to_owned(),
+            mode: outputs["mode"].as_str().unwrap_or("?").to_owned(),
+            findings: outputs["findings"].as_array().cloned().unwrap_or_default(),
+        },
+        RunStatus::Waiting => Checked {
+            target,
+            worst: "warn".into(),
+            mode: "CMK".into(),
+            findings: vec![
+                json!({"severity": "warn", "code": "rotation-awaiting-approval",
+                "message": format!("the key is overdue and waits for approval: kmsflow approve {} approval, then kmsflow resume {}", summary.run_id, summary.run_id),
+                "evidence": {}}),
+            ],
+            run_id: Some(summary.run_id),
+        },
+        _ => failed(
+            summary
+                .error
+                .unwrap_or_else(|| "the check did not finish".into()),
+            Some(summary.run_id),
+        ),
+    }
+}
+
+/// The exit code for the worst severity among the results.
+pub fn exit_code(results: &[Checked]) -> u8 {
+    if results.iter().any(|r| r.worst == "fail") {
+        code::RUN_FAILED
+    } else if results.iter().any(|r| r.worst == "warn") {
+        code::CHANGES
+    } else {
+        code::SUCCESS
+    }
+}
+
+/// The summary table: cluster, mode, worst severity, the first finding that is not ok.
+pub fn table(results: &[Checked]) -> String {
+    let width = results
+        .iter()
+        .map(|r| r.target.len())
+        .max()
+        .unwrap_or(7)
+        .max(7);
+    let mut out = format!(
+        "{:<width$}  {:<4}  {:<5}  finding\n",
+        "cluster", "mode", "worst"
+    );
+    for r in results {
+        let first = r
+            .findings
+            .iter()
+            .find(|f| f["severity"] != "ok")
+            .map(|f| {
+                format!(
+                    "{}: {}",
+                    f["code"].as_str().unwrap_or_default(),
+                    f["message"].as_str().unwrap_or_default()
+                )
+            })
+            .unwrap_or_else(|| "all ok".into());
+        out.push_str(
+            format!(
+                "{:<width$}  {:<4}  {:<5}  {first}",
+                r.target, r.mode, r.worst
+            )
+            .trim_end(),
+        );
+        out.push('\n');
+    }
+    let count = |s: &str| results.iter().filter(|r| r.worst == s).count();
+    out.push_str(&format!(
+        "\n{} clusters: {} ok, {} warn, {} fail\n",
+        results.len(),
+        count("ok"),
+        count("warn"),
+        count("fail")
+    ));
+    out
+}
+
+/// The JSON report.
+pub fn report(results: &[Checked]) -> Value {
+    let count = |s: &str| results.iter().filter(|r| r.worst == s).count();
+    json!({
+        "summary": {"clusters": results.len(), "ok": count("ok"), "warn": count("warn"), "fail": count("fail")},
+        "clusters": results.iter().map(|r| json!({
+            "target": r.target, "run_id": r.run_id, "mode": r.mode, "worst": r.worst, "findings": r.findings,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The bundled `rotation-check` runbook, compiled.
+pub fn runbook() -> Result<(Arc<CompiledRunbook>, String), Failure> {
+    let bundled = crate::bundled::find("rotation-check").expect("rotation-check is bundled");
+    let source = RunbookSource::new("bundled:rotation-check", bundled.text);
+    let compiled =
+        kmsflow_engine::compile_with(&source, &crate::registry(), &crate::bundled::Fragments)
+            .map_err(Failure::Invalid)?;
+    Ok((Arc::new(compiled), bundled.text.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_yaml_and_csv_targets() {
+        let yaml = yaml_targets("- { resource_group: rg, cluster: a }\n- { resource_group: rg, cluster: b, expected_mode: PMK }\n").unwrap();
+        assert_eq!(yaml.len(), 2);
+        assert_eq!(yaml[1].params["expected_mode"], "PMK");
+        let csv = csv_targets("resource_group,cluster,expected_mode\nrg,a,CMK\n# comment\nrg,b,\n")
+            .unwrap();
+        assert_eq!(csv.len(), 2);
+        assert!(!csv[1].params.contains_key("expected_mode"));
+        assert!(
+            csv_targets("group,cluster\nrg,a\n")
+                .unwrap_err()
+                .contains("unknown column `group`")
+        );
+        assert!(
+            yaml_targets("- { cluster: a, region: x }\n")
+                .unwrap_err()
+                .contains("unknown key `region`")
+        );
+    }
+}
