@@ -34,6 +34,8 @@ struct Drift {
     no_rotation_policy: bool,
     role_removed: bool,
     firewall_open: bool,
+    /// The caller holds Key Vault Crypto Officer (to rotate).
+    caller_officer: bool,
 }
 
 fn seed(h: &Harness, drift: Drift) {
@@ -66,6 +68,9 @@ fn seed(h: &Harness, drift: Drift) {
         }));
         if !drift.role_removed {
             w.role_assignment(&vault_id, principal, "12338af0-0e69-4776-bea7-57ae8d297424");
+        }
+        if drift.caller_officer {
+            w.role_assignment(&vault_id, "00000000-0000-4000-8000-ca11e4000001", "14b46e9e-c2b7-41b4-b07b-48a6ebf60603");
         }
         if drift.no_cluster {
             return;
@@ -223,4 +228,71 @@ async fn a_pmk_cluster_is_judged_as_pmk() {
     .await;
     assert_eq!(worst, "fail");
     assert!(has(&findings, "fail", "mode-mismatch"));
+}
+
+fn rotation_check_runbook() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../runbooks/rotation-check.yaml"
+    ))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overdue_key_is_rotated_when_asked_and_after_approval_unless_auto_approved() {
+    // An open firewall lets this machine reach the data plane to rotate.
+    let overdue = Drift {
+        created_days_ago: Some(120.0),
+        firewall_open: true,
+        caller_officer: true,
+        ..Drift::default()
+    };
+    let runbook = rotation_check_runbook();
+
+    let h = Harness::new(Faults::default()).await;
+    seed(&h, overdue);
+    let params = [
+        ("resource_group", "rg-aks"),
+        ("cluster", "aks-prod"),
+        ("rotate_when_overdue", "true"),
+        ("auto_approve", "true"),
+    ];
+    let summary = h.run(&runbook, &params).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    assert_eq!(summary.outputs.as_ref().unwrap()["worst"], "warn");
+    let versions = h.sandbox.world()["keys"]["kv-prod/kms-key"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(versions, 2, "the overdue key was rotated");
+    assert_eq!(
+        h.step(&summary.run_id, "rotate").outcome,
+        Some(kmsflow_engine::kind::Outcome::Invoked)
+    );
+
+    let h = Harness::new(Faults::default()).await;
+    seed(&h, overdue);
+    let summary = h.run(&runbook, &params[..3]).await;
+    assert_eq!(
+        summary.status,
+        RunStatus::Waiting,
+        "rotation waits for approval"
+    );
+    assert_eq!(
+        h.sandbox.world()["keys"]["kv-prod/kms-key"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let h = Harness::new(Faults::default()).await;
+    seed(&h, overdue);
+    let summary = h.run(&runbook, &params[..2]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded);
+    assert_eq!(
+        h.step(&summary.run_id, "rotate").status,
+        kmsflow_state::StepStatus::Skipped,
+        "no rotation unless asked"
+    );
 }
