@@ -711,18 +711,6 @@ pub fn state_path(given: Option<&std::path::Path>) -> Result<PathBuf, Failure> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_checked_in_step_kind_reference_is_current() {
-        let checked_in = include_str!("../docs/step-kinds.md");
-        assert!(
-            checked_in == super::docs(),
-            "docs/step-kinds.md is stale: run `cargo run -- docs > docs/step-kinds.md`"
-        );
-    }
-}
-
 /// `kmsflow check`: one cluster from `-p`, or a fleet from `--targets`.
 async fn check(
     context: &Context,
@@ -754,4 +742,16 @@ async fn check(
         Output::Text => print!("{}", crate::check::table(&results)),
     }
     Ok(crate::check::exit_code(&results))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_checked_in_step_kind_reference_is_current() {
+        let checked_in = include_str!("../docs/step-kinds.md");
+        assert!(
+            checked_in == super::docs(),
+            "docs/step-kinds.md is stale: run `cargo run -- docs > docs/step-kinds.md`"
+        );
+    }
 }
