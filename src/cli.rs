@@ -208,6 +208,15 @@ pub enum Command {
     /// The loopback Azure stand-in, for trying runbooks without a subscription.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// Runs on a schedule (`kmsflow daemon` fires them).
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+    /// Fires due schedules until SIGTERM or Ctrl-C (then lets running checks finish, exit 0).
+    Daemon {
+        /// How often schedules are looked at.
+        #[arg(long, default_value = "250ms", value_parser = parse_duration_arg)]
+        tick: std::time::Duration,
+    },
     /// Show a run's journal of transitions.
     Events {
         run_id: String,
@@ -245,4 +254,65 @@ impl Command {
             _ => None,
         }
     }
+}
+
+fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {
+    kmsflow_engine::duration::parse_duration(text).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Overlap {
+    /// A fire that finds the previous run still going is recorded `skipped`.
+    Skip,
+    /// Keep one such fire and start it when the previous run ends.
+    BufferOne,
+    /// Start regardless.
+    Allow,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Adds a schedule.
+    Add {
+        name: String,
+        /// The runbook (a path or a bundled name); `rotation-check` when `--targets` is given.
+        #[arg(long)]
+        runbook: Option<String>,
+        #[command(flatten)]
+        params: ParamArgs,
+        /// UTC cron: 5 fields, or 6 with seconds first (`*/30 * * * * *`).
+        #[arg(long)]
+        cron: String,
+        #[arg(long, value_enum, default_value_t = Overlap::Skip)]
+        overlap: Overlap,
+        /// After downtime, an occurrence this recent still fires (once); older ones are `missed`.
+        #[arg(long, default_value = "0s", value_parser = parse_duration_arg)]
+        catchup: std::time::Duration,
+        /// Delay each fire by a random part of this (spreads fleets of schedules).
+        #[arg(long, default_value = "0s", value_parser = parse_duration_arg)]
+        jitter: std::time::Duration,
+        /// A fleet check of these clusters instead of one run (see `kmsflow check --targets`).
+        #[arg(long, value_name = "FILE")]
+        targets: Option<PathBuf>,
+        /// POST a JSON summary here when a run ends `warn` or `fail`, and once when it recovers.
+        #[arg(long, value_name = "URL")]
+        notify_webhook: Option<String>,
+    },
+    /// Lists the schedules.
+    List {
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Removes a schedule (its history stays).
+    Remove { name: String },
+    /// Stops firing a schedule until `resume`.
+    Pause { name: String },
+    /// Fires a paused schedule again.
+    Resume { name: String },
+    /// Every fire of a schedule: started (with its run), skipped, missed.
+    History {
+        name: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }

@@ -100,6 +100,8 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             concurrency,
             output,
         } => check(&context, &params, targets.as_deref(), concurrency, output).await,
+        Command::Schedule(command) => schedule(&context, command).await,
+        Command::Daemon { tick } => daemon(&context, tick).await,
         Command::Sandbox(SandboxCommand::Serve {
             port,
             faults,
@@ -742,6 +744,173 @@ async fn check(
         Output::Text => print!("{}", crate::check::table(&results)),
     }
     Ok(crate::check::exit_code(&results))
+}
+
+/// `kmsflow schedule ...`.
+async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Result<u8, Failure> {
+    use crate::cli::{Overlap, ScheduleCommand};
+    let mut store = context.store()?;
+    match command {
+        ScheduleCommand::Add {
+            name,
+            runbook,
+            params,
+            cron,
+            overlap,
+            catchup,
+            jitter,
+            targets,
+            notify_webhook,
+        } => {
+            kmsflow_engine::schedule::parse_cron(&cron).map_err(Failure::Usage)?;
+            let runbook = match (runbook, &targets) {
+                (Some(runbook), _) => runbook,
+                (None, Some(_)) => "rotation-check".to_owned(),
+                (None, None) => {
+                    return Err(Failure::Usage(
+                        "give `--runbook`, or `--targets` for a fleet check".into(),
+                    ));
+                }
+            };
+            let loaded = load(&runbook)?;
+            let compiled = compile_loaded(&loaded)?;
+            let stored =
+                crate::daemon::stored_params(&compiled, &param_sources(context, &params)?)?;
+            if let Some(url) = &notify_webhook {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(Failure::Usage(format!("`{url}` is not an http(s) URL")));
+                }
+            }
+            let targets = match targets {
+                Some(path) => {
+                    crate::check::read_targets(&path)?;
+                    Some(
+                        std::fs::canonicalize(&path)
+                            .unwrap_or(path)
+                            .display()
+                            .to_string(),
+                    )
+                }
+                None => None,
+            };
+            let now = chrono::Utc::now();
+            let record = kmsflow_state::ScheduleRecord {
+                name: name.clone(),
+                runbook: loaded.reference,
+                params: Value::Object(stored),
+                targets,
+                cron,
+                overlap: match overlap {
+                    Overlap::Skip => "skip",
+                    Overlap::BufferOne => "buffer_one",
+                    Overlap::Allow => "allow",
+                }
+                .to_owned(),
+                catchup_ms: catchup.as_millis() as i64,
+                jitter_ms: jitter.as_millis() as i64,
+                webhook: notify_webhook,
+                paused: false,
+                created_at: now,
+                last_seen_at: now,
+                last_worst: None,
+            };
+            if !store.add_schedule(&record)? {
+                return Err(Failure::Usage(format!(
+                    "a schedule `{name}` exists already; remove it first"
+                )));
+            }
+            println!("added schedule `{name}`; `kmsflow daemon` fires it");
+            Ok(code::SUCCESS)
+        }
+        ScheduleCommand::List { output } => {
+            let schedules = store.schedules()?;
+            match output {
+                Output::Json => {
+                    print_json(&serde_json::to_value(&schedules).expect("schedules serialize"))
+                }
+                Output::Text => {
+                    println!(
+                        "{:<20}  {:<18}  {:<24}  {:<10}  {:<6}  last",
+                        "schedule", "cron", "runbook", "overlap", "state"
+                    );
+                    for s in schedules {
+                        println!(
+                            "{:<20}  {:<18}  {:<24}  {:<10}  {:<6}  {}",
+                            s.name,
+                            s.cron,
+                            s.targets
+                                .as_deref()
+                                .map_or(s.runbook.clone(), |t| format!("fleet {t}")),
+                            s.overlap,
+                            if s.paused { "paused" } else { "active" },
+                            s.last_worst.unwrap_or_else(|| "-".into())
+                        );
+                    }
+                    Ok(code::SUCCESS)
+                }
+            }
+        }
+        ScheduleCommand::Remove { name } => found(store.remove_schedule(&name)?, &name, "removed"),
+        ScheduleCommand::Pause { name } => {
+            found(store.set_schedule_paused(&name, true)?, &name, "paused")
+        }
+        ScheduleCommand::Resume { name } => {
+            found(store.set_schedule_paused(&name, false)?, &name, "resumed")
+        }
+        ScheduleCommand::History { name, output } => {
+            let fires = store.fires(&name)?;
+            match output {
+                Output::Json => print_json(&serde_json::to_value(&fires).expect("fires serialize")),
+                Output::Text => {
+                    for f in fires {
+                        let worst = f
+                            .detail
+                            .as_ref()
+                            .and_then(|d| d["worst"].as_str())
+                            .unwrap_or("");
+                        println!(
+                            "{}  {:<8}  {:<22}  {worst}",
+                            f.occurrence.format("%Y-%m-%d %H:%M:%S"),
+                            f.outcome,
+                            f.run_id.as_deref().unwrap_or("-")
+                        );
+                    }
+                    Ok(code::SUCCESS)
+                }
+            }
+        }
+    }
+}
+
+fn found(existed: bool, name: &str, what: &str) -> Result<u8, Failure> {
+    if existed {
+        println!("{what} schedule `{name}`");
+        Ok(code::SUCCESS)
+    } else {
+        Err(Failure::Usage(format!(
+            "no schedule `{name}`; `kmsflow schedule list` shows them"
+        )))
+    }
+}
+
+/// `kmsflow daemon`.
+async fn daemon(context: &Context, tick: std::time::Duration) -> Result<u8, Failure> {
+    let engine = context.engine()?;
+    let signals = crate::signals::install();
+    eprintln!(
+        "kmsflow: daemon firing schedules from {}",
+        engine.state_path.display()
+    );
+    let daemon = kmsflow_engine::schedule::Daemon {
+        state_path: engine.state_path.clone(),
+        durability: engine.durability,
+        firer: Arc::new(crate::daemon::RunFirer::new(engine)),
+        tick,
+        drain: signals.drain.clone(),
+    };
+    daemon.run().await.map_err(|e| Failure::Launch(e.into()))?;
+    eprintln!("kmsflow: daemon stopped");
+    Ok(code::SUCCESS)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ mod bundled;
 mod check;
 mod cli;
 mod commands;
+mod daemon;
 mod failure;
 mod render;
 mod sandboxed;

@@ -118,8 +118,16 @@ async fn with_writer(
 
 /// Creates a run and executes it.
 pub async fn start(engine: &Engine, request: RunRequest) -> Result<RunSummary, LaunchError> {
+    start_with_id(engine, request, new_run_id(Utc::now())).await
+}
+
+/// Creates a run with a chosen id (a scheduler records it before the run starts).
+pub async fn start_with_id(
+    engine: &Engine,
+    request: RunRequest,
+    run_id: String,
+) -> Result<RunSummary, LaunchError> {
     let started_at = Utc::now();
-    let run_id = new_run_id(started_at);
     let key = lock_key(&request.runbook, &request.params, &run_id).map_err(LaunchError::LockKey)?;
     let new_run = NewRun {
         id: run_id.clone(),

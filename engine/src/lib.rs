@@ -22,6 +22,7 @@ pub mod progress;
 pub mod redact;
 pub mod rollback;
 pub mod runbook;
+pub mod schedule;
 pub mod schema;
 pub mod template;
 mod yaml;

@@ -65,6 +65,35 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (run_id, step_id)
     );
     "#,
+    // 2: schedules and the record of every fire. A fire's (schedule, occurrence) is unique:
+    // that is how two daemons on one store never both fire the same occurrence.
+    r#"
+    CREATE TABLE schedules (
+        name         TEXT PRIMARY KEY,
+        runbook      TEXT NOT NULL,
+        params       TEXT NOT NULL,
+        targets      TEXT,
+        cron         TEXT NOT NULL,
+        overlap      TEXT NOT NULL,
+        catchup_ms   INTEGER NOT NULL,
+        jitter_ms    INTEGER NOT NULL,
+        webhook      TEXT,
+        paused       INTEGER NOT NULL DEFAULT 0,
+        created_at   TEXT NOT NULL,
+        last_seen_at TEXT NOT NULL,
+        last_worst   TEXT
+    );
+    CREATE TABLE schedule_fires (
+        seq        INTEGER PRIMARY KEY,
+        schedule   TEXT NOT NULL,
+        occurrence TEXT NOT NULL,
+        fired_at   TEXT NOT NULL,
+        outcome    TEXT NOT NULL,
+        run_id     TEXT,
+        detail     TEXT,
+        UNIQUE (schedule, occurrence)
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -1,0 +1,263 @@
+//! The schedule loop behind `kmsflow daemon`.
+//!
+//! Every tick, each schedule's occurrences since the last one it considered are due. The
+//! latest due occurrence fires if it is within the catch-up window (else it is `missed`), and
+//! every earlier one is recorded `missed`: after downtime a schedule catches up once, not once
+//! per missed occurrence. Firing follows the overlap policy: `skip` records `skipped` while
+//! the previous run is still going, `buffer_one` keeps one occurrence to start when it ends,
+//! `allow` starts regardless. An occurrence is claimed in the store before anything starts;
+//! the claim is unique per (schedule, occurrence), so two daemons on one store never both fire
+//! it. Draining (SIGTERM) stops firing and waits for running fires to finish.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use croner::Cron;
+use kmsflow_state::{Durability, FireRecord, ScheduleRecord, Store, StoreError};
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Starts what a schedule runs. The binary implements it: it knows runbooks, fleets and
+/// notifications.
+#[async_trait]
+pub trait Firer: Send + Sync + 'static {
+    /// Runs the schedule's work for `occurrence` as run `run_id`; returns what to record and
+    /// the worst severity (`ok`, `warn`, `fail`) when there is one.
+    async fn fire(
+        &self,
+        schedule: &ScheduleRecord,
+        occurrence: DateTime<Utc>,
+        run_id: &str,
+    ) -> (Value, Option<String>);
+}
+
+/// Parses a schedule's cron expression: 5 fields, or 6 with seconds first. UTC.
+pub fn parse_cron(expression: &str) -> Result<Cron, String> {
+    Cron::from_str(expression).map_err(|e| format!("invalid cron expression `{expression}`: {e}"))
+}
+
+/// The daemon's settings.
+pub struct Daemon {
+    pub state_path: PathBuf,
+    pub durability: Durability,
+    pub firer: Arc<dyn Firer>,
+    /// How often schedules are looked at.
+    pub tick: Duration,
+    /// Cancelled to stop firing (SIGTERM); running fires finish first.
+    pub drain: CancellationToken,
+}
+
+async fn blocking<T: Send + 'static>(
+    path: PathBuf,
+    durability: Durability,
+    work: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(move || {
+        let mut store = Store::open(&path, durability)?;
+        work(&mut store)
+    })
+    .await
+    .expect("store work does not panic")
+}
+
+impl Daemon {
+    /// Runs until drained; returns once every started fire has finished.
+    pub async fn run(self) -> Result<(), StoreError> {
+        let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+        let mut buffered: HashMap<String, DateTime<Utc>> = HashMap::new();
+        let mut tasks: JoinSet<String> = JoinSet::new();
+        let grace = chrono::Duration::from_std(self.tick * 3).unwrap_or_default();
+        loop {
+            while let Some(Ok(name)) = tasks.try_join_next() {
+                running.remove(&name);
+            }
+            running.retain(|_, handle| !handle.is_finished());
+            if self.drain.is_cancelled() {
+                break;
+            }
+            let now = Utc::now();
+            let schedules =
+                blocking(self.state_path.clone(), self.durability, |s| s.schedules()).await?;
+            for schedule in schedules.into_iter().filter(|s| !s.paused) {
+                let Ok(cron) = parse_cron(&schedule.cron) else {
+                    tracing::warn!(schedule = %schedule.name, cron = %schedule.cron, "skipping a schedule with an invalid cron expression");
+                    continue;
+                };
+                let busy = running.contains_key(&schedule.name);
+                // A buffered occurrence starts as soon as the run before it has ended.
+                if !busy && let Some(occurrence) = buffered.remove(&schedule.name) {
+                    self.start(&schedule, occurrence, &mut running, &mut tasks)
+                        .await?;
+                    continue;
+                }
+                let due: Vec<DateTime<Utc>> = cron
+                    .iter_after(schedule.last_seen_at)
+                    .take_while(|occurrence| *occurrence <= now)
+                    .take(100_000)
+                    .collect();
+                let Some((&latest, earlier)) = due.split_last() else {
+                    continue;
+                };
+                for &occurrence in earlier {
+                    self.record(
+                        &schedule,
+                        occurrence,
+                        "missed",
+                        json!({"reason": "the daemon was not running; a later occurrence is due"}),
+                    )
+                    .await?;
+                }
+                let window = chrono::Duration::milliseconds(schedule.catchup_ms).max(grace);
+                if now - latest > window {
+                    self.record(
+                        &schedule,
+                        latest,
+                        "missed",
+                        json!({"reason": "older than the catch-up window"}),
+                    )
+                    .await?;
+                    continue;
+                }
+                let busy = running.contains_key(&schedule.name)
+                    || self.previous_still_running(&schedule).await?;
+                match (busy, schedule.overlap.as_str()) {
+                    (true, "allow") | (false, _) => {
+                        self.start(&schedule, latest, &mut running, &mut tasks)
+                            .await?
+                    }
+                    (true, "buffer_one") if !buffered.contains_key(&schedule.name) => {
+                        // Seen now, started later; a second one while it waits is skipped.
+                        blocking(self.state_path.clone(), self.durability, {
+                            let (name, at) = (schedule.name.clone(), latest);
+                            move |s| {
+                                s.claim_fire(&FireRecord {
+                                    schedule: name,
+                                    occurrence: at,
+                                    fired_at: Utc::now(),
+                                    outcome: "buffered".into(),
+                                    run_id: None,
+                                    detail: None,
+                                })
+                            }
+                        })
+                        .await?;
+                        buffered.insert(schedule.name.clone(), latest);
+                    }
+                    (true, _) => {
+                        self.record(
+                            &schedule,
+                            latest,
+                            "skipped",
+                            json!({"reason": "the previous run is still going"}),
+                        )
+                        .await?;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.tick) => {}
+                _ = self.drain.cancelled() => {}
+            }
+        }
+        // Drain: let running fires finish and checkpoint.
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    async fn record(
+        &self,
+        schedule: &ScheduleRecord,
+        occurrence: DateTime<Utc>,
+        outcome: &str,
+        detail: Value,
+    ) -> Result<bool, StoreError> {
+        let fire = FireRecord {
+            schedule: schedule.name.clone(),
+            occurrence,
+            fired_at: Utc::now(),
+            outcome: outcome.to_owned(),
+            run_id: None,
+            detail: Some(detail),
+        };
+        blocking(self.state_path.clone(), self.durability, move |s| {
+            s.claim_fire(&fire)
+        })
+        .await
+    }
+
+    /// Whether the run of this schedule's latest started fire is still going (perhaps in another
+    /// daemon).
+    async fn previous_still_running(&self, schedule: &ScheduleRecord) -> Result<bool, StoreError> {
+        let name = schedule.name.clone();
+        blocking(self.state_path.clone(), self.durability, move |s| {
+            let last = s
+                .fires(&name)?
+                .into_iter()
+                .rev()
+                .find(|f| f.outcome == "started");
+            match last.and_then(|f| f.run_id) {
+                Some(run_id) => s.run_is_active(&run_id),
+                None => Ok(false),
+            }
+        })
+        .await
+    }
+
+    /// Claims the occurrence and, if this daemon got it, starts the fire.
+    async fn start(
+        &self,
+        schedule: &ScheduleRecord,
+        occurrence: DateTime<Utc>,
+        running: &mut HashMap<String, tokio::task::AbortHandle>,
+        tasks: &mut JoinSet<String>,
+    ) -> Result<(), StoreError> {
+        let run_id = crate::launch::new_run_id(Utc::now());
+        let fire = FireRecord {
+            schedule: schedule.name.clone(),
+            occurrence,
+            fired_at: Utc::now(),
+            outcome: "started".into(),
+            run_id: Some(run_id.clone()),
+            detail: None,
+        };
+        // A buffered occurrence already has its row: replace it with the start.
+        let buffered_row = fire.clone();
+        let claimed = blocking(self.state_path.clone(), self.durability, move |s| {
+            if s.claim_fire(&buffered_row)? {
+                return Ok(true);
+            }
+            s.promote_buffered_fire(&buffered_row)
+        })
+        .await?;
+        if !claimed {
+            return Ok(());
+        }
+        let (firer, schedule, path, durability) = (
+            self.firer.clone(),
+            schedule.clone(),
+            self.state_path.clone(),
+            self.durability,
+        );
+        let jitter =
+            Duration::from_millis((schedule.jitter_ms.max(0) as f64 * fastrand::f64()) as u64);
+        let name = schedule.name.clone();
+        let handle = tasks.spawn(async move {
+            tokio::time::sleep(jitter).await;
+            let (detail, worst) = firer.fire(&schedule, occurrence, &run_id).await;
+            let name = schedule.name.clone();
+            let _ = blocking(path, durability, move |s| {
+                s.finish_fire(&name, occurrence, &detail, worst.as_deref())
+            })
+            .await;
+            schedule.name
+        });
+        running.insert(name, handle);
+        Ok(())
+    }
+}

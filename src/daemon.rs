@@ -1,0 +1,221 @@
+//! `kmsflow schedule ...` and `kmsflow daemon`: what a schedule runs (one runbook, or a fleet
+//! check), and its notifications.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use kmsflow_engine::RunbookSource;
+use kmsflow_engine::executor::{ExecOptions, Signals};
+use kmsflow_engine::launch::{self, Engine, RunRequest};
+use kmsflow_engine::params::{self, ParamSources};
+use kmsflow_engine::progress::silent;
+use kmsflow_engine::schedule::Firer;
+use kmsflow_state::{RunStatus, ScheduleRecord};
+use serde_json::{Map, Value, json};
+
+use crate::failure::Failure;
+
+/// Starts schedules' work in this process.
+pub struct RunFirer {
+    pub engine: Engine,
+    pub http: reqwest::Client,
+}
+
+impl RunFirer {
+    pub fn new(engine: Engine) -> RunFirer {
+        RunFirer {
+            engine,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("an HTTP client"),
+        }
+    }
+
+    fn sources(schedule: &ScheduleRecord) -> ParamSources {
+        let stored = schedule.params.as_object().cloned().unwrap_or_default();
+        ParamSources {
+            cli: stored
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                    )
+                })
+                .collect(),
+            env: std::env::vars().collect(),
+            ..Default::default()
+        }
+    }
+
+    async fn run_one(&self, schedule: &ScheduleRecord, run_id: &str) -> (Value, Option<String>) {
+        let failed = |error: String| (json!({"error": error}), Some("fail".to_owned()));
+        let (source, reference) =
+            match crate::bundled::find(schedule.runbook.trim_start_matches("bundled:")) {
+                Some(b) => (
+                    RunbookSource::new(format!("bundled:{}", b.name), b.text),
+                    format!("bundled:{}", b.name),
+                ),
+                None => match std::fs::read_to_string(&schedule.runbook) {
+                    Ok(text) => (
+                        RunbookSource::new(&schedule.runbook, text),
+                        schedule.runbook.clone(),
+                    ),
+                    Err(error) => {
+                        return failed(format!("cannot read `{}`: {error}", schedule.runbook));
+                    }
+                },
+            };
+        let compiled = match kmsflow_engine::compile_with(
+            &source,
+            &self.engine.registry,
+            &crate::bundled::Fragments,
+        ) {
+            Ok(compiled) => Arc::new(compiled),
+            Err(diagnostics) => return failed(diagnostics.to_string()),
+        };
+        let bound = match params::bind(&compiled, &Self::sources(schedule)) {
+            Ok(bound) => bound,
+            Err(errors) => return failed(errors.to_string()),
+        };
+        let request = RunRequest {
+            runbook: compiled,
+            runbook_ref: reference,
+            source: source.text.to_string(),
+            params: bound,
+            options: ExecOptions::default(),
+            signals: Signals::default(),
+            progress: silent(),
+        };
+        match launch::start_with_id(&self.engine, request, run_id.to_owned()).await {
+            Ok(summary) => {
+                let worst = summary
+                    .outputs
+                    .as_ref()
+                    .and_then(|o| o["worst"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| {
+                        match summary.status {
+                            RunStatus::Succeeded => "ok",
+                            RunStatus::Waiting | RunStatus::Interrupted => "warn",
+                            _ => "fail",
+                        }
+                        .to_owned()
+                    });
+                (
+                    json!({"status": summary.status, "error": summary.error, "worst": worst}),
+                    Some(worst),
+                )
+            }
+            Err(error) => failed(error.to_string()),
+        }
+    }
+
+    async fn run_fleet(&self, schedule: &ScheduleRecord, targets: &str) -> (Value, Option<String>) {
+        let targets = match crate::check::read_targets(std::path::Path::new(targets)) {
+            Ok(targets) => targets,
+            Err(error) => return (json!({"error": error.to_string()}), Some("fail".into())),
+        };
+        let (runbook, source) = match crate::check::runbook() {
+            Ok(found) => found,
+            Err(error) => return (json!({"error": error.to_string()}), Some("fail".into())),
+        };
+        let results = crate::check::check_all(
+            &self.engine,
+            runbook,
+            source,
+            &Self::sources(schedule),
+            targets,
+            16,
+        )
+        .await;
+        let report = crate::check::report(&results);
+        let worst = match crate::check::exit_code(&results) {
+            0 => "ok",
+            5 => "warn",
+            _ => "fail",
+        };
+        (
+            json!({"summary": report["summary"], "worst": worst}),
+            Some(worst.to_owned()),
+        )
+    }
+
+    /// POSTs the summary, three tries at most; a failure is recorded, never raised.
+    async fn notify(&self, url: &str, payload: &Value) -> Value {
+        let mut last_error = String::new();
+        for attempt in 1..=3u32 {
+            match self.http.post(url).json(payload).send().await {
+                Ok(response) if response.status().is_success() => {
+                    return json!({"sent": true, "attempts": attempt});
+                }
+                Ok(response) => last_error = format!("HTTP {}", response.status()),
+                Err(error) => last_error = error.without_url().to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+        }
+        tracing::warn!(error = %last_error, "a schedule notification could not be sent");
+        json!({"sent": false, "error": last_error})
+    }
+}
+
+#[async_trait]
+impl Firer for RunFirer {
+    async fn fire(
+        &self,
+        schedule: &ScheduleRecord,
+        occurrence: DateTime<Utc>,
+        run_id: &str,
+    ) -> (Value, Option<String>) {
+        let (mut detail, worst) = match &schedule.targets {
+            Some(targets) => self.run_fleet(schedule, targets).await,
+            None => self.run_one(schedule, run_id).await,
+        };
+        if let (Some(url), Some(worst)) = (&schedule.webhook, &worst) {
+            let was_bad = matches!(schedule.last_worst.as_deref(), Some("warn" | "fail"));
+            let bad = worst != "ok";
+            if bad || was_bad {
+                let payload = json!({
+                    "schedule": schedule.name,
+                    "occurrence": occurrence.to_rfc3339(),
+                    "run_id": run_id,
+                    "worst": worst,
+                    "recovered": !bad && was_bad,
+                    "detail": detail.clone(),
+                });
+                detail["notification"] = self.notify(url, &payload).await;
+            }
+        }
+        (detail, worst)
+    }
+}
+
+/// The stored form of `schedule add`'s parameters: never a secret.
+pub fn stored_params(
+    runbook: &kmsflow_engine::CompiledRunbook,
+    sources: &ParamSources,
+) -> Result<Map<String, Value>, Failure> {
+    let mut stored = sources.file.clone();
+    for (key, value) in &sources.cli {
+        stored.insert(key.clone(), Value::String(value.clone()));
+    }
+    for param in runbook.params.iter().filter(|p| p.secret) {
+        if stored.contains_key(&param.name) {
+            return Err(Failure::Usage(format!(
+                "parameter `{}` is secret and is never stored: give it to the daemon through `KMSFLOW_PARAM_{}`",
+                param.name,
+                param.name.to_uppercase()
+            )));
+        }
+    }
+    let names: Vec<&str> = runbook.params.iter().map(|p| p.name.as_str()).collect();
+    if let Some(unknown) = stored.keys().find(|k| !names.contains(&k.as_str())) {
+        return Err(Failure::Usage(format!(
+            "`{unknown}` is not a parameter of `{}`",
+            runbook.name
+        )));
+    }
+    Ok(stored)
+}

@@ -1,0 +1,224 @@
+//! Schedules and their fires.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::store::timestamp;
+use crate::write::ts;
+use crate::{Store, StoreError};
+
+/// A schedule as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScheduleRecord {
+    pub name: String,
+    /// A runbook path or bundled name.
+    pub runbook: String,
+    /// Parameters (never secrets).
+    pub params: Value,
+    /// A targets file for a fleet check, instead of one runbook run.
+    pub targets: Option<String>,
+    pub cron: String,
+    /// `skip`, `buffer_one` or `allow`.
+    pub overlap: String,
+    pub catchup_ms: i64,
+    pub jitter_ms: i64,
+    pub webhook: Option<String>,
+    pub paused: bool,
+    pub created_at: DateTime<Utc>,
+    /// The latest occurrence already considered (fired, skipped or missed).
+    pub last_seen_at: DateTime<Utc>,
+    /// The worst severity of the latest finished run, for recovery notifications.
+    pub last_worst: Option<String>,
+}
+
+/// One occurrence of a schedule, and what became of it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FireRecord {
+    pub schedule: String,
+    pub occurrence: DateTime<Utc>,
+    pub fired_at: DateTime<Utc>,
+    /// `started`, `skipped` or `missed`.
+    pub outcome: String,
+    pub run_id: Option<String>,
+    pub detail: Option<Value>,
+}
+
+impl Store {
+    /// Adds a schedule; an existing name is an error.
+    pub fn add_schedule(&mut self, schedule: &ScheduleRecord) -> Result<bool, StoreError> {
+        let inserted = self.conn.execute(
+            "INSERT OR IGNORE INTO schedules (name, runbook, params, targets, cron, overlap, catchup_ms, jitter_ms,
+                 webhook, paused, created_at, last_seen_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                schedule.name,
+                schedule.runbook,
+                schedule.params.to_string(),
+                schedule.targets,
+                schedule.cron,
+                schedule.overlap,
+                schedule.catchup_ms,
+                schedule.jitter_ms,
+                schedule.webhook,
+                schedule.paused,
+                ts(&schedule.created_at),
+                ts(&schedule.last_seen_at),
+            ],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    /// Every schedule, by name.
+    pub fn schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name, runbook, params, targets, cron, overlap, catchup_ms, jitter_ms, webhook, paused,
+                    created_at, last_seen_at, last_worst FROM schedules ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok((|| {
+                Ok::<_, StoreError>(ScheduleRecord {
+                    name: row.get(0)?,
+                    runbook: row.get(1)?,
+                    params: serde_json::from_str(&row.get::<_, String>(2)?)
+                        .map_err(|e| crate::error::corrupt("schedules.params", e))?,
+                    targets: row.get(3)?,
+                    cron: row.get(4)?,
+                    overlap: row.get(5)?,
+                    catchup_ms: row.get(6)?,
+                    jitter_ms: row.get(7)?,
+                    webhook: row.get(8)?,
+                    paused: row.get(9)?,
+                    created_at: timestamp(row.get(10)?, "schedules.created_at")?,
+                    last_seen_at: timestamp(row.get(11)?, "schedules.last_seen_at")?,
+                    last_worst: row.get(12)?,
+                })
+            })())
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row??);
+        }
+        Ok(out)
+    }
+
+    /// Removes a schedule (its history stays); whether it existed.
+    pub fn remove_schedule(&mut self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM schedules WHERE name = ?1", [name])?
+            == 1)
+    }
+
+    /// Pauses or resumes a schedule; whether it existed.
+    pub fn set_schedule_paused(&mut self, name: &str, paused: bool) -> Result<bool, StoreError> {
+        Ok(self.conn.execute(
+            "UPDATE schedules SET paused = ?2 WHERE name = ?1",
+            params![name, paused],
+        )? == 1)
+    }
+
+    /// Claims an occurrence for this process: true when no one (no other daemon) had.
+    pub fn claim_fire(&mut self, fire: &FireRecord) -> Result<bool, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let claimed = tx.execute(
+            "INSERT OR IGNORE INTO schedule_fires (schedule, occurrence, fired_at, outcome, run_id, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                fire.schedule,
+                ts(&fire.occurrence),
+                ts(&fire.fired_at),
+                fire.outcome,
+                fire.run_id,
+                fire.detail.as_ref().map(Value::to_string),
+            ],
+        )? == 1;
+        // Whoever claims or not, the occurrence has been seen.
+        tx.execute(
+            "UPDATE schedules SET last_seen_at = max(last_seen_at, ?2) WHERE name = ?1",
+            params![fire.schedule, ts(&fire.occurrence)],
+        )?;
+        tx.commit()?;
+        Ok(claimed)
+    }
+
+    /// Turns a `buffered` occurrence into a `started` one; whether there was one to turn.
+    pub fn promote_buffered_fire(&mut self, fire: &FireRecord) -> Result<bool, StoreError> {
+        Ok(self.conn.execute(
+            "UPDATE schedule_fires SET outcome = 'started', run_id = ?3, fired_at = ?4
+             WHERE schedule = ?1 AND occurrence = ?2 AND outcome = 'buffered'",
+            params![
+                fire.schedule,
+                ts(&fire.occurrence),
+                fire.run_id,
+                ts(&fire.fired_at)
+            ],
+        )? == 1)
+    }
+
+    /// Records how a fired run ended.
+    pub fn finish_fire(
+        &mut self,
+        schedule: &str,
+        occurrence: DateTime<Utc>,
+        detail: &Value,
+        worst: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE schedule_fires SET detail = ?3 WHERE schedule = ?1 AND occurrence = ?2",
+            params![schedule, ts(&occurrence), detail.to_string()],
+        )?;
+        if let Some(worst) = worst {
+            tx.execute(
+                "UPDATE schedules SET last_worst = ?2 WHERE name = ?1",
+                params![schedule, worst],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A schedule's fires, oldest first.
+    pub fn fires(&self, schedule: &str) -> Result<Vec<FireRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT schedule, occurrence, fired_at, outcome, run_id, detail FROM schedule_fires
+             WHERE schedule = ?1 ORDER BY occurrence, seq",
+        )?;
+        let rows = stmt.query_map([schedule], |row| {
+            Ok((|| {
+                Ok::<_, StoreError>(FireRecord {
+                    schedule: row.get(0)?,
+                    occurrence: timestamp(row.get(1)?, "schedule_fires.occurrence")?,
+                    fired_at: timestamp(row.get(2)?, "schedule_fires.fired_at")?,
+                    outcome: row.get(3)?,
+                    run_id: row.get(4)?,
+                    detail: row
+                        .get::<_, Option<String>>(5)?
+                        .map(|d| serde_json::from_str(&d))
+                        .transpose()
+                        .map_err(|e| crate::error::corrupt("schedule_fires.detail", e))?,
+                })
+            })())
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row??);
+        }
+        Ok(out)
+    }
+
+    /// Whether a run is still going (for the overlap policy).
+    pub fn run_is_active(&self, run_id: &str) -> Result<bool, StoreError> {
+        let status: Option<String> = self
+            .conn
+            .query_row("SELECT status FROM runs WHERE id = ?1", [run_id], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        Ok(status.as_deref() == Some("running"))
+    }
+}

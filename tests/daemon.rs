@@ -1,0 +1,319 @@
+//! The schedule daemon with second-granular cron: overlap `skip`, catch-up after downtime,
+//! two daemons on one store, SIGTERM draining, and webhook notifications.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn kmsflow(dir: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kmsflow"));
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("KMSFLOW_STATE", dir.join("state.db"));
+    command
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    kmsflow(dir, args).output().unwrap()
+}
+
+fn daemon(dir: &Path) -> Child {
+    kmsflow(dir, &["daemon", "--tick", "100ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn sigterm(child: &mut Child) -> std::process::ExitStatus {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap()
+}
+
+fn history(dir: &Path, name: &str) -> Vec<Value> {
+    let out = run(dir, &["schedule", "history", name, "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn count(fires: &[Value], outcome: &str) -> usize {
+    fires.iter().filter(|f| f["outcome"] == outcome).count()
+}
+
+fn add(dir: &Path, args: &[&str]) {
+    let out = run(dir, &[&["schedule", "add"], args].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const SLOW: &str =
+    "name: slow\nsteps:\n  - id: wait\n    uses: sleep\n    with: { duration: 2500ms }\n";
+const QUICK: &str = "name: quick\nsteps:\n  - id: hi\n    uses: noop\n";
+
+#[test]
+fn skip_overlap_records_skipped_fires_while_a_run_is_going() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("slow.yaml"), SLOW).unwrap();
+    add(
+        dir.path(),
+        &[
+            "every-second",
+            "--runbook",
+            "slow.yaml",
+            "--cron",
+            "* * * * * *",
+        ],
+    );
+    let mut d = daemon(dir.path());
+    std::thread::sleep(Duration::from_millis(4200));
+    assert!(sigterm(&mut d).success(), "SIGTERM drains and exits 0");
+    let fires = history(dir.path(), "every-second");
+    assert!(count(&fires, "started") >= 1, "{fires:#?}");
+    assert!(
+        count(&fires, "skipped") >= 2,
+        "fires while the 2.5 s run went on are skipped: {fires:#?}"
+    );
+    for fire in fires.iter().filter(|f| f["outcome"] == "started") {
+        assert_eq!(fire["detail"]["status"], "succeeded", "{fire}");
+    }
+}
+
+#[test]
+fn after_downtime_one_catch_up_fires_and_the_rest_are_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("quick.yaml"), QUICK).unwrap();
+    add(
+        dir.path(),
+        &[
+            "catching-up",
+            "--runbook",
+            "quick.yaml",
+            "--cron",
+            "* * * * * *",
+            "--catchup",
+            "1500ms",
+        ],
+    );
+    // The daemon is down for a while: several occurrences pass.
+    std::thread::sleep(Duration::from_millis(3500));
+    let started_at = chrono::Utc::now();
+    let mut d = daemon(dir.path());
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(sigterm(&mut d).success());
+    let before_start: Vec<Value> = history(dir.path(), "catching-up")
+        .into_iter()
+        .filter(|f| {
+            chrono::DateTime::parse_from_rfc3339(f["occurrence"].as_str().unwrap()).unwrap()
+                <= started_at
+        })
+        .collect();
+    assert_eq!(
+        count(&before_start, "started"),
+        1,
+        "one catch-up: {before_start:#?}"
+    );
+    assert!(count(&before_start, "missed") >= 2, "{before_start:#?}");
+}
+
+#[test]
+fn two_daemons_on_one_store_fire_each_occurrence_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("quick.yaml"), QUICK).unwrap();
+    add(
+        dir.path(),
+        &[
+            "shared",
+            "--runbook",
+            "quick.yaml",
+            "--cron",
+            "* * * * * *",
+            "--overlap",
+            "allow",
+        ],
+    );
+    let (mut a, mut b) = (daemon(dir.path()), daemon(dir.path()));
+    std::thread::sleep(Duration::from_millis(3600));
+    assert!(sigterm(&mut a).success());
+    assert!(sigterm(&mut b).success());
+    let fires = history(dir.path(), "shared");
+    let started = count(&fires, "started");
+    assert!(started >= 3, "{fires:#?}");
+    let runs: Value =
+        serde_json::from_slice(&run(dir.path(), &["runs", "--output", "json"]).stdout).unwrap();
+    assert_eq!(
+        runs.as_array().unwrap().len(),
+        started,
+        "one run per fired occurrence, none twice"
+    );
+    let mut occurrences: Vec<&str> = fires
+        .iter()
+        .map(|f| f["occurrence"].as_str().unwrap())
+        .collect();
+    let n = occurrences.len();
+    occurrences.dedup();
+    assert_eq!(occurrences.len(), n);
+}
+
+#[test]
+fn sigterm_lets_the_running_check_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("slow.yaml"), SLOW).unwrap();
+    add(
+        dir.path(),
+        &["drain", "--runbook", "slow.yaml", "--cron", "* * * * * *"],
+    );
+    let mut d = daemon(dir.path());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&history(dir.path(), "drain"), "started") == 0 {
+        assert!(Instant::now() < deadline, "nothing fired");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stopped = Instant::now();
+    assert!(sigterm(&mut d).success());
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(1000),
+        "it waited for the run"
+    );
+    let runs: Value =
+        serde_json::from_slice(&run(dir.path(), &["runs", "--output", "json"]).stdout).unwrap();
+    for r in runs.as_array().unwrap() {
+        assert_eq!(r["status"], "succeeded", "{r}");
+    }
+}
+
+#[test]
+fn a_failing_run_posts_to_the_webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("failing.yaml"),
+        "name: failing\nsteps:\n  - id: no\n    uses: assert\n    with: { condition: false, message: drift found }\n",
+    )
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (sender, received) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            stream
+                .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+            let _ = sender.send(String::from_utf8(body).unwrap());
+        }
+    });
+    add(
+        dir.path(),
+        &[
+            "alerting",
+            "--runbook",
+            "failing.yaml",
+            "--cron",
+            "* * * * * *",
+            "--notify-webhook",
+            &url,
+        ],
+    );
+    let mut d = daemon(dir.path());
+    let body = received
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the webhook was called");
+    assert!(sigterm(&mut d).success());
+    let payload: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(payload["schedule"], "alerting");
+    assert_eq!(payload["worst"], "fail");
+    assert_eq!(payload["recovered"], false);
+}
+
+#[test]
+fn schedule_commands_validate_and_manage() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("quick.yaml"), QUICK).unwrap();
+    let bad = run(
+        dir.path(),
+        &[
+            "schedule",
+            "add",
+            "x",
+            "--runbook",
+            "quick.yaml",
+            "--cron",
+            "every day",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid cron expression"));
+    add(
+        dir.path(),
+        &["nightly", "--runbook", "quick.yaml", "--cron", "0 3 * * *"],
+    );
+    let dup = run(
+        dir.path(),
+        &[
+            "schedule",
+            "add",
+            "nightly",
+            "--runbook",
+            "quick.yaml",
+            "--cron",
+            "0 3 * * *",
+        ],
+    );
+    assert_eq!(dup.status.code(), Some(2));
+    assert!(
+        run(dir.path(), &["schedule", "pause", "nightly"])
+            .status
+            .success()
+    );
+    let list: Value =
+        serde_json::from_slice(&run(dir.path(), &["schedule", "list", "--output", "json"]).stdout)
+            .unwrap();
+    assert_eq!(list[0]["paused"], true);
+    assert!(
+        run(dir.path(), &["schedule", "resume", "nightly"])
+            .status
+            .success()
+    );
+    assert!(
+        run(dir.path(), &["schedule", "remove", "nightly"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        run(dir.path(), &["schedule", "remove", "nightly"])
+            .status
+            .code(),
+        Some(2)
+    );
+}
