@@ -364,15 +364,15 @@ fn every_kms_runbook_sends_zero_writes_on_its_second_run() {
     });
 }
 
-#[test]
-fn a_fleet_check_of_200_clusters_counts_exactly_what_was_seeded() {
-    let dir = tempfile::tempdir().unwrap();
+/// A world of `n` PMK clusters (every fourth unhealthy in one of three ways), its targets CSV,
+/// and the counts a check must find: (ok, warn, fail).
+fn fleet(dir: &std::path::Path, n: usize) -> (usize, usize, usize) {
     let subscription = "00000000-0000-4000-8000-5a4db0c5ab0c";
     let mut resources = Vec::new();
     let mut targets = String::from("resource_group,cluster,expected_mode\n");
     let (mut ok, mut warn, mut fail) = (0, 0, 0);
-    for i in 0..200 {
-        let name = format!("aks-{i:03}");
+    for i in 0..n {
+        let name = format!("aks-{i:04}");
         targets.push_str(&format!("rg-fleet,{name},PMK\n"));
         let profile = match i % 4 {
             0 => {
@@ -390,7 +390,7 @@ fn a_fleet_check_of_200_clusters_counts_exactly_what_was_seeded() {
             _ => {
                 fail += 1;
                 continue;
-            } // listed, never created: unreachable
+            } // listed, never created
         };
         resources.push(json!({
             "id": format!("/subscriptions/{subscription}/resourceGroups/rg-fleet/providers/Microsoft.ContainerService/managedClusters/{name}"),
@@ -399,15 +399,27 @@ fn a_fleet_check_of_200_clusters_counts_exactly_what_was_seeded() {
         }));
     }
     let world = json!({"resource_groups": [{"name": "rg-fleet", "location": "eastus"}], "resources": resources});
-    std::fs::write(dir.path().join("world.json"), world.to_string()).unwrap();
-    std::fs::write(dir.path().join("targets.csv"), targets).unwrap();
+    std::fs::write(dir.join("world.json"), world.to_string()).unwrap();
+    std::fs::write(dir.join("targets.csv"), targets).unwrap();
+    (ok, warn, fail)
+}
+
+fn serve_with(dir: &std::path::Path, faults: Option<&str>) -> Served {
+    let mut args = vec![
+        "sandbox".to_owned(),
+        "serve".into(),
+        "--world".into(),
+        dir.join("world.json").display().to_string(),
+    ];
+    if let Some(faults) = faults {
+        std::fs::write(dir.join("faults.yaml"), faults).unwrap();
+        args.extend([
+            "--faults".into(),
+            dir.join("faults.yaml").display().to_string(),
+        ]);
+    }
     let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
-        .args([
-            "sandbox",
-            "serve",
-            "--world",
-            dir.path().join("world.json").to_str().unwrap(),
-        ])
+        .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -422,11 +434,18 @@ fn a_fleet_check_of_200_clusters_counts_exactly_what_was_seeded() {
             (k.to_owned(), v.to_owned())
         })
         .collect();
-    let served = Served {
+    Served {
         child,
         env,
         base_url,
-    };
+    }
+}
+
+#[test]
+fn a_fleet_check_of_200_clusters_counts_exactly_what_was_seeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, warn, fail) = fleet(dir.path(), 200);
+    let served = serve_with(dir.path(), None);
     let check = kmsflow(
         dir.path(),
         &served,
@@ -470,5 +489,56 @@ fn a_fleet_check_of_200_clusters_counts_exactly_what_was_seeded() {
         runs.as_array().unwrap().len(),
         200,
         "one run per cluster in the store"
+    );
+}
+
+#[test]
+fn a_fleet_check_paces_itself_to_the_subscription_read_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    // 400 reads: the 250-token burst, then 150 that can only go at the refill rate (25/s).
+    fleet(dir.path(), 400);
+    let served = serve_with(dir.path(), Some("token_buckets: true\n"));
+    let check = kmsflow(
+        dir.path(),
+        &served,
+        &[
+            "check",
+            "--targets",
+            "targets.csv",
+            "--concurrency",
+            "32",
+            "--output",
+            "json",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
+    let report: Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(report["summary"]["clusters"], 400);
+    let requests = get(&format!("{}/_sandbox/requests", served.base_url));
+    let arm: Vec<&Value> = requests
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["path"].as_str().unwrap().starts_with("/subscriptions/"))
+        .collect();
+    let throttled = arm.iter().filter(|r| r["status"] == 429).count();
+    assert!(
+        throttled * 100 <= arm.len(),
+        "{throttled} of {} requests were answered 429",
+        arm.len()
+    );
+    // Past the burst, throughput holds at least 90% of the refill rate.
+    let paced: Vec<u64> = arm
+        .iter()
+        .skip(260)
+        .map(|r| r["at_ms"].as_u64().unwrap())
+        .collect();
+    let span_s = (paced.last().unwrap() - paced.first().unwrap()) as f64 / 1000.0;
+    let rate = (paced.len() - 1) as f64 / span_s;
+    assert!(
+        rate >= 22.5,
+        "paced at {rate:.1} requests/s, below 90% of 25/s"
     );
 }

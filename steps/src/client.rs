@@ -143,6 +143,7 @@ pub struct AzureClient {
     config: AzureConfig,
     credential: Arc<dyn TokenCredential>,
     tokens: Mutex<HashMap<&'static str, Token>>,
+    pacer: crate::pacer::Pacer,
 }
 
 impl std::fmt::Debug for AzureClient {
@@ -240,6 +241,7 @@ impl AzureClient {
             config,
             credential,
             tokens: Mutex::new(HashMap::new()),
+            pacer: crate::pacer::Pacer::default(),
         })
     }
 
@@ -342,6 +344,17 @@ impl AzureClient {
         if_match: Option<&str>,
     ) -> Result<ApiResponse, AzureError> {
         let token = self.token(scope).await?;
+        // Only Resource Manager meters by subscription; Key Vault has its own limits.
+        let metered = (scope == ARM_SCOPE)
+            .then(|| crate::pacer::subscription_of(url.path()).map(str::to_owned))
+            .flatten();
+        let write = *method != Method::GET;
+        if let Some(subscription) = &metered {
+            let wait = self.pacer.reserve(subscription, write);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
         let mut request = self
             .http
             .request(method.clone(), url.clone())
@@ -373,6 +386,18 @@ impl AzureClient {
         let retry_after = header("retry-after")
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        if let Some(subscription) = &metered {
+            let remaining_header = if write {
+                "x-ms-ratelimit-remaining-subscription-writes"
+            } else {
+                "x-ms-ratelimit-remaining-subscription-reads"
+            };
+            let remaining = header(remaining_header).and_then(|v| v.trim().parse::<u64>().ok());
+            let throttled =
+                (status == 429).then_some(retry_after.unwrap_or(Duration::from_secs(1)));
+            self.pacer
+                .observe(subscription, write, remaining, throttled);
+        }
         let correlation_id = header("x-ms-correlation-request-id");
         let async_operation = header("azure-asyncoperation");
         let location = header("location");

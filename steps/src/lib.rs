@@ -8,6 +8,7 @@ pub mod azure;
 pub mod client;
 pub mod error;
 mod kinds;
+pub mod pacer;
 
 pub use azure::Azure;
 pub use client::{AuthMode, AzureClient, AzureConfig, Caller, RetryBounds};
