@@ -349,12 +349,10 @@ impl AzureClient {
             .then(|| crate::pacer::subscription_of(url.path()).map(str::to_owned))
             .flatten();
         let write = *method != Method::GET;
-        if let Some(subscription) = &metered {
-            let wait = self.pacer.reserve(subscription, write);
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-        }
+        let mut slot = match &metered {
+            Some(subscription) => Some(self.pacer.acquire(subscription, write).await),
+            None => None,
+        };
         let mut request = self
             .http
             .request(method.clone(), url.clone())
@@ -386,7 +384,7 @@ impl AzureClient {
         let retry_after = header("retry-after")
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        if let Some(subscription) = &metered {
+        if let Some(slot) = &mut slot {
             let remaining_header = if write {
                 "x-ms-ratelimit-remaining-subscription-writes"
             } else {
@@ -395,8 +393,7 @@ impl AzureClient {
             let remaining = header(remaining_header).and_then(|v| v.trim().parse::<u64>().ok());
             let throttled =
                 (status == 429).then_some(retry_after.unwrap_or(Duration::from_secs(1)));
-            self.pacer
-                .observe(subscription, write, remaining, throttled);
+            slot.observe(remaining, throttled);
         }
         let correlation_id = header("x-ms-correlation-request-id");
         let async_operation = header("azure-asyncoperation");

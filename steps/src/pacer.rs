@@ -32,8 +32,11 @@ pub const WRITES: BucketShape = BucketShape {
 #[derive(Debug)]
 struct Mirror {
     shape: BucketShape,
-    tokens: f64,
-    updated: Instant,
+    /// Tokens left when last heard from ARM (or the full bucket before that).
+    remaining: f64,
+    heard_at: Instant,
+    /// Requests sent and not answered yet: each will take a token.
+    in_flight: u32,
     /// No request before this (a 429's Retry-After).
     hold_until: Option<Instant>,
 }
@@ -42,16 +45,19 @@ impl Mirror {
     fn new(shape: BucketShape, now: Instant) -> Mirror {
         Mirror {
             shape,
-            tokens: shape.capacity,
-            updated: now,
+            remaining: shape.capacity,
+            heard_at: now,
+            in_flight: 0,
             hold_until: None,
         }
     }
 
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.shape.refill_per_s).min(self.shape.capacity);
-        self.updated = now;
+    /// Tokens there will be for a new request: what ARM last said, refilled since, less what
+    /// requests in flight will take.
+    fn available(&self, now: Instant) -> f64 {
+        let refilled =
+            now.saturating_duration_since(self.heard_at).as_secs_f64() * self.shape.refill_per_s;
+        (self.remaining + refilled).min(self.shape.capacity) - f64::from(self.in_flight)
     }
 }
 
@@ -61,32 +67,83 @@ pub struct Pacer {
     mirrors: Mutex<HashMap<(String, bool), Mirror>>,
 }
 
-impl Pacer {
-    /// How long to wait before sending a request for `subscription` (`write` or read); the
-    /// token is taken now, so concurrent callers queue up behind each other.
-    pub fn reserve(&self, subscription: &str, write: bool) -> Duration {
+/// A request's place in its bucket: dropping it (the answer came, or the request failed)
+/// frees it.
+pub struct Slot<'a> {
+    pacer: &'a Pacer,
+    key: (String, bool),
+    /// Whether ARM's count for this request was heard (it then includes the request).
+    heard: bool,
+}
+
+impl Slot<'_> {
+    /// Records the answer's remaining count and a 429's Retry-After.
+    pub fn observe(&mut self, remaining: Option<u64>, retry_after: Option<Duration>) {
+        self.heard |= remaining.is_some();
+        self.pacer
+            .observe(&self.key.0, self.key.1, remaining, retry_after);
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
         let now = Instant::now();
-        let mut mirrors = self.mirrors.lock().expect("pacer lock");
-        let shape = if write { WRITES } else { READS };
-        let mirror = mirrors
-            .entry((subscription.to_owned(), write))
-            .or_insert_with(|| Mirror::new(shape, now));
-        mirror.refill(now);
-        mirror.tokens -= 1.0;
-        let refill_wait = if mirror.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-mirror.tokens / mirror.shape.refill_per_s)
-        };
-        let hold = mirror
-            .hold_until
-            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
-        refill_wait.max(hold)
+        if let Some(mirror) = self
+            .pacer
+            .mirrors
+            .lock()
+            .expect("pacer lock")
+            .get_mut(&self.key)
+        {
+            mirror.in_flight = mirror.in_flight.saturating_sub(1);
+            if !self.heard {
+                // No count from ARM: the request took a token all the same.
+                mirror.remaining = (mirror.available(now) + f64::from(mirror.in_flight)) - 1.0;
+                mirror.heard_at = now;
+            }
+        }
+    }
+}
+
+impl Pacer {
+    /// Waits until a request for `subscription` (`write` or read) may go, then counts it in
+    /// flight until the returned slot is dropped.
+    pub async fn acquire(&self, subscription: &str, write: bool) -> Slot<'_> {
+        let key = (subscription.to_owned(), write);
+        loop {
+            let wait = {
+                let now = Instant::now();
+                let mut mirrors = self.mirrors.lock().expect("pacer lock");
+                let shape = if write { WRITES } else { READS };
+                let mirror = mirrors
+                    .entry(key.clone())
+                    .or_insert_with(|| Mirror::new(shape, now));
+                let hold = mirror
+                    .hold_until
+                    .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
+                let available = mirror.available(now);
+                if hold.is_zero() && available >= 1.0 {
+                    mirror.in_flight += 1;
+                    return Slot {
+                        pacer: self,
+                        key,
+                        heard: false,
+                    };
+                }
+                // Wait for one token's refill (plus a little spread, so waiters do not wake
+                // together), or for the hold to end.
+                let refill =
+                    Duration::from_secs_f64((1.0 - available).max(0.0) / mirror.shape.refill_per_s);
+                hold.max(refill).max(Duration::from_millis(5))
+                    + Duration::from_micros(fastrand::u64(0..2_000))
+            };
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Corrects the mirror from an answer: the remaining count ARM reported, and a 429's
     /// Retry-After.
-    pub fn observe(
+    fn observe(
         &self,
         subscription: &str,
         write: bool,
@@ -99,15 +156,16 @@ impl Pacer {
         let mirror = mirrors
             .entry((subscription.to_owned(), write))
             .or_insert_with(|| Mirror::new(shape, now));
-        mirror.refill(now);
         if let Some(remaining) = remaining {
-            // Never believe in more tokens than ARM says are left.
-            mirror.tokens = mirror.tokens.min(remaining as f64);
+            // ARM's count is the truth; it already includes this request.
+            mirror.remaining = remaining as f64;
+            mirror.heard_at = now;
         }
         if let Some(after) = retry_after {
             let until = now + after;
             mirror.hold_until = Some(mirror.hold_until.map_or(until, |h| h.max(until)));
-            mirror.tokens = mirror.tokens.min(0.0);
+            mirror.remaining = 0.0;
+            mirror.heard_at = until;
         }
     }
 }
@@ -126,30 +184,56 @@ pub fn subscription_of(path: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_full_bucket_sends_at_once_then_paces_at_the_refill_rate() {
+    #[tokio::test]
+    async fn a_full_bucket_sends_at_once_then_paces_at_the_refill_rate() {
         let pacer = Pacer::default();
+        let started = Instant::now();
         for _ in 0..250 {
-            assert_eq!(pacer.reserve("s", false), Duration::ZERO);
+            // Answered without a count: each still takes a token.
+            drop(pacer.acquire("s", false).await);
         }
-        let wait = pacer.reserve("s", false);
         assert!(
-            wait > Duration::from_millis(30) && wait <= Duration::from_millis(45),
-            "{wait:?}"
+            started.elapsed() < Duration::from_millis(50),
+            "the burst goes at once"
         );
-        let next = pacer.reserve("s", false);
-        assert!(next > wait, "later requests queue behind: {next:?}");
+        let _next = pacer.acquire("s", false).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(35),
+            "the 251st waits for a refill"
+        );
         // Writes have their own bucket.
-        assert_eq!(pacer.reserve("s", true), Duration::ZERO);
+        let quick = Instant::now();
+        let _write = pacer.acquire("s", true).await;
+        assert!(quick.elapsed() < Duration::from_millis(20));
     }
 
-    #[test]
-    fn headers_and_retry_after_hold_requests() {
+    #[tokio::test]
+    async fn the_servers_count_and_retry_after_rule() {
         let pacer = Pacer::default();
-        pacer.observe("s", false, Some(0), None);
-        assert!(pacer.reserve("s", false) >= Duration::from_millis(30));
-        pacer.observe("t", false, None, Some(Duration::from_secs(2)));
-        assert!(pacer.reserve("t", false) >= Duration::from_millis(1900));
+        pacer.acquire("s", false).await.observe(Some(0), None);
+        let started = Instant::now();
+        drop(pacer.acquire("s", false).await);
+        assert!(
+            started.elapsed() >= Duration::from_millis(35),
+            "no token left: wait for one"
+        );
+        pacer
+            .acquire("t", false)
+            .await
+            .observe(Some(249), Some(Duration::from_millis(300)));
+        let started = Instant::now();
+        drop(pacer.acquire("t", false).await);
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "nothing before Retry-After"
+        );
+        // A bucket the server keeps full (no limits) never slows anyone down.
+        let started = Instant::now();
+        for _ in 0..1000 {
+            let mut slot = pacer.acquire("u", false).await;
+            slot.observe(Some(249), None);
+        }
+        assert!(started.elapsed() < Duration::from_millis(200));
         assert_eq!(
             subscription_of("/subscriptions/abc/resourceGroups/x"),
             Some("abc")

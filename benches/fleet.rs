@@ -1,0 +1,202 @@
+//! A fleet check of 1,000 sandbox clusters (`kmsflow check --targets`, one run per cluster in
+//! the store) at `--concurrency 100` with 50 ms per request: clusters per second beside the
+//! ideal (concurrency / (requests per check x latency)), and the check's peak memory. Then the
+//! same with the sandbox's token buckets on: requests per second beside the read bucket's refill
+//! rate, and the share of 429s.
+//!
+//! Run: `cargo bench --bench fleet`. It drives the built binary, as an operator would.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const CLUSTERS: usize = 1_000;
+const CONCURRENCY: usize = 100;
+const LATENCY_MS: u64 = 50;
+
+fn world(dir: &Path) {
+    let subscription = "00000000-0000-4000-8000-5a4db0c5ab0c";
+    let mut resources = Vec::new();
+    let mut targets = String::from("resource_group,cluster,expected_mode\n");
+    for i in 0..CLUSTERS {
+        let name = format!("aks-{i:04}");
+        targets.push_str(&format!("rg-fleet,{name},PMK\n"));
+        resources.push(json!({
+            "id": format!("/subscriptions/{subscription}/resourceGroups/rg-fleet/providers/Microsoft.ContainerService/managedClusters/{name}"),
+            "name": name, "type": "Microsoft.ContainerService/ManagedClusters", "location": "eastus",
+            "properties": {"provisioningState": "Succeeded", "currentKubernetesVersion": "1.33.0",
+                "securityProfile": {"kubernetesResourceObjectEncryptionProfile": {"infrastructureEncryption": "Enabled"}}},
+        }));
+    }
+    let world = json!({"resource_groups": [{"name": "rg-fleet", "location": "eastus"}], "resources": resources});
+    std::fs::write(dir.join("world.json"), world.to_string()).unwrap();
+    std::fs::write(dir.join("targets.csv"), targets).unwrap();
+}
+
+fn serve(dir: &Path, faults: &str) -> (Child, HashMap<String, String>, String) {
+    std::fs::write(dir.join("faults.yaml"), faults).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
+        .args(["sandbox", "serve", "--world"])
+        .arg(dir.join("world.json"))
+        .arg("--faults")
+        .arg(dir.join("faults.yaml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let base_url = lines.next().unwrap().unwrap();
+    let env = lines
+        .take(6)
+        .map(|l| {
+            let l = l.unwrap();
+            let (k, v) = l.split_once('=').unwrap();
+            (k.to_owned(), v.to_owned())
+        })
+        .collect();
+    (child, env, base_url)
+}
+
+/// Peak resident memory of a process, in MiB, from /proc (0 where there is none).
+fn peak_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Runs the fleet check; returns (wall time, peak MiB, the report).
+fn check(dir: &Path, env: &HashMap<String, String>) -> (Duration, f64, Value) {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
+        .args([
+            "check",
+            "--targets",
+            "targets.csv",
+            "--concurrency",
+            &CONCURRENCY.to_string(),
+            "--output",
+            "json",
+        ])
+        .current_dir(dir)
+        .envs(env)
+        .env(
+            "KMSFLOW_STATE",
+            dir.join(format!("state-{}.db", started.elapsed().as_nanos())),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut peak: f64 = 0.0;
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut BufReader::new(stdout), &mut text).unwrap();
+        text
+    });
+    while child.try_wait().unwrap().is_none() {
+        peak = peak.max(peak_mib(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let wall = started.elapsed();
+    let report: Value = serde_json::from_str(&reader.join().unwrap()).unwrap();
+    (wall, peak, report)
+}
+
+fn requests(base_url: &str) -> Vec<Value> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(async {
+            reqwest::get(format!("{base_url}/_sandbox/requests"))
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/subscriptions/"))
+        })
+        .cloned()
+        .collect()
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    world(dir.path());
+
+    let (mut sandbox, env, base_url) = serve(
+        dir.path(),
+        &format!("latency: {{ min_ms: {LATENCY_MS}, max_ms: {LATENCY_MS} }}\n"),
+    );
+    let (wall, peak, report) = check(dir.path(), &env);
+    let sent = requests(&base_url).len();
+    let _ = sandbox.kill();
+    let per_check = sent as f64 / CLUSTERS as f64;
+    let ideal = CONCURRENCY as f64 / (per_check * LATENCY_MS as f64 / 1000.0);
+    let rate = CLUSTERS as f64 / wall.as_secs_f64();
+    println!(
+        "fleet check, {CLUSTERS} clusters, --concurrency {CONCURRENCY}, {LATENCY_MS} ms per request, token buckets off:"
+    );
+    println!(
+        "  {} checked ({} ok) in {:.2} s, {per_check:.2} requests per check",
+        report["summary"]["clusters"],
+        report["summary"]["ok"],
+        wall.as_secs_f64()
+    );
+    println!(
+        "  {rate:>8.1} clusters/s; ideal {ideal:.1} clusters/s = {:.0}% (target >= 90%)",
+        rate / ideal * 100.0
+    );
+    println!("  peak memory {peak:.1} MiB (target < 200 MiB)");
+
+    let (mut sandbox, env, base_url) = serve(dir.path(), "token_buckets: true\n");
+    let (wall, _, report) = check(dir.path(), &env);
+    let sent = requests(&base_url);
+    let _ = sandbox.kill();
+    let throttled = sent.iter().filter(|r| r["status"] == 429).count();
+    // After the 250-request burst the bucket refills at 25/s: that is the rate to hold.
+    let paced: Vec<u64> = sent
+        .iter()
+        .skip(260)
+        .map(|r| r["at_ms"].as_u64().unwrap())
+        .collect();
+    let paced_rate = (paced.len().saturating_sub(1)) as f64
+        / ((paced.last().unwrap_or(&0) - paced.first().unwrap_or(&0)) as f64 / 1000.0).max(0.001);
+    println!("the same with token buckets on (reads: 250 burst, 25/s):");
+    println!(
+        "  {} checked in {:.2} s; {} requests, {} answered 429 ({:.2}%, target <= 1%)",
+        report["summary"]["clusters"],
+        wall.as_secs_f64(),
+        sent.len(),
+        throttled,
+        throttled as f64 * 100.0 / sent.len() as f64
+    );
+    println!(
+        "  past the burst: {paced_rate:.1} requests/s = {:.0}% of the 25/s refill (target >= 90%)",
+        paced_rate / 25.0 * 100.0
+    );
+}
