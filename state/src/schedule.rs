@@ -167,7 +167,9 @@ impl Store {
         detail: &Value,
         worst: Option<&str>,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "UPDATE schedule_fires SET detail = ?3 WHERE schedule = ?1 AND occurrence = ?2",
             params![schedule, ts(&occurrence), detail.to_string()],

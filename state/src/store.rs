@@ -70,7 +70,9 @@ impl Store {
 
     /// Applies writes in one transaction, for callers that do not need group commit.
     pub fn commit(&mut self, writes: &[crate::Write]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for write in writes {
             crate::write::apply(&tx, write)?;
         }

@@ -85,7 +85,12 @@ fn commit_batch(store: &mut Store, batch: &[Job]) -> Vec<Result<(), StoreError>>
             .map(|_| Err(StoreError::CommitFailed(error.to_string())))
             .collect()
     };
-    let mut tx = match store.conn.transaction() {
+    // IMMEDIATE: take the write lock up front, so a busy file is waited for (busy_timeout)
+    // instead of failing a deferred transaction's upgrade with SQLITE_BUSY.
+    let mut tx = match store
+        .conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+    {
         Ok(tx) => tx,
         Err(error) => return shared_failure(&error),
     };
