@@ -70,9 +70,10 @@ pub enum LaunchError {
     Checkpoint(#[from] CheckpointFailed),
 }
 
-/// A fresh run id: sortable by time, short enough to type.
+/// A fresh run id: sortable by time, short enough to type (a unique prefix will do), and with
+/// 32 random bits, so a fleet starting hundreds of runs a second does not collide.
 pub fn new_run_id(now: DateTime<Utc>) -> String {
-    format!("{}-{:04x}", now.format("%Y%m%d-%H%M%S"), fastrand::u16(..))
+    format!("{}-{:08x}", now.format("%Y%m%d-%H%M%S"), fastrand::u32(..))
 }
 
 /// Renders the runbook's lock key from its parameters.
