@@ -132,16 +132,18 @@ pub(crate) async fn put_kms(
 
 impl AksKms {
     async fn url(&self, p: &Params) -> Result<(Arc<crate::AzureClient>, url::Url), StepError> {
-        let client = self.0.client().await?;
-        let segments = common::resource_path(
-            &p.subscription,
-            &p.resource_group,
+        let names = (
             "Microsoft.ContainerService",
             "managedClusters",
-            &p.name,
+            p.name.as_str(),
         );
-        let url = client.arm_url(&segments, aks::API)?;
-        Ok((client, url))
+        common::resource_url(
+            &self.0,
+            (&p.subscription, &p.resource_group),
+            names,
+            aks::API,
+        )
+        .await
     }
 }
 

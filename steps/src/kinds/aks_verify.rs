@@ -84,15 +84,19 @@ impl StepKind for AksVerify {
 
     async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
         let p: Params = cx.params()?;
-        let client = self.0.client().await?;
-        let segments = common::resource_path(
-            &p.subscription,
-            &p.resource_group,
+        let names = (
             "Microsoft.ContainerService",
             "managedClusters",
-            &p.name,
+            p.name.as_str(),
         );
-        let cluster = common::read(&client, &client.arm_url(&segments, aks::API)?).await?;
+        let (client, url) = common::resource_url(
+            &self.0,
+            (&p.subscription, &p.resource_group),
+            names,
+            aks::API,
+        )
+        .await?;
+        let cluster = common::read(&client, &url).await?;
         if cluster.is_null() {
             return Err(StepError::permanent(format!(
                 "AKS cluster `{}` does not exist in resource group `{}`",

@@ -136,6 +136,42 @@ pub async fn delete(client: &AzureClient, url: &Url) -> Result<(), StepError> {
     }
 }
 
+/// The client, and the URL of `namespace/kind/name` in a resource group: what every ARM
+/// resource kind starts with.
+pub async fn resource_url(
+    azure: &crate::azure::Azure,
+    (subscription, resource_group): (&str, &str),
+    (namespace, kind, name): (&str, &str, &str),
+    api_version: &str,
+) -> Result<(std::sync::Arc<AzureClient>, Url), StepError> {
+    let client = azure.client().await?;
+    let url = client.arm_url(
+        &resource_path(subscription, resource_group, namespace, kind, name),
+        api_version,
+    )?;
+    Ok((client, url))
+}
+
+/// Puts back a resource's location and tags as `before` had them (what the tag-only kinds
+/// change).
+pub async fn put_back_tags(
+    client: &AzureClient,
+    url: &Url,
+    before: &Value,
+) -> Result<(), StepError> {
+    let tags = before
+        .get("tags")
+        .cloned()
+        .unwrap_or_else(|| Value::Object(Map::new()));
+    put(
+        client,
+        url,
+        &serde_json::json!({"location": before["location"], "tags": tags}),
+    )
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,16 +62,12 @@ fn identity_outputs(body: &Value) -> Map<String, Value> {
 
 impl Identity {
     async fn url(&self, p: &Params) -> Result<(Arc<crate::AzureClient>, url::Url), StepError> {
-        let client = self.0.client().await?;
-        let segments = common::resource_path(
-            &p.subscription,
-            &p.resource_group,
+        let names = (
             "Microsoft.ManagedIdentity",
             "userAssignedIdentities",
-            &p.name,
+            p.name.as_str(),
         );
-        let url = client.arm_url(&segments, API)?;
-        Ok((client, url))
+        common::resource_url(&self.0, (&p.subscription, &p.resource_group), names, API).await
     }
 }
 
@@ -143,7 +139,7 @@ impl StepKind for Identity {
                 Ok(Undo::Done)
             }
             Outcome::Updated => {
-                common::put(&client, &url, &json!({"location": before["location"], "tags": before.get("tags").cloned().unwrap_or(json!({}))})).await?;
+                common::put_back_tags(&client, &url, before).await?;
                 Ok(Undo::Done)
             }
             _ => Ok(Undo::NothingToUndo),

@@ -81,16 +81,8 @@ fn acl_outputs(body: &Value) -> Map<String, Value> {
 
 impl KeyVaultNetwork {
     async fn url(&self, p: &Params) -> Result<(Arc<crate::AzureClient>, url::Url), StepError> {
-        let client = self.0.client().await?;
-        let segments = common::resource_path(
-            &p.subscription,
-            &p.resource_group,
-            "Microsoft.KeyVault",
-            "vaults",
-            &p.name,
-        );
-        let url = client.arm_url(&segments, API)?;
-        Ok((client, url))
+        let names = ("Microsoft.KeyVault", "vaults", p.name.as_str());
+        common::resource_url(&self.0, (&p.subscription, &p.resource_group), names, API).await
     }
 
     async fn patch_acls(&self, p: &Params, acls: Value) -> Result<Value, StepError> {

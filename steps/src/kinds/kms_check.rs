@@ -140,15 +140,19 @@ fn date(unix: Option<i64>) -> Option<DateTime<Utc>> {
 impl KmsCheck {
     /// Reads everything the judgement needs; missing pieces are recorded, not errors.
     async fn gather(&self, p: &Params) -> Result<Value, StepError> {
-        let client = self.0.client().await?;
-        let segments = common::resource_path(
-            &p.subscription,
-            &p.resource_group,
+        let names = (
             "Microsoft.ContainerService",
             "managedClusters",
-            &p.name,
+            p.name.as_str(),
         );
-        let cluster = match client.get(&client.arm_url(&segments, aks::API)?).await {
+        let (client, url) = common::resource_url(
+            &self.0,
+            (&p.subscription, &p.resource_group),
+            names,
+            aks::API,
+        )
+        .await?;
+        let cluster = match client.get(&url).await {
             Ok(found) => found.map(|r| r.body).unwrap_or(Value::Null),
             Err(error) if matches!(error.status(), Some(401 | 403)) => {
                 return Ok(json!({"unreachable": error.to_string()}));

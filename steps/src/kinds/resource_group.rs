@@ -147,7 +147,7 @@ impl StepKind for ResourceGroup {
                 Ok(Undo::Done)
             }
             Outcome::Updated => {
-                common::put(&client, &url, &json!({"location": before["location"], "tags": before.get("tags").cloned().unwrap_or(json!({}))})).await?;
+                common::put_back_tags(&client, &url, before).await?;
                 Ok(Undo::Done)
             }
             _ => Ok(Undo::NothingToUndo),
