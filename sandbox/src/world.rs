@@ -414,6 +414,12 @@ impl World {
                 None => method_not_allowed(req),
             };
         }
+        // Everything inside a resource group needs the group.
+        if let ["subscriptions", _, "resourcegroups", group, _, ..] = s.as_slice()
+            && !self.groups.contains_key(*group)
+        {
+            return group_not_found(&req.raw_segments[3]);
+        }
         match s.as_slice() {
             ["subscriptions", _, "resourcegroups", _] => self.resource_group(req),
             [
@@ -467,7 +473,7 @@ impl World {
                 "subscriptions",
                 _,
                 "resourcegroups",
-                group,
+                _,
                 "providers",
                 "microsoft.keyvault",
                 "vaults",
@@ -475,16 +481,6 @@ impl World {
                 "keys",
                 key,
             ] => {
-                if !self.groups.contains_key(*group) {
-                    return Resp::arm_error(
-                        404,
-                        "ResourceGroupNotFound",
-                        format!(
-                            "Resource group '{}' could not be found.",
-                            req.raw_segments[3]
-                        ),
-                    );
-                }
                 let (vault, key) = (vault.to_string(), key.to_string());
                 self.management_key(req, &vault, &key)
             }
@@ -492,38 +488,24 @@ impl World {
                 "subscriptions",
                 _,
                 "resourcegroups",
-                group,
+                _,
                 "providers",
                 namespace,
                 kind,
                 _,
-            ] => {
-                if !self.groups.contains_key(*group) {
-                    return Resp::arm_error(
-                        404,
-                        "ResourceGroupNotFound",
-                        format!(
-                            "Resource group '{}' could not be found.",
-                            req.raw_segments[3]
-                        ),
-                    );
-                }
-                match (*namespace, *kind) {
-                    ("microsoft.keyvault", "vaults") => self.vault(req),
-                    ("microsoft.managedidentity", "userassignedidentities") => {
-                        self.identity(req, now)
-                    }
-                    ("microsoft.containerservice", "managedclusters") => self.cluster(req, now),
-                    _ => Resp::arm_error(
-                        400,
-                        "NoRegisteredProviderFound",
-                        format!(
-                            "No registered resource provider found for type '{}/{}'.",
-                            req.raw_segments[5], req.raw_segments[6]
-                        ),
+            ] => match (*namespace, *kind) {
+                ("microsoft.keyvault", "vaults") => self.vault(req),
+                ("microsoft.managedidentity", "userassignedidentities") => self.identity(req, now),
+                ("microsoft.containerservice", "managedclusters") => self.cluster(req, now),
+                _ => Resp::arm_error(
+                    400,
+                    "NoRegisteredProviderFound",
+                    format!(
+                        "No registered resource provider found for type '{}/{}'.",
+                        req.raw_segments[5], req.raw_segments[6]
                     ),
-                }
-            }
+                ),
+            },
             _ => Resp::arm_error(
                 404,
                 "InvalidResourceType",
@@ -541,11 +523,7 @@ impl World {
         match req.method.as_str() {
             "GET" => match self.groups.get(&key) {
                 Some(group) => Resp::json(200, group.clone()),
-                None => Resp::arm_error(
-                    404,
-                    "ResourceGroupNotFound",
-                    format!("Resource group '{name}' could not be found."),
-                ),
+                None => group_not_found(&name),
             },
             "PUT" => {
                 if !name_ok(&name, 1, 90, |c| c.is_alphanumeric() || "-_.()".contains(c))
@@ -1879,6 +1857,14 @@ impl World {
         }
         None
     }
+}
+
+fn group_not_found(name: &str) -> Resp {
+    Resp::arm_error(
+        404,
+        "ResourceGroupNotFound",
+        format!("Resource group '{name}' could not be found."),
+    )
 }
 
 fn method_not_allowed(req: &Req) -> Resp {
