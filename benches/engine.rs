@@ -57,7 +57,10 @@ async fn time_run(
         runbook_ref: name.to_owned(),
         source: text.to_owned(),
         params,
-        options: ExecOptions { concurrency },
+        options: ExecOptions {
+            concurrency,
+            ..ExecOptions::default()
+        },
         signals: Signals::default(),
         progress: silent(),
     };

@@ -3,15 +3,16 @@
 //! code.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use kmsflow_engine::executor::{ExecOptions, Signals};
-use kmsflow_engine::launch::{self, Engine, RunRequest};
+use kmsflow_engine::executor::{Checkpointing, ExecOptions, Signals};
+use kmsflow_engine::launch::{Engine, LaunchError, Launcher, RunRequest};
 use kmsflow_engine::params::{self, ParamSources};
-use kmsflow_engine::progress::silent;
+use kmsflow_engine::progress::{Progress, ProgressSink};
 use kmsflow_engine::{CompiledRunbook, RunbookSource};
 use kmsflow_state::RunStatus;
 use serde_json::{Map, Value, json};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::failure::{Failure, code};
 
@@ -155,7 +156,9 @@ pub struct Checked {
     pub findings: Vec<Value>,
 }
 
-/// Checks every target, at most `concurrency` at once.
+/// Checks every target, at most `concurrency` at once, each its own run in one shared store
+/// (one connection, one writer: the runs' checkpoints are committed together). Fails only if
+/// the state file cannot be opened; a cluster that cannot be checked is a `fail` finding.
 pub async fn check_all(
     engine: &Engine,
     runbook: Arc<CompiledRunbook>,
@@ -163,12 +166,16 @@ pub async fn check_all(
     shared: &ParamSources,
     targets: Vec<Target>,
     concurrency: usize,
-) -> Vec<Checked> {
+) -> Result<Vec<Checked>, LaunchError> {
+    // The client and its token once, while the store opens, rather than a hundred checks all
+    // waiting on them together. A failure is left for each check to meet and report.
+    let (launcher, _) = tokio::join!(Launcher::open(engine), engine.registry.prepare(&runbook));
+    let launcher = Arc::new(launcher?);
     let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for (index, target) in targets.into_iter().enumerate() {
-        let (engine, runbook, source, semaphore) = (
-            engine.clone(),
+        let (launcher, runbook, source, semaphore) = (
+            launcher.clone(),
             runbook.clone(),
             source.clone(),
             semaphore.clone(),
@@ -185,13 +192,13 @@ pub async fn check_all(
         }
         let label = label(&sources);
         tasks.spawn(async move {
-            let _permit = semaphore
+            let slot = semaphore
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
             (
                 index,
-                check_one(&engine, runbook, source, &sources, label).await,
+                check_one(&launcher, runbook, source, &sources, label, slot).await,
             )
         });
     }
@@ -199,16 +206,20 @@ pub async fn check_all(
     while let Some(joined) = tasks.join_next().await {
         results.push(joined.expect("checks do not panic"));
     }
+    if let Ok(launcher) = Arc::try_unwrap(launcher) {
+        launcher.close().await;
+    }
     results.sort_by_key(|(index, _)| *index);
-    results.into_iter().map(|(_, checked)| checked).collect()
+    Ok(results.into_iter().map(|(_, checked)| checked).collect())
 }
 
 async fn check_one(
-    engine: &Engine,
+    launcher: &Launcher,
     runbook: Arc<CompiledRunbook>,
     source: String,
     sources: &ParamSources,
     target: String,
+    slot: OwnedSemaphorePermit,
 ) -> Checked {
     let failed = |message: String, run_id: Option<String>| Checked {
         target: target.clone(),
@@ -223,16 +234,22 @@ async fn check_one(
         Ok(bound) => bound,
         Err(errors) => return failed(errors.to_string().replace('\n', "; "), None),
     };
+    let progress = release_after_reading(slot, bound.values()["rotate_when_overdue"] == true);
     let request = RunRequest {
         runbook,
         runbook_ref: "bundled:rotation-check".into(),
         source,
         params: bound,
-        options: ExecOptions::default(),
+        // Checks read; their transitions are committed once, when the run ends (or before a
+        // rotation, the one change a check can make).
+        options: ExecOptions {
+            checkpointing: Checkpointing::BeforeChanges,
+            ..ExecOptions::default()
+        },
         signals: Signals::default(),
-        progress: silent(),
+        progress,
     };
-    let summary = match launch::start(engine, request).await {
+    let summary = match launcher.start(request).await {
         Ok(summary) => summary,
         Err(error) => return failed(error.to_string(), None),
     };
@@ -263,6 +280,26 @@ async fn check_one(
             Some(summary.run_id),
         ),
     }
+}
+
+/// Holds a cluster's `--concurrency` slot while the check reads from Azure. Without a rotation
+/// the `check` step is the run's only Azure work, so the slot goes back when it ends and
+/// recording this cluster's result overlaps reading the next one's; with a rotation it is
+/// kept until the run ends.
+fn release_after_reading(slot: OwnedSemaphorePermit, rotates: bool) -> ProgressSink {
+    let slot = Mutex::new(Some(slot));
+    Arc::new(move |event: &Progress| {
+        let read = match event {
+            Progress::StepSucceeded { step_id, .. } | Progress::StepFailed { step_id, .. } => {
+                step_id == "check" && !rotates
+            }
+            Progress::RunFinished { .. } => true,
+            _ => false,
+        };
+        if read {
+            slot.lock().expect("never poisoned").take();
+        }
+    })
 }
 
 /// The exit code for the worst severity among the results.

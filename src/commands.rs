@@ -410,6 +410,7 @@ fn request(
         params,
         options: ExecOptions {
             concurrency: concurrency as usize,
+            ..ExecOptions::default()
         },
         signals: crate::signals::install(),
         progress: render::progress_sink(width, context.json_logs),
@@ -736,7 +737,7 @@ async fn check(
         targets,
         concurrency as usize,
     )
-    .await;
+    .await?;
     match output {
         Output::Json => {
             print_json(&crate::check::report(&results))?;

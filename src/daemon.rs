@@ -122,7 +122,7 @@ impl RunFirer {
             Ok(found) => found,
             Err(error) => return (json!({"error": error.to_string()}), Some("fail".into())),
         };
-        let results = crate::check::check_all(
+        let results = match crate::check::check_all(
             &self.engine,
             runbook,
             source,
@@ -130,7 +130,11 @@ impl RunFirer {
             targets,
             16,
         )
-        .await;
+        .await
+        {
+            Ok(results) => results,
+            Err(error) => return (json!({"error": error.to_string()}), Some("fail".into())),
+        };
         let report = crate::check::report(&results);
         let worst = match crate::check::exit_code(&results) {
             0 => "ok",

@@ -493,22 +493,26 @@ impl Compiler<'_> {
         let pattern = keys
             .get("pattern")
             .and_then(|(_, v)| self.string("pattern", v));
-        let regex = pattern
-            .as_ref()
-            .and_then(|p| match Regex::new(&anchored(&p.value)) {
-                Ok(regex) => Some(regex),
-                Err(error) => {
-                    self.problem(
-                        ProblemKind::InvalidValue {
-                            key: "pattern".into(),
-                            reason: format!("not a regular expression: {}", regex_message(&error)),
-                            hint: None,
-                        },
-                        p.span,
-                    );
-                    None
-                }
-            });
+        let regex =
+            pattern
+                .as_ref()
+                .and_then(|p| match Regex::new(&crate::pattern::anchored(&p.value)) {
+                    Ok(regex) => Some(regex),
+                    Err(error) => {
+                        self.problem(
+                            ProblemKind::InvalidValue {
+                                key: "pattern".into(),
+                                reason: format!(
+                                    "not a regular expression: {}",
+                                    regex_message(&error)
+                                ),
+                                hint: None,
+                            },
+                            p.span,
+                        );
+                        None
+                    }
+                });
         let mut enum_values = Vec::new();
         if let Some((_, value)) = keys.get("enum") {
             match &value.value {
@@ -1268,10 +1272,6 @@ fn collect_templates(value: &Yaml, sites: &mut Vec<TemplateSite>) {
 }
 
 /// Parameter patterns must match the whole value.
-pub(crate) fn anchored(pattern: &str) -> String {
-    format!("^(?:{pattern})$")
-}
-
 /// Handlebars' parser lists every token it could have accepted; say what is usually wrong.
 fn template_message(message: &str) -> String {
     let message = first_line(message);

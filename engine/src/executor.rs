@@ -9,6 +9,12 @@
 //! Checkpoint economy: a step that changes nothing commits once (its outcome). A step that
 //! changes something commits its before image first (rollback needs it, and a crash between
 //! the two leaves it `running`, so resume observes it again), then its outcome.
+//!
+//! [`Checkpointing::BeforeChanges`] (fleet checks) goes further: transitions that change
+//! nothing in Azure (the run created, a step that found nothing to do, a step skipped) are
+//! held and committed with the run's next checkpoint, which is always taken before any change
+//! is applied and when the run ends. A crash then loses only the record of reads, which a new
+//! run makes again; a read-only run costs one commit instead of one per step.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -37,12 +43,28 @@ use crate::template::Renderer;
 pub struct ExecOptions {
     /// Steps running at once, at most.
     pub concurrency: usize,
+    pub checkpointing: Checkpointing,
 }
 
 impl Default for ExecOptions {
     fn default() -> Self {
-        ExecOptions { concurrency: 8 }
+        ExecOptions {
+            concurrency: 8,
+            checkpointing: Checkpointing::default(),
+        }
     }
+}
+
+/// When a run's transitions reach the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// Every transition is committed before the run goes on.
+    #[default]
+    EveryTransition,
+    /// Transitions that change nothing in Azure are committed with the run's next checkpoint,
+    /// which is always taken before a change is applied and when the run ends. For many short
+    /// read-only runs (a fleet check), where a crash costs only reads made again.
+    BeforeChanges,
 }
 
 /// Ctrl-C as the executor sees it: `drain` stops scheduling (running steps finish and
@@ -70,6 +92,9 @@ pub struct Execution {
     /// The lock this run holds, released with the final checkpoint.
     pub lock_key: Option<String>,
     pub resumed: bool,
+    /// Transitions made before the execution that are not committed yet (a new run's record,
+    /// under [`Checkpointing::BeforeChanges`]); they go with the run's first checkpoint.
+    pub pending: Vec<Write>,
 }
 
 /// How a run ended.
@@ -117,6 +142,36 @@ struct Shared {
     progress: ProgressSink,
     redactor: Redactor,
     abort: CancellationToken,
+    /// Transitions held for the next commit; `None` when every transition is committed at once.
+    held: Option<std::sync::Mutex<Vec<Write>>>,
+}
+
+impl Shared {
+    /// Commits `writes` (a transition before a change, a failure, the run's end), together
+    /// with any transitions held for it, held ones first.
+    async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let writes = match &self.held {
+            Some(held) => {
+                let mut all = std::mem::take(&mut *held.lock().expect("never poisoned"));
+                all.extend(writes);
+                all
+            }
+            None => writes,
+        };
+        self.checkpoints.commit(writes).await
+    }
+
+    /// Records a transition that changes nothing in Azure: committed now, or held for the
+    /// next commit under [`Checkpointing::BeforeChanges`].
+    async fn record(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        match &self.held {
+            Some(held) => {
+                held.lock().expect("never poisoned").extend(writes);
+                Ok(())
+            }
+            None => self.checkpoints.commit(writes).await,
+        }
+    }
 }
 
 /// Lease length of a run lock, and how often a live run renews it.
@@ -145,6 +200,7 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
         approvals,
         lock_key,
         resumed,
+        pending,
     } = execution;
     let redactor = Redactor::new(params.secret_values());
     let shared = Arc::new(Shared {
@@ -155,11 +211,16 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
         progress: progress.clone(),
         redactor: redactor.clone(),
         abort: signals.abort.clone(),
+        held: (options.checkpointing == Checkpointing::BeforeChanges)
+            .then(|| std::sync::Mutex::new(Vec::new())),
     });
     let fail_store = |source| CheckpointFailed {
         run_id: run_id.clone(),
         source,
     };
+    if !pending.is_empty() {
+        shared.record(pending).await.map_err(fail_store)?;
+    }
     progress(&Progress::RunStarted {
         run_id: run_id.clone(),
         runbook: runbook.name.clone(),
@@ -309,8 +370,8 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
                 (None, None) => None,
             };
             if let Some(reason) = skip_reason {
-                checkpoints
-                    .commit(vec![Write::StepSkipped {
+                shared
+                    .record(vec![Write::StepSkipped {
                         run_id: run_id.clone(),
                         step_id: step.id.clone(),
                         reason: reason.clone(),
@@ -456,7 +517,7 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
             run_id: run_id.clone(),
         });
     }
-    checkpoints.commit(writes).await.map_err(fail_store)?;
+    shared.commit(writes).await.map_err(fail_store)?;
     progress(&Progress::RunFinished {
         run_id: run_id.clone(),
         status,
@@ -478,7 +539,6 @@ async fn fail_step(
 ) -> Result<(), StoreError> {
     let step_id = shared.runbook.steps[index].id.clone();
     shared
-        .checkpoints
         .commit(vec![Write::StepFailed {
             run_id: shared.run_id.clone(),
             step_id: step_id.clone(),
@@ -564,17 +624,19 @@ impl StepTask {
             match result {
                 Attempt::Done { outcome, outputs } => {
                     let outputs = shared.redactor.value(&Value::Object(outputs));
-                    shared
-                        .checkpoints
-                        .commit(vec![Write::StepSucceeded {
-                            run_id: shared.run_id.clone(),
-                            step_id: step.id.clone(),
-                            attempt,
-                            outcome,
-                            outputs: outputs.clone(),
-                            at,
-                        }])
-                        .await?;
+                    let succeeded = vec![Write::StepSucceeded {
+                        run_id: shared.run_id.clone(),
+                        step_id: step.id.clone(),
+                        attempt,
+                        outcome,
+                        outputs: outputs.clone(),
+                        at,
+                    }];
+                    if outcome == Outcome::Unchanged {
+                        shared.record(succeeded).await?;
+                    } else {
+                        shared.commit(succeeded).await?;
+                    }
                     tracing::info!(outcome = %outcome, "step succeeded");
                     (shared.progress)(&Progress::StepSucceeded {
                         step_id: step.id.clone(),
@@ -588,7 +650,6 @@ impl StepTask {
                 }
                 Attempt::Error(error) if error.class == ErrorClass::AwaitingApproval => {
                     shared
-                        .checkpoints
                         .commit(vec![Write::Event {
                             run_id: shared.run_id.clone(),
                             step_id: Some(step.id.clone()),
@@ -610,7 +671,6 @@ impl StepTask {
                             .retry_after
                             .map_or(backoff, |after| after.max(backoff / 2));
                         shared
-                            .checkpoints
                             .commit(vec![Write::StepAttemptFailed {
                                 run_id: shared.run_id.clone(),
                                 step_id: step.id.clone(),
@@ -638,7 +698,6 @@ impl StepTask {
                         message
                     };
                     shared
-                        .checkpoints
                         .commit(vec![Write::StepFailed {
                             run_id: shared.run_id.clone(),
                             step_id: step.id.clone(),
@@ -686,7 +745,6 @@ async fn attempt_once(
     }
     let this_change = plan.change.outcome();
     shared
-        .checkpoints
         .commit(vec![Write::StepApplying {
             run_id: shared.run_id.clone(),
             step_id: cx.step_id.to_owned(),

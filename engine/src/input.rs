@@ -1,9 +1,5 @@
 //! Checking a step's input against its kind's declared parameters, before and after rendering.
 
-use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
-
-use regex::Regex;
 use serde_json::Value;
 
 use crate::duration::parse_duration;
@@ -43,7 +39,9 @@ pub fn check_value(param: &ParamSpec, value: &Value) -> Result<(), String> {
             ));
         }
         if let Some(pattern) = param.pattern
-            && !cached_regex(pattern).is_match(s)
+            && !crate::pattern::whole(pattern)
+                .expect("step kind patterns are valid")
+                .is_match(s)
         {
             return Err(format!("`{s}` does not match `{pattern}`"));
         }
@@ -94,17 +92,4 @@ fn json_type(value: &Value) -> &'static str {
         Value::Array(_) => "a list",
         Value::Object(_) => "a mapping",
     }
-}
-
-/// Kind patterns are `'static`; compile each once.
-fn cached_regex(pattern: &'static str) -> Regex {
-    static CACHE: LazyLock<Mutex<HashMap<&'static str, Regex>>> =
-        LazyLock::new(|| Mutex::new(HashMap::new()));
-    let mut cache = CACHE.lock().expect("regex cache lock");
-    cache
-        .entry(pattern)
-        .or_insert_with(|| {
-            Regex::new(&crate::compile::anchored(pattern)).expect("step kind patterns are valid")
-        })
-        .clone()
 }

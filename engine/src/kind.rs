@@ -349,6 +349,12 @@ pub trait StepKind: Send + Sync + 'static {
         before: &Value,
         outcome: Outcome,
     ) -> Result<Undo, StepError>;
+
+    /// Gets ready to run many steps of this kind (a fleet check): builds clients, fetches
+    /// credentials. Optional; a failure here is not final, the steps meet it again.
+    async fn prepare(&self) -> Result<(), StepError> {
+        Ok(())
+    }
 }
 
 /// The step kinds a runbook may use, by name.
@@ -392,5 +398,15 @@ impl Registry {
 
     pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.kinds.keys().copied()
+    }
+
+    /// Prepares every kind `runbook` uses, at once (see [`StepKind::prepare`]).
+    pub async fn prepare(&self, runbook: &crate::CompiledRunbook) -> Result<(), StepError> {
+        let used: std::collections::BTreeSet<&str> =
+            runbook.steps.iter().map(|s| s.uses.as_str()).collect();
+        for kind in used.into_iter().filter_map(|name| self.get(name)) {
+            kind.prepare().await?;
+        }
+        Ok(())
     }
 }

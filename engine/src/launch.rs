@@ -1,5 +1,6 @@
 //! Starting and resuming runs against a state file: the lock, the run's records, the writer
-//! thread, and the executor, in that order.
+//! thread, and the executor, in that order. A [`Launcher`] keeps the file open for many runs
+//! (a fleet check); [`start`] and [`resume`] open it for one.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,12 +8,14 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use kmsflow_state::{
     Approval, Durability, LockHeld, LockOwner, NewRun, RunRecord, RunStatus, StepRecord, Store,
-    StoreError, Write, Writer,
+    StoreError, Write, Writer, WriterThread,
 };
 use serde_json::json;
 
+use crate::checkpoint::Checkpoints;
 use crate::executor::{
-    CheckpointFailed, ExecOptions, Execution, LOCK_LEASE, RunSummary, Signals, execute,
+    CheckpointFailed, Checkpointing, ExecOptions, Execution, LOCK_LEASE, RunSummary, Signals,
+    execute,
 };
 use crate::kind::Registry;
 use crate::params::BoundParams;
@@ -93,93 +96,211 @@ pub fn lock_key(
     }))
 }
 
-/// Opens the store on a blocking thread (SQLite calls block).
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, LaunchError> + Send + 'static,
+/// Runs `work` on the writer's connection and waits for its answer.
+async fn on_writer<T: Send + 'static>(
+    writer: &Writer,
+    work: impl FnOnce(&mut Store) -> Result<T, LaunchError> + Send + 'static,
 ) -> Result<T, LaunchError> {
-    tokio::task::spawn_blocking(work)
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    writer.run(Box::new(move |store| {
+        let _ = answer.send(work(store));
+    }));
+    answered
         .await
-        .expect("store work does not panic")
+        .map_err(|_| LaunchError::Store(StoreError::WriterGone))?
 }
 
-/// Runs the execution with a writer thread over `store`, and waits for every checkpoint.
-async fn with_writer(
-    store: Store,
-    build: impl FnOnce(Arc<Writer>) -> Execution,
-) -> Result<RunSummary, LaunchError> {
-    let (writer, thread) = Writer::spawn(store);
-    let writer = Arc::new(writer);
-    let result = execute(build(writer.clone())).await;
-    drop(writer);
-    tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .expect("writer thread join");
-    Ok(result?)
+/// One state file held open for any number of runs: one connection and one writer thread.
+///
+/// Runs started through the same launcher share commits: when a fleet check drives a hundred
+/// runs at once, their checkpoints land in one transaction and one device flush, instead of a
+/// hundred connections queueing for SQLite's single write lock. Each checkpoint is still
+/// durable before its run goes on.
+pub struct Launcher {
+    engine: Engine,
+    writer: Arc<Writer>,
+    thread: WriterThread,
 }
 
-/// Creates a run and executes it.
+impl Launcher {
+    /// Opens (creating and migrating if needed) the engine's state file.
+    pub async fn open(engine: &Engine) -> Result<Launcher, LaunchError> {
+        let (path, durability) = (engine.state_path.clone(), engine.durability);
+        let store = tokio::task::spawn_blocking(move || Store::open(&path, durability))
+            .await
+            .expect("opening the store does not panic")?;
+        let (writer, thread) = Writer::spawn(store);
+        Ok(Launcher {
+            engine: engine.clone(),
+            writer: Arc::new(writer),
+            thread,
+        })
+    }
+
+    /// Waits until every checkpoint is committed, then closes the state file.
+    pub async fn close(self) {
+        let Launcher { writer, thread, .. } = self;
+        // Executions hold clones only while they run; all have ended when `close` is called.
+        drop(writer);
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .expect("writer thread join");
+    }
+
+    /// Creates a run with a fresh id and executes it.
+    pub async fn start(&self, request: RunRequest) -> Result<RunSummary, LaunchError> {
+        self.start_with_id(request, new_run_id(Utc::now())).await
+    }
+
+    /// Creates a run with a chosen id (a scheduler records it before the run starts) and
+    /// executes it.
+    pub async fn start_with_id(
+        &self,
+        request: RunRequest,
+        run_id: String,
+    ) -> Result<RunSummary, LaunchError> {
+        let started_at = Utc::now();
+        let key =
+            lock_key(&request.runbook, &request.params, &run_id).map_err(LaunchError::LockKey)?;
+        if let Some(key) = key.clone() {
+            let run_id = run_id.clone();
+            on_writer(&self.writer, move |store| {
+                Ok(store.acquire_lock(
+                    &key,
+                    &run_id,
+                    &LockOwner::current(),
+                    started_at + LOCK_LEASE,
+                    started_at,
+                )??)
+            })
+            .await?;
+        }
+        let new_run = NewRun {
+            id: run_id.clone(),
+            runbook: request.runbook.name.clone(),
+            runbook_ref: request.runbook_ref.clone(),
+            content_hash: request.runbook.content_hash.clone(),
+            source: request.source.clone(),
+            params: request.params.storable(),
+            secret_params: request.runbook.secret_params(),
+            started_at,
+            lock_key: key.clone(),
+            steps: request
+                .runbook
+                .steps
+                .iter()
+                .map(|s| (s.id.clone(), s.uses.clone()))
+                .collect(),
+        };
+        let created = Write::CreateRun(new_run);
+        let pending = if request.options.checkpointing == Checkpointing::BeforeChanges {
+            // Committed with the run's first checkpoint, before any change.
+            vec![created]
+        } else {
+            // Group-committed with whatever other runs are checkpointing.
+            Checkpoints::commit(&*self.writer, vec![created]).await?;
+            Vec::new()
+        };
+        Ok(execute(Execution {
+            run_id,
+            started_at,
+            runbook: request.runbook,
+            params: request.params,
+            registry: self.engine.registry.clone(),
+            checkpoints: self.writer.clone(),
+            progress: request.progress,
+            options: request.options,
+            signals: request.signals,
+            previous: Vec::new(),
+            approvals: Vec::new(),
+            lock_key: key,
+            resumed: false,
+            pending,
+        })
+        .await?)
+    }
+
+    /// Continues a run where it stopped. `request.runbook` is the runbook to run: the stored
+    /// one, or a changed one the user allowed (its hash then replaces the stored one).
+    pub async fn resume(
+        &self,
+        run: &RunRecord,
+        request: RunRequest,
+    ) -> Result<RunSummary, LaunchError> {
+        if !run.status.is_resumable() {
+            return Err(LaunchError::NotResumable {
+                run_id: run.id.clone(),
+                status: run.status,
+            });
+        }
+        let run_id = run.id.clone();
+        let key = run.lock_key.clone();
+        let changed = (request.runbook.content_hash != run.content_hash)
+            .then(|| (request.runbook.content_hash.clone(), request.source.clone()));
+        let steps: Vec<(String, String)> = request
+            .runbook
+            .steps
+            .iter()
+            .map(|s| (s.id.clone(), s.uses.clone()))
+            .collect();
+        let (store_key, store_run) = (key.clone(), run_id.clone());
+        // Lock, mark resumed and read back what is done, in one visit to the connection, so
+        // nothing another process commits can slip between the three.
+        let (previous, approvals) = on_writer(&self.writer, move |store| {
+            let now = Utc::now();
+            if let Some(key) = &store_key {
+                store.acquire_lock(
+                    key,
+                    &store_run,
+                    &LockOwner::current(),
+                    now + LOCK_LEASE,
+                    now,
+                )??;
+            }
+            store.commit(&[Write::RunResumed {
+                run_id: store_run.clone(),
+                at: now,
+                new_source: changed,
+                steps,
+            }])?;
+            Ok((store.steps(&store_run)?, store.approvals(&store_run)?))
+        })
+        .await?;
+        Ok(execute(Execution {
+            run_id,
+            started_at: run.started_at,
+            runbook: request.runbook,
+            params: request.params,
+            registry: self.engine.registry.clone(),
+            checkpoints: self.writer.clone(),
+            progress: request.progress,
+            options: request.options,
+            signals: request.signals,
+            previous,
+            approvals,
+            lock_key: key,
+            resumed: true,
+            pending: Vec::new(),
+        })
+        .await?)
+    }
+}
+
+/// Creates a run and executes it, on a state file opened for this one run.
 pub async fn start(engine: &Engine, request: RunRequest) -> Result<RunSummary, LaunchError> {
     start_with_id(engine, request, new_run_id(Utc::now())).await
 }
 
-/// Creates a run with a chosen id (a scheduler records it before the run starts).
+/// Creates a run with a chosen id and executes it, on a state file opened for this one run.
 pub async fn start_with_id(
     engine: &Engine,
     request: RunRequest,
     run_id: String,
 ) -> Result<RunSummary, LaunchError> {
-    let started_at = Utc::now();
-    let key = lock_key(&request.runbook, &request.params, &run_id).map_err(LaunchError::LockKey)?;
-    let new_run = NewRun {
-        id: run_id.clone(),
-        runbook: request.runbook.name.clone(),
-        runbook_ref: request.runbook_ref.clone(),
-        content_hash: request.runbook.content_hash.clone(),
-        source: request.source.clone(),
-        params: request.params.storable(),
-        secret_params: request.runbook.secret_params(),
-        started_at,
-        lock_key: key.clone(),
-        steps: request
-            .runbook
-            .steps
-            .iter()
-            .map(|s| (s.id.clone(), s.uses.clone()))
-            .collect(),
-    };
-    let (path, durability) = (engine.state_path.clone(), engine.durability);
-    let (store_key, store_run) = (key.clone(), run_id.clone());
-    let store = blocking(move || {
-        let mut store = Store::open(&path, durability)?;
-        if let Some(key) = &store_key {
-            store.acquire_lock(
-                key,
-                &store_run,
-                &LockOwner::current(),
-                started_at + LOCK_LEASE,
-                started_at,
-            )??;
-        }
-        store.commit(&[Write::CreateRun(new_run)])?;
-        Ok(store)
-    })
-    .await?;
-    with_writer(store, |writer| Execution {
-        run_id,
-        started_at,
-        runbook: request.runbook,
-        params: request.params,
-        registry: engine.registry.clone(),
-        checkpoints: writer,
-        progress: request.progress,
-        options: request.options,
-        signals: request.signals,
-        previous: Vec::new(),
-        approvals: Vec::new(),
-        lock_key: key,
-        resumed: false,
-    })
-    .await
+    let launcher = Launcher::open(engine).await?;
+    let result = launcher.start_with_id(request, run_id).await;
+    launcher.close().await;
+    result
 }
 
 /// Reads a run and its steps (for `resume`, `rollback`, `show`).
@@ -195,71 +316,16 @@ pub fn load_run(
     Ok((run, steps, approvals))
 }
 
-/// Continues a run where it stopped. `request.runbook` is the runbook to run: the stored one,
-/// or a changed one the user allowed (its hash then replaces the stored one).
+/// Continues a run where it stopped, on a state file opened for this one run.
 pub async fn resume(
     engine: &Engine,
     run: &RunRecord,
     request: RunRequest,
 ) -> Result<RunSummary, LaunchError> {
-    if !run.status.is_resumable() {
-        return Err(LaunchError::NotResumable {
-            run_id: run.id.clone(),
-            status: run.status,
-        });
-    }
-    let run_id = run.id.clone();
-    let started_at = run.started_at;
-    let key = run.lock_key.clone();
-    let changed = (request.runbook.content_hash != run.content_hash)
-        .then(|| (request.runbook.content_hash.clone(), request.source.clone()));
-    let steps: Vec<(String, String)> = request
-        .runbook
-        .steps
-        .iter()
-        .map(|s| (s.id.clone(), s.uses.clone()))
-        .collect();
-    let (path, durability) = (engine.state_path.clone(), engine.durability);
-    let (store_key, store_run) = (key.clone(), run_id.clone());
-    let (store, previous, approvals) = blocking(move || {
-        let mut store = Store::open(&path, durability)?;
-        let now = Utc::now();
-        if let Some(key) = &store_key {
-            store.acquire_lock(
-                key,
-                &store_run,
-                &LockOwner::current(),
-                now + LOCK_LEASE,
-                now,
-            )??;
-        }
-        store.commit(&[Write::RunResumed {
-            run_id: store_run.clone(),
-            at: now,
-            new_source: changed,
-            steps,
-        }])?;
-        let previous = store.steps(&store_run)?;
-        let approvals = store.approvals(&store_run)?;
-        Ok((store, previous, approvals))
-    })
-    .await?;
-    with_writer(store, |writer| Execution {
-        run_id,
-        started_at,
-        runbook: request.runbook,
-        params: request.params,
-        registry: engine.registry.clone(),
-        checkpoints: writer,
-        progress: request.progress,
-        options: request.options,
-        signals: request.signals,
-        previous,
-        approvals,
-        lock_key: key,
-        resumed: true,
-    })
-    .await
+    let launcher = Launcher::open(engine).await?;
+    let result = launcher.resume(run, request).await;
+    launcher.close().await;
+    result
 }
 
 /// Records who approved a waiting step.

@@ -17,6 +17,7 @@ pub mod kind;
 mod kinds;
 pub mod launch;
 pub mod params;
+mod pattern;
 pub mod preview;
 pub mod progress;
 pub mod redact;

@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use regex::Regex;
 use serde_json::{Map, Value};
 
 use crate::diagnostic::suggest;
@@ -246,8 +245,7 @@ fn check(param: &ParamDecl, raw: Value) -> Result<Value, String> {
         ));
     }
     if let (Some(pattern), Value::String(s)) = (&param.pattern, &value) {
-        let regex = Regex::new(&crate::compile::anchored(pattern))
-            .map_err(|e| format!("invalid pattern: {e}"))?;
+        let regex = crate::pattern::whole(pattern).map_err(|e| format!("invalid pattern: {e}"))?;
         if !regex.is_match(s) {
             return Err(format!("{} does not match `{pattern}`", shown(&value)));
         }

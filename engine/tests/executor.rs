@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use kmsflow_engine::executor::{ExecOptions, RunSummary, Signals};
+use kmsflow_engine::executor::{
+    Checkpointing, ExecOptions, Execution, RunSummary, Signals, execute,
+};
 use kmsflow_engine::kind::*;
 use kmsflow_engine::launch::{self, Engine, RunRequest};
 use kmsflow_engine::params::{ParamSources, bind};
@@ -158,7 +160,10 @@ impl Harness {
             runbook_ref: "t.yaml".into(),
             source: text.into(),
             params,
-            options: ExecOptions { concurrency },
+            options: ExecOptions {
+                concurrency,
+                ..ExecOptions::default()
+            },
             signals: Signals::default(),
             progress: silent(),
         }
@@ -514,4 +519,94 @@ steps:
     );
     assert_eq!(status["after"], StepStatus::RolledBack);
     assert_eq!(status["encrypt"], StepStatus::Succeeded);
+}
+
+/// Records what each commit carried, by the kind of write, instead of storing it.
+#[derive(Default)]
+struct CommitLog(Mutex<Vec<Vec<String>>>);
+
+#[async_trait]
+impl kmsflow_engine::checkpoint::Checkpoints for CommitLog {
+    async fn commit(&self, writes: Vec<Write>) -> Result<(), kmsflow_state::StoreError> {
+        let kinds = writes
+            .iter()
+            .map(|w| {
+                let debug = format!("{w:?}");
+                debug[..debug.find([' ', '(', '{']).unwrap_or(debug.len())].to_owned()
+            })
+            .collect();
+        self.0.lock().unwrap().push(kinds);
+        Ok(())
+    }
+}
+
+async fn commits_of(h: &Harness, checkpointing: Checkpointing) -> Vec<Vec<String>> {
+    // `seen` exists already: reading it changes nothing. `skipped` is skipped. `made` creates.
+    let text = "name: t\nsteps:\n  - id: seen\n    uses: probe\n    with: { key: seen }\n  - id: skipped\n    uses: noop\n    needs: [seen]\n    if: \"{{eq 1 2}}\"\n  - id: made\n    uses: probe\n    needs: [skipped]\n    with: { key: made }\n";
+    h.probe.calls.lock().unwrap().existing.push("seen".into());
+    let request = h.request(text, 1);
+    let log = Arc::new(CommitLog::default());
+    let pending = match checkpointing {
+        Checkpointing::BeforeChanges => vec![Write::Event {
+            run_id: "r".into(),
+            step_id: None,
+            kind: "created".into(),
+            detail: json!({}),
+            at: Utc::now(),
+        }],
+        Checkpointing::EveryTransition => Vec::new(),
+    };
+    let summary = execute(Execution {
+        run_id: "r".into(),
+        started_at: Utc::now(),
+        runbook: request.runbook,
+        params: request.params,
+        registry: h.engine().registry,
+        checkpoints: log.clone(),
+        progress: silent(),
+        options: ExecOptions {
+            concurrency: 1,
+            checkpointing,
+        },
+        signals: Signals::default(),
+        previous: Vec::new(),
+        approvals: Vec::new(),
+        lock_key: None,
+        resumed: false,
+        pending,
+    })
+    .await
+    .unwrap();
+    assert_eq!(summary.status, RunStatus::Succeeded);
+    log.0.lock().unwrap().clone()
+}
+
+#[tokio::test]
+async fn every_transition_is_committed_on_its_own_by_default() {
+    let commits = commits_of(&Harness::new(), Checkpointing::EveryTransition).await;
+    assert_eq!(
+        commits,
+        [
+            vec!["StepSucceeded"],
+            vec!["StepSkipped"],
+            vec!["StepApplying"],
+            vec!["StepSucceeded"],
+            vec!["RunFinished"],
+        ]
+    );
+}
+
+#[tokio::test]
+async fn before_changes_holds_what_changed_nothing_until_the_next_change_is_committed() {
+    let commits = commits_of(&Harness::new(), Checkpointing::BeforeChanges).await;
+    assert_eq!(
+        commits,
+        [
+            // The run's record, the read and the skip go with the before image of the change,
+            // so they are durable before anything is changed.
+            vec!["Event", "StepSucceeded", "StepSkipped", "StepApplying"],
+            vec!["StepSucceeded"],
+            vec!["RunFinished"],
+        ]
+    );
 }

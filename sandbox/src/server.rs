@@ -320,6 +320,9 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // Latency counts from the request's arrival: the answer leaves `latency` after it came in,
+    // however long the handling took, as a configured round trip should.
+    let arrived = tokio::time::Instant::now();
     let path = uri.path().to_owned();
     let method = method.as_str().to_owned();
     let write = method != "GET" && method != "HEAD";
@@ -468,7 +471,7 @@ async fn handle(
         });
     }
     if !hold.is_zero() {
-        tokio::time::sleep(hold).await;
+        tokio::time::sleep_until(arrived + hold).await;
     }
     to_response(response, &extra)
 }

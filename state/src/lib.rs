@@ -25,4 +25,4 @@ pub use records::{Approval, EventRecord, Outcome, RunRecord, RunStatus, StepReco
 pub use schedule::{FireRecord, ScheduleRecord};
 pub use store::{Durability, Store};
 pub use write::{NewRun, Write};
-pub use writer::Writer;
+pub use writer::{Exclusive, Writer, WriterThread};

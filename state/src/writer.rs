@@ -6,6 +6,10 @@
 //! callback. A caller therefore never proceeds before its checkpoint is durable, and steps that
 //! finish together pay for one device flush instead of one each. A checkpoint that fails (a
 //! constraint, say) rolls back to its savepoint and fails alone.
+//!
+//! Work that must read before it writes (taking a run lock, loading a run to resume it) runs on
+//! the same thread through [`Writer::run`], between two batches, so many runs can share one
+//! connection and one writer: a fleet check's thousand runs then share their commits too.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -15,9 +19,15 @@ use crate::{Store, StoreError, Write};
 /// Called once the checkpoint is committed (or has failed).
 pub type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
-struct Job {
-    writes: Vec<Write>,
-    done: Completion,
+/// Work on the writer's connection, outside any batch.
+pub type Exclusive = Box<dyn FnOnce(&mut Store) + Send>;
+
+enum Job {
+    Checkpoint {
+        writes: Vec<Write>,
+        done: Completion,
+    },
+    Exclusive(Exclusive),
 }
 
 /// A handle to the writer thread. Cloning shares the same thread.
@@ -48,9 +58,18 @@ impl Writer {
 
     /// Queues a checkpoint; `done` runs on the writer thread after the commit.
     pub fn submit(&self, writes: Vec<Write>, done: Completion) {
-        if let Err(mpsc::SendError(job)) = self.jobs.send(Job { writes, done }) {
-            (job.done)(Err(StoreError::WriterGone));
+        if let Err(mpsc::SendError(Job::Checkpoint { done, .. })) =
+            self.jobs.send(Job::Checkpoint { writes, done })
+        {
+            done(Err(StoreError::WriterGone));
         }
+    }
+
+    /// Queues `work` to run on the writer's connection after the checkpoints queued before it
+    /// are committed. If the thread is gone, `work` is dropped without running (a caller
+    /// waiting on a channel inside it then sees the channel close).
+    pub fn run(&self, work: Exclusive) {
+        let _ = self.jobs.send(Job::Exclusive(work));
     }
 }
 
@@ -62,12 +81,31 @@ impl WriterThread {
     }
 }
 
+struct Checkpoint {
+    writes: Vec<Write>,
+    done: Completion,
+}
+
 fn run(mut store: Store, receiver: mpsc::Receiver<Job>) {
-    while let Ok(first) = receiver.recv() {
-        let mut batch = vec![first];
+    // An exclusive job found while gathering a batch waits here until the batch is committed,
+    // so every job still runs in the order it was queued.
+    let mut held: Option<Job> = None;
+    while let Some(first) = held.take().or_else(|| receiver.recv().ok()) {
+        let (writes, done) = match first {
+            Job::Exclusive(work) => {
+                work(&mut store);
+                continue;
+            }
+            Job::Checkpoint { writes, done } => (writes, done),
+        };
+        let mut batch = vec![Checkpoint { writes, done }];
         while batch.len() < MAX_BATCH {
             match receiver.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(Job::Checkpoint { writes, done }) => batch.push(Checkpoint { writes, done }),
+                Ok(exclusive) => {
+                    held = Some(exclusive);
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -78,7 +116,7 @@ fn run(mut store: Store, receiver: mpsc::Receiver<Job>) {
     }
 }
 
-fn commit_batch(store: &mut Store, batch: &[Job]) -> Vec<Result<(), StoreError>> {
+fn commit_batch(store: &mut Store, batch: &[Checkpoint]) -> Vec<Result<(), StoreError>> {
     let shared_failure = |error: &rusqlite::Error| -> Vec<Result<(), StoreError>> {
         batch
             .iter()
@@ -122,5 +160,55 @@ fn commit_batch(store: &mut Store, batch: &[Job]) -> Vec<Result<(), StoreError>>
     match tx.commit() {
         Ok(()) => results,
         Err(error) => shared_failure(&error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use chrono::Utc;
+    use serde_json::json;
+
+    use super::*;
+    use crate::{Durability, NewRun};
+
+    fn new_run(id: &str) -> Write {
+        Write::CreateRun(NewRun {
+            id: id.into(),
+            runbook: "t".into(),
+            runbook_ref: "t.yaml".into(),
+            content_hash: "h".into(),
+            source: "name: t".into(),
+            params: json!({}),
+            secret_params: vec![],
+            started_at: Utc::now(),
+            lock_key: None,
+            steps: vec![("a".into(), "noop".into())],
+        })
+    }
+
+    #[test]
+    fn exclusive_work_runs_after_the_checkpoints_queued_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db"), Durability::Normal).unwrap();
+        let (writer, thread) = Writer::spawn(store);
+        let (seen, saw) = mpsc::channel();
+        // Queued back to back, so the writer finds them together: the exclusive job must wait
+        // for the batch before it, and the checkpoint after it must wait for the job.
+        for id in ["first", "second"] {
+            writer.submit(vec![new_run(id)], Box::new(|result| result.unwrap()));
+        }
+        let order = seen.clone();
+        writer.run(Box::new(move |store| {
+            order.send(store.runs(10).unwrap().len()).unwrap();
+        }));
+        writer.submit(vec![new_run("third")], Box::new(|result| result.unwrap()));
+        writer.run(Box::new(move |store| {
+            seen.send(store.runs(10).unwrap().len()).unwrap();
+        }));
+        drop(writer);
+        thread.join();
+        assert_eq!(saw.iter().collect::<Vec<_>>(), [2, 3]);
     }
 }

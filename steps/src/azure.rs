@@ -39,4 +39,14 @@ impl Azure {
             .cloned()
             .map_err(StepError::permanent)
     }
+
+    /// Builds the client and fetches the ARM token now, so a fleet's first hundred checks
+    /// do not all wait on them at once.
+    pub async fn prepare(&self) -> Result<(), StepError> {
+        self.client()
+            .await?
+            .warm_up()
+            .await
+            .map_err(StepError::from)
+    }
 }

@@ -274,6 +274,11 @@ impl AzureClient {
         Ok(token)
     }
 
+    /// Fetches (and caches) the ARM token.
+    pub async fn warm_up(&self) -> Result<(), AzureError> {
+        self.token(ARM_SCOPE).await.map(drop)
+    }
+
     /// The caller's object id and principal type, from the ARM token's `oid` and `idtyp`.
     pub async fn caller(&self) -> Result<Caller, AzureError> {
         let token = self.token(ARM_SCOPE).await?;

@@ -157,8 +157,11 @@ impl Pacer {
             .entry((subscription.to_owned(), write))
             .or_insert_with(|| Mirror::new(shape, now));
         if let Some(remaining) = remaining {
-            // ARM's count is the truth; it already includes this request.
-            mirror.remaining = remaining as f64;
+            // ARM's count already includes this request, but answers arrive out of order: an
+            // older answer's higher count must not undo a newer one's. Counts only ever lower
+            // the estimate; the refill raises it again.
+            let estimate = (mirror.available(now) + f64::from(mirror.in_flight)).max(0.0);
+            mirror.remaining = (remaining as f64).min(estimate);
             mirror.heard_at = now;
         }
         if let Some(after) = retry_after {
@@ -205,6 +208,24 @@ mod tests {
         let quick = Instant::now();
         let _write = pacer.acquire("s", true).await;
         assert!(quick.elapsed() < Duration::from_millis(20));
+    }
+
+    #[tokio::test]
+    async fn an_older_answer_arriving_late_does_not_raise_a_newer_count() {
+        let pacer = Pacer::default();
+        let mut older = pacer.acquire("s", false).await;
+        let mut newer = pacer.acquire("s", false).await;
+        newer.observe(Some(1), None);
+        older.observe(Some(2), None);
+        drop((older, newer));
+        // One token left, not two: one request goes, the next waits for the refill.
+        drop(pacer.acquire("s", false).await);
+        let started = Instant::now();
+        drop(pacer.acquire("s", false).await);
+        assert!(
+            started.elapsed() >= Duration::from_millis(30),
+            "the late answer's count was believed"
+        );
     }
 
     #[tokio::test]

@@ -555,4 +555,8 @@ impl StepKind for KmsCheck {
     ) -> Result<Undo, StepError> {
         Ok(Undo::NothingToUndo)
     }
+
+    async fn prepare(&self) -> Result<(), StepError> {
+        self.0.prepare().await
+    }
 }
