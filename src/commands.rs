@@ -228,10 +228,14 @@ fn bind(runbook: &CompiledRunbook, sources: &ParamSources) -> Result<BoundParams
 }
 
 fn print_json(value: &Value) -> Result<u8, Failure> {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("JSON serializes")
-    );
+    use std::io::Write;
+    // Straight into a buffered stdout: a fleet report runs to megabytes.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer_pretty(&mut out, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(out))
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure::Usage(format!("cannot write to stdout: {e}")))?;
     Ok(code::SUCCESS)
 }
 
