@@ -193,7 +193,9 @@ impl Store {
     }
 }
 
-const RUN_COLUMNS: &str = "id, runbook, runbook_ref, content_hash, source, params, secret_params, status, \
+const RUN_COLUMNS: &str = "id, runbook, runbook_ref, content_hash, \
+     (SELECT source FROM runbook_sources WHERE runbook_sources.content_hash = runs.content_hash), \
+     params, secret_params, status, \
      started_at, finished_at, error, outputs, lock_key";
 
 fn run_from_row(row: &Row<'_>) -> Result<RunRecord, StoreError> {

@@ -138,21 +138,31 @@ fn event(
     Ok(())
 }
 
+/// Keeps a runbook's text under its content hash, once however many runs use it.
+fn keep_source(tx: &Connection, content_hash: &str, source: &str) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO runbook_sources (content_hash, source) VALUES (?1, ?2)
+         ON CONFLICT (content_hash) DO NOTHING",
+    )?
+    .execute(params![content_hash, source])?;
+    Ok(())
+}
+
 /// Applies one write inside an open transaction.
 pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
     match write {
         Write::CreateRun(run) => {
+            keep_source(tx, &run.content_hash, &run.source)?;
             tx.prepare_cached(
-                "INSERT INTO runs (id, runbook, runbook_ref, content_hash, source, params, secret_params,
+                "INSERT INTO runs (id, runbook, runbook_ref, content_hash, params, secret_params,
                                    status, started_at, lock_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8, ?9)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?8)",
             )?
             .execute(params![
                 run.id,
                 run.runbook,
                 run.runbook_ref,
                 run.content_hash,
-                run.source,
                 run.params.to_string(),
                 serde_json::to_string(&run.secret_params).expect("strings serialize"),
                 ts(&run.started_at),
@@ -192,8 +202,9 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             .execute([run_id])?;
             let mut detail = json!({});
             if let Some((hash, source)) = new_source {
-                tx.prepare_cached("UPDATE runs SET content_hash = ?2, source = ?3 WHERE id = ?1")?
-                    .execute(params![run_id, hash, source])?;
+                keep_source(tx, hash, source)?;
+                tx.prepare_cached("UPDATE runs SET content_hash = ?2 WHERE id = ?1")?
+                    .execute(params![run_id, hash])?;
                 detail = json!({"changed_runbook": hash});
             }
             event(tx, run_id, None, at, "run_resumed", &detail)?;
