@@ -202,6 +202,21 @@ impl Launcher {
             Vec::new()
         };
         Ok(execute(Execution {
+            pending,
+            ..self.execution(request, run_id, started_at, key)
+        })
+        .await?)
+    }
+
+    /// A fresh execution of `request` as run `run_id`, checkpointing through this launcher.
+    fn execution(
+        &self,
+        request: RunRequest,
+        run_id: String,
+        started_at: DateTime<Utc>,
+        lock_key: Option<String>,
+    ) -> Execution {
+        Execution {
             run_id,
             started_at,
             runbook: request.runbook,
@@ -213,11 +228,10 @@ impl Launcher {
             signals: request.signals,
             previous: Vec::new(),
             approvals: Vec::new(),
-            lock_key: key,
+            lock_key,
             resumed: false,
-            pending,
-        })
-        .await?)
+            pending: Vec::new(),
+        }
     }
 
     /// Continues a run where it stopped. `request.runbook` is the runbook to run: the stored
@@ -267,20 +281,10 @@ impl Launcher {
         })
         .await?;
         Ok(execute(Execution {
-            run_id,
-            started_at: run.started_at,
-            runbook: request.runbook,
-            params: request.params,
-            registry: self.engine.registry.clone(),
-            checkpoints: self.writer.clone(),
-            progress: request.progress,
-            options: request.options,
-            signals: request.signals,
             previous,
             approvals,
-            lock_key: key,
             resumed: true,
-            pending: Vec::new(),
+            ..self.execution(request, run_id, run.started_at, key)
         })
         .await?)
     }
