@@ -156,9 +156,23 @@ pub struct Checked {
     pub findings: Vec<Value>,
 }
 
+/// Why a check could not start at all.
+#[derive(Debug, thiserror::Error)]
+pub enum NotChecked {
+    #[error(transparent)]
+    Store(#[from] LaunchError),
+    /// Not one cluster could be read: no client, no token.
+    #[error(
+        "no cluster was checked: {0}\n  check the credential kmsflow uses (`--auth`, and the environment it reads)"
+    )]
+    Unprepared(String),
+}
+
 /// Checks every target, at most `concurrency` at once, each its own run in one shared store
-/// (one connection, one writer: the runs' checkpoints are committed together). Fails only if
-/// the state file cannot be opened; a cluster that cannot be checked is a `fail` finding.
+/// (one connection, one writer: the runs' checkpoints are committed together). Fails if the
+/// state file cannot be opened or no token can be had (then no cluster could be read, and
+/// saying so once beats a thousand identical findings); a cluster that cannot be checked is a
+/// `fail` finding of its own.
 pub async fn check_all(
     engine: &Engine,
     runbook: Arc<CompiledRunbook>,
@@ -166,11 +180,17 @@ pub async fn check_all(
     shared: &ParamSources,
     targets: Vec<Target>,
     concurrency: usize,
-) -> Result<Vec<Checked>, LaunchError> {
+) -> Result<Vec<Checked>, NotChecked> {
     // The client and its token once, while the store opens, rather than a hundred checks all
-    // waiting on them together. A failure is left for each check to meet and report.
-    let (launcher, _) = tokio::join!(Launcher::open(engine), engine.registry.prepare(&runbook));
-    let launcher = Arc::new(launcher?);
+    // waiting on them together.
+    let (launcher, prepared) =
+        tokio::join!(Launcher::open(engine), engine.registry.prepare(&runbook));
+    let launcher = launcher?;
+    if let Err(error) = prepared {
+        launcher.close().await;
+        return Err(NotChecked::Unprepared(error.to_string()));
+    }
+    let launcher = Arc::new(launcher);
     let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for (index, target) in targets.into_iter().enumerate() {

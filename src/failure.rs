@@ -31,6 +31,9 @@ pub enum Failure {
     LockHeld(LockHeld),
     #[error(transparent)]
     Launch(LaunchError),
+    /// A fleet check that could not read a single cluster (no credential).
+    #[error("{0}")]
+    NotChecked(String),
     /// A run ended in a status that is not success; the summary was already printed.
     #[error("run `{run_id}` {status}")]
     RunEnded { run_id: String, status: RunStatus },
@@ -55,6 +58,15 @@ impl From<LaunchError> for Failure {
     }
 }
 
+impl From<crate::check::NotChecked> for Failure {
+    fn from(error: crate::check::NotChecked) -> Failure {
+        match error {
+            crate::check::NotChecked::Store(error) => error.into(),
+            unprepared => Failure::NotChecked(unprepared.to_string()),
+        }
+    }
+}
+
 impl From<StoreError> for Failure {
     fn from(error: StoreError) -> Failure {
         Failure::from(LaunchError::Store(error))
@@ -66,7 +78,7 @@ impl Failure {
         match self {
             Failure::Usage(_) | Failure::Invalid(_) | Failure::Params(_) => code::USAGE,
             Failure::LockHeld(_) => code::LOCK_HELD,
-            Failure::Launch(_) => code::RUN_FAILED,
+            Failure::Launch(_) | Failure::NotChecked(_) => code::RUN_FAILED,
             Failure::RunEnded { status, .. } => status_code(*status),
         }
     }

@@ -542,3 +542,39 @@ fn a_fleet_check_paces_itself_to_the_subscription_read_bucket() {
         "paced at {rate:.1} requests/s, below 90% of 25/s"
     );
 }
+
+#[test]
+fn a_fleet_check_without_a_token_says_so_once_and_checks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    fleet(dir.path(), 50);
+    let served = serve_with(dir.path(), None);
+    let started = std::time::Instant::now();
+    let check = kmsflow(
+        dir.path(),
+        &served,
+        &["check", "--targets", "targets.csv", "--output", "json"],
+    )
+    .env("IDENTITY_HEADER", "not-the-sandboxes")
+    .output()
+    .unwrap();
+    assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
+    let error = stderr(&check);
+    assert!(
+        error.contains("no cluster was checked") && error.contains("cannot get a token"),
+        "{error}"
+    );
+    assert!(
+        check.stdout.is_empty(),
+        "no report of 50 identical failures"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    let requests = get(&format!("{}/_sandbox/requests", served.base_url));
+    assert!(
+        !requests
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["path"].as_str().unwrap().starts_with("/subscriptions/")),
+        "no cluster was read"
+    );
+}

@@ -8,6 +8,7 @@
 
 mod auth;
 mod faults;
+mod hold;
 mod server;
 mod world;
 

@@ -67,6 +67,7 @@ struct Shared {
     persist: Option<std::path::PathBuf>,
     started: Instant,
     subscription: String,
+    holds: crate::hold::Holds,
 }
 
 /// A running sandbox. Dropping it stops the server.
@@ -125,6 +126,7 @@ impl Sandbox {
             persist: options.persist.clone(),
             started: Instant::now(),
             subscription: options.subscription,
+            holds: crate::hold::Holds::start(),
         });
         let router = axum::Router::new()
             .fallback(handle)
@@ -322,7 +324,7 @@ async fn handle(
 ) -> Response {
     // Latency counts from the request's arrival: the answer leaves `latency` after it came in,
     // however long the handling took, as a configured round trip should.
-    let arrived = tokio::time::Instant::now();
+    let arrived = Instant::now();
     let path = uri.path().to_owned();
     let method = method.as_str().to_owned();
     let write = method != "GET" && method != "HEAD";
@@ -471,7 +473,7 @@ async fn handle(
         });
     }
     if !hold.is_zero() {
-        tokio::time::sleep_until(arrived + hold).await;
+        shared.holds.until(arrived + hold).await;
     }
     to_response(response, &extra)
 }

@@ -142,9 +142,22 @@ pub struct AzureClient {
     http: reqwest::Client,
     config: AzureConfig,
     credential: Arc<dyn TokenCredential>,
-    tokens: Mutex<HashMap<&'static str, Token>>,
+    tokens: Mutex<Tokens>,
     pacer: crate::pacer::Pacer,
 }
+
+/// Tokens by scope, and recent failures to get one.
+#[derive(Default)]
+struct Tokens {
+    issued: HashMap<&'static str, Token>,
+    /// When a scope's token last could not be had, and why. The credential's own retry policy
+    /// takes a minute or more to give up; without this, every step waiting behind the lock
+    /// would wait that long again, and a fleet of 1,000 clusters would take a day to fail.
+    refused: HashMap<&'static str, (std::time::Instant, String)>,
+}
+
+/// How long a failure to get a token is answered from memory before trying again.
+const REMEMBER_REFUSAL: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for AzureClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -240,7 +253,7 @@ impl AzureClient {
             http,
             config,
             credential,
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(Tokens::default()),
             pacer: crate::pacer::Pacer::default(),
         })
     }
@@ -249,28 +262,51 @@ impl AzureClient {
         &self.config
     }
 
-    /// A token for `scope`, cached until five minutes before it expires.
+    /// A token for `scope`, cached until five minutes before it expires. A failure is
+    /// remembered for a minute: callers meanwhile get the same error at once.
     async fn token(&self, scope: &'static str) -> Result<Token, AzureError> {
         let mut tokens = self.tokens.lock().await;
         let fresh_enough = std::time::SystemTime::now() + Duration::from_secs(300);
-        if let Some(token) = tokens.get(scope).filter(|t| t.expires_at > fresh_enough) {
+        if let Some(token) = tokens
+            .issued
+            .get(scope)
+            .filter(|t| t.expires_at > fresh_enough)
+        {
             return Ok(token.clone());
         }
-        let access = self
-            .credential
-            .get_token(&[scope], None)
-            .await
-            .map_err(|e| AzureError::Credential {
+        if let Some((at, detail)) = tokens.refused.get(scope)
+            && at.elapsed() < REMEMBER_REFUSAL
+        {
+            return Err(AzureError::Credential {
                 scope: scope.to_owned(),
-                detail: e.to_string(),
-            })?;
+                detail: format!(
+                    "{detail} (this failure is {}s old; kmsflow asks again once it is {}s old)",
+                    at.elapsed().as_secs(),
+                    REMEMBER_REFUSAL.as_secs()
+                ),
+            });
+        }
+        let access = match self.credential.get_token(&[scope], None).await {
+            Ok(access) => access,
+            Err(error) => {
+                let detail = error.to_string();
+                tokens
+                    .refused
+                    .insert(scope, (std::time::Instant::now(), detail.clone()));
+                return Err(AzureError::Credential {
+                    scope: scope.to_owned(),
+                    detail,
+                });
+            }
+        };
+        tokens.refused.remove(scope);
         let expires_at = std::time::UNIX_EPOCH
             + Duration::from_secs(access.expires_on.unix_timestamp().max(0) as u64);
         let token = Token {
             secret: access.token.secret().to_owned(),
             expires_at,
         };
-        tokens.insert(scope, token.clone());
+        tokens.issued.insert(scope, token.clone());
         Ok(token)
     }
 
@@ -657,7 +693,45 @@ fn without_url(error: &reqwest::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    use azure_core::credentials::{AccessToken, TokenRequestOptions};
+
     use super::*;
+
+    /// A credential whose token endpoint is down, counting how often it was asked.
+    #[derive(Debug, Default)]
+    struct Refusing(AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl TokenCredential for Refusing {
+        async fn get_token(
+            &self,
+            _: &[&str],
+            _: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<AccessToken> {
+            self.0.fetch_add(1, SeqCst);
+            Err(azure_core::Error::with_message(
+                azure_core::error::ErrorKind::Credential,
+                "the token endpoint did not answer",
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_is_remembered_rather_than_asked_for_again_at_once() {
+        let credential = Arc::new(Refusing::default());
+        let config = AzureConfig::new("http://127.0.0.1:9", AuthMode::Cli).unwrap();
+        let client = AzureClient::with_credential(config, credential.clone()).unwrap();
+        let first = client.warm_up().await.unwrap_err().to_string();
+        assert!(first.contains("did not answer"), "{first}");
+        let second = client.warm_up().await.unwrap_err().to_string();
+        assert!(
+            second.contains("did not answer") && second.contains("kmsflow asks again"),
+            "{second}"
+        );
+        assert_eq!(credential.0.load(SeqCst), 1, "asked once");
+    }
 
     #[test]
     fn endpoints_must_be_https_except_on_loopback() {
