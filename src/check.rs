@@ -194,12 +194,14 @@ pub async fn check_all(
     let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for (index, target) in targets.into_iter().enumerate() {
-        let (launcher, runbook, source, semaphore) = (
-            launcher.clone(),
-            runbook.clone(),
-            source.clone(),
-            semaphore.clone(),
-        );
+        // A cluster's task is made only once it has a slot, so a fleet of 10,000 holds a
+        // hundred checks in memory, not 10,000 waiting ones.
+        let slot = semaphore
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (launcher, runbook, source) = (launcher.clone(), runbook.clone(), source.clone());
         let mut sources = shared.clone();
         for (key, value) in &target.params {
             sources.cli.retain(|(k, _)| k != key);
@@ -212,10 +214,6 @@ pub async fn check_all(
         }
         let label = label(&sources);
         tasks.spawn(async move {
-            let slot = semaphore
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
             (
                 index,
                 check_one(&launcher, runbook, source, &sources, label, slot).await,
