@@ -367,8 +367,9 @@ pub fn table(results: &[Checked]) -> String {
     }
     let count = |s: &str| results.iter().filter(|r| r.worst == s).count();
     out.push_str(&format!(
-        "\n{} clusters: {} ok, {} warn, {} fail\n",
+        "\n{} cluster{}: {} ok, {} warn, {} fail\n",
         results.len(),
+        if results.len() == 1 { "" } else { "s" },
         count("ok"),
         count("warn"),
         count("fail")

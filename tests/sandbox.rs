@@ -247,10 +247,19 @@ fn a_sandboxed_run_survives_a_kill_and_resumes_against_the_same_world() {
     run.kill().unwrap();
     run.wait().unwrap();
     let run_id = run_id.unwrap();
-    let world: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("state.sandbox.json")).unwrap(),
-    )
-    .unwrap();
+    let world_file = dir.path().join("state.sandbox.json");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&world_file).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the world file is private like the state"
+        );
+    }
+    let world: Value =
+        serde_json::from_str(&std::fs::read_to_string(&world_file).unwrap()).unwrap();
     assert!(
         world["resources"]
             .as_object()

@@ -590,7 +590,14 @@ impl Sandbox {
 /// Writes the world beside, then renames: a crash never leaves half a file.
 fn save(path: &std::path::Path, world: &Value) {
     let temporary = path.with_extension("tmp");
-    let written = std::fs::write(&temporary, world.to_string())
+    // Private like the state file beside it: the world holds the sandbox's keys.
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let written = options
+        .open(&temporary)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, world.to_string().as_bytes()))
         .and_then(|()| std::fs::rename(&temporary, path));
     if let Err(error) = written {
         tracing::error!(path = %path.display(), %error, "cannot save the sandbox world");
