@@ -113,7 +113,7 @@ mod tests {
             assert!(took >= wanted, "released early: {took:?} for {wanted:?}");
             // Generous for a loaded CI machine; typically within 0.2 ms.
             assert!(
-                took < wanted + Duration::from_millis(15),
+                took < wanted + Duration::from_millis(40),
                 "released late: {took:?} for {wanted:?}"
             );
         }
