@@ -6,9 +6,7 @@
 //! keeps the deadlines in a heap and sleeps to the nearest one with the operating system's
 //! own timer, which wakes within tens of microseconds.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-use std::sync::Mutex;
+use std::collections::BTreeMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Instant;
 
@@ -18,8 +16,7 @@ type Waiter = (Instant, oneshot::Sender<()>);
 
 /// The hold thread; dropping this stops it (and releases whatever it still holds).
 pub(crate) struct Holds {
-    // A Mutex only to make the handle `Sync`; each send holds it for an instant.
-    deadlines: Mutex<mpsc::Sender<Waiter>>,
+    deadlines: mpsc::Sender<Waiter>,
 }
 
 impl Holds {
@@ -29,9 +26,7 @@ impl Holds {
             .name("sandbox-holds".into())
             .spawn(move || run(receiver))
             .expect("spawn the sandbox's hold thread");
-        Holds {
-            deadlines: Mutex::new(deadlines),
-        }
+        Holds { deadlines }
     }
 
     /// Returns at `deadline` (at once if it has passed).
@@ -40,12 +35,7 @@ impl Holds {
             return;
         }
         let (wake, woken) = oneshot::channel();
-        let sent = self
-            .deadlines
-            .lock()
-            .expect("never poisoned")
-            .send((deadline, wake));
-        if sent.is_err() {
+        if self.deadlines.send((deadline, wake)).is_err() {
             // The thread is gone: a coarser timer is better than none.
             tokio::time::sleep_until(deadline.into()).await;
             return;
@@ -55,31 +45,24 @@ impl Holds {
 }
 
 fn run(receiver: mpsc::Receiver<Waiter>) {
-    // Ordered by deadline, then by arrival, so equal deadlines wake in the order they came.
-    let mut heap: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
-    let mut waiting: std::collections::HashMap<u64, oneshot::Sender<()>> = Default::default();
+    // By deadline, then by arrival, so equal deadlines wake in the order they came.
+    let mut waiting: BTreeMap<(Instant, u64), oneshot::Sender<()>> = BTreeMap::new();
     let mut next_id = 0u64;
     loop {
         let now = Instant::now();
-        while let Some(Reverse((deadline, id))) = heap.peek().copied() {
-            if deadline > now {
+        while let Some(entry) = waiting.first_entry() {
+            if entry.key().0 > now {
                 break;
             }
-            heap.pop();
-            if let Some(wake) = waiting.remove(&id) {
-                let _ = wake.send(());
-            }
+            let _ = entry.remove().send(());
         }
-        let received = match heap.peek() {
+        let received = match waiting.keys().next() {
             None => receiver.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(Reverse((deadline, _))) => {
-                receiver.recv_timeout(deadline.saturating_duration_since(now))
-            }
+            Some((deadline, _)) => receiver.recv_timeout(deadline.saturating_duration_since(now)),
         };
         match received {
             Ok((deadline, wake)) => {
-                heap.push(Reverse((deadline, next_id)));
-                waiting.insert(next_id, wake);
+                waiting.insert((deadline, next_id), wake);
                 next_id += 1;
             }
             Err(RecvTimeoutError::Timeout) => {}

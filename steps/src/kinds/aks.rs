@@ -1,9 +1,11 @@
 //! What the AKS step kinds share: the preview API version that carries the KMS fields, the
 //! wanted `securityProfile` for a KMS mode, and how a cluster body is changed to get there.
 
-use kmsflow_engine::kind::{FieldChange, ParamSpec, StepError, ValueType};
+use kmsflow_engine::kind::{
+    Change, FieldChange, OutputSpec, ParamSpec, StepError, StepPlan, ValueType,
+};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::common::pattern;
 
@@ -237,6 +239,85 @@ pub fn supports_kms(version: &str) -> bool {
 
 pub const NO_DOWNGRADE: &str =
     "KMS infrastructure encryption cannot be turned off once enabled (no downgrade)";
+
+/// What `azure.aks_cluster` and `azure.aks_kms` return.
+pub const CLUSTER_OUTPUTS: &[OutputSpec] = &[
+    OutputSpec {
+        name: "id",
+        description: "the cluster's ARM id",
+    },
+    OutputSpec {
+        name: "name",
+        description: "its name",
+    },
+    OutputSpec {
+        name: "kms_mode",
+        description: "`PMK` or `CMK`, as the cluster reports it",
+    },
+    OutputSpec {
+        name: "security_profile",
+        description: "the cluster's `securityProfile`",
+    },
+];
+
+/// The outputs of [`CLUSTER_OUTPUTS`] from a cluster's body.
+pub fn cluster_outputs(body: &Value) -> Map<String, Value> {
+    super::common::outputs([
+        ("id", body["id"].clone()),
+        ("name", body["name"].clone()),
+        ("kms_mode", json!(mode_of(body))),
+        (
+            "security_profile",
+            body["properties"]["securityProfile"].clone(),
+        ),
+    ])
+}
+
+/// The client and the URL of cluster `name`.
+pub async fn cluster_url(
+    azure: &crate::azure::Azure,
+    (subscription, resource_group): (&str, &str),
+    name: &str,
+) -> Result<(std::sync::Arc<crate::AzureClient>, url::Url), StepError> {
+    super::common::resource_url(
+        azure,
+        (subscription, resource_group),
+        ("Microsoft.ContainerService", "managedClusters", name),
+        API,
+    )
+    .await
+}
+
+/// The plan for an existing cluster that should have `kms`: nothing, or a switch of only its
+/// KMS fields, refused below Kubernetes 1.33 and marked irreversible when it turns on
+/// infrastructure encryption.
+pub fn plan_switch(name: &str, kms: &Kms, before: &Value) -> Result<StepPlan, StepError> {
+    let fields = kms.differences(before);
+    if fields.is_empty() {
+        return Ok(StepPlan::unchanged(cluster_outputs(before)));
+    }
+    let version = before["properties"]["currentKubernetesVersion"]
+        .as_str()
+        .or_else(|| before["properties"]["kubernetesVersion"].as_str())
+        .unwrap_or_default();
+    if !supports_kms(version) {
+        return Err(StepError::permanent(format!(
+            "cluster `{name}` runs Kubernetes {version}; KMS data encryption needs 1.33 or later: upgrade the cluster first"
+        )));
+    }
+    let from = mode_of(before);
+    let mut plan = StepPlan::change(Change::Update {
+        summary: format!(
+            "switch AKS cluster {name} from {from} to {} KMS encryption",
+            kms.kms_mode
+        ),
+        fields,
+    });
+    if from == "None" {
+        plan.irreversible = Some(format!("{NO_DOWNGRADE} on cluster `{name}`"));
+    }
+    Ok(plan)
+}
 
 #[cfg(test)]
 mod tests {

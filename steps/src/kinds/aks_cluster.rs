@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::aks::{self, IDENTITY_ID, KEY_ID, KEY_VAULT_ID, KMS_MODE, Kms, NAME, NETWORK_ACCESS};
-use super::common::{self, LOCATION, RESOURCE_GROUP, SUBSCRIPTION, outputs};
+use super::common::{self, LOCATION, RESOURCE_GROUP, SUBSCRIPTION};
 use crate::azure::Azure;
 
 /// A new AKS cluster with KMS data encryption (platform-managed keys, or a customer-managed
@@ -79,53 +79,13 @@ static SPEC: KindSpec = KindSpec {
         NETWORK_ACCESS,
         IDENTITY_ID,
     ],
-    outputs: OutputsSpec::Fixed(&[
-        OutputSpec {
-            name: "id",
-            description: "the cluster's ARM id",
-        },
-        OutputSpec {
-            name: "name",
-            description: "its name",
-        },
-        OutputSpec {
-            name: "kms_mode",
-            description: "`PMK` or `CMK`, as the cluster reports it",
-        },
-        OutputSpec {
-            name: "security_profile",
-            description: "the cluster's `securityProfile`",
-        },
-    ]),
+    outputs: OutputsSpec::Fixed(aks::CLUSTER_OUTPUTS),
     may_be_irreversible: true,
 };
 
-pub(crate) fn cluster_outputs(body: &Value) -> Map<String, Value> {
-    outputs([
-        ("id", body["id"].clone()),
-        ("name", body["name"].clone()),
-        ("kms_mode", json!(aks::mode_of(body))),
-        (
-            "security_profile",
-            body["properties"]["securityProfile"].clone(),
-        ),
-    ])
-}
-
 impl AksCluster {
     async fn url(&self, p: &Params) -> Result<(Arc<crate::AzureClient>, url::Url), StepError> {
-        let names = (
-            "Microsoft.ContainerService",
-            "managedClusters",
-            p.name.as_str(),
-        );
-        common::resource_url(
-            &self.0,
-            (&p.subscription, &p.resource_group),
-            names,
-            aks::API,
-        )
-        .await
+        aks::cluster_url(&self.0, (&p.subscription, &p.resource_group), &p.name).await
     }
 }
 
@@ -186,30 +146,7 @@ impl StepKind for AksCluster {
                 ),
             }));
         }
-        let fields = p.kms.differences(before);
-        if fields.is_empty() {
-            return Ok(StepPlan::unchanged(cluster_outputs(before)));
-        }
-        let current = before["properties"]["currentKubernetesVersion"]
-            .as_str()
-            .unwrap_or_default();
-        if !aks::supports_kms(current) {
-            return Err(StepError::permanent(format!(
-                "cluster `{}` runs Kubernetes {current}; KMS data encryption needs 1.33 or later: upgrade it first",
-                p.name
-            )));
-        }
-        let mut plan = StepPlan::change(Change::Update {
-            summary: format!(
-                "switch AKS cluster {} to {} KMS encryption",
-                p.name, p.kms.kms_mode
-            ),
-            fields,
-        });
-        if aks::mode_of(before) == "None" {
-            plan.irreversible = Some(format!("{} on cluster `{}`", aks::NO_DOWNGRADE, p.name));
-        }
-        Ok(plan)
+        aks::plan_switch(&p.name, &p.kms, before)
     }
 
     async fn apply(
@@ -225,7 +162,7 @@ impl StepKind for AksCluster {
         } else {
             super::aks_kms::put_kms(&client, &url, &p.kms, before).await?
         };
-        Ok(cluster_outputs(&result))
+        Ok(aks::cluster_outputs(&result))
     }
 
     async fn rollback(

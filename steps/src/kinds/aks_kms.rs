@@ -6,7 +6,6 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::aks::{self, IDENTITY_ID, KEY_ID, KEY_VAULT_ID, KMS_MODE, Kms, NAME, NETWORK_ACCESS};
-use super::aks_cluster::cluster_outputs;
 use super::common::{self, RESOURCE_GROUP, SUBSCRIPTION};
 use crate::azure::Azure;
 
@@ -38,24 +37,7 @@ static SPEC: KindSpec = KindSpec {
         NETWORK_ACCESS,
         IDENTITY_ID,
     ],
-    outputs: OutputsSpec::Fixed(&[
-        OutputSpec {
-            name: "id",
-            description: "the cluster's ARM id",
-        },
-        OutputSpec {
-            name: "name",
-            description: "its name",
-        },
-        OutputSpec {
-            name: "kms_mode",
-            description: "`PMK` or `CMK`, as the cluster reports it",
-        },
-        OutputSpec {
-            name: "security_profile",
-            description: "the cluster's `securityProfile`",
-        },
-    ]),
+    outputs: OutputsSpec::Fixed(aks::CLUSTER_OUTPUTS),
     may_be_irreversible: true,
 };
 
@@ -132,18 +114,7 @@ pub(crate) async fn put_kms(
 
 impl AksKms {
     async fn url(&self, p: &Params) -> Result<(Arc<crate::AzureClient>, url::Url), StepError> {
-        let names = (
-            "Microsoft.ContainerService",
-            "managedClusters",
-            p.name.as_str(),
-        );
-        common::resource_url(
-            &self.0,
-            (&p.subscription, &p.resource_group),
-            names,
-            aks::API,
-        )
-        .await
+        aks::cluster_url(&self.0, (&p.subscription, &p.resource_group), &p.name).await
     }
 }
 
@@ -169,33 +140,7 @@ impl StepKind for AksKms {
     fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {
         let p: Params = cx.params()?;
         p.kms.check()?;
-        let fields = p.kms.differences(before);
-        if fields.is_empty() {
-            return Ok(StepPlan::unchanged(cluster_outputs(before)));
-        }
-        let version = before["properties"]["currentKubernetesVersion"]
-            .as_str()
-            .or_else(|| before["properties"]["kubernetesVersion"].as_str())
-            .unwrap_or_default();
-        if !aks::supports_kms(version) {
-            return Err(StepError::permanent(format!(
-                "cluster `{}` runs Kubernetes {version}; KMS data encryption needs 1.33 or later: upgrade the cluster first",
-                p.name
-            )));
-        }
-        let mut plan = StepPlan::change(Change::Update {
-            summary: format!(
-                "switch AKS cluster {} from {} to {} KMS encryption",
-                p.name,
-                aks::mode_of(before),
-                p.kms.kms_mode
-            ),
-            fields,
-        });
-        if aks::mode_of(before) == "None" {
-            plan.irreversible = Some(format!("{} on cluster `{}`", aks::NO_DOWNGRADE, p.name));
-        }
-        Ok(plan)
+        aks::plan_switch(&p.name, &p.kms, before)
     }
 
     async fn apply(
@@ -207,7 +152,7 @@ impl StepKind for AksKms {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
         let result = put_kms(&client, &url, &p.kms, before).await?;
-        Ok(cluster_outputs(&result))
+        Ok(aks::cluster_outputs(&result))
     }
 
     async fn rollback(

@@ -152,24 +152,32 @@ pub async fn resource_url(
     Ok((client, url))
 }
 
-/// Puts back a resource's location and tags as `before` had them (what the tag-only kinds
-/// change).
-pub async fn put_back_tags(
+/// Rollback for the kinds that create a resource or change only its tags: a created one is
+/// deleted, an updated one gets back the location and tags `before` had.
+pub async fn undo_create_or_tags(
     client: &AzureClient,
     url: &Url,
     before: &Value,
-) -> Result<(), StepError> {
-    let tags = before
-        .get("tags")
-        .cloned()
-        .unwrap_or_else(|| Value::Object(Map::new()));
-    put(
-        client,
-        url,
-        &serde_json::json!({"location": before["location"], "tags": tags}),
-    )
-    .await?;
-    Ok(())
+    outcome: kmsflow_engine::kind::Outcome,
+) -> Result<kmsflow_engine::kind::Undo, StepError> {
+    use kmsflow_engine::kind::{Outcome, Undo};
+    match outcome {
+        Outcome::Created => delete(client, url).await?,
+        Outcome::Updated => {
+            let tags = before
+                .get("tags")
+                .cloned()
+                .unwrap_or_else(|| Value::Object(Map::new()));
+            put(
+                client,
+                url,
+                &serde_json::json!({"location": before["location"], "tags": tags}),
+            )
+            .await?;
+        }
+        _ => return Ok(Undo::NothingToUndo),
+    }
+    Ok(Undo::Done)
 }
 
 #[cfg(test)]

@@ -133,16 +133,6 @@ impl StepKind for Identity {
     ) -> Result<Undo, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
-        match outcome {
-            Outcome::Created => {
-                common::delete(&client, &url).await?;
-                Ok(Undo::Done)
-            }
-            Outcome::Updated => {
-                common::put_back_tags(&client, &url, before).await?;
-                Ok(Undo::Done)
-            }
-            _ => Ok(Undo::NothingToUndo),
-        }
+        common::undo_create_or_tags(&client, &url, before, outcome).await
     }
 }
