@@ -55,9 +55,11 @@ impl Drop for Served {
     }
 }
 
-fn serve(faults: &std::path::Path) -> Served {
+/// `kmsflow sandbox serve <args>`: its base URL and the environment it prints.
+fn serve_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
-        .args(["sandbox", "serve", "--faults", faults.to_str().unwrap()])
+        .args(["sandbox", "serve"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -84,6 +86,10 @@ fn serve(faults: &std::path::Path) -> Served {
         env,
         base_url,
     }
+}
+
+fn serve(faults: &std::path::Path) -> Served {
+    serve_args(&[std::ffi::OsStr::new("--faults"), faults.as_os_str()])
 }
 
 fn kmsflow(dir: &std::path::Path, served: &Served, args: &[&str]) -> Command {
@@ -299,27 +305,7 @@ const KMS_RUNBOOKS: &[&str] = &[
 ];
 
 fn serve_world(name: &str) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
-        .args(["sandbox", "serve", "--world", name])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base_url = lines.next().unwrap().unwrap();
-    let env = lines
-        .take(6)
-        .map(|l| {
-            let l = l.unwrap();
-            let (k, v) = l.split_once('=').unwrap();
-            (k.to_owned(), v.to_owned())
-        })
-        .collect();
-    Served {
-        child,
-        env,
-        base_url,
-    }
+    serve_args(&["--world", name])
 }
 
 #[test]
@@ -415,9 +401,7 @@ fn fleet(dir: &std::path::Path, n: usize) -> (usize, usize, usize) {
 
 fn serve_with(dir: &std::path::Path, faults: Option<&str>) -> Served {
     let mut args = vec![
-        "sandbox".to_owned(),
-        "serve".into(),
-        "--world".into(),
+        "--world".to_owned(),
         dir.join("world.json").display().to_string(),
     ];
     if let Some(faults) = faults {
@@ -427,27 +411,7 @@ fn serve_with(dir: &std::path::Path, faults: Option<&str>) -> Served {
             dir.join("faults.yaml").display().to_string(),
         ]);
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base_url = lines.next().unwrap().unwrap();
-    let env: HashMap<String, String> = lines
-        .take(6)
-        .map(|l| {
-            let l = l.unwrap();
-            let (k, v) = l.split_once('=').unwrap();
-            (k.to_owned(), v.to_owned())
-        })
-        .collect();
-    Served {
-        child,
-        env,
-        base_url,
-    }
+    serve_args(&args)
 }
 
 #[test]

@@ -538,11 +538,7 @@ impl World {
                     );
                 }
                 let Some(location) = req.body.as_ref().and_then(|b| b["location"].as_str()) else {
-                    return Resp::arm_error(
-                        400,
-                        "LocationRequired",
-                        "The location property is required for this definition.",
-                    );
+                    return location_required();
                 };
                 if let Some(existing) = self.groups.get(&key)
                     && existing["location"].as_str() != Some(location)
@@ -713,11 +709,7 @@ impl World {
                 }
                 let body = req.body.clone().unwrap_or(Value::Null);
                 let Some(location) = body["location"].as_str() else {
-                    return Resp::arm_error(
-                        400,
-                        "LocationRequired",
-                        "The location property is required for this definition.",
-                    );
+                    return location_required();
                 };
                 if body["properties"]["tenantId"].as_str().is_none()
                     || body["properties"]["sku"].is_null()
@@ -894,11 +886,7 @@ impl World {
                 }
                 let body = req.body.clone().unwrap_or(Value::Null);
                 let Some(location) = body["location"].as_str() else {
-                    return Resp::arm_error(
-                        400,
-                        "LocationRequired",
-                        "The location property is required for this definition.",
-                    );
+                    return location_required();
                 };
                 let existing = self.resources.get(&id_key).cloned();
                 let (principal, client) = match &existing {
@@ -1559,11 +1547,7 @@ impl World {
                 }
                 let body = req.body.clone().unwrap_or(Value::Null);
                 let Some(location) = body["location"].as_str() else {
-                    return Resp::arm_error(
-                        400,
-                        "LocationRequired",
-                        "The location property is required for this definition.",
-                    );
+                    return location_required();
                 };
                 let version = body["properties"]["kubernetesVersion"]
                     .as_str()
@@ -1875,6 +1859,14 @@ fn method_not_allowed(req: &Req) -> Resp {
             "The requested method '{}' is not allowed for '{}'.",
             req.method, req.path
         ),
+    )
+}
+
+fn location_required() -> Resp {
+    Resp::arm_error(
+        400,
+        "LocationRequired",
+        "The location property is required for this definition.",
     )
 }
 
