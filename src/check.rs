@@ -252,7 +252,10 @@ async fn check_one(
         Ok(bound) => bound,
         Err(errors) => return failed(errors.to_string().replace('\n', "; "), None),
     };
-    let progress = release_after_reading(slot, bound.values()["rotate_when_overdue"] == true);
+    let progress = release_after_reading(
+        slot,
+        bound.get("rotate_when_overdue") == Some(&Value::Bool(true)),
+    );
     let request = RunRequest {
         runbook,
         runbook_ref: "bundled:rotation-check".into(),
