@@ -84,18 +84,8 @@ impl StepKind for AksVerify {
 
     async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
         let p: Params = cx.params()?;
-        let names = (
-            "Microsoft.ContainerService",
-            "managedClusters",
-            p.name.as_str(),
-        );
-        let (client, url) = common::resource_url(
-            &self.0,
-            (&p.subscription, &p.resource_group),
-            names,
-            aks::API,
-        )
-        .await?;
+        let (client, url) =
+            aks::cluster_url(&self.0, (&p.subscription, &p.resource_group), &p.name).await?;
         let cluster = common::read(&client, &url).await?;
         if cluster.is_null() {
             return Err(StepError::permanent(format!(

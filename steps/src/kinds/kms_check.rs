@@ -140,18 +140,8 @@ fn date(unix: Option<i64>) -> Option<DateTime<Utc>> {
 impl KmsCheck {
     /// Reads everything the judgement needs; missing pieces are recorded, not errors.
     async fn gather(&self, p: &Params) -> Result<Value, StepError> {
-        let names = (
-            "Microsoft.ContainerService",
-            "managedClusters",
-            p.name.as_str(),
-        );
-        let (client, url) = common::resource_url(
-            &self.0,
-            (&p.subscription, &p.resource_group),
-            names,
-            aks::API,
-        )
-        .await?;
+        let (client, url) =
+            aks::cluster_url(&self.0, (&p.subscription, &p.resource_group), &p.name).await?;
         let cluster = match client.get(&url).await {
             Ok(found) => found.map(|r| r.body).unwrap_or(Value::Null),
             Err(error) if matches!(error.status(), Some(401 | 403)) => {
