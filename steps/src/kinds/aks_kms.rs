@@ -127,14 +127,7 @@ impl StepKind for AksKms {
     async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
-        let cluster = common::read(&client, &url).await?;
-        if cluster.is_null() {
-            return Err(StepError::permanent(format!(
-                "AKS cluster `{}` does not exist in resource group `{}`",
-                p.name, p.resource_group
-            )));
-        }
-        Ok(cluster)
+        common::read_existing(&client, &url, ("AKS cluster", &p.name, &p.resource_group)).await
     }
 
     fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {

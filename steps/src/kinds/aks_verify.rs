@@ -86,14 +86,7 @@ impl StepKind for AksVerify {
         let p: Params = cx.params()?;
         let (client, url) =
             aks::cluster_url(&self.0, (&p.subscription, &p.resource_group), &p.name).await?;
-        let cluster = common::read(&client, &url).await?;
-        if cluster.is_null() {
-            return Err(StepError::permanent(format!(
-                "AKS cluster `{}` does not exist in resource group `{}`",
-                p.name, p.resource_group
-            )));
-        }
-        Ok(cluster)
+        common::read_existing(&client, &url, ("AKS cluster", &p.name, &p.resource_group)).await
     }
 
     fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {

@@ -116,6 +116,21 @@ pub async fn read(client: &AzureClient, url: &Url) -> Result<Value, StepError> {
         .unwrap_or(Value::Null))
 }
 
+/// GET a resource that must exist already (the kinds that change existing resources).
+pub async fn read_existing(
+    client: &AzureClient,
+    url: &Url,
+    (what, name, resource_group): (&str, &str, &str),
+) -> Result<Value, StepError> {
+    let found = read(client, url).await?;
+    if found.is_null() {
+        return Err(StepError::permanent(format!(
+            "{what} `{name}` does not exist in resource group `{resource_group}`: check the name and the resource group, or create it first"
+        )));
+    }
+    Ok(found)
+}
+
 /// PUT a resource and wait for it to settle.
 pub async fn put(client: &AzureClient, url: &Url, body: &Value) -> Result<Value, StepError> {
     Ok(client.write_and_wait(Method::PUT, url, body, None).await?)

@@ -107,14 +107,7 @@ impl StepKind for KeyVaultNetwork {
     async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
-        let vault = common::read(&client, &url).await?;
-        if vault.is_null() {
-            return Err(StepError::permanent(format!(
-                "key vault `{}` does not exist in resource group `{}`",
-                p.name, p.resource_group
-            )));
-        }
-        Ok(vault)
+        common::read_existing(&client, &url, ("key vault", &p.name, &p.resource_group)).await
     }
 
     fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {
