@@ -139,10 +139,14 @@ fn commit_batch(store: &mut Store, batch: &[Checkpoint]) -> Vec<Result<(), Store
             .writes
             .iter()
             .try_for_each(|write| crate::write::apply(&tx, write));
-        return match (result, tx.commit()) {
-            (Ok(()), Ok(())) => vec![Ok(())],
-            (Err(error), _) => vec![Err(error)],
-            (Ok(()), Err(error)) => shared_failure(&error),
+        // A failed write drops the transaction, which rolls it back: nothing of the
+        // checkpoint is committed. Only a checkpoint whose writes all applied is committed.
+        return match result {
+            Err(error) => vec![Err(error)],
+            Ok(()) => match tx.commit() {
+                Ok(()) => vec![Ok(())],
+                Err(error) => shared_failure(&error),
+            },
         };
     }
     for job in batch {
@@ -210,5 +214,46 @@ mod tests {
         drop(writer);
         thread.join();
         assert_eq!(saw.iter().collect::<Vec<_>>(), [2, 3]);
+    }
+
+    /// Commits `writes` alone and returns what the writer said.
+    fn commit_alone(writer: &Writer, writes: Vec<Write>) -> Result<(), StoreError> {
+        let (sent, answer) = mpsc::channel();
+        writer.submit(writes, Box::new(move |result| sent.send(result).unwrap()));
+        answer.recv().unwrap()
+    }
+
+    #[test]
+    fn a_failed_checkpoint_leaves_nothing_of_itself_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db"), Durability::Normal).unwrap();
+        let (writer, thread) = Writer::spawn(store);
+        commit_alone(&writer, vec![new_run("taken")]).unwrap();
+        // Alone in its transaction: the first write is fine, the second breaks a key.
+        let failed = commit_alone(&writer, vec![new_run("fresh"), new_run("taken")]);
+        assert!(failed.is_err(), "a duplicate run id must fail the checkpoint");
+        // And inside a batch: one checkpoint fails, the one beside it still commits.
+        let (sent, answers) = mpsc::channel();
+        for writes in [
+            vec![new_run("also-fresh"), new_run("taken")],
+            vec![new_run("neighbour")],
+        ] {
+            let sent = sent.clone();
+            writer.submit(writes, Box::new(move |result| sent.send(result.is_ok()).unwrap()));
+        }
+        drop(sent);
+        let mut outcomes: Vec<bool> = answers.iter().collect();
+        outcomes.sort();
+        assert_eq!(outcomes, [false, true]);
+        let (listed, list) = mpsc::channel();
+        writer.run(Box::new(move |store| {
+            let ids: Vec<String> = store.runs(10).unwrap().into_iter().map(|r| r.id).collect();
+            listed.send(ids).unwrap();
+        }));
+        let mut ids = list.recv().unwrap();
+        ids.sort();
+        drop(writer);
+        thread.join();
+        assert_eq!(ids, ["neighbour", "taken"], "nothing of a failed checkpoint is kept");
     }
 }
