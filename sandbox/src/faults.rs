@@ -26,6 +26,10 @@ pub struct Faults {
     pub token_buckets: bool,
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Requests that are applied and then lose their answer, as a client sees when a
+    /// connection breaks, a front end fails or a timeout strikes after Azure made the change.
+    #[serde(default)]
+    pub lose_answers: Vec<LostAnswer>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
@@ -97,6 +101,69 @@ pub struct Rule {
 
 fn one_u32() -> u32 {
     1
+}
+
+/// Applies the next `times` requests matching `method` and `path` (a `*` glob), then loses
+/// each one's answer as `how` says.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LostAnswer {
+    #[serde(default)]
+    pub method: Option<String>,
+    pub path: String,
+    #[serde(default = "one_u32")]
+    pub times: u32,
+    pub how: Loss,
+    /// With `how: timeout`: how long the answer is held back (default 150 s, past a client's
+    /// two-minute timeout).
+    #[serde(default = "default_timeout_hold_ms")]
+    pub hold_ms: u64,
+}
+
+/// How an answer is lost after the request took effect.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", from = "LossName")]
+pub enum Loss {
+    /// The connection breaks after the status line, before the body is complete.
+    Reset,
+    /// A `500 InternalServerError` instead of the real answer (a front end failing late).
+    ServerError,
+    /// The answer is held back `hold_ms`, so the client times out first.
+    Timeout { hold_ms: u64 },
+}
+
+/// `how:` as written; `hold_ms` joins it in [`Injector::loss`].
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LossName {
+    Reset,
+    ServerError,
+    Timeout,
+}
+
+impl From<LossName> for Loss {
+    fn from(name: LossName) -> Loss {
+        match name {
+            LossName::Reset => Loss::Reset,
+            LossName::ServerError => Loss::ServerError,
+            LossName::Timeout => Loss::Timeout { hold_ms: 0 },
+        }
+    }
+}
+
+fn default_timeout_hold_ms() -> u64 {
+    150_000
+}
+
+impl Loss {
+    /// How the request log names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Loss::Reset => "reset",
+            Loss::ServerError => "server_error",
+            Loss::Timeout { .. } => "timeout",
+        }
+    }
 }
 
 mod duration_text {
@@ -202,6 +269,8 @@ pub struct Injector {
     pub faults: Faults,
     rng: fastrand::Rng,
     remaining: Vec<u32>,
+    /// How many more times each `lose_answers` entry fires.
+    losses_left: Vec<u32>,
     reads: std::collections::HashMap<String, Bucket>,
     writes: std::collections::HashMap<String, Bucket>,
 }
@@ -216,8 +285,10 @@ pub struct Quota {
 impl Injector {
     pub fn new(faults: Faults) -> Injector {
         let remaining = faults.rules.iter().map(|r| r.times).collect();
+        let losses_left = faults.lose_answers.iter().map(|l| l.times).collect();
         Injector {
             rng: fastrand::Rng::with_seed(faults.seed),
+            losses_left,
             faults,
             remaining,
             reads: Default::default(),
@@ -238,6 +309,29 @@ impl Injector {
                 Duration::from_millis(base + if is_write { latency.write_ms } else { 0 })
             }
         }
+    }
+
+    /// Whether this request, which is about to be applied, loses its answer afterwards.
+    pub fn loss(&mut self, method: &str, path: &str) -> Option<Loss> {
+        for (index, lost) in self.faults.lose_answers.iter().enumerate() {
+            if self.losses_left[index] == 0 {
+                continue;
+            }
+            let method_matches = lost
+                .method
+                .as_deref()
+                .is_none_or(|m| m.eq_ignore_ascii_case(method));
+            if method_matches && glob(&lost.path.to_ascii_lowercase(), &path.to_ascii_lowercase()) {
+                self.losses_left[index] -= 1;
+                return Some(match lost.how {
+                    Loss::Timeout { .. } => Loss::Timeout {
+                        hold_ms: lost.hold_ms,
+                    },
+                    other => other,
+                });
+            }
+        }
+        None
     }
 
     /// Decides whether an ARM or data-plane request fails before it is handled.
@@ -441,6 +535,33 @@ rules:
             injector.judge("PUT", path, Some("s"), true).0,
             Verdict::Pass
         );
+    }
+
+    #[test]
+    fn lost_answers_parse_and_fire_the_given_number_of_times() {
+        let faults = Faults::from_yaml(
+            r#"
+lose_answers:
+  - { method: POST, path: "*/keys/*/create", how: reset }
+  - { path: "*/vaults/*", times: 2, how: server_error }
+  - { method: PUT, path: "*/managedClusters/*", how: timeout, hold_ms: 1500 }
+"#,
+        )
+        .unwrap();
+        let mut injector = Injector::new(faults);
+        let cluster = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ContainerService/managedClusters/c";
+        assert_eq!(
+            injector.loss("PUT", cluster),
+            Some(Loss::Timeout { hold_ms: 1500 })
+        );
+        let key = "/_kv/kv1/keys/k/create";
+        assert_eq!(injector.loss("GET", key), None);
+        assert_eq!(injector.loss("POST", key), Some(Loss::Reset));
+        assert_eq!(injector.loss("POST", key), None);
+        let vault = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/v";
+        assert_eq!(injector.loss("PUT", vault), Some(Loss::ServerError));
+        assert_eq!(injector.loss("PUT", vault), Some(Loss::ServerError));
+        assert_eq!(injector.loss("PUT", vault), None);
     }
 
     #[test]

@@ -12,6 +12,6 @@ mod hold;
 mod server;
 mod world;
 
-pub use faults::{Delays, Faults, Latency, Rule, ServerErrors, Throttle};
+pub use faults::{Delays, Faults, Latency, Loss, LostAnswer, Rule, ServerErrors, Throttle};
 pub use server::{RequestRecord, Sandbox, SandboxOptions, SeedFeature, SeedGroup, WorldSeed};
 pub use world::ROLES;

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::auth::{ARM_AUDIENCE, Caller, TokenIssuer, VAULT_AUDIENCE};
-use crate::faults::{Faults, Injector, Verdict};
+use crate::faults::{Faults, Injector, Loss, Verdict};
 use crate::world::{Req, Resp, World};
 
 /// How to start a sandbox.
@@ -56,6 +56,10 @@ pub struct RequestRecord {
     pub at_ms: u64,
     /// Whether the request asked for a change (PUT, PATCH, POST, DELETE).
     pub write: bool,
+    /// Set when the request was applied and its answer then lost (`reset`, `server_error`,
+    /// `timeout`): the client never learnt that its change was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<&'static str>,
 }
 
 struct Shared {
@@ -315,6 +319,21 @@ fn to_response(resp: Resp, extra: &[(String, String)]) -> Response {
     response
 }
 
+/// An answer whose connection breaks after the status line: the body starts, then the stream
+/// fails, so hyper closes the connection before the message is complete.
+fn broken_answer(status: u16) -> Response {
+    let parts: [Result<Bytes, std::io::Error>; 2] = [
+        Ok(Bytes::from_static(b"{\"id\":")),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset after the request was applied (injected)",
+        )),
+    ];
+    let mut response = Response::new(axum::body::Body::from_stream(futures::stream::iter(parts)));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    response
+}
+
 async fn handle(
     State(shared): State<Arc<Shared>>,
     method: Method,
@@ -341,6 +360,7 @@ async fn handle(
         ("x-ms-correlation-request-id".to_owned(), correlation),
     ];
     let mut hold = std::time::Duration::ZERO;
+    let mut lost: Option<Loss> = None;
     let response = if path.starts_with("/_sandbox/") {
         control(&shared, &method, &path, &body)
     } else if path == "/msi/token" {
@@ -378,10 +398,11 @@ async fn handle(
                 let (latency, (verdict, quota)) = {
                     let mut injector = shared.injector.lock().expect("injector lock");
                     let latency = injector.latency(write);
-                    (
-                        latency,
-                        injector.judge(&method, &path, subscription.as_deref(), write),
-                    )
+                    let judged = injector.judge(&method, &path, subscription.as_deref(), write);
+                    if judged.0 == Verdict::Pass {
+                        lost = injector.loss(&method, &path);
+                    }
+                    (latency, judged)
                 };
                 // The answer is held back after the world changed, as Azure's would be: a
                 // client that gives up (or dies) meanwhile has still made its change.
@@ -460,6 +481,30 @@ async fn handle(
             }
         }
     };
+    // The request has taken effect; now its answer may be lost on the way back.
+    let response = match lost {
+        Some(Loss::ServerError) => {
+            if path.starts_with("/_kv/") {
+                Resp::vault_error(
+                    500,
+                    "InternalServerError",
+                    None,
+                    "The server had an error after the request was processed (injected).",
+                )
+            } else {
+                Resp::arm_error(
+                    500,
+                    "InternalServerError",
+                    "The server had an error after the request was processed (injected).",
+                )
+            }
+        }
+        Some(Loss::Timeout { hold_ms }) => {
+            hold = hold.max(std::time::Duration::from_millis(hold_ms));
+            response
+        }
+        Some(Loss::Reset) | None => response,
+    };
     let status = response.status;
     if !path.starts_with("/_sandbox/") {
         // Logged when handled, before the answer is held back: a request whose client died
@@ -470,10 +515,14 @@ async fn handle(
             status,
             at_ms: shared.started.elapsed().as_millis() as u64,
             write,
+            lost: lost.map(Loss::as_str),
         });
     }
     if !hold.is_zero() {
         shared.holds.until(arrived + hold).await;
+    }
+    if lost == Some(Loss::Reset) {
+        return broken_answer(response.status);
     }
     to_response(response, &extra)
 }

@@ -422,6 +422,9 @@ impl World {
         }
         match s.as_slice() {
             ["subscriptions", _, "resourcegroups", _] => self.resource_group(req),
+            ["subscriptions", _, "resourcegroups", group, "resources"] if req.method == "GET" => {
+                self.resources_in_group(group)
+            }
             [
                 "subscriptions",
                 _,
@@ -515,6 +518,30 @@ impl World {
                 ),
             ),
         }
+    }
+
+    /// Resources - List By Resource Group: `{value: [GenericResourceExpanded], nextLink?}`.
+    /// Role assignments are not resources there, as in Azure.
+    fn resources_in_group(&self, group: &str) -> Resp {
+        let prefix = format!(
+            "/subscriptions/{}/resourcegroups/{group}/",
+            self.subscription.to_ascii_lowercase()
+        );
+        let value: Vec<Value> = self
+            .resources
+            .iter()
+            .filter(|(id, _)| id.starts_with(&prefix))
+            .map(|(_, r)| {
+                let mut listed = json!({
+                    "id": r["id"], "name": r["name"], "type": r["type"], "location": r["location"],
+                });
+                if let Some(tags) = r.get("tags") {
+                    listed["tags"] = tags.clone();
+                }
+                listed
+            })
+            .collect();
+        Resp::json(200, json!({ "value": value }))
     }
 
     fn resource_group(&mut self, req: &Req) -> Resp {
