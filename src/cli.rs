@@ -153,6 +153,10 @@ pub enum Command {
         /// Run the runbook file as it is now even if it changed since the run started.
         #[arg(long)]
         allow_changed_runbook: bool,
+        /// Let `-p`, the params file or the environment change a parameter the run was
+        /// started with (which can point it at another target). Off: such a value is refused.
+        #[arg(long)]
+        allow_param_change: bool,
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
         #[arg(long, value_enum, default_value_t = Output::Text)]
@@ -165,6 +169,10 @@ pub enum Command {
         params: ParamArgs,
         #[command(flatten)]
         sandbox: SandboxArgs,
+        /// Let `-p`, the params file or the environment change a parameter the run was
+        /// started with. Off: rollback acts only on what the run recorded it touched.
+        #[arg(long)]
+        allow_param_change: bool,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kmsflow_engine::executor::{ExecOptions, RunSummary};
-use kmsflow_engine::launch::{self, Engine, RunRequest};
+use kmsflow_engine::launch::{self, Continuation, Engine, RollbackRequest, RunRequest};
 use kmsflow_engine::params::{self, BoundParams, ParamSources};
+use kmsflow_engine::progress::ProgressSink;
 use kmsflow_engine::{CompiledRunbook, RunbookSource};
 use kmsflow_state::{Durability, RunStatus, Store};
 use serde_json::{Map, Value};
@@ -66,25 +67,23 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             params,
             sandbox: _,
             allow_changed_runbook,
+            allow_param_change,
             concurrency,
             output,
         } => {
-            resume(
-                &context,
-                &run_id,
-                &params,
-                allow_changed_runbook,
-                concurrency,
-                output,
-            )
-            .await
+            let allow = Allow {
+                changed_runbook: allow_changed_runbook,
+                param_change: allow_param_change,
+            };
+            resume(&context, &run_id, &params, allow, concurrency, output).await
         }
         Command::Rollback {
             run_id,
             params,
             sandbox: _,
+            allow_param_change,
             output,
-        } => rollback(&context, &run_id, &params, output).await,
+        } => rollback(&context, &run_id, &params, allow_param_change, output).await,
         Command::Approve {
             run_id,
             step_id,
@@ -481,27 +480,36 @@ async fn run(
     finish(context, summary, output)
 }
 
-/// The runbook a stored run should continue with: its file (and fragments) as they are now
-/// when unchanged (or when a change is allowed), else a refusal; the stored text when the
-/// file is gone.
-fn runbook_for_resume(
+/// What the user allowed `resume` to change on purpose.
+#[derive(Debug, Clone, Copy)]
+struct Allow {
+    changed_runbook: bool,
+    param_change: bool,
+}
+
+/// A changed runbook to continue a stored run with, if its file (or a fragment) changed and
+/// the user allowed that; a refusal if it changed and they did not; `None` (the stored
+/// runbook, fragments included) when it is unchanged or its file is gone.
+fn changed_runbook(
     run: &kmsflow_state::RunRecord,
     allow_changed: bool,
-) -> Result<(Arc<CompiledRunbook>, String), Failure> {
+) -> Result<Option<(Arc<CompiledRunbook>, String)>, Failure> {
     let current = match run.runbook_ref.strip_prefix("bundled:") {
         Some(name) => bundled::find(name).map(|b| b.text.to_owned()),
         None => std::fs::read_to_string(&run.runbook_ref).ok(),
     };
     let Some(current) = current else {
         eprintln!(
-            "kmsflow: `{}` is gone; resuming with the runbook text stored with the run",
+            "kmsflow: `{}` is gone; resuming with the runbook stored with the run",
             run.runbook_ref
         );
-        let stored = RunbookSource::new(&run.runbook_ref, run.source.clone());
-        return Ok((compile_source(&stored)?, run.source.clone()));
+        return Ok(None);
     };
     let compiled = compile_source(&RunbookSource::new(&run.runbook_ref, current.clone()))?;
-    if compiled.content_hash != run.content_hash && !allow_changed {
+    if compiled.content_hash == run.content_hash {
+        return Ok(None);
+    }
+    if !allow_changed {
         return Err(Failure::Usage(format!(
             "the runbook `{}` (or a fragment it uses) changed since run `{}` started (sha256 {} then, {} now); \
              resume with `--allow-changed-runbook` to run it as it is now, or restore the file",
@@ -511,32 +519,38 @@ fn runbook_for_resume(
             &compiled.content_hash[..12]
         )));
     }
-    Ok((compiled, current))
+    Ok(Some((compiled, current)))
+}
+
+/// The progress sink for a stored run: aligned on its step ids.
+fn progress_for(context: &Context, steps: &[kmsflow_state::StepRecord]) -> ProgressSink {
+    let width = steps.iter().map(|s| s.step_id.len()).max().unwrap_or(4);
+    render::progress_sink(width, context.json_logs)
 }
 
 async fn resume(
     context: &Context,
     run_id: &str,
     args: &ParamArgs,
-    allow_changed: bool,
+    allow: Allow,
     concurrency: u16,
     output: Output,
 ) -> Result<u8, Failure> {
     let engine = context.engine()?;
-    let (run, _, _) = launch::load_run(&engine, run_id)?;
-    let (compiled, text) = runbook_for_resume(&run, allow_changed)?;
-    let mut sources = param_sources(context, args)?;
-    sources.stored = run.params.as_object().cloned().unwrap_or_default();
-    let bound = bind(&compiled, &sources)?;
-    let request = request(
-        context,
-        compiled,
-        run.runbook_ref.clone(),
-        text,
-        bound,
-        concurrency,
-    );
-    let summary = launch::resume(&engine, &run, request).await?;
+    let (run, steps, _) = launch::load_run(&engine, run_id)?;
+    let continuation = Continuation {
+        run_id: run.id.clone(),
+        params: param_sources(context, args)?,
+        allow_param_change: allow.param_change,
+        changed_runbook: changed_runbook(&run, allow.changed_runbook)?,
+        options: ExecOptions {
+            concurrency: concurrency as usize,
+            ..ExecOptions::default()
+        },
+        signals: crate::signals::install(),
+        progress: progress_for(context, &steps),
+    };
+    let summary = launch::resume(&engine, continuation).await?;
     finish(context, summary, output)
 }
 
@@ -544,26 +558,21 @@ async fn rollback(
     context: &Context,
     run_id: &str,
     args: &ParamArgs,
+    allow_param_change: bool,
     output: Output,
 ) -> Result<u8, Failure> {
     let engine = context.engine()?;
-    let (run, _, _) = launch::load_run(&engine, run_id)?;
-    // Undo with the runbook the run executed, never a later edit of the file. (Fragments are
-    // read as they are now: they are not stored with the run.)
-    let compiled = compile_source(&RunbookSource::new(&run.runbook_ref, run.source.clone()))?;
-    let mut sources = param_sources(context, args)?;
-    sources.stored = run.params.as_object().cloned().unwrap_or_default();
-    let bound = bind(&compiled, &sources)?;
-    let width = compiled.steps.iter().map(|s| s.id.len()).max().unwrap_or(4);
+    let (run, steps, _) = launch::load_run(&engine, run_id)?;
     eprintln!("kmsflow: rolling back run {} of `{}`", run.id, run.runbook);
-    let summary = kmsflow_engine::rollback::rollback(
-        &engine,
-        &run,
-        compiled,
-        bound,
-        render::progress_sink(width, context.json_logs),
-    )
-    .await?;
+    // The engine undoes what the run recorded, with the runbook (fragments included) and
+    // parameters it stored; nothing here is re-read from files or the shell unless allowed.
+    let request = RollbackRequest {
+        run_id: run.id.clone(),
+        params: param_sources(context, args)?,
+        allow_param_change,
+        progress: progress_for(context, &steps),
+    };
+    let summary = launch::rollback(&engine, request).await?;
     finish(context, summary, output)
 }
 

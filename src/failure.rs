@@ -51,6 +51,8 @@ impl From<LaunchError> for Failure {
             }
             LaunchError::NotResumable { .. }
             | LaunchError::NotRollbackable { .. }
+            | LaunchError::RollingBack { .. }
+            | LaunchError::Params(_)
             | LaunchError::UnknownStep { .. }
             | LaunchError::NotAnApproval { .. } => Failure::Usage(error.to_string()),
             other => Failure::Launch(other),
@@ -89,6 +91,9 @@ pub fn status_code(status: RunStatus) -> u8 {
     match status {
         RunStatus::Succeeded | RunStatus::RolledBack => code::SUCCESS,
         RunStatus::Interrupted | RunStatus::Waiting => code::PAUSED,
-        RunStatus::Failed | RunStatus::RollbackFailed | RunStatus::Running => code::RUN_FAILED,
+        RunStatus::Failed
+        | RunStatus::RollbackFailed
+        | RunStatus::RollingBack
+        | RunStatus::Running => code::RUN_FAILED,
     }
 }

@@ -106,6 +106,7 @@ fn compile_nested(
         fragments,
         including,
         problems: Vec::new(),
+        fragment_sources: Vec::new(),
     };
     let result = compiler.runbook(&document);
     compiler.including.pop();
@@ -126,6 +127,8 @@ struct Compiler<'a> {
     /// The runbooks being compiled, outermost first, to catch a fragment including itself.
     including: &'a mut Vec<String>,
     problems: Vec<Problem>,
+    /// Every fragment read so far, nested ones included.
+    fragment_sources: Vec<crate::runbook::FragmentSource>,
 }
 
 /// A step as read from YAML, before dependencies are resolved.
@@ -292,6 +295,7 @@ impl Compiler<'_> {
                     fragment_hashes.join("\0")
                 ))
             },
+            fragment_sources: std::mem::take(&mut self.fragment_sources),
         })
     }
 
@@ -357,6 +361,14 @@ impl Compiler<'_> {
                 return None;
             }
         };
+        self.fragment_sources.push(crate::runbook::FragmentSource {
+            including: self.source.name.clone(),
+            path: path.value.clone(),
+            name: source.name.clone(),
+            text: source.text.to_string(),
+        });
+        self.fragment_sources
+            .extend(compiled.fragment_sources.iter().cloned());
         if let Some(lock) = &compiled.lock {
             self.problem(
                 ProblemKind::InvalidValue {

@@ -19,7 +19,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -32,6 +32,7 @@ use tracing::Instrument;
 use crate::checkpoint::Checkpoints;
 use crate::input::prepare_input;
 use crate::kind::{Change, ErrorClass, Registry, StepContext, StepError};
+use crate::lease::HeldLock;
 use crate::params::BoundParams;
 use crate::progress::{Progress, ProgressSink};
 use crate::redact::Redactor;
@@ -89,8 +90,9 @@ pub struct Execution {
     /// Step records from the store when resuming; empty for a new run.
     pub previous: Vec<StepRecord>,
     pub approvals: Vec<Approval>,
-    /// The lock this run holds, released with the final checkpoint.
-    pub lock_key: Option<String>,
+    /// The lock this run holds: checked before every write to Azure, renewed while the run
+    /// goes on, released with the final checkpoint.
+    pub lock: HeldLock,
     pub resumed: bool,
     /// Transitions made before the execution that are not committed yet (a new run's record,
     /// under [`Checkpointing::BeforeChanges`]); they go with the run's first checkpoint.
@@ -142,6 +144,8 @@ struct Shared {
     progress: ProgressSink,
     redactor: Redactor,
     abort: CancellationToken,
+    /// Fences every checkpoint that precedes a write to Azure.
+    lock: HeldLock,
     /// Transitions held for the next commit; `None` when every transition is committed at once.
     held: Option<std::sync::Mutex<Vec<Write>>>,
 }
@@ -174,9 +178,9 @@ impl Shared {
     }
 }
 
-/// Lease length of a run lock, and how often a live run renews it.
-pub const LOCK_LEASE: Duration = Duration::from_secs(60);
-const LOCK_RENEW_EVERY: Duration = Duration::from_secs(15);
+/// How many attempts beyond its retry policy a step gets to find out whether a write whose
+/// answer was lost took effect.
+const MAX_UNKNOWN_OUTCOMES: u32 = 3;
 
 /// Runs (or resumes) a run to its end: succeeded, failed, waiting or interrupted.
 pub async fn execute(execution: Execution) -> Result<RunSummary, CheckpointFailed> {
@@ -198,7 +202,7 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
         signals,
         previous,
         approvals,
-        lock_key,
+        lock,
         resumed,
         pending,
     } = execution;
@@ -211,6 +215,7 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
         progress: progress.clone(),
         redactor: redactor.clone(),
         abort: signals.abort.clone(),
+        lock: lock.clone(),
         held: (options.checkpointing == Checkpointing::BeforeChanges)
             .then(|| std::sync::Mutex::new(Vec::new())),
     });
@@ -267,24 +272,7 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
         .map(|a| (a.step_id.clone(), a))
         .collect();
 
-    let renew = lock_key.clone().map(|key| {
-        let checkpoints = checkpoints.clone();
-        let run_id = run_id.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(LOCK_RENEW_EVERY).await;
-                let lease_expires_at = Utc::now() + LOCK_LEASE;
-                let renewal = Write::RenewLock {
-                    key: key.clone(),
-                    run_id: run_id.clone(),
-                    lease_expires_at,
-                };
-                if checkpoints.commit(vec![renewal]).await.is_err() {
-                    return;
-                }
-            }
-        })
-    });
+    let lease = lock.keep(checkpoints.clone(), &run_id);
 
     // Dependencies as indices, and how many of each step's are not done yet: a step becomes
     // ready when its count reaches zero, so scheduling never rescans the whole runbook.
@@ -415,6 +403,7 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
                 input,
                 prior_attempts: prior[index].as_ref().map_or(0, |r| r.attempts),
                 prior_planned: prior[index].as_ref().and_then(|r| r.planned_outcome),
+                prior_before: prior[index].as_ref().and_then(|r| r.before_image.clone()),
                 approval: approvals.get(&step.id).cloned(),
             };
             let span = tracing::info_span!(
@@ -458,9 +447,7 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
             }
         }
     }
-    if let Some(renew) = renew {
-        renew.abort();
-    }
+    drop(lease);
     if let Some(error) = store_error {
         return Err(fail_store(error));
     }
@@ -511,12 +498,7 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
         outputs: outputs.clone(),
         at: Utc::now(),
     }];
-    if let Some(key) = lock_key {
-        writes.push(Write::ReleaseLock {
-            key,
-            run_id: run_id.clone(),
-        });
-    }
+    writes.push(lock.release(&run_id));
     shared.commit(writes).await.map_err(fail_store)?;
     progress(&Progress::RunFinished {
         run_id: run_id.clone(),
@@ -544,6 +526,7 @@ async fn fail_step(
             step_id: step_id.clone(),
             attempt: 0,
             error: error.to_owned(),
+            refused: false,
             at,
         }])
         .await?;
@@ -561,6 +544,8 @@ struct StepTask {
     input: Value,
     prior_attempts: u32,
     prior_planned: Option<Outcome>,
+    /// The before image an earlier attempt committed, if any (a resumed run's).
+    prior_before: Option<Value>,
     approval: Option<Approval>,
 }
 
@@ -577,6 +562,7 @@ impl StepTask {
     async fn run(self) -> Result<TaskEnd, StoreError> {
         let shared = self.shared.clone();
         let mut planned = self.prior_planned;
+        let mut earlier_before = self.prior_before.clone();
         let step = &shared.runbook.steps[self.index];
         let kind = shared
             .registry
@@ -585,6 +571,8 @@ impl StepTask {
             .clone();
         let mut attempt = self.prior_attempts;
         let mut attempts_here = 0;
+        // Attempts granted beyond the policy to observe a write whose answer was lost.
+        let mut unknown_outcomes = 0;
         loop {
             attempt += 1;
             attempts_here += 1;
@@ -602,8 +590,16 @@ impl StepTask {
                 input: &self.input,
                 approval: self.approval.as_ref(),
                 cancel: &shared.abort,
+                earlier_before: earlier_before.as_ref(),
             };
-            let attempt_future = attempt_once(&shared, kind.as_ref(), &cx, &mut planned);
+            let mut committed_before = None;
+            let attempt_future = attempt_once(
+                &shared,
+                kind.as_ref(),
+                &cx,
+                &mut planned,
+                &mut committed_before,
+            );
             let bounded = async {
                 match step.timeout {
                     Some(limit) => match tokio::time::timeout(limit, attempt_future).await {
@@ -620,6 +616,18 @@ impl StepTask {
                 result = bounded => result?,
                 _ = shared.abort.cancelled() => return Ok(TaskEnd::Cancelled),
             };
+            // Whether any attempt before this one may have applied the change: then a refusal
+            // of this attempt's write says nothing about what the earlier one did.
+            let applied_before = earlier_before.is_some();
+            // Refused with nothing applied before: the step has changed nothing so far, and
+            // its planned outcome and before image are forgotten (here and in the store).
+            let refused = matches!(&result, Attempt::Error(e) if e.refused) && !applied_before;
+            if refused {
+                planned = None;
+            } else if earlier_before.is_none() {
+                // The store keeps the first before image; so does the next attempt's context.
+                earlier_before = committed_before;
+            }
             let at = Utc::now();
             match result {
                 Attempt::Done { outcome, outputs } => {
@@ -665,7 +673,15 @@ impl StepTask {
                 }
                 Attempt::Error(error) => {
                     let message = shared.redactor.text(&error.to_string());
-                    if error.is_retryable() && attempts_here < step.retry.attempts {
+                    let observe_again = error.outcome_unknown
+                        && unknown_outcomes < MAX_UNKNOWN_OUTCOMES
+                        && attempts_here >= step.retry.attempts;
+                    if observe_again {
+                        unknown_outcomes += 1;
+                    }
+                    if error.is_retryable()
+                        && (attempts_here < step.retry.attempts || observe_again)
+                    {
                         let backoff = step.retry.delay(attempts_here, fastrand::f64());
                         let delay = error
                             .retry_after
@@ -677,6 +693,7 @@ impl StepTask {
                                 attempt,
                                 error: message.clone(),
                                 retry_in_ms: delay.as_millis() as u64,
+                                refused,
                                 at,
                             }])
                             .await?;
@@ -703,6 +720,7 @@ impl StepTask {
                             step_id: step.id.clone(),
                             attempt,
                             error: message.clone(),
+                            refused,
                             at,
                         }])
                         .await?;
@@ -720,12 +738,14 @@ impl StepTask {
 
 /// observe → plan → (checkpoint the before image → apply). `planned` is the outcome the step
 /// set out to make in an earlier attempt, if any: it is the outcome even when this attempt
-/// finds the change already made.
+/// finds the change already made. `committed_before` is set to the before image once it is
+/// committed, so the next attempt knows this one may have applied (even if it timed out).
 async fn attempt_once(
     shared: &Shared,
     kind: &dyn crate::kind::StepKind,
     cx: &StepContext<'_>,
     planned: &mut Option<Outcome>,
+    committed_before: &mut Option<Value>,
 ) -> Result<Attempt, StoreError> {
     let before = match kind.observe(cx).await {
         Ok(before) => before,
@@ -744,16 +764,23 @@ async fn attempt_once(
         });
     }
     let this_change = plan.change.outcome();
+    let before_image = shared.redactor.value(&before);
+    // The fencing check goes first: a run that lost its lock records nothing and applies
+    // nothing (the checkpoint fails whole).
     shared
-        .commit(vec![Write::StepApplying {
-            run_id: shared.run_id.clone(),
-            step_id: cx.step_id.to_owned(),
-            attempt: cx.attempt,
-            before_image: shared.redactor.value(&before),
-            planned_outcome: this_change,
-            at: Utc::now(),
-        }])
+        .commit(vec![
+            shared.lock.fence(&shared.run_id),
+            Write::StepApplying {
+                run_id: shared.run_id.clone(),
+                step_id: cx.step_id.to_owned(),
+                attempt: cx.attempt,
+                before_image: before_image.clone(),
+                planned_outcome: this_change,
+                at: Utc::now(),
+            },
+        ])
         .await?;
+    *committed_before = Some(before_image);
     let outcome = *planned.get_or_insert(this_change);
     (shared.progress)(&Progress::StepApplying {
         step_id: cx.step_id.to_owned(),

@@ -234,6 +234,15 @@ pub enum ErrorClass {
 pub struct StepError {
     pub class: ErrorClass,
     pub retry_after: Option<Duration>,
+    /// The service definitively refused the step's write (a 4xx other than 408 and 429):
+    /// nothing of it was applied. When that write was the step's only one, the executor
+    /// forgets the planned outcome, so a resource someone else makes later is never taken
+    /// for this run's (and never deleted by its rollback).
+    pub refused: bool,
+    /// The write may have taken effect though it failed (its answer was lost). The executor
+    /// then gives the step another attempt beyond its retry policy (a few at most), whose
+    /// observe tells whether the change was made; the client itself never resends it.
+    pub outcome_unknown: bool,
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
@@ -242,6 +251,8 @@ impl StepError {
         StepError {
             class: ErrorClass::Transient,
             retry_after: None,
+            refused: false,
+            outcome_unknown: false,
             source: source.into(),
         }
     }
@@ -250,6 +261,8 @@ impl StepError {
         StepError {
             class: ErrorClass::Permanent,
             retry_after: None,
+            refused: false,
+            outcome_unknown: false,
             source: source.into(),
         }
     }
@@ -258,6 +271,8 @@ impl StepError {
         StepError {
             class: ErrorClass::AwaitingApproval,
             retry_after: None,
+            refused: false,
+            outcome_unknown: false,
             source: "waiting for approval".into(),
         }
     }
@@ -265,6 +280,18 @@ impl StepError {
     /// Asks the executor to wait at least this long before the next attempt.
     pub fn with_retry_after(mut self, delay: Duration) -> StepError {
         self.retry_after = Some(delay);
+        self
+    }
+
+    /// Marks the error as a definitive refusal: nothing of the write was applied.
+    pub fn refusing(mut self) -> StepError {
+        self.refused = true;
+        self
+    }
+
+    /// Marks the error as one whose write may have taken effect.
+    pub fn with_unknown_outcome(mut self) -> StepError {
+        self.outcome_unknown = true;
         self
     }
 
@@ -291,6 +318,8 @@ impl fmt::Debug for StepError {
         f.debug_struct("StepError")
             .field("class", &self.class)
             .field("retry_after", &self.retry_after)
+            .field("refused", &self.refused)
+            .field("outcome_unknown", &self.outcome_unknown)
             .field("message", &self.to_string())
             .finish()
     }
@@ -308,6 +337,11 @@ pub struct StepContext<'a> {
     pub approval: Option<&'a Approval>,
     /// Cancelled when the user asks to stop running steps (Ctrl-C twice).
     pub cancel: &'a CancellationToken,
+    /// The before image an earlier attempt of this step committed before it applied (in
+    /// this process or one that died). Its answer may have been lost, so a kind that cannot
+    /// tell from the world alone whether its change was made (a key rotation adds a version
+    /// that looks like any other) compares the world with this instead of applying again.
+    pub earlier_before: Option<&'a Value>,
 }
 
 impl StepContext<'_> {

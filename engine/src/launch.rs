@@ -13,14 +13,15 @@ use kmsflow_state::{
 use serde_json::json;
 
 use crate::checkpoint::Checkpoints;
+use crate::diagnostic::{Diagnostics, RunbookSource};
 use crate::executor::{
-    CheckpointFailed, Checkpointing, ExecOptions, Execution, LOCK_LEASE, RunSummary, Signals,
-    execute,
+    CheckpointFailed, Checkpointing, ExecOptions, Execution, RunSummary, Signals, execute,
 };
 use crate::kind::Registry;
-use crate::params::BoundParams;
+use crate::lease::{self, HeldLock, LOCK_LEASE};
+use crate::params::{BoundParams, ParamSources, RebindError};
 use crate::progress::ProgressSink;
-use crate::runbook::CompiledRunbook;
+use crate::runbook::{CompiledRunbook, FragmentSource, StoredFragments};
 use crate::template::{RenderError, Renderer};
 
 /// Where runs are kept and which step kinds they may use.
@@ -59,6 +60,21 @@ pub enum LaunchError {
     NotResumable { run_id: String, status: RunStatus },
     #[error("run `{run_id}` is {status}: there is nothing to roll back")]
     NotRollbackable { run_id: String, status: RunStatus },
+    #[error(
+        "run `{run_id}` is being rolled back (or a rollback of it stopped halfway): it cannot be resumed; \
+         finish with `kmsflow rollback {run_id}`"
+    )]
+    RollingBack { run_id: String },
+    #[error(transparent)]
+    Params(#[from] RebindError),
+    #[error(
+        "the runbook stored with run `{run_id}` does not compile ({diagnostics}); a run recorded by an \
+         older kmsflow kept no fragments: resume it with `--allow-changed-runbook`"
+    )]
+    StoredRunbook {
+        run_id: String,
+        diagnostics: Diagnostics,
+    },
     #[error("run `{run_id}` has no step `{step_id}`")]
     UnknownStep { run_id: String, step_id: String },
     #[error(
@@ -79,21 +95,80 @@ pub fn new_run_id(now: DateTime<Utc>) -> String {
     format!("{}-{:08x}", now.format("%Y%m%d-%H%M%S"), fastrand::u32(..))
 }
 
-/// Renders the runbook's lock key from its parameters.
+/// The lock a run holds: its runbook's `lock:` rendered from its parameters (in lower case:
+/// ARM names are case-insensitive), or its claim on itself when the runbook has none.
 pub fn lock_key(
     runbook: &CompiledRunbook,
     params: &BoundParams,
     run_id: &str,
-) -> Result<Option<String>, RenderError> {
+) -> Result<String, RenderError> {
     let Some(template) = &runbook.lock else {
-        return Ok(None);
+        return Ok(lease::claim_on_run(run_id));
     };
     let context = json!({"params": params.values(), "run": {"id": run_id}});
     let rendered = Renderer::new().render_str(template, &context)?;
-    Ok(Some(match rendered {
+    Ok(lease::normalise(&match rendered {
         serde_json::Value::String(s) => s,
         other => other.to_string(),
     }))
+}
+
+/// The fragments of a compiled runbook as a run stores them. The including runbook's own
+/// name (a path as typed, which may differ from the stored reference) is stored as `""`.
+fn storable_fragments(runbook: &CompiledRunbook) -> serde_json::Value {
+    let names: Vec<&str> = runbook
+        .fragment_sources
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    let stored: Vec<FragmentSource> = runbook
+        .fragment_sources
+        .iter()
+        .map(|f| FragmentSource {
+            including: if names.contains(&f.including.as_str()) {
+                f.including.clone()
+            } else {
+                String::new()
+            },
+            ..f.clone()
+        })
+        .collect();
+    serde_json::to_value(stored).expect("fragment sources serialize")
+}
+
+/// Takes `key` for `run_id` on the writer's connection.
+fn take_lock(store: &mut Store, key: &str, run_id: &str) -> Result<HeldLock, LaunchError> {
+    let now = Utc::now();
+    let grant = store.acquire_lock(key, run_id, &LockOwner::current(), now + LOCK_LEASE, now)??;
+    Ok(HeldLock {
+        key: key.to_owned(),
+        token: grant.token,
+    })
+}
+
+/// What `resume` is given beyond the run's own records: the parameters given now (secrets,
+/// and values the caller means to change), and a changed runbook the caller allowed.
+pub struct Continuation {
+    /// A run id or a unique prefix of one.
+    pub run_id: String,
+    /// Parameters as given now; the stored values win unless `allow_param_change`.
+    pub params: ParamSources,
+    pub allow_param_change: bool,
+    /// The runbook as it is now, with its text, when the user allowed a changed one; `None`
+    /// continues with the stored runbook (fragments included).
+    pub changed_runbook: Option<(Arc<CompiledRunbook>, String)>,
+    pub options: ExecOptions,
+    pub signals: Signals,
+    pub progress: ProgressSink,
+}
+
+/// What `rollback` is given beyond the run's own records.
+pub struct RollbackRequest {
+    /// A run id or a unique prefix of one.
+    pub run_id: String,
+    pub params: ParamSources,
+    pub allow_param_change: bool,
+    pub progress: ProgressSink,
 }
 
 /// Runs `work` on the writer's connection and waits for its answer.
@@ -162,19 +237,10 @@ impl Launcher {
         let started_at = Utc::now();
         let key =
             lock_key(&request.runbook, &request.params, &run_id).map_err(LaunchError::LockKey)?;
-        if let Some(key) = key.clone() {
-            let run_id = run_id.clone();
-            on_writer(&self.writer, move |store| {
-                Ok(store.acquire_lock(
-                    &key,
-                    &run_id,
-                    &LockOwner::current(),
-                    started_at + LOCK_LEASE,
-                    started_at,
-                )??)
-            })
-            .await?;
-        }
+        let lock = {
+            let (key, run_id) = (key.clone(), run_id.clone());
+            on_writer(&self.writer, move |store| take_lock(store, &key, &run_id)).await?
+        };
         let new_run = NewRun {
             id: run_id.clone(),
             runbook: request.runbook.name.clone(),
@@ -184,7 +250,8 @@ impl Launcher {
             params: request.params.storable(),
             secret_params: request.runbook.secret_params(),
             started_at,
-            lock_key: key.clone(),
+            lock_key: Some(key),
+            fragments: storable_fragments(&request.runbook),
             steps: request
                 .runbook
                 .steps
@@ -203,7 +270,7 @@ impl Launcher {
         };
         Ok(execute(Execution {
             pending,
-            ..self.execution(request, run_id, started_at, key)
+            ..self.execution(request, run_id, started_at, lock)
         })
         .await?)
     }
@@ -214,7 +281,7 @@ impl Launcher {
         request: RunRequest,
         run_id: String,
         started_at: DateTime<Utc>,
-        lock_key: Option<String>,
+        lock: HeldLock,
     ) -> Execution {
         Execution {
             run_id,
@@ -228,65 +295,181 @@ impl Launcher {
             signals: request.signals,
             previous: Vec::new(),
             approvals: Vec::new(),
-            lock_key,
+            lock,
             resumed: false,
             pending: Vec::new(),
         }
     }
 
-    /// Continues a run where it stopped. `request.runbook` is the runbook to run: the stored
-    /// one, or a changed one the user allowed (its hash then replaces the stored one).
-    pub async fn resume(
-        &self,
-        run: &RunRecord,
-        request: RunRequest,
-    ) -> Result<RunSummary, LaunchError> {
-        if !run.status.is_resumable() {
-            return Err(LaunchError::NotResumable {
-                run_id: run.id.clone(),
-                status: run.status,
-            });
-        }
+    /// Reads a run (by id or unique prefix) on the writer's connection.
+    async fn load(&self, run_id_or_prefix: &str) -> Result<RunRecord, LaunchError> {
+        let wanted = run_id_or_prefix.to_owned();
+        on_writer(&self.writer, move |store| {
+            let run_id = store.resolve_run_id(&wanted)?;
+            Ok(store.run(&run_id)?)
+        })
+        .await
+    }
+
+    /// The runbook a run executed, compiled from the text and fragments stored with it.
+    pub fn stored_runbook(&self, run: &RunRecord) -> Result<Arc<CompiledRunbook>, LaunchError> {
+        let fragments: Vec<FragmentSource> =
+            serde_json::from_value(run.fragments.clone()).unwrap_or_default();
+        let source = RunbookSource::new(&run.runbook_ref, run.source.clone());
+        crate::compile::compile_with(
+            &source,
+            &self.engine.registry,
+            &StoredFragments::new(fragments),
+        )
+        .map(Arc::new)
+        .map_err(|diagnostics| LaunchError::StoredRunbook {
+            run_id: run.id.clone(),
+            diagnostics,
+        })
+    }
+
+    /// Continues a run where it stopped, with the runbook and parameters it stored (see
+    /// [`Continuation`] for what the caller may change on purpose).
+    pub async fn resume(&self, continuation: Continuation) -> Result<RunSummary, LaunchError> {
+        let run = self.load(&continuation.run_id).await?;
+        check_resumable(&run)?;
+        let (runbook, changed) = match continuation.changed_runbook {
+            Some((runbook, text)) if runbook.content_hash != run.content_hash => {
+                let fragments = storable_fragments(&runbook);
+                let hash = runbook.content_hash.clone();
+                (runbook, Some((hash, text, fragments)))
+            }
+            Some((runbook, _)) => (runbook, None),
+            None => (self.stored_runbook(&run)?, None),
+        };
+        let stored = run.params.as_object().cloned().unwrap_or_default();
+        let params = crate::params::rebind(
+            &runbook,
+            &run.id,
+            &stored,
+            &continuation.params,
+            continuation.allow_param_change,
+        )?;
         let run_id = run.id.clone();
-        let key = run.lock_key.clone();
-        let changed = (request.runbook.content_hash != run.content_hash)
-            .then(|| (request.runbook.content_hash.clone(), request.source.clone()));
-        let steps: Vec<(String, String)> = request
-            .runbook
+        let key = run
+            .lock_key
+            .clone()
+            .unwrap_or_else(|| lease::claim_on_run(&run.id));
+        let steps: Vec<(String, String)> = runbook
             .steps
             .iter()
             .map(|s| (s.id.clone(), s.uses.clone()))
             .collect();
-        let (store_key, store_run) = (key.clone(), run_id.clone());
-        // Lock, mark resumed and read back what is done, in one visit to the connection, so
-        // nothing another process commits can slip between the three.
-        let (previous, approvals) = on_writer(&self.writer, move |store| {
-            let now = Utc::now();
-            if let Some(key) = &store_key {
-                store.acquire_lock(
-                    key,
-                    &store_run,
-                    &LockOwner::current(),
-                    now + LOCK_LEASE,
-                    now,
-                )??;
+        let store_run = run_id.clone();
+        // Lock, check the status again, mark resumed and read back what is done, in one visit
+        // to the connection: a second `resume` of this run waits for the lock and then finds
+        // it held, and nothing another process commits can slip between the four.
+        let (lock, previous, approvals) = on_writer(&self.writer, move |store| {
+            let lock = take_lock(store, &key, &store_run)?;
+            let now_run = store.run(&store_run)?;
+            if let Err(refused) = check_resumable(&now_run) {
+                store.commit(&[lock.release(&store_run)])?;
+                return Err(refused);
             }
             store.commit(&[Write::RunResumed {
                 run_id: store_run.clone(),
-                at: now,
+                at: Utc::now(),
                 new_source: changed,
                 steps,
             }])?;
-            Ok((store.steps(&store_run)?, store.approvals(&store_run)?))
+            Ok((lock, store.steps(&store_run)?, store.approvals(&store_run)?))
         })
         .await?;
+        let request = RunRequest {
+            source: run.source.clone(),
+            runbook_ref: run.runbook_ref.clone(),
+            runbook,
+            params,
+            options: continuation.options,
+            signals: continuation.signals,
+            progress: continuation.progress,
+        };
         Ok(execute(Execution {
             previous,
             approvals,
             resumed: true,
-            ..self.execution(request, run_id, run.started_at, key)
+            ..self.execution(request, run_id, run.started_at, lock)
         })
         .await?)
+    }
+
+    /// Rolls a run back: undoes, newest first, what its steps recorded they changed, with the
+    /// runbook and parameters it stored. The run is `rolling_back` from the first undo until
+    /// the walk ends, so a crash halfway leaves a run that `resume` refuses and `rollback`
+    /// continues.
+    pub async fn rollback(&self, request: RollbackRequest) -> Result<RunSummary, LaunchError> {
+        let run = self.load(&request.run_id).await?;
+        check_rollbackable(&run)?;
+        let runbook = self.stored_runbook(&run)?;
+        let stored = run.params.as_object().cloned().unwrap_or_default();
+        let params = crate::params::rebind(
+            &runbook,
+            &run.id,
+            &stored,
+            &request.params,
+            request.allow_param_change,
+        )?;
+        let key = run
+            .lock_key
+            .clone()
+            .unwrap_or_else(|| lease::claim_on_run(&run.id));
+        let store_run = run.id.clone();
+        // Holding the run's lock guarantees no other process is executing or rolling it back.
+        let (lock, records) = on_writer(&self.writer, move |store| {
+            let lock = take_lock(store, &key, &store_run)?;
+            let now_run = store.run(&store_run)?;
+            if let Err(refused) = check_rollbackable(&now_run) {
+                store.commit(&[lock.release(&store_run)])?;
+                return Err(refused);
+            }
+            store.commit(&[Write::RollbackStarted {
+                run_id: store_run.clone(),
+                at: Utc::now(),
+            }])?;
+            Ok((lock, store.steps(&store_run)?))
+        })
+        .await?;
+        let checkpoints: Arc<dyn Checkpoints> = self.writer.clone();
+        let _lease = lock.keep(checkpoints.clone(), &run.id);
+        crate::rollback::walk(crate::rollback::Walk {
+            registry: &self.engine.registry,
+            run: &run,
+            runbook: &runbook,
+            params: &params,
+            records: &records,
+            checkpoints: checkpoints.as_ref(),
+            lock: &lock,
+            progress: &request.progress,
+        })
+        .await
+    }
+}
+
+fn check_resumable(run: &RunRecord) -> Result<(), LaunchError> {
+    match run.status {
+        RunStatus::RollingBack => Err(LaunchError::RollingBack {
+            run_id: run.id.clone(),
+        }),
+        status if status.is_resumable() => Ok(()),
+        status => Err(LaunchError::NotResumable {
+            run_id: run.id.clone(),
+            status,
+        }),
+    }
+}
+
+fn check_rollbackable(run: &RunRecord) -> Result<(), LaunchError> {
+    match run.status {
+        RunStatus::RolledBack => Err(LaunchError::NotRollbackable {
+            run_id: run.id.clone(),
+            status: run.status,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -323,11 +506,21 @@ pub fn load_run(
 /// Continues a run where it stopped, on a state file opened for this one run.
 pub async fn resume(
     engine: &Engine,
-    run: &RunRecord,
-    request: RunRequest,
+    continuation: Continuation,
 ) -> Result<RunSummary, LaunchError> {
     let launcher = Launcher::open(engine).await?;
-    let result = launcher.resume(run, request).await;
+    let result = launcher.resume(continuation).await;
+    launcher.close().await;
+    result
+}
+
+/// Rolls a run back, on a state file opened for this one run.
+pub async fn rollback(
+    engine: &Engine,
+    request: RollbackRequest,
+) -> Result<RunSummary, LaunchError> {
+    let launcher = Launcher::open(engine).await?;
+    let result = launcher.rollback(request).await;
     launcher.close().await;
     result
 }

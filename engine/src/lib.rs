@@ -16,6 +16,7 @@ mod input;
 pub mod kind;
 mod kinds;
 pub mod launch;
+pub mod lease;
 pub mod params;
 mod pattern;
 pub mod preview;

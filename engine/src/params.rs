@@ -179,6 +179,127 @@ pub fn bind(runbook: &CompiledRunbook, sources: &ParamSources) -> Result<BoundPa
     }
 }
 
+const KEEP_STORED: &str = "resume and rollback act on what the run touched, so they keep the stored values; \
+     drop the new values (unset the variable, remove the `-p`), or pass `--allow-param-change` \
+     to move the run on purpose";
+
+/// A value given now that differs from the one the run was started with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamConflict {
+    pub name: String,
+    pub stored: Value,
+    pub given: Value,
+    /// Where the new value came from: `-p`, the params file, or an environment variable.
+    pub from: String,
+}
+
+/// Values given to resume or rollback that would move the run to another target.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", conflicts.iter().map(|c| format!(
+    "parameter `{}`: run `{run_id}` was started with {}, but {} says {}",
+    c.name, shown(&c.stored), c.from, shown(&c.given)
+)).chain([KEEP_STORED.to_owned()]).collect::<Vec<_>>().join("\n"))]
+pub struct ParamConflicts {
+    pub run_id: String,
+    pub conflicts: Vec<ParamConflict>,
+}
+
+fn shown(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("`{s}`"),
+        other => format!("`{other}`"),
+    }
+}
+
+/// Why a stored run's parameters could not be bound again.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RebindError {
+    #[error(transparent)]
+    Conflicts(ParamConflicts),
+    #[error(transparent)]
+    Invalid(BindErrors),
+}
+
+/// The value `sources` give `param` from `-p`, the params file or the environment (not
+/// defaults), with where it came from.
+fn given_value(param: &ParamDecl, sources: &ParamSources) -> Option<(Value, String)> {
+    if let Some((_, v)) = sources.cli.iter().rev().find(|(k, _)| k == &param.name) {
+        return Some((Value::String(v.clone()), format!("`-p {}`", param.name)));
+    }
+    if let Some(v) = sources.file.get(&param.name) {
+        return Some((v.clone(), "the params file".to_owned()));
+    }
+    let prefixed = format!("KMSFLOW_PARAM_{}", param.name.to_uppercase());
+    if let Some(v) = sources.env.get(&prefixed) {
+        return Some((
+            Value::String(v.clone()),
+            format!("the environment (`{prefixed}`)"),
+        ));
+    }
+    let env = param.env.as_ref()?;
+    let v = sources.env.get(env)?;
+    Some((
+        Value::String(v.clone()),
+        format!("the environment (`{env}`)"),
+    ))
+}
+
+/// Binds the parameters of a stored run again (resume, rollback): the values it stored win,
+/// and a different value given now is refused, naming it, unless `allow_change`. Secret
+/// parameters, never stored, come from `given` as for a new run; so do parameters a changed
+/// runbook adds.
+pub fn rebind(
+    runbook: &CompiledRunbook,
+    run_id: &str,
+    stored: &Map<String, Value>,
+    given: &ParamSources,
+    allow_change: bool,
+) -> Result<BoundParams, RebindError> {
+    let mut sources = given.clone();
+    sources.stored = stored.clone();
+    let mut conflicts = Vec::new();
+    for param in runbook.params.iter().filter(|p| !p.secret) {
+        let Some(stored_value) = stored.get(&param.name) else {
+            continue;
+        };
+        if let Some((raw, from)) = given_value(param, given) {
+            // Compared as bound (`"3"` given for an int is 3); a value that does not bind is
+            // left for `bind` to report.
+            match check(param, raw) {
+                Ok(value) if value == *stored_value => {}
+                Ok(_) if allow_change => continue,
+                Ok(value) => conflicts.push(ParamConflict {
+                    name: param.name.clone(),
+                    stored: stored_value.clone(),
+                    given: value,
+                    from,
+                }),
+                Err(_) if allow_change => continue,
+                Err(_) => {}
+            }
+        }
+        // The stored value is the one: nothing given now stands above it.
+        sources.cli.retain(|(k, _)| k != &param.name);
+        sources.file.remove(&param.name);
+        sources
+            .env
+            .remove(&format!("KMSFLOW_PARAM_{}", param.name.to_uppercase()));
+        if let Some(env) = &param.env {
+            sources.env.remove(env);
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(RebindError::Conflicts(ParamConflicts {
+            run_id: run_id.to_owned(),
+            conflicts,
+        }));
+    }
+    // A parameter the stored run has but a changed runbook dropped is not an error.
+    let names: Vec<&str> = runbook.params.iter().map(|p| p.name.as_str()).collect();
+    sources.stored.retain(|k, _| names.contains(&k.as_str()));
+    bind(runbook, &sources).map_err(RebindError::Invalid)
+}
+
 fn unknown(key: &str, names: &[&str]) -> BindError {
     let mut reason = "is not a parameter of this runbook".to_owned();
     if let Some(s) = suggest(key, names.iter().copied()) {
@@ -268,6 +389,69 @@ mod tests {
     use super::*;
     use crate::diagnostic::RunbookSource;
     use crate::kind::Registry;
+    use serde_json::json;
+
+    fn stored(pairs: &[(&str, Value)]) -> Map<String, Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn rebinding_keeps_the_stored_values_and_refuses_different_ones() {
+        let runbook = runbook();
+        let stored = stored(&[
+            ("cluster", json!("aks-1")),
+            ("location", json!("eastus")),
+            ("count", json!(3)),
+        ]);
+        let secret = HashMap::from([("MY_TOKEN".to_owned(), "s3cret".to_owned())]);
+        // Nothing new given (but the secret): the stored values, whatever the defaults say.
+        let bound = rebind(
+            &runbook,
+            "r1",
+            &stored,
+            &ParamSources {
+                env: secret.clone(),
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+        assert_eq!(bound.get("cluster"), Some(&json!("aks-1")));
+        // The same values given again are fine, as bound: `"3"` is 3.
+        let same = ParamSources {
+            cli: vec![("count".into(), "3".into())],
+            env: secret.clone(),
+            ..Default::default()
+        };
+        rebind(&runbook, "r1", &stored, &same, false).unwrap();
+        // A different value, from `-p` and from the environment: refused, both named.
+        let mut env = secret.clone();
+        env.insert("KMSFLOW_PARAM_CLUSTER".into(), "aks-other".into());
+        let moved = ParamSources {
+            cli: vec![("location".into(), "westeurope".into())],
+            env,
+            ..Default::default()
+        };
+        let RebindError::Conflicts(refused) =
+            rebind(&runbook, "r1", &stored, &moved, false).unwrap_err()
+        else {
+            panic!("a conflict")
+        };
+        let text = refused.to_string();
+        assert!(
+            text.contains("parameter `cluster`: run `r1` was started with `aks-1`, but the environment (`KMSFLOW_PARAM_CLUSTER`) says `aks-other`"),
+            "{text}"
+        );
+        assert!(text.contains("`-p location` says `westeurope`"), "{text}");
+        assert!(text.contains("--allow-param-change"), "{text}");
+        // On purpose: the new values win.
+        let bound = rebind(&runbook, "r1", &stored, &moved, true).unwrap();
+        assert_eq!(bound.get("cluster"), Some(&json!("aks-other")));
+        assert_eq!(bound.get("location"), Some(&json!("westeurope")));
+    }
 
     fn runbook() -> CompiledRunbook {
         let text = r#"

@@ -160,6 +160,7 @@ pub async fn preview(
                 input: &input,
                 approval: None,
                 cancel: &cancel,
+                earlier_before: None,
             };
             let planned = match kind.observe(&cx).await {
                 Ok(before) => kind.plan(&cx, &before),

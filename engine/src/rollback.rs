@@ -7,20 +7,17 @@
 //! prerequisites while it still stands could break what depends on them. Each undone step is
 //! checkpointed, so running rollback again continues where it stopped.
 
-use std::sync::Arc;
-
 use chrono::Utc;
-use kmsflow_state::{
-    LockOwner, Outcome, RunRecord, RunStatus, StepRecord, StepStatus, Store, Write, Writer,
-};
+use kmsflow_state::{Outcome, RunRecord, RunStatus, StepRecord, StepStatus, Write};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::Checkpoints;
-use crate::executor::{LOCK_LEASE, RunSummary};
+use crate::executor::RunSummary;
 use crate::input::prepare_input;
-use crate::kind::{StepContext, Undo};
-use crate::launch::{Engine, LaunchError};
+use crate::kind::{Registry, StepContext, Undo};
+use crate::launch::LaunchError;
+use crate::lease::HeldLock;
 use crate::params::BoundParams;
 use crate::progress::{Progress, ProgressSink};
 use crate::redact::Redactor;
@@ -42,52 +39,33 @@ fn change_to_undo(record: &StepRecord) -> Option<Outcome> {
     }
 }
 
-/// Rolls back `run`. `runbook` must be compiled from the run's stored source.
-pub async fn rollback(
-    engine: &Engine,
-    run: &RunRecord,
-    runbook: Arc<CompiledRunbook>,
-    params: BoundParams,
-    progress: ProgressSink,
-) -> Result<RunSummary, LaunchError> {
-    if matches!(run.status, RunStatus::RolledBack) {
-        return Err(LaunchError::NotRollbackable {
-            run_id: run.id.clone(),
-            status: run.status,
-        });
-    }
-    let (path, durability) = (engine.state_path.clone(), engine.durability);
-    let (key, run_id) = (run.lock_key.clone(), run.id.clone());
-    let (store, records) = tokio::task::spawn_blocking(move || {
-        let mut store = Store::open(&path, durability)?;
-        let now = Utc::now();
-        // Holding the run's lock guarantees no other process is executing it meanwhile.
-        if let Some(key) = &key {
-            store.acquire_lock(key, &run_id, &LockOwner::current(), now + LOCK_LEASE, now)??;
-        }
-        let records = store.steps(&run_id)?;
-        Ok::<_, LaunchError>((store, records))
-    })
-    .await
-    .expect("store work does not panic")?;
-    let (writer, thread) = Writer::spawn(store);
-    let result = walk(engine, run, &runbook, &params, &records, &writer, &progress).await;
-    drop(writer);
-    tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .expect("writer thread join");
-    result
+/// What one rollback walk works with: the run's records and the runbook it stored.
+pub(crate) struct Walk<'a> {
+    pub registry: &'a Registry,
+    pub run: &'a RunRecord,
+    pub runbook: &'a CompiledRunbook,
+    pub params: &'a BoundParams,
+    pub records: &'a [StepRecord],
+    pub checkpoints: &'a dyn Checkpoints,
+    /// Checked before every undo, which writes to Azure.
+    pub lock: &'a HeldLock,
+    pub progress: &'a ProgressSink,
 }
 
-async fn walk(
-    engine: &Engine,
-    run: &RunRecord,
-    runbook: &CompiledRunbook,
-    params: &BoundParams,
-    records: &[StepRecord],
-    writer: &Writer,
-    progress: &ProgressSink,
-) -> Result<RunSummary, LaunchError> {
+/// Undoes, newest first, what the run's steps changed; ends `rolled_back` or
+/// `rollback_failed`, releasing the lock. [`crate::launch::Launcher::rollback`] takes the lock
+/// and marks the run `rolling_back` first.
+pub(crate) async fn walk(walk: Walk<'_>) -> Result<RunSummary, LaunchError> {
+    let Walk {
+        registry,
+        run,
+        runbook,
+        params,
+        records,
+        checkpoints,
+        lock,
+        progress,
+    } = walk;
     let redactor = Redactor::new(params.secret_values());
     let renderer = Renderer::new();
     let mut context = json!({
@@ -116,14 +94,18 @@ async fn walk(
             ));
             break;
         };
-        let kind = engine
-            .registry
+        let kind = registry
             .get(&step.uses)
             .expect("compile checked the step kind");
         let input = renderer
             .render_value(&step.with, &context)
             .map_err(|e| e.to_string())
             .and_then(|rendered| prepare_input(kind.spec(), rendered));
+        // The fencing check: a rollback that lost its lock to another run stops here.
+        checkpoints
+            .commit(vec![lock.fence(&run.id)])
+            .await
+            .map_err(LaunchError::Store)?;
         let result = match input {
             Ok(input) => {
                 let cx = StepContext {
@@ -133,6 +115,7 @@ async fn walk(
                     input: &input,
                     approval: None,
                     cancel: &cancel,
+                    earlier_before: record.before_image.as_ref(),
                 };
                 let before = record.before_image.clone().unwrap_or(Value::Null);
                 kind.rollback(&cx, &before, outcome)
@@ -143,7 +126,7 @@ async fn walk(
         };
         match result {
             Ok(Undo::Done | Undo::NothingToUndo) => {
-                writer
+                checkpoints
                     .commit(vec![Write::StepRolledBack {
                         run_id: run.id.clone(),
                         step_id: step.id.clone(),
@@ -156,7 +139,7 @@ async fn walk(
                 });
             }
             Ok(Undo::Irreversible(reason)) => {
-                writer
+                checkpoints
                     .commit(vec![Write::Event {
                         run_id: run.id.clone(),
                         step_id: Some(step.id.clone()),
@@ -173,7 +156,7 @@ async fn walk(
                 irreversible.push(format!("`{}` ({reason})", step.id));
             }
             Err(error) => {
-                writer
+                checkpoints
                     .commit(vec![Write::Event {
                         run_id: run.id.clone(),
                         step_id: Some(step.id.clone()),
@@ -216,13 +199,11 @@ async fn walk(
         outputs: None,
         at: Utc::now(),
     }];
-    if let Some(key) = &run.lock_key {
-        writes.push(Write::ReleaseLock {
-            key: key.clone(),
-            run_id: run.id.clone(),
-        });
-    }
-    writer.commit(writes).await.map_err(LaunchError::Store)?;
+    writes.push(lock.release(&run.id));
+    checkpoints
+        .commit(writes)
+        .await
+        .map_err(LaunchError::Store)?;
     progress(&Progress::RunFinished {
         run_id: run.id.clone(),
         status,

@@ -21,6 +21,45 @@ pub struct CompiledRunbook {
     pub outputs: Vec<(String, String)>,
     /// SHA-256 of the runbook text (hex).
     pub content_hash: String,
+    /// The text of every fragment it includes, nested ones too, as read when it was
+    /// compiled: stored with a run, so resume and rollback compile exactly what ran.
+    #[serde(skip)]
+    pub fragment_sources: Vec<FragmentSource>,
+}
+
+/// One fragment as a `uses: runbook` step found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FragmentSource {
+    /// The runbook that includes it (its source name).
+    pub including: String,
+    /// The path as the including runbook wrote it.
+    pub path: String,
+    /// The fragment's own source name (a file path, or `bundled:...`).
+    pub name: String,
+    pub text: String,
+}
+
+/// Resolves fragments from the texts stored with a run, never from files. Stored entries
+/// name the top-level runbook as `""` (it may have been compiled under another name, a path
+/// as typed), so any including name that is not a fragment's is the top level.
+#[derive(Debug, Clone, Default)]
+pub struct StoredFragments(Vec<FragmentSource>);
+
+impl StoredFragments {
+    pub fn new(stored: Vec<FragmentSource>) -> StoredFragments {
+        StoredFragments(stored)
+    }
+}
+
+impl crate::compile::FragmentResolver for StoredFragments {
+    fn resolve(&self, including: &str, path: &str) -> Option<crate::RunbookSource> {
+        let is_fragment = self.0.iter().any(|f| f.name == including);
+        let including = if is_fragment { including } else { "" };
+        self.0
+            .iter()
+            .find(|f| f.including == including && f.path == path)
+            .map(|f| crate::RunbookSource::new(f.name.clone(), f.text.clone()))
+    }
 }
 
 /// A declared runbook parameter.

@@ -150,6 +150,28 @@ impl Harness {
         }
     }
 
+    /// Resumes `run_id` with what it stored.
+    fn continuation(&self, run_id: &str) -> launch::Continuation {
+        launch::Continuation {
+            run_id: run_id.into(),
+            params: ParamSources::default(),
+            allow_param_change: false,
+            changed_runbook: None,
+            options: ExecOptions::default(),
+            signals: Signals::default(),
+            progress: silent(),
+        }
+    }
+
+    fn rollback_request(&self, run_id: &str) -> launch::RollbackRequest {
+        launch::RollbackRequest {
+            run_id: run_id.into(),
+            params: ParamSources::default(),
+            allow_param_change: false,
+            progress: silent(),
+        }
+    }
+
     fn request(&self, text: &str, concurrency: usize) -> RunRequest {
         let compiled = Arc::new(
             compile(&RunbookSource::new("t.yaml", text), &self.engine().registry).unwrap(),
@@ -211,6 +233,7 @@ async fn a_step_found_running_after_a_crash_is_observed_again_and_keeps_its_outc
                 started_at: now,
                 lock_key: None,
                 steps: vec![("make".into(), "probe".into())],
+                fragments: json!([]),
             }),
             Write::StepApplying {
                 run_id: "crashed".into(),
@@ -225,8 +248,7 @@ async fn a_step_found_running_after_a_crash_is_observed_again_and_keeps_its_outc
     drop(store);
     h.probe.calls.lock().unwrap().existing.push("vault".into());
 
-    let run = h.store().run("crashed").unwrap();
-    let summary = launch::resume(&h.engine(), &run, h.request(text, 8))
+    let summary = launch::resume(&h.engine(), h.continuation("crashed"))
         .await
         .unwrap();
     assert_eq!(summary.status, RunStatus::Succeeded);
@@ -497,8 +519,7 @@ steps:
         kmsflow_engine::progress::Progress::PointOfNoReturn { step_id, .. } if step_id == "encrypt"
     )));
 
-    let run = h.store().run(&summary.run_id).unwrap();
-    let rolled = kmsflow_engine::rollback::rollback(&engine, &run, compiled, params, silent())
+    let rolled = launch::rollback(&engine, h.rollback_request(&summary.run_id))
         .await
         .unwrap();
     assert_eq!(rolled.status, RunStatus::RollbackFailed);
@@ -571,7 +592,10 @@ async fn commits_of(h: &Harness, checkpointing: Checkpointing) -> Vec<Vec<String
         signals: Signals::default(),
         previous: Vec::new(),
         approvals: Vec::new(),
-        lock_key: None,
+        lock: kmsflow_engine::lease::HeldLock {
+            key: "run/r".into(),
+            token: 1,
+        },
         resumed: false,
         pending,
     })
@@ -589,9 +613,10 @@ async fn every_transition_is_committed_on_its_own_by_default() {
         [
             vec!["StepSucceeded"],
             vec!["StepSkipped"],
-            vec!["StepApplying"],
+            // The fencing check rides in the checkpoint before the change: no extra commit.
+            vec!["CheckFence", "StepApplying"],
             vec!["StepSucceeded"],
-            vec!["RunFinished"],
+            vec!["RunFinished", "ReleaseLock"],
         ]
     );
 }
@@ -604,9 +629,15 @@ async fn before_changes_holds_what_changed_nothing_until_the_next_change_is_comm
         [
             // The run's record, the read and the skip go with the before image of the change,
             // so they are durable before anything is changed.
-            vec!["Event", "StepSucceeded", "StepSkipped", "StepApplying"],
+            vec![
+                "Event",
+                "StepSucceeded",
+                "StepSkipped",
+                "CheckFence",
+                "StepApplying"
+            ],
             vec!["StepSucceeded"],
-            vec!["RunFinished"],
+            vec!["RunFinished", "ReleaseLock"],
         ]
     );
 }

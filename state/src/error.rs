@@ -36,6 +36,17 @@ pub enum StoreError {
     /// The transaction holding a batch of checkpoints failed to commit; none of them is stored.
     #[error("state store: commit failed: {0}")]
     CommitFailed(String),
+    /// A run no longer holds its lock: another run took it over, or its lease ran out. A
+    /// checkpoint that carries the fencing check fails whole, so nothing after it is applied.
+    #[error(
+        "run `{run_id}` no longer holds lock `{key}` ({why}); it stopped before changing anything else: \
+         see `kmsflow runs`, and resume it once the other run is done"
+    )]
+    LeaseLost {
+        key: String,
+        run_id: String,
+        why: String,
+    },
     /// The writer thread is gone (it panicked or was closed).
     #[error("the state writer has stopped")]
     WriterGone,

@@ -19,7 +19,7 @@ mod write;
 mod writer;
 
 pub use error::StoreError;
-pub use lock::{LockHeld, LockOwner};
+pub use lock::{LockGrant, LockHeld, LockOwner};
 pub use probe::measure_raw_commits;
 pub use records::{Approval, EventRecord, Outcome, RunRecord, RunStatus, StepRecord, StepStatus};
 pub use schedule::{FireRecord, ScheduleRecord};

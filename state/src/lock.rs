@@ -33,7 +33,8 @@ impl LockOwner {
 /// The lock is held by a live run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "lock `{key}` is held by run `{run_id}` (pid {pid} on {host}, lease until {lease_expires_at})"
+    "lock `{key}` is held by run `{run_id}` (pid {pid} on {host}, lease until {lease_expires_at}); \
+     wait for it to finish, or if that process is gone from another machine, for its lease to run out"
 )]
 pub struct LockHeld {
     pub key: String,
@@ -43,9 +44,18 @@ pub struct LockHeld {
     pub lease_expires_at: DateTime<Utc>,
 }
 
+/// A lock taken: its fencing token grows every time the lock changes hands, so a former
+/// holder's checks ([`crate::Write::CheckFence`]) fail once another run has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockGrant {
+    pub token: i64,
+}
+
 impl Store {
-    /// Takes `key` for `run_id`, unless a live run holds it. A holder whose process is gone or
-    /// whose lease has expired is replaced; a run re-taking its own lock (resume) always may.
+    /// Takes `key` for `run_id`, unless a live run holds it. The lock belongs to a run, not
+    /// a process: another run in this very process is refused like one elsewhere, and so is
+    /// a second driver of the same run (two `resume`s). A holder whose process is gone (this
+    /// host) or whose lease has expired is replaced, with a new fencing token.
     pub fn acquire_lock(
         &mut self,
         key: &str,
@@ -53,24 +63,24 @@ impl Store {
         owner: &LockOwner,
         lease_expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
-    ) -> Result<Result<(), LockHeld>, StoreError> {
+    ) -> Result<Result<LockGrant, LockHeld>, StoreError> {
         // IMMEDIATE takes the write lock at once, so two processes cannot both see the key free.
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let holder: Option<(String, u32, String, String)> = tx
+        let holder: Option<(String, u32, String, String, i64)> = tx
             .query_row(
-                "SELECT run_id, owner_pid, owner_host, lease_expires_at FROM locks WHERE key = ?1",
+                "SELECT run_id, owner_pid, owner_host, lease_expires_at, token FROM locks WHERE key = ?1",
                 [key],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
             )
             .optional()?;
-        if let Some((holder_run, pid, host, expires)) = holder {
+        let mut token = 1;
+        if let Some((holder_run, pid, host, expires, held_token)) = holder {
             let expires = timestamp(expires, "locks.lease_expires_at")?;
             let holder_owner = LockOwner { pid, host };
-            let same_process = holder_owner == *owner;
             let stale = expires <= now || holder_owner.is_certainly_dead();
-            if holder_run != run_id && !same_process && !stale {
+            if !stale {
                 return Ok(Err(LockHeld {
                     key: key.to_owned(),
                     run_id: holder_run,
@@ -79,26 +89,18 @@ impl Store {
                     lease_expires_at: expires,
                 }));
             }
-            if holder_run == run_id && !same_process && !stale {
-                // The same run is being driven by another live process (a second `resume`).
-                return Ok(Err(LockHeld {
-                    key: key.to_owned(),
-                    run_id: holder_run,
-                    pid: holder_owner.pid,
-                    host: holder_owner.host,
-                    lease_expires_at: expires,
-                }));
-            }
+            token = held_token + 1;
         }
         tx.execute(
-            "INSERT INTO locks (key, run_id, owner_pid, owner_host, lease_expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO locks (key, run_id, owner_pid, owner_host, lease_expires_at, token)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id, owner_pid = excluded.owner_pid,
-                 owner_host = excluded.owner_host, lease_expires_at = excluded.lease_expires_at",
-            params![key, run_id, owner.pid, owner.host, ts(&lease_expires_at)],
+                 owner_host = excluded.owner_host, lease_expires_at = excluded.lease_expires_at,
+                 token = excluded.token",
+            params![key, run_id, owner.pid, owner.host, ts(&lease_expires_at), token],
         )?;
         tx.commit()?;
-        Ok(Ok(()))
+        Ok(Ok(LockGrant { token }))
     }
 }
 
@@ -204,6 +206,77 @@ mod tests {
             )
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn another_run_in_this_very_process_is_refused() {
+        let (_dir, mut store) = store();
+        let now = Utc::now();
+        let me = LockOwner::current();
+        let lease = now + Duration::seconds(30);
+        store
+            .acquire_lock("k", "run-1", &me, lease, now)
+            .unwrap()
+            .unwrap();
+        let held = store
+            .acquire_lock("k", "run-2", &me, lease, now)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!((held.run_id.as_str(), held.pid), ("run-1", me.pid));
+        // And the same run, driven a second time while it holds the lock (two resumes).
+        let held = store
+            .acquire_lock("k", "run-1", &me, lease, now)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(held.run_id, "run-1");
+    }
+
+    #[test]
+    fn every_takeover_raises_the_fencing_token_and_fences_the_old_holder_out() {
+        let (_dir, mut store) = store();
+        let now = Utc::now();
+        let remote = LockOwner {
+            pid: 1,
+            host: "elsewhere".into(),
+        };
+        let first = store
+            .acquire_lock("k", "run-1", &remote, now + Duration::seconds(1), now)
+            .unwrap()
+            .unwrap();
+        let later = now + Duration::seconds(5);
+        let second = store
+            .acquire_lock(
+                "k",
+                "run-2",
+                &LockOwner::current(),
+                later + Duration::seconds(30),
+                later,
+            )
+            .unwrap()
+            .unwrap();
+        assert!(second.token > first.token);
+        let fence = |store: &mut Store, run: &str, token: i64| {
+            store.commit(&[crate::Write::CheckFence {
+                key: "k".into(),
+                run_id: run.into(),
+                token,
+                at: later,
+            }])
+        };
+        let lost = fence(&mut store, "run-1", first.token).unwrap_err();
+        assert!(
+            matches!(&lost, StoreError::LeaseLost { why, .. } if why.contains("run `run-2` holds it")),
+            "{lost}"
+        );
+        fence(&mut store, "run-2", second.token).unwrap();
+        // Renewal is compare and swap: the old holder cannot extend the new one's lease.
+        let renewal = store.commit(&[crate::Write::RenewLock {
+            key: "k".into(),
+            run_id: "run-1".into(),
+            token: first.token,
+            lease_expires_at: later + Duration::seconds(60),
+        }]);
+        assert!(matches!(renewal, Err(StoreError::LeaseLost { .. })));
     }
 
     #[test]

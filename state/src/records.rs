@@ -46,6 +46,9 @@ string_enum! {
         RolledBack => "rolled_back",
         /// A rollback could not undo everything.
         RollbackFailed => "rollback_failed",
+        /// A rollback is undoing the run's changes (or died while it was): `rollback`
+        /// continues it, `resume` refuses it.
+        RollingBack => "rolling_back",
     }
 }
 
@@ -114,6 +117,8 @@ pub struct RunRecord {
     pub error: Option<String>,
     pub outputs: Option<Value>,
     pub lock_key: Option<String>,
+    /// The fragments the runbook includes, as a JSON list kept with its text.
+    pub fragments: Value,
 }
 
 /// One step of a run as stored.

@@ -105,6 +105,13 @@ const MIGRATIONS: &[&str] = &[
         SELECT content_hash, source FROM runs;
     ALTER TABLE runs DROP COLUMN source;
     "#,
+    // 4: the fragments a runbook includes are kept with its text (resume and rollback compile
+    // what ran, not what the files say now), and locks carry a fencing token that grows on
+    // every change of holder, so a holder that lost its lease cannot act on it.
+    r#"
+    ALTER TABLE runbook_sources ADD COLUMN fragments TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE locks ADD COLUMN token INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this build writes.

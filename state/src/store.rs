@@ -196,7 +196,8 @@ impl Store {
 const RUN_COLUMNS: &str = "id, runbook, runbook_ref, content_hash, \
      (SELECT source FROM runbook_sources WHERE runbook_sources.content_hash = runs.content_hash), \
      params, secret_params, status, \
-     started_at, finished_at, error, outputs, lock_key";
+     started_at, finished_at, error, outputs, lock_key, \
+     (SELECT fragments FROM runbook_sources WHERE runbook_sources.content_hash = runs.content_hash)";
 
 fn run_from_row(row: &Row<'_>) -> Result<RunRecord, StoreError> {
     Ok(RunRecord {
@@ -214,6 +215,7 @@ fn run_from_row(row: &Row<'_>) -> Result<RunRecord, StoreError> {
         error: row.get(10)?,
         outputs: opt_json(row.get(11)?, "runs.outputs")?,
         lock_key: row.get(12)?,
+        fragments: json(row.get::<_, String>(13)?, "runbook_sources.fragments")?,
     })
 }
 

@@ -20,6 +20,8 @@ pub struct NewRun {
     pub lock_key: Option<String>,
     /// Step ids with their kinds, in execution order.
     pub steps: Vec<(String, String)>,
+    /// The fragments the runbook includes (a JSON list), kept with its text.
+    pub fragments: Value,
 }
 
 /// One change to the store. A checkpoint is a list of writes committed together; each
@@ -32,12 +34,15 @@ pub enum Write {
     RunResumed {
         run_id: String,
         at: DateTime<Utc>,
-        /// Set when resume was allowed to run a changed runbook: (content hash, source).
-        new_source: Option<(String, String)>,
+        /// Set when resume was allowed to run a changed runbook: (content hash, source,
+        /// fragments).
+        new_source: Option<(String, String, Value)>,
         /// Step ids with their kinds, in execution order; steps a changed runbook adds are
         /// created pending.
         steps: Vec<(String, String)>,
     },
+    /// A rollback of the run begins (or continues): status `rolling_back`.
+    RollbackStarted { run_id: String, at: DateTime<Utc> },
     /// The run reached a status; `finished_at` is set for every status but `running`.
     RunFinished {
         run_id: String,
@@ -71,6 +76,8 @@ pub enum Write {
         attempt: u32,
         error: String,
         retry_in_ms: u64,
+        /// As for [`Write::StepFailed`]: Azure refused the step's only write so far.
+        refused: bool,
         at: DateTime<Utc>,
     },
     /// The step failed for good (its retries are spent or the error is not retryable).
@@ -79,6 +86,9 @@ pub enum Write {
         step_id: String,
         attempt: u32,
         error: String,
+        /// Azure refused the step's only write: its before image and planned outcome are
+        /// cleared in the same transaction, so nothing of it counts as the run's change.
+        refused: bool,
         at: DateTime<Utc>,
     },
     /// The step's `if` was false, or it needs outputs of a skipped step.
@@ -102,11 +112,23 @@ pub enum Write {
         detail: Value,
         at: DateTime<Utc>,
     },
-    /// Extends the holder's lease on a lock.
+    /// Extends the holder's lease on a lock: only if `run_id` still holds it with `token`
+    /// (compare and swap); otherwise the checkpoint fails with [`StoreError::LeaseLost`].
     RenewLock {
         key: String,
         run_id: String,
+        token: i64,
         lease_expires_at: DateTime<Utc>,
+    },
+    /// The fencing check: fails the checkpoint with [`StoreError::LeaseLost`] unless `run_id`
+    /// still holds `key` with `token` and a lease that runs past `at`. Put first in the
+    /// checkpoint that precedes a write to Azure, so a run that lost its lock records nothing
+    /// and applies nothing.
+    CheckFence {
+        key: String,
+        run_id: String,
+        token: i64,
+        at: DateTime<Utc>,
     },
     /// Frees a lock this run holds (a no-op if another run holds it now).
     ReleaseLock { key: String, run_id: String },
@@ -138,21 +160,61 @@ fn event(
     Ok(())
 }
 
-/// Keeps a runbook's text under its content hash, once however many runs use it.
-fn keep_source(tx: &Connection, content_hash: &str, source: &str) -> Result<(), StoreError> {
+/// Keeps a runbook's text and its fragments under its content hash, once however many runs
+/// use it. (The hash covers the fragments' texts too.)
+fn keep_source(
+    tx: &Connection,
+    content_hash: &str,
+    source: &str,
+    fragments: &Value,
+) -> Result<(), StoreError> {
     tx.prepare_cached(
-        "INSERT INTO runbook_sources (content_hash, source) VALUES (?1, ?2)
+        "INSERT INTO runbook_sources (content_hash, source, fragments) VALUES (?1, ?2, ?3)
          ON CONFLICT (content_hash) DO NOTHING",
     )?
-    .execute(params![content_hash, source])?;
+    .execute(params![content_hash, source, fragments.to_string()])?;
     Ok(())
+}
+
+/// Fails with [`StoreError::LeaseLost`] unless `run_id` holds `key` with `token`, its lease
+/// running past `at` (when given).
+fn check_fence(
+    tx: &Connection,
+    key: &str,
+    run_id: &str,
+    token: i64,
+    at: Option<&DateTime<Utc>>,
+) -> Result<(), StoreError> {
+    use rusqlite::OptionalExtension;
+    let holder: Option<(String, i64, String)> = tx
+        .prepare_cached("SELECT run_id, token, lease_expires_at FROM locks WHERE key = ?1")?
+        .query_row([key], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .optional()?;
+    let lost = |why: String| StoreError::LeaseLost {
+        key: key.to_owned(),
+        run_id: run_id.to_owned(),
+        why,
+    };
+    match holder {
+        None => Err(lost("the lock was released".into())),
+        Some((holder, held_token, _)) if holder != run_id || held_token != token => Err(lost(
+            format!("run `{holder}` holds it now, with fencing token {held_token}"),
+        )),
+        Some((_, _, expires)) => {
+            let expires = crate::store::timestamp(expires, "locks.lease_expires_at")?;
+            match at {
+                Some(at) if expires <= *at => Err(lost(format!("its lease ran out at {expires}"))),
+                _ => Ok(()),
+            }
+        }
+    }
 }
 
 /// Applies one write inside an open transaction.
 pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
     match write {
         Write::CreateRun(run) => {
-            keep_source(tx, &run.content_hash, &run.source)?;
+            keep_source(tx, &run.content_hash, &run.source, &run.fragments)?;
             tx.prepare_cached(
                 "INSERT INTO runs (id, runbook, runbook_ref, content_hash, params, secret_params,
                                    status, started_at, lock_key)
@@ -201,13 +263,20 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             )?
             .execute([run_id])?;
             let mut detail = json!({});
-            if let Some((hash, source)) = new_source {
-                keep_source(tx, hash, source)?;
+            if let Some((hash, source, fragments)) = new_source {
+                keep_source(tx, hash, source, fragments)?;
                 tx.prepare_cached("UPDATE runs SET content_hash = ?2 WHERE id = ?1")?
                     .execute(params![run_id, hash])?;
                 detail = json!({"changed_runbook": hash});
             }
             event(tx, run_id, None, at, "run_resumed", &detail)?;
+        }
+        Write::RollbackStarted { run_id, at } => {
+            tx.prepare_cached(
+                "UPDATE runs SET status = 'rolling_back', finished_at = NULL, error = NULL WHERE id = ?1",
+            )?
+            .execute([run_id])?;
+            event(tx, run_id, None, at, "rollback_started", &json!({}))?;
         }
         Write::RunFinished {
             run_id,
@@ -306,14 +375,17 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             attempt,
             error,
             retry_in_ms,
+            refused,
             at,
         } => {
             tx.prepare_cached(
                 "UPDATE steps SET attempts = max(attempts, ?3), error = ?4,
-                        started_at = coalesce(started_at, ?5)
+                        started_at = coalesce(started_at, ?5),
+                        before_image = CASE WHEN ?6 THEN NULL ELSE before_image END,
+                        planned_outcome = CASE WHEN ?6 THEN NULL ELSE planned_outcome END
                  WHERE run_id = ?1 AND step_id = ?2",
             )?
-            .execute(params![run_id, step_id, attempt, error, ts(at)])?;
+            .execute(params![run_id, step_id, attempt, error, ts(at), refused])?;
             event(
                 tx,
                 run_id,
@@ -328,22 +400,23 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             step_id,
             attempt,
             error,
+            refused,
             at,
         } => {
             tx.prepare_cached(
                 "UPDATE steps SET status = 'failed', attempts = max(attempts, ?3), error = ?4,
-                        started_at = coalesce(started_at, ?5), finished_at = ?5
+                        started_at = coalesce(started_at, ?5), finished_at = ?5,
+                        before_image = CASE WHEN ?6 THEN NULL ELSE before_image END,
+                        planned_outcome = CASE WHEN ?6 THEN NULL ELSE planned_outcome END
                  WHERE run_id = ?1 AND step_id = ?2",
             )?
-            .execute(params![run_id, step_id, attempt, error, ts(at)])?;
-            event(
-                tx,
-                run_id,
-                Some(step_id),
-                at,
-                "step_failed",
-                &json!({"attempt": attempt, "error": error}),
-            )?;
+            .execute(params![run_id, step_id, attempt, error, ts(at), refused])?;
+            let detail = if *refused {
+                json!({"attempt": attempt, "error": error, "refused": true})
+            } else {
+                json!({"attempt": attempt, "error": error})
+            };
+            event(tx, run_id, Some(step_id), at, "step_failed", &detail)?;
         }
         Write::StepSkipped {
             run_id,
@@ -398,13 +471,26 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
         Write::RenewLock {
             key,
             run_id,
+            token,
             lease_expires_at,
         } => {
-            tx.prepare_cached(
-                "UPDATE locks SET lease_expires_at = ?3 WHERE key = ?1 AND run_id = ?2",
-            )?
-            .execute(params![key, run_id, ts(lease_expires_at)])?;
+            let renewed = tx
+                .prepare_cached(
+                    "UPDATE locks SET lease_expires_at = ?4
+                     WHERE key = ?1 AND run_id = ?2 AND token = ?3",
+                )?
+                .execute(params![key, run_id, token, ts(lease_expires_at)])?;
+            if renewed == 0 {
+                // Say who has it (or that nobody does).
+                check_fence(tx, key, run_id, *token, None)?;
+            }
         }
+        Write::CheckFence {
+            key,
+            run_id,
+            token,
+            at,
+        } => check_fence(tx, key, run_id, *token, Some(at))?,
         Write::ReleaseLock { key, run_id } => {
             tx.prepare_cached("DELETE FROM locks WHERE key = ?1 AND run_id = ?2")?
                 .execute(params![key, run_id])?;

@@ -189,6 +189,7 @@ mod tests {
             started_at: Utc::now(),
             lock_key: None,
             steps: vec![("a".into(), "noop".into())],
+            fragments: json!([]),
         })
     }
 
@@ -231,7 +232,10 @@ mod tests {
         commit_alone(&writer, vec![new_run("taken")]).unwrap();
         // Alone in its transaction: the first write is fine, the second breaks a key.
         let failed = commit_alone(&writer, vec![new_run("fresh"), new_run("taken")]);
-        assert!(failed.is_err(), "a duplicate run id must fail the checkpoint");
+        assert!(
+            failed.is_err(),
+            "a duplicate run id must fail the checkpoint"
+        );
         // And inside a batch: one checkpoint fails, the one beside it still commits.
         let (sent, answers) = mpsc::channel();
         for writes in [
@@ -239,7 +243,10 @@ mod tests {
             vec![new_run("neighbour")],
         ] {
             let sent = sent.clone();
-            writer.submit(writes, Box::new(move |result| sent.send(result.is_ok()).unwrap()));
+            writer.submit(
+                writes,
+                Box::new(move |result| sent.send(result.is_ok()).unwrap()),
+            );
         }
         drop(sent);
         let mut outcomes: Vec<bool> = answers.iter().collect();
@@ -254,6 +261,10 @@ mod tests {
         ids.sort();
         drop(writer);
         thread.join();
-        assert_eq!(ids, ["neighbour", "taken"], "nothing of a failed checkpoint is kept");
+        assert_eq!(
+            ids,
+            ["neighbour", "taken"],
+            "nothing of a failed checkpoint is kept"
+        );
     }
 }

@@ -47,6 +47,8 @@ pub struct RetryBounds {
     pub eventual_budget: Duration,
     /// The longest a long-running operation is followed.
     pub operation_timeout: Duration,
+    /// The longest one request waits for its whole answer.
+    pub request_timeout: Duration,
 }
 
 impl Default for RetryBounds {
@@ -57,6 +59,7 @@ impl Default for RetryBounds {
             max_backoff: Duration::from_secs(60),
             eventual_budget: Duration::from_secs(600),
             operation_timeout: Duration::from_secs(3600),
+            request_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -245,7 +248,7 @@ impl AzureClient {
     ) -> Result<AzureClient, AzureError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(120))
+            .timeout(config.retry.request_timeout)
             .user_agent(concat!("kmsflow/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| AzureError::Refused(format!("cannot build the HTTP client: {e}")))?;
@@ -413,6 +416,8 @@ impl AzureClient {
             method: method.to_string(),
             path: path.clone(),
             detail: without_url(&e),
+            // A connection never made carried no request; anything else may have.
+            maybe_applied: !e.is_connect(),
         })?;
         let status = response.status().as_u16();
         let header = |name: &str| {
@@ -444,6 +449,7 @@ impl AzureClient {
             method: method.to_string(),
             path: path.clone(),
             detail: without_url(&e),
+            maybe_applied: true,
         })?;
         let body: Value = if text.trim().is_empty() {
             Value::Null
@@ -475,6 +481,12 @@ impl AzureClient {
     /// A request with the client's retries: throttling, 5xx and connection errors a bounded
     /// number of times; eventual-consistency errors for a bounded time. `Retry-After` is
     /// always honoured.
+    ///
+    /// A POST (which mints a key version, rotates, registers or acts) is never sent again
+    /// once it may have reached Azure: after a lost answer or a 5xx the error goes back to
+    /// the step, whose next attempt observes the world and decides. Refusals that prove
+    /// nothing was done (429, eventual-consistency codes, a connection never made) are
+    /// retried as for any request. PUT, PATCH, DELETE and GET are idempotent and resent.
     pub async fn send(
         &self,
         method: Method,
@@ -493,7 +505,10 @@ impl AzureClient {
                 Ok(response) => return Ok(response),
                 Err(error) => error,
             };
-            let retry = if error.is_transient() {
+            let retry = if method == Method::POST && error.may_have_applied() {
+                tracing::debug!(error = %error, "not resending a POST that may have been applied");
+                false
+            } else if error.is_transient() {
                 transient_failures += 1;
                 transient_failures < bounds.transient_attempts
             } else {
@@ -634,6 +649,11 @@ impl AzureClient {
                 _ => tokio::time::sleep(delay).await,
             }
         }
+    }
+
+    /// A `nextLink` from a list page, only if it points at the ARM endpoint (as [`Self::trusted`]).
+    pub fn trusted_link(&self, link: &str) -> Result<Url, AzureError> {
+        self.trusted(link)
     }
 
     /// A status URL from a response, only if it points at the ARM endpoint we talk to: a token

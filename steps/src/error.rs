@@ -28,6 +28,9 @@ pub enum AzureError {
         method: String,
         path: String,
         detail: String,
+        /// Whether the request may have reached Azure (it was sent, then the answer was lost
+        /// or never came), as opposed to a connection that could not be made at all.
+        maybe_applied: bool,
     },
     /// A long-running operation ended `Failed` or `Canceled`.
     #[error("{path}: the operation ended {status}: {code}: {message}{}", correlation_suffix(.correlation_id))]
@@ -94,6 +97,27 @@ impl AzureError {
         }
     }
 
+    /// Whether Azure may have applied the request although it failed: the answer was lost
+    /// after the request was sent (a reset, a timeout) or a server error came back, which
+    /// may come from a front end after the change was made.
+    pub fn may_have_applied(&self) -> bool {
+        match self {
+            AzureError::Api { status, .. } => *status >= 500,
+            AzureError::Transport { maybe_applied, .. } => *maybe_applied,
+            _ => false,
+        }
+    }
+
+    /// A POST that may have taken effect: the client did not resend it, and the step must
+    /// observe before it decides.
+    pub fn is_unanswered_post(&self) -> bool {
+        let method = match self {
+            AzureError::Api { method, .. } | AzureError::Transport { method, .. } => method,
+            _ => return false,
+        };
+        method == "POST" && self.may_have_applied()
+    }
+
     /// Azure's eventual consistency: a new principal, a fresh role assignment, an operation
     /// still running. Retried, but within a bound.
     pub fn is_eventual(&self) -> bool {
@@ -110,6 +134,8 @@ impl AzureError {
     /// As a step error, classified for the engine's retry policy.
     pub fn into_step_error(self) -> StepError {
         let retry_after = self.retry_after();
+        let status = self.status();
+        let outcome_unknown = self.is_unanswered_post();
         // A 412 means the resource changed under us: the step's next attempt observes it again.
         let error = if self.is_transient()
             || self.is_eventual()
@@ -119,6 +145,19 @@ impl AzureError {
             StepError::transient(self)
         } else {
             StepError::permanent(self)
+        };
+        let error = if outcome_unknown {
+            error.with_unknown_outcome()
+        } else {
+            error
+        };
+        let error = match status {
+            // Azure looked at the request and said no: nothing was applied. (408 and 429 say
+            // only that it was not looked at in time.)
+            Some(status) if (400..500).contains(&status) && status != 408 && status != 429 => {
+                error.refusing()
+            }
+            _ => error,
         };
         match retry_after {
             Some(delay) => error.with_retry_after(delay),

@@ -187,34 +187,7 @@ async fn a_pmk_cluster_migrates_to_cmk_and_rolls_back_to_pmk() {
     assert!(kms["keyId"].as_str().unwrap().ends_with("/keys/kms-key"));
     assert_eq!(cluster["identity"]["type"], "UserAssigned");
 
-    let run = kmsflow_state::Store::open(&h.engine.state_path, kmsflow_state::Durability::Normal)
-        .unwrap()
-        .run(&summary.run_id)
-        .unwrap();
-    let compiled = std::sync::Arc::new(
-        kmsflow_engine::compile(
-            &kmsflow_engine::RunbookSource::new("t", MIGRATE),
-            &h.engine.registry,
-        )
-        .unwrap(),
-    );
-    let params = kmsflow_engine::params::bind(
-        &compiled,
-        &kmsflow_engine::params::ParamSources {
-            stored: run.params.as_object().unwrap().clone(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let rolled = kmsflow_engine::rollback::rollback(
-        &h.engine,
-        &run,
-        compiled,
-        params,
-        kmsflow_engine::progress::silent(),
-    )
-    .await
-    .unwrap();
+    let rolled = h.rollback(&summary.run_id).await;
     assert_eq!(rolled.status, RunStatus::RolledBack, "{:?}", rolled.error);
     let cluster = cluster_of(&h);
     assert_eq!(

@@ -92,3 +92,63 @@ async fn generic_kinds_create_act_wait_and_assert() {
         "{error}"
     );
 }
+
+const ACTION_ONLY: &str = r#"
+name: action
+params:
+  subscription: { type: string }
+steps:
+  - id: register
+    uses: azure.action
+    with:
+      id: "/subscriptions/{{params.subscription}}/providers/Microsoft.Features/providers/Microsoft.ContainerService/features/KMSPMKPreview"
+      action: register
+      api_version: 2021-07-01
+      REPEATABLE
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_whose_answer_was_lost_is_not_posted_again_unless_repeatable() {
+    use kmsflow_sandbox::{Loss, LostAnswer};
+    let lose_one = || Faults {
+        lose_answers: vec![LostAnswer {
+            method: Some("POST".into()),
+            path: "*/features/KMSPMKPreview/register".into(),
+            times: 1,
+            how: Loss::ServerError,
+            hold_ms: 0,
+        }],
+        ..Faults::default()
+    };
+    let posts = |h: &Harness| {
+        h.sandbox
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST")
+            .count()
+    };
+
+    let h = Harness::new(lose_one()).await;
+    let summary = h.run(&ACTION_ONLY.replace("REPEATABLE", ""), &[]).await;
+    assert_eq!(summary.status, RunStatus::Failed);
+    let error = h.step(&summary.run_id, "register").error.unwrap();
+    assert!(
+        error.contains("its answer was lost, so it may have taken effect"),
+        "{error}"
+    );
+    assert_eq!(
+        posts(&h),
+        1,
+        "the POST was sent once, by the client and the step alike"
+    );
+
+    let h = Harness::new(lose_one()).await;
+    let repeatable = ACTION_ONLY.replace("REPEATABLE", "repeatable: true");
+    let summary = h.run(&repeatable, &[]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    assert_eq!(
+        posts(&h),
+        2,
+        "a repeatable action is posted again by the step's next attempt"
+    );
+}

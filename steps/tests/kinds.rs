@@ -318,34 +318,7 @@ async fn rollback_removes_what_the_run_created_and_nothing_else() {
         Some(Outcome::Unchanged),
         "the group existed"
     );
-    let run = kmsflow_state::Store::open(&h.engine.state_path, kmsflow_state::Durability::Normal)
-        .unwrap()
-        .run(&summary.run_id)
-        .unwrap();
-    let compiled = std::sync::Arc::new(
-        kmsflow_engine::compile(
-            &kmsflow_engine::RunbookSource::new("t", failing.as_str()),
-            &h.engine.registry,
-        )
-        .unwrap(),
-    );
-    let params = kmsflow_engine::params::bind(
-        &compiled,
-        &kmsflow_engine::params::ParamSources {
-            stored: run.params.as_object().unwrap().clone(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let rolled = kmsflow_engine::rollback::rollback(
-        &h.engine,
-        &run,
-        compiled,
-        params,
-        kmsflow_engine::progress::silent(),
-    )
-    .await
-    .unwrap();
+    let rolled = h.rollback(&summary.run_id).await;
     assert_eq!(rolled.status, RunStatus::RolledBack, "{:?}", rolled.error);
     let world = h.sandbox.world();
     assert_eq!(

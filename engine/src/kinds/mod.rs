@@ -50,6 +50,7 @@ pub(crate) mod test_support {
                 input: &self.input,
                 approval: None,
                 cancel: &self.cancel,
+                earlier_before: None,
             }
         }
     }

@@ -165,6 +165,8 @@ struct ActionParams {
     body: Option<Map<String, Value>>,
     #[serde(default)]
     undo_action: Option<String>,
+    #[serde(default)]
+    repeatable: bool,
 }
 
 static ACTION: KindSpec = KindSpec {
@@ -190,6 +192,11 @@ static ACTION: KindSpec = KindSpec {
             "an action that undoes this one, for rollback",
         )
         .pattern("[A-Za-z][A-Za-z0-9]{0,63}"),
+        ParamSpec::optional(
+            "repeatable",
+            ValueType::Bool,
+            "the action is safe to POST again when an earlier attempt's answer was lost (default false: kmsflow then stops and asks you to check)",
+        ),
     ],
     outputs: OutputsSpec::Fixed(&[OutputSpec {
         name: "response",
@@ -210,6 +217,16 @@ impl StepKind for Action {
 
     fn plan(&self, cx: &StepContext<'_>, _before: &Value) -> Result<StepPlan, StepError> {
         let p: ActionParams = cx.params()?;
+        // An earlier attempt sent the POST and never learnt how it ended; an action leaves no
+        // trace kmsflow can read in general, so it will not guess.
+        if cx.earlier_before.is_some() && !p.repeatable {
+            return Err(StepError::permanent(format!(
+                "an earlier attempt sent POST {} on {} and its answer was lost, so it may have taken effect; \
+                 check the resource, then either set `repeatable: true` on this step (if the action is safe to repeat) \
+                 and resume with `--allow-changed-runbook`, or roll the run back",
+                p.action, p.id
+            )));
+        }
         Ok(StepPlan::change(Change::Action {
             summary: format!("POST {} on {}", p.action, p.id),
         }))

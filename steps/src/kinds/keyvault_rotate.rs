@@ -47,12 +47,39 @@ impl StepKind for KeyVaultRotate {
         &SPEC
     }
 
-    async fn observe(&self, _cx: &StepContext<'_>) -> Result<Value, StepError> {
-        Ok(Value::Null)
+    /// The key's current version: what a rotation replaces, and how the next attempt tells
+    /// whether this one took effect.
+    async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
+        let p: Params = cx.params()?;
+        let client = self.0.client().await?;
+        let url = client.vault_url(&p.vault_uri, &["keys", &p.name], "7.5")?;
+        let response = client
+            .send(Method::GET, &url, VAULT_SCOPE, None, None)
+            .await?;
+        Ok(json!({
+            "kid": response.body["key"]["kid"],
+            "created": response.body["attributes"]["created"],
+        }))
     }
 
-    fn plan(&self, cx: &StepContext<'_>, _before: &Value) -> Result<StepPlan, StepError> {
+    fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {
         let p: Params = cx.params()?;
+        // An earlier attempt recorded the version it set out to replace; a newer one now means
+        // that rotation happened (its answer was lost), so rotating again would mint another.
+        if let Some(earlier) = cx.earlier_before
+            && earlier["kid"].is_string()
+            && before["kid"].is_string()
+            && earlier["kid"] != before["kid"]
+        {
+            let rotated_at = before["created"]
+                .as_i64()
+                .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+                .map_or(Value::Null, |at| json!(at.to_rfc3339()));
+            return Ok(StepPlan::unchanged(outputs([
+                ("kid", before["kid"].clone()),
+                ("rotated_at", rotated_at),
+            ])));
+        }
         Ok(StepPlan::change(Change::Action {
             summary: format!("rotate key {} in {}", p.name, p.vault_uri),
         }))

@@ -45,6 +45,41 @@ static SPEC: KindSpec = KindSpec {
 };
 
 impl ResourceGroup {
+    /// The names of the resources in the group (Resources - List By Resource Group), every
+    /// page of them.
+    async fn resources_inside(
+        &self,
+        client: &crate::AzureClient,
+        p: &Params,
+    ) -> Result<Vec<String>, StepError> {
+        let mut url = client.arm_url(
+            &[
+                "subscriptions",
+                &p.subscription,
+                "resourcegroups",
+                &p.resource_group,
+                "resources",
+            ],
+            API,
+        )?;
+        let mut names = Vec::new();
+        loop {
+            let Some(page) = client.get(&url).await? else {
+                // The group is gone already: nothing inside it either.
+                return Ok(names);
+            };
+            for resource in page.body["value"].as_array().into_iter().flatten() {
+                let name = resource["name"].as_str().unwrap_or_default();
+                let kind = resource["type"].as_str().unwrap_or_default();
+                names.push(format!("{name} ({kind})"));
+            }
+            match page.body["nextLink"].as_str() {
+                Some(next) if !next.is_empty() => url = client.trusted_link(next)?,
+                _ => return Ok(names),
+            }
+        }
+    }
+
     async fn url(&self, p: &Params) -> Result<(Arc<crate::AzureClient>, url::Url), StepError> {
         let client = self.0.client().await?;
         let url = client.arm_url(
@@ -141,6 +176,23 @@ impl StepKind for ResourceGroup {
     ) -> Result<Undo, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
+        if outcome == Outcome::Created {
+            // Deleting a group deletes everything in it. Rollback has already removed what this
+            // run made inside it (newest first); whatever is left someone else put there.
+            let others = self.resources_inside(&client, &p).await?;
+            if !others.is_empty() {
+                return Ok(Undo::Irreversible(format!(
+                    "resource group `{}` holds {} this run did not create ({}); left in place with them",
+                    p.resource_group,
+                    if others.len() == 1 {
+                        "a resource".to_owned()
+                    } else {
+                        format!("{} resources", others.len())
+                    },
+                    others.join(", ")
+                )));
+            }
+        }
         common::undo_create_or_tags(&client, &url, before, outcome).await
     }
 }

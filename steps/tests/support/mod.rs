@@ -84,6 +84,7 @@ pub fn fast_retries() -> RetryBounds {
         max_backoff: Duration::from_millis(500),
         eventual_budget: Duration::from_secs(30),
         operation_timeout: Duration::from_secs(60),
+        ..RetryBounds::default()
     }
 }
 
@@ -97,20 +98,41 @@ pub fn credential(sandbox: &Sandbox) -> SandboxCredential {
 }
 
 pub fn client(sandbox: &Sandbox, credential: SandboxCredential) -> AzureClient {
+    client_with(sandbox, credential, fast_retries())
+}
+
+pub fn client_with(
+    sandbox: &Sandbox,
+    credential: SandboxCredential,
+    retry: RetryBounds,
+) -> AzureClient {
     let mut config = AzureConfig::new(sandbox.base_url(), AuthMode::ManagedIdentity).unwrap();
-    config.retry = fast_retries();
+    config.retry = retry;
     AzureClient::with_credential(config, Arc::new(credential)).unwrap()
 }
 
 impl Harness {
     pub async fn new(faults: Faults) -> Harness {
+        Harness::with_retries(faults, fast_retries()).await
+    }
+
+    /// A harness whose client gives up on an answer after `timeout`.
+    pub async fn with_request_timeout(faults: Faults, timeout: Duration) -> Harness {
+        let retry = RetryBounds {
+            request_timeout: timeout,
+            ..fast_retries()
+        };
+        Harness::with_retries(faults, retry).await
+    }
+
+    pub async fn with_retries(faults: Faults, retry: RetryBounds) -> Harness {
         let sandbox = Sandbox::start(SandboxOptions {
             faults,
             ..SandboxOptions::default()
         })
         .await
         .unwrap();
-        let client = client(&sandbox, credential(&sandbox));
+        let client = client_with(&sandbox, credential(&sandbox), retry);
         let mut registry = Registry::with_engine_kinds();
         kmsflow_steps::register(&mut registry, Azure::with_client(client));
         let dir = tempfile::tempdir().unwrap();
@@ -178,6 +200,31 @@ impl Harness {
             progress: silent(),
         };
         launch::start(&self.engine, request).await.unwrap()
+    }
+
+    /// Resumes a run with the runbook and parameters it stored.
+    pub async fn resume(&self, run_id: &str) -> RunSummary {
+        let continuation = launch::Continuation {
+            run_id: run_id.to_owned(),
+            params: ParamSources::default(),
+            allow_param_change: false,
+            changed_runbook: None,
+            options: ExecOptions::default(),
+            signals: Signals::default(),
+            progress: silent(),
+        };
+        launch::resume(&self.engine, continuation).await.unwrap()
+    }
+
+    /// Rolls a run back with the runbook and parameters it stored.
+    pub async fn rollback(&self, run_id: &str) -> RunSummary {
+        let request = launch::RollbackRequest {
+            run_id: run_id.to_owned(),
+            params: ParamSources::default(),
+            allow_param_change: false,
+            progress: silent(),
+        };
+        launch::rollback(&self.engine, request).await.unwrap()
     }
 
     pub fn steps(&self, run_id: &str) -> Vec<StepRecord> {

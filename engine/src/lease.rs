@@ -1,0 +1,98 @@
+//! A run's hold on its lock: the fencing token it was granted, the check that goes first in
+//! every checkpoint before a write to Azure, and the renewal that keeps the lease alive.
+//!
+//! Every run holds a lock. A runbook's `lock:` names the thing it changes (a cluster's
+//! resource id); a runbook without one still holds `run/<id>`, its claim on itself, so two
+//! `resume`s of one run never both proceed. Keys are compared in lower case, because ARM
+//! names are case-insensitive: `RG-X/AKS-1` and `rg-x/aks-1` are one cluster. (A key that is
+//! not an ARM id is made no less exclusive by it.)
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use kmsflow_state::{StoreError, Write};
+
+use crate::checkpoint::Checkpoints;
+
+/// Lease length of a run lock, and how often a live run renews it.
+pub const LOCK_LEASE: Duration = Duration::from_secs(60);
+const LOCK_RENEW_EVERY: Duration = Duration::from_secs(15);
+
+/// The lock key a run without `lock:` holds: its claim on itself.
+pub fn claim_on_run(run_id: &str) -> String {
+    format!("run/{}", run_id.to_lowercase())
+}
+
+/// A lock key as stored and compared.
+pub fn normalise(key: &str) -> String {
+    key.to_lowercase()
+}
+
+/// A lock this run holds, with the fencing token it was granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldLock {
+    pub key: String,
+    pub token: i64,
+}
+
+impl HeldLock {
+    /// The fencing check to put first in a checkpoint that precedes a write to Azure: the
+    /// checkpoint (and so the write) fails if another run holds the lock now or the lease ran
+    /// out.
+    pub fn fence(&self, run_id: &str) -> Write {
+        Write::CheckFence {
+            key: self.key.clone(),
+            run_id: run_id.to_owned(),
+            token: self.token,
+            at: Utc::now(),
+        }
+    }
+
+    /// Frees the lock with the run's final checkpoint.
+    pub fn release(&self, run_id: &str) -> Write {
+        Write::ReleaseLock {
+            key: self.key.clone(),
+            run_id: run_id.to_owned(),
+        }
+    }
+
+    /// Renews the lease every 15 s until the returned guard is dropped. Renewal is compare
+    /// and swap on the fencing token; once it fails the lease is lost, renewal stops, and the
+    /// next fencing check stops the run before it writes.
+    pub fn keep(&self, checkpoints: Arc<dyn Checkpoints>, run_id: &str) -> LeaseKeeper {
+        let (key, token, run_id) = (self.key.clone(), self.token, run_id.to_owned());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LOCK_RENEW_EVERY).await;
+                let renewal = Write::RenewLock {
+                    key: key.clone(),
+                    run_id: run_id.clone(),
+                    token,
+                    lease_expires_at: Utc::now() + LOCK_LEASE,
+                };
+                match checkpoints.commit(vec![renewal]).await {
+                    Ok(()) => {}
+                    Err(error @ StoreError::LeaseLost { .. }) => {
+                        tracing::warn!(%error, "lease lost; the run stops before its next write");
+                        return;
+                    }
+                    // A busy state file: try again at the next renewal, well within the lease.
+                    Err(error) => tracing::warn!(%error, "could not renew the lease"),
+                }
+            }
+        });
+        LeaseKeeper { task }
+    }
+}
+
+/// Renews a lease while it lives.
+pub struct LeaseKeeper {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,82 @@
+//! Created means created by this run: a create Azure refused is not recorded as the run's,
+//! so a resource someone else makes meanwhile is never adopted, and never deleted by rollback.
+
+mod support;
+
+use kmsflow_engine::kind::Outcome;
+use kmsflow_sandbox::{Faults, Rule};
+use kmsflow_state::RunStatus;
+use support::Harness;
+
+const IDENTITY: &str = r#"
+name: identity
+params:
+  subscription: { type: string }
+steps:
+  - id: group
+    uses: azure.resource_group
+    with: { subscription: "{{params.subscription}}", resource_group: rg-own, location: eastus }
+  - id: identity
+    uses: azure.identity
+    needs: [group]
+    with: { subscription: "{{params.subscription}}", resource_group: rg-own, name: id-shared, location: eastus }
+"#;
+
+fn identities(h: &Harness) -> usize {
+    h.sandbox.world()["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["type"] == "Microsoft.ManagedIdentity/userAssignedIdentities")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_create_is_not_the_runs_so_rollback_leaves_what_another_team_made() {
+    let h = Harness::new(Faults {
+        rules: vec![Rule {
+            method: Some("PUT".into()),
+            path: "*/userAssignedIdentities/id-shared".into(),
+            times: 1,
+            status: 400,
+            code: "InvalidRequestContent".into(),
+            message: None,
+        }],
+        ..Faults::default()
+    })
+    .await;
+    let refused = h.run(IDENTITY, &[]).await;
+    assert_eq!(refused.status, RunStatus::Failed, "{:?}", refused.error);
+    let step = h.step(&refused.run_id, "identity");
+    assert_eq!(
+        step.planned_outcome, None,
+        "Azure refused the create: nothing of it is the run's"
+    );
+
+    // Another team (another state file, here simply another run) creates the identity.
+    let other = h.run(IDENTITY, &[]).await;
+    assert_eq!(other.status, RunStatus::Succeeded, "{:?}", other.error);
+    assert_eq!(identities(&h), 1);
+
+    // The first run, resumed, finds it there: it did not create it.
+    let resumed = h.resume(&refused.run_id).await;
+    assert_eq!(resumed.status, RunStatus::Succeeded, "{:?}", resumed.error);
+    assert_eq!(
+        h.step(&refused.run_id, "identity").outcome,
+        Some(Outcome::Unchanged)
+    );
+    // Rollback does not delete the identity, nor the group this run created around it: a
+    // group's deletion would take the other team's identity with it.
+    let rolled_back = h.rollback(&refused.run_id).await;
+    assert_eq!(rolled_back.status, RunStatus::RollbackFailed);
+    let error = rolled_back.error.unwrap();
+    assert!(
+        error.contains("`rg-own` holds a resource this run did not create (id-shared"),
+        "{error}"
+    );
+    assert_eq!(
+        identities(&h),
+        1,
+        "the other team's identity survives the rollback"
+    );
+}

@@ -1,0 +1,225 @@
+//! The run's target is the run's: `resume` and `rollback` act on the subscription, group and
+//! names the run was started with, whatever the shell now says, unless told on purpose
+//! (`--allow-param-change`). Against `kmsflow sandbox serve` in another process, with its
+//! request log as the witness.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+const RUNBOOK: &str = r#"
+name: target
+params:
+  subscription: { type: string, env: AZURE_SUBSCRIPTION_ID }
+  resource_group: { type: string, default: rg-target }
+  stop: { type: bool, default: false }
+steps:
+  - id: group
+    uses: azure.resource_group
+    with: { subscription: "{{params.subscription}}", resource_group: "{{params.resource_group}}", location: eastus }
+  - id: identity
+    uses: azure.identity
+    needs: [group]
+    with: { subscription: "{{params.subscription}}", resource_group: "{{params.resource_group}}", name: id-target, location: eastus }
+  - id: stop
+    uses: fail
+    needs: [identity]
+    if: "{{params.stop}}"
+    with: { message: stopped on purpose }
+"#;
+
+const OTHER_SUBSCRIPTION: &str = "11111111-2222-4333-8444-555555555555";
+
+struct Served {
+    child: Child,
+    env: HashMap<String, String>,
+    base_url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve() -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
+        .args(["sandbox", "serve"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let base_url = lines.next().unwrap().unwrap();
+    let env = lines
+        .by_ref()
+        .take(6)
+        .map(|line| {
+            let line = line.unwrap();
+            let (name, value) = line.split_once('=').expect("NAME=value");
+            (name.to_owned(), value.to_owned())
+        })
+        .collect();
+    Served {
+        child,
+        env,
+        base_url,
+    }
+}
+
+impl Served {
+    fn kmsflow(&self, dir: &std::path::Path, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kmsflow"));
+        command
+            .args(args)
+            .current_dir(dir)
+            .envs(&self.env)
+            .env("KMSFLOW_STATE", dir.join("state.db"))
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn requests(&self) -> Vec<Value> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = format!("{}/_sandbox/requests", self.base_url);
+        let body: Value =
+            runtime.block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() });
+        body.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Requests whose path contains `part` (case-insensitively), as `METHOD path`.
+    fn requests_to(&self, part: &str) -> Vec<String> {
+        self.requests()
+            .iter()
+            .filter(|r| {
+                r["path"]
+                    .as_str()
+                    .unwrap()
+                    .to_lowercase()
+                    .contains(&part.to_lowercase())
+            })
+            .map(|r| {
+                format!(
+                    "{} {}",
+                    r["method"].as_str().unwrap(),
+                    r["path"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+}
+
+fn run_id(output: &Output) -> String {
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    json["id"].as_str().unwrap().to_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn rollback_and_resume_keep_the_runs_target_whatever_the_shell_says() {
+    let served = serve();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("target.yaml"), RUNBOOK).unwrap();
+    let stopped = served
+        .kmsflow(
+            dir.path(),
+            &["run", "target.yaml", "-p", "stop=true", "--output", "json"],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(stopped.status.code(), Some(1), "{}", stderr(&stopped));
+    let run = run_id(&stopped);
+
+    // A shell pointed at another subscription: refused, naming the parameter, both values and
+    // the flag; nothing sent anywhere.
+    let before = served.requests().len();
+    let rollback = served
+        .kmsflow(dir.path(), &["rollback", &run])
+        .env("AZURE_SUBSCRIPTION_ID", OTHER_SUBSCRIPTION)
+        .output()
+        .unwrap();
+    let said = stderr(&rollback);
+    assert_eq!(rollback.status.code(), Some(2), "{said}");
+    let home = &served.env["AZURE_SUBSCRIPTION_ID"];
+    assert!(
+        said.contains(&format!(
+            "parameter `subscription`: run `{run}` was started with `{home}`, but the environment (`AZURE_SUBSCRIPTION_ID`) says `{OTHER_SUBSCRIPTION}`"
+        )),
+        "{said}"
+    );
+    assert!(said.contains("--allow-param-change"), "{said}");
+    // `resume -p resource_group=other` would move the half-done run to another group.
+    let resume = served
+        .kmsflow(
+            dir.path(),
+            &["resume", &run, "-p", "resource_group=rg-other"],
+        )
+        .output()
+        .unwrap();
+    let said = stderr(&resume);
+    assert_eq!(resume.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("parameter `resource_group`: run")
+            && said.contains("`rg-target`, but `-p resource_group` says `rg-other`"),
+        "{said}"
+    );
+    assert_eq!(served.requests().len(), before, "refusals send nothing");
+
+    // The same values again are no change: the rollback goes ahead, at home only.
+    let rollback = served
+        .kmsflow(
+            dir.path(),
+            &["rollback", &run, "-p", "resource_group=rg-target"],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(rollback.status.code(), Some(0), "{}", stderr(&rollback));
+    assert_eq!(served.requests_to(OTHER_SUBSCRIPTION), Vec::<String>::new());
+    let deleted: Vec<String> = served.requests()[before..]
+        .iter()
+        .filter(|r| r["method"] == "DELETE")
+        .map(|r| r["path"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        deleted.len(),
+        2,
+        "the identity, then the group: {deleted:#?}"
+    );
+    assert!(
+        deleted.iter().all(|path| path.contains(home.as_str())),
+        "{deleted:#?}"
+    );
+}
+
+#[test]
+fn with_the_flag_a_rollback_does_what_it_was_told() {
+    let served = serve();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("target.yaml"), RUNBOOK).unwrap();
+    let ran = served
+        .kmsflow(dir.path(), &["run", "target.yaml", "--output", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(ran.status.code(), Some(0), "{}", stderr(&ran));
+    let run = run_id(&ran);
+    let rollback = served
+        .kmsflow(dir.path(), &["rollback", &run, "--allow-param-change"])
+        .env("AZURE_SUBSCRIPTION_ID", OTHER_SUBSCRIPTION)
+        .output()
+        .unwrap();
+    // It was told to act on the other subscription, and it did (where nothing of the run is).
+    assert!(
+        !served.requests_to(OTHER_SUBSCRIPTION).is_empty(),
+        "{}",
+        stderr(&rollback)
+    );
+}
