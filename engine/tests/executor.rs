@@ -641,3 +641,150 @@ async fn before_changes_holds_what_changed_nothing_until_the_next_change_is_comm
         ]
     );
 }
+
+/// A run's first step holds its apply open; the second would create `second`.
+const LOCKED: &str = "name: t\nparams:\n  cluster: { type: string }\nlock: \"cluster/{{params.cluster}}\"\nsteps:\n  - id: first\n    uses: probe\n    with: { key: first, hold_ms: 400 }\n  - id: second\n    uses: probe\n    needs: [first]\n    with: { key: second }\n";
+
+impl Harness {
+    fn locked_request(&self, cluster: &str) -> RunRequest {
+        let runbook = Arc::new(
+            compile(
+                &RunbookSource::new("t.yaml", LOCKED),
+                &self.engine().registry,
+            )
+            .unwrap(),
+        );
+        let sources = ParamSources {
+            cli: vec![("cluster".into(), cluster.into())],
+            ..Default::default()
+        };
+        RunRequest {
+            params: bind(&runbook, &sources).unwrap(),
+            runbook,
+            runbook_ref: "t.yaml".into(),
+            source: LOCKED.into(),
+            options: ExecOptions::default(),
+            signals: Signals::default(),
+            progress: silent(),
+        }
+    }
+
+    /// Waits (polling the probe, bounded) until some apply is in flight.
+    async fn until_applying(&self) {
+        for _ in 0..500 {
+            if self.probe.in_flight.load(Ordering::SeqCst) > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("no apply started");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_in_the_same_process_is_refused_the_lock_whatever_the_case_of_its_key() {
+    let h = Harness::new();
+    let launcher = launch::Launcher::open(&h.engine()).await.unwrap();
+    let first = launcher.start(h.locked_request("RG-X/AKS-1"));
+    let second = async {
+        h.until_applying().await;
+        launcher.start(h.locked_request("rg-x/aks-1")).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(first.unwrap().status, RunStatus::Succeeded);
+    match second {
+        Err(launch::LaunchError::LockHeld(held)) => {
+            assert_eq!(held.key, "cluster/rg-x/aks-1");
+            assert_eq!(held.pid, std::process::id(), "held by this very process");
+        }
+        other => panic!("the second run must be refused, got {other:?}"),
+    }
+    assert_eq!(h.count("apply", "first"), 1);
+    launcher.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_lock_was_taken_over_stops_before_its_next_write() {
+    let h = Harness::new();
+    let engine = h.engine();
+    let run = launch::start(&engine, h.locked_request("aks-1"));
+    let takeover = async {
+        h.until_applying().await;
+        // Another runner, elsewhere, finds the lease expired (its clock is past it) and takes
+        // the lock over: a laptop lid closed past the lease looks like this to the sleeper.
+        let later = Utc::now() + chrono::Duration::seconds(120);
+        let elsewhere = kmsflow_state::LockOwner {
+            pid: 4242,
+            host: "elsewhere".into(),
+        };
+        h.store()
+            .acquire_lock(
+                "cluster/aks-1",
+                "intruder",
+                &elsewhere,
+                later + chrono::Duration::seconds(60),
+                later,
+            )
+            .unwrap()
+            .unwrap();
+    };
+    let (run, ()) = tokio::join!(run, takeover);
+    let error = run.unwrap_err();
+    let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+    assert!(
+        text.contains("no longer holds lock `cluster/aks-1` (run `intruder` holds it now"),
+        "{text}"
+    );
+    assert_eq!(h.count("apply", "first"), 1, "the write in flight finished");
+    assert_eq!(
+        h.count("apply", "second"),
+        0,
+        "nothing is written once the lock is lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_resumes_of_a_run_without_a_lock_never_both_proceed() {
+    let h = Harness::new();
+    let text =
+        "name: t\nsteps:\n  - id: make\n    uses: probe\n    with: { key: vault, hold_ms: 300 }\n";
+    let mut store = h.store();
+    // A run a dead process left `running`, as an older kmsflow recorded it (no lock key).
+    store
+        .commit(&[Write::CreateRun(NewRun {
+            id: "orphan".into(),
+            runbook: "t".into(),
+            runbook_ref: "t.yaml".into(),
+            content_hash: kmsflow_engine::content_hash(text),
+            source: text.into(),
+            params: json!({}),
+            secret_params: vec![],
+            started_at: Utc::now(),
+            lock_key: None,
+            steps: vec![("make".into(), "probe".into())],
+            fragments: json!([]),
+        })])
+        .unwrap();
+    drop(store);
+    // Two processes' worth of state connections, resuming at once.
+    let (one, two) = (
+        launch::Launcher::open(&h.engine()).await.unwrap(),
+        launch::Launcher::open(&h.engine()).await.unwrap(),
+    );
+    let (a, b) = tokio::join!(
+        one.resume(h.continuation("orphan")),
+        two.resume(h.continuation("orphan"))
+    );
+    let proceeded = [&a, &b].iter().filter(|r| r.is_ok()).count();
+    assert_eq!(proceeded, 1, "{a:?} / {b:?}");
+    let refused = if a.is_err() { a } else { b };
+    match refused {
+        Err(launch::LaunchError::LockHeld(held)) => assert_eq!(held.run_id, "orphan"),
+        // The other finished first: this one then found nothing left to resume.
+        Err(launch::LaunchError::NotResumable { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.count("apply", "vault"), 1, "created once");
+    one.close().await;
+    two.close().await;
+}
