@@ -283,10 +283,71 @@ fn create_private(path: &Path) -> std::io::Result<()> {
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
         builder.create(parent)?;
     }
+    // Only a file that does not exist yet is opened here. Closing any descriptor of a file
+    // drops every POSIX lock this process holds on it, SQLite's included. A daemon opens the
+    // state file again while its writer holds it open; had that dropped the writer's shared
+    // lock, a short-lived second process (`kmsflow runs`) closing its connection would think
+    // itself the last one, checkpoint and delete the WAL under the daemon, and corrupt the file.
+    if path.exists() {
+        return Ok(());
+    }
     let mut options = std::fs::OpenOptions::new();
-    options.create(true).append(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)?;
-    Ok(())
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        // Another process created it between the check and now.
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Set in a child process: the state file it opens and closes.
+    const OPEN_AND_CLOSE: &str = "KMSFLOW_TEST_OPEN_AND_CLOSE";
+
+    #[test]
+    fn opening_a_store_again_keeps_the_locks_this_processs_connections_hold() {
+        if let Ok(path) = std::env::var(OPEN_AND_CLOSE) {
+            // The child: a short-lived `kmsflow runs` beside a daemon.
+            let store = Store::open(Path::new(&path), Durability::Normal).unwrap();
+            store.runs(1).unwrap();
+            drop(store);
+            std::process::exit(0);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut holder = Store::open(&path, Durability::Normal).unwrap();
+        holder
+            .commit(&[crate::Write::Event {
+                run_id: "r".into(),
+                step_id: None,
+                kind: "k".into(),
+                detail: serde_json::json!({}),
+                at: chrono::Utc::now(),
+            }])
+            .unwrap();
+        let wal = dir.path().join("state.db-wal");
+        assert!(wal.exists());
+        // What a daemon does every tick while its writer keeps the file open.
+        let _again = Store::open(&path, Durability::Normal).unwrap();
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::tests::opening_a_store_again_keeps_the_locks_this_processs_connections_hold",
+            ])
+            .env(OPEN_AND_CLOSE, &path)
+            .output()
+            .unwrap();
+        assert!(child.status.success());
+        assert!(
+            wal.exists(),
+            "the other process took itself for the last connection and removed the WAL in use"
+        );
+        assert_eq!(holder.events("r").unwrap().len(), 1);
+    }
 }
