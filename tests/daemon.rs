@@ -322,3 +322,89 @@ fn schedule_commands_validate_and_manage() {
         Some(2)
     );
 }
+
+/// The status of a run, through `kmsflow show`.
+fn run_status(dir: &Path, run_id: &str) -> String {
+    let out = run(dir, &["show", run_id, "--output", "json"]);
+    // A fire is claimed (with its run id) a moment before its run is recorded.
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    shown["status"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_state_file_held_busy_past_the_timeout_stops_neither_the_daemon_nor_its_running_fire() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("slow.yaml"), SLOW).unwrap();
+    std::fs::write(dir.path().join("quick.yaml"), QUICK).unwrap();
+    for (name, runbook) in [("slow", "slow.yaml"), ("quick", "quick.yaml")] {
+        add(
+            dir.path(),
+            &[
+                name,
+                "--runbook",
+                runbook,
+                "--cron",
+                "* * * * * *",
+                "--overlap",
+                "skip",
+            ],
+        );
+    }
+    let mut daemon = daemon(dir.path());
+    // Wait (bounded) for a slow fire to be under way.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let slow_run = loop {
+        assert!(Instant::now() < deadline, "no slow fire started");
+        let started = history(dir.path(), "slow")
+            .into_iter()
+            .find(|f| f["outcome"] == "started" && f["run_id"].is_string());
+        if let Some(fire) = started {
+            let run_id = fire["run_id"].as_str().unwrap().to_owned();
+            if run_status(dir.path(), &run_id) == "running" {
+                break run_id;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Another program holds the file past SQLite's 10 s busy timeout.
+    let mut holder = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+    let exclusive = holder
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .unwrap();
+    exclusive
+        .execute("UPDATE schedules SET paused = paused", [])
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(11));
+    exclusive.commit().unwrap();
+    let released = chrono::Utc::now();
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "the daemon survived the busy file"
+    );
+    // It goes on firing, and the fire that was running when the file went busy finishes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon stopped firing: slow run {}, quick fires {:#?}",
+            run_status(dir.path(), &slow_run),
+            history(dir.path(), "quick")
+                .iter()
+                .rev()
+                .take(3)
+                .collect::<Vec<_>>()
+        );
+        let fired_since = history(dir.path(), "quick").into_iter().any(|f| {
+            f["outcome"] == "started"
+                && f["fired_at"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .is_some_and(|t| t > released)
+        });
+        if fired_since && run_status(dir.path(), &slow_run) == "succeeded" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(sigterm(&mut daemon).success());
+}

@@ -66,107 +66,149 @@ async fn blocking<T: Send + 'static>(
     .expect("store work does not panic")
 }
 
+/// What the loop keeps between ticks: fires in flight and buffered occurrences. It outlives
+/// any store error, so a busy state file never aborts a running fire.
+#[derive(Default)]
+struct Firing {
+    running: HashMap<String, tokio::task::AbortHandle>,
+    buffered: HashMap<String, DateTime<Utc>>,
+    tasks: JoinSet<String>,
+}
+
+/// The longest the daemon waits between ticks after store errors.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
 impl Daemon {
-    /// Runs until drained; returns once every started fire has finished.
+    /// Runs until drained; returns once every started fire has finished. A store error in a
+    /// tick (a state file busy past its timeout, a full disk) is logged and the tick is tried
+    /// again with backoff: the daemon keeps running, and so do the fires it started.
     pub async fn run(self) -> Result<(), StoreError> {
-        let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
-        let mut buffered: HashMap<String, DateTime<Utc>> = HashMap::new();
-        let mut tasks: JoinSet<String> = JoinSet::new();
-        let grace = chrono::Duration::from_std(self.tick * 3).unwrap_or_default();
+        match blocking(self.state_path.clone(), self.durability, |s| {
+            s.sweep_orphan_fires(Utc::now())
+        })
+        .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                fires = n,
+                "marked fires a stopped daemon left behind as lost"
+            ),
+            Err(error) => tracing::warn!(%error, "could not sweep fires left behind; going on"),
+        }
+        let mut firing = Firing::default();
+        let mut failures: u32 = 0;
         loop {
-            while let Some(Ok(name)) = tasks.try_join_next() {
-                running.remove(&name);
+            while let Some(Ok(name)) = firing.tasks.try_join_next() {
+                firing.running.remove(&name);
             }
-            running.retain(|_, handle| !handle.is_finished());
+            firing.running.retain(|_, handle| !handle.is_finished());
             if self.drain.is_cancelled() {
                 break;
             }
-            let now = Utc::now();
-            let schedules =
-                blocking(self.state_path.clone(), self.durability, |s| s.schedules()).await?;
-            for schedule in schedules.into_iter().filter(|s| !s.paused) {
-                let Ok(cron) = parse_cron(&schedule.cron) else {
-                    tracing::warn!(schedule = %schedule.name, cron = %schedule.cron, "skipping a schedule with an invalid cron expression");
-                    continue;
-                };
-                let busy = running.contains_key(&schedule.name);
-                // A buffered occurrence starts as soon as the run before it has ended.
-                if !busy && let Some(occurrence) = buffered.remove(&schedule.name) {
-                    self.start(&schedule, occurrence, &mut running, &mut tasks)
-                        .await?;
-                    continue;
+            let pause = match self.tick(&mut firing).await {
+                Ok(()) => {
+                    failures = 0;
+                    self.tick
                 }
-                let due: Vec<DateTime<Utc>> = cron
-                    .iter_after(schedule.last_seen_at)
-                    .take_while(|occurrence| *occurrence <= now)
-                    .take(100_000)
-                    .collect();
-                let Some((&latest, earlier)) = due.split_last() else {
-                    continue;
-                };
-                for &occurrence in earlier {
-                    self.record(
-                        &schedule,
-                        occurrence,
-                        "missed",
-                        json!({"reason": "the daemon was not running; a later occurrence is due"}),
-                    )
-                    .await?;
+                Err(error) => {
+                    failures += 1;
+                    let pause = self
+                        .tick
+                        .saturating_mul(2u32.saturating_pow(failures.min(16)))
+                        .min(MAX_BACKOFF);
+                    tracing::warn!(%error, failures, retry_in_ms = pause.as_millis() as u64, "a tick failed on the state store; trying again");
+                    pause
                 }
-                let window = chrono::Duration::milliseconds(schedule.catchup_ms).max(grace);
-                if now - latest > window {
-                    self.record(
-                        &schedule,
-                        latest,
-                        "missed",
-                        json!({"reason": "older than the catch-up window"}),
-                    )
-                    .await?;
-                    continue;
-                }
-                let busy = running.contains_key(&schedule.name)
-                    || self.previous_still_running(&schedule).await?;
-                match (busy, schedule.overlap.as_str()) {
-                    (true, "allow") | (false, _) => {
-                        self.start(&schedule, latest, &mut running, &mut tasks)
-                            .await?
-                    }
-                    (true, "buffer_one") if !buffered.contains_key(&schedule.name) => {
-                        // Seen now, started later; a second one while it waits is skipped.
-                        blocking(self.state_path.clone(), self.durability, {
-                            let (name, at) = (schedule.name.clone(), latest);
-                            move |s| {
-                                s.claim_fire(&FireRecord {
-                                    schedule: name,
-                                    occurrence: at,
-                                    fired_at: Utc::now(),
-                                    outcome: "buffered".into(),
-                                    run_id: None,
-                                    detail: None,
-                                })
-                            }
-                        })
-                        .await?;
-                        buffered.insert(schedule.name.clone(), latest);
-                    }
-                    (true, _) => {
-                        self.record(
-                            &schedule,
-                            latest,
-                            "skipped",
-                            json!({"reason": "the previous run is still going"}),
-                        )
-                        .await?;
-                    }
-                }
-            }
+            };
             tokio::select! {
-                _ = tokio::time::sleep(self.tick) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = self.drain.cancelled() => {}
             }
         }
         // Drain: let running fires finish and checkpoint.
-        while tasks.join_next().await.is_some() {}
+        while firing.tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// One look at every schedule: fire, buffer, skip or record missed occurrences.
+    async fn tick(&self, firing: &mut Firing) -> Result<(), StoreError> {
+        let grace = chrono::Duration::from_std(self.tick * 3).unwrap_or_default();
+        let now = Utc::now();
+        let schedules =
+            blocking(self.state_path.clone(), self.durability, |s| s.schedules()).await?;
+        for schedule in schedules.into_iter().filter(|s| !s.paused) {
+            let Ok(cron) = parse_cron(&schedule.cron) else {
+                tracing::warn!(schedule = %schedule.name, cron = %schedule.cron, "skipping a schedule with an invalid cron expression");
+                continue;
+            };
+            let busy = firing.running.contains_key(&schedule.name);
+            // A buffered occurrence starts as soon as the run before it has ended.
+            if !busy && let Some(&occurrence) = firing.buffered.get(&schedule.name) {
+                self.start(&schedule, occurrence, firing).await?;
+                firing.buffered.remove(&schedule.name);
+                continue;
+            }
+            let due: Vec<DateTime<Utc>> = cron
+                .iter_after(schedule.last_seen_at)
+                .take_while(|occurrence| *occurrence <= now)
+                .take(100_000)
+                .collect();
+            let Some((&latest, earlier)) = due.split_last() else {
+                continue;
+            };
+            for &occurrence in earlier {
+                self.record(
+                    &schedule,
+                    occurrence,
+                    "missed",
+                    json!({"reason": "the daemon was not running; a later occurrence is due"}),
+                )
+                .await?;
+            }
+            let window = chrono::Duration::milliseconds(schedule.catchup_ms).max(grace);
+            if now - latest > window {
+                self.record(
+                    &schedule,
+                    latest,
+                    "missed",
+                    json!({"reason": "older than the catch-up window"}),
+                )
+                .await?;
+                continue;
+            }
+            let busy = firing.running.contains_key(&schedule.name)
+                || self.previous_still_running(&schedule).await?;
+            match (busy, schedule.overlap.as_str()) {
+                (true, "allow") | (false, _) => self.start(&schedule, latest, firing).await?,
+                (true, "buffer_one") if !firing.buffered.contains_key(&schedule.name) => {
+                    // Seen now, started later; a second one while it waits is skipped.
+                    blocking(self.state_path.clone(), self.durability, {
+                        let (name, at) = (schedule.name.clone(), latest);
+                        move |s| {
+                            s.claim_fire(&FireRecord {
+                                schedule: name,
+                                occurrence: at,
+                                fired_at: Utc::now(),
+                                outcome: "buffered".into(),
+                                run_id: None,
+                                detail: None,
+                            })
+                        }
+                    })
+                    .await?;
+                    firing.buffered.insert(schedule.name.clone(), latest);
+                }
+                (true, _) => {
+                    self.record(
+                        &schedule,
+                        latest,
+                        "skipped",
+                        json!({"reason": "the previous run is still going"}),
+                    )
+                    .await?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -192,7 +234,7 @@ impl Daemon {
     }
 
     /// Whether the run of this schedule's latest started fire is still going (perhaps in another
-    /// daemon).
+    /// daemon), judged by its lock's lease: a run a crash left `running` is not.
     async fn previous_still_running(&self, schedule: &ScheduleRecord) -> Result<bool, StoreError> {
         let name = schedule.name.clone();
         blocking(self.state_path.clone(), self.durability, move |s| {
@@ -202,7 +244,7 @@ impl Daemon {
                 .rev()
                 .find(|f| f.outcome == "started");
             match last.and_then(|f| f.run_id) {
-                Some(run_id) => s.run_is_active(&run_id),
+                Some(run_id) => s.run_is_live(&run_id, Utc::now()),
                 None => Ok(false),
             }
         })
@@ -214,8 +256,7 @@ impl Daemon {
         &self,
         schedule: &ScheduleRecord,
         occurrence: DateTime<Utc>,
-        running: &mut HashMap<String, tokio::task::AbortHandle>,
-        tasks: &mut JoinSet<String>,
+        firing: &mut Firing,
     ) -> Result<(), StoreError> {
         let run_id = crate::launch::new_run_id(Utc::now());
         let fire = FireRecord {
@@ -247,17 +288,28 @@ impl Daemon {
         let jitter =
             Duration::from_millis((schedule.jitter_ms.max(0) as f64 * fastrand::f64()) as u64);
         let name = schedule.name.clone();
-        let handle = tasks.spawn(async move {
+        let handle = firing.tasks.spawn(async move {
             tokio::time::sleep(jitter).await;
             let (detail, worst) = firer.fire(&schedule, occurrence, &run_id).await;
-            let name = schedule.name.clone();
-            let _ = blocking(path, durability, move |s| {
-                s.finish_fire(&name, occurrence, &detail, worst.as_deref())
-            })
-            .await;
+            // The run is recorded in its own state; recording how the fire ended is worth a few
+            // tries against a busy file.
+            for attempt in 1..=5u32 {
+                let (name, detail, worst) = (schedule.name.clone(), detail.clone(), worst.clone());
+                match blocking(path.clone(), durability, move |s| {
+                    s.finish_fire(&name, occurrence, &detail, worst.as_deref())
+                })
+                .await
+                {
+                    Ok(()) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, attempt, schedule = %schedule.name, "could not record how a fire ended");
+                        tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                    }
+                }
+            }
             schedule.name
         });
-        running.insert(name, handle);
+        firing.running.insert(name, handle);
         Ok(())
     }
 }

@@ -25,7 +25,7 @@ impl LockOwner {
 
     /// Whether the owner is certainly gone: a process on this host whose pid no longer exists.
     /// An owner on another host is presumed alive until its lease expires.
-    fn is_certainly_dead(&self) -> bool {
+    pub(crate) fn is_certainly_dead(&self) -> bool {
         self.host == hostname() && !process_exists(self.pid)
     }
 }

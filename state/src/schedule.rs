@@ -1,7 +1,7 @@
 //! Schedules and their fires.
 
 use chrono::{DateTime, Utc};
-use rusqlite::{OptionalExtension, params};
+use rusqlite::params;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -213,14 +213,141 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether a run is still going (for the overlap policy).
-    pub fn run_is_active(&self, run_id: &str) -> Result<bool, StoreError> {
-        let status: Option<String> = self
+    /// Whether a run is still going (for the overlap policy), judged by its lock: a live
+    /// run holds one with a lease running past `now`, in a process that is not certainly gone.
+    /// A run's status alone says `running` for ever after a crash.
+    pub fn run_is_live(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT owner_pid, owner_host, lease_expires_at FROM locks WHERE run_id = ?1",
+        )?;
+        let holders = stmt.query_map([run_id], |row| {
+            Ok((
+                row.get::<_, u32>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+            ))
+        })?;
+        for holder in holders {
+            let (pid, host, expires) = holder?;
+            let expires = timestamp(expires, "locks.lease_expires_at")?;
+            let owner = crate::LockOwner { pid, host };
+            if expires > now && !owner.is_certainly_dead() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Marks the fires a daemon left behind when it stopped: a `started` fire whose run was
+    /// never created, and a `buffered` one (the buffer lived in its memory). Both become
+    /// `lost`, with the reason; returns how many.
+    pub fn sweep_orphan_fires(&mut self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        let tx = self
             .conn
-            .query_row("SELECT status FROM runs WHERE id = ?1", [run_id], |row| {
-                row.get(0)
-            })
-            .optional()?;
-        Ok(status.as_deref() == Some("running"))
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let started = tx.execute(
+            "UPDATE schedule_fires SET outcome = 'lost', fired_at = ?1,
+                 detail = '{\"reason\":\"the daemon stopped before the run was created\"}'
+             WHERE outcome = 'started'
+               AND (run_id IS NULL OR run_id NOT IN (SELECT id FROM runs))",
+            [ts(&now)],
+        )?;
+        let buffered = tx.execute(
+            "UPDATE schedule_fires SET outcome = 'lost', fired_at = ?1,
+                 detail = '{\"reason\":\"the daemon stopped while the fire waited for the run before it\"}'
+             WHERE outcome = 'buffered'",
+            [ts(&now)],
+        )?;
+        tx.commit()?;
+        Ok(started + buffered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Duration;
+
+    use super::*;
+    use crate::{Durability, LockOwner, NewRun, Store, Write};
+
+    fn running_run(store: &mut Store, id: &str) {
+        store
+            .commit(&[Write::CreateRun(NewRun {
+                id: id.into(),
+                runbook: "t".into(),
+                runbook_ref: "t.yaml".into(),
+                content_hash: "h".into(),
+                source: "name: t".into(),
+                params: serde_json::json!({}),
+                secret_params: vec![],
+                started_at: Utc::now(),
+                lock_key: Some(format!("run/{id}")),
+                steps: vec![],
+                fragments: serde_json::json!([]),
+            })])
+            .unwrap();
+    }
+
+    #[test]
+    fn a_run_is_live_while_it_holds_a_lease_not_while_its_status_says_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("state.db"), Durability::Normal).unwrap();
+        let now = Utc::now();
+        running_run(&mut store, "crashed");
+        running_run(&mut store, "alive");
+        // The crashed run's process is gone; the live one is this test.
+        let dead = LockOwner {
+            pid: u32::MAX - 7,
+            host: LockOwner::current().host,
+        };
+        let lease = now + Duration::seconds(60);
+        store
+            .acquire_lock("run/crashed", "crashed", &dead, lease, now)
+            .unwrap()
+            .unwrap();
+        store
+            .acquire_lock("run/alive", "alive", &LockOwner::current(), lease, now)
+            .unwrap()
+            .unwrap();
+        assert!(!store.run_is_live("crashed", now).unwrap());
+        assert!(store.run_is_live("alive", now).unwrap());
+        assert!(
+            !store
+                .run_is_live("alive", lease + Duration::seconds(1))
+                .unwrap(),
+            "past its lease"
+        );
+    }
+
+    #[test]
+    fn fires_a_stopped_daemon_left_behind_are_swept_as_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("state.db"), Durability::Normal).unwrap();
+        let at = Utc::now();
+        running_run(&mut store, "exists");
+        for (minute, outcome, run_id) in [
+            (1, "started", Some("exists")),
+            (2, "started", Some("never-created")),
+            (3, "buffered", None),
+        ] {
+            store
+                .claim_fire(&FireRecord {
+                    schedule: "s".into(),
+                    occurrence: at + Duration::minutes(minute),
+                    fired_at: at,
+                    outcome: outcome.into(),
+                    run_id: run_id.map(str::to_owned),
+                    detail: None,
+                })
+                .unwrap();
+        }
+        assert_eq!(store.sweep_orphan_fires(at).unwrap(), 2);
+        let outcomes: Vec<String> = store
+            .fires("s")
+            .unwrap()
+            .into_iter()
+            .map(|f| f.outcome)
+            .collect();
+        assert_eq!(outcomes, ["started", "lost", "lost"]);
     }
 }

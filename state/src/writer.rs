@@ -116,6 +116,16 @@ fn run(mut store: Store, receiver: mpsc::Receiver<Job>) {
     }
 }
 
+/// How many more busy timeouts (10 s each) a checkpoint waits for the state file.
+const BUSY_RETRIES: u32 = 11;
+
+fn is_busy(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 fn commit_batch(store: &mut Store, batch: &[Checkpoint]) -> Vec<Result<(), StoreError>> {
     let shared_failure = |error: &rusqlite::Error| -> Vec<Result<(), StoreError>> {
         batch
@@ -124,13 +134,22 @@ fn commit_batch(store: &mut Store, batch: &[Checkpoint]) -> Vec<Result<(), Store
             .collect()
     };
     // IMMEDIATE: take the write lock up front, so a busy file is waited for (busy_timeout)
-    // instead of failing a deferred transaction's upgrade with SQLITE_BUSY.
-    let mut tx = match store
-        .conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-    {
-        Ok(tx) => tx,
-        Err(error) => return shared_failure(&error),
+    // instead of failing a deferred transaction's upgrade with SQLITE_BUSY. A file held
+    // longer than that (a backup, another tool's long transaction) is waited for again, up to
+    // a bound: a run whose checkpoint fails stops, and a moment's contention should not stop it.
+    let mut waited = 0;
+    let mut tx = loop {
+        match store
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        {
+            Ok(tx) => break tx,
+            Err(error) if is_busy(&error) && waited < BUSY_RETRIES => {
+                waited += 1;
+                tracing::warn!(%error, attempt = waited, "the state file is busy; waiting again");
+            }
+            Err(error) => return shared_failure(&error),
+        }
     };
     let mut results = Vec::with_capacity(batch.len());
     if let [job] = batch {
