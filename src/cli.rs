@@ -27,15 +27,20 @@ pub struct Cli {
     #[arg(long, global = true, env = "KMSFLOW_AUTH", value_enum, default_value_t = Auth::Auto)]
     pub auth: Auth,
 
-    /// The Resource Manager endpoint (sovereign clouds, or a sandbox). Must be https except on
-    /// loopback.
+    /// The Azure cloud: `AzurePublicCloud`, `AzureUSGovernment`, `AzureChinaCloud`, or a JSON
+    /// profile file. It decides the token audiences and which hosts are Key Vault's.
     #[arg(
         long,
         global = true,
-        env = "KMSFLOW_ARM_ENDPOINT",
-        default_value = "https://management.azure.com"
+        env = "KMSFLOW_CLOUD",
+        default_value = "AzurePublicCloud"
     )]
-    pub arm_endpoint: String,
+    pub cloud: String,
+
+    /// The Resource Manager endpoint, if not the cloud's own (a sandbox). Must be https except
+    /// on loopback.
+    #[arg(long, global = true, env = "KMSFLOW_ARM_ENDPOINT")]
+    pub arm_endpoint: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,

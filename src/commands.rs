@@ -27,7 +27,9 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Auth::WorkloadIdentity => AuthMode::WorkloadIdentity,
         Auth::ClientSecret => AuthMode::ClientSecret,
     };
-    let azure = AzureConfig::new(&cli.arm_endpoint, auth)
+    let cloud = kmsflow_steps::CloudProfile::named_or_file(&cli.cloud)
+        .map_err(|e| Failure::Usage(format!("--cloud: {e}")))?;
+    let azure = AzureConfig::for_cloud(cloud, cli.arm_endpoint.as_deref(), auth)
         .map_err(|e| Failure::Usage(format!("--arm-endpoint: {e}")))?;
     let context = Context {
         azure,
@@ -791,9 +793,7 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
             let stored =
                 crate::daemon::stored_params(&compiled, &param_sources(context, &params)?)?;
             if let Some(url) = &notify_webhook {
-                if !(url.starts_with("https://") || url.starts_with("http://")) {
-                    return Err(Failure::Usage(format!("`{url}` is not an http(s) URL")));
-                }
+                crate::daemon::check_webhook(url).map_err(Failure::Usage)?;
             }
             let targets = match targets {
                 Some(path) => {

@@ -23,12 +23,36 @@ pub struct RunFirer {
     pub http: reqwest::Client,
 }
 
+/// Checks a webhook URL for `schedule add`: https, or http on loopback (a local relay, a
+/// test). The error never repeats the URL: it is a credential.
+pub fn check_webhook(url: &str) -> Result<(), String> {
+    let shown = kmsflow_state::mask_url(url);
+    let parsed =
+        url::Url::parse(url).map_err(|e| format!("the webhook `{shown}` is not a URL: {e}"))?;
+    let loopback = match parsed.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(domain)) => domain == "localhost",
+        None => false,
+    };
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(format!(
+            "the webhook `{shown}` must use https (plain http only on loopback)"
+        )),
+    }
+}
+
 impl RunFirer {
     pub fn new(engine: Engine) -> RunFirer {
         RunFirer {
             engine,
+            // A redirect could carry the payload (and, for Slack or Teams, whatever the URL
+            // grants) to a host nobody configured.
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .expect("an HTTP client"),
         }

@@ -89,7 +89,7 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
         // SAFETY: called from `main` before the runtime (or any other thread) exists.
         unsafe { std::env::set_var(name, value) };
     }
-    cli.arm_endpoint = base_url;
+    cli.arm_endpoint = Some(base_url);
     cli.auth = Auth::ManagedIdentity;
     let runbook = match &cli.command {
         crate::cli::Command::Check { .. } => Some("verify-kms".to_owned()),

@@ -213,7 +213,11 @@ fn a_failing_run_posts_to_the_webhook() {
     )
     .unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    // For Slack and Teams the URL is the credential: it must never be shown again.
+    let url = format!(
+        "http://{}/hook/T000-SECRET-8f3a",
+        listener.local_addr().unwrap()
+    );
     let (sender, received) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
@@ -250,7 +254,13 @@ fn a_failing_run_posts_to_the_webhook() {
             &url,
         ],
     );
-    let mut d = daemon(dir.path());
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let mut d = kmsflow(dir.path(), &["daemon", "--tick", "100ms"])
+        .env("KMSFLOW_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
     let body = received
         .recv_timeout(Duration::from_secs(10))
         .expect("the webhook was called");
@@ -259,6 +269,44 @@ fn a_failing_run_posts_to_the_webhook() {
     assert_eq!(payload["schedule"], "alerting");
     assert_eq!(payload["worst"], "fail");
     assert_eq!(payload["recovered"], false);
+    let mut shown = String::from_utf8(run(dir.path(), &["schedule", "list"]).stdout).unwrap();
+    let listed = run(dir.path(), &["schedule", "list", "--output", "json"]);
+    shown.push_str(&String::from_utf8(listed.stdout).unwrap());
+    let history = run(
+        dir.path(),
+        &["schedule", "history", "alerting", "--output", "json"],
+    );
+    shown.push_str(&String::from_utf8(history.stdout).unwrap());
+    shown.push_str(&std::fs::read_to_string(dir.path().join("daemon.log")).unwrap());
+    assert!(shown.contains("webhook"), "the lists do say there is one");
+    assert!(
+        !shown.contains("SECRET"),
+        "the webhook URL is never shown or logged"
+    );
+}
+
+#[test]
+fn a_webhook_must_be_https_unless_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("quick.yaml"), QUICK).unwrap();
+    let refused = run(
+        dir.path(),
+        &[
+            "schedule",
+            "add",
+            "plain",
+            "--runbook",
+            "quick.yaml",
+            "--cron",
+            "0 * * * *",
+            "--notify-webhook",
+            "http://hooks.example.com/services/T000-SECRET",
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("must use https"), "{said}");
+    assert!(!said.contains("SECRET"), "not even in the refusal: {said}");
 }
 
 #[test]

@@ -478,6 +478,17 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
     } else {
         (RunStatus::Succeeded, None)
     };
+    // Run outputs are stored and printed: they see sensitive outputs masked.
+    for (index, step) in runbook.steps.iter().enumerate() {
+        let sensitive = shared
+            .registry
+            .get(&step.uses)
+            .map_or(&[][..], |kind| kind.sensitive_outputs());
+        if !sensitive.is_empty() && slots[index] == Slot::Succeeded {
+            let shown = mask_sensitive(&context["steps"][&step.id]["outputs"], sensitive);
+            context["steps"][&step.id]["outputs"] = shown;
+        }
+    }
     let outputs = (status == RunStatus::Succeeded).then(|| {
         let rendered: Map<String, Value> = runbook
             .outputs
@@ -511,6 +522,19 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
         error,
         outputs,
     })
+}
+
+/// `outputs` with the named ones replaced by `***`, for the store and the terminal.
+fn mask_sensitive(outputs: &Value, sensitive: &[&str]) -> Value {
+    let mut masked = outputs.clone();
+    if let Value::Object(map) = &mut masked {
+        for name in sensitive {
+            if let Some(value) = map.get_mut(*name) {
+                *value = Value::String("***".into());
+            }
+        }
+    }
+    masked
 }
 
 async fn fail_step(
@@ -637,7 +661,7 @@ impl StepTask {
                         step_id: step.id.clone(),
                         attempt,
                         outcome,
-                        outputs: outputs.clone(),
+                        outputs: mask_sensitive(&outputs, kind.sensitive_outputs()),
                         at,
                     }];
                     if outcome == Outcome::Unchanged {

@@ -384,6 +384,13 @@ pub trait StepKind: Send + Sync + 'static {
         outcome: Outcome,
     ) -> Result<Undo, StepError>;
 
+    /// Outputs that may hold credentials (an action's response: `listClusterAdminCredential`
+    /// answers with a kubeconfig). They are stored and shown as `***`; later steps of the
+    /// same process still read the real value, a resumed run reads `***`.
+    fn sensitive_outputs(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Gets ready to run many steps of this kind (a fleet check): builds clients, fetches
     /// credentials. Optional; a failure here is not final, the steps meet it again.
     async fn prepare(&self) -> Result<(), StepError> {

@@ -24,6 +24,9 @@ pub struct ScheduleRecord {
     pub overlap: String,
     pub catchup_ms: i64,
     pub jitter_ms: i64,
+    /// Where notifications go. For Slack and Teams the URL is the credential: kept here to be
+    /// used, and shown (serialized) only as its origin and `/***`.
+    #[serde(serialize_with = "masked_url")]
     pub webhook: Option<String>,
     pub paused: bool,
     pub created_at: DateTime<Utc>,
@@ -43,6 +46,25 @@ pub struct FireRecord {
     pub outcome: String,
     pub run_id: Option<String>,
     pub detail: Option<Value>,
+}
+
+/// A URL as it may be shown: its scheme and host, the rest masked.
+pub fn mask_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    // Credentials in the authority (`user:pass@host`) are masked too.
+    let host = host.rsplit('@').next().unwrap_or_default();
+    format!("{scheme}://{host}/***")
+}
+
+fn masked_url<S: serde::Serializer>(
+    url: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => serializer.serialize_str(&mask_url(url)),
+        None => serializer.serialize_none(),
+    }
 }
 
 impl Store {

@@ -13,12 +13,19 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 use url::Url;
 
+use crate::cloud::CloudProfile;
 use crate::error::AzureError;
 
-/// The ARM token scope.
-pub const ARM_SCOPE: &str = "https://management.azure.com/.default";
-/// The Key Vault data-plane token scope.
-pub const VAULT_SCOPE: &str = "https://vault.azure.net/.default";
+/// The service a request is for: it decides the token's audience (from the cloud profile)
+/// and which hosts may receive that token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    /// Resource Manager: only its endpoint.
+    ResourceManager,
+    /// Key Vault's data plane: only hosts under the cloud's Key Vault suffixes (or, for the
+    /// sandbox, its own loopback origin).
+    KeyVault,
+}
 
 /// How kmsflow authenticates (`--auth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,23 +74,83 @@ impl Default for RetryBounds {
 /// Where and how to reach Azure.
 #[derive(Debug, Clone)]
 pub struct AzureConfig {
-    /// `https://management.azure.com` unless a sovereign cloud or the sandbox.
+    /// The cloud's own endpoint unless a sandbox (or another endpoint) is given.
     pub arm_endpoint: Url,
+    /// Token audiences and Key Vault host names.
+    pub cloud: CloudProfile,
     pub auth: AuthMode,
     pub retry: RetryBounds,
 }
 
 impl AzureConfig {
-    /// Checks the endpoint: https, except on loopback (the sandbox).
+    /// Azure's public cloud, with Resource Manager at `arm_endpoint`. Checks the endpoint:
+    /// https, except on loopback (the sandbox).
     pub fn new(arm_endpoint: &str, auth: AuthMode) -> Result<AzureConfig, AzureError> {
-        let url = Url::parse(arm_endpoint)
+        AzureConfig::for_cloud(CloudProfile::public(), Some(arm_endpoint), auth)
+    }
+
+    /// A cloud's profile, with Resource Manager at `arm_endpoint` when given (a sandbox), else
+    /// at the cloud's own endpoint.
+    pub fn for_cloud(
+        cloud: CloudProfile,
+        arm_endpoint: Option<&str>,
+        auth: AuthMode,
+    ) -> Result<AzureConfig, AzureError> {
+        let arm_endpoint = arm_endpoint.unwrap_or(&cloud.arm_endpoint).to_owned();
+        let url = Url::parse(&arm_endpoint)
             .map_err(|e| AzureError::Refused(format!("`{arm_endpoint}` is not a URL: {e}")))?;
         check_scheme(&url)?;
         Ok(AzureConfig {
             arm_endpoint: url,
+            cloud,
             auth,
             retry: RetryBounds::default(),
         })
+    }
+
+    /// The token scope of `service` in this cloud.
+    fn scope(&self, service: Service) -> &str {
+        match service {
+            Service::ResourceManager => &self.cloud.arm_scope,
+            Service::KeyVault => &self.cloud.key_vault_scope,
+        }
+    }
+
+    /// Refuses a URL that `service`'s token must not be sent to. Resource Manager tokens go
+    /// only to the ARM endpoint. Key Vault tokens go to the cloud's vault hosts over https, or
+    /// to the ARM endpoint's own origin when that is loopback (the sandbox serves vaults
+    /// there); never to a host a parameter names.
+    fn check_destination(&self, service: Service, url: &Url) -> Result<(), AzureError> {
+        let sandbox = is_loopback(&self.arm_endpoint);
+        let on_arm_origin = url.origin() == self.arm_endpoint.origin();
+        let allowed = match service {
+            Service::ResourceManager => on_arm_origin,
+            Service::KeyVault => {
+                (sandbox && on_arm_origin)
+                    || (url.scheme() == "https"
+                        && url
+                            .host_str()
+                            .is_some_and(|h| self.cloud.is_key_vault_host(h)))
+            }
+        };
+        if allowed {
+            return Ok(());
+        }
+        let expected = match service {
+            Service::ResourceManager => format!(
+                "the Resource Manager endpoint `{}`",
+                self.arm_endpoint.origin().ascii_serialization()
+            ),
+            Service::KeyVault => format!(
+                "a Key Vault host of {} ({})",
+                self.cloud.name,
+                self.cloud.key_vault_suffixes.join(", ")
+            ),
+        };
+        Err(AzureError::Refused(format!(
+            "refusing to send a token to `{}`: it is not {expected}",
+            url.origin().ascii_serialization()
+        )))
     }
 }
 
@@ -152,11 +219,11 @@ pub struct AzureClient {
 /// Tokens by scope, and recent failures to get one.
 #[derive(Default)]
 struct Tokens {
-    issued: HashMap<&'static str, Token>,
+    issued: HashMap<Service, Token>,
     /// When a scope's token last could not be had, and why. The credential's own retry policy
     /// takes a minute or more to give up; without this, every step waiting behind the lock
     /// would wait that long again, and a fleet of 1,000 clusters would take a day to fail.
-    refused: HashMap<&'static str, (std::time::Instant, String)>,
+    refused: HashMap<Service, (std::time::Instant, String)>,
 }
 
 /// How long a failure to get a token is answered from memory before trying again.
@@ -267,17 +334,18 @@ impl AzureClient {
 
     /// A token for `scope`, cached until five minutes before it expires. A failure is
     /// remembered for a minute: callers meanwhile get the same error at once.
-    async fn token(&self, scope: &'static str) -> Result<Token, AzureError> {
+    async fn token(&self, service: Service) -> Result<Token, AzureError> {
+        let scope = self.config.scope(service);
         let mut tokens = self.tokens.lock().await;
         let fresh_enough = std::time::SystemTime::now() + Duration::from_secs(300);
         if let Some(token) = tokens
             .issued
-            .get(scope)
+            .get(&service)
             .filter(|t| t.expires_at > fresh_enough)
         {
             return Ok(token.clone());
         }
-        if let Some((at, detail)) = tokens.refused.get(scope)
+        if let Some((at, detail)) = tokens.refused.get(&service)
             && at.elapsed() < REMEMBER_REFUSAL
         {
             return Err(AzureError::Credential {
@@ -295,32 +363,32 @@ impl AzureClient {
                 let detail = error.to_string();
                 tokens
                     .refused
-                    .insert(scope, (std::time::Instant::now(), detail.clone()));
+                    .insert(service, (std::time::Instant::now(), detail.clone()));
                 return Err(AzureError::Credential {
                     scope: scope.to_owned(),
                     detail,
                 });
             }
         };
-        tokens.refused.remove(scope);
+        tokens.refused.remove(&service);
         let expires_at = std::time::UNIX_EPOCH
             + Duration::from_secs(access.expires_on.unix_timestamp().max(0) as u64);
         let token = Token {
             secret: access.token.secret().to_owned(),
             expires_at,
         };
-        tokens.issued.insert(scope, token.clone());
+        tokens.issued.insert(service, token.clone());
         Ok(token)
     }
 
     /// Fetches (and caches) the ARM token.
     pub async fn warm_up(&self) -> Result<(), AzureError> {
-        self.token(ARM_SCOPE).await.map(drop)
+        self.token(Service::ResourceManager).await.map(drop)
     }
 
     /// The caller's object id and principal type, from the ARM token's `oid` and `idtyp`.
     pub async fn caller(&self) -> Result<Caller, AzureError> {
-        let token = self.token(ARM_SCOPE).await?;
+        let token = self.token(Service::ResourceManager).await?;
         let claims = token
             .secret
             .split('.')
@@ -383,13 +451,15 @@ impl AzureClient {
         &self,
         method: &Method,
         url: &Url,
-        scope: &'static str,
+        scope: Service,
         body: Option<&Value>,
         if_match: Option<&str>,
     ) -> Result<ApiResponse, AzureError> {
+        // Before the token is even fetched: a token never goes to another service's host.
+        self.config.check_destination(scope, url)?;
         let token = self.token(scope).await?;
         // Only Resource Manager meters by subscription; Key Vault has its own limits.
-        let metered = (scope == ARM_SCOPE)
+        let metered = (scope == Service::ResourceManager)
             .then(|| crate::pacer::subscription_of(url.path()).map(str::to_owned))
             .flatten();
         let write = *method != Method::GET;
@@ -491,7 +561,7 @@ impl AzureClient {
         &self,
         method: Method,
         url: &Url,
-        scope: &'static str,
+        scope: Service,
         body: Option<&Value>,
         if_match: Option<&str>,
     ) -> Result<ApiResponse, AzureError> {
@@ -532,10 +602,45 @@ impl AzureClient {
 
     /// GET an ARM resource; `None` on 404.
     pub async fn get(&self, url: &Url) -> Result<Option<ApiResponse>, AzureError> {
-        match self.send(Method::GET, url, ARM_SCOPE, None, None).await {
+        match self
+            .send(Method::GET, url, Service::ResourceManager, None, None)
+            .await
+        {
             Ok(response) => Ok(Some(response)),
             Err(AzureError::Api { status: 404, .. }) => Ok(None),
             Err(error) => Err(error),
+        }
+    }
+
+    /// GET a resource and, while an operation on it is still running (a provisioning state
+    /// that is not terminal), read it again until the operation ends: a resource caught
+    /// `Updating` has not reached what it was asked to become. Returns it as it ended, `Failed`
+    /// included (the caller decides what that means); `None` if it does not exist. Bounded by
+    /// the operation timeout: "still Updating after N s".
+    pub async fn get_settled(&self, url: &Url) -> Result<Option<Value>, AzureError> {
+        let deadline = Instant::now() + self.config.retry.operation_timeout;
+        let mut delay = Duration::from_millis(250);
+        loop {
+            let Some(current) = self.get(url).await? else {
+                return Ok(None);
+            };
+            if !is_provisioning(&current.body) {
+                return Ok(Some(current.body));
+            }
+            let state = current.body["properties"]["provisioningState"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if Instant::now() > deadline {
+                return Err(AzureError::Timeout {
+                    path: url.path().to_owned(),
+                    state,
+                    waited_s: self.config.retry.operation_timeout.as_secs(),
+                });
+            }
+            tracing::debug!(state = %state, "waiting for the operation on the resource to end");
+            tokio::time::sleep(current.retry_after.unwrap_or(delay)).await;
+            delay = (delay * 2).min(Duration::from_secs(15));
         }
     }
 
@@ -548,7 +653,7 @@ impl AzureClient {
         if_match: Option<&str>,
     ) -> Result<Value, AzureError> {
         let response = self
-            .send(method, url, ARM_SCOPE, Some(body), if_match)
+            .send(method, url, Service::ResourceManager, Some(body), if_match)
             .await?;
         self.follow(response, url).await
     }
@@ -567,7 +672,13 @@ impl AzureClient {
             loop {
                 tokio::time::sleep(delay.min(Duration::from_secs(30))).await;
                 let status = self
-                    .send(Method::GET, &status_url, ARM_SCOPE, None, None)
+                    .send(
+                        Method::GET,
+                        &status_url,
+                        Service::ResourceManager,
+                        None,
+                        None,
+                    )
                     .await?;
                 let state = status.body["status"]
                     .as_str()
@@ -599,7 +710,7 @@ impl AzureClient {
             let location = self.trusted(location)?;
             loop {
                 let polled = self
-                    .send(Method::GET, &location, ARM_SCOPE, None, None)
+                    .send(Method::GET, &location, Service::ResourceManager, None, None)
                     .await?;
                 if polled.status != 202 {
                     break;

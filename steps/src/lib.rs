@@ -6,12 +6,14 @@
 
 pub mod azure;
 pub mod client;
+pub mod cloud;
 pub mod error;
 mod kinds;
 pub mod pacer;
 
 pub use azure::Azure;
-pub use client::{AuthMode, AzureClient, AzureConfig, Caller, RetryBounds};
+pub use client::{AuthMode, AzureClient, AzureConfig, Caller, RetryBounds, Service};
+pub use cloud::CloudProfile;
 pub use error::AzureError;
 pub use kinds::register;
 pub use kinds::role_assignment::{ROLES, assignment_name, role_guid};

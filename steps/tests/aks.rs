@@ -325,3 +325,99 @@ steps:
         "one 412, then a PUT on what was read again"
     );
 }
+
+const PMK_SWITCH_AND_VERIFY: &str = r#"
+name: pmk-switch
+params:
+  subscription: { type: string }
+steps:
+  - id: switch
+    uses: azure.aks_kms
+    with: { subscription: "{{params.subscription}}", resource_group: rg-aks, name: aks-prod, kms_mode: PMK }
+  - id: verify
+    uses: azure.aks_verify
+    needs: [switch]
+    with: { subscription: "{{params.subscription}}", resource_group: rg-aks, name: aks-prod, expected_mode: PMK }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_still_updating_is_waited_for_not_taken_as_done() {
+    let h = Harness::new(Faults {
+        delays: Delays {
+            cluster_operation: Duration::from_millis(1_500),
+            ..Delays::default()
+        },
+        ..Faults::default()
+    })
+    .await;
+    seed(&h, "1.33.0", false);
+    // Someone (a run that died, another operator) already asked for this very change: the
+    // cluster has the wanted fields but its operation is still running.
+    let client = support::client(&h.sandbox, support::credential(&h.sandbox));
+    let url = client
+        .arm_url(
+            &[
+                "subscriptions",
+                &h.subscription(),
+                "resourceGroups",
+                "rg-aks",
+                "providers",
+                "Microsoft.ContainerService",
+                "managedClusters",
+                "aks-prod",
+            ],
+            "2026-01-02-preview",
+        )
+        .unwrap();
+    let wanted = existing_cluster(&h.subscription(), "1.33.0", true);
+    client
+        .send(
+            reqwest::Method::PUT,
+            &url,
+            kmsflow_steps::Service::ResourceManager,
+            Some(&wanted),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        cluster_of(&h)["properties"]["provisioningState"],
+        "Updating"
+    );
+    let summary = h.run(PMK_SWITCH_AND_VERIFY, &[]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    assert_eq!(
+        cluster_of(&h)["properties"]["provisioningState"],
+        "Succeeded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_whose_operation_failed_is_applied_again_not_taken_as_done() {
+    let h = Harness::new(quick_clusters()).await;
+    let mut failed = existing_cluster(&h.subscription(), "1.33.0", true);
+    failed["properties"]["provisioningState"] = json!("Failed");
+    h.sandbox.with_world(|w| {
+        w.resource_group("rg-aks", "eastus");
+        w.feature_registered("Microsoft.ContainerService", "KMSPMKPreview");
+        w.resource(failed);
+    });
+    let mark = h.sandbox.requests().len();
+    let summary = h.run(PMK_SWITCH_AND_VERIFY, &[]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    assert_eq!(
+        h.step(&summary.run_id, "switch").outcome,
+        Some(Outcome::Updated),
+        "a Failed cluster is reconciled, even with the wanted fields"
+    );
+    let puts = h
+        .writes_since(mark)
+        .into_iter()
+        .filter(|r| r.method == "PUT")
+        .count();
+    assert_eq!(puts, 1);
+    assert_eq!(
+        cluster_of(&h)["properties"]["provisioningState"],
+        "Succeeded"
+    );
+}

@@ -152,3 +152,25 @@ async fn an_action_whose_answer_was_lost_is_not_posted_again_unless_repeatable()
         "a repeatable action is posted again by the step's next attempt"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actions_response_is_stored_masked_and_still_read_by_later_steps() {
+    let h = Harness::new(Faults::default()).await;
+    let runbook = ACTION_ONLY.replace("REPEATABLE", "repeatable: true")
+        + r#"  - id: read
+    uses: noop
+    with: { outputs: { state: "{{steps.register.outputs.response.properties.state}}" } }
+"#;
+    let summary = h.run(&runbook, &[]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    assert_eq!(
+        h.step(&summary.run_id, "register").outputs.unwrap()["response"],
+        "***",
+        "an action's response may hold credentials: stored masked"
+    );
+    let state = &h.step(&summary.run_id, "read").outputs.unwrap()["state"];
+    assert!(
+        state == "Registering" || state == "Registered",
+        "a later step read the real response: {state}"
+    );
+}

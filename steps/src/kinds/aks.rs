@@ -288,13 +288,35 @@ pub async fn cluster_url(
     .await
 }
 
+/// Reads a cluster, waiting while an operation on it runs; `Null` if it does not exist.
+pub async fn read_settled(client: &crate::AzureClient, url: &url::Url) -> Result<Value, StepError> {
+    Ok(client.get_settled(url).await?.unwrap_or(Value::Null))
+}
+
 /// The plan for an existing cluster that should have `kms`: nothing, or a switch of only its
 /// KMS fields, refused below Kubernetes 1.33 and marked irreversible when it turns on
 /// infrastructure encryption.
+///
+/// `before` was read settled ([`read_settled`]): no operation runs on it. A cluster whose last
+/// operation ended `Failed` (or `Canceled`) is reconciled by putting it again, even when its
+/// fields already read as wanted: Azure recorded them, it did not reach them.
 pub fn plan_switch(name: &str, kms: &Kms, before: &Value) -> Result<StepPlan, StepError> {
     let fields = kms.differences(before);
-    if fields.is_empty() {
+    let state = before["properties"]["provisioningState"]
+        .as_str()
+        .unwrap_or("Succeeded");
+    let failed = matches!(state, "Failed" | "Canceled");
+    if fields.is_empty() && !failed {
         return Ok(StepPlan::unchanged(cluster_outputs(before)));
+    }
+    if fields.is_empty() {
+        return Ok(StepPlan::change(Change::Update {
+            summary: format!(
+                "reconcile AKS cluster {name}: its last operation ended {state} ({} KMS encryption as wanted)",
+                kms.kms_mode
+            ),
+            fields,
+        }));
     }
     let version = before["properties"]["currentKubernetesVersion"]
         .as_str()

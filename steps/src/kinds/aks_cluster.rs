@@ -126,7 +126,7 @@ impl StepKind for AksCluster {
     async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
-        common::read(&client, &url).await
+        aks::read_settled(&client, &url).await
     }
 
     fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {

@@ -127,7 +127,17 @@ impl StepKind for AksKms {
     async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
-        common::read_existing(&client, &url, ("AKS cluster", &p.name, &p.resource_group)).await
+        let cluster = aks::read_settled(&client, &url).await?;
+        if cluster.is_null() {
+            // Says what to do, as for any resource that must exist.
+            return common::read_existing(
+                &client,
+                &url,
+                ("AKS cluster", &p.name, &p.resource_group),
+            )
+            .await;
+        }
+        Ok(cluster)
     }
 
     fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {

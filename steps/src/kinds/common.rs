@@ -103,7 +103,7 @@ pub fn outputs<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> 
     pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
-use crate::client::{ARM_SCOPE, AzureClient};
+use crate::client::{AzureClient, Service};
 use reqwest::Method;
 use url::Url;
 
@@ -139,7 +139,7 @@ pub async fn put(client: &AzureClient, url: &Url, body: &Value) -> Result<Value,
 /// DELETE a resource and wait until it is gone; absent already is fine.
 pub async fn delete(client: &AzureClient, url: &Url) -> Result<(), StepError> {
     match client
-        .send(Method::DELETE, url, ARM_SCOPE, None, None)
+        .send(Method::DELETE, url, Service::ResourceManager, None, None)
         .await
     {
         Ok(response) => {

@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 
 use super::common::{self, SUBSCRIPTION, outputs};
 use crate::azure::Azure;
-use crate::client::ARM_SCOPE;
+use crate::client::Service;
 
 const FEATURES_API: &str = "2021-07-01";
 const PROVIDERS_API: &str = "2025-04-01";
@@ -189,7 +189,7 @@ impl StepKind for Feature {
             .send(
                 Method::POST,
                 &Self::feature_url(&client, &p, true)?,
-                ARM_SCOPE,
+                Service::ResourceManager,
                 None,
                 None,
             )
@@ -211,7 +211,7 @@ impl StepKind for Feature {
             .send(
                 Method::POST,
                 &Self::provider_url(&client, &p, true)?,
-                ARM_SCOPE,
+                Service::ResourceManager,
                 None,
                 None,
             )

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use super::common::{self, outputs, pattern};
 use crate::azure::Azure;
-use crate::client::ARM_SCOPE;
+use crate::client::Service;
 
 const ID: ParamSpec = ParamSpec::required("id", ValueType::String, "the resource's ARM id")
     .pattern(pattern::RESOURCE_ID);
@@ -86,6 +86,10 @@ static RESOURCE: KindSpec = KindSpec {
 impl StepKind for Resource {
     fn spec(&self) -> &'static KindSpec {
         &RESOURCE
+    }
+
+    fn sensitive_outputs(&self) -> &'static [&'static str] {
+        &["resource"]
     }
 
     async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
@@ -211,6 +215,10 @@ impl StepKind for Action {
         &ACTION
     }
 
+    fn sensitive_outputs(&self) -> &'static [&'static str] {
+        &["response"]
+    }
+
     async fn observe(&self, _cx: &StepContext<'_>) -> Result<Value, StepError> {
         Ok(Value::Null)
     }
@@ -242,7 +250,13 @@ impl StepKind for Action {
         let (client, url) = url(&self.0, &p.id, Some(&p.action), &p.api_version).await?;
         let body = p.body.map(Value::Object);
         let response = client
-            .send(Method::POST, &url, ARM_SCOPE, body.as_ref(), None)
+            .send(
+                Method::POST,
+                &url,
+                Service::ResourceManager,
+                body.as_ref(),
+                None,
+            )
             .await?;
         let status_url = url.clone();
         let result = if response.async_operation.is_some() || response.status == 202 {
@@ -265,7 +279,7 @@ impl StepKind for Action {
         };
         let (client, url) = url(&self.0, &p.id, Some(undo), &p.api_version).await?;
         client
-            .send(Method::POST, &url, ARM_SCOPE, None, None)
+            .send(Method::POST, &url, Service::ResourceManager, None, None)
             .await?;
         Ok(Undo::Done)
     }

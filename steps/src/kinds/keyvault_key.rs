@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 use super::common::{self, outputs, pattern};
 use crate::AzureError;
 use crate::azure::Azure;
-use crate::client::VAULT_SCOPE;
+use crate::client::Service;
 
 const API: &str = "7.5";
 const MANAGEMENT_API: &str = "2025-05-01";
@@ -122,7 +122,7 @@ impl StepKind for KeyVaultKey {
         }
         let url = client.vault_url(&p.vault_uri, &["keys", &p.name], API)?;
         match client
-            .send(Method::GET, &url, VAULT_SCOPE, None, None)
+            .send(Method::GET, &url, Service::KeyVault, None, None)
             .await
         {
             Ok(response) => Ok(response.body),
@@ -158,7 +158,7 @@ impl StepKind for KeyVaultKey {
             body["key_ops"] = json!(ops);
         }
         let response = client
-            .send(Method::POST, &url, VAULT_SCOPE, Some(&body), None)
+            .send(Method::POST, &url, Service::KeyVault, Some(&body), None)
             .await?;
         Ok(key_outputs(&response.body))
     }
@@ -176,7 +176,7 @@ impl StepKind for KeyVaultKey {
         let client = self.0.client().await?;
         let url = client.vault_url(&p.vault_uri, &["keys", &p.name], API)?;
         match client
-            .send(Method::DELETE, &url, VAULT_SCOPE, None, None)
+            .send(Method::DELETE, &url, Service::KeyVault, None, None)
             .await
         {
             Ok(_) | Err(AzureError::Api { status: 404, .. }) => Ok(Undo::Done),

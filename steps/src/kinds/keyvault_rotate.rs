@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::common::{outputs, pattern};
 use crate::azure::Azure;
-use crate::client::VAULT_SCOPE;
+use crate::client::Service;
 
 /// Rotates a key now (Key Vault's data-plane `rotate`): a new version, which AKS picks up
 /// within 6 hours when the cluster uses the versionless key id.
@@ -54,7 +54,7 @@ impl StepKind for KeyVaultRotate {
         let client = self.0.client().await?;
         let url = client.vault_url(&p.vault_uri, &["keys", &p.name], "7.5")?;
         let response = client
-            .send(Method::GET, &url, VAULT_SCOPE, None, None)
+            .send(Method::GET, &url, Service::KeyVault, None, None)
             .await?;
         Ok(json!({
             "kid": response.body["key"]["kid"],
@@ -95,7 +95,7 @@ impl StepKind for KeyVaultRotate {
         let client = self.0.client().await?;
         let url = client.vault_url(&p.vault_uri, &["keys", &p.name, "rotate"], "7.5")?;
         let response = client
-            .send(Method::POST, &url, VAULT_SCOPE, None, None)
+            .send(Method::POST, &url, Service::KeyVault, None, None)
             .await?;
         Ok(outputs([
             ("kid", response.body["key"]["kid"].clone()),
