@@ -337,3 +337,32 @@ fn a_second_run_against_the_same_cluster_exits_3_naming_the_first() {
     std::thread::spawn(move || lines.for_each(drop));
     assert!(first.wait().unwrap().success());
 }
+
+#[test]
+fn a_runbook_for_enabling_kms_never_migrates_a_cluster_that_has_the_other_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    // The sandbox's world lives beside the state: first make the cluster CMK.
+    let migrated = kmsflow(dir.path(), &["run", "migrate-pmk-to-cmk", "--sandbox"]);
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let before = cluster(&world(dir.path()));
+    assert_eq!(
+        before["properties"]["securityProfile"]["azureKeyVaultKms"]["enabled"],
+        true
+    );
+    let pmk = kmsflow(dir.path(), &["run", "pmk-existing-cluster", "--sandbox"]);
+    assert_eq!(pmk.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&pmk.stderr);
+    assert!(
+        said.contains("already uses CMK KMS encryption") && said.contains("`migrate-cmk-to-pmk`"),
+        "{said}"
+    );
+    assert_eq!(
+        cluster(&world(dir.path())),
+        before,
+        "the customer-managed key is still in place: nothing was written"
+    );
+}

@@ -139,6 +139,7 @@ steps:
       resource_group: rg-aks
       name: aks-prod
       kms_mode: CMK
+      migrate_from: PMK
       key_id: "{{steps.key.outputs.key_id}}"
       key_vault_id: "{{steps.vault.outputs.id}}"
       network_access: "{{params.network_access}}"

@@ -38,6 +38,12 @@ pub const NETWORK_ACCESS: ParamSpec = ParamSpec::optional(
     "CMK: `Public` (default) or `Private` (vault firewall with the trusted-services bypass)",
 )
 .one_of(&["Public", "Private"]);
+pub const MIGRATE_FROM: ParamSpec = ParamSpec::optional(
+    "migrate_from",
+    ValueType::String,
+    "the KMS mode a cluster may be moved away from (`PMK` or `CMK`): without it, a cluster that already has the other mode is refused before any write, so a runbook for enabling KMS never migrates one",
+)
+.one_of(&["PMK", "CMK"]);
 pub const IDENTITY_ID: ParamSpec = ParamSpec::optional(
     "identity_id",
     ValueType::String,
@@ -57,6 +63,8 @@ pub struct Kms {
     pub network_access: Option<String>,
     #[serde(default)]
     pub identity_id: Option<String>,
+    #[serde(default)]
+    pub migrate_from: Option<String>,
 }
 
 impl Kms {
@@ -328,6 +336,19 @@ pub fn plan_switch(name: &str, kms: &Kms, before: &Value) -> Result<StepPlan, St
         )));
     }
     let from = mode_of(before);
+    // Moving a cluster off the KMS mode it has is a migration: only a step that says so may.
+    if from != "None" && from != kms.kms_mode && kms.migrate_from.as_deref() != Some(from) {
+        let runbook = if from == "CMK" {
+            "migrate-cmk-to-pmk"
+        } else {
+            "migrate-pmk-to-cmk"
+        };
+        return Err(StepError::permanent(format!(
+            "cluster `{name}` already uses {from} KMS encryption; this step enables {} and does not migrate clusters \
+             (it would drop the {from} configuration): use `{runbook}`, or set `migrate_from: {from}` on the step",
+            kms.kms_mode
+        )));
+    }
     let mut plan = StepPlan::change(Change::Update {
         summary: format!(
             "switch AKS cluster {name} from {from} to {} KMS encryption",
@@ -352,6 +373,7 @@ mod tests {
             key_vault_id: Some("/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv".into()),
             network_access: Some("Private".into()),
             identity_id: Some("/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id".into()),
+            migrate_from: None,
         }
     }
 

@@ -5,7 +5,9 @@ use kmsflow_engine::kind::*;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::aks::{self, IDENTITY_ID, KEY_ID, KEY_VAULT_ID, KMS_MODE, Kms, NAME, NETWORK_ACCESS};
+use super::aks::{
+    self, IDENTITY_ID, KEY_ID, KEY_VAULT_ID, KMS_MODE, Kms, MIGRATE_FROM, NAME, NETWORK_ACCESS,
+};
 use super::common::{self, LOCATION, RESOURCE_GROUP, SUBSCRIPTION};
 use crate::azure::Azure;
 
@@ -78,6 +80,7 @@ static SPEC: KindSpec = KindSpec {
         KEY_VAULT_ID,
         NETWORK_ACCESS,
         IDENTITY_ID,
+        MIGRATE_FROM,
     ],
     outputs: OutputsSpec::Fixed(aks::CLUSTER_OUTPUTS),
     may_be_irreversible: true,

@@ -5,7 +5,9 @@ use kmsflow_engine::kind::*;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::aks::{self, IDENTITY_ID, KEY_ID, KEY_VAULT_ID, KMS_MODE, Kms, NAME, NETWORK_ACCESS};
+use super::aks::{
+    self, IDENTITY_ID, KEY_ID, KEY_VAULT_ID, KMS_MODE, Kms, MIGRATE_FROM, NAME, NETWORK_ACCESS,
+};
 use super::common::{self, RESOURCE_GROUP, SUBSCRIPTION};
 use crate::azure::Azure;
 
@@ -36,6 +38,7 @@ static SPEC: KindSpec = KindSpec {
         KEY_VAULT_ID,
         NETWORK_ACCESS,
         IDENTITY_ID,
+        MIGRATE_FROM,
     ],
     outputs: OutputsSpec::Fixed(aks::CLUSTER_OUTPUTS),
     may_be_irreversible: true,
