@@ -585,13 +585,16 @@ fn approve(
     by: Option<String>,
 ) -> Result<u8, Failure> {
     let engine = context.engine()?;
-    let approved_by = by.unwrap_or_else(|| {
-        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "localhost".into());
-        format!("{user}@{host}")
-    });
+    // Who typed it is recorded beside the name given: `--by` is a claim, the OS user a fact.
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    let os_user = format!("{user}@{host}");
+    let approved_by = match by {
+        Some(name) => format!("{name} (as {os_user})"),
+        None => os_user,
+    };
     let run_id = launch::approve(&engine, run_id, step_id, &approved_by)?;
     println!(
         "approved `{step_id}` of run {run_id} as {approved_by}; continue with `kmsflow resume {run_id}`"
@@ -629,6 +632,13 @@ fn show(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> 
         Output::Json => print_json(&render::run_json(&run, &steps)),
         Output::Text => {
             print!("{}", render::run_text(&run, &steps));
+            if run.status == RunStatus::Waiting {
+                let approved = store.approvals(&run_id)?;
+                print!(
+                    "{}",
+                    render::waiting_text(&run_id, &store.events(&run_id)?, &approved)
+                );
+            }
             Ok(code::SUCCESS)
         }
     }

@@ -52,6 +52,8 @@ impl From<LaunchError> for Failure {
             LaunchError::NotResumable { .. }
             | LaunchError::NotRollbackable { .. }
             | LaunchError::RollingBack { .. }
+            | LaunchError::NotWaiting { .. }
+            | LaunchError::AlreadyApproved { .. }
             | LaunchError::Params(_)
             | LaunchError::UnknownStep { .. }
             | LaunchError::NotAnApproval { .. } => Failure::Usage(error.to_string()),

@@ -87,7 +87,15 @@ fn progress_line(event: &Progress, width: usize) -> Option<String> {
         ),
         Progress::StepFailed { step_id, error } => step_line(width, step_id, "FAILED", error),
         Progress::StepSkipped { step_id, reason } => step_line(width, step_id, "skipped", reason),
-        Progress::StepWaiting { step_id } => step_line(width, step_id, "waiting", "for approval"),
+        Progress::StepWaiting { step_id, message } => match message {
+            Some(message) => step_line(
+                width,
+                step_id,
+                "waiting",
+                &format!("for approval: {message}"),
+            ),
+            None => step_line(width, step_id, "waiting", "for approval"),
+        },
         Progress::Draining { running } => format!(
             "kmsflow: stopping: no new steps; waiting for {running} running step(s) to finish (Ctrl-C again cancels them)"
         ),
@@ -161,7 +169,10 @@ fn progress_json(event: &Progress) -> Value {
             "step_skipped",
             json!({"step_id": step_id, "reason": reason}),
         ),
-        Progress::StepWaiting { step_id } => ("step_waiting", json!({"step_id": step_id})),
+        Progress::StepWaiting { step_id, message } => (
+            "step_waiting",
+            json!({"step_id": step_id, "message": message}),
+        ),
         Progress::Draining { running } => ("draining", json!({"running": running})),
         Progress::RunFinished {
             run_id,
@@ -288,6 +299,31 @@ pub fn runs_text(runs: &[RunRecord]) -> String {
 }
 
 /// `events` as text.
+/// The approvals a waiting run asks for, with what each approver should check.
+pub fn waiting_text(
+    run_id: &str,
+    events: &[EventRecord],
+    approved: &[kmsflow_state::Approval],
+) -> String {
+    let mut out = String::new();
+    for event in events.iter().filter(|e| e.kind == "approval_requested") {
+        let Some(step_id) = event.step_id.as_deref() else {
+            continue;
+        };
+        if approved.iter().any(|a| a.step_id == step_id) || out.contains(&format!("`{step_id}`")) {
+            continue;
+        }
+        out.push_str(&format!("\nwaiting for approval of `{step_id}`"));
+        if let Some(message) = event.detail["message"].as_str() {
+            out.push_str(&format!(": {message}"));
+        }
+        out.push_str(&format!(
+            "\n  approve with `kmsflow approve {run_id} {step_id}`, then `kmsflow resume {run_id}`\n"
+        ));
+    }
+    out
+}
+
 pub fn events_text(events: &[EventRecord]) -> String {
     let mut out = String::new();
     for event in events {

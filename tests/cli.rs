@@ -336,7 +336,22 @@ steps:
     );
     let output = ws.run(&["run", "gated.yaml"]);
     assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+    // The approver is told what to check, where the run stops and where they look.
+    assert!(
+        stderr(&output).contains("for approval: look at prepared.txt"),
+        "{}",
+        stderr(&output)
+    );
     let run_id = run_id_of(&output);
+    let shown = ws.run(&["show", &run_id]);
+    assert!(
+        String::from_utf8_lossy(&shown.stdout)
+            .contains("waiting for approval of `gate`: look at prepared.txt"),
+        "{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
+    let events = ws.run(&["events", &run_id]);
+    assert!(String::from_utf8_lossy(&events.stdout).contains("look at prepared.txt"));
     assert_eq!(ws.show(&run_id)["status"], "waiting");
     assert!(!ws.path("done.txt").exists());
     // Resuming before approval waits again.
@@ -344,11 +359,29 @@ steps:
 
     let approve = ws.run(&["approve", &run_id, "gate", "--by", "alice@ops"]);
     assert!(approve.status.success(), "{}", stderr(&approve));
+    // A second approval is refused, naming the first, never written over it.
+    let again = ws.run(&["approve", &run_id, "gate", "--by", "bob@ops"]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        stderr(&again).contains("approved already, by alice@ops (as "),
+        "{}",
+        stderr(&again)
+    );
     let output = ws.run(&["resume", &run_id]);
     assert!(output.status.success(), "{}", stderr(&output));
-    assert_eq!(ws.read("done.txt"), "approved by alice@ops");
     let run = ws.show(&run_id);
-    assert_eq!(step(&run, "gate")["outputs"]["approved_by"], "alice@ops");
+    let approved_by = step(&run, "gate")["outputs"]["approved_by"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        approved_by.starts_with("alice@ops (as ") && approved_by.contains('@'),
+        "the name given and the OS user: {approved_by}"
+    );
+    assert_eq!(ws.read("done.txt"), format!("approved by {approved_by}"));
+    // The run is not waiting any more: nothing to approve.
+    let late = ws.run(&["approve", &run_id, "gate"]);
+    assert_eq!(late.status.code(), Some(2));
     // Approving a step that does not exist is a usage error.
     assert_eq!(ws.run(&["approve", &run_id, "nope"]).status.code(), Some(2));
     let not_a_gate = ws.run(&["approve", &run_id, "prepare"]);

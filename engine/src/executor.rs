@@ -681,17 +681,24 @@ impl StepTask {
                     return Ok(TaskEnd::Succeeded(outputs));
                 }
                 Attempt::Error(error) if error.class == ErrorClass::AwaitingApproval => {
+                    let message = self.input["message"]
+                        .as_str()
+                        .map(|m| shared.redactor.text(m));
                     shared
                         .commit(vec![Write::Event {
                             run_id: shared.run_id.clone(),
                             step_id: Some(step.id.clone()),
                             kind: "approval_requested".into(),
-                            detail: json!({"approve_with": format!("kmsflow approve {} {}", shared.run_id, step.id)}),
+                            detail: json!({
+                                "approve_with": format!("kmsflow approve {} {}", shared.run_id, step.id),
+                                "message": message,
+                            }),
                             at,
                         }])
                         .await?;
                     (shared.progress)(&Progress::StepWaiting {
                         step_id: step.id.clone(),
+                        message,
                     });
                     return Ok(TaskEnd::Waiting);
                 }

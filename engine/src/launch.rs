@@ -85,6 +85,24 @@ pub enum LaunchError {
         step_id: String,
         uses: String,
     },
+    #[error(
+        "run `{run_id}` is not waiting for approval of `{step_id}` (it is {status}); approve a step once \
+         `kmsflow run` or `resume` stops at it, as `kmsflow show {run_id}` says"
+    )]
+    NotWaiting {
+        run_id: String,
+        step_id: String,
+        status: RunStatus,
+    },
+    #[error(
+        "step `{step_id}` of run `{run_id}` was approved already, by {approved_by} at {approved_at}; an approval is given once"
+    )]
+    AlreadyApproved {
+        run_id: String,
+        step_id: String,
+        approved_by: String,
+        approved_at: DateTime<Utc>,
+    },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointFailed),
 }
@@ -525,7 +543,8 @@ pub async fn rollback(
     result
 }
 
-/// Records who approved a waiting step.
+/// Records who approved a waiting step: only a step the run is waiting on, and only once (a
+/// second approval is refused, never written over the first).
 pub fn approve(
     engine: &Engine,
     run_id_or_prefix: &str,
@@ -549,6 +568,30 @@ pub fn approve(
             });
         }
         Some(_) => {}
+    }
+    if let Some(earlier) = store
+        .approvals(&run_id)?
+        .into_iter()
+        .find(|a| a.step_id == step_id)
+    {
+        return Err(LaunchError::AlreadyApproved {
+            run_id,
+            step_id: step_id.to_owned(),
+            approved_by: earlier.approved_by,
+            approved_at: earlier.approved_at,
+        });
+    }
+    let run = store.run(&run_id)?;
+    let requested = store
+        .events(&run_id)?
+        .iter()
+        .any(|e| e.kind == "approval_requested" && e.step_id.as_deref() == Some(step_id));
+    if run.status != RunStatus::Waiting || !requested {
+        return Err(LaunchError::NotWaiting {
+            run_id,
+            step_id: step_id.to_owned(),
+            status: run.status,
+        });
     }
     store.commit(&[Write::Approve {
         run_id: run_id.clone(),

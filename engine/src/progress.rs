@@ -55,6 +55,8 @@ pub enum Progress {
     },
     StepWaiting {
         step_id: String,
+        /// What the approver should check (an `approve` step's `message`).
+        message: Option<String>,
     },
     /// Ctrl-C: no new steps start.
     Draining {

@@ -502,7 +502,8 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             at,
         } => {
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO approvals (run_id, step_id, approved_by, approved_at)
+                // Never over an earlier approval: a second one fails the primary key.
+                "INSERT INTO approvals (run_id, step_id, approved_by, approved_at)
                  VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![run_id, step_id, approved_by, ts(at)])?;

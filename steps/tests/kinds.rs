@@ -332,3 +332,90 @@ async fn rollback_removes_what_the_run_created_and_nothing_else() {
         "the pre-existing group stays"
     );
 }
+
+const VAULT_ONLY: &str = r#"
+name: vault
+params:
+  subscription: { type: string }
+  tenant: { type: string }
+steps:
+  - id: group
+    uses: azure.resource_group
+    with: { subscription: "{{params.subscription}}", resource_group: rg-full, location: eastus }
+  - id: vault
+    uses: azure.keyvault
+    needs: [group]
+    with: { subscription: "{{params.subscription}}", resource_group: rg-full, name: kv-full-body, location: eastus, tenant: "{{params.tenant}}" TAGS }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updating_a_vault_keeps_what_the_step_does_not_manage_and_merges_tags() {
+    let h = Harness::new(Faults::default()).await;
+    let created = h.run(&VAULT_ONLY.replace(" TAGS", ""), &[]).await;
+    assert_eq!(created.status, RunStatus::Succeeded, "{:?}", created.error);
+    // Someone else set a property kmsflow does not manage, and a tag of their own.
+    let client = support::client(&h.sandbox, support::credential(&h.sandbox));
+    let url = client
+        .arm_url(
+            &[
+                "subscriptions",
+                &h.subscription(),
+                "resourceGroups",
+                "rg-full",
+                "providers",
+                "Microsoft.KeyVault",
+                "vaults",
+                "kv-full-body",
+            ],
+            "2025-05-01",
+        )
+        .unwrap();
+    client
+        .send(
+            reqwest::Method::PATCH,
+            &url,
+            kmsflow_steps::Service::ResourceManager,
+            Some(&serde_json::json!({"tags": {"owner": "other-team"}, "properties": {"enabledForDiskEncryption": true}})),
+            None,
+        )
+        .await
+        .unwrap();
+    let tagged = VAULT_ONLY.replace(" TAGS", ", tags: { env: prod } ");
+    let updated = h.run(&tagged, &[]).await;
+    assert_eq!(updated.status, RunStatus::Succeeded, "{:?}", updated.error);
+    let vault = h.sandbox.world()["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "kv-full-body")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        vault["properties"]["enabledForDiskEncryption"], true,
+        "a property the step does not manage is kept"
+    );
+    assert_eq!(
+        vault["tags"],
+        serde_json::json!({"owner": "other-team", "env": "prod"}),
+        "tags are merged"
+    );
+    // Replacing tags on purpose: the plan shows the removal it makes.
+    let replaced = VAULT_ONLY.replace(" TAGS", ", tags: { env: prod }, replace_tags: true ");
+    let summary = h.run(&replaced, &[]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    let events =
+        kmsflow_state::Store::open(&h.engine.state_path, kmsflow_state::Durability::Normal)
+            .unwrap()
+            .events(&summary.run_id)
+            .unwrap();
+    assert!(events.iter().any(|e| e.kind == "step_applying"));
+    let vault = h.sandbox.world()["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "kv-full-body")
+        .unwrap()
+        .clone();
+    assert_eq!(vault["tags"], serde_json::json!({"env": "prod"}));
+    assert_eq!(vault["properties"]["enabledForDiskEncryption"], true);
+}

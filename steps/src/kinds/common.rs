@@ -31,8 +31,66 @@ pub const LOCATION: ParamSpec = ParamSpec::required(
     "the Azure region, e.g. `eastus`",
 )
 .pattern(pattern::LOCATION);
-pub const TAGS: ParamSpec =
-    ParamSpec::optional("tags", ValueType::Map, "tags to set on the resource");
+pub const TAGS: ParamSpec = ParamSpec::optional(
+    "tags",
+    ValueType::Map,
+    "tags to set on the resource, merged into the ones it has (see `replace_tags`)",
+);
+pub const REPLACE_TAGS: ParamSpec = ParamSpec::optional(
+    "replace_tags",
+    ValueType::Bool,
+    "make `tags` the resource's only tags, removing others (default false: merge)",
+);
+
+/// The tags a PUT of an existing resource sends: its own, with `wanted` merged in, or only
+/// `wanted` when replacing. A PUT replaces the whole resource, so tags left out are removed.
+pub fn tags_to_put(wanted: Option<&Map<String, Value>>, before: &Value, replace: bool) -> Value {
+    let mut tags = match (&before["tags"], replace) {
+        (Value::Object(existing), false) => existing.clone(),
+        _ => Map::new(),
+    };
+    if let Some(wanted) = wanted {
+        tags.extend(wanted.iter().map(|(k, v)| (k.clone(), v.clone())));
+    } else if replace {
+        return Value::Object(Map::new());
+    }
+    Value::Object(tags)
+}
+
+/// The tag changes that [`tags_to_put`] makes, as the plan shows them: every tag added or
+/// changed, and every tag removed when replacing.
+pub fn tag_changes(
+    wanted: Option<&Map<String, Value>>,
+    before: &Value,
+    replace: bool,
+    out: &mut Vec<FieldChange>,
+) {
+    if wanted.is_none() && !replace {
+        return;
+    }
+    let put = tags_to_put(wanted, before, replace);
+    let empty = Map::new();
+    let had = before["tags"].as_object().unwrap_or(&empty);
+    let will = put.as_object().unwrap_or(&empty);
+    for (key, value) in will {
+        if had.get(key) != Some(value) {
+            out.push(FieldChange {
+                path: format!("tags.{key}"),
+                from: had.get(key).cloned().unwrap_or(Value::Null),
+                to: value.clone(),
+            });
+        }
+    }
+    for (key, value) in had {
+        if !will.contains_key(key) {
+            out.push(FieldChange {
+                path: format!("tags.{key}"),
+                from: value.clone(),
+                to: Value::Null,
+            });
+        }
+    }
+}
 
 /// Path segments of a resource in a resource group.
 pub fn resource_path<'a>(

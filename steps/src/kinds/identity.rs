@@ -5,7 +5,9 @@ use kmsflow_engine::kind::*;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::common::{self, LOCATION, RESOURCE_GROUP, SUBSCRIPTION, TAGS, outputs, pattern};
+use super::common::{
+    self, LOCATION, REPLACE_TAGS, RESOURCE_GROUP, SUBSCRIPTION, TAGS, outputs, pattern,
+};
 use crate::azure::Azure;
 
 const API: &str = "2023-01-31";
@@ -22,6 +24,8 @@ struct Params {
     location: String,
     #[serde(default)]
     tags: Option<Map<String, Value>>,
+    #[serde(default)]
+    replace_tags: bool,
 }
 
 static SPEC: KindSpec = KindSpec {
@@ -34,6 +38,7 @@ static SPEC: KindSpec = KindSpec {
             .pattern(pattern::IDENTITY),
         LOCATION,
         TAGS,
+        REPLACE_TAGS,
     ],
     outputs: OutputsSpec::Fixed(&[
         OutputSpec {
@@ -91,9 +96,7 @@ impl StepKind for Identity {
             }));
         }
         let mut fields = Vec::new();
-        if let Some(tags) = &p.tags {
-            common::differences(&json!({"tags": tags}), before, "", &mut fields);
-        }
+        common::tag_changes(p.tags.as_ref(), before, p.replace_tags, &mut fields);
         if fields.is_empty() {
             return Ok(StepPlan::unchanged(identity_outputs(before)));
         }
@@ -111,11 +114,7 @@ impl StepKind for Identity {
     ) -> Result<Map<String, Value>, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
-        let tags = p
-            .tags
-            .map(Value::Object)
-            .or_else(|| before.get("tags").cloned())
-            .unwrap_or(json!({}));
+        let tags = common::tags_to_put(p.tags.as_ref(), before, p.replace_tags);
         let result = common::put(
             &client,
             &url,

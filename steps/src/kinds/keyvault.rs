@@ -5,7 +5,9 @@ use kmsflow_engine::kind::*;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::common::{self, LOCATION, RESOURCE_GROUP, SUBSCRIPTION, TAGS, outputs, pattern};
+use super::common::{
+    self, LOCATION, REPLACE_TAGS, RESOURCE_GROUP, SUBSCRIPTION, TAGS, outputs, pattern,
+};
 use crate::azure::Azure;
 
 pub(crate) const API: &str = "2025-05-01";
@@ -33,7 +35,12 @@ struct Params {
     purge_protection: bool,
     #[serde(default)]
     tags: Option<Map<String, Value>>,
+    #[serde(default)]
+    replace_tags: bool,
 }
+
+/// Vault properties Azure computes: never sent back in a PUT.
+const READ_ONLY: &[&str] = &["provisioningState", "vaultUri", "hsmPoolResourceId"];
 
 fn standard() -> String {
     "standard".into()
@@ -95,6 +102,7 @@ static SPEC: KindSpec = KindSpec {
             "enable purge protection (irreversible; default false)",
         ),
         TAGS,
+        REPLACE_TAGS,
     ],
     outputs: OutputsSpec::Fixed(&[
         OutputSpec {
@@ -178,9 +186,7 @@ impl StepKind for KeyVault {
                 "",
                 &mut fields,
             );
-            if let Some(tags) = &p.tags {
-                common::differences(&json!({"tags": tags}), before, "", &mut fields);
-            }
+            common::tag_changes(p.tags.as_ref(), before, p.replace_tags, &mut fields);
             if fields.is_empty() {
                 return Ok(StepPlan::unchanged(vault_outputs(before)));
             }
@@ -206,21 +212,27 @@ impl StepKind for KeyVault {
     ) -> Result<Map<String, Value>, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
-        let mut properties = p.desired_properties();
-        // A PUT replaces the vault: carry over what this step does not manage (the firewall
-        // that `azure.keyvault_network` sets, access policies).
-        for kept in ["networkAcls", "accessPolicies", "enablePurgeProtection"] {
-            if properties.get(kept).is_none()
-                && let Some(value) = before["properties"].get(kept).filter(|v| !v.is_null())
-            {
-                properties[kept] = value.clone();
+        // A PUT replaces the vault: it carries every property the vault has (the firewall that
+        // `azure.keyvault_network` sets, access policies, `enabledForDiskEncryption`, ...)
+        // and changes only the ones this step manages; the plan showed exactly those.
+        let mut properties = match &before["properties"] {
+            Value::Object(observed) => {
+                let mut kept = observed.clone();
+                kept.retain(|key, value| !READ_ONLY.contains(&key.as_str()) && !value.is_null());
+                Value::Object(kept)
             }
+            _ => json!({}),
+        };
+        if let (Value::Object(kept), Value::Object(managed)) =
+            (&mut properties, p.desired_properties())
+        {
+            kept.extend(managed);
         }
-        let tags = p
-            .tags
-            .map(Value::Object)
-            .or_else(|| before.get("tags").cloned())
-            .unwrap_or(json!({}));
+        if before.is_null() && properties.get("accessPolicies").is_none() {
+            // The spec requires it on create; with RBAC authorization it stays empty.
+            properties["accessPolicies"] = json!([]);
+        }
+        let tags = common::tags_to_put(p.tags.as_ref(), before, p.replace_tags);
         let result = common::put(
             &client,
             &url,

@@ -5,7 +5,7 @@ use kmsflow_engine::kind::*;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::common::{self, LOCATION, RESOURCE_GROUP, SUBSCRIPTION, TAGS, outputs};
+use super::common::{self, LOCATION, REPLACE_TAGS, RESOURCE_GROUP, SUBSCRIPTION, TAGS, outputs};
 use crate::azure::Azure;
 
 const API: &str = "2025-04-01";
@@ -21,12 +21,14 @@ struct Params {
     location: String,
     #[serde(default)]
     tags: Option<Map<String, Value>>,
+    #[serde(default)]
+    replace_tags: bool,
 }
 
 static SPEC: KindSpec = KindSpec {
     name: "azure.resource_group",
     summary: "Ensures a resource group exists in `location` (with `tags`, if given). Rollback deletes it only if this run created it.",
-    params: &[SUBSCRIPTION, RESOURCE_GROUP, LOCATION, TAGS],
+    params: &[SUBSCRIPTION, RESOURCE_GROUP, LOCATION, TAGS, REPLACE_TAGS],
     outputs: OutputsSpec::Fixed(&[
         OutputSpec {
             name: "id",
@@ -138,9 +140,7 @@ impl StepKind for ResourceGroup {
             )));
         }
         let mut fields = Vec::new();
-        if let Some(tags) = &p.tags {
-            common::differences(&json!({"tags": tags}), before, "", &mut fields);
-        }
+        common::tag_changes(p.tags.as_ref(), before, p.replace_tags, &mut fields);
         if fields.is_empty() {
             return Ok(StepPlan::unchanged(group_outputs(before)));
         }
@@ -158,12 +158,10 @@ impl StepKind for ResourceGroup {
     ) -> Result<Map<String, Value>, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
-        let mut body = json!({"location": p.location});
-        match (&p.tags, before.get("tags")) {
-            (Some(tags), _) => body["tags"] = json!(tags),
-            (None, Some(existing)) => body["tags"] = existing.clone(),
-            _ => {}
-        }
+        let body = json!({
+            "location": p.location,
+            "tags": common::tags_to_put(p.tags.as_ref(), before, p.replace_tags),
+        });
         let result = common::put(&client, &url, &body).await?;
         Ok(group_outputs(&result))
     }
