@@ -93,9 +93,28 @@ fn report(failure: &Failure) {
     }
 }
 
+/// Log directives that hold whatever the user sets (a target directive wins over a level).
+const QUIET_LIBRARIES: &[&str] = &[
+    "handlebars=off",
+    "azure_core=warn",
+    "azure_identity=warn",
+    "typespec_client_core=warn",
+    "reqwest=warn",
+    "hyper=warn",
+    "hyper_util=warn",
+    "h2=warn",
+    "rustls=warn",
+];
+
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KMSFLOW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Libraries that log the values they handle stay quiet whatever KMSFLOW_LOG asks:
+    // handlebars logs rendered templates (secret parameters in them) at debug, and the HTTP
+    // and identity stacks log requests and token exchanges at debug and trace.
+    let filter = QUIET_LIBRARIES.iter().fold(filter, |filter, directive| {
+        filter.add_directive(directive.parse().expect("a valid directive"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

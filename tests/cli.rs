@@ -475,6 +475,60 @@ steps:
 
 #[cfg(unix)]
 #[test]
+fn secrets_stay_out_of_logs_at_every_level_out_of_before_images_and_in_private_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = Workspace::new();
+    ws.write(
+        "creds.yaml",
+        r#"
+name: creds
+params:
+  token: { type: string, secret: true }
+steps:
+  - id: write
+    uses: file
+    with: { path: creds.txt, content: "token={{params.token}}" }
+"#,
+    );
+    let first = "first-secret-4b1d";
+    let second = "second-secret-9e2c";
+    for secret in [first, second] {
+        let output = ws
+            .command(&["run", "creds.yaml", "-p", &format!("token={secret}")])
+            .env("KMSFLOW_LOG", "trace")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        let logged = format!(
+            "{}{}",
+            stderr(&output),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        assert!(
+            !logged.contains(secret),
+            "the log holds the secret:\n{logged}"
+        );
+        let mode = std::fs::metadata(ws.path("creds.txt"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "a file with a secret is private");
+    }
+    // The second run's before image is the file the first wrote: the first secret must not
+    // be kept in it.
+    for file in ["state.db", "state.db-wal"] {
+        let bytes = std::fs::read(ws.path(file)).unwrap_or_default();
+        for secret in [first, second] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{file} holds `{secret}`"
+            );
+        }
+    }
+}
+
+#[cfg(unix)]
+#[test]
 fn the_state_file_is_private() {
     use std::os::unix::fs::PermissionsExt;
     let ws = Workspace::new();

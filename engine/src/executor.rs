@@ -397,9 +397,11 @@ async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointF
                 }
             };
             slots[index] = Slot::Running;
+            let input_has_secrets = redactor.value(&input) != input;
             let task = StepTask {
                 shared: shared.clone(),
                 index,
+                input_has_secrets,
                 input,
                 prior_attempts: prior[index].as_ref().map_or(0, |r| r.attempts),
                 prior_planned: prior[index].as_ref().and_then(|r| r.planned_outcome),
@@ -570,6 +572,7 @@ struct StepTask {
     prior_planned: Option<Outcome>,
     /// The before image an earlier attempt committed, if any (a resumed run's).
     prior_before: Option<Value>,
+    input_has_secrets: bool,
     approval: Option<Approval>,
 }
 
@@ -615,6 +618,7 @@ impl StepTask {
                 approval: self.approval.as_ref(),
                 cancel: &shared.abort,
                 earlier_before: earlier_before.as_ref(),
+                input_has_secrets: self.input_has_secrets,
             };
             let mut committed_before = None;
             let attempt_future = attempt_once(

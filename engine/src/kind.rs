@@ -342,6 +342,10 @@ pub struct StepContext<'a> {
     /// tell from the world alone whether its change was made (a key rotation adds a version
     /// that looks like any other) compares the world with this instead of applying again.
     pub earlier_before: Option<&'a Value>,
+    /// Whether the rendered input holds a secret parameter's value. A kind that would keep
+    /// part of the world in its before image (a file's content) keeps only a digest then, and
+    /// writes what it makes private.
+    pub input_has_secrets: bool,
 }
 
 impl StepContext<'_> {

@@ -161,6 +161,7 @@ pub async fn preview(
                 approval: None,
                 cancel: &cancel,
                 earlier_before: None,
+                input_has_secrets: redactor.value(&input) != input,
             };
             let planned = match kind.observe(&cx).await {
                 Ok(before) => kind.plan(&cx, &before),

@@ -68,6 +68,31 @@ fn outputs(path: &std::path::Path, bytes: u64) -> Map<String, Value> {
     map
 }
 
+fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Writes a fresh file, private (0600) when it holds a secret.
+async fn write_new(path: &std::path::Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::fs::remove_file(path).await;
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    if private {
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut file = options.open(path).await?;
+    file.write_all(bytes).await?;
+    file.sync_all().await
+}
+
 fn io_error(action: &str, path: &std::path::Path, error: std::io::Error) -> StepError {
     StepError::permanent(format!("cannot {action} `{}`: {error}", path.display()))
 }
@@ -81,6 +106,13 @@ impl StepKind for File {
     async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
         let params: Params = cx.params()?;
         match tokio::fs::read(&params.path).await {
+            // A file written with a secret may hold an earlier secret: the before image keeps
+            // only its digest (and rollback cannot put the old content back).
+            Ok(bytes) if params.mode == Mode::Write && cx.input_has_secrets => Ok(json!({
+                "exists": true,
+                "len": bytes.len(),
+                "sha256": digest(&bytes),
+            })),
             Ok(bytes) => Ok(match params.mode {
                 Mode::Write => json!({
                     "exists": true,
@@ -107,7 +139,11 @@ impl StepKind for File {
             Mode::Write if !exists => StepPlan::change(Change::Create {
                 summary: format!("create {path} ({} bytes)", params.content.len()),
             }),
-            Mode::Write if before["content"].as_str() == Some(params.content.as_str()) => {
+            Mode::Write
+                if before["content"].as_str() == Some(params.content.as_str())
+                    || before["sha256"].as_str()
+                        == Some(digest(params.content.as_bytes()).as_str()) =>
+            {
                 StepPlan::unchanged(outputs(&params.path, params.content.len() as u64))
             }
             Mode::Write => StepPlan::change(Change::Update {
@@ -137,7 +173,7 @@ impl StepKind for File {
             Mode::Write => {
                 // Write beside, then rename: a crash never leaves half a file.
                 let temporary = params.path.with_extension("kmsflow-tmp");
-                tokio::fs::write(&temporary, &params.content)
+                write_new(&temporary, params.content.as_bytes(), cx.input_has_secrets)
                     .await
                     .map_err(|e| io_error("write", &temporary, e))?;
                 tokio::fs::rename(&temporary, &params.path)
@@ -146,9 +182,13 @@ impl StepKind for File {
             }
             Mode::Append => {
                 use tokio::io::AsyncWriteExt;
-                let mut file = tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
+                let mut options = tokio::fs::OpenOptions::new();
+                options.create(true).append(true);
+                #[cfg(unix)]
+                if cx.input_has_secrets {
+                    options.mode(0o600);
+                }
+                let mut file = options
                     .open(&params.path)
                     .await
                     .map_err(|e| io_error("open", &params.path, e))?;
@@ -182,6 +222,12 @@ impl StepKind for File {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Undo::Done),
                 Err(e) => Err(io_error("delete", &params.path, e)),
             },
+            Outcome::Updated | Outcome::Created if before.get("content").is_none() => {
+                Ok(Undo::Irreversible(format!(
+                    "`{}` was overwritten with content holding a secret; its earlier content (which may hold one too) was not kept, so it cannot be put back",
+                    params.path.display()
+                )))
+            }
             Outcome::Updated | Outcome::Created => {
                 let content = before["content"].as_str().unwrap_or_default();
                 tokio::fs::write(&params.path, content)

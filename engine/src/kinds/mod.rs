@@ -51,6 +51,7 @@ pub(crate) mod test_support {
                 approval: None,
                 cancel: &self.cancel,
                 earlier_before: None,
+                input_has_secrets: false,
             }
         }
     }
