@@ -178,6 +178,9 @@ impl Shared {
     }
 }
 
+/// The longest a step waits for a server-requested `Retry-After` before its next attempt.
+const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// How many attempts beyond its retry policy a step gets to find out whether a write whose
 /// answer was lost took effect.
 const MAX_UNKNOWN_OUTCOMES: u32 = 3;
@@ -720,6 +723,16 @@ impl StepTask {
                         let backoff = step.retry.delay(attempts_here, fastrand::f64());
                         let delay = error
                             .retry_after
+                            .map(|after| {
+                                if after > MAX_RETRY_AFTER {
+                                    tracing::warn!(
+                                        asked_s = after.as_secs(),
+                                        clamped_s = MAX_RETRY_AFTER.as_secs(),
+                                        "Retry-After clamped"
+                                    );
+                                }
+                                after.min(MAX_RETRY_AFTER)
+                            })
                             .map_or(backoff, |after| after.max(backoff / 2));
                         shared
                             .commit(vec![Write::StepAttemptFailed {

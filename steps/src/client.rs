@@ -226,8 +226,34 @@ struct Tokens {
     refused: HashMap<Service, (std::time::Instant, String)>,
 }
 
-/// How long a failure to get a token is answered from memory before trying again.
-const REMEMBER_REFUSAL: Duration = Duration::from_secs(60);
+/// How long a failure to get a token is answered from memory before trying again. Callers
+/// that were already waiting for the token when it failed get the failure too, however long
+/// the credential took to give up (its own retries take over a minute against a token
+/// endpoint that does not answer).
+const REMEMBER_REFUSAL: Duration = Duration::from_secs(5);
+
+/// How often a request asks for a token again after the credential failed (an IMDS 5xx, a
+/// timeout): a blip in the middle of a 20-minute cluster operation must not fail the step.
+const CREDENTIAL_ATTEMPTS: u32 = 3;
+
+/// The longest `Retry-After` honoured; longer ones are clamped, and the clamp is logged.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// A `Retry-After` header's delay, clamped to [`MAX_RETRY_AFTER`].
+fn retry_after_header(value: Option<String>, path: &str) -> Option<Duration> {
+    let seconds = value?.trim().parse::<u64>().ok()?;
+    let asked = Duration::from_secs(seconds);
+    if asked > MAX_RETRY_AFTER {
+        tracing::warn!(
+            path,
+            asked_s = seconds,
+            clamped_s = MAX_RETRY_AFTER.as_secs(),
+            "Retry-After is longer than kmsflow waits at once; clamped"
+        );
+        return Some(MAX_RETRY_AFTER);
+    }
+    Some(asked)
+}
 
 impl std::fmt::Debug for AzureClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -334,8 +360,11 @@ impl AzureClient {
 
     /// A token for `scope`, cached until five minutes before it expires. A failure is
     /// remembered for a minute: callers meanwhile get the same error at once.
-    async fn token(&self, service: Service) -> Result<Token, AzureError> {
+    /// A token for `service`, cached until 5 minutes before it expires. `ask_again` skips a
+    /// remembered failure (a request retrying after one).
+    async fn token(&self, service: Service, ask_again: bool) -> Result<Token, AzureError> {
         let scope = self.config.scope(service);
+        let waiting_since = std::time::Instant::now();
         let mut tokens = self.tokens.lock().await;
         let fresh_enough = std::time::SystemTime::now() + Duration::from_secs(300);
         if let Some(token) = tokens
@@ -346,7 +375,8 @@ impl AzureClient {
             return Ok(token.clone());
         }
         if let Some((at, detail)) = tokens.refused.get(&service)
-            && at.elapsed() < REMEMBER_REFUSAL
+            && !ask_again
+            && (*at >= waiting_since || at.elapsed() < REMEMBER_REFUSAL)
         {
             return Err(AzureError::Credential {
                 scope: scope.to_owned(),
@@ -383,12 +413,12 @@ impl AzureClient {
 
     /// Fetches (and caches) the ARM token.
     pub async fn warm_up(&self) -> Result<(), AzureError> {
-        self.token(Service::ResourceManager).await.map(drop)
+        self.token(Service::ResourceManager, false).await.map(drop)
     }
 
     /// The caller's object id and principal type, from the ARM token's `oid` and `idtyp`.
     pub async fn caller(&self) -> Result<Caller, AzureError> {
-        let token = self.token(Service::ResourceManager).await?;
+        let token = self.token(Service::ResourceManager, false).await?;
         let claims = token
             .secret
             .split('.')
@@ -454,10 +484,11 @@ impl AzureClient {
         scope: Service,
         body: Option<&Value>,
         if_match: Option<&str>,
+        ask_again: bool,
     ) -> Result<ApiResponse, AzureError> {
         // Before the token is even fetched: a token never goes to another service's host.
         self.config.check_destination(scope, url)?;
-        let token = self.token(scope).await?;
+        let token = self.token(scope, ask_again).await?;
         // Only Resource Manager meters by subscription; Key Vault has its own limits.
         let metered = (scope == Service::ResourceManager)
             .then(|| crate::pacer::subscription_of(url.path()).map(str::to_owned))
@@ -497,9 +528,7 @@ impl AzureClient {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
-        let retry_after = header("retry-after")
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after_header(header("retry-after"), url.path());
         if let Some(slot) = &mut slot {
             let remaining_header = if write {
                 "x-ms-ratelimit-remaining-subscription-writes"
@@ -568,14 +597,23 @@ impl AzureClient {
         let bounds = self.config.retry;
         let started = Instant::now();
         let mut transient_failures = 0u32;
+        let mut credential_failures = 0u32;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let error = match self.send_once(&method, url, scope, body, if_match).await {
+            let ask_again = credential_failures > 0;
+            let error = match self
+                .send_once(&method, url, scope, body, if_match, ask_again)
+                .await
+            {
                 Ok(response) => return Ok(response),
                 Err(error) => error,
             };
-            let retry = if method == Method::POST && error.may_have_applied() {
+            let retry = if let AzureError::Credential { .. } = error {
+                // Nothing was sent: ask the credential again, a few times.
+                credential_failures += 1;
+                credential_failures < CREDENTIAL_ATTEMPTS
+            } else if method == Method::POST && error.may_have_applied() {
                 tracing::debug!(error = %error, "not resending a POST that may have been applied");
                 false
             } else if error.is_transient() {
@@ -862,6 +900,19 @@ mod tests {
             "{second}"
         );
         assert_eq!(credential.0.load(SeqCst), 1, "asked once");
+    }
+
+    #[test]
+    fn retry_after_is_clamped() {
+        assert_eq!(
+            retry_after_header(Some("86400".into()), "/x"),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            retry_after_header(Some(" 7 ".into()), "/x"),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(retry_after_header(Some("soon".into()), "/x"), None);
     }
 
     #[test]

@@ -137,11 +137,15 @@ impl AzureError {
         let status = self.status();
         let outcome_unknown = self.is_unanswered_post();
         // A 412 means the resource changed under us: the step's next attempt observes it again.
+        // A credential that failed after the client's own retries may still recover (IMDS
+        // answers 410 for a minute during host updates): worth the step's retries too.
         let error = if self.is_transient()
             || self.is_eventual()
             || self.status() == Some(412)
-            || matches!(self, AzureError::Timeout { .. })
-        {
+            || matches!(
+                self,
+                AzureError::Timeout { .. } | AzureError::Credential { .. }
+            ) {
             StepError::transient(self)
         } else {
             StepError::permanent(self)

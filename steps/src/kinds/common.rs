@@ -36,6 +36,38 @@ pub const TAGS: ParamSpec = ParamSpec::optional(
     ValueType::Map,
     "tags to set on the resource, merged into the ones it has (see `replace_tags`)",
 );
+pub const MAX_WAIT: ParamSpec = ParamSpec::optional(
+    "max_wait",
+    ValueType::Duration,
+    "the longest this step waits before it fails with what it last saw (default: the kind's)",
+);
+
+/// A ceiling on a wait: every wait ends, with what it last saw.
+pub struct Deadline {
+    started: std::time::Instant,
+    limit: std::time::Duration,
+}
+
+impl Deadline {
+    pub fn new(limit: std::time::Duration) -> Deadline {
+        Deadline {
+            started: std::time::Instant::now(),
+            limit,
+        }
+    }
+
+    /// Fails once the limit has passed: "`what` is still `state` after 30m".
+    pub fn check(&self, what: &str, state: &str) -> Result<(), StepError> {
+        if self.started.elapsed() < self.limit {
+            return Ok(());
+        }
+        Err(StepError::permanent(format!(
+            "{what} is still `{state}` after {}; raise `max_wait` if that is expected, or look at why it does not move",
+            kmsflow_engine::duration::format_duration(self.limit)
+        )))
+    }
+}
+
 pub const REPLACE_TAGS: ParamSpec = ParamSpec::optional(
     "replace_tags",
     ValueType::Bool,

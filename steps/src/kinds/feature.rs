@@ -29,6 +29,12 @@ struct Params {
     feature: String,
     #[serde(default = "thirty_seconds")]
     poll_interval: HumanDuration,
+    #[serde(default = "one_hour")]
+    max_wait: HumanDuration,
+}
+
+fn one_hour() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
 }
 
 fn container_service() -> String {
@@ -55,7 +61,7 @@ async fn pause(waited: &mut Duration, max: Duration) {
 
 static SPEC: KindSpec = KindSpec {
     name: "azure.feature",
-    summary: "Registers a preview feature (default `Microsoft.ContainerService/KMSPMKPreview`), waits until it is `Registered`, then re-registers the resource provider. A feature left `Pending` needs approval and fails the step with that explanation. Bound the wait with the step's `timeout`. Rollback leaves the feature registered (harmless, and other clusters may rely on it).",
+    summary: "Registers a preview feature (default `Microsoft.ContainerService/KMSPMKPreview`), waits until it is `Registered`, then re-registers the resource provider. A feature left `Pending` needs approval and fails the step with that explanation. Fails after `max_wait` (default 1h) with the state it last saw. Rollback leaves the feature registered (harmless, and other clusters may rely on it).",
     params: &[
         SUBSCRIPTION,
         ParamSpec::optional(
@@ -75,6 +81,7 @@ static SPEC: KindSpec = KindSpec {
             ValueType::Duration,
             "the longest wait between checks of the registration (default 30s; checks start at 1s and double)",
         ),
+        common::MAX_WAIT,
     ],
     outputs: OutputsSpec::Fixed(&[
         OutputSpec {
@@ -197,7 +204,10 @@ impl StepKind for Feature {
         let mut current = state(&register.body, "/properties/state");
         let get = Self::feature_url(&client, &p, false)?;
         let mut waited = Duration::ZERO;
+        let deadline = common::Deadline::new(p.max_wait.0);
+        let feature = format!("feature {}/{}", p.namespace, p.feature);
         while !current.eq_ignore_ascii_case("Registered") {
+            deadline.check(&feature, &current)?;
             if current.eq_ignore_ascii_case("Pending") {
                 return Err(StepError::permanent(format!(
                     "feature {}/{} is `Pending`: it needs approval from Microsoft before it can be registered; ask for it, then run again",
@@ -222,7 +232,9 @@ impl StepKind for Feature {
             "/registrationState",
         );
         let mut waited = Duration::ZERO;
+        let provider_name = format!("resource provider {}", p.namespace);
         while !provider_state.eq_ignore_ascii_case("Registered") {
+            deadline.check(&provider_name, &provider_state)?;
             pause(&mut waited, p.poll_interval.0).await;
             provider_state = state(
                 &common::read(&client, &provider).await?,

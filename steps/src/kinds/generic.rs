@@ -297,6 +297,12 @@ struct WaitParams {
     values: Vec<Value>,
     #[serde(default = "ten_seconds")]
     poll_interval: HumanDuration,
+    #[serde(default = "thirty_minutes")]
+    max_wait: HumanDuration,
+}
+
+fn thirty_minutes() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1800))
 }
 
 fn ten_seconds() -> HumanDuration {
@@ -305,7 +311,7 @@ fn ten_seconds() -> HumanDuration {
 
 static WAIT: KindSpec = KindSpec {
     name: "azure.wait",
-    summary: "Reads a resource every `poll_interval` until the value at `pointer` is one of `values` (strings compare case-insensitively); a missing resource counts as not yet. Bound it with the step's `timeout`. Reads only.",
+    summary: "Reads a resource every `poll_interval` until the value at `pointer` is one of `values` (strings compare case-insensitively); a missing resource counts as not yet. Fails after `max_wait` (default 30m) with the value it last saw. Reads only.",
     params: &[
         ID,
         API_VERSION,
@@ -316,6 +322,7 @@ static WAIT: KindSpec = KindSpec {
             ValueType::Duration,
             "how often to read (default 10s)",
         ),
+        common::MAX_WAIT,
     ],
     outputs: OutputsSpec::Fixed(&[OutputSpec {
         name: "value",
@@ -366,12 +373,19 @@ impl StepKind for Wait {
         _plan: &StepPlan,
     ) -> Result<Map<String, Value>, StepError> {
         let p: WaitParams = cx.params()?;
+        let deadline = common::Deadline::new(p.max_wait.0);
+        let what = format!("{}{}", p.id, p.pointer);
         loop {
             tokio::time::sleep(p.poll_interval.0).await;
             let found = self.observe(cx).await?;
             if matches_any(&found, &p.values) {
                 return Ok(outputs([("value", found)]));
             }
+            let shown = match &found {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            deadline.check(&what, &shown)?;
         }
     }
 

@@ -25,6 +25,8 @@ pub struct SandboxCredential {
     header: String,
     /// Overrides the audience asked for (to test wrong-audience tokens).
     pub force_resource: Option<String>,
+    /// Fails this many token requests before answering (an IMDS blip).
+    pub fail_first: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[async_trait::async_trait]
@@ -34,6 +36,15 @@ impl TokenCredential for SandboxCredential {
         scopes: &[&str],
         _: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
+        let failing = self.fail_first.load(std::sync::atomic::Ordering::SeqCst);
+        if failing > 0 {
+            self.fail_first
+                .store(failing - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(azure_core::Error::with_message(
+                azure_core::error::ErrorKind::Credential,
+                "the managed identity endpoint answered 503 (injected)",
+            ));
+        }
         let resource = self
             .force_resource
             .clone()
@@ -94,6 +105,7 @@ pub fn credential(sandbox: &Sandbox) -> SandboxCredential {
         endpoint: env["IDENTITY_ENDPOINT"].clone(),
         header: env["IDENTITY_HEADER"].clone(),
         force_resource: None,
+        fail_first: Default::default(),
     }
 }
 
@@ -126,13 +138,32 @@ impl Harness {
     }
 
     pub async fn with_retries(faults: Faults, retry: RetryBounds) -> Harness {
+        Harness::with_client(faults, |sandbox| {
+            client_with(sandbox, credential(sandbox), retry)
+        })
+        .await
+    }
+
+    /// A harness whose credential fails its first `n` token requests.
+    pub async fn with_flaky_credential(faults: Faults, n: usize) -> Harness {
+        Harness::with_client(faults, |sandbox| {
+            let credential = credential(sandbox);
+            credential
+                .fail_first
+                .store(n, std::sync::atomic::Ordering::SeqCst);
+            client_with(sandbox, credential, fast_retries())
+        })
+        .await
+    }
+
+    async fn with_client(faults: Faults, client: impl FnOnce(&Sandbox) -> AzureClient) -> Harness {
         let sandbox = Sandbox::start(SandboxOptions {
             faults,
             ..SandboxOptions::default()
         })
         .await
         .unwrap();
-        let client = client_with(&sandbox, credential(&sandbox), retry);
+        let client = client(&sandbox);
         let mut registry = Registry::with_engine_kinds();
         kmsflow_steps::register(&mut registry, Azure::with_client(client));
         let dir = tempfile::tempdir().unwrap();
