@@ -3,11 +3,12 @@
 //! (`--allow-param-change`). Against `kmsflow sandbox serve` in another process, with its
 //! request log as the witness.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+mod support;
+
+use std::process::Output;
 
 use serde_json::Value;
+use support::serve;
 
 const RUNBOOK: &str = r#"
 name: target
@@ -32,89 +33,6 @@ steps:
 
 const OTHER_SUBSCRIPTION: &str = "11111111-2222-4333-8444-555555555555";
 
-struct Served {
-    child: Child,
-    env: HashMap<String, String>,
-    base_url: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve() -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
-        .args(["sandbox", "serve"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base_url = lines.next().unwrap().unwrap();
-    let env = lines
-        .by_ref()
-        .take(6)
-        .map(|line| {
-            let line = line.unwrap();
-            let (name, value) = line.split_once('=').expect("NAME=value");
-            (name.to_owned(), value.to_owned())
-        })
-        .collect();
-    Served {
-        child,
-        env,
-        base_url,
-    }
-}
-
-impl Served {
-    fn kmsflow(&self, dir: &std::path::Path, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kmsflow"));
-        command
-            .args(args)
-            .current_dir(dir)
-            .envs(&self.env)
-            .env("KMSFLOW_STATE", dir.join("state.db"))
-            .stdin(Stdio::null());
-        command
-    }
-
-    fn requests(&self) -> Vec<Value> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let url = format!("{}/_sandbox/requests", self.base_url);
-        let body: Value =
-            runtime.block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() });
-        body.as_array().cloned().unwrap_or_default()
-    }
-
-    /// Requests whose path contains `part` (case-insensitively), as `METHOD path`.
-    fn requests_to(&self, part: &str) -> Vec<String> {
-        self.requests()
-            .iter()
-            .filter(|r| {
-                r["path"]
-                    .as_str()
-                    .unwrap()
-                    .to_lowercase()
-                    .contains(&part.to_lowercase())
-            })
-            .map(|r| {
-                format!(
-                    "{} {}",
-                    r["method"].as_str().unwrap(),
-                    r["path"].as_str().unwrap()
-                )
-            })
-            .collect()
-    }
-}
-
 fn run_id(output: &Output) -> String {
     let json: Value = serde_json::from_slice(&output.stdout).unwrap();
     json["id"].as_str().unwrap().to_owned()
@@ -126,7 +44,7 @@ fn stderr(output: &Output) -> String {
 
 #[test]
 fn rollback_and_resume_keep_the_runs_target_whatever_the_shell_says() {
-    let served = serve();
+    let served = serve(&[]);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("target.yaml"), RUNBOOK).unwrap();
     let stopped = served
@@ -202,7 +120,7 @@ fn rollback_and_resume_keep_the_runs_target_whatever_the_shell_says() {
 
 #[test]
 fn with_the_flag_a_rollback_does_what_it_was_told() {
-    let served = serve();
+    let served = serve(&[]);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("target.yaml"), RUNBOOK).unwrap();
     let ran = served

@@ -1,0 +1,119 @@
+//! `kmsflow sandbox serve` in another process, and the binary pointed at it: what the
+//! end-to-end tests that watch the sandbox's request log share.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+/// A sandbox serving in another process; killed when dropped.
+pub struct Served {
+    child: Child,
+    /// What a client needs (`AZURE_SUBSCRIPTION_ID`, `IDENTITY_ENDPOINT`, ...).
+    pub env: HashMap<String, String>,
+    pub base_url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `kmsflow sandbox serve <args>`.
+pub fn serve(args: &[&str]) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
+        .args(["sandbox", "serve"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let base_url = lines.next().unwrap().unwrap();
+    assert!(base_url.starts_with("http://127.0.0.1:"), "{base_url}");
+    let env = lines
+        .by_ref()
+        .take(6)
+        .map(|line| {
+            let line = line.unwrap();
+            let (name, value) = line.split_once('=').expect("NAME=value");
+            (name.to_owned(), value.to_owned())
+        })
+        .collect();
+    Served {
+        child,
+        env,
+        base_url,
+    }
+}
+
+impl Served {
+    /// The binary, pointed at this sandbox, with its state in `dir`.
+    pub fn kmsflow(&self, dir: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kmsflow"));
+        command
+            .args(args)
+            .current_dir(dir)
+            .envs(&self.env)
+            .env("KMSFLOW_STATE", dir.join("state.db"))
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = format!("{}{path}", self.base_url);
+        runtime.block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+    }
+
+    /// Every request served so far, oldest first.
+    pub fn requests(&self) -> Vec<Value> {
+        self.get("/_sandbox/requests")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// How many writes were served so far.
+    pub fn writes(&self) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r["write"] == true)
+            .count()
+    }
+
+    /// The world as it is now.
+    pub fn world(&self) -> Value {
+        self.get("/_sandbox/world")
+    }
+
+    /// Requests whose path contains `part` (case-insensitively), as `METHOD path`.
+    pub fn requests_to(&self, part: &str) -> Vec<String> {
+        self.requests()
+            .iter()
+            .filter(|r| {
+                r["path"]
+                    .as_str()
+                    .unwrap()
+                    .to_lowercase()
+                    .contains(&part.to_lowercase())
+            })
+            .map(|r| {
+                format!(
+                    "{} {}",
+                    r["method"].as_str().unwrap(),
+                    r["path"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+}
