@@ -622,6 +622,7 @@ impl StepTask {
                 cancel: &shared.abort,
                 earlier_before: earlier_before.as_ref(),
                 input_has_secrets: self.input_has_secrets,
+                recorded_outputs: None,
             };
             let mut committed_before = None;
             let attempt_future = attempt_once(

@@ -346,6 +346,10 @@ pub struct StepContext<'a> {
     /// part of the world in its before image (a file's content) keeps only a digest then, and
     /// writes what it makes private.
     pub input_has_secrets: bool,
+    /// For rollback: the outputs the step recorded when it succeeded. A kind that deletes
+    /// what the step created checks the thing is still that one (a principal id, a resource
+    /// UID, a creation time recorded at creation) before it deletes.
+    pub recorded_outputs: Option<&'a Value>,
 }
 
 impl StepContext<'_> {

@@ -162,6 +162,7 @@ pub async fn preview(
                 cancel: &cancel,
                 earlier_before: None,
                 input_has_secrets: redactor.value(&input) != input,
+                recorded_outputs: None,
             };
             let planned = match kind.observe(&cx).await {
                 Ok(before) => kind.plan(&cx, &before),

@@ -117,6 +117,7 @@ pub(crate) async fn walk(walk: Walk<'_>) -> Result<RunSummary, LaunchError> {
                     cancel: &cancel,
                     earlier_before: record.before_image.as_ref(),
                     input_has_secrets: redactor.value(&input) != input,
+                    recorded_outputs: record.outputs.as_ref(),
                 };
                 let before = record.before_image.clone().unwrap_or(Value::Null);
                 kind.rollback(&cx, &before, outcome)

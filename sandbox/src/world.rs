@@ -815,7 +815,17 @@ impl World {
                     "location": location,
                     "tags": body.get("tags").cloned().unwrap_or(json!({})),
                     "properties": properties,
-                    "systemData": {"createdAt": chrono::Utc::now().to_rfc3339(), "createdBy": self.caller, "createdByType": "Application"},
+                    "systemData": {
+                        // Set when the vault is made; an update changes only lastModifiedAt.
+                        "createdAt": existing
+                            .as_ref()
+                            .map(|e| e["systemData"]["createdAt"].clone())
+                            .filter(Value::is_string)
+                            .unwrap_or_else(|| json!(chrono::Utc::now().to_rfc3339())),
+                        "createdBy": self.caller,
+                        "createdByType": "Application",
+                        "lastModifiedAt": chrono::Utc::now().to_rfc3339(),
+                    },
                 });
                 self.resources.insert(id_key, vault.clone());
                 if existing.is_some() {
@@ -1653,6 +1663,13 @@ impl World {
                 properties["kubernetesVersion"] = json!(effective_version);
                 properties["currentKubernetesVersion"] = json!(effective_version);
                 properties["maxAgentPools"] = json!(100);
+                // Read-only: tells a cluster from another made later under the same id (a
+                // create, delete, create sequence). Kept across updates.
+                properties["resourceUID"] = existing
+                    .as_ref()
+                    .map(|e| e["properties"]["resourceUID"].clone())
+                    .filter(|uid| uid.is_string())
+                    .unwrap_or_else(|| json!(uuid().replace('-', "")[..24].to_owned()));
                 if properties
                     .get("nodeResourceGroup")
                     .is_none_or(Value::is_null)

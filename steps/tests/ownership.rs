@@ -80,3 +80,50 @@ async fn a_refused_create_is_not_the_runs_so_rollback_leaves_what_another_team_m
         "the other team's identity survives the rollback"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_leaves_a_resource_made_again_since_under_the_same_name() {
+    let h = Harness::new(Faults::default()).await;
+    let ours = h.run(IDENTITY, &[]).await;
+    assert_eq!(ours.status, RunStatus::Succeeded, "{:?}", ours.error);
+    // Someone deletes the identity and makes one of the same name: a new principal.
+    let client = support::client(&h.sandbox, support::credential(&h.sandbox));
+    let url = client
+        .arm_url(
+            &[
+                "subscriptions",
+                &h.subscription(),
+                "resourceGroups",
+                "rg-own",
+                "providers",
+                "Microsoft.ManagedIdentity",
+                "userAssignedIdentities",
+                "id-shared",
+            ],
+            "2023-01-31",
+        )
+        .unwrap();
+    let arm = kmsflow_steps::Service::ResourceManager;
+    client
+        .send(reqwest::Method::DELETE, &url, arm, None, None)
+        .await
+        .unwrap();
+    client
+        .send(
+            reqwest::Method::PUT,
+            &url,
+            arm,
+            Some(&serde_json::json!({"location": "eastus"})),
+            None,
+        )
+        .await
+        .unwrap();
+    let rolled_back = h.rollback(&ours.run_id).await;
+    assert_eq!(rolled_back.status, RunStatus::RollbackFailed);
+    let error = rolled_back.error.unwrap();
+    assert!(
+        error.contains("managed identity `id-shared` is not the one this run created"),
+        "{error}"
+    );
+    assert_eq!(identities(&h), 1, "the identity made since survives");
+}

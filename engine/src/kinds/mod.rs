@@ -52,6 +52,7 @@ pub(crate) mod test_support {
                 cancel: &self.cancel,
                 earlier_before: None,
                 input_has_secrets: false,
+                recorded_outputs: None,
             }
         }
     }

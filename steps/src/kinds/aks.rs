@@ -255,6 +255,10 @@ pub const CLUSTER_OUTPUTS: &[OutputSpec] = &[
         description: "the cluster's ARM id",
     },
     OutputSpec {
+        name: "resource_uid",
+        description: "its `resourceUID`, which tells it from a cluster made later under the same id; rollback deletes only that one",
+    },
+    OutputSpec {
         name: "name",
         description: "its name",
     },
@@ -272,6 +276,7 @@ pub const CLUSTER_OUTPUTS: &[OutputSpec] = &[
 pub fn cluster_outputs(body: &Value) -> Map<String, Value> {
     super::common::outputs([
         ("id", body["id"].clone()),
+        ("resource_uid", body["properties"]["resourceUID"].clone()),
         ("name", body["name"].clone()),
         ("kms_mode", json!(mode_of(body))),
         (

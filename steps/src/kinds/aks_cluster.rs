@@ -178,6 +178,17 @@ impl StepKind for AksCluster {
         let (client, url) = self.url(&p).await?;
         match outcome {
             Outcome::Created => {
+                let current = common::read(&client, &url).await?;
+                let what = format!("AKS cluster `{}`", p.name);
+                if let Some(reason) = common::not_the_one_created(
+                    &what,
+                    &current,
+                    cx.recorded_outputs,
+                    "resource_uid",
+                    "/properties/resourceUID",
+                ) {
+                    return Ok(Undo::Irreversible(reason));
+                }
                 common::delete(&client, &url).await?;
                 Ok(Undo::Done)
             }

@@ -257,6 +257,26 @@ pub async fn resource_url(
     Ok((client, url))
 }
 
+/// Before rollback deletes what a step created: why `current` is not that instance, if it is
+/// not. The step recorded `output` when it made it; `pointer` finds the same marker in the
+/// resource as it is now (a principal id, a resource UID, a creation time). No marker on
+/// either side says nothing, and the delete goes ahead as before.
+pub fn not_the_one_created(
+    what: &str,
+    current: &Value,
+    recorded: Option<&Value>,
+    output: &str,
+    pointer: &str,
+) -> Option<String> {
+    let then = recorded?.get(output).filter(|v| v.is_string())?;
+    let now = current.pointer(pointer).filter(|v| v.is_string())?;
+    (then != now).then(|| {
+        format!(
+            "{what} is not the one this run created (its {output} was {then}, it is {now} now): someone made it again since; left in place"
+        )
+    })
+}
+
 /// Rollback for the kinds that create a resource or change only its tags: a created one is
 /// deleted, an updated one gets back the location and tags `before` had.
 pub async fn undo_create_or_tags(

@@ -132,6 +132,19 @@ impl StepKind for Identity {
     ) -> Result<Undo, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
+        if outcome == Outcome::Created {
+            let current = common::read(&client, &url).await?;
+            let what = format!("managed identity `{}`", p.name);
+            if let Some(reason) = common::not_the_one_created(
+                &what,
+                &current,
+                cx.recorded_outputs,
+                "principal_id",
+                "/properties/principalId",
+            ) {
+                return Ok(Undo::Irreversible(reason));
+            }
+        }
         common::undo_create_or_tags(&client, &url, before, outcome).await
     }
 }

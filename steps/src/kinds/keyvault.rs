@@ -117,6 +117,10 @@ static SPEC: KindSpec = KindSpec {
             name: "vault_uri",
             description: "its data-plane URI (what key steps call)",
         },
+        OutputSpec {
+            name: "created_at",
+            description: "when Azure made it (`systemData.createdAt`); rollback deletes it only if it is still that vault",
+        },
     ]),
     may_be_irreversible: true,
 };
@@ -126,6 +130,7 @@ fn vault_outputs(body: &Value) -> Map<String, Value> {
         ("id", body["id"].clone()),
         ("name", body["name"].clone()),
         ("vault_uri", body["properties"]["vaultUri"].clone()),
+        ("created_at", body["systemData"]["createdAt"].clone()),
     ])
 }
 
@@ -252,6 +257,17 @@ impl StepKind for KeyVault {
         let (client, url) = self.url(&p).await?;
         match outcome {
             Outcome::Created => {
+                let current = common::read(&client, &url).await?;
+                let what = format!("key vault `{}`", p.name);
+                if let Some(reason) = common::not_the_one_created(
+                    &what,
+                    &current,
+                    cx.recorded_outputs,
+                    "created_at",
+                    "/systemData/createdAt",
+                ) {
+                    return Ok(Undo::Irreversible(reason));
+                }
                 common::delete(&client, &url).await?;
                 Ok(Undo::Done)
             }
