@@ -329,7 +329,7 @@ steps:
     assert_eq!(attempt_failures, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_timeout_bounds_each_attempt() {
     let h = Harness::new();
     let text = r#"
@@ -341,11 +341,14 @@ steps:
     timeout: 50ms
     retry: { attempts: 2, initial: 10ms }
 "#;
-    let started = std::time::Instant::now();
-    let summary = h.run(text, 8).await;
+    let (summary, took) = on_paused_clock(&h, text, 8).await;
     assert_eq!(summary.status, RunStatus::Failed);
     assert!(summary.error.unwrap().contains("timed out after 50ms"));
-    assert!(started.elapsed() < Duration::from_secs(1));
+    // Two attempts of 50 ms and a backoff of 5 to 10 ms between them (equal jitter).
+    assert!(
+        took >= Duration::from_millis(105) && took <= Duration::from_millis(110),
+        "{took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,7 +381,7 @@ steps:
     assert_eq!(status["follower"], StepStatus::Succeeded);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn concurrency_is_capped_and_independent_steps_overlap() {
     let h = Harness::new();
     let mut text = String::from("name: t\nsteps:\n");
@@ -387,16 +390,11 @@ async fn concurrency_is_capped_and_independent_steps_overlap() {
             "  - id: s{i}\n    uses: probe\n    with: {{ key: k{i}, hold_ms: 40 }}\n"
         ));
     }
-    let started = std::time::Instant::now();
-    let summary = h.run(&text, 3).await;
+    let (summary, took) = on_paused_clock(&h, &text, 3).await;
     assert_eq!(summary.status, RunStatus::Succeeded);
     assert_eq!(h.probe.max_in_flight.load(Ordering::SeqCst), 3);
-    // 12 steps of 40 ms, 3 at a time: about 160 ms, far from the 480 ms of one at a time.
-    assert!(
-        started.elapsed() < Duration::from_millis(400),
-        "{:?}",
-        started.elapsed()
-    );
+    // 12 steps of 40 ms, 3 at a time: four rounds, exactly, not the 480 ms of one at a time.
+    assert_eq!(took, Duration::from_millis(160));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,6 +538,39 @@ steps:
     );
     assert_eq!(status["after"], StepStatus::RolledBack);
     assert_eq!(status["encrypt"], StepStatus::Succeeded);
+}
+
+/// Runs `text` with checkpoints kept in memory, on tokio's paused clock (the test's runtime
+/// must start paused); returns how it ended and how much virtual time it took. Exact, and
+/// deaf to a loaded machine.
+async fn on_paused_clock(h: &Harness, text: &str, concurrency: usize) -> (RunSummary, Duration) {
+    let request = h.request(text, concurrency);
+    let started = tokio::time::Instant::now();
+    let summary = execute(Execution {
+        run_id: "r".into(),
+        started_at: Utc::now(),
+        runbook: request.runbook,
+        params: request.params,
+        registry: h.engine().registry,
+        checkpoints: Arc::new(CommitLog::default()),
+        progress: silent(),
+        options: ExecOptions {
+            concurrency,
+            checkpointing: Checkpointing::EveryTransition,
+        },
+        signals: Signals::default(),
+        previous: Vec::new(),
+        approvals: Vec::new(),
+        lock: kmsflow_engine::lease::HeldLock {
+            key: "run/r".into(),
+            token: 1,
+        },
+        resumed: false,
+        pending: Vec::new(),
+    })
+    .await
+    .unwrap();
+    (summary, started.elapsed())
 }
 
 /// Records what each commit carried, by the kind of write, instead of storing it.

@@ -11,7 +11,10 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so the pacer's timing is tested on a paused clock, exactly.
+use tokio::time::Instant;
 
 /// A bucket's shape: burst and refill per second.
 #[derive(Debug, Clone, Copy)]
@@ -167,7 +170,9 @@ impl Pacer {
         if let Some(after) = retry_after {
             let until = now + after;
             mirror.hold_until = Some(mirror.hold_until.map_or(until, |h| h.max(until)));
-            mirror.remaining = 0.0;
+            // ARM's Retry-After is when a request is accepted again: one token then (the
+            // paused-clock test showed a whole refill period wasted after every 429 before).
+            mirror.remaining = 1.0;
             mirror.heard_at = until;
         }
     }
@@ -187,7 +192,12 @@ pub fn subscription_of(path: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    /// Virtual time since `start`, on the paused clock.
+    fn since(start: Instant) -> Duration {
+        Instant::now() - start
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_full_bucket_sends_at_once_then_paces_at_the_refill_rate() {
         let pacer = Pacer::default();
         let started = Instant::now();
@@ -195,22 +205,21 @@ mod tests {
             // Answered without a count: each still takes a token.
             drop(pacer.acquire("s", false).await);
         }
-        assert!(
-            started.elapsed() < Duration::from_millis(50),
-            "the burst goes at once"
-        );
+        assert_eq!(since(started), Duration::ZERO, "the burst goes at once");
         let _next = pacer.acquire("s", false).await;
+        // One read token refills in 40 ms (25/s); a waiter adds at most 2 ms of spread.
+        let waited = since(started);
         assert!(
-            started.elapsed() >= Duration::from_millis(35),
-            "the 251st waits for a refill"
+            waited >= Duration::from_millis(40) && waited <= Duration::from_millis(42),
+            "the 251st waits for one refill: {waited:?}"
         );
         // Writes have their own bucket.
         let quick = Instant::now();
         let _write = pacer.acquire("s", true).await;
-        assert!(quick.elapsed() < Duration::from_millis(20));
+        assert_eq!(since(quick), Duration::ZERO);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_older_answer_arriving_late_does_not_raise_a_newer_count() {
         let pacer = Pacer::default();
         let mut older = pacer.acquire("s", false).await;
@@ -223,19 +232,20 @@ mod tests {
         let started = Instant::now();
         drop(pacer.acquire("s", false).await);
         assert!(
-            started.elapsed() >= Duration::from_millis(30),
-            "the late answer's count was believed"
+            since(started) >= Duration::from_millis(40),
+            "the late answer's count was believed: {:?}",
+            since(started)
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_servers_count_and_retry_after_rule() {
         let pacer = Pacer::default();
         pacer.acquire("s", false).await.observe(Some(0), None);
         let started = Instant::now();
         drop(pacer.acquire("s", false).await);
         assert!(
-            started.elapsed() >= Duration::from_millis(35),
+            since(started) >= Duration::from_millis(40),
             "no token left: wait for one"
         );
         pacer
@@ -244,9 +254,10 @@ mod tests {
             .observe(Some(249), Some(Duration::from_millis(300)));
         let started = Instant::now();
         drop(pacer.acquire("t", false).await);
+        let waited = since(started);
         assert!(
-            started.elapsed() >= Duration::from_millis(300),
-            "nothing before Retry-After"
+            waited >= Duration::from_millis(300) && waited <= Duration::from_millis(302),
+            "nothing before Retry-After, and no longer: {waited:?}"
         );
         // A bucket the server keeps full (no limits) never slows anyone down.
         let started = Instant::now();
@@ -254,7 +265,7 @@ mod tests {
             let mut slot = pacer.acquire("u", false).await;
             slot.observe(Some(249), None);
         }
-        assert!(started.elapsed() < Duration::from_millis(200));
+        assert_eq!(since(started), Duration::ZERO);
         assert_eq!(
             subscription_of("/subscriptions/abc/resourceGroups/x"),
             Some("abc")
