@@ -2,12 +2,14 @@
 //! right after it asked Azure to create a key (before it could checkpoint the answer) resumes
 //! into exactly one key version and one role assignment per grant; a second run sends no writes.
 
-use std::collections::HashMap;
+mod support;
+
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::Served;
 
 const SETUP: &str = r#"
 name: cmk-public-setup
@@ -42,54 +44,23 @@ steps:
     with: { scope: "{{steps.vault.outputs.id}}", role: Key Vault Crypto User, principal: "{{steps.identity.outputs.principal_id}}" }
 "#;
 
-struct Served {
-    child: Child,
-    env: HashMap<String, String>,
-    base_url: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `kmsflow sandbox serve <args>`: its base URL and the environment it prints.
-fn serve_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
-        .args(["sandbox", "serve"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base_url = lines.next().unwrap().unwrap();
-    assert!(base_url.starts_with("http://127.0.0.1:"), "{base_url}");
-    let mut env = HashMap::new();
-    for line in lines.by_ref().take(6) {
-        let line = line.unwrap();
-        let (name, value) = line.split_once('=').expect("NAME=value");
-        env.insert(name.to_owned(), value.to_owned());
-    }
+/// `kmsflow sandbox serve <args>` (see `tests/support`).
+fn serve_args<S: AsRef<str>>(args: &[S]) -> Served {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    let served = support::serve(&args);
     for name in [
         "AZURE_SUBSCRIPTION_ID",
         "AZURE_TENANT_ID",
         "IDENTITY_ENDPOINT",
         "IDENTITY_HEADER",
     ] {
-        assert!(env.contains_key(name), "serve prints {name}");
+        assert!(served.env.contains_key(name), "serve prints {name}");
     }
-    Served {
-        child,
-        env,
-        base_url,
-    }
+    served
 }
 
 fn serve(faults: &std::path::Path) -> Served {
-    serve_args(&[std::ffi::OsStr::new("--faults"), faults.as_os_str()])
+    serve_args(&["--faults", faults.to_str().unwrap()])
 }
 
 fn kmsflow(dir: &std::path::Path, served: &Served, args: &[&str]) -> Command {

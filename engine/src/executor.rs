@@ -193,340 +193,443 @@ pub async fn execute(execution: Execution) -> Result<RunSummary, CheckpointFaile
 }
 
 async fn execute_in_span(execution: Execution) -> Result<RunSummary, CheckpointFailed> {
-    let Execution {
-        run_id,
-        started_at,
-        runbook,
-        params,
-        registry,
-        checkpoints,
-        progress,
-        options,
-        signals,
-        previous,
-        approvals,
-        lock,
-        resumed,
-        pending,
-    } = execution;
-    let redactor = Redactor::new(params.secret_values());
-    let shared = Arc::new(Shared {
-        run_id: run_id.clone(),
-        runbook: runbook.clone(),
-        registry,
-        checkpoints: checkpoints.clone(),
-        progress: progress.clone(),
-        redactor: redactor.clone(),
-        abort: signals.abort.clone(),
-        lock: lock.clone(),
-        held: (options.checkpointing == Checkpointing::BeforeChanges)
-            .then(|| std::sync::Mutex::new(Vec::new())),
-    });
+    let run_id = execution.run_id.clone();
     let fail_store = |source| CheckpointFailed {
         run_id: run_id.clone(),
         source,
     };
-    if !pending.is_empty() {
-        shared.record(pending).await.map_err(fail_store)?;
-    }
-    progress(&Progress::RunStarted {
-        run_id: run_id.clone(),
-        runbook: runbook.name.clone(),
-        resumed,
-        n_steps: runbook.steps.len(),
-    });
+    let (concurrency, signals) = (execution.options.concurrency, execution.signals.clone());
+    let lock = execution.lock.clone();
+    let checkpoints = execution.checkpoints.clone();
+    let mut run = Run::setup(execution).await.map_err(fail_store)?;
+    let lease = lock.keep(checkpoints, &run_id);
+    let driven = run.drive(concurrency, &signals).await;
+    drop(lease);
+    driven.map_err(fail_store)?;
+    run.finish().await.map_err(fail_store)
+}
 
-    let renderer = Renderer::new();
-    let mut context = json!({
-        "params": params.values(),
-        "steps": {},
-        "run": {"id": run_id, "started_at": started_at.to_rfc3339()},
-    });
-    let n_steps = runbook.steps.len();
-    let mut slots = vec![Slot::Pending; n_steps];
-    let mut prior: Vec<Option<StepRecord>> = vec![None; n_steps];
-    let position: HashMap<&str, usize> = runbook
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.id.as_str(), i))
-        .collect();
-    for record in previous {
-        let Some(&index) = position.get(record.step_id.as_str()) else {
-            continue;
-        };
-        match record.status {
-            StepStatus::Succeeded => {
-                slots[index] = Slot::Succeeded;
-                context["steps"][&record.step_id] =
-                    json!({"outputs": record.outputs.clone().unwrap_or(json!({}))});
-                progress(&Progress::StepReused {
-                    step_id: record.step_id.clone(),
-                });
+/// A future running one step's attempts, polled by the executor loop.
+type StepFuture = BoxFuture<'static, (usize, Result<TaskEnd, StoreError>)>;
+
+/// The steps' dependencies as indices, and how many of each step's are not done yet: a step
+/// becomes ready when its count reaches zero, so scheduling never rescans the whole runbook.
+struct ReadyQueue {
+    /// For each step, the steps whose outputs it reads.
+    reads: Vec<Vec<usize>>,
+    dependents: Vec<Vec<usize>>,
+    waiting_on: Vec<usize>,
+    /// Ready steps, earliest in execution order first, so runs are deterministic.
+    ready: BinaryHeap<Reverse<usize>>,
+}
+
+impl ReadyQueue {
+    fn new(runbook: &CompiledRunbook, slots: &[Slot]) -> ReadyQueue {
+        let position: HashMap<&str, usize> = runbook
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.as_str(), i))
+            .collect();
+        let indices =
+            |ids: &[String]| -> Vec<usize> { ids.iter().map(|d| position[d.as_str()]).collect() };
+        let needs: Vec<Vec<usize>> = runbook.steps.iter().map(|s| indices(&s.needs)).collect();
+        let reads = runbook
+            .steps
+            .iter()
+            .map(|s| indices(&s.reads_outputs_of))
+            .collect();
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); runbook.steps.len()];
+        for (index, deps) in needs.iter().enumerate() {
+            for &dep in deps {
+                dependents[dep].push(index);
             }
-            StepStatus::Skipped => slots[index] = Slot::Skipped,
-            // Failed steps are retried; running ones (the process died) are observed again.
-            _ => {}
         }
-        prior[index] = Some(record);
-    }
-    let approvals: HashMap<String, Approval> = approvals
-        .into_iter()
-        .map(|a| (a.step_id.clone(), a))
-        .collect();
-
-    let lease = lock.keep(checkpoints.clone(), &run_id);
-
-    // Dependencies as indices, and how many of each step's are not done yet: a step becomes
-    // ready when its count reaches zero, so scheduling never rescans the whole runbook.
-    let index_of = |id: &str| position[id];
-    let needs: Vec<Vec<usize>> = runbook
-        .steps
-        .iter()
-        .map(|s| s.needs.iter().map(|d| index_of(d)).collect())
-        .collect();
-    let reads: Vec<Vec<usize>> = runbook
-        .steps
-        .iter()
-        .map(|s| s.reads_outputs_of.iter().map(|d| index_of(d)).collect())
-        .collect();
-    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n_steps];
-    for (index, deps) in needs.iter().enumerate() {
-        for &dep in deps {
-            dependents[dep].push(index);
+        let is_done = |slot: Slot| matches!(slot, Slot::Succeeded | Slot::Skipped);
+        let waiting_on: Vec<usize> = needs
+            .iter()
+            .map(|deps| deps.iter().filter(|&&d| !is_done(slots[d])).count())
+            .collect();
+        let ready = (0..slots.len())
+            .filter(|&i| slots[i] == Slot::Pending && waiting_on[i] == 0)
+            .map(Reverse)
+            .collect();
+        ReadyQueue {
+            reads,
+            dependents,
+            waiting_on,
+            ready,
         }
     }
-    let is_done = |slot: Slot| matches!(slot, Slot::Succeeded | Slot::Skipped);
-    let mut waiting_on: Vec<usize> = needs
-        .iter()
-        .map(|deps| deps.iter().filter(|&&d| !is_done(slots[d])).count())
-        .collect();
-    // Ready steps, earliest in execution order first, so runs are deterministic.
-    let mut ready: BinaryHeap<Reverse<usize>> = (0..n_steps)
-        .filter(|&i| slots[i] == Slot::Pending && waiting_on[i] == 0)
-        .map(Reverse)
-        .collect();
-    let mark_done =
-        |index: usize, waiting_on: &mut Vec<usize>, ready: &mut BinaryHeap<Reverse<usize>>| {
-            for &dependent in &dependents[index] {
-                waiting_on[dependent] -= 1;
-                if waiting_on[dependent] == 0 {
-                    ready.push(Reverse(dependent));
+
+    fn pop(&mut self) -> Option<usize> {
+        self.ready.pop().map(|Reverse(index)| index)
+    }
+
+    /// `index` succeeded or was skipped: its dependents are one dependency closer to ready.
+    fn done(&mut self, index: usize) {
+        for &dependent in &self.dependents[index] {
+            self.waiting_on[dependent] -= 1;
+            if self.waiting_on[dependent] == 0 {
+                self.ready.push(Reverse(dependent));
+            }
+        }
+    }
+}
+
+/// The executor loop's state: where each step stands, the template context the steps render
+/// against, what the store says about earlier attempts, and the ready queue.
+struct Run {
+    shared: Arc<Shared>,
+    renderer: Renderer,
+    context: Value,
+    slots: Vec<Slot>,
+    prior: Vec<Option<StepRecord>>,
+    approvals: HashMap<String, Approval>,
+    queue: ReadyQueue,
+    /// The first step failure; no new step starts once it is set.
+    failure: Option<String>,
+}
+
+impl Run {
+    /// Commits what was pending, announces the run, and takes in what a resumed run already
+    /// did: succeeded steps' outputs join the context and are never run again.
+    async fn setup(execution: Execution) -> Result<Run, StoreError> {
+        let Execution {
+            run_id,
+            started_at,
+            runbook,
+            params,
+            registry,
+            checkpoints,
+            progress,
+            options,
+            signals,
+            previous,
+            approvals,
+            lock,
+            resumed,
+            pending,
+        } = execution;
+        let shared = Arc::new(Shared {
+            run_id: run_id.clone(),
+            runbook: runbook.clone(),
+            registry,
+            checkpoints,
+            progress: progress.clone(),
+            redactor: Redactor::new(params.secret_values()),
+            abort: signals.abort.clone(),
+            lock,
+            held: (options.checkpointing == Checkpointing::BeforeChanges)
+                .then(|| std::sync::Mutex::new(Vec::new())),
+        });
+        if !pending.is_empty() {
+            shared.record(pending).await?;
+        }
+        progress(&Progress::RunStarted {
+            run_id: run_id.clone(),
+            runbook: runbook.name.clone(),
+            resumed,
+            n_steps: runbook.steps.len(),
+        });
+        let mut context = json!({
+            "params": params.values(),
+            "steps": {},
+            "run": {"id": run_id, "started_at": started_at.to_rfc3339()},
+        });
+        let n_steps = runbook.steps.len();
+        let mut slots = vec![Slot::Pending; n_steps];
+        let mut prior: Vec<Option<StepRecord>> = vec![None; n_steps];
+        let position: HashMap<&str, usize> = runbook
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.as_str(), i))
+            .collect();
+        for record in previous {
+            let Some(&index) = position.get(record.step_id.as_str()) else {
+                continue;
+            };
+            match record.status {
+                StepStatus::Succeeded => {
+                    slots[index] = Slot::Succeeded;
+                    context["steps"][&record.step_id] =
+                        json!({"outputs": record.outputs.clone().unwrap_or(json!({}))});
+                    progress(&Progress::StepReused {
+                        step_id: record.step_id.clone(),
+                    });
                 }
+                StepStatus::Skipped => slots[index] = Slot::Skipped,
+                // Failed steps are retried; running ones (the process died) are observed again.
+                _ => {}
             }
-        };
+            prior[index] = Some(record);
+        }
+        let queue = ReadyQueue::new(&runbook, &slots);
+        Ok(Run {
+            shared,
+            renderer: Renderer::new(),
+            context,
+            slots,
+            prior,
+            approvals: approvals
+                .into_iter()
+                .map(|a| (a.step_id.clone(), a))
+                .collect(),
+            queue,
+            failure: None,
+        })
+    }
 
-    // Steps run as futures polled by this loop's own task rather than as spawned tasks: they
-    // wait on the network and the store, not the CPU, and a spawn plus a join costs two
-    // cross-thread wake-ups per step, which is most of a chain's overhead.
-    let mut tasks: FuturesUnordered<BoxFuture<'static, (usize, Result<TaskEnd, StoreError>)>> =
-        FuturesUnordered::new();
-    let mut failure: Option<String> = None;
-    let mut draining = false;
-    let mut store_error: Option<StoreError> = None;
-    loop {
-        while !draining
-            && failure.is_none()
-            && store_error.is_none()
-            && tasks.len() < options.concurrency.max(1)
-        {
-            let Some(Reverse(index)) = ready.pop() else {
-                break;
-            };
-            if slots[index] != Slot::Pending {
-                continue;
-            }
-            let step = &runbook.steps[index];
-            let now = Utc::now();
-            // A step that reads outputs of a skipped step has nothing to read: skip it too.
-            let skipped_source = reads[index].iter().find(|&&d| slots[d] == Slot::Skipped);
-            let skip_reason = match (skipped_source, &step.condition) {
-                (Some(&dep), _) => Some(format!(
-                    "reads outputs of skipped step `{}`",
-                    runbook.steps[dep].id
-                )),
-                (None, Some(condition)) => match renderer.render_condition(condition, &context) {
-                    Ok(true) => None,
-                    Ok(false) => Some(format!("`if` is false: {condition}")),
-                    Err(error) => {
-                        let error = redactor.text(&error.to_string());
-                        fail_step(&shared, index, &error, now)
-                            .await
-                            .map_err(fail_store)?;
-                        slots[index] = Slot::Failed;
-                        failure = Some(format!("step `{}` failed: {error}", step.id));
-                        break;
-                    }
-                },
-                (None, None) => None,
-            };
-            if let Some(reason) = skip_reason {
-                shared
-                    .record(vec![Write::StepSkipped {
-                        run_id: run_id.clone(),
-                        step_id: step.id.clone(),
-                        reason: reason.clone(),
-                        at: now,
-                    }])
-                    .await
-                    .map_err(fail_store)?;
-                progress(&Progress::StepSkipped {
-                    step_id: step.id.clone(),
-                    reason,
-                });
-                slots[index] = Slot::Skipped;
-                mark_done(index, &mut waiting_on, &mut ready);
-                continue;
-            }
-            let spec = shared
-                .registry
-                .get(&step.uses)
-                .expect("compile checked the step kind")
-                .spec();
-            let input = renderer
-                .render_value(&step.with, &context)
-                .map_err(|e| e.to_string())
-                .and_then(|rendered| prepare_input(spec, rendered));
-            let input = match input {
-                Ok(input) => input,
-                Err(error) => {
-                    let error = redactor.text(&format!("invalid input: {error}"));
-                    fail_step(&shared, index, &error, now)
-                        .await
-                        .map_err(fail_store)?;
-                    slots[index] = Slot::Failed;
-                    failure = Some(format!("step `{}` failed: {error}", step.id));
+    /// Starts ready steps up to `concurrency` and takes in each one's end, until nothing is
+    /// running and nothing more may start (all done, a failure, Ctrl-C, a store error).
+    ///
+    /// Steps run as futures polled by this loop's own task rather than as spawned tasks: they
+    /// wait on the network and the store, not the CPU, and a spawn plus a join costs two
+    /// cross-thread wake-ups per step, which is most of a chain's overhead.
+    async fn drive(&mut self, concurrency: usize, signals: &Signals) -> Result<(), StoreError> {
+        let mut tasks: FuturesUnordered<StepFuture> = FuturesUnordered::new();
+        let mut draining = false;
+        let mut store_error: Option<StoreError> = None;
+        loop {
+            while !draining
+                && self.failure.is_none()
+                && store_error.is_none()
+                && tasks.len() < concurrency.max(1)
+            {
+                let Some(index) = self.queue.pop() else {
                     break;
+                };
+                if self.slots[index] != Slot::Pending {
+                    continue;
                 }
-            };
-            slots[index] = Slot::Running;
-            let input_has_secrets = redactor.value(&input) != input;
-            let task = StepTask {
-                shared: shared.clone(),
-                index,
-                input_has_secrets,
-                input,
-                prior_attempts: prior[index].as_ref().map_or(0, |r| r.attempts),
-                prior_planned: prior[index].as_ref().and_then(|r| r.planned_outcome),
-                prior_before: prior[index].as_ref().and_then(|r| r.before_image.clone()),
-                approval: approvals.get(&step.id).cloned(),
-            };
-            let span = tracing::info_span!(
-                "step",
-                step_id = %step.id,
-                kind = %step.uses,
-                attempt = tracing::field::Empty
-            );
-            tasks.push(Box::pin(
-                async move { (index, task.run().await) }.instrument(span),
-            ));
-        }
-        if tasks.is_empty() {
-            break;
-        }
-        tokio::select! {
-            finished = tasks.next() => {
-                let (index, end) = finished.expect("tasks is not empty");
-                let step_id = &runbook.steps[index].id;
-                match end {
-                    Ok(TaskEnd::Succeeded(outputs)) => {
-                        slots[index] = Slot::Succeeded;
-                        context["steps"][step_id] = json!({"outputs": outputs});
-                        mark_done(index, &mut waiting_on, &mut ready);
-                    }
-                    Ok(TaskEnd::Failed(error)) => {
-                        slots[index] = Slot::Failed;
-                        failure.get_or_insert_with(|| format!("step `{step_id}` failed: {error}"));
-                    }
-                    Ok(TaskEnd::Waiting) => slots[index] = Slot::Waiting,
-                    Ok(TaskEnd::Cancelled) => slots[index] = Slot::Pending,
-                    Err(error) => {
-                        slots[index] = Slot::Pending;
+                if let Some(task) = self.dispatch(index).await? {
+                    tasks.push(task);
+                }
+            }
+            if tasks.is_empty() {
+                break;
+            }
+            tokio::select! {
+                finished = tasks.next() => {
+                    let (index, end) = finished.expect("tasks is not empty");
+                    if let Err(error) = self.take_in(index, end) {
                         store_error.get_or_insert(error);
                     }
                 }
-            }
-            _ = signals.drain.cancelled(), if !draining => {
-                draining = true;
-                progress(&Progress::Draining { running: tasks.len() });
+                _ = signals.drain.cancelled(), if !draining => {
+                    draining = true;
+                    (self.shared.progress)(&Progress::Draining { running: tasks.len() });
+                }
             }
         }
-    }
-    drop(lease);
-    if let Some(error) = store_error {
-        return Err(fail_store(error));
+        match store_error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 
-    let any = |slot: Slot| slots.contains(&slot);
-    let (status, error) = if let Some(failure) = failure {
-        (RunStatus::Failed, Some(failure))
-    } else if any(Slot::Waiting) {
-        let waiting: Vec<&str> = slots
+    /// A ready step: skipped (its `if` is false, or it reads a skipped step's outputs),
+    /// failed (its `if` or input does not render), or started (the future that runs it).
+    async fn dispatch(&mut self, index: usize) -> Result<Option<StepFuture>, StoreError> {
+        let shared = self.shared.clone();
+        let step = &shared.runbook.steps[index];
+        let now = Utc::now();
+        // A step that reads outputs of a skipped step has nothing to read: skip it too.
+        let skipped_source = self.queue.reads[index]
             .iter()
-            .enumerate()
-            .filter(|(_, s)| **s == Slot::Waiting)
-            .map(|(i, _)| runbook.steps[i].id.as_str())
-            .collect();
-        (
-            RunStatus::Waiting,
-            Some(format!(
-                "waiting for approval of {}",
-                waiting
-                    .iter()
-                    .map(|w| format!("`{w}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+            .find(|&&d| self.slots[d] == Slot::Skipped);
+        let skip_reason = match (skipped_source, &step.condition) {
+            (Some(&dep), _) => Some(format!(
+                "reads outputs of skipped step `{}`",
+                shared.runbook.steps[dep].id
             )),
-        )
-    } else if any(Slot::Pending) {
-        (RunStatus::Interrupted, Some("interrupted".to_owned()))
-    } else {
-        (RunStatus::Succeeded, None)
-    };
-    // Run outputs are stored and printed: they see sensitive outputs masked.
-    for (index, step) in runbook.steps.iter().enumerate() {
-        let sensitive = shared
+            (None, Some(condition)) => {
+                match self.renderer.render_condition(condition, &self.context) {
+                    Ok(true) => None,
+                    Ok(false) => Some(format!("`if` is false: {condition}")),
+                    Err(error) => {
+                        let error = shared.redactor.text(&error.to_string());
+                        return self.fail(index, error, now).await.map(|()| None);
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+        if let Some(reason) = skip_reason {
+            shared
+                .record(vec![Write::StepSkipped {
+                    run_id: shared.run_id.clone(),
+                    step_id: step.id.clone(),
+                    reason: reason.clone(),
+                    at: now,
+                }])
+                .await?;
+            (shared.progress)(&Progress::StepSkipped {
+                step_id: step.id.clone(),
+                reason,
+            });
+            self.slots[index] = Slot::Skipped;
+            self.queue.done(index);
+            return Ok(None);
+        }
+        let spec = shared
             .registry
             .get(&step.uses)
-            .map_or(&[][..], |kind| kind.sensitive_outputs());
-        if !sensitive.is_empty() && slots[index] == Slot::Succeeded {
-            let shown = mask_sensitive(&context["steps"][&step.id]["outputs"], sensitive);
-            context["steps"][&step.id]["outputs"] = shown;
-        }
+            .expect("compile checked the step kind")
+            .spec();
+        let input = self
+            .renderer
+            .render_value(&step.with, &self.context)
+            .map_err(|e| e.to_string())
+            .and_then(|rendered| prepare_input(spec, rendered));
+        let input = match input {
+            Ok(input) => input,
+            Err(error) => {
+                let error = shared.redactor.text(&format!("invalid input: {error}"));
+                return self.fail(index, error, now).await.map(|()| None);
+            }
+        };
+        self.slots[index] = Slot::Running;
+        let prior = self.prior[index].as_ref();
+        let task = StepTask {
+            shared: shared.clone(),
+            index,
+            input_has_secrets: shared.redactor.value(&input) != input,
+            input,
+            prior_attempts: prior.map_or(0, |r| r.attempts),
+            prior_planned: prior.and_then(|r| r.planned_outcome),
+            prior_before: prior.and_then(|r| r.before_image.clone()),
+            approval: self.approvals.get(&step.id).cloned(),
+        };
+        let span = tracing::info_span!(
+            "step",
+            step_id = %step.id,
+            kind = %step.uses,
+            attempt = tracing::field::Empty
+        );
+        Ok(Some(Box::pin(
+            async move { (index, task.run().await) }.instrument(span),
+        )))
     }
-    let outputs = (status == RunStatus::Succeeded).then(|| {
-        let rendered: Map<String, Value> = runbook
-            .outputs
-            .iter()
-            .map(|(name, template)| {
-                let value = renderer
-                    .render_str(template, &context)
-                    .unwrap_or(Value::Null);
-                (name.clone(), redactor.value(&value))
-            })
-            .collect();
-        Value::Object(rendered)
-    });
-    let mut writes = vec![Write::RunFinished {
-        run_id: run_id.clone(),
-        status,
-        error: error.clone(),
-        outputs: outputs.clone(),
-        at: Utc::now(),
-    }];
-    writes.push(lock.release(&run_id));
-    shared.commit(writes).await.map_err(fail_store)?;
-    progress(&Progress::RunFinished {
-        run_id: run_id.clone(),
-        status,
-        error: error.clone(),
-    });
-    Ok(RunSummary {
-        run_id,
-        status,
-        error,
-        outputs,
-    })
+
+    /// Fails a step before it ran (its `if` or input), and so the run.
+    async fn fail(
+        &mut self,
+        index: usize,
+        error: String,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        fail_step(&self.shared, index, &error, at).await?;
+        self.slots[index] = Slot::Failed;
+        let step_id = &self.shared.runbook.steps[index].id;
+        self.failure = Some(format!("step `{step_id}` failed: {error}"));
+        Ok(())
+    }
+
+    /// Takes in how a step's task ended.
+    fn take_in(
+        &mut self,
+        index: usize,
+        end: Result<TaskEnd, StoreError>,
+    ) -> Result<(), StoreError> {
+        let step_id = self.shared.runbook.steps[index].id.clone();
+        match end {
+            Ok(TaskEnd::Succeeded(outputs)) => {
+                self.slots[index] = Slot::Succeeded;
+                self.context["steps"][&step_id] = json!({"outputs": outputs});
+                self.queue.done(index);
+            }
+            Ok(TaskEnd::Failed(error)) => {
+                self.slots[index] = Slot::Failed;
+                self.failure
+                    .get_or_insert_with(|| format!("step `{step_id}` failed: {error}"));
+            }
+            Ok(TaskEnd::Waiting) => self.slots[index] = Slot::Waiting,
+            Ok(TaskEnd::Cancelled) => self.slots[index] = Slot::Pending,
+            Err(error) => {
+                self.slots[index] = Slot::Pending;
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// The run's status from its steps', its outputs, and the final checkpoint (which releases
+    /// the lock).
+    async fn finish(mut self) -> Result<RunSummary, StoreError> {
+        let shared = self.shared.clone();
+        let runbook = &shared.runbook;
+        let any = |slot: Slot| self.slots.contains(&slot);
+        let (status, error) = if let Some(failure) = self.failure.take() {
+            (RunStatus::Failed, Some(failure))
+        } else if any(Slot::Waiting) {
+            let waiting: Vec<String> = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| **s == Slot::Waiting)
+                .map(|(i, _)| format!("`{}`", runbook.steps[i].id))
+                .collect();
+            (
+                RunStatus::Waiting,
+                Some(format!("waiting for approval of {}", waiting.join(", "))),
+            )
+        } else if any(Slot::Pending) {
+            (RunStatus::Interrupted, Some("interrupted".to_owned()))
+        } else {
+            (RunStatus::Succeeded, None)
+        };
+        // Run outputs are stored and printed: they see sensitive outputs masked.
+        for (index, step) in runbook.steps.iter().enumerate() {
+            let sensitive = shared
+                .registry
+                .get(&step.uses)
+                .map_or(&[][..], |kind| kind.sensitive_outputs());
+            if !sensitive.is_empty() && self.slots[index] == Slot::Succeeded {
+                let shown = mask_sensitive(&self.context["steps"][&step.id]["outputs"], sensitive);
+                self.context["steps"][&step.id]["outputs"] = shown;
+            }
+        }
+        let outputs = (status == RunStatus::Succeeded).then(|| {
+            let rendered: Map<String, Value> = runbook
+                .outputs
+                .iter()
+                .map(|(name, template)| {
+                    let value = self
+                        .renderer
+                        .render_str(template, &self.context)
+                        .unwrap_or(Value::Null);
+                    (name.clone(), shared.redactor.value(&value))
+                })
+                .collect();
+            Value::Object(rendered)
+        });
+        let run_id = shared.run_id.clone();
+        shared
+            .commit(vec![
+                Write::RunFinished {
+                    run_id: run_id.clone(),
+                    status,
+                    error: error.clone(),
+                    outputs: outputs.clone(),
+                    at: Utc::now(),
+                },
+                shared.lock.release(&run_id),
+            ])
+            .await?;
+        (shared.progress)(&Progress::RunFinished {
+            run_id: run_id.clone(),
+            status,
+            error: error.clone(),
+        });
+        Ok(RunSummary {
+            run_id,
+            status,
+            error,
+            outputs,
+        })
+    }
 }
 
 /// `outputs` with the named ones replaced by `***`, for the store and the terminal.

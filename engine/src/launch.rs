@@ -383,12 +383,7 @@ impl Launcher {
         // to the connection: a second `resume` of this run waits for the lock and then finds
         // it held, and nothing another process commits can slip between the four.
         let (lock, previous, approvals) = on_writer(&self.writer, move |store| {
-            let lock = take_lock(store, &key, &store_run)?;
-            let now_run = store.run(&store_run)?;
-            if let Err(refused) = check_resumable(&now_run) {
-                store.commit(&[lock.release(&store_run)])?;
-                return Err(refused);
-            }
+            let lock = reclaim(store, &key, &store_run, check_resumable)?;
             store.commit(&[Write::RunResumed {
                 run_id: store_run.clone(),
                 at: Utc::now(),
@@ -439,12 +434,7 @@ impl Launcher {
         let store_run = run.id.clone();
         // Holding the run's lock guarantees no other process is executing or rolling it back.
         let (lock, records) = on_writer(&self.writer, move |store| {
-            let lock = take_lock(store, &key, &store_run)?;
-            let now_run = store.run(&store_run)?;
-            if let Err(refused) = check_rollbackable(&now_run) {
-                store.commit(&[lock.release(&store_run)])?;
-                return Err(refused);
-            }
+            let lock = reclaim(store, &key, &store_run, check_rollbackable)?;
             store.commit(&[Write::RollbackStarted {
                 run_id: store_run.clone(),
                 at: Utc::now(),
@@ -466,6 +456,23 @@ impl Launcher {
         })
         .await
     }
+}
+
+/// Takes a stored run's lock, then checks its status again under the lock: a run another
+/// process finished (or started rolling back) while this one loaded it is refused, and the
+/// lock given back.
+fn reclaim(
+    store: &mut Store,
+    key: &str,
+    run_id: &str,
+    allowed: fn(&RunRecord) -> Result<(), LaunchError>,
+) -> Result<HeldLock, LaunchError> {
+    let lock = take_lock(store, key, run_id)?;
+    if let Err(refused) = allowed(&store.run(run_id)?) {
+        store.commit(&[lock.release(run_id)])?;
+        return Err(refused);
+    }
+    Ok(lock)
 }
 
 fn check_resumable(run: &RunRecord) -> Result<(), LaunchError> {

@@ -544,19 +544,37 @@ steps:
 /// must start paused); returns how it ended and how much virtual time it took. Exact, and
 /// deaf to a loaded machine.
 async fn on_paused_clock(h: &Harness, text: &str, concurrency: usize) -> (RunSummary, Duration) {
-    let request = h.request(text, concurrency);
     let started = tokio::time::Instant::now();
-    let summary = execute(Execution {
+    let execution = in_memory(
+        h,
+        h.request(text, concurrency),
+        Arc::new(CommitLog::default()),
+        Checkpointing::EveryTransition,
+        Vec::new(),
+    );
+    let summary = execute(execution).await.unwrap();
+    (summary, started.elapsed())
+}
+
+/// An execution of `request` as run `r` whose checkpoints go to `checkpoints`.
+fn in_memory(
+    h: &Harness,
+    request: RunRequest,
+    checkpoints: Arc<dyn kmsflow_engine::checkpoint::Checkpoints>,
+    checkpointing: Checkpointing,
+    pending: Vec<Write>,
+) -> Execution {
+    Execution {
         run_id: "r".into(),
         started_at: Utc::now(),
         runbook: request.runbook,
         params: request.params,
         registry: h.engine().registry,
-        checkpoints: Arc::new(CommitLog::default()),
+        checkpoints,
         progress: silent(),
         options: ExecOptions {
-            concurrency,
-            checkpointing: Checkpointing::EveryTransition,
+            concurrency: request.options.concurrency,
+            checkpointing,
         },
         signals: Signals::default(),
         previous: Vec::new(),
@@ -566,11 +584,8 @@ async fn on_paused_clock(h: &Harness, text: &str, concurrency: usize) -> (RunSum
             token: 1,
         },
         resumed: false,
-        pending: Vec::new(),
-    })
-    .await
-    .unwrap();
-    (summary, started.elapsed())
+        pending,
+    }
 }
 
 /// Records what each commit carried, by the kind of write, instead of storing it.
@@ -608,30 +623,9 @@ async fn commits_of(h: &Harness, checkpointing: Checkpointing) -> Vec<Vec<String
         }],
         Checkpointing::EveryTransition => Vec::new(),
     };
-    let summary = execute(Execution {
-        run_id: "r".into(),
-        started_at: Utc::now(),
-        runbook: request.runbook,
-        params: request.params,
-        registry: h.engine().registry,
-        checkpoints: log.clone(),
-        progress: silent(),
-        options: ExecOptions {
-            concurrency: 1,
-            checkpointing,
-        },
-        signals: Signals::default(),
-        previous: Vec::new(),
-        approvals: Vec::new(),
-        lock: kmsflow_engine::lease::HeldLock {
-            key: "run/r".into(),
-            token: 1,
-        },
-        resumed: false,
-        pending,
-    })
-    .await
-    .unwrap();
+    let summary = execute(in_memory(h, request, log.clone(), checkpointing, pending))
+        .await
+        .unwrap();
     assert_eq!(summary.status, RunStatus::Succeeded);
     log.0.lock().unwrap().clone()
 }

@@ -354,22 +354,13 @@ async fn a_cluster_still_updating_is_waited_for_not_taken_as_done() {
     seed(&h, "1.33.0", false);
     // Someone (a run that died, another operator) already asked for this very change: the
     // cluster has the wanted fields but its operation is still running.
-    let client = support::client(&h.sandbox, support::credential(&h.sandbox));
-    let url = client
-        .arm_url(
-            &[
-                "subscriptions",
-                &h.subscription(),
-                "resourceGroups",
-                "rg-aks",
-                "providers",
-                "Microsoft.ContainerService",
-                "managedClusters",
-                "aks-prod",
-            ],
-            "2026-01-02-preview",
-        )
-        .unwrap();
+    let client = h.client();
+    let url = h.resource_url(
+        &client,
+        "rg-aks",
+        ("Microsoft.ContainerService", "managedClusters", "aks-prod"),
+        "2026-01-02-preview",
+    );
     let wanted = existing_cluster(&h.subscription(), "1.33.0", true);
     client
         .send(

@@ -354,22 +354,13 @@ async fn updating_a_vault_keeps_what_the_step_does_not_manage_and_merges_tags() 
     let created = h.run(&VAULT_ONLY.replace(" TAGS", ""), &[]).await;
     assert_eq!(created.status, RunStatus::Succeeded, "{:?}", created.error);
     // Someone else set a property kmsflow does not manage, and a tag of their own.
-    let client = support::client(&h.sandbox, support::credential(&h.sandbox));
-    let url = client
-        .arm_url(
-            &[
-                "subscriptions",
-                &h.subscription(),
-                "resourceGroups",
-                "rg-full",
-                "providers",
-                "Microsoft.KeyVault",
-                "vaults",
-                "kv-full-body",
-            ],
-            "2025-05-01",
-        )
-        .unwrap();
+    let client = h.client();
+    let url = h.resource_url(
+        &client,
+        "rg-full",
+        ("Microsoft.KeyVault", "vaults", "kv-full-body"),
+        "2025-05-01",
+    );
     client
         .send(
             reqwest::Method::PATCH,

@@ -87,22 +87,17 @@ async fn rollback_leaves_a_resource_made_again_since_under_the_same_name() {
     let ours = h.run(IDENTITY, &[]).await;
     assert_eq!(ours.status, RunStatus::Succeeded, "{:?}", ours.error);
     // Someone deletes the identity and makes one of the same name: a new principal.
-    let client = support::client(&h.sandbox, support::credential(&h.sandbox));
-    let url = client
-        .arm_url(
-            &[
-                "subscriptions",
-                &h.subscription(),
-                "resourceGroups",
-                "rg-own",
-                "providers",
-                "Microsoft.ManagedIdentity",
-                "userAssignedIdentities",
-                "id-shared",
-            ],
-            "2023-01-31",
-        )
-        .unwrap();
+    let client = h.client();
+    let url = h.resource_url(
+        &client,
+        "rg-own",
+        (
+            "Microsoft.ManagedIdentity",
+            "userAssignedIdentities",
+            "id-shared",
+        ),
+        "2023-01-31",
+    );
     let arm = kmsflow_steps::Service::ResourceManager;
     client
         .send(reqwest::Method::DELETE, &url, arm, None, None)

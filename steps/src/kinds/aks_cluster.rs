@@ -178,19 +178,9 @@ impl StepKind for AksCluster {
         let (client, url) = self.url(&p).await?;
         match outcome {
             Outcome::Created => {
-                let current = common::read(&client, &url).await?;
                 let what = format!("AKS cluster `{}`", p.name);
-                if let Some(reason) = common::not_the_one_created(
-                    &what,
-                    &current,
-                    cx.recorded_outputs,
-                    "resource_uid",
-                    "/properties/resourceUID",
-                ) {
-                    return Ok(Undo::Irreversible(reason));
-                }
-                common::delete(&client, &url).await?;
-                Ok(Undo::Done)
+                let marker = ("resource_uid", "/properties/resourceUID");
+                common::delete_created(&client, &url, &what, cx.recorded_outputs, marker).await
             }
             Outcome::Updated => super::aks_kms::restore(&client, &url, before, &p.name).await,
             _ => Ok(Undo::NothingToUndo),

@@ -277,6 +277,24 @@ pub fn not_the_one_created(
     })
 }
 
+/// Rollback of a create: deletes the resource, unless it is not the one the step created
+/// ([`not_the_one_created`]), which is left and reported.
+pub async fn delete_created(
+    client: &AzureClient,
+    url: &Url,
+    what: &str,
+    recorded: Option<&Value>,
+    marker: (&str, &str),
+) -> Result<kmsflow_engine::kind::Undo, StepError> {
+    let current = read(client, url).await?;
+    let (output, pointer) = marker;
+    if let Some(reason) = not_the_one_created(what, &current, recorded, output, pointer) {
+        return Ok(kmsflow_engine::kind::Undo::Irreversible(reason));
+    }
+    delete(client, url).await?;
+    Ok(kmsflow_engine::kind::Undo::Done)
+}
+
 /// Rollback for the kinds that create a resource or change only its tags: a created one is
 /// deleted, an updated one gets back the location and tags `before` had.
 pub async fn undo_create_or_tags(

@@ -133,17 +133,9 @@ impl StepKind for Identity {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
         if outcome == Outcome::Created {
-            let current = common::read(&client, &url).await?;
             let what = format!("managed identity `{}`", p.name);
-            if let Some(reason) = common::not_the_one_created(
-                &what,
-                &current,
-                cx.recorded_outputs,
-                "principal_id",
-                "/properties/principalId",
-            ) {
-                return Ok(Undo::Irreversible(reason));
-            }
+            let marker = ("principal_id", "/properties/principalId");
+            return common::delete_created(&client, &url, &what, cx.recorded_outputs, marker).await;
         }
         common::undo_create_or_tags(&client, &url, before, outcome).await
     }

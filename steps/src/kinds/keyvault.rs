@@ -257,19 +257,9 @@ impl StepKind for KeyVault {
         let (client, url) = self.url(&p).await?;
         match outcome {
             Outcome::Created => {
-                let current = common::read(&client, &url).await?;
                 let what = format!("key vault `{}`", p.name);
-                if let Some(reason) = common::not_the_one_created(
-                    &what,
-                    &current,
-                    cx.recorded_outputs,
-                    "created_at",
-                    "/systemData/createdAt",
-                ) {
-                    return Ok(Undo::Irreversible(reason));
-                }
-                common::delete(&client, &url).await?;
-                Ok(Undo::Done)
+                let marker = ("created_at", "/systemData/createdAt");
+                common::delete_created(&client, &url, &what, cx.recorded_outputs, marker).await
             }
             Outcome::Updated => {
                 if p.purge_protection && before["properties"]["enablePurgeProtection"] != true {

@@ -179,6 +179,33 @@ impl Harness {
         }
     }
 
+    /// A client of this sandbox, for what another team does out of band.
+    pub fn client(&self) -> AzureClient {
+        client(&self.sandbox, credential(&self.sandbox))
+    }
+
+    /// The ARM URL of `provider/kind/name` in resource group `group`.
+    pub fn resource_url(
+        &self,
+        client: &AzureClient,
+        group: &str,
+        (provider, kind, name): (&str, &str, &str),
+        api_version: &str,
+    ) -> url::Url {
+        let subscription = self.subscription();
+        let segments = [
+            "subscriptions",
+            &subscription,
+            "resourceGroups",
+            group,
+            "providers",
+            provider,
+            kind,
+            name,
+        ];
+        client.arm_url(&segments, api_version).unwrap()
+    }
+
     pub fn subscription(&self) -> String {
         self.sandbox.subscription().to_owned()
     }
