@@ -16,6 +16,16 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::failure::{Failure, code};
 
+// Here rather than in `failure.rs`, so that module depends on no command's types.
+impl From<NotChecked> for Failure {
+    fn from(error: NotChecked) -> Failure {
+        match error {
+            NotChecked::Store(error) => error.into(),
+            unprepared => Failure::NotChecked(unprepared.to_string()),
+        }
+    }
+}
+
 /// One cluster to check: its parameters for `rotation-check`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {

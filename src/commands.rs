@@ -122,7 +122,7 @@ struct Context {
 
 impl Context {
     fn engine(&self) -> Result<Engine, Failure> {
-        let state_path = state_path(self.state.as_deref())?;
+        let state_path = crate::state_file::state_path(self.state.as_deref())?;
         Ok(Engine {
             registry: crate::registry_with(self.azure.clone()),
             state_path,
@@ -724,21 +724,6 @@ async fn sandbox_serve(
     Ok(code::SUCCESS)
 }
 
-/// `--state`, `$KMSFLOW_STATE`, else `kmsflow/state.db` under the user's state directory.
-pub fn state_path(given: Option<&std::path::Path>) -> Result<PathBuf, Failure> {
-    match given {
-        Some(path) => Ok(path.to_owned()),
-        None => dirs::state_dir()
-            .or_else(dirs::data_local_dir)
-            .map(|dir| dir.join("kmsflow").join("state.db"))
-            .ok_or_else(|| {
-                Failure::Usage(
-                    "cannot find a state directory; pass --state or set KMSFLOW_STATE".into(),
-                )
-            }),
-    }
-}
-
 /// `kmsflow check`: one cluster from `-p`, or a fleet from `--targets`.
 async fn check(
     context: &Context,
@@ -825,11 +810,10 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
                 targets,
                 cron,
                 overlap: match overlap {
-                    Overlap::Skip => "skip",
-                    Overlap::BufferOne => "buffer_one",
-                    Overlap::Allow => "allow",
-                }
-                .to_owned(),
+                    Overlap::Skip => kmsflow_state::Overlap::Skip,
+                    Overlap::BufferOne => kmsflow_state::Overlap::BufferOne,
+                    Overlap::Allow => kmsflow_state::Overlap::Allow,
+                },
                 catchup_ms: catchup.as_millis() as i64,
                 jitter_ms: jitter.as_millis() as i64,
                 webhook: notify_webhook,

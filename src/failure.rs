@@ -62,15 +62,6 @@ impl From<LaunchError> for Failure {
     }
 }
 
-impl From<crate::check::NotChecked> for Failure {
-    fn from(error: crate::check::NotChecked) -> Failure {
-        match error {
-            crate::check::NotChecked::Store(error) => error.into(),
-            unprepared => Failure::NotChecked(unprepared.to_string()),
-        }
-    }
-}
-
 impl From<StoreError> for Failure {
     fn from(error: StoreError) -> Failure {
         Failure::from(LaunchError::Store(error))

@@ -10,6 +10,7 @@ mod failure;
 mod render;
 mod sandboxed;
 mod signals;
+mod state_file;
 
 use std::process::ExitCode;
 

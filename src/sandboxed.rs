@@ -51,7 +51,7 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
         }
         None => Faults::default(),
     };
-    let state = crate::commands::state_path(cli.state.as_deref())?;
+    let state = crate::state_file::state_path(cli.state.as_deref())?;
     let world_file = state.with_extension("sandbox.json");
     // Come back on the port the saved world used: runs keep the vault URIs and key ids it
     // handed out, as they would keep Azure's.

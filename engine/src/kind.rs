@@ -424,13 +424,6 @@ impl Registry {
         Registry::default()
     }
 
-    /// The engine-level kinds: `noop`, `sleep`, `fail`, `assert`, `approve`, `file`.
-    pub fn with_engine_kinds() -> Registry {
-        let mut registry = Registry::new();
-        crate::kinds::register(&mut registry);
-        registry
-    }
-
     /// Adds a kind; a later kind with the same name replaces the earlier one.
     pub fn register(&mut self, kind: Arc<dyn StepKind>) {
         self.kinds.insert(kind.spec().name, kind);

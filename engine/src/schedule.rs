@@ -18,7 +18,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use croner::Cron;
-use kmsflow_state::{Durability, FireRecord, ScheduleRecord, Store, StoreError};
+use kmsflow_state::{
+    Durability, FireOutcome, FireRecord, Overlap, ScheduleRecord, Store, StoreError,
+};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -160,7 +162,7 @@ impl Daemon {
                 self.record(
                     &schedule,
                     occurrence,
-                    "missed",
+                    FireOutcome::Missed,
                     json!({"reason": "the daemon was not running; a later occurrence is due"}),
                 )
                 .await?;
@@ -170,7 +172,7 @@ impl Daemon {
                 self.record(
                     &schedule,
                     latest,
-                    "missed",
+                    FireOutcome::Missed,
                     json!({"reason": "older than the catch-up window"}),
                 )
                 .await?;
@@ -178,9 +180,11 @@ impl Daemon {
             }
             let busy = firing.running.contains_key(&schedule.name)
                 || self.previous_still_running(&schedule).await?;
-            match (busy, schedule.overlap.as_str()) {
-                (true, "allow") | (false, _) => self.start(&schedule, latest, firing).await?,
-                (true, "buffer_one") if !firing.buffered.contains_key(&schedule.name) => {
+            match (busy, schedule.overlap) {
+                (true, Overlap::Allow) | (false, _) => {
+                    self.start(&schedule, latest, firing).await?
+                }
+                (true, Overlap::BufferOne) if !firing.buffered.contains_key(&schedule.name) => {
                     // Seen now, started later; a second one while it waits is skipped.
                     blocking(self.state_path.clone(), self.durability, {
                         let (name, at) = (schedule.name.clone(), latest);
@@ -189,7 +193,7 @@ impl Daemon {
                                 schedule: name,
                                 occurrence: at,
                                 fired_at: Utc::now(),
-                                outcome: "buffered".into(),
+                                outcome: FireOutcome::Buffered,
                                 run_id: None,
                                 detail: None,
                             })
@@ -202,7 +206,7 @@ impl Daemon {
                     self.record(
                         &schedule,
                         latest,
-                        "skipped",
+                        FireOutcome::Skipped,
                         json!({"reason": "the previous run is still going"}),
                     )
                     .await?;
@@ -216,14 +220,14 @@ impl Daemon {
         &self,
         schedule: &ScheduleRecord,
         occurrence: DateTime<Utc>,
-        outcome: &str,
+        outcome: FireOutcome,
         detail: Value,
     ) -> Result<bool, StoreError> {
         let fire = FireRecord {
             schedule: schedule.name.clone(),
             occurrence,
             fired_at: Utc::now(),
-            outcome: outcome.to_owned(),
+            outcome,
             run_id: None,
             detail: Some(detail),
         };
@@ -242,7 +246,7 @@ impl Daemon {
                 .fires(&name)?
                 .into_iter()
                 .rev()
-                .find(|f| f.outcome == "started");
+                .find(|f| f.outcome == FireOutcome::Started);
             match last.and_then(|f| f.run_id) {
                 Some(run_id) => s.run_is_live(&run_id, Utc::now()),
                 None => Ok(false),
@@ -263,7 +267,7 @@ impl Daemon {
             schedule: schedule.name.clone(),
             occurrence,
             fired_at: Utc::now(),
-            outcome: "started".into(),
+            outcome: FireOutcome::Started,
             run_id: Some(run_id.clone()),
             detail: None,
         };

@@ -21,7 +21,10 @@ mod writer;
 pub use error::StoreError;
 pub use lock::{LockGrant, LockHeld, LockOwner};
 pub use probe::measure_raw_commits;
-pub use records::{Approval, EventRecord, Outcome, RunRecord, RunStatus, StepRecord, StepStatus};
+pub use records::{
+    Approval, EventRecord, FireOutcome, Outcome, Overlap, RunRecord, RunStatus, StepRecord,
+    StepStatus,
+};
 pub use schedule::{FireRecord, ScheduleRecord, mask_url};
 pub use store::{Durability, Store};
 pub use write::{NewRun, Write};

@@ -24,7 +24,7 @@ macro_rules! string_enum {
         }
 
         impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.pad(self.as_str()) }
         }
     };
 }
@@ -49,6 +49,34 @@ string_enum! {
         /// A rollback is undoing the run's changes (or died while it was): `rollback`
         /// continues it, `resume` refuses it.
         RollingBack => "rolling_back",
+    }
+}
+
+string_enum! {
+    /// What a schedule does with an occurrence that finds its previous run still going.
+    Overlap {
+        /// Record it `skipped`.
+        Skip => "skip",
+        /// Keep one, and start it when the previous run ends.
+        BufferOne => "buffer_one",
+        /// Start it regardless.
+        Allow => "allow",
+    }
+}
+
+string_enum! {
+    /// What became of one occurrence of a schedule.
+    FireOutcome {
+        /// Its run was started (the fire's run id names it).
+        Started => "started",
+        /// The previous run was still going.
+        Skipped => "skipped",
+        /// The daemon was not running, or it was older than the catch-up window.
+        Missed => "missed",
+        /// Kept, to start when the previous run ends.
+        Buffered => "buffered",
+        /// A daemon stopped before its run was created.
+        Lost => "lost",
     }
 }
 

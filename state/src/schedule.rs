@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::store::timestamp;
 use crate::write::ts;
-use crate::{Store, StoreError};
+use crate::{FireOutcome, Overlap, Store, StoreError};
 
 /// A schedule as stored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -20,8 +20,7 @@ pub struct ScheduleRecord {
     /// A targets file for a fleet check, instead of one runbook run.
     pub targets: Option<String>,
     pub cron: String,
-    /// `skip`, `buffer_one` or `allow`.
-    pub overlap: String,
+    pub overlap: Overlap,
     pub catchup_ms: i64,
     pub jitter_ms: i64,
     /// Where notifications go. For Slack and Teams the URL is the credential: kept here to be
@@ -43,7 +42,7 @@ pub struct FireRecord {
     pub occurrence: DateTime<Utc>,
     pub fired_at: DateTime<Utc>,
     /// `started`, `skipped` or `missed`.
-    pub outcome: String,
+    pub outcome: FireOutcome,
     pub run_id: Option<String>,
     pub detail: Option<Value>,
 }
@@ -80,7 +79,7 @@ impl Store {
                 schedule.params.to_string(),
                 schedule.targets,
                 schedule.cron,
-                schedule.overlap,
+                schedule.overlap.as_str(),
                 schedule.catchup_ms,
                 schedule.jitter_ms,
                 schedule.webhook,
@@ -107,7 +106,7 @@ impl Store {
                         .map_err(|e| crate::error::corrupt("schedules.params", e))?,
                     targets: row.get(3)?,
                     cron: row.get(4)?,
-                    overlap: row.get(5)?,
+                    overlap: crate::store::parse(row.get(5)?, "schedules.overlap")?,
                     catchup_ms: row.get(6)?,
                     jitter_ms: row.get(7)?,
                     webhook: row.get(8)?,
@@ -153,7 +152,7 @@ impl Store {
                 fire.schedule,
                 ts(&fire.occurrence),
                 ts(&fire.fired_at),
-                fire.outcome,
+                fire.outcome.as_str(),
                 fire.run_id,
                 fire.detail.as_ref().map(Value::to_string),
             ],
@@ -218,7 +217,7 @@ impl Store {
                     schedule: row.get(0)?,
                     occurrence: timestamp(row.get(1)?, "schedule_fires.occurrence")?,
                     fired_at: timestamp(row.get(2)?, "schedule_fires.fired_at")?,
-                    outcome: row.get(3)?,
+                    outcome: crate::store::parse(row.get(3)?, "schedule_fires.outcome")?,
                     run_id: row.get(4)?,
                     detail: row
                         .get::<_, Option<String>>(5)?
@@ -348,28 +347,31 @@ mod tests {
         let at = Utc::now();
         running_run(&mut store, "exists");
         for (minute, outcome, run_id) in [
-            (1, "started", Some("exists")),
-            (2, "started", Some("never-created")),
-            (3, "buffered", None),
+            (1, FireOutcome::Started, Some("exists")),
+            (2, FireOutcome::Started, Some("never-created")),
+            (3, FireOutcome::Buffered, None),
         ] {
             store
                 .claim_fire(&FireRecord {
                     schedule: "s".into(),
                     occurrence: at + Duration::minutes(minute),
                     fired_at: at,
-                    outcome: outcome.into(),
+                    outcome,
                     run_id: run_id.map(str::to_owned),
                     detail: None,
                 })
                 .unwrap();
         }
         assert_eq!(store.sweep_orphan_fires(at).unwrap(), 2);
-        let outcomes: Vec<String> = store
+        let outcomes: Vec<FireOutcome> = store
             .fires("s")
             .unwrap()
             .into_iter()
             .map(|f| f.outcome)
             .collect();
-        assert_eq!(outcomes, ["started", "lost", "lost"]);
+        assert_eq!(
+            outcomes,
+            [FireOutcome::Started, FireOutcome::Lost, FireOutcome::Lost]
+        );
     }
 }

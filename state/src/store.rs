@@ -241,7 +241,7 @@ fn step_from_row(row: &Row<'_>) -> Result<StepRecord, StoreError> {
     })
 }
 
-fn parse<T: std::str::FromStr<Err = String>>(
+pub(crate) fn parse<T: std::str::FromStr<Err = String>>(
     text: String,
     column: &'static str,
 ) -> Result<T, StoreError> {

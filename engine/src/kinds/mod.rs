@@ -12,13 +12,20 @@ use std::sync::Arc;
 
 use crate::kind::Registry;
 
-pub(crate) fn register(registry: &mut Registry) {
-    registry.register(Arc::new(noop::Noop));
-    registry.register(Arc::new(sleep::Sleep));
-    registry.register(Arc::new(fail::Fail));
-    registry.register(Arc::new(assert::Assert));
-    registry.register(Arc::new(approve::Approve));
-    registry.register(Arc::new(file::File));
+// The engine's own kinds are added here, where they live, so `kind.rs` (the trait and the
+// registry) knows nothing of them.
+impl Registry {
+    /// The engine-level kinds: `noop`, `sleep`, `fail`, `assert`, `approve`, `file`.
+    pub fn with_engine_kinds() -> Registry {
+        let mut registry = Registry::new();
+        registry.register(Arc::new(noop::Noop));
+        registry.register(Arc::new(sleep::Sleep));
+        registry.register(Arc::new(fail::Fail));
+        registry.register(Arc::new(assert::Assert));
+        registry.register(Arc::new(approve::Approve));
+        registry.register(Arc::new(file::File));
+        registry
+    }
 }
 
 #[cfg(test)]
