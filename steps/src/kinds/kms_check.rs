@@ -198,9 +198,59 @@ impl KmsCheck {
 }
 
 /// The judgement, from what was gathered and the time now.
+/// Judges what `gather` read: each rule below adds its findings, and a rule that finds the
+/// rest cannot be judged (no cluster, not CMK, no vault) stops the judgement there.
 fn judge(p: &Params, gathered: &Value, now: DateTime<Utc>) -> Vec<Finding> {
-    use Severity::*;
     let mut findings = Vec::new();
+    if reachable(p, gathered, &mut findings).is_break() {
+        return findings;
+    }
+    let cluster = &gathered["cluster"];
+    let profile = &cluster["properties"]["securityProfile"];
+    let kms = &profile["azureKeyVaultKms"];
+    let facts = Facts {
+        p,
+        gathered,
+        now,
+        cluster,
+        profile,
+        mode: aks::mode_of(cluster),
+        key_id: kms["keyId"].as_str().unwrap_or_default(),
+        access: kms["keyVaultNetworkAccess"].as_str().unwrap_or("Public"),
+        vault: &gathered["vault"],
+    };
+    infrastructure_encryption(&facts, &mut findings);
+    if kms_mode(&facts, &mut findings).is_break() {
+        return findings;
+    }
+    key_reference(&facts, &mut findings);
+    if vault_of_key(&facts, &mut findings).is_break() {
+        return findings;
+    }
+    key_health(&facts, &mut findings);
+    identity_grant(&facts, &mut findings);
+    firewall(&facts, &mut findings);
+    findings
+}
+
+/// What the rules read, once.
+struct Facts<'a> {
+    p: &'a Params,
+    gathered: &'a Value,
+    now: DateTime<Utc>,
+    cluster: &'a Value,
+    profile: &'a Value,
+    mode: &'static str,
+    key_id: &'a str,
+    access: &'a str,
+    vault: &'a Value,
+}
+
+type Judged = std::ops::ControlFlow<()>;
+
+/// The cluster could be read and exists.
+fn reachable(p: &Params, gathered: &Value, findings: &mut Vec<Finding>) -> Judged {
+    use Severity::*;
     if let Some(error) = gathered["unreachable"].as_str() {
         findings.push(finding(
             Fail,
@@ -208,7 +258,7 @@ fn judge(p: &Params, gathered: &Value, now: DateTime<Utc>) -> Vec<Finding> {
             format!("cannot read cluster `{}`: {error}", p.name),
             json!({}),
         ));
-        return findings;
+        return Judged::Break(());
     }
     if gathered["missing"] == true {
         findings.push(finding(
@@ -220,13 +270,17 @@ fn judge(p: &Params, gathered: &Value, now: DateTime<Utc>) -> Vec<Finding> {
             ),
             json!({}),
         ));
-        return findings;
+        return Judged::Break(());
     }
-    let cluster = &gathered["cluster"];
-    let profile = &cluster["properties"]["securityProfile"];
-    let mode = aks::mode_of(cluster);
-    let cluster_id = cluster["id"].clone();
-    if profile["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"] == "Enabled"
+    Judged::Continue(())
+}
+
+/// Secrets are encrypted with KMS at all.
+fn infrastructure_encryption(f: &Facts<'_>, findings: &mut Vec<Finding>) {
+    use Severity::*;
+    let cluster_id = f.cluster["id"].clone();
+    if f.profile["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"]
+        == "Enabled"
     {
         findings.push(finding(
             Ok,
@@ -239,32 +293,41 @@ fn judge(p: &Params, gathered: &Value, now: DateTime<Utc>) -> Vec<Finding> {
             Fail,
             "infrastructure-encryption-off",
             "KMS infrastructure encryption is not enabled: secrets are not encrypted with KMS",
-            json!({"cluster": cluster_id, "securityProfile": profile}),
+            json!({"cluster": cluster_id, "securityProfile": f.profile}),
         ));
     }
-    if p.expected_mode == "PMK" {
-        if mode == "CMK" {
+}
+
+/// The KMS mode is the one expected; only a CMK cluster has a key to judge further.
+fn kms_mode(f: &Facts<'_>, findings: &mut Vec<Finding>) -> Judged {
+    use Severity::*;
+    if f.p.expected_mode == "PMK" {
+        if f.mode == "CMK" {
             findings.push(finding(
                 Warn,
                 "mode-mismatch",
                 "the cluster uses a customer-managed key, not platform-managed keys",
-                json!({"mode": mode}),
+                json!({"mode": f.mode}),
             ));
         }
-        return findings;
+        return Judged::Break(());
     }
-    if mode != "CMK" {
+    if f.mode != "CMK" {
         findings.push(finding(
             Fail,
             "mode-mismatch",
-            format!("the cluster's KMS mode is {mode}, expected CMK"),
-            json!({"mode": mode}),
+            format!("the cluster's KMS mode is {}, expected CMK", f.mode),
+            json!({"mode": f.mode}),
         ));
-        return findings;
+        return Judged::Break(());
     }
-    let kms = &profile["azureKeyVaultKms"];
-    let key_id = kms["keyId"].as_str().unwrap_or_default();
-    let access = kms["keyVaultNetworkAccess"].as_str().unwrap_or("Public");
+    Judged::Continue(())
+}
+
+/// How the cluster names its key: versionless, with the expected network access.
+fn key_reference(f: &Facts<'_>, findings: &mut Vec<Finding>) {
+    use Severity::*;
+    let key_id = f.key_id;
     if key_id
         .split("/keys/")
         .nth(1)
@@ -272,25 +335,30 @@ fn judge(p: &Params, gathered: &Value, now: DateTime<Utc>) -> Vec<Finding> {
     {
         findings.push(finding(Fail, "key-id-versioned", "the cluster's key id carries a version: rotated key versions will never be picked up; use the versionless id", json!({"keyId": key_id})));
     }
-    if let Some(expected) = &p.network_access
-        && !expected.eq_ignore_ascii_case(access)
+    if let Some(expected) = &f.p.network_access
+        && !expected.eq_ignore_ascii_case(f.access)
     {
         findings.push(finding(
             Fail,
             "network-access-mismatch",
-            format!("keyVaultNetworkAccess is {access}, expected {expected}"),
-            json!({"keyVaultNetworkAccess": access}),
+            format!("keyVaultNetworkAccess is {}, expected {expected}", f.access),
+            json!({"keyVaultNetworkAccess": f.access}),
         ));
     }
-    let vault = &gathered["vault"];
+}
+
+/// The vault exists, and the key is in it.
+fn vault_of_key(f: &Facts<'_>, findings: &mut Vec<Finding>) -> Judged {
+    use Severity::*;
+    let (vault, key_id) = (f.vault, f.key_id);
     if vault.is_null() {
         findings.push(finding(
             Fail,
             "vault-missing",
             "the key vault the cluster uses cannot be found",
-            json!({"keyVaultResourceId": gathered["vault_id"]}),
+            json!({"keyVaultResourceId": f.gathered["vault_id"]}),
         ));
-        return findings;
+        return Judged::Break(());
     }
     let vault_uri = vault["properties"]["vaultUri"]
         .as_str()
@@ -310,7 +378,14 @@ fn judge(p: &Params, gathered: &Value, now: DateTime<Utc>) -> Vec<Finding> {
             json!({"keyId": key_id, "vaultUri": vault_uri}),
         ));
     }
-    let key = &gathered["key"];
+    Judged::Continue(())
+}
+
+/// The key exists, is enabled, is not expired or overdue, and rotates.
+fn key_health(f: &Facts<'_>, findings: &mut Vec<Finding>) {
+    use Severity::*;
+    let (p, now, key_id) = (f.p, f.now, f.key_id);
+    let key = &f.gathered["key"];
     if key.is_null() {
         findings.push(finding(
             Fail,
@@ -415,6 +490,12 @@ fn judge(p: &Params, gathered: &Value, now: DateTime<Utc>) -> Vec<Finding> {
             findings.push(finding(Warn, "rotation-policy-missing", "the key has no rotation policy that rotates it: set one (e.g. rotate 90 days after creation)", json!({"rotationPolicy": key["properties"]["rotationPolicy"]})));
         }
     }
+}
+
+/// The cluster's identity still holds Crypto User (or Officer) on the vault.
+fn identity_grant(f: &Facts<'_>, findings: &mut Vec<Finding>) {
+    use Severity::*;
+    let (gathered, cluster, vault) = (f.gathered, f.cluster, f.vault);
     let crypto_user = role_guid("Key Vault Crypto User").unwrap_or_default();
     let officer = role_guid("Key Vault Crypto Officer").unwrap_or_default();
     let holds = gathered["assignments"]["value"]
@@ -448,8 +529,13 @@ fn judge(p: &Params, gathered: &Value, now: DateTime<Utc>) -> Vec<Finding> {
             json!({"principalId": principal}),
         )),
     }
-    let acls = &vault["properties"]["networkAcls"];
-    if access == "Private" {
+}
+
+/// A private vault's firewall denies by default and lets Azure services through.
+fn firewall(f: &Facts<'_>, findings: &mut Vec<Finding>) {
+    use Severity::*;
+    let acls = &f.vault["properties"]["networkAcls"];
+    if f.access == "Private" {
         if acls["defaultAction"] != "Deny" {
             findings.push(finding(Warn, "firewall-open", "the vault's firewall no longer denies by default: a private vault is reachable from anywhere", json!({"networkAcls": acls})));
         } else if acls["bypass"] != "AzureServices" {
@@ -463,7 +549,6 @@ fn judge(p: &Params, gathered: &Value, now: DateTime<Utc>) -> Vec<Finding> {
             ));
         }
     }
-    findings
 }
 
 #[async_trait]
