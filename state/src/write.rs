@@ -210,101 +210,24 @@ fn check_fence(
     }
 }
 
-/// Applies one write inside an open transaction.
+/// Applies one write inside an open transaction: one function per kind of write.
 pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
     match write {
-        Write::CreateRun(run) => {
-            keep_source(tx, &run.content_hash, &run.source, &run.fragments)?;
-            tx.prepare_cached(
-                "INSERT INTO runs (id, runbook, runbook_ref, content_hash, params, secret_params,
-                                   status, started_at, lock_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?8)",
-            )?
-            .execute(params![
-                run.id,
-                run.runbook,
-                run.runbook_ref,
-                run.content_hash,
-                run.params.to_string(),
-                serde_json::to_string(&run.secret_params).expect("strings serialize"),
-                ts(&run.started_at),
-                run.lock_key,
-            ])?;
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO steps (run_id, step_id, position, uses, status) VALUES (?1, ?2, ?3, ?4, 'pending')",
-            )?;
-            for (position, (step_id, uses)) in run.steps.iter().enumerate() {
-                insert.execute(params![run.id, step_id, position as i64, uses])?;
-            }
-            event(
-                tx,
-                &run.id,
-                None,
-                &run.started_at,
-                "run_created",
-                &json!({"runbook": run.runbook, "runbook_ref": run.runbook_ref, "content_hash": run.content_hash}),
-            )?;
-        }
+        Write::CreateRun(run) => create_run(tx, run),
         Write::RunResumed {
             run_id,
             at,
             new_source,
             steps,
-        } => {
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO steps (run_id, step_id, position, uses, status) VALUES (?1, ?2, ?3, ?4, 'pending')
-                 ON CONFLICT (run_id, step_id) DO UPDATE SET position = excluded.position",
-            )?;
-            for (position, (step_id, uses)) in steps.iter().enumerate() {
-                upsert.execute(params![run_id, step_id, position as i64, uses])?;
-            }
-            tx.prepare_cached(
-                "UPDATE runs SET status = 'running', finished_at = NULL, error = NULL WHERE id = ?1",
-            )?
-            .execute([run_id])?;
-            let mut detail = json!({});
-            if let Some((hash, source, fragments)) = new_source {
-                keep_source(tx, hash, source, fragments)?;
-                tx.prepare_cached("UPDATE runs SET content_hash = ?2 WHERE id = ?1")?
-                    .execute(params![run_id, hash])?;
-                detail = json!({"changed_runbook": hash});
-            }
-            event(tx, run_id, None, at, "run_resumed", &detail)?;
-        }
-        Write::RollbackStarted { run_id, at } => {
-            tx.prepare_cached(
-                "UPDATE runs SET status = 'rolling_back', finished_at = NULL, error = NULL WHERE id = ?1",
-            )?
-            .execute([run_id])?;
-            event(tx, run_id, None, at, "rollback_started", &json!({}))?;
-        }
+        } => run_resumed(tx, run_id, at, new_source, steps),
+        Write::RollbackStarted { run_id, at } => rollback_started(tx, run_id, at),
         Write::RunFinished {
             run_id,
             status,
             error,
             outputs,
             at,
-        } => {
-            let finished = (*status != RunStatus::Running).then(|| ts(at));
-            tx.prepare_cached(
-                "UPDATE runs SET status = ?2, error = ?3, outputs = ?4, finished_at = ?5 WHERE id = ?1",
-            )?
-            .execute(params![
-                run_id,
-                status.as_str(),
-                error,
-                outputs.as_ref().map(Value::to_string),
-                finished
-            ])?;
-            event(
-                tx,
-                run_id,
-                None,
-                at,
-                &format!("run_{status}"),
-                &json!({"error": error}),
-            )?;
-        }
+        } => run_finished(tx, run_id, status, error, outputs, at),
         Write::StepApplying {
             run_id,
             step_id,
@@ -312,33 +235,15 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             before_image,
             planned_outcome,
             at,
-        } => {
-            // Keep the first before image: a step re-observed after a crash sees the world its
-            // own earlier attempt changed, and rollback must restore what was there before that.
-            tx.prepare_cached(
-                "UPDATE steps SET status = 'running', attempts = max(attempts, ?3),
-                        before_image = coalesce(before_image, ?4),
-                        planned_outcome = coalesce(planned_outcome, ?5),
-                        started_at = coalesce(started_at, ?6), error = NULL
-                 WHERE run_id = ?1 AND step_id = ?2",
-            )?
-            .execute(params![
-                run_id,
-                step_id,
-                attempt,
-                before_image.to_string(),
-                planned_outcome.as_str(),
-                ts(at)
-            ])?;
-            event(
-                tx,
-                run_id,
-                Some(step_id),
-                at,
-                "step_applying",
-                &json!({"attempt": attempt, "planned": planned_outcome}),
-            )?;
-        }
+        } => step_applying(
+            tx,
+            run_id,
+            step_id,
+            attempt,
+            before_image,
+            planned_outcome,
+            at,
+        ),
         Write::StepSucceeded {
             run_id,
             step_id,
@@ -346,29 +251,7 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             outcome,
             outputs,
             at,
-        } => {
-            tx.prepare_cached(
-                "UPDATE steps SET status = 'succeeded', attempts = max(attempts, ?3), outcome = ?4,
-                        outputs = ?5, error = NULL, started_at = coalesce(started_at, ?6), finished_at = ?6
-                 WHERE run_id = ?1 AND step_id = ?2",
-            )?
-            .execute(params![
-                run_id,
-                step_id,
-                attempt,
-                outcome.as_str(),
-                outputs.to_string(),
-                ts(at)
-            ])?;
-            event(
-                tx,
-                run_id,
-                Some(step_id),
-                at,
-                "step_succeeded",
-                &json!({"attempt": attempt, "outcome": outcome}),
-            )?;
-        }
+        } => step_succeeded(tx, run_id, step_id, attempt, outcome, outputs, at),
         Write::StepAttemptFailed {
             run_id,
             step_id,
@@ -377,24 +260,15 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             retry_in_ms,
             refused,
             at,
-        } => {
-            tx.prepare_cached(
-                "UPDATE steps SET attempts = max(attempts, ?3), error = ?4,
-                        started_at = coalesce(started_at, ?5),
-                        before_image = CASE WHEN ?6 THEN NULL ELSE before_image END,
-                        planned_outcome = CASE WHEN ?6 THEN NULL ELSE planned_outcome END
-                 WHERE run_id = ?1 AND step_id = ?2",
-            )?
-            .execute(params![run_id, step_id, attempt, error, ts(at), refused])?;
-            event(
-                tx,
-                run_id,
-                Some(step_id),
-                at,
-                "step_attempt_failed",
-                &json!({"attempt": attempt, "error": error, "retry_in_ms": retry_in_ms}),
-            )?;
-        }
+        } => step_attempt_failed(
+            tx,
+            (run_id, step_id),
+            attempt,
+            error,
+            retry_in_ms,
+            refused,
+            at,
+        ),
         Write::StepFailed {
             run_id,
             step_id,
@@ -402,120 +276,368 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             error,
             refused,
             at,
-        } => {
-            tx.prepare_cached(
-                "UPDATE steps SET status = 'failed', attempts = max(attempts, ?3), error = ?4,
-                        started_at = coalesce(started_at, ?5), finished_at = ?5,
-                        before_image = CASE WHEN ?6 THEN NULL ELSE before_image END,
-                        planned_outcome = CASE WHEN ?6 THEN NULL ELSE planned_outcome END
-                 WHERE run_id = ?1 AND step_id = ?2",
-            )?
-            .execute(params![run_id, step_id, attempt, error, ts(at), refused])?;
-            let detail = if *refused {
-                json!({"attempt": attempt, "error": error, "refused": true})
-            } else {
-                json!({"attempt": attempt, "error": error})
-            };
-            event(tx, run_id, Some(step_id), at, "step_failed", &detail)?;
-        }
+        } => step_failed(tx, run_id, step_id, attempt, error, refused, at),
         Write::StepSkipped {
             run_id,
             step_id,
             reason,
             at,
-        } => {
-            tx.prepare_cached(
-                "UPDATE steps SET status = 'skipped', error = NULL, finished_at = ?3
-                 WHERE run_id = ?1 AND step_id = ?2",
-            )?
-            .execute(params![run_id, step_id, ts(at)])?;
-            event(
-                tx,
-                run_id,
-                Some(step_id),
-                at,
-                "step_skipped",
-                &json!({"reason": reason}),
-            )?;
-        }
+        } => step_skipped(tx, run_id, step_id, reason, at),
         Write::StepRolledBack {
             run_id,
             step_id,
             at,
-        } => {
-            tx.prepare_cached(
-                "UPDATE steps SET status = ?3, finished_at = ?4 WHERE run_id = ?1 AND step_id = ?2",
-            )?
-            .execute(params![
-                run_id,
-                step_id,
-                StepStatus::RolledBack.as_str(),
-                ts(at)
-            ])?;
-            event(
-                tx,
-                run_id,
-                Some(step_id),
-                at,
-                "step_rolled_back",
-                &json!({}),
-            )?;
-        }
+        } => step_rolled_back(tx, run_id, step_id, at),
         Write::Event {
             run_id,
             step_id,
             kind,
             detail,
             at,
-        } => event(tx, run_id, step_id.as_deref(), at, kind, detail)?,
+        } => event(tx, run_id, step_id.as_deref(), at, kind, detail),
         Write::RenewLock {
             key,
             run_id,
             token,
             lease_expires_at,
-        } => {
-            let renewed = tx
-                .prepare_cached(
-                    "UPDATE locks SET lease_expires_at = ?4
-                     WHERE key = ?1 AND run_id = ?2 AND token = ?3",
-                )?
-                .execute(params![key, run_id, token, ts(lease_expires_at)])?;
-            if renewed == 0 {
-                // Say who has it (or that nobody does).
-                check_fence(tx, key, run_id, *token, None)?;
-            }
-        }
+        } => renew_lock(tx, key, run_id, token, lease_expires_at),
         Write::CheckFence {
             key,
             run_id,
             token,
             at,
-        } => check_fence(tx, key, run_id, *token, Some(at))?,
-        Write::ReleaseLock { key, run_id } => {
-            tx.prepare_cached("DELETE FROM locks WHERE key = ?1 AND run_id = ?2")?
-                .execute(params![key, run_id])?;
-        }
+        } => check_fence(tx, key, run_id, *token, Some(at)),
+        Write::ReleaseLock { key, run_id } => release_lock(tx, key, run_id),
         Write::Approve {
             run_id,
             step_id,
             approved_by,
             at,
-        } => {
-            tx.prepare_cached(
-                // Never over an earlier approval: a second one fails the primary key.
-                "INSERT INTO approvals (run_id, step_id, approved_by, approved_at)
-                 VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![run_id, step_id, approved_by, ts(at)])?;
-            event(
-                tx,
-                run_id,
-                Some(step_id),
-                at,
-                "step_approved",
-                &json!({"approved_by": approved_by}),
-            )?;
-        }
+        } => approve(tx, run_id, step_id, approved_by, at),
     }
+}
+
+fn create_run(tx: &Connection, run: &NewRun) -> Result<(), StoreError> {
+    keep_source(tx, &run.content_hash, &run.source, &run.fragments)?;
+    tx.prepare_cached(
+        "INSERT INTO runs (id, runbook, runbook_ref, content_hash, params, secret_params,
+                           status, started_at, lock_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?8)",
+    )?
+    .execute(params![
+        run.id,
+        run.runbook,
+        run.runbook_ref,
+        run.content_hash,
+        run.params.to_string(),
+        serde_json::to_string(&run.secret_params).expect("strings serialize"),
+        ts(&run.started_at),
+        run.lock_key,
+    ])?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO steps (run_id, step_id, position, uses, status) VALUES (?1, ?2, ?3, ?4, 'pending')",
+    )?;
+    for (position, (step_id, uses)) in run.steps.iter().enumerate() {
+        insert.execute(params![run.id, step_id, position as i64, uses])?;
+    }
+    event(
+        tx,
+        &run.id,
+        None,
+        &run.started_at,
+        "run_created",
+        &json!({"runbook": run.runbook, "runbook_ref": run.runbook_ref, "content_hash": run.content_hash}),
+    )?;
+    Ok(())
+}
+
+fn run_resumed(
+    tx: &Connection,
+    run_id: &str,
+    at: &DateTime<Utc>,
+    new_source: &Option<(String, String, Value)>,
+    steps: &[(String, String)],
+) -> Result<(), StoreError> {
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO steps (run_id, step_id, position, uses, status) VALUES (?1, ?2, ?3, ?4, 'pending')
+         ON CONFLICT (run_id, step_id) DO UPDATE SET position = excluded.position",
+    )?;
+    for (position, (step_id, uses)) in steps.iter().enumerate() {
+        upsert.execute(params![run_id, step_id, position as i64, uses])?;
+    }
+    tx.prepare_cached(
+        "UPDATE runs SET status = 'running', finished_at = NULL, error = NULL WHERE id = ?1",
+    )?
+    .execute([run_id])?;
+    let mut detail = json!({});
+    if let Some((hash, source, fragments)) = new_source {
+        keep_source(tx, hash, source, fragments)?;
+        tx.prepare_cached("UPDATE runs SET content_hash = ?2 WHERE id = ?1")?
+            .execute(params![run_id, hash])?;
+        detail = json!({"changed_runbook": hash});
+    }
+    event(tx, run_id, None, at, "run_resumed", &detail)?;
+    Ok(())
+}
+
+fn rollback_started(tx: &Connection, run_id: &str, at: &DateTime<Utc>) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE runs SET status = 'rolling_back', finished_at = NULL, error = NULL WHERE id = ?1",
+    )?
+    .execute([run_id])?;
+    event(tx, run_id, None, at, "rollback_started", &json!({}))?;
+    Ok(())
+}
+
+fn run_finished(
+    tx: &Connection,
+    run_id: &str,
+    status: &RunStatus,
+    error: &Option<String>,
+    outputs: &Option<Value>,
+    at: &DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let finished = (*status != RunStatus::Running).then(|| ts(at));
+    tx.prepare_cached(
+        "UPDATE runs SET status = ?2, error = ?3, outputs = ?4, finished_at = ?5 WHERE id = ?1",
+    )?
+    .execute(params![
+        run_id,
+        status.as_str(),
+        error,
+        outputs.as_ref().map(Value::to_string),
+        finished
+    ])?;
+    event(
+        tx,
+        run_id,
+        None,
+        at,
+        &format!("run_{status}"),
+        &json!({"error": error}),
+    )?;
+    Ok(())
+}
+
+fn step_applying(
+    tx: &Connection,
+    run_id: &str,
+    step_id: &str,
+    attempt: &u32,
+    before_image: &Value,
+    planned_outcome: &Outcome,
+    at: &DateTime<Utc>,
+) -> Result<(), StoreError> {
+    // Keep the first before image: a step re-observed after a crash sees the world its
+    // own earlier attempt changed, and rollback must restore what was there before that.
+    tx.prepare_cached(
+        "UPDATE steps SET status = 'running', attempts = max(attempts, ?3),
+                before_image = coalesce(before_image, ?4),
+                planned_outcome = coalesce(planned_outcome, ?5),
+                started_at = coalesce(started_at, ?6), error = NULL
+         WHERE run_id = ?1 AND step_id = ?2",
+    )?
+    .execute(params![
+        run_id,
+        step_id,
+        attempt,
+        before_image.to_string(),
+        planned_outcome.as_str(),
+        ts(at)
+    ])?;
+    event(
+        tx,
+        run_id,
+        Some(step_id),
+        at,
+        "step_applying",
+        &json!({"attempt": attempt, "planned": planned_outcome}),
+    )?;
+    Ok(())
+}
+
+fn step_succeeded(
+    tx: &Connection,
+    run_id: &str,
+    step_id: &str,
+    attempt: &u32,
+    outcome: &Outcome,
+    outputs: &Value,
+    at: &DateTime<Utc>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE steps SET status = 'succeeded', attempts = max(attempts, ?3), outcome = ?4,
+                outputs = ?5, error = NULL, started_at = coalesce(started_at, ?6), finished_at = ?6
+         WHERE run_id = ?1 AND step_id = ?2",
+    )?
+    .execute(params![
+        run_id,
+        step_id,
+        attempt,
+        outcome.as_str(),
+        outputs.to_string(),
+        ts(at)
+    ])?;
+    event(
+        tx,
+        run_id,
+        Some(step_id),
+        at,
+        "step_succeeded",
+        &json!({"attempt": attempt, "outcome": outcome}),
+    )?;
+    Ok(())
+}
+
+fn step_attempt_failed(
+    tx: &Connection,
+    (run_id, step_id): (&str, &str),
+    attempt: &u32,
+    error: &str,
+    retry_in_ms: &u64,
+    refused: &bool,
+    at: &DateTime<Utc>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE steps SET attempts = max(attempts, ?3), error = ?4,
+                started_at = coalesce(started_at, ?5),
+                before_image = CASE WHEN ?6 THEN NULL ELSE before_image END,
+                planned_outcome = CASE WHEN ?6 THEN NULL ELSE planned_outcome END
+         WHERE run_id = ?1 AND step_id = ?2",
+    )?
+    .execute(params![run_id, step_id, attempt, error, ts(at), refused])?;
+    event(
+        tx,
+        run_id,
+        Some(step_id),
+        at,
+        "step_attempt_failed",
+        &json!({"attempt": attempt, "error": error, "retry_in_ms": retry_in_ms}),
+    )?;
+    Ok(())
+}
+
+fn step_failed(
+    tx: &Connection,
+    run_id: &str,
+    step_id: &str,
+    attempt: &u32,
+    error: &str,
+    refused: &bool,
+    at: &DateTime<Utc>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE steps SET status = 'failed', attempts = max(attempts, ?3), error = ?4,
+                started_at = coalesce(started_at, ?5), finished_at = ?5,
+                before_image = CASE WHEN ?6 THEN NULL ELSE before_image END,
+                planned_outcome = CASE WHEN ?6 THEN NULL ELSE planned_outcome END
+         WHERE run_id = ?1 AND step_id = ?2",
+    )?
+    .execute(params![run_id, step_id, attempt, error, ts(at), refused])?;
+    let detail = if *refused {
+        json!({"attempt": attempt, "error": error, "refused": true})
+    } else {
+        json!({"attempt": attempt, "error": error})
+    };
+    event(tx, run_id, Some(step_id), at, "step_failed", &detail)?;
+    Ok(())
+}
+
+fn step_skipped(
+    tx: &Connection,
+    run_id: &str,
+    step_id: &str,
+    reason: &str,
+    at: &DateTime<Utc>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE steps SET status = 'skipped', error = NULL, finished_at = ?3
+         WHERE run_id = ?1 AND step_id = ?2",
+    )?
+    .execute(params![run_id, step_id, ts(at)])?;
+    event(
+        tx,
+        run_id,
+        Some(step_id),
+        at,
+        "step_skipped",
+        &json!({"reason": reason}),
+    )?;
+    Ok(())
+}
+
+fn step_rolled_back(
+    tx: &Connection,
+    run_id: &str,
+    step_id: &str,
+    at: &DateTime<Utc>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE steps SET status = ?3, finished_at = ?4 WHERE run_id = ?1 AND step_id = ?2",
+    )?
+    .execute(params![
+        run_id,
+        step_id,
+        StepStatus::RolledBack.as_str(),
+        ts(at)
+    ])?;
+    event(
+        tx,
+        run_id,
+        Some(step_id),
+        at,
+        "step_rolled_back",
+        &json!({}),
+    )?;
+    Ok(())
+}
+
+fn renew_lock(
+    tx: &Connection,
+    key: &str,
+    run_id: &str,
+    token: &i64,
+    lease_expires_at: &DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let renewed = tx
+        .prepare_cached(
+            "UPDATE locks SET lease_expires_at = ?4
+             WHERE key = ?1 AND run_id = ?2 AND token = ?3",
+        )?
+        .execute(params![key, run_id, token, ts(lease_expires_at)])?;
+    if renewed == 0 {
+        // Say who has it (or that nobody does).
+        check_fence(tx, key, run_id, *token, None)?;
+    }
+    Ok(())
+}
+
+fn release_lock(tx: &Connection, key: &str, run_id: &str) -> Result<(), StoreError> {
+    tx.prepare_cached("DELETE FROM locks WHERE key = ?1 AND run_id = ?2")?
+        .execute(params![key, run_id])?;
+    Ok(())
+}
+
+fn approve(
+    tx: &Connection,
+    run_id: &str,
+    step_id: &str,
+    approved_by: &str,
+    at: &DateTime<Utc>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        // Never over an earlier approval: a second one fails the primary key.
+        "INSERT INTO approvals (run_id, step_id, approved_by, approved_at)
+         VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![run_id, step_id, approved_by, ts(at)])?;
+    event(
+        tx,
+        run_id,
+        Some(step_id),
+        at,
+        "step_approved",
+        &json!({"approved_by": approved_by}),
+    )?;
     Ok(())
 }
