@@ -75,7 +75,12 @@ impl RunFirer {
         }
     }
 
-    async fn run_one(&self, schedule: &ScheduleRecord, run_id: &str) -> (Value, Option<String>) {
+    async fn run_one(
+        &self,
+        schedule: &ScheduleRecord,
+        occurrence: DateTime<Utc>,
+        run_id: &str,
+    ) -> (Value, Option<String>) {
         let failed = |error: String| (json!({"error": error}), Some("fail".to_owned()));
         let (source, reference) =
             match crate::bundled::find(schedule.runbook.trim_start_matches("bundled:")) {
@@ -114,7 +119,13 @@ impl RunFirer {
             signals: Signals::default(),
             progress: silent(),
         };
-        match launch::start_with_id(&self.engine, request, run_id.to_owned()).await {
+        // The fire turns `started` in the transaction that creates its run.
+        let started = kmsflow_state::Write::FireStarted {
+            schedule: schedule.name.clone(),
+            occurrence,
+            run_id: run_id.to_owned(),
+        };
+        match launch::start_with_id(&self.engine, request, run_id.to_owned(), vec![started]).await {
             Ok(summary) => {
                 let worst = summary
                     .outputs
@@ -137,7 +148,25 @@ impl RunFirer {
         }
     }
 
-    async fn run_fleet(&self, schedule: &ScheduleRecord, targets: &str) -> (Value, Option<String>) {
+    async fn run_fleet(
+        &self,
+        schedule: &ScheduleRecord,
+        occurrence: DateTime<Utc>,
+        run_id: &str,
+        targets: &str,
+    ) -> (Value, Option<String>) {
+        // A fleet's fire has no one run: it is started when the fleet is.
+        let started = kmsflow_state::Write::FireStarted {
+            schedule: schedule.name.clone(),
+            occurrence,
+            run_id: run_id.to_owned(),
+        };
+        if let Err(error) =
+            kmsflow_state::Store::open(&self.engine.state_path, self.engine.durability)
+                .and_then(|mut store| store.commit(&[started]))
+        {
+            tracing::warn!(%error, schedule = %schedule.name, "could not record the fleet fire as started");
+        }
         let targets = match crate::check::read_targets(std::path::Path::new(targets)) {
             Ok(targets) => targets,
             Err(error) => return (json!({"error": error.to_string()}), Some("fail".into())),
@@ -198,8 +227,8 @@ impl Firer for RunFirer {
         run_id: &str,
     ) -> (Value, Option<String>) {
         let (mut detail, worst) = match &schedule.targets {
-            Some(targets) => self.run_fleet(schedule, targets).await,
-            None => self.run_one(schedule, run_id).await,
+            Some(targets) => self.run_fleet(schedule, occurrence, run_id, targets).await,
+            None => self.run_one(schedule, occurrence, run_id).await,
         };
         if let (Some(url), Some(worst)) = (&schedule.webhook, &worst) {
             let was_bad = matches!(schedule.last_worst.as_deref(), Some("warn" | "fail"));

@@ -374,8 +374,9 @@ fn schedule_commands_validate_and_manage() {
 /// The status of a run, through `kmsflow show`.
 fn run_status(dir: &Path, run_id: &str) -> String {
     let out = run(dir, &["show", run_id, "--output", "json"]);
-    // A fire is claimed (with its run id) a moment before its run is recorded.
-    let shown: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    // A fire is `started` only once its run exists (they are committed together).
+    let shown: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("a started fire's run `{run_id}` exists"));
     shown["status"].as_str().unwrap_or_default().to_owned()
 }
 

@@ -242,15 +242,18 @@ impl Launcher {
 
     /// Creates a run with a fresh id and executes it.
     pub async fn start(&self, request: RunRequest) -> Result<RunSummary, LaunchError> {
-        self.start_with_id(request, new_run_id(Utc::now())).await
+        self.start_with_id(request, new_run_id(Utc::now()), Vec::new())
+            .await
     }
 
-    /// Creates a run with a chosen id (a scheduler records it before the run starts) and
-    /// executes it.
+    /// Creates a run with a chosen id (a scheduler claims it before the run starts) and
+    /// executes it. `with_creation` is committed in the transaction that creates the run (a
+    /// schedule's fire turning `started`).
     pub async fn start_with_id(
         &self,
         request: RunRequest,
         run_id: String,
+        with_creation: Vec<Write>,
     ) -> Result<RunSummary, LaunchError> {
         let started_at = Utc::now();
         let key =
@@ -277,13 +280,14 @@ impl Launcher {
                 .map(|s| (s.id.clone(), s.uses.clone()))
                 .collect(),
         };
-        let created = Write::CreateRun(new_run);
+        let mut created = vec![Write::CreateRun(new_run)];
+        created.extend(with_creation);
         let pending = if request.options.checkpointing == Checkpointing::BeforeChanges {
             // Committed with the run's first checkpoint, before any change.
-            vec![created]
+            created
         } else {
             // Group-committed with whatever other runs are checkpointing.
-            Checkpoints::commit(&*self.writer, vec![created]).await?;
+            Checkpoints::commit(&*self.writer, created).await?;
             Vec::new()
         };
         Ok(execute(Execution {
@@ -500,17 +504,19 @@ fn check_rollbackable(run: &RunRecord) -> Result<(), LaunchError> {
 
 /// Creates a run and executes it, on a state file opened for this one run.
 pub async fn start(engine: &Engine, request: RunRequest) -> Result<RunSummary, LaunchError> {
-    start_with_id(engine, request, new_run_id(Utc::now())).await
+    start_with_id(engine, request, new_run_id(Utc::now()), Vec::new()).await
 }
 
-/// Creates a run with a chosen id and executes it, on a state file opened for this one run.
+/// Creates a run with a chosen id and executes it, on a state file opened for this one run;
+/// `with_creation` is committed with the run's creation.
 pub async fn start_with_id(
     engine: &Engine,
     request: RunRequest,
     run_id: String,
+    with_creation: Vec<Write>,
 ) -> Result<RunSummary, LaunchError> {
     let launcher = Launcher::open(engine).await?;
-    let result = launcher.start_with_id(request, run_id).await;
+    let result = launcher.start_with_id(request, run_id, with_creation).await;
     launcher.close().await;
     result
 }

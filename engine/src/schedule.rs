@@ -246,7 +246,7 @@ impl Daemon {
                 .fires(&name)?
                 .into_iter()
                 .rev()
-                .find(|f| f.outcome == FireOutcome::Started);
+                .find(|f| matches!(f.outcome, FireOutcome::Started | FireOutcome::Claimed));
             match last.and_then(|f| f.run_id) {
                 Some(run_id) => s.run_is_live(&run_id, Utc::now()),
                 None => Ok(false),
@@ -267,7 +267,7 @@ impl Daemon {
             schedule: schedule.name.clone(),
             occurrence,
             fired_at: Utc::now(),
-            outcome: FireOutcome::Started,
+            outcome: FireOutcome::Claimed,
             run_id: Some(run_id.clone()),
             detail: None,
         };

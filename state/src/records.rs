@@ -67,6 +67,9 @@ string_enum! {
 string_enum! {
     /// What became of one occurrence of a schedule.
     FireOutcome {
+        /// Claimed by a daemon, whose run is about to be created (it becomes `started` in the
+        /// transaction that creates the run).
+        Claimed => "claimed",
         /// Its run was started (the fire's run id names it).
         Started => "started",
         /// The previous run was still going.

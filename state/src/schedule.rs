@@ -169,7 +169,7 @@ impl Store {
     /// Turns a `buffered` occurrence into a `started` one; whether there was one to turn.
     pub fn promote_buffered_fire(&mut self, fire: &FireRecord) -> Result<bool, StoreError> {
         Ok(self.conn.execute(
-            "UPDATE schedule_fires SET outcome = 'started', run_id = ?3, fired_at = ?4
+            "UPDATE schedule_fires SET outcome = 'claimed', run_id = ?3, fired_at = ?4
              WHERE schedule = ?1 AND occurrence = ?2 AND outcome = 'buffered'",
             params![
                 fire.schedule,
@@ -259,18 +259,21 @@ impl Store {
         Ok(false)
     }
 
-    /// Marks the fires a daemon left behind when it stopped: a `started` fire whose run was
+    /// Marks the fires a daemon left behind when it stopped: a `claimed` fire whose run was
     /// never created, and a `buffered` one (the buffer lived in its memory). Both become
     /// `lost`, with the reason; returns how many.
     pub fn sweep_orphan_fires(&mut self, now: DateTime<Utc>) -> Result<usize, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // `claimed` rows become `started` with their run's creation: one still claimed never
+        // got a run. (`started` rows without a run come from kmsflow before that was so.)
         let started = tx.execute(
             "UPDATE schedule_fires SET outcome = 'lost', fired_at = ?1,
                  detail = '{\"reason\":\"the daemon stopped before the run was created\"}'
-             WHERE outcome = 'started'
-               AND (run_id IS NULL OR run_id NOT IN (SELECT id FROM runs))",
+             WHERE outcome = 'claimed'
+               OR (outcome = 'started'
+                   AND (run_id IS NULL OR run_id NOT IN (SELECT id FROM runs)))",
             [ts(&now)],
         )?;
         let buffered = tx.execute(
@@ -348,7 +351,7 @@ mod tests {
         running_run(&mut store, "exists");
         for (minute, outcome, run_id) in [
             (1, FireOutcome::Started, Some("exists")),
-            (2, FireOutcome::Started, Some("never-created")),
+            (2, FireOutcome::Claimed, Some("never-created")),
             (3, FireOutcome::Buffered, None),
         ] {
             store

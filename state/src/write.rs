@@ -132,6 +132,13 @@ pub enum Write {
     },
     /// Frees a lock this run holds (a no-op if another run holds it now).
     ReleaseLock { key: String, run_id: String },
+    /// A claimed schedule fire's run now exists: committed with the run's creation, so a
+    /// fire is `started` exactly when its run is.
+    FireStarted {
+        schedule: String,
+        occurrence: DateTime<Utc>,
+        run_id: String,
+    },
     /// Records who approved an `approve` step.
     Approve {
         run_id: String,
@@ -308,6 +315,11 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             at,
         } => check_fence(tx, key, run_id, *token, Some(at)),
         Write::ReleaseLock { key, run_id } => release_lock(tx, key, run_id),
+        Write::FireStarted {
+            schedule,
+            occurrence,
+            run_id,
+        } => fire_started(tx, schedule, occurrence, run_id),
         Write::Approve {
             run_id,
             step_id,
@@ -615,6 +627,20 @@ fn renew_lock(
 fn release_lock(tx: &Connection, key: &str, run_id: &str) -> Result<(), StoreError> {
     tx.prepare_cached("DELETE FROM locks WHERE key = ?1 AND run_id = ?2")?
         .execute(params![key, run_id])?;
+    Ok(())
+}
+
+fn fire_started(
+    tx: &Connection,
+    schedule: &str,
+    occurrence: &DateTime<Utc>,
+    run_id: &str,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE schedule_fires SET outcome = 'started'
+         WHERE schedule = ?1 AND occurrence = ?2 AND run_id = ?3 AND outcome = 'claimed'",
+    )?
+    .execute(params![schedule, ts(occurrence), run_id])?;
     Ok(())
 }
 
