@@ -38,6 +38,7 @@ const STEP_KEYS: &[&str] = &[
     "if",
     "retry",
     "timeout",
+    "sensitive_outputs",
 ];
 const RETRY_KEYS: &[&str] = &["attempts", "backoff", "initial", "max"];
 const RUN_FIELDS: &[&str] = &["id", "started_at"];
@@ -144,6 +145,8 @@ struct StepDraft {
     condition: Option<Spanned<String>>,
     retry: RetryPolicy,
     timeout: Option<std::time::Duration>,
+    /// Outputs stored and shown as `***` (beyond the kind's own sensitive ones).
+    sensitive_outputs: Vec<Spanned<String>>,
 }
 
 /// A template string found in the runbook, and where.
@@ -153,6 +156,28 @@ struct TemplateSite {
 }
 
 impl Compiler<'_> {
+    /// Every name under a step's `sensitive_outputs` is one of its outputs.
+    fn check_sensitive_outputs(&mut self, drafts: &[StepDraft]) {
+        for draft in drafts {
+            let Some(declared) = declared_outputs(draft) else {
+                continue;
+            };
+            for name in &draft.sensitive_outputs {
+                if !declared.contains(&name.value) {
+                    self.problem(
+                        ProblemKind::UnknownOutput {
+                            step: draft.id.value.clone(),
+                            uses: draft.uses.value.clone(),
+                            output: name.value.clone(),
+                            declared: declared.clone(),
+                        },
+                        name.span,
+                    );
+                }
+            }
+        }
+    }
+
     fn problem(&mut self, kind: ProblemKind, span: Span) {
         self.problems.push(Problem {
             kind,
@@ -269,6 +294,7 @@ impl Compiler<'_> {
             None => Vec::new(),
         };
 
+        self.check_sensitive_outputs(&drafts);
         let steps = self.resolve(&params, lock.as_ref(), &drafts, &outputs)?;
         let fragment_hashes: Vec<&str> = drafts
             .iter()
@@ -780,6 +806,19 @@ impl Compiler<'_> {
         let timeout = keys
             .get("timeout")
             .and_then(|(_, v)| self.duration("timeout", v));
+        let sensitive_outputs = match keys.get("sensitive_outputs") {
+            Some((_, value)) => match &value.value {
+                YamlValue::Seq(items) => items
+                    .iter()
+                    .filter_map(|i| self.string("sensitive_outputs", i))
+                    .collect(),
+                _ => {
+                    self.wrong_type("sensitive_outputs", "a list of output names", value);
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
         let fragment = match (&uses, &with) {
             (Some(uses), _) if uses.value == FRAGMENT_KIND => self.fragment(
                 with.as_ref(),
@@ -798,6 +837,7 @@ impl Compiler<'_> {
             condition,
             retry,
             timeout,
+            sensitive_outputs,
         })
     }
 
@@ -1011,6 +1051,11 @@ impl Compiler<'_> {
                         retry: draft.retry,
                         timeout: draft.timeout,
                         may_be_irreversible: draft.spec.is_some_and(|s| s.may_be_irreversible),
+                        sensitive_outputs: draft
+                            .sensitive_outputs
+                            .iter()
+                            .map(|o| o.value.clone())
+                            .collect(),
                     }
                 })
                 .collect(),

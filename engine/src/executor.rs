@@ -582,12 +582,13 @@ impl Run {
         };
         // Run outputs are stored and printed: they see sensitive outputs masked.
         for (index, step) in runbook.steps.iter().enumerate() {
-            let sensitive = shared
+            let kind = shared
                 .registry
                 .get(&step.uses)
-                .map_or(&[][..], |kind| kind.sensitive_outputs());
+                .expect("compile checked the step kind");
+            let sensitive = sensitive_of(kind.as_ref(), step);
             if !sensitive.is_empty() && self.slots[index] == Slot::Succeeded {
-                let shown = mask_sensitive(&self.context["steps"][&step.id]["outputs"], sensitive);
+                let shown = mask_sensitive(&self.context["steps"][&step.id]["outputs"], &sensitive);
                 self.context["steps"][&step.id]["outputs"] = shown;
             }
         }
@@ -630,6 +631,18 @@ impl Run {
             outputs,
         })
     }
+}
+
+/// A step's sensitive outputs: its kind's, and those its runbook names.
+fn sensitive_of<'a>(
+    kind: &dyn crate::kind::StepKind,
+    step: &'a crate::runbook::CompiledStep,
+) -> Vec<&'a str> {
+    kind.sensitive_outputs()
+        .iter()
+        .copied()
+        .chain(step.sensitive_outputs.iter().map(String::as_str))
+        .collect()
 }
 
 /// `outputs` with the named ones replaced by `***`, for the store and the terminal.
@@ -772,7 +785,7 @@ impl StepTask {
                         step_id: step.id.clone(),
                         attempt,
                         outcome,
-                        outputs: mask_sensitive(&outputs, kind.sensitive_outputs()),
+                        outputs: mask_sensitive(&outputs, &sensitive_of(kind.as_ref(), step)),
                         at,
                     }];
                     if outcome == Outcome::Unchanged {

@@ -85,6 +85,7 @@ pub(crate) fn expand(
             retry: RetryPolicy::default(),
             timeout: None,
             may_be_irreversible: false,
+            sensitive_outputs: Vec::new(),
         });
         let inner_ids: Vec<String> = fragment
             .steps
@@ -112,6 +113,7 @@ pub(crate) fn expand(
                 retry: inner.retry,
                 timeout: inner.timeout,
                 may_be_irreversible: inner.may_be_irreversible,
+                sensitive_outputs: inner.sensitive_outputs.clone(),
             });
         }
         let outputs: Map<String, Value> = fragment
@@ -143,6 +145,8 @@ pub(crate) fn expand(
             retry: RetryPolicy::default(),
             timeout: None,
             may_be_irreversible: false,
+            // The call's own outputs are the fragment's: as sensitive as the call says.
+            sensitive_outputs: step.sensitive_outputs.clone(),
         });
     }
     order(expanded)

@@ -104,6 +104,8 @@ pub struct CompiledStep {
     /// Bounds each attempt (observe, plan and apply together).
     pub timeout: Option<Duration>,
     pub may_be_irreversible: bool,
+    /// Outputs stored and shown as `***` (`sensitive_outputs:`), beyond the kind's own.
+    pub sensitive_outputs: Vec<String>,
 }
 
 /// How a step is retried after a transient failure.

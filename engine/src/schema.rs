@@ -97,6 +97,7 @@ pub fn runbook_schema(registry: &Registry) -> Value {
                         "with": {"type": "object"},
                         "if": {"type": ["string", "boolean"]},
                         "timeout": duration,
+                        "sensitive_outputs": {"type": "array", "items": {"type": "string"}},
                         "retry": {
                             "type": "object",
                             "additionalProperties": false,

@@ -813,3 +813,53 @@ async fn two_resumes_of_a_run_without_a_lock_never_both_proceed() {
     one.close().await;
     two.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_a_runbook_marks_sensitive_are_stored_masked_and_read_for_real() {
+    let h = Harness::new();
+    let text = r#"
+name: t
+steps:
+  - id: issue
+    uses: noop
+    with: { outputs: { token: kubeconfig-7c1e, name: admin } }
+    sensitive_outputs: [token]
+  - id: use
+    uses: noop
+    with: { outputs: { length: "{{steps.issue.outputs.token}}" } }
+outputs:
+  token: "{{steps.issue.outputs.token}}"
+"#;
+    let summary = h.run(text, 8).await;
+    assert_eq!(summary.status, RunStatus::Succeeded);
+    let steps = h.store().steps(&summary.run_id).unwrap();
+    let issue = steps.iter().find(|s| s.step_id == "issue").unwrap();
+    assert_eq!(
+        issue.outputs,
+        Some(json!({"token": "***", "name": "admin"}))
+    );
+    let used = steps.iter().find(|s| s.step_id == "use").unwrap();
+    assert_eq!(
+        used.outputs,
+        Some(json!({"length": "kubeconfig-7c1e"})),
+        "a later step read the real value"
+    );
+    assert_eq!(
+        summary.outputs,
+        Some(json!({"token": "***"})),
+        "run outputs see it masked"
+    );
+    let unknown = text.replace("sensitive_outputs: [token]", "sensitive_outputs: [tokn]");
+    let diagnostics = compile(
+        &RunbookSource::new("t.yaml", unknown.as_str()),
+        &h.engine().registry,
+    )
+    .unwrap_err();
+    assert!(
+        diagnostics.problems.iter().any(|p| matches!(
+            &p.kind,
+            kmsflow_engine::ProblemKind::UnknownOutput { output, .. } if output == "tokn"
+        )),
+        "{diagnostics:?}"
+    );
+}
