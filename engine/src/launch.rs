@@ -258,7 +258,25 @@ impl Launcher {
         let started_at = Utc::now();
         let key =
             lock_key(&request.runbook, &request.params, &run_id).map_err(LaunchError::LockKey)?;
-        let lock = {
+        // A runbook's lock may be held by another run: take it in a transaction of its own,
+        // before anything is recorded. A new run's claim on itself cannot be (its id is fresh):
+        // it is written with the run's record, at no extra commit (a fleet of read-only checks
+        // would otherwise pay one per cluster).
+        let mut claim = None;
+        let lock = if request.runbook.lock.is_none() {
+            let owner = LockOwner::current();
+            claim = Some(Write::ClaimLock {
+                key: key.clone(),
+                run_id: run_id.clone(),
+                owner_pid: owner.pid,
+                owner_host: owner.host,
+                lease_expires_at: started_at + LOCK_LEASE,
+            });
+            HeldLock {
+                key: key.clone(),
+                token: 1,
+            }
+        } else {
             let (key, run_id) = (key.clone(), run_id.clone());
             on_writer(&self.writer, move |store| take_lock(store, &key, &run_id)).await?
         };
@@ -281,6 +299,7 @@ impl Launcher {
                 .collect(),
         };
         let mut created = vec![Write::CreateRun(new_run)];
+        created.extend(claim);
         created.extend(with_creation);
         let pending = if request.options.checkpointing == Checkpointing::BeforeChanges {
             // Committed with the run's first checkpoint, before any change.

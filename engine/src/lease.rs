@@ -73,10 +73,16 @@ impl HeldLock {
                 };
                 match checkpoints.commit(vec![renewal]).await {
                     Ok(()) => {}
-                    Err(error @ StoreError::LeaseLost { .. }) => {
+                    Err(
+                        error @ StoreError::LeaseLost {
+                            taken_by: Some(_), ..
+                        },
+                    ) => {
                         tracing::warn!(%error, "lease lost; the run stops before its next write");
                         return;
                     }
+                    // No row yet: a new run's claim is held with its first checkpoint.
+                    Err(StoreError::LeaseLost { taken_by: None, .. }) => {}
                     // A busy state file: try again at the next renewal, well within the lease.
                     Err(error) => tracing::warn!(%error, "could not renew the lease"),
                 }

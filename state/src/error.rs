@@ -46,6 +46,8 @@ pub enum StoreError {
         key: String,
         run_id: String,
         why: String,
+        /// The run that holds the lock now, if any (none: no row, or an expired lease).
+        taken_by: Option<String>,
     },
     /// The writer thread is gone (it panicked or was closed).
     #[error("the state writer has stopped")]

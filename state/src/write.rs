@@ -130,6 +130,15 @@ pub enum Write {
         token: i64,
         at: DateTime<Utc>,
     },
+    /// A new run's claim on itself (`run/<id>`), written with the run's record: its id is
+    /// fresh, so no other run can hold it, and it costs no transaction of its own.
+    ClaimLock {
+        key: String,
+        run_id: String,
+        owner_pid: u32,
+        owner_host: String,
+        lease_expires_at: DateTime<Utc>,
+    },
     /// Frees a lock this run holds (a no-op if another run holds it now).
     ReleaseLock { key: String, run_id: String },
     /// A claimed schedule fire's run now exists: committed with the run's creation, so a
@@ -197,20 +206,24 @@ fn check_fence(
         .prepare_cached("SELECT run_id, token, lease_expires_at FROM locks WHERE key = ?1")?
         .query_row([key], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
         .optional()?;
-    let lost = |why: String| StoreError::LeaseLost {
+    let lost = |why: String, taken_by: Option<String>| StoreError::LeaseLost {
         key: key.to_owned(),
         run_id: run_id.to_owned(),
         why,
+        taken_by,
     };
     match holder {
-        None => Err(lost("the lock was released".into())),
+        None => Err(lost("the lock is not held".into(), None)),
         Some((holder, held_token, _)) if holder != run_id || held_token != token => Err(lost(
             format!("run `{holder}` holds it now, with fencing token {held_token}"),
+            (holder != run_id).then_some(holder),
         )),
         Some((_, _, expires)) => {
             let expires = crate::store::timestamp(expires, "locks.lease_expires_at")?;
             match at {
-                Some(at) if expires <= *at => Err(lost(format!("its lease ran out at {expires}"))),
+                Some(at) if expires <= *at => {
+                    Err(lost(format!("its lease ran out at {expires}"), None))
+                }
                 _ => Ok(()),
             }
         }
@@ -315,6 +328,26 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             at,
         } => check_fence(tx, key, run_id, *token, Some(at)),
         Write::ReleaseLock { key, run_id } => release_lock(tx, key, run_id),
+        Write::ClaimLock {
+            key,
+            run_id,
+            owner_pid,
+            owner_host,
+            lease_expires_at,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO locks (key, run_id, owner_pid, owner_host, lease_expires_at, token)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+            )?
+            .execute(params![
+                key,
+                run_id,
+                owner_pid,
+                owner_host,
+                ts(lease_expires_at)
+            ])?;
+            Ok(())
+        }
         Write::FireStarted {
             schedule,
             occurrence,
