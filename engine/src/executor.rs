@@ -225,12 +225,7 @@ struct ReadyQueue {
 
 impl ReadyQueue {
     fn new(runbook: &CompiledRunbook, slots: &[Slot]) -> ReadyQueue {
-        let position: HashMap<&str, usize> = runbook
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.id.as_str(), i))
-            .collect();
+        let position = runbook.step_positions();
         let indices =
             |ids: &[String]| -> Vec<usize> { ids.iter().map(|d| position[d.as_str()]).collect() };
         let needs: Vec<Vec<usize>> = runbook.steps.iter().map(|s| indices(&s.needs)).collect();
@@ -340,12 +335,7 @@ impl Run {
         let n_steps = runbook.steps.len();
         let mut slots = vec![Slot::Pending; n_steps];
         let mut prior: Vec<Option<StepRecord>> = vec![None; n_steps];
-        let position: HashMap<&str, usize> = runbook
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.id.as_str(), i))
-            .collect();
+        let position = runbook.step_positions();
         for record in previous {
             let Some(&index) = position.get(record.step_id.as_str()) else {
                 continue;

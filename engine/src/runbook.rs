@@ -156,6 +156,15 @@ impl RetryPolicy {
 }
 
 impl CompiledRunbook {
+    /// Each step's index in execution order, by id.
+    pub fn step_positions(&self) -> std::collections::HashMap<&str, usize> {
+        self.steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.as_str(), i))
+            .collect()
+    }
+
     /// The step called `id`.
     pub fn step(&self, id: &str) -> Option<&CompiledStep> {
         self.steps.iter().find(|s| s.id == id)
