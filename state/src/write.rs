@@ -247,7 +247,7 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             error,
             outputs,
             at,
-        } => run_finished(tx, run_id, status, error, outputs, at),
+        } => run_finished(tx, run_id, *status, error, outputs, at),
         Write::StepApplying {
             run_id,
             step_id,
@@ -259,9 +259,9 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             tx,
             run_id,
             step_id,
-            attempt,
+            *attempt,
             before_image,
-            planned_outcome,
+            *planned_outcome,
             at,
         ),
         Write::StepSucceeded {
@@ -271,7 +271,7 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             outcome,
             outputs,
             at,
-        } => step_succeeded(tx, run_id, step_id, attempt, outcome, outputs, at),
+        } => step_succeeded(tx, run_id, step_id, *attempt, *outcome, outputs, at),
         Write::StepAttemptFailed {
             run_id,
             step_id,
@@ -283,10 +283,10 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
         } => step_attempt_failed(
             tx,
             (run_id, step_id),
-            attempt,
+            *attempt,
             error,
-            retry_in_ms,
-            refused,
+            *retry_in_ms,
+            *refused,
             at,
         ),
         Write::StepFailed {
@@ -296,7 +296,7 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             error,
             refused,
             at,
-        } => step_failed(tx, run_id, step_id, attempt, error, refused, at),
+        } => step_failed(tx, run_id, step_id, *attempt, error, *refused, at),
         Write::StepSkipped {
             run_id,
             step_id,
@@ -320,7 +320,7 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             run_id,
             token,
             lease_expires_at,
-        } => renew_lock(tx, key, run_id, token, lease_expires_at),
+        } => renew_lock(tx, key, run_id, *token, lease_expires_at),
         Write::CheckFence {
             key,
             run_id,
@@ -437,12 +437,12 @@ fn rollback_started(tx: &Connection, run_id: &str, at: &DateTime<Utc>) -> Result
 fn run_finished(
     tx: &Connection,
     run_id: &str,
-    status: &RunStatus,
+    status: RunStatus,
     error: &Option<String>,
     outputs: &Option<Value>,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let finished = (*status != RunStatus::Running).then(|| ts(at));
+    let finished = (status != RunStatus::Running).then(|| ts(at));
     tx.prepare_cached(
         "UPDATE runs SET status = ?2, error = ?3, outputs = ?4, finished_at = ?5 WHERE id = ?1",
     )?
@@ -468,9 +468,9 @@ fn step_applying(
     tx: &Connection,
     run_id: &str,
     step_id: &str,
-    attempt: &u32,
+    attempt: u32,
     before_image: &Value,
-    planned_outcome: &Outcome,
+    planned_outcome: Outcome,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
     // Keep the first before image: a step re-observed after a crash sees the world its
@@ -505,8 +505,8 @@ fn step_succeeded(
     tx: &Connection,
     run_id: &str,
     step_id: &str,
-    attempt: &u32,
-    outcome: &Outcome,
+    attempt: u32,
+    outcome: Outcome,
     outputs: &Value,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
@@ -537,10 +537,10 @@ fn step_succeeded(
 fn step_attempt_failed(
     tx: &Connection,
     (run_id, step_id): (&str, &str),
-    attempt: &u32,
+    attempt: u32,
     error: &str,
-    retry_in_ms: &u64,
-    refused: &bool,
+    retry_in_ms: u64,
+    refused: bool,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
     tx.prepare_cached(
@@ -566,9 +566,9 @@ fn step_failed(
     tx: &Connection,
     run_id: &str,
     step_id: &str,
-    attempt: &u32,
+    attempt: u32,
     error: &str,
-    refused: &bool,
+    refused: bool,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
     tx.prepare_cached(
@@ -579,7 +579,7 @@ fn step_failed(
          WHERE run_id = ?1 AND step_id = ?2",
     )?
     .execute(params![run_id, step_id, attempt, error, ts(at), refused])?;
-    let detail = if *refused {
+    let detail = if refused {
         json!({"attempt": attempt, "error": error, "refused": true})
     } else {
         json!({"attempt": attempt, "error": error})
@@ -641,7 +641,7 @@ fn renew_lock(
     tx: &Connection,
     key: &str,
     run_id: &str,
-    token: &i64,
+    token: i64,
     lease_expires_at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let renewed = tx
@@ -652,7 +652,7 @@ fn renew_lock(
         .execute(params![key, run_id, token, ts(lease_expires_at)])?;
     if renewed == 0 {
         // Say who has it (or that nobody does).
-        check_fence(tx, key, run_id, *token, None)?;
+        check_fence(tx, key, run_id, token, None)?;
     }
     Ok(())
 }
