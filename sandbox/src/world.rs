@@ -748,6 +748,11 @@ impl World {
                     );
                 }
                 let existing = self.resources.get(&id_key).cloned();
+                // Not enforced: the spec says access policies are required unless
+                // `createMode: recover`, and clients reported "The parameter accessPolicies is not
+                // specified." (fidelity audit, row 1), but the official example
+                // `createVaultWithNetworkAcls` creates a vault without them. Which holds for an
+                // RBAC vault is not known; kmsflow sends `accessPolicies: []` on create either way.
                 if existing.is_none() && self.deleted_vaults.contains(&name.to_ascii_lowercase()) {
                     return Resp::arm_error(
                         409,
@@ -1876,10 +1881,13 @@ impl World {
             )
             .is_err()
         {
+            // The code and message are AKS's own (see the fidelity audit, row 2). Whether AKS
+            // answers it on the PUT itself or in the operation is not known; the sandbox fails
+            // the operation, which is the harder case for a client.
             return Some((
-                "AzureKeyVaultKmsAccessDenied".into(),
+                "AzureKeyVaultKmsValidateIdentityPermissionCustomerError".into(),
                 format!(
-                    "The cluster identity '{principal}' does not hold Key Vault Crypto User on the vault."
+                    "The identity does not have keys encrypt/decrypt permission on key vault {vault_uri}."
                 ),
             ));
         }

@@ -413,3 +413,48 @@ async fn a_cluster_whose_operation_failed_is_applied_again_not_taken_as_done() {
         "Succeeded"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cmk_switch_waits_out_permission_propagation_and_an_etag_race() {
+    let h = Harness::new(Faults {
+        delays: Delays {
+            rbac_propagation: Duration::from_millis(1_500),
+            cluster_operation: Duration::from_millis(200),
+            ..Delays::default()
+        },
+        rules: vec![Rule {
+            method: Some("PUT".into()),
+            path: "*/managedClusters/aks-prod".into(),
+            times: 1,
+            status: 409,
+            code: "EtagMismatch".into(),
+            message: Some("Operation is not allowed: Another operation is in progress".into()),
+        }],
+        ..Faults::default()
+    })
+    .await;
+    seed(&h, "1.33.0", true);
+    // Grant Crypto User last, right before the switch, as a run that lost time elsewhere would.
+    let late_grant = MIGRATE.replace(
+        "  - id: crypto-user\n    uses: azure.role_assignment\n",
+        "  - id: crypto-user\n    uses: azure.role_assignment\n    needs: [firewall]\n",
+    );
+    assert_ne!(late_grant, MIGRATE);
+    let summary = h.run(&late_grant, &[]).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    let puts: Vec<u16> = h
+        .sandbox
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.method == "PUT" && r.path.to_lowercase().ends_with("/managedclusters/aks-prod")
+        })
+        .map(|r| r.status)
+        .collect();
+    assert!(
+        puts.len() >= 3 && puts[0] == 409,
+        "a racing PUT (409), one whose operation failed while the grant propagated, then one that took: {puts:?}"
+    );
+    let kms = &cluster_of(&h)["properties"]["securityProfile"]["azureKeyVaultKms"];
+    assert_eq!(kms["enabled"], true);
+}

@@ -301,6 +301,54 @@ pub async fn cluster_url(
     .await
 }
 
+/// AKS's answer while a new grant to the cluster's identity has not reached Key Vault yet
+/// (RBAC propagates in minutes): worth putting the cluster again, within a bound.
+pub const PERMISSION_PROPAGATING: &str = "AzureKeyVaultKmsValidateIdentityPermissionCustomerError";
+
+/// PUTs a cluster until AKS takes it. `body_of` makes the body from the cluster as it is now
+/// (`Null` for a new one); with `if_match`, the PUT carries its etag. The cluster is read
+/// again and the PUT made again when it changed meanwhile (412, or 409 `EtagMismatch` when the
+/// PUT raced an operation of AKS's own), a few times; and while the identity's new key
+/// permission is still propagating, with backoff, within the client's eventual-consistency
+/// budget. Anything else fails the step as Azure said it.
+pub async fn put_cluster(
+    client: &crate::AzureClient,
+    url: &url::Url,
+    mut current: Value,
+    if_match: bool,
+    body_of: impl Fn(&Value) -> Value,
+) -> Result<Value, StepError> {
+    let retry = client.config().retry;
+    let deadline = std::time::Instant::now() + retry.eventual_budget;
+    let mut delay = retry.initial_backoff;
+    let mut conflicts = 0;
+    loop {
+        let etag = if_match.then(|| current["eTag"].as_str()).flatten();
+        let error = match client
+            .write_and_wait(reqwest::Method::PUT, url, &body_of(&current), etag)
+            .await
+        {
+            Ok(result) => return Ok(result),
+            Err(error) => error,
+        };
+        let changed = error.status() == Some(412) || error.code() == Some("EtagMismatch");
+        let propagating = error.code() == Some(PERMISSION_PROPAGATING);
+        if changed && conflicts < 3 {
+            conflicts += 1;
+            tracing::debug!(%error, "the cluster changed meanwhile; reading it again");
+        } else if propagating && std::time::Instant::now() < deadline {
+            tracing::info!(%error, retry_in_ms = delay.as_millis() as u64, "the identity's key permission is still propagating; putting the cluster again");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(retry.max_backoff);
+        } else {
+            return Err(error.into());
+        }
+        if if_match {
+            current = read_settled(client, url).await?;
+        }
+    }
+}
+
 /// Reads a cluster, waiting while an operation on it runs; `Null` if it does not exist.
 pub async fn read_settled(client: &crate::AzureClient, url: &url::Url) -> Result<Value, StepError> {
     Ok(client.get_settled(url).await?.unwrap_or(Value::Null))

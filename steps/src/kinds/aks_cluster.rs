@@ -161,7 +161,8 @@ impl StepKind for AksCluster {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
         let result = if before.is_null() {
-            common::put(&client, &url, &p.new_cluster()).await?
+            let body = p.new_cluster();
+            aks::put_cluster(&client, &url, Value::Null, false, |_| body.clone()).await?
         } else {
             super::aks_kms::put_kms(&client, &url, &p.kms, before).await?
         };

@@ -93,26 +93,10 @@ pub(crate) async fn put_kms(
     kms: &Kms,
     cluster: &Value,
 ) -> Result<Value, StepError> {
-    let mut current = cluster.clone();
-    for attempt in 1..=3 {
-        match client
-            .write_and_wait(
-                reqwest::Method::PUT,
-                url,
-                &kms.apply_to(&current),
-                current["eTag"].as_str(),
-            )
-            .await
-        {
-            Ok(result) => return Ok(result),
-            Err(error) if error.status() == Some(412) && attempt < 3 => {
-                tracing::debug!(%error, "the cluster changed meanwhile; reading it again");
-                current = common::read(client, url).await?;
-            }
-            Err(error) => return Err(error.into()),
-        }
-    }
-    unreachable!("the loop returns")
+    aks::put_cluster(client, url, cluster.clone(), true, |current| {
+        kms.apply_to(current)
+    })
+    .await
 }
 
 impl AksKms {
