@@ -475,6 +475,13 @@ impl World {
             [
                 "subscriptions",
                 _,
+                "providers",
+                "microsoft.keyvault",
+                "vaults",
+            ] if req.method == "GET" => self.vaults_in_subscription(),
+            [
+                "subscriptions",
+                _,
                 "resourcegroups",
                 _,
                 "providers",
@@ -518,6 +525,18 @@ impl World {
                 ),
             ),
         }
+    }
+
+    /// Vaults - List By Subscription: `{value: [Vault], nextLink?}` (one page: the sandbox
+    /// never holds enough vaults to page).
+    fn vaults_in_subscription(&self) -> Resp {
+        let value: Vec<Value> = self
+            .resources
+            .values()
+            .filter(|r| r["type"] == "Microsoft.KeyVault/vaults")
+            .cloned()
+            .collect();
+        Resp::json(200, json!({ "value": value }))
     }
 
     /// Resources - List By Resource Group: `{value: [GenericResourceExpanded], nextLink?}`.

@@ -36,6 +36,8 @@ struct Drift {
     firewall_open: bool,
     /// The caller holds Key Vault Crypto Officer (to rotate).
     caller_officer: bool,
+    /// A Public CMK cluster that names no vault, as the spec says it may.
+    public_without_vault_id: bool,
 }
 
 fn seed(h: &Harness, drift: Drift) {
@@ -78,7 +80,11 @@ fn seed(h: &Harness, drift: Drift) {
         let mut profile = json!({"kubernetesResourceObjectEncryptionProfile": {"infrastructureEncryption": "Enabled"}, "azureKeyVaultKms": null});
         let mut identity = json!({"type": "SystemAssigned"});
         if !drift.pmk_only {
-            profile["azureKeyVaultKms"] = json!({"enabled": true, "keyId": key_id, "keyVaultNetworkAccess": "Private", "keyVaultResourceId": vault_id});
+            profile["azureKeyVaultKms"] = if drift.public_without_vault_id {
+                json!({"enabled": true, "keyId": key_id, "keyVaultNetworkAccess": "Public"})
+            } else {
+                json!({"enabled": true, "keyId": key_id, "keyVaultNetworkAccess": "Private", "keyVaultResourceId": vault_id})
+            };
             identity = json!({"type": "UserAssigned", "userAssignedIdentities": {identity_id.clone(): {"principalId": principal, "clientId": "c"}}});
         }
         w.resource(json!({
@@ -119,6 +125,20 @@ async fn a_healthy_cmk_cluster_is_all_ok() {
         "identity-role",
         "firewall",
     ] {
+        assert!(has(&findings, "ok", code), "{code}: {findings:#?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_cmk_cluster_that_names_no_vault_is_judged_by_its_keys_vault() {
+    let drift = Drift {
+        public_without_vault_id: true,
+        ..Drift::default()
+    };
+    let (worst, findings) = check(drift, "CMK").await;
+    assert_eq!(worst, "ok", "{findings:#?}");
+    assert!(!has(&findings, "fail", "vault-missing"), "{findings:#?}");
+    for code in ["key-expiry", "identity-role"] {
         assert!(has(&findings, "ok", code), "{code}: {findings:#?}");
     }
 }

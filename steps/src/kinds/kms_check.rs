@@ -138,6 +138,53 @@ fn date(unix: Option<i64>) -> Option<DateTime<Utc>> {
 }
 
 impl KmsCheck {
+    /// The resource id of the vault whose `vaultUri` the key id starts with, among the
+    /// subscription's vaults (Vaults - List By Subscription, every page).
+    async fn vault_of_key(
+        &self,
+        client: &crate::AzureClient,
+        subscription: &str,
+        key_id: &str,
+    ) -> Result<Option<String>, StepError> {
+        let Some((vault_uri, _)) = key_id.split_once("/keys/") else {
+            return Ok(None);
+        };
+        let wanted = vault_uri
+            .trim_end_matches('/')
+            .replacen(":443", "", 1)
+            .to_ascii_lowercase();
+        let mut url = client.arm_url(
+            &[
+                "subscriptions",
+                subscription,
+                "providers",
+                "Microsoft.KeyVault",
+                "vaults",
+            ],
+            super::keyvault::API,
+        )?;
+        loop {
+            let Some(page) = client.get(&url).await? else {
+                return Ok(None);
+            };
+            for vault in page.body["value"].as_array().into_iter().flatten() {
+                let uri = vault["properties"]["vaultUri"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .trim_end_matches('/')
+                    .replacen(":443", "", 1)
+                    .to_ascii_lowercase();
+                if uri == wanted {
+                    return Ok(vault["id"].as_str().map(str::to_owned));
+                }
+            }
+            match page.body["nextLink"].as_str() {
+                Some(next) if !next.is_empty() => url = client.trusted_link(next)?,
+                _ => return Ok(None),
+            }
+        }
+    }
+
     /// Reads everything the judgement needs; missing pieces are recorded, not errors.
     async fn gather(&self, p: &Params) -> Result<Value, StepError> {
         let (client, url) =
@@ -156,12 +203,18 @@ impl KmsCheck {
         if kms["enabled"] != true {
             return Ok(json!({"cluster": cluster}));
         }
-        let vault_id = p.key_vault_id.clone().or_else(|| {
+        let mut vault_id = p.key_vault_id.clone().or_else(|| {
             kms["keyVaultResourceId"]
                 .as_str()
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned)
         });
+        if vault_id.is_none() {
+            // A Public CMK cluster need not name its vault (the spec says to leave the id
+            // empty for Public): find it by the key's vault URI among the subscription's vaults.
+            let key_id = kms["keyId"].as_str().unwrap_or_default();
+            vault_id = self.vault_of_key(&client, &p.subscription, key_id).await?;
+        }
         let mut gathered = json!({"cluster": cluster, "vault_id": vault_id});
         let Some(vault_id) = vault_id else {
             return Ok(gathered);
@@ -197,7 +250,6 @@ impl KmsCheck {
     }
 }
 
-/// The judgement, from what was gathered and the time now.
 /// Judges what `gather` read: each rule below adds its findings, and a rule that finds the
 /// rest cannot be judged (no cluster, not CMK, no vault) stops the judgement there.
 fn judge(p: &Params, gathered: &Value, now: DateTime<Utc>) -> Vec<Finding> {
