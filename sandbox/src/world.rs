@@ -170,6 +170,9 @@ pub struct World {
     assignments: BTreeMap<String, Assignment>,
     /// Keys by (lowercase vault name, lowercase key name).
     keys: BTreeMap<(String, String), Vec<KeyVersion>>,
+    /// Keys deleted but recoverable (Key Vault soft-deletes every key): their versions and
+    /// the Unix time of the deletion. The name cannot be used again until recovered or purged.
+    deleted_keys: BTreeMap<(String, String), (i64, Vec<KeyVersion>)>,
     rotation_policies: BTreeMap<(String, String), Value>,
     deleted_vaults: BTreeSet<String>,
     operations: BTreeMap<String, Operation>,
@@ -226,6 +229,7 @@ impl World {
             principals: BTreeMap::new(),
             assignments: BTreeMap::new(),
             keys: BTreeMap::new(),
+            deleted_keys: BTreeMap::new(),
             rotation_policies: BTreeMap::new(),
             deleted_vaults: BTreeSet::new(),
             operations: BTreeMap::new(),
@@ -256,6 +260,7 @@ impl World {
             "resources": self.resources.values().cloned().collect::<Vec<_>>(),
             "role_assignments": self.assignments.values().map(|a| a.body.clone()).collect::<Vec<_>>(),
             "keys": keys,
+            "deleted_keys": self.deleted_keys.keys().map(|(vault, key)| format!("{vault}/{key}")).collect::<Vec<_>>(),
             "rotation_policies": self.rotation_policies.values().cloned().collect::<Vec<_>>(),
             "deleted_vaults": self.deleted_vaults,
         })
@@ -1262,9 +1267,57 @@ impl World {
                         "The key type (kty) is missing or not supported.",
                     );
                 }
+                if self
+                    .deleted_keys
+                    .contains_key(&(vault_name.clone(), key.to_string()))
+                {
+                    return Resp::vault_error(
+                        409,
+                        "Conflict",
+                        Some("ObjectIsDeletedButRecoverable"),
+                        format!(
+                            "Key {} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the key can only be recovered or purged.",
+                            req.raw_segments[3]
+                        ),
+                    );
+                }
                 let bundle =
                     self.new_key_version(&vault_uri, &vault_name, &req.raw_segments[3], &body);
                 Resp::json(200, bundle)
+            }
+            ("GET", ["deletedkeys", key]) => {
+                match self
+                    .deleted_keys
+                    .get(&(vault_name.clone(), key.to_string()))
+                {
+                    Some((at, versions)) => Resp::json(
+                        200,
+                        deleted_bundle(&vault_uri, &req.raw_segments[3], *at, versions),
+                    ),
+                    None => deleted_key_not_found(key),
+                }
+            }
+            ("POST", ["deletedkeys", key, "recover"]) => {
+                match self
+                    .deleted_keys
+                    .remove(&(vault_name.clone(), key.to_string()))
+                {
+                    Some((_, versions)) => {
+                        let latest = versions
+                            .last()
+                            .map(|v| v.body.clone())
+                            .unwrap_or(Value::Null);
+                        self.keys.insert((vault_name, key.to_string()), versions);
+                        Resp::json(200, latest)
+                    }
+                    None => deleted_key_not_found(key),
+                }
+            }
+            ("DELETE", ["deletedkeys", key]) => {
+                match self.deleted_keys.remove(&(vault_name, key.to_string())) {
+                    Some(_) => Resp::empty(204),
+                    None => deleted_key_not_found(key),
+                }
             }
             ("POST", ["keys", key, "rotate"]) => {
                 let Some(latest) = self
@@ -1334,15 +1387,14 @@ impl World {
                 match self.keys.remove(&(vault_name.clone(), key.to_string())) {
                     Some(versions) => {
                         self.rotation_policies
-                            .remove(&(vault_name, key.to_string()));
-                        let latest = versions
-                            .last()
-                            .map(|v| v.body.clone())
-                            .unwrap_or(Value::Null);
-                        Resp::json(
-                            200,
-                            json!({"recoveryId": format!("{vault_uri}/deletedkeys/{}", req.raw_segments[3]), "key": latest["key"], "attributes": latest["attributes"]}),
-                        )
+                            .remove(&(vault_name.clone(), key.to_string()));
+                        // Soft-deleted, as every key in Key Vault: recoverable until purged.
+                        let at = unix_now();
+                        let bundle =
+                            deleted_bundle(&vault_uri, &req.raw_segments[3], at, &versions);
+                        self.deleted_keys
+                            .insert((vault_name, key.to_string()), (at, versions));
+                        Resp::json(200, bundle)
                     }
                     None => key_not_found(key),
                 }
@@ -1959,6 +2011,32 @@ fn not_found(kind: &str, name: &str, group: &str) -> Resp {
     )
 }
 
+/// A DeletedKeyBundle: the latest version, where to recover it, and when it was deleted and
+/// will be purged (90 days, the default retention).
+fn deleted_bundle(vault_uri: &str, key: &str, deleted_at: i64, versions: &[KeyVersion]) -> Value {
+    let latest = versions
+        .last()
+        .map(|v| v.body.clone())
+        .unwrap_or(Value::Null);
+    json!({
+        "recoveryId": format!("{vault_uri}/deletedkeys/{key}"),
+        "deletedDate": deleted_at,
+        "scheduledPurgeDate": deleted_at + 90 * 86_400,
+        "key": latest["key"],
+        "attributes": latest["attributes"],
+        "tags": latest["tags"],
+    })
+}
+
+fn deleted_key_not_found(key: &str) -> Resp {
+    Resp::vault_error(
+        404,
+        "KeyNotFound",
+        None,
+        format!("Deleted Key not found: {key}"),
+    )
+}
+
 fn key_not_found(key: &str) -> Resp {
     Resp::vault_error(
         404,
@@ -2042,6 +2120,8 @@ struct Snapshot {
     principals: BTreeMap<String, i64>,
     assignments: BTreeMap<String, Assignment>,
     keys: Vec<(String, String, Vec<KeyVersion>)>,
+    #[serde(default)]
+    deleted_keys: Vec<(String, String, i64, Vec<KeyVersion>)>,
     rotation_policies: Vec<(String, String, Value)>,
     deleted_vaults: BTreeSet<String>,
     operations: BTreeMap<String, Operation>,
@@ -2065,6 +2145,11 @@ impl World {
                 .keys
                 .iter()
                 .map(|((v, k), versions)| (v.clone(), k.clone(), versions.clone()))
+                .collect(),
+            deleted_keys: self
+                .deleted_keys
+                .iter()
+                .map(|((v, k), (at, versions))| (v.clone(), k.clone(), *at, versions.clone()))
                 .collect(),
             rotation_policies: self
                 .rotation_policies
@@ -2110,6 +2195,11 @@ impl World {
             .keys
             .into_iter()
             .map(|(v, k, versions)| ((v, k), versions))
+            .collect();
+        self.deleted_keys = snapshot
+            .deleted_keys
+            .into_iter()
+            .map(|(v, k, at, versions)| ((v, k), (at, versions)))
             .collect();
         self.rotation_policies = snapshot
             .rotation_policies

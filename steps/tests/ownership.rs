@@ -122,3 +122,69 @@ async fn rollback_leaves_a_resource_made_again_since_under_the_same_name() {
     );
     assert_eq!(identities(&h), 1, "the identity made since survives");
 }
+
+const VAULT: &str = r#"
+name: vault
+params:
+  subscription: { type: string }
+  tenant: { type: string }
+steps:
+  - id: group
+    uses: azure.resource_group
+    with: { subscription: "{{params.subscription}}", resource_group: rg-own, location: eastus }
+  - id: vault
+    uses: azure.keyvault
+    needs: [group]
+    with: { subscription: "{{params.subscription}}", resource_group: rg-own, name: kv-own, location: eastus, tenant: "{{params.tenant}}" }
+  - id: officer
+    uses: azure.role_assignment
+    with: { scope: "{{steps.vault.outputs.id}}", role: Key Vault Crypto Officer, principal: me }
+"#;
+
+const KEY: &str = r#"
+name: key
+params:
+  subscription: { type: string }
+steps:
+  - id: key
+    uses: azure.keyvault_key
+    with: { vault_uri: "VAULT_URI", name: kms-key }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_after_a_rollback_recovers_the_soft_deleted_key_of_the_same_name() {
+    let h = Harness::new(Faults::default()).await;
+    let vault = h.run(VAULT, &[]).await;
+    assert_eq!(vault.status, RunStatus::Succeeded, "{:?}", vault.error);
+    let vault_uri = h.step(&vault.run_id, "vault").outputs.unwrap()["vault_uri"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let key = KEY.replace("VAULT_URI", &vault_uri);
+    let first = h.run(&key, &[]).await;
+    assert_eq!(first.status, RunStatus::Succeeded, "{:?}", first.error);
+    let kid = h.step(&first.run_id, "key").outputs.unwrap()["kid"].clone();
+    let rolled_back = h.rollback(&first.run_id).await;
+    assert_eq!(
+        rolled_back.status,
+        RunStatus::RolledBack,
+        "{:?}",
+        rolled_back.error
+    );
+    let world = h.sandbox.world();
+    assert_eq!(
+        world["deleted_keys"],
+        serde_json::json!(["kv-own/kms-key"]),
+        "soft-deleted, as in Key Vault"
+    );
+    // The name is held: a create would be 409 ObjectIsDeletedButRecoverable. The run brings
+    // the key back instead.
+    let again = h.run(&key, &[]).await;
+    assert_eq!(again.status, RunStatus::Succeeded, "{:?}", again.error);
+    assert_eq!(
+        h.step(&again.run_id, "key").outputs.unwrap()["kid"],
+        kid,
+        "the same key, recovered, not a new one"
+    );
+    assert_eq!(h.sandbox.world()["deleted_keys"], serde_json::json!([]));
+}

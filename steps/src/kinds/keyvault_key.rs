@@ -42,7 +42,7 @@ fn bits() -> i64 {
 
 static SPEC: KindSpec = KindSpec {
     name: "azure.keyvault_key",
-    summary: "Ensures a key exists in a vault (read first; created only when absent, since each create adds a version). Needs Key Vault Crypto Officer on the vault and a vault firewall that lets the caller in. Rollback deletes a key this run created (soft-deleted).",
+    summary: "Ensures a key exists in a vault (read first; created only when absent, since each create adds a version). Needs Key Vault Crypto Officer on the vault and a vault firewall that lets the caller in. Rollback deletes a key this run created (Key Vault keeps it soft-deleted); a later run recovers a soft-deleted key of the same name instead of failing on the held name.",
     params: &[
         ParamSpec::required(
             "vault_uri",
@@ -157,10 +157,27 @@ impl StepKind for KeyVaultKey {
         if let Some(ops) = &p.key_ops {
             body["key_ops"] = json!(ops);
         }
-        let response = client
+        match client
             .send(Method::POST, &url, Service::KeyVault, Some(&body), None)
-            .await?;
-        Ok(key_outputs(&response.body))
+            .await
+        {
+            Ok(response) => Ok(key_outputs(&response.body)),
+            // Key Vault soft-deletes keys: after a rollback, the name is held by the key this
+            // runbook made before, deleted but recoverable. Bring that key back (Key Vault
+            // allows nothing else but a purge, which would destroy it for good).
+            Err(AzureError::Api {
+                status: 409, code, ..
+            }) if code == "ObjectIsDeletedButRecoverable" => {
+                tracing::info!(key = %p.name, "the key is soft-deleted; recovering it");
+                let recover =
+                    client.vault_url(&p.vault_uri, &["deletedkeys", &p.name, "recover"], API)?;
+                let response = client
+                    .send(Method::POST, &recover, Service::KeyVault, None, None)
+                    .await?;
+                Ok(key_outputs(&response.body))
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     async fn rollback(
