@@ -151,6 +151,9 @@ struct Operation {
     /// The body to go back to if it fails.
     previous: Option<Value>,
     finished: bool,
+    /// A delete: the cluster is removed when it ends.
+    #[serde(default)]
+    deletes: bool,
 }
 
 /// Every resource in the sandbox.
@@ -477,6 +480,16 @@ impl World {
                 "operationresults",
                 operation,
             ] => self.vault_operation(req, operation),
+            [
+                "subscriptions",
+                _,
+                "providers",
+                "microsoft.containerservice",
+                "locations",
+                _,
+                "operationresults",
+                operation,
+            ] => self.cluster_operation_result(req, operation),
             [
                 "subscriptions",
                 _,
@@ -872,6 +885,7 @@ impl World {
                             result: vault.clone(),
                             previous: None,
                             finished: true,
+                            deletes: false,
                         },
                     );
                     Resp::json(201, vault)
@@ -1550,6 +1564,10 @@ impl World {
             let op = self.operations.get_mut(&id).expect("listed");
             op.finished = true;
             let cluster_key = op.cluster.clone();
+            if op.deletes {
+                self.resources.remove(&cluster_key);
+                continue;
+            }
             let body = match &op.failure {
                 None => {
                     let mut body = op.result.clone();
@@ -1599,6 +1617,37 @@ impl World {
         Resp::json(200, status).header("Retry-After", "1")
     }
 
+    /// A cluster operation's `Location`: 202 while it runs, then 204 (it succeeded) or its
+    /// error.
+    fn cluster_operation_result(&mut self, req: &Req, operation: &str) -> Resp {
+        if req.method != "GET" {
+            return method_not_allowed(req);
+        }
+        match self.operations.get(operation) {
+            None => Resp::arm_error(
+                404,
+                "OperationNotFound",
+                format!("Operation '{operation}' was not found."),
+            ),
+            Some(op) if !op.finished => Resp::empty(202)
+                .header(
+                    "Location",
+                    format!(
+                        "{}{}?api-version={}",
+                        self.base_url,
+                        req.path,
+                        req.query.get("api-version").cloned().unwrap_or_default()
+                    ),
+                )
+                .header("Retry-After", "1"),
+            Some(Operation {
+                failure: Some((code, message)),
+                ..
+            }) => Resp::arm_error(400, code, message.clone()),
+            Some(_) => Resp::empty(204),
+        }
+    }
+
     fn cluster(&mut self, req: &Req, now: Instant) -> Resp {
         let name = req.raw_segments[7].clone();
         let id_key = req.path.trim_end_matches('/').to_ascii_lowercase();
@@ -1615,14 +1664,35 @@ impl World {
                     &req.raw_segments[3],
                 ),
             },
+            // ManagedClusters_Delete: 202 with a `Location` to poll (the cluster reads `Deleting`
+            // until the operation ends), or 204 when there is nothing to delete.
             "DELETE" => {
                 if running {
                     return operation_not_allowed();
                 }
-                match self.resources.remove(&id_key) {
-                    Some(_) => Resp::empty(202),
-                    None => Resp::empty(204),
-                }
+                let Some(cluster) = self.resources.get_mut(&id_key) else {
+                    return Resp::empty(204);
+                };
+                cluster["properties"]["provisioningState"] = json!("Deleting");
+                let location = cluster["location"].as_str().unwrap_or("eastus").to_owned();
+                let operation = uuid();
+                self.operations.insert(
+                    operation.clone(),
+                    Operation {
+                        cluster: id_key.clone(),
+                        started: now,
+                        done_at: now + self.delays.cluster_operation,
+                        failure: None,
+                        result: Value::Null,
+                        previous: None,
+                        finished: false,
+                        deletes: true,
+                    },
+                );
+                self.settle(now);
+                Resp::empty(202)
+                    .header("Location", format!("{}/subscriptions/{}/providers/Microsoft.ContainerService/locations/{location}/operationresults/{operation}?api-version={}", self.base_url, self.subscription, req.query["api-version"]))
+                    .header("Retry-After", "1")
             }
             "PUT" => {
                 let valid_name = name_ok(&name, 1, 63, |c| {
@@ -1805,6 +1875,7 @@ impl World {
                         result: stored,
                         previous: existing.clone(),
                         finished: false,
+                        deletes: false,
                     },
                 );
                 // While the operation runs, GET shows the new body as `Creating`/`Updating`.

@@ -458,3 +458,41 @@ async fn a_cmk_switch_waits_out_permission_propagation_and_an_etag_race() {
     let kms = &cluster_of(&h)["properties"]["securityProfile"]["azureKeyVaultKms"];
     assert_eq!(kms["enabled"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_back_a_new_cluster_follows_its_delete_to_the_end() {
+    let h = Harness::new(quick_clusters()).await;
+    let created = h.run(PMK_NEW, &[]).await;
+    assert_eq!(created.status, RunStatus::Succeeded, "{:?}", created.error);
+    let mark = h.sandbox.requests().len();
+    let rolled_back = h.rollback(&created.run_id).await;
+    // The cluster's delete takes a while (202, `Location`); the group is deleted only once the
+    // cluster is gone, since nothing the run did not create may be left in it.
+    assert_eq!(
+        rolled_back.status,
+        RunStatus::RolledBack,
+        "{:?}",
+        rolled_back.error
+    );
+    let requests = &h.sandbox.requests()[mark..];
+    let delete = requests
+        .iter()
+        .find(|r| {
+            r.method == "DELETE" && r.path.to_lowercase().ends_with("/managedclusters/aks-pmk")
+        })
+        .expect("the cluster was deleted");
+    assert_eq!(delete.status, 202);
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.method == "GET" && r.path.contains("/operationresults/")),
+        "its operation was followed"
+    );
+    let clusters = h.sandbox.world()["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["name"] == "aks-pmk")
+        .count();
+    assert_eq!(clusters, 0);
+}
