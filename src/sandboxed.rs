@@ -52,6 +52,13 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
         None => Faults::default(),
     };
     let state = crate::state_file::state_path(cli.state.as_deref())?;
+    // The world is saved beside the state before the store first opens (and makes the folder).
+    kmsflow_state::create_private_folder(&state).map_err(|e| {
+        Failure::Usage(format!(
+            "cannot create the state folder for `{}`: {e}",
+            state.display()
+        ))
+    })?;
     let world_file = state.with_extension("sandbox.json");
     // Come back on the port the saved world used: runs keep the vault URIs and key ids it
     // handed out, as they would keep Azure's.

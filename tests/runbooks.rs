@@ -366,3 +366,26 @@ fn a_runbook_for_enabling_kms_never_migrates_a_cluster_that_has_the_other_mode()
         "the customer-managed key is still in place: nothing was written"
     );
 }
+
+#[test]
+fn the_quick_start_runs_clean_for_a_newcomer_with_no_state_folder_yet() {
+    // A fresh HOME: no `~/.local/state/kmsflow` yet, no KMSFLOW_STATE.
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
+        .args(["run", "engine-drill", "--sandbox"])
+        .current_dir(home.path())
+        .env("HOME", home.path())
+        .env_remove("KMSFLOW_STATE")
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("XDG_DATA_HOME")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        !said.contains("ERROR"),
+        "a first run prints no error:\n{said}"
+    );
+    let world = home.path().join(".local/state/kmsflow/state.sandbox.json");
+    assert!(world.exists(), "the sandbox world is kept beside the state");
+}

@@ -26,6 +26,6 @@ pub use records::{
     StepStatus,
 };
 pub use schedule::{FireRecord, ScheduleRecord, mask_url};
-pub use store::{Durability, Store};
+pub use store::{Durability, Store, create_private_folder};
 pub use write::{NewRun, Write};
 pub use writer::{Exclusive, Writer, WriterThread};

@@ -269,10 +269,9 @@ fn opt_timestamp(
     text.map(|t| timestamp(t, column)).transpose()
 }
 
-/// Creates the file with mode 0600 (and its folder with 0700) before SQLite opens it, so the
-/// state is never readable by other users, not even for an instant. SQLite creates the WAL and
-/// shared-memory files with the database file's mode.
-fn create_private(path: &Path) -> std::io::Result<()> {
+/// Creates the folder the state file `path` lives in (0700), if it does not exist yet. Files
+/// kept beside the state (the sandbox's world) need it before the store is first opened.
+pub fn create_private_folder(path: &Path) -> std::io::Result<()> {
     if let Some(parent) = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty() && !p.exists())
@@ -283,6 +282,14 @@ fn create_private(path: &Path) -> std::io::Result<()> {
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
         builder.create(parent)?;
     }
+    Ok(())
+}
+
+/// Creates the file with mode 0600 (and its folder with 0700) before SQLite opens it, so the
+/// state is never readable by other users, not even for an instant. SQLite creates the WAL and
+/// shared-memory files with the database file's mode.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    create_private_folder(path)?;
     // Only a file that does not exist yet is opened here. Closing any descriptor of a file
     // drops every POSIX lock this process holds on it, SQLite's included. A daemon opens the
     // state file again while its writer holds it open; had that dropped the writer's shared
