@@ -769,45 +769,24 @@ impl AzureClient {
             return Ok(response.body);
         }
         // Read the resource until its provisioning state is terminal.
-        loop {
-            let Some(current) = self.get(resource_url).await? else {
-                return Ok(Value::Null);
-            };
-            let state = current.body["properties"]["provisioningState"]
-                .as_str()
-                .unwrap_or("Succeeded")
-                .to_owned();
-            match state.as_str() {
-                "Succeeded" => return Ok(current.body),
-                "Failed" | "Canceled" => {
-                    return Err(AzureError::OperationFailed {
-                        path: resource_url.path().to_owned(),
-                        status: state,
-                        code: "ProvisioningFailed".into(),
-                        message: "the resource's provisioningState is not Succeeded".into(),
-                        correlation_id: None,
-                    });
-                }
-                _ if Instant::now() > deadline => {
-                    return Err(AzureError::Timeout {
-                        path: resource_url.path().to_owned(),
-                        state,
-                        waited_s: self.config.retry.operation_timeout.as_secs(),
-                    });
-                }
-                _ => tokio::time::sleep(delay).await,
-            }
+        let Some(body) = self.get_settled(resource_url).await? else {
+            return Ok(Value::Null);
+        };
+        match body["properties"]["provisioningState"].as_str() {
+            Some(state @ ("Failed" | "Canceled")) => Err(AzureError::OperationFailed {
+                path: resource_url.path().to_owned(),
+                status: state.to_owned(),
+                code: "ProvisioningFailed".into(),
+                message: "the resource's provisioningState is not Succeeded".into(),
+                correlation_id: None,
+            }),
+            _ => Ok(body),
         }
     }
 
-    /// A `nextLink` from a list page, only if it points at the ARM endpoint (as [`Self::trusted`]).
-    pub fn trusted_link(&self, link: &str) -> Result<Url, AzureError> {
-        self.trusted(link)
-    }
-
-    /// A status URL from a response, only if it points at the ARM endpoint we talk to: a token
-    /// must never be sent anywhere else.
-    fn trusted(&self, status_url: &str) -> Result<Url, AzureError> {
+    /// A URL from a response (an operation's status URL, a list's `nextLink`), only if it
+    /// points at the ARM endpoint we talk to: a token must never be sent anywhere else.
+    pub fn trusted(&self, status_url: &str) -> Result<Url, AzureError> {
         let url = Url::parse(status_url).map_err(|e| {
             AzureError::Refused(format!("the operation status URL is not a URL: {e}"))
         })?;

@@ -179,7 +179,7 @@ impl KmsCheck {
                 }
             }
             match page.body["nextLink"].as_str() {
-                Some(next) if !next.is_empty() => url = client.trusted_link(next)?,
+                Some(next) if !next.is_empty() => url = client.trusted(next)?,
                 _ => return Ok(None),
             }
         }

@@ -76,7 +76,7 @@ impl ResourceGroup {
                 names.push(format!("{name} ({kind})"));
             }
             match page.body["nextLink"].as_str() {
-                Some(next) if !next.is_empty() => url = client.trusted_link(next)?,
+                Some(next) if !next.is_empty() => url = client.trusted(next)?,
                 _ => return Ok(names),
             }
         }
