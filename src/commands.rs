@@ -489,9 +489,10 @@ struct Allow {
     param_change: bool,
 }
 
-/// A changed runbook to continue a stored run with, if its file (or a fragment) changed and
-/// the user allowed that; a refusal if it changed and they did not; `None` (the stored
-/// runbook, fragments included) when it is unchanged or its file is gone.
+/// The runbook as it is now, when the user allowed it (`--allow-changed-runbook`, changed or
+/// not: a run an older kmsflow recorded kept no fragments, and this is how it resumes); a
+/// refusal if it changed and they did not; `None` (the stored runbook, fragments included)
+/// otherwise, or when its file is gone.
 fn changed_runbook(
     run: &kmsflow_state::RunRecord,
     allow_changed: bool,
@@ -508,7 +509,7 @@ fn changed_runbook(
         return Ok(None);
     };
     let compiled = compile_source(&RunbookSource::new(&run.runbook_ref, current.clone()))?;
-    if compiled.content_hash == run.content_hash {
+    if compiled.content_hash == run.content_hash && !allow_changed {
         return Ok(None);
     }
     if !allow_changed {

@@ -674,3 +674,44 @@ fn plan_changes_nothing_and_reports_changes_with_detailed_exitcode() {
         .unwrap();
     assert_eq!(render["change"]["change"], "unchanged", "{render}");
 }
+
+#[test]
+fn a_run_recorded_without_its_fragments_resumes_with_the_unchanged_file_when_allowed() {
+    let ws = Workspace::new();
+    ws.write(
+        "part.yaml",
+        "name: part\nsteps:\n  - id: inner\n    uses: noop\n    with: { outputs: { value: from-part } }\noutputs:\n  value: \"{{steps.inner.outputs.value}}\"\n",
+    );
+    ws.write(
+        "whole.yaml",
+        r#"
+name: whole
+steps:
+  - id: part
+    uses: runbook
+    with: { path: part.yaml }
+  - id: once
+    uses: fail
+    needs: [part]
+    with: { times: 1, message: first time only }
+"#,
+    );
+    let first = ws.run(&["run", "whole.yaml"]);
+    assert_eq!(first.status.code(), Some(1), "{}", stderr(&first));
+    let run_id = run_id_of(&first);
+    // As an older kmsflow recorded runs: the runbook's text, not its fragments.
+    rusqlite::Connection::open(ws.path("state.db"))
+        .unwrap()
+        .execute("UPDATE runbook_sources SET fragments = '[]'", [])
+        .unwrap();
+    let refused = ws.run(&["resume", &run_id]);
+    assert_ne!(refused.status.code(), Some(0));
+    assert!(
+        stderr(&refused).contains("resume it with `--allow-changed-runbook`"),
+        "{}",
+        stderr(&refused)
+    );
+    // What the error says to do works, although the file did not change.
+    let resumed = ws.run(&["resume", &run_id, "--allow-changed-runbook"]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+}
