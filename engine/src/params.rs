@@ -263,19 +263,23 @@ pub fn rebind(
             continue;
         };
         if let Some((raw, from)) = given_value(param, given) {
-            // Compared as bound (`"3"` given for an int is 3); a value that does not bind is
-            // left for `bind` to report.
-            match check(param, raw) {
-                Ok(value) if value == *stored_value => {}
-                Ok(_) if allow_change => continue,
-                Ok(value) => conflicts.push(ParamConflict {
+            // Compared as bound (`"3"` given for an int is 3). A value that does not bind differs
+            // from the stored one all the same: refused, or (when allowed) left for `bind` to
+            // report, never silently dropped.
+            let given_value = match check(param, raw.clone()) {
+                Ok(value) if value == *stored_value => None,
+                Ok(value) => Some(value),
+                Err(_) => Some(raw),
+            };
+            match given_value {
+                None => {}
+                Some(_) if allow_change => continue,
+                Some(given) => conflicts.push(ParamConflict {
                     name: param.name.clone(),
                     stored: stored_value.clone(),
-                    given: value,
+                    given,
                     from,
                 }),
-                Err(_) if allow_change => continue,
-                Err(_) => {}
             }
         }
         // The stored value is the one: nothing given now stands above it.
@@ -447,6 +451,16 @@ mod tests {
         );
         assert!(text.contains("`-p location` says `westeurope`"), "{text}");
         assert!(text.contains("--allow-param-change"), "{text}");
+        // A value that does not even bind is refused too, not dropped in silence.
+        let invalid = ParamSources {
+            cli: vec![("count".into(), "three".into())],
+            env: secret.clone(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            rebind(&runbook, "r1", &stored, &invalid, false),
+            Err(RebindError::Conflicts(_))
+        ));
         // On purpose: the new values win.
         let bound = rebind(&runbook, "r1", &stored, &moved, true).unwrap();
         assert_eq!(bound.get("cluster"), Some(&json!("aks-other")));
