@@ -178,8 +178,9 @@ impl Shared {
     }
 }
 
-/// The longest a step waits for a server-requested `Retry-After` before its next attempt.
-const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
+/// The longest a server-requested `Retry-After` is honoured at once, by the executor and the
+/// Azure client alike; longer ones are clamped, and the clamp is logged.
+pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// How many attempts beyond its retry policy a step gets to find out whether a write whose
 /// answer was lost took effect.

@@ -236,8 +236,7 @@ const REMEMBER_REFUSAL: Duration = Duration::from_secs(5);
 /// timeout): a blip in the middle of a 20-minute cluster operation must not fail the step.
 const CREDENTIAL_ATTEMPTS: u32 = 3;
 
-/// The longest `Retry-After` honoured; longer ones are clamped, and the clamp is logged.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+pub use kmsflow_engine::executor::MAX_RETRY_AFTER;
 
 /// A `Retry-After` header's delay, clamped to [`MAX_RETRY_AFTER`].
 fn retry_after_header(value: Option<String>, path: &str) -> Option<Duration> {
