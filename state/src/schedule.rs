@@ -1,7 +1,7 @@
 //! Schedules and their fires.
 
 use chrono::{DateTime, Utc};
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -263,27 +263,66 @@ impl Store {
     /// never created, and a `buffered` one (the buffer lived in its memory). Both become
     /// `lost`, with the reason; returns how many.
     pub fn sweep_orphan_fires(&mut self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        // Other daemons may be running on this store: only what none of them can still be
+        // holding is swept. A claim turns `started` within moments of being made, so one a
+        // minute old never got its run. A buffered fire waits for the run before it; once that
+        // run is not live (and a minute has passed, a few ticks), no daemon will start it.
+        let stale = ts(&(now - chrono::Duration::seconds(60)));
+        let mut orphaned_buffers = Vec::new();
+        {
+            let mut stmt = self.conn.prepare(
+                "SELECT schedule, occurrence FROM schedule_fires
+                 WHERE outcome = 'buffered' AND fired_at < ?1",
+            )?;
+            let rows = stmt.query_map([&stale], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })?;
+            for row in rows {
+                let (schedule, occurrence) = row?;
+                let previous: Option<String> = self
+                    .conn
+                    .query_row(
+                        "SELECT run_id FROM schedule_fires
+                         WHERE schedule = ?1 AND outcome IN ('started', 'claimed')
+                         ORDER BY occurrence DESC LIMIT 1",
+                        [&schedule],
+                        |row| row.get(0),
+                    )
+                    .optional()?
+                    .flatten();
+                let live = match &previous {
+                    Some(run_id) => self.run_is_live(run_id, now)?,
+                    None => false,
+                };
+                if !live {
+                    orphaned_buffers.push((schedule, occurrence));
+                }
+            }
+        }
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // `claimed` rows become `started` with their run's creation: one still claimed never
-        // got a run. (`started` rows without a run come from kmsflow before that was so.)
-        let started = tx.execute(
+        // (`started` rows without a run come from kmsflow before a fire became `started` with
+        // its run's creation.)
+        let mut swept = tx.execute(
             "UPDATE schedule_fires SET outcome = 'lost', fired_at = ?1,
                  detail = '{\"reason\":\"the daemon stopped before the run was created\"}'
-             WHERE outcome = 'claimed'
-               OR (outcome = 'started'
-                   AND (run_id IS NULL OR run_id NOT IN (SELECT id FROM runs)))",
-            [ts(&now)],
+             WHERE fired_at < ?2
+               AND (outcome = 'claimed'
+                    OR (outcome = 'started'
+                        AND (run_id IS NULL OR run_id NOT IN (SELECT id FROM runs))))",
+            params![ts(&now), stale],
         )?;
-        let buffered = tx.execute(
-            "UPDATE schedule_fires SET outcome = 'lost', fired_at = ?1,
-                 detail = '{\"reason\":\"the daemon stopped while the fire waited for the run before it\"}'
-             WHERE outcome = 'buffered'",
-            [ts(&now)],
-        )?;
+        for (schedule, occurrence) in orphaned_buffers {
+            swept += tx.execute(
+                "UPDATE schedule_fires SET outcome = 'lost', fired_at = ?1,
+                     detail = '{\"reason\":\"the daemon stopped while the fire waited for the run before it\"}'
+                 WHERE schedule = ?2 AND occurrence = ?3 AND outcome = 'buffered'",
+                params![ts(&now), schedule, occurrence],
+            )?;
+        }
         tx.commit()?;
-        Ok(started + buffered)
+        Ok(swept)
     }
 }
 
@@ -365,7 +404,45 @@ mod tests {
                 })
                 .unwrap();
         }
-        assert_eq!(store.sweep_orphan_fires(at).unwrap(), 2);
+        // Another daemon may be holding fresh claims and buffers: nothing is swept at once.
+        assert_eq!(store.sweep_orphan_fires(at).unwrap(), 0);
+        // A schedule whose previous run is still live (in another daemon): its buffered fire is
+        // that daemon's to start, and stays.
+        running_run(&mut store, "alive");
+        let later = at + Duration::minutes(2);
+        store
+            .acquire_lock(
+                "run/alive",
+                "alive",
+                &LockOwner::current(),
+                later + Duration::minutes(1),
+                later,
+            )
+            .unwrap()
+            .unwrap();
+        for (minute, outcome, run_id) in [
+            (1, FireOutcome::Started, Some("alive")),
+            (2, FireOutcome::Buffered, None),
+        ] {
+            store
+                .claim_fire(&FireRecord {
+                    schedule: "busy".into(),
+                    occurrence: at + Duration::minutes(minute),
+                    fired_at: at,
+                    outcome,
+                    run_id: run_id.map(str::to_owned),
+                    detail: None,
+                })
+                .unwrap();
+        }
+        assert_eq!(store.sweep_orphan_fires(later).unwrap(), 2);
+        let busy: Vec<FireOutcome> = store
+            .fires("busy")
+            .unwrap()
+            .into_iter()
+            .map(|f| f.outcome)
+            .collect();
+        assert_eq!(busy, [FireOutcome::Started, FireOutcome::Buffered]);
         let outcomes: Vec<FireOutcome> = store
             .fires("s")
             .unwrap()
