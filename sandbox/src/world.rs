@@ -156,6 +156,23 @@ struct Operation {
     deletes: bool,
 }
 
+impl Operation {
+    /// An operation on `cluster` that starts `now` and takes `takes`, succeeding with nothing
+    /// to show: callers set what it makes (or undoes).
+    fn on_cluster(cluster: &str, now: Instant, takes: Duration) -> Operation {
+        Operation {
+            cluster: cluster.to_owned(),
+            started: now,
+            done_at: now + takes,
+            failure: None,
+            result: Value::Null,
+            previous: None,
+            finished: false,
+            deletes: false,
+        }
+    }
+}
+
 /// Every resource in the sandbox.
 pub struct World {
     pub base_url: String,
@@ -1679,14 +1696,8 @@ impl World {
                 self.operations.insert(
                     operation.clone(),
                     Operation {
-                        cluster: id_key.clone(),
-                        started: now,
-                        done_at: now + self.delays.cluster_operation,
-                        failure: None,
-                        result: Value::Null,
-                        previous: None,
-                        finished: false,
                         deletes: true,
+                        ..Operation::on_cluster(&id_key, now, self.delays.cluster_operation)
                     },
                 );
                 self.settle(now);
@@ -1868,14 +1879,10 @@ impl World {
                 self.operations.insert(
                     operation.clone(),
                     Operation {
-                        cluster: id_key.clone(),
-                        started: now,
-                        done_at: now + self.delays.cluster_operation,
                         failure,
                         result: stored,
                         previous: existing.clone(),
-                        finished: false,
-                        deletes: false,
+                        ..Operation::on_cluster(&id_key, now, self.delays.cluster_operation)
                     },
                 );
                 // While the operation runs, GET shows the new body as `Creating`/`Updating`.
