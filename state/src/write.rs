@@ -334,20 +334,7 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             owner_pid,
             owner_host,
             lease_expires_at,
-        } => {
-            tx.prepare_cached(
-                "INSERT INTO locks (key, run_id, owner_pid, owner_host, lease_expires_at, token)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 1)",
-            )?
-            .execute(params![
-                key,
-                run_id,
-                owner_pid,
-                owner_host,
-                ts(lease_expires_at)
-            ])?;
-            Ok(())
-        }
+        } => claim_lock(tx, key, run_id, (*owner_pid, owner_host), lease_expires_at),
         Write::FireStarted {
             schedule,
             occurrence,
@@ -660,6 +647,27 @@ fn renew_lock(
 fn release_lock(tx: &Connection, key: &str, run_id: &str) -> Result<(), StoreError> {
     tx.prepare_cached("DELETE FROM locks WHERE key = ?1 AND run_id = ?2")?
         .execute(params![key, run_id])?;
+    Ok(())
+}
+
+fn claim_lock(
+    tx: &Connection,
+    key: &str,
+    run_id: &str,
+    (owner_pid, owner_host): (u32, &str),
+    lease_expires_at: &DateTime<Utc>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO locks (key, run_id, owner_pid, owner_host, lease_expires_at, token)
+         VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+    )?
+    .execute(params![
+        key,
+        run_id,
+        owner_pid,
+        owner_host,
+        ts(lease_expires_at)
+    ])?;
     Ok(())
 }
 
