@@ -174,7 +174,7 @@ pub fn seed_for(sandbox: &Sandbox, runbook: &str) {
             let group_id = format!("/subscriptions/{subscription}/resourceGroups/{group}");
             let vault_name = name("key_vault");
             let vault_id = format!("{group_id}/providers/Microsoft.KeyVault/vaults/{vault_name}");
-            let vault_uri = format!("{}/_kv/{}", world.base_url(), vault_name.to_ascii_lowercase());
+            let vault_uri = world.vault_uri(&vault_name);
             world.resource(json!({
                 "id": vault_id, "name": vault_name, "type": "Microsoft.KeyVault/vaults", "location": "eastus", "tags": {},
                 "properties": {

@@ -6,12 +6,15 @@
 //! depends on none of kmsflow's crates: it stands in for Azure, and must not share code with
 //! the client it tests.
 
+mod addressing;
 mod auth;
 mod faults;
 mod hold;
 mod server;
+mod tls;
 mod world;
 
+pub use addressing::{ARM_HOST, Addressing, VAULT_SUFFIX};
 pub use faults::{Delays, Faults, Latency, Loss, LostAnswer, Rule, ServerErrors, Throttle};
 pub use server::{RequestRecord, Sandbox, SandboxOptions, SeedFeature, SeedGroup, WorldSeed};
 pub use world::ROLES;

@@ -14,7 +14,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use crate::auth::{ARM_AUDIENCE, Caller, TokenIssuer, VAULT_AUDIENCE};
+use crate::addressing::Addressing;
+use crate::auth::{ARM_AUDIENCE, Caller, TokenIssuer};
 use crate::faults::{Faults, Injector, Loss, Verdict};
 use crate::world::{Req, Resp, World};
 
@@ -31,6 +32,9 @@ pub struct SandboxOptions {
     /// A file the world is loaded from at start (if it exists) and saved to after every
     /// write, so a killed client can resume against the same world.
     pub persist: Option<std::path::PathBuf>,
+    /// Serve https with a certificate made for this run, on Azure's host shapes (see
+    /// [`Addressing`]); plain http on `127.0.0.1` without.
+    pub tls: bool,
 }
 
 impl Default for SandboxOptions {
@@ -42,6 +46,7 @@ impl Default for SandboxOptions {
             faults: Faults::default(),
             identity_header: None,
             persist: None,
+            tls: false,
         }
     }
 }
@@ -72,11 +77,14 @@ struct Shared {
     started: Instant,
     subscription: String,
     holds: crate::hold::Holds,
+    addressing: Addressing,
 }
 
 /// A running sandbox. Dropping it stops the server.
 pub struct Sandbox {
-    base_url: String,
+    address: SocketAddr,
+    /// The authority's certificate (PEM) when serving https.
+    ca_pem: Option<String>,
     shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -95,13 +103,31 @@ impl Sandbox {
         options: SandboxOptions,
     ) -> std::io::Result<Sandbox> {
         let address: SocketAddr = listener.local_addr()?;
-        let base_url = format!("http://{address}");
+        let addressing = if options.tls {
+            Addressing::Hosts {
+                port: address.port(),
+            }
+        } else {
+            Addressing::Paths {
+                origin: format!("http://{address}"),
+            }
+        };
+        let certificates = options
+            .tls
+            .then(|| {
+                crate::tls::Certificates::generate(&[
+                    crate::addressing::ARM_HOST.to_owned(),
+                    format!("*{}", crate::addressing::VAULT_SUFFIX),
+                ])
+            })
+            .transpose()
+            .map_err(std::io::Error::other)?;
         let issuer = TokenIssuer::new(Caller {
             object_id: options.caller_object_id.clone(),
             tenant_id: options.tenant.clone(),
         });
         let mut world = World::new(
-            base_url.clone(),
+            addressing.clone(),
             options.subscription.clone(),
             options.tenant.clone(),
             options.caller_object_id.clone(),
@@ -131,10 +157,13 @@ impl Sandbox {
             started: Instant::now(),
             subscription: options.subscription,
             holds: crate::hold::Holds::start(),
+            addressing,
         });
         let router = axum::Router::new()
             .fallback(handle)
-            .with_state(shared.clone());
+            .with_state(shared.clone())
+            .into_make_service_with_connect_info::<crate::tls::Transport>();
+        let listener = crate::tls::Listener::new(listener, certificates.as_ref())?;
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let _ = axum::serve(listener, router)
@@ -144,15 +173,38 @@ impl Sandbox {
                 .await;
         });
         Ok(Sandbox {
-            base_url,
+            address,
+            ca_pem: certificates.map(|c| c.ca_pem),
             shared,
             stop: Some(stop),
         })
     }
 
-    /// `http://127.0.0.1:PORT`, the ARM endpoint a client uses.
-    pub fn base_url(&self) -> &str {
-        &self.base_url
+    /// Resource Manager's endpoint: `http://127.0.0.1:PORT`, or with TLS
+    /// `https://management.sandbox.localhost:PORT`.
+    pub fn base_url(&self) -> String {
+        self.shared.addressing.arm_endpoint()
+    }
+
+    /// `http://127.0.0.1:PORT`: the control endpoints (`/_sandbox/...`) and the token
+    /// endpoint answer plain http on it, with or without TLS.
+    pub fn control_url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// The loopback address the sandbox listens on.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// How the sandbox's surfaces are addressed.
+    pub fn addressing(&self) -> &Addressing {
+        &self.shared.addressing
+    }
+
+    /// The certificate authority to trust (PEM), when serving https.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     pub fn subscription(&self) -> &str {
@@ -167,7 +219,7 @@ impl Sandbox {
             ("AZURE_TENANT_ID".into(), world.tenant.clone()),
             (
                 "IDENTITY_ENDPOINT".into(),
-                format!("{}/msi/token", self.base_url),
+                format!("{}/msi/token", self.control_url()),
             ),
             (
                 "IDENTITY_HEADER".into(),
@@ -255,9 +307,9 @@ impl WorldHandle<'_> {
         self.world.seed_assignment(scope, principal, role);
     }
 
-    /// The sandbox's base URL, which vault URIs start with.
-    pub fn base_url(&self) -> &str {
-        &self.world.base_url
+    /// A vault's `vaultUri` (with its trailing slash), as the sandbox writes it.
+    pub fn vault_uri(&self, vault: &str) -> String {
+        self.world.addressing.vault_uri(vault)
     }
 
     /// The sandbox's subscription.
@@ -336,6 +388,7 @@ fn broken_answer(status: u16) -> Response {
 
 async fn handle(
     State(shared): State<Arc<Shared>>,
+    axum::extract::ConnectInfo(transport): axum::extract::ConnectInfo<crate::tls::Transport>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -344,7 +397,22 @@ async fn handle(
     // Latency counts from the request's arrival: the answer leaves `latency` after it came in,
     // however long the handling took, as a configured round trip should.
     let arrived = Instant::now();
-    let path = uri.path().to_owned();
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .unwrap_or_default()
+        .to_owned();
+    let origin = format!(
+        "{}://{host}",
+        if transport.tls { "https" } else { "http" }
+    );
+    // A vault's own host name carries Key Vault's paths; inside, vaults are `/_kv/{vault}/...`
+    // whichever way they were reached, so the handlers and the request log see one form.
+    let path = match shared.addressing.vault_of_host(&host) {
+        Some(vault) => format!("/_kv/{vault}{}", uri.path()),
+        None => uri.path().to_owned(),
+    };
     let method = method.as_str().to_owned();
     let write = method != "GET" && method != "HEAD";
     let correlation = headers
@@ -367,7 +435,12 @@ async fn handle(
         token(&shared, &uri, &headers)
     } else {
         let vault = path.starts_with("/_kv/");
-        let audience = if vault { VAULT_AUDIENCE } else { ARM_AUDIENCE };
+        let vault_audience = shared.addressing.vault_audience();
+        let audience = if vault {
+            vault_audience.as_str()
+        } else {
+            ARM_AUDIENCE
+        };
         let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
         let now = chrono::Utc::now().timestamp();
         match shared.issuer.check(authorization, audience, now) {
@@ -463,6 +536,7 @@ async fn handle(
                                     .map(str::to_owned),
                                 body: parsed,
                                 caller: claims["oid"].as_str().unwrap_or_default().to_owned(),
+                                origin: origin.clone(),
                             };
                             let mut world = shared.world.lock().expect("world lock");
                             let answer = if vault {

@@ -190,7 +190,11 @@ async fn responses_have_the_official_examples_keys() {
         .call(Method::PATCH, &vault_path, Some(json!({"properties": {"networkAcls": {"defaultAction": "Allow"}, "enableRbacAuthorization": true}})))
         .await;
     assert_eq!(status, 200);
-    let vault_uri = vault["properties"]["vaultUri"].as_str().unwrap();
+    // `vaultUri` ends with a slash, as Azure writes it.
+    let vault_uri = vault["properties"]["vaultUri"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/');
     let (status, key) = c
         .call(
             Method::POST,

@@ -21,7 +21,7 @@ fn the_managed_identity_credential_gets_tokens_from_the_sandbox() {
         // thread reads it; the runtime's workers do not touch the environment.
         unsafe { std::env::set_var(name, value) };
     }
-    let config = AzureConfig::new(sandbox.base_url(), AuthMode::Auto).unwrap();
+    let config = AzureConfig::new(&sandbox.base_url(), AuthMode::Auto).unwrap();
     let client = Arc::new(AzureClient::new(config).unwrap());
     runtime.block_on(async {
         let caller = client.caller().await.unwrap();

@@ -12,7 +12,10 @@ impl World {
     /// Seeds a key (one version) in a seeded vault; returns its versionless id.
     pub fn seed_key(&mut self, vault_name: &str, key_name: &str) -> Option<String> {
         let vault = self.find_vault(vault_name)?.clone();
-        let vault_uri = vault["properties"]["vaultUri"].as_str()?.to_owned();
+        let vault_uri = vault["properties"]["vaultUri"]
+            .as_str()?
+            .trim_end_matches('/')
+            .to_owned();
         self.new_key_version(
             &vault_uri,
             &vault_name.to_ascii_lowercase(),
@@ -124,6 +127,7 @@ impl World {
         let vault_uri = vault["properties"]["vaultUri"]
             .as_str()
             .unwrap_or_default()
+            .trim_end_matches('/')
             .to_owned();
         match (req.method.as_str(), &s[2..]) {
             ("POST", ["keys", key, "create"]) => {
@@ -320,6 +324,7 @@ impl World {
         let vault_uri = vault["properties"]["vaultUri"]
             .as_str()
             .unwrap_or_default()
+            .trim_end_matches('/')
             .to_owned();
         let key = (vault_name.to_owned(), key_name.to_owned());
         match req.method.as_str() {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use crate::addressing::Addressing;
 use crate::faults::Delays;
 
 mod clusters;
@@ -45,6 +46,9 @@ pub struct Req {
     pub body: Option<Value>,
     /// The token's `oid`.
     pub caller: String,
+    /// `scheme://host[:port]` as the client addressed the sandbox: status URLs are written with
+    /// it, as Azure answers on the name it was asked on.
+    pub origin: String,
 }
 
 /// One answer.
@@ -102,7 +106,8 @@ impl Resp {
 
 /// Every resource in the sandbox.
 pub struct World {
-    pub base_url: String,
+    /// Where the surfaces are, for the URLs the world writes into bodies.
+    pub addressing: Addressing,
     pub subscription: String,
     pub tenant: String,
     pub delays: Delays,
@@ -152,14 +157,14 @@ fn name_ok(name: &str, min: usize, max: usize, allowed: impl Fn(char) -> bool) -
 
 impl World {
     pub fn new(
-        base_url: String,
+        addressing: Addressing,
         subscription: String,
         tenant: String,
         caller: String,
         delays: Delays,
     ) -> World {
         World {
-            base_url,
+            addressing,
             subscription,
             tenant,
             delays,

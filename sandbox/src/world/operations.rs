@@ -121,7 +121,7 @@ impl World {
                     "Location",
                     format!(
                         "{}{}?api-version={}",
-                        self.base_url,
+                        req.origin,
                         req.path,
                         req.query.get("api-version").cloned().unwrap_or_default()
                     ),

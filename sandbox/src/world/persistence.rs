@@ -118,23 +118,18 @@ impl World {
         let mut saved = serde_json::to_value(snapshot).expect("the world serializes");
         // Clients keep URLs the sandbox gave them (vault URIs, key ids): a restarted sandbox
         // should come back at the same address when it can.
-        saved["base_url"] = json!(self.base_url);
+        saved["base_url"] = json!(self.addressing.arm_endpoint());
+        saved["address_marker"] = json!(self.addressing.marker());
         saved
     }
 
     /// Replaces the world's resources with a saved one. Vault URIs carry the sandbox's address,
     /// which changes between processes, so they are rewritten to this one's.
     pub fn restore(&mut self, saved: Value) -> Result<(), serde_json::Error> {
-        let old_base = saved["resources"]
-            .as_object()
-            .and_then(|r| {
-                r.values()
-                    .find_map(|v| v["properties"]["vaultUri"].as_str().map(str::to_owned))
-            })
-            .and_then(|uri| uri.split("/_kv/").next().map(str::to_owned));
+        let marker = self.addressing.marker();
         let mut text = saved.to_string();
-        if let Some(old) = old_base.filter(|old| *old != self.base_url) {
-            text = text.replace(&old, &self.base_url);
+        if let Some(old) = saved["address_marker"].as_str().filter(|old| *old != marker) {
+            text = text.replace(old, &marker);
         }
         let snapshot: Snapshot = serde_json::from_str(&text)?;
         self.groups = snapshot.groups;

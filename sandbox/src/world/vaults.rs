@@ -102,11 +102,7 @@ impl World {
                         properties[key] = value.clone();
                     }
                 }
-                properties["vaultUri"] = json!(format!(
-                    "{}/_kv/{}",
-                    self.base_url,
-                    name.to_ascii_lowercase()
-                ));
+                properties["vaultUri"] = json!(self.addressing.vault_uri(&name));
                 properties["provisioningState"] = json!("Succeeded");
                 let stored_id = existing
                     .as_ref()
@@ -151,7 +147,7 @@ impl World {
                         },
                     );
                     Resp::json(201, vault)
-                        .header("Location", format!("{}/subscriptions/{}/providers/Microsoft.KeyVault/locations/{location}/operationResults/{operation}?api-version={}", self.base_url, self.subscription, req.query["api-version"]))
+                        .header("Location", format!("{}/subscriptions/{}/providers/Microsoft.KeyVault/locations/{location}/operationResults/{operation}?api-version={}", req.origin, self.subscription, req.query["api-version"]))
                         .header("Retry-After", "1")
                 }
             }

@@ -118,7 +118,7 @@ pub fn client_with(
     credential: SandboxCredential,
     retry: RetryBounds,
 ) -> AzureClient {
-    let mut config = AzureConfig::new(sandbox.base_url(), AuthMode::ManagedIdentity).unwrap();
+    let mut config = AzureConfig::new(&sandbox.base_url(), AuthMode::ManagedIdentity).unwrap();
     config.retry = retry;
     AzureClient::with_credential(config, Arc::new(credential)).unwrap()
 }
