@@ -252,6 +252,16 @@ pub enum SandboxCommand {
         /// it expects to exist (as `--sandbox` does).
         #[arg(long, value_name = "FILE")]
         world: Option<PathBuf>,
+        /// Speak https with a certificate made for this run, on Azure's host shapes: Resource
+        /// Manager on `management.sandbox.localhost`, each vault on
+        /// `{vault}.vault.sandbox.localhost`. The authority's certificate and a cloud profile
+        /// for `--cloud` are written to `--tls-dir`.
+        #[arg(long)]
+        tls: bool,
+        /// Where `--tls` writes `ca.pem` and `cloud.json` (default: a new private folder
+        /// under the temporary directory).
+        #[arg(long, value_name = "DIR", requires = "tls")]
+        tls_dir: Option<PathBuf>,
     },
 }
 

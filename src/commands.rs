@@ -107,7 +107,12 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             port,
             faults,
             world,
-        }) => sandbox_serve(port, faults.as_deref(), world.as_deref()).await,
+            tls,
+            tls_dir,
+        }) => {
+            let tls = tls.then(|| tls_dir.clone());
+            sandbox_serve(port, faults.as_deref(), world.as_deref(), tls).await
+        }
     }
 }
 
@@ -668,11 +673,14 @@ fn read_file(path: &std::path::Path, what: &str) -> Result<String, Failure> {
 }
 
 /// `kmsflow sandbox serve`: the base URL on the first line of stdout, then the environment a
-/// client needs, one `NAME=value` per line; serves until Ctrl-C or SIGTERM.
+/// client needs, one `NAME=value` per line; serves until Ctrl-C or SIGTERM. With `tls`
+/// (`Some(folder)`, `None` for a fresh one) it speaks https and writes its authority and a
+/// cloud profile there.
 async fn sandbox_serve(
     port: u16,
     faults: Option<&std::path::Path>,
     world: Option<&std::path::Path>,
+    tls: Option<Option<PathBuf>>,
 ) -> Result<u8, Failure> {
     use kmsflow_sandbox::{Faults, Sandbox, SandboxOptions, WorldSeed};
     use std::io::Write as _;
@@ -700,12 +708,20 @@ async fn sandbox_serve(
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .map_err(|e| Failure::Usage(format!("cannot listen on 127.0.0.1:{port}: {e}")))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| Failure::Usage(format!("cannot start the sandbox: {e}")))?;
     let options = SandboxOptions {
         faults,
+        tls: tls.is_some(),
         ..SandboxOptions::default()
     };
     let sandbox = Sandbox::serve(listener, options)
         .map_err(|e| Failure::Usage(format!("cannot start the sandbox: {e}")))?;
+    let tls_files = match tls {
+        Some(folder) => Some(write_tls_files(&sandbox, address, folder)?),
+        None => None,
+    };
     if let Some(seed) = &seed {
         sandbox.seed(seed);
     }
@@ -719,10 +735,54 @@ async fn sandbox_serve(
     }
     let _ = writeln!(stdout, "KMSFLOW_ARM_ENDPOINT={}", sandbox.base_url());
     let _ = writeln!(stdout, "KMSFLOW_AUTH=managed-identity");
+    if let Some((ca, profile)) = &tls_files {
+        let _ = writeln!(stdout, "KMSFLOW_CLOUD={}", profile.display());
+        // Python's requests and OpenSSL-based clients read these.
+        let _ = writeln!(stdout, "REQUESTS_CA_BUNDLE={}", ca.display());
+        let _ = writeln!(stdout, "SSL_CERT_FILE={}", ca.display());
+    }
     let _ = stdout.flush();
     drop(stdout);
+    if tls_files.is_some() {
+        let addressing = sandbox.addressing();
+        eprintln!(
+            "kmsflow: Resource Manager on {}, each vault on https://{{vault}}{}:{}",
+            addressing.arm_endpoint(),
+            kmsflow_sandbox::VAULT_SUFFIX,
+            address.port()
+        );
+        eprintln!(
+            "kmsflow: kmsflow resolves these names itself (KMSFLOW_CLOUD); names under .localhost reach loopback where the resolver follows RFC 6761, otherwise add to /etc/hosts:"
+        );
+        for line in addressing.hosts_lines(&["{vault}"]) {
+            eprintln!("  {line}");
+        }
+    }
     crate::signals::install().drain.cancelled().await;
     Ok(code::SUCCESS)
+}
+
+/// Writes the authority's certificate and a cloud profile for a TLS sandbox into `folder` (a
+/// new private one under the temporary directory when `None`); returns their paths.
+fn write_tls_files(
+    sandbox: &kmsflow_sandbox::Sandbox,
+    address: std::net::SocketAddr,
+    folder: Option<PathBuf>,
+) -> Result<(PathBuf, PathBuf), Failure> {
+    let folder = folder.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("kmsflow-sandbox-{}", address.port()))
+    });
+    kmsflow_state::create_private_folder(&folder.join("ca.pem")).map_err(|e| {
+        Failure::Usage(format!("cannot create `{}`: {e}", folder.display()))
+    })?;
+    let (ca, profile) = (folder.join("ca.pem"), folder.join("cloud.json"));
+    crate::sandboxed::write_private(&ca, sandbox.ca_pem().unwrap_or_default())?;
+    crate::sandboxed::write_private(
+        &profile,
+        &serde_json::to_string_pretty(&crate::sandboxed::client_profile(address, &ca))
+            .expect("a profile serializes"),
+    )?;
+    Ok((ca, profile))
 }
 
 /// `kmsflow check`: one cluster from `-p`, or a fleet from `--targets`.

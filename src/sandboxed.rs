@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use kmsflow_sandbox::{Faults, Sandbox, SandboxOptions};
+use kmsflow_sandbox::{Addressing, Faults, Sandbox, SandboxOptions, VAULT_SUFFIX};
 
 use crate::cli::{Auth, Cli};
 use crate::failure::Failure;
@@ -17,6 +17,8 @@ pub struct Prepared {
     listener: std::net::TcpListener,
     options: SandboxOptions,
     world_file: PathBuf,
+    /// Where the authority's certificate is written once the sandbox has made it.
+    ca_file: PathBuf,
     /// The runbook the command runs, to seed a fresh world with what it expects to exist.
     runbook: Option<String>,
 }
@@ -78,25 +80,40 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
     let address = listener
         .local_addr()
         .map_err(|e| Failure::Usage(format!("cannot start the sandbox: {e}")))?;
-    let base_url = format!("http://{address}");
+    // https on Azure's host shapes, as `sandbox serve --tls`: the steps meet vault URIs and
+    // key ids shaped like Key Vault's, and their client trusts this run's authority only for
+    // the sandbox's names (the cloud profile beside the state says which).
+    let ca_file = state.with_extension("sandbox-ca.pem");
+    let profile_file = state.with_extension("sandbox-cloud.json");
+    write_private(
+        &profile_file,
+        &serde_json::to_string_pretty(&client_profile(address, &ca_file))
+            .expect("a profile serializes"),
+    )?;
     let identity_header = random_secret();
     let options = SandboxOptions {
         faults,
         identity_header: Some(identity_header.clone()),
         persist: Some(world_file.clone()),
+        tls: true,
         ..SandboxOptions::default()
     };
     let environment = [
         ("AZURE_SUBSCRIPTION_ID", options.subscription.clone()),
         ("AZURE_TENANT_ID", options.tenant.clone()),
-        ("IDENTITY_ENDPOINT", format!("{base_url}/msi/token")),
+        // Plain http on loopback, as App Service's identity endpoint is.
+        ("IDENTITY_ENDPOINT", format!("http://{address}/msi/token")),
         ("IDENTITY_HEADER", identity_header),
     ];
     for (name, value) in environment {
         // SAFETY: called from `main` before the runtime (or any other thread) exists.
         unsafe { std::env::set_var(name, value) };
     }
-    cli.arm_endpoint = Some(base_url);
+    cli.arm_endpoint = Some(Addressing::Hosts {
+        port: address.port(),
+    }
+    .arm_endpoint());
+    cli.cloud = profile_file.display().to_string();
     cli.auth = Auth::ManagedIdentity;
     let runbook = match &cli.command {
         crate::cli::Command::Check { .. } => Some("verify-kms".to_owned()),
@@ -111,6 +128,7 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
         listener,
         options,
         world_file,
+        ca_file,
         runbook,
     }))
 }
@@ -123,6 +141,7 @@ impl Prepared {
         let fresh = !self.world_file.exists();
         let sandbox = Sandbox::serve(listener, self.options)
             .map_err(|e| Failure::Usage(format!("cannot start the sandbox: {e}")))?;
+        write_private(&self.ca_file, sandbox.ca_pem().unwrap_or_default())?;
         if fresh {
             seed_for(&sandbox, self.runbook.as_deref().unwrap_or_default());
             // Kept at once: a run killed before its first write resumes against this world.
@@ -135,6 +154,35 @@ impl Prepared {
         );
         Ok(sandbox)
     }
+}
+
+/// The cloud profile (`--cloud FILE`) that points kmsflow at a TLS sandbox on `address`:
+/// Resource Manager and the vault hosts resolve there, and `ca_file` is trusted for them.
+pub fn client_profile(address: std::net::SocketAddr, ca_file: &std::path::Path) -> serde_json::Value {
+    let addressing = Addressing::Hosts {
+        port: address.port(),
+    };
+    serde_json::json!({
+        "name": "kmsflow sandbox",
+        "arm_endpoint": addressing.arm_endpoint(),
+        // The sandbox takes Resource Manager tokens of the public cloud's audience.
+        "arm_scope": "https://management.azure.com/.default",
+        "key_vault_scope": format!("{}/.default", addressing.vault_audience()),
+        "key_vault_suffixes": [VAULT_SUFFIX],
+        "sandbox": {"address": address.to_string(), "ca_file": ca_file},
+    })
+}
+
+/// Writes a file only its owner can read, replacing it whole.
+pub fn write_private(path: &std::path::Path, text: &str) -> Result<(), Failure> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, text.as_bytes()))
+        .map_err(|e| Failure::Usage(format!("cannot write `{}`: {e}", path.display())))
 }
 
 /// A fresh `IDENTITY_HEADER` secret: 128 bits from the standard library's per-process

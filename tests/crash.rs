@@ -102,16 +102,21 @@ fn normalized(dir: &std::path::Path) -> Value {
 }
 
 fn regex_free_port_strip(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(index) = rest.find("http://127.0.0.1:") {
-        out.push_str(&rest[..index]);
-        out.push_str("http://sandbox");
-        rest = &rest[index + "http://127.0.0.1:".len()..];
-        rest = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+    // Plain sandboxes put their address in URLs, TLS ones their port after the host name.
+    let mut text = text.to_owned();
+    for marker in ["http://127.0.0.1:", ".sandbox.localhost:"] {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        while let Some(index) = rest.find(marker) {
+            out.push_str(&rest[..index + marker.len()]);
+            out.push_str("PORT");
+            rest = &rest[index + marker.len()..];
+            rest = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+        }
+        out.push_str(rest);
+        text = out;
     }
-    out.push_str(rest);
-    out
+    text
 }
 
 /// No step was applied again after it had checkpointed success.

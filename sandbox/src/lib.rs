@@ -17,4 +17,3 @@ mod world;
 pub use addressing::{ARM_HOST, Addressing, VAULT_SUFFIX};
 pub use faults::{Delays, Faults, Latency, Loss, LostAnswer, Rule, ServerErrors, Throttle};
 pub use server::{RequestRecord, Sandbox, SandboxOptions, SeedFeature, SeedGroup, WorldSeed};
-pub use world::ROLES;

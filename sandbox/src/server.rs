@@ -433,6 +433,9 @@ async fn handle(
         control(&shared, &method, &path, &body)
     } else if path == "/msi/token" {
         token(&shared, &uri, &headers)
+    } else if path.eq_ignore_ascii_case("/metadata/endpoints") {
+        // ARM serves its cloud's metadata to anyone: clients read it before they have a token.
+        metadata_endpoints(&shared.addressing)
     } else {
         let vault = path.starts_with("/_kv/");
         let vault_audience = shared.addressing.vault_audience();
@@ -624,6 +627,40 @@ fn control(shared: &Shared, method: &str, path: &str, body: &Bytes) -> Resp {
             format!("no sandbox control endpoint {method} {path}"),
         ),
     }
+}
+
+/// `GET /metadata/endpoints`: the cloud's endpoints, in the object form `az cloud register
+/// --endpoint-resource-manager` reads (api-version 2019-05-01 and earlier). Newer
+/// api-versions answer an array of clouds in Azure; the sandbox answers the object form
+/// whatever the version asked, because which fields the array form carries is not in the
+/// references this sandbox follows.
+fn metadata_endpoints(addressing: &Addressing) -> Resp {
+    let vault_dns = match addressing {
+        Addressing::Hosts { .. } => crate::addressing::VAULT_SUFFIX.trim_start_matches('.'),
+        Addressing::Paths { .. } => "vault.azure.net",
+    };
+    Resp::json(
+        200,
+        json!({
+            "name": "AzureCloud",
+            "resourceManager": format!("{}/", addressing.arm_endpoint()),
+            "portal": "https://portal.azure.com",
+            "galleryEndpoint": "https://gallery.azure.com/",
+            "graphEndpoint": "https://graph.windows.net/",
+            "microsoftGraphResourceId": "https://graph.microsoft.com/",
+            "authentication": {
+                "loginEndpoint": "https://login.microsoftonline.com/",
+                "audiences": ["https://management.core.windows.net/", "https://management.azure.com/"],
+                "tenant": "common",
+                "identityProvider": "AAD",
+            },
+            "suffixes": {
+                "keyVaultDns": vault_dns,
+                "storage": "core.windows.net",
+                "acrLoginServer": "azurecr.io",
+            },
+        }),
+    )
 }
 
 /// The App Service managed-identity protocol (api-version 2019-08-01): `GET

@@ -338,10 +338,31 @@ impl AzureClient {
         config: AzureConfig,
         credential: Arc<dyn TokenCredential>,
     ) -> Result<AzureClient, AzureError> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(config.retry.request_timeout)
-            .user_agent(concat!("kmsflow/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("kmsflow/", env!("CARGO_PKG_VERSION")));
+        if let Some(route) = &config.cloud.sandbox {
+            let pem = std::fs::read(&route.ca_file).map_err(|e| {
+                AzureError::Refused(format!(
+                    "cannot read the sandbox's certificate authority `{}`: {e}",
+                    route.ca_file.display()
+                ))
+            })?;
+            let authority = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                AzureError::Refused(format!(
+                    "`{}` is not a PEM certificate: {e}",
+                    route.ca_file.display()
+                ))
+            })?;
+            let resolver =
+                crate::cloud::SandboxResolver::new(&config.cloud, config.arm_endpoint.host_str())
+                    .expect("the profile has a sandbox route");
+            builder = builder
+                .add_root_certificate(authority)
+                .dns_resolver(resolver);
+        }
+        let http = builder
             .build()
             .map_err(|e| AzureError::Refused(format!("cannot build the HTTP client: {e}")))?;
         Ok(AzureClient {

@@ -18,6 +18,20 @@ pub struct CloudProfile {
     /// DNS suffixes of vaults (and managed HSMs), with their leading dot: a Key Vault token
     /// goes only to hosts under one of them.
     pub key_vault_suffixes: Vec<String>,
+    /// Set for a sandbox served with TLS (`kmsflow sandbox serve --tls` writes such a
+    /// profile): how its host names are reached without touching `/etc/hosts`.
+    #[serde(default)]
+    pub sandbox: Option<SandboxRoute>,
+}
+
+/// A sandbox's host names (Resource Manager's and the vault hosts under the profile's
+/// suffixes) resolve to `address`, which must be loopback, and the certificate authority in
+/// `ca_file` is trusted besides the system's. No other name is affected.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxRoute {
+    pub address: std::net::SocketAddr,
+    pub ca_file: std::path::PathBuf,
 }
 
 impl CloudProfile {
@@ -58,6 +72,7 @@ impl CloudProfile {
             arm_scope: format!("{arm}/.default"),
             key_vault_scope: format!("{vault}/.default"),
             key_vault_suffixes: suffixes.iter().map(|s| (*s).to_owned()).collect(),
+            sandbox: None,
         }
     }
 
@@ -91,6 +106,14 @@ impl CloudProfile {
                 "invalid cloud profile `{given}`: each Key Vault suffix starts with a dot, e.g. `.vault.azure.net`"
             ));
         }
+        if let Some(route) = &profile.sandbox
+            && !route.address.ip().is_loopback()
+        {
+            return Err(format!(
+                "invalid cloud profile `{given}`: a sandbox route must be a loopback address, not {}",
+                route.address
+            ));
+        }
         Ok(profile)
     }
 
@@ -100,6 +123,59 @@ impl CloudProfile {
         self.key_vault_suffixes
             .iter()
             .any(|suffix| host.ends_with(&suffix.to_ascii_lowercase()) && host.len() > suffix.len())
+    }
+}
+
+/// Resolves the sandbox's names to its address and every other name as the system does.
+#[derive(Debug)]
+pub(crate) struct SandboxResolver {
+    /// Exact host names (Resource Manager's), lowercase.
+    hosts: Vec<String>,
+    /// Suffixes (with their leading dot) whose hosts are the sandbox's, lowercase.
+    suffixes: Vec<String>,
+    address: std::net::SocketAddr,
+}
+
+impl SandboxResolver {
+    pub(crate) fn new(profile: &CloudProfile, arm_host: Option<&str>) -> Option<SandboxResolver> {
+        let route = profile.sandbox.as_ref()?;
+        Some(SandboxResolver {
+            hosts: arm_host.map(str::to_ascii_lowercase).into_iter().collect(),
+            suffixes: profile
+                .key_vault_suffixes
+                .iter()
+                .map(|s| s.to_ascii_lowercase())
+                .collect(),
+            address: route.address,
+        })
+    }
+
+    fn is_sandboxed(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        self.hosts.contains(&host)
+            || self
+                .suffixes
+                .iter()
+                .any(|s| host.ends_with(s.as_str()) && host.len() > s.len())
+    }
+}
+
+impl reqwest::dns::Resolve for SandboxResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        let sandbox = self.is_sandboxed(&host).then_some(self.address);
+        Box::pin(async move {
+            let addresses: reqwest::dns::Addrs = match sandbox {
+                Some(address) => Box::new(std::iter::once(address)),
+                None => Box::new(
+                    tokio::net::lookup_host((host.as_str(), 0))
+                        .await?
+                        .collect::<Vec<_>>()
+                        .into_iter(),
+                ),
+            };
+            Ok(addresses)
+        })
     }
 }
 

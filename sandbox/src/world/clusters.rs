@@ -163,7 +163,6 @@ impl World {
                 let mut properties = Value::Object(properties);
                 properties["kubernetesVersion"] = json!(effective_version);
                 properties["currentKubernetesVersion"] = json!(effective_version);
-                properties["maxAgentPools"] = json!(100);
                 // Read-only: tells a cluster from another made later under the same id (a
                 // create, delete, create sequence). Kept across updates.
                 properties["resourceUID"] = existing
@@ -178,11 +177,13 @@ impl World {
                     properties["nodeResourceGroup"] =
                         json!(format!("MC_{}_{name}_{location}", req.raw_segments[3]));
                 }
-                properties["fqdn"] = json!(format!(
-                    "{}-{}.hcp.{location}.azmk8s.io",
-                    properties["dnsPrefix"].as_str().unwrap_or(&name),
-                    &etag[..8]
-                ));
+                fill_read_only(
+                    &mut properties,
+                    existing.as_ref().map(|e| &e["properties"]),
+                    &self.subscription,
+                    &name,
+                    &location,
+                );
                 if properties.get("securityProfile").is_none() {
                     properties["securityProfile"] = json!({});
                 }
@@ -372,10 +373,10 @@ impl World {
             ));
         };
         if self
-            .holds_role(
+            .holds_key_rights(
                 &principal,
                 vault["id"].as_str().unwrap_or_default(),
-                &[CRYPTO_USER, CRYPTO_OFFICER],
+                KeyRights::Crypto,
                 now,
             )
             .is_err()
@@ -391,5 +392,67 @@ impl World {
             ));
         }
         None
+    }
+}
+
+/// The read-only fields of the official `ManagedClusters_CreateOrUpdate` example's answer that
+/// a client can meet (core `az aks update` stops without `identityProfile.kubeletidentity`).
+/// What identifies the cluster (`fqdn`, the kubelet identity, `nodeResourceGroup`) is made
+/// once and kept across updates; the rest is recomputed from the request.
+pub(crate) fn fill_read_only(
+    properties: &mut Value,
+    existing: Option<&Value>,
+    subscription: &str,
+    name: &str,
+    location: &str,
+) {
+    let kept = |field: &str| existing.map(|e| e[field].clone()).filter(|v| !v.is_null());
+    let suffix = uuid().replace('-', "");
+    let node_group = properties["nodeResourceGroup"].as_str().map(str::to_owned);
+    let node_group = node_group.unwrap_or_else(|| {
+        kept("nodeResourceGroup")
+            .and_then(|g| g.as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("MC_{name}_{location}"))
+    });
+    properties["nodeResourceGroup"] = json!(node_group);
+    let prefix = properties["dnsPrefix"].as_str().unwrap_or(name).to_owned();
+    properties["fqdn"] = kept("fqdn")
+        .unwrap_or_else(|| json!(format!("{prefix}-{}.hcp.{location}.azmk8s.io", &suffix[..8])));
+    properties["azurePortalFQDN"] = kept("azurePortalFQDN").unwrap_or_else(|| {
+        json!(format!("{prefix}-{}.portal.hcp.{location}.azmk8s.io", &suffix[8..16]))
+    });
+    properties["powerState"] = json!({"code": "Running"});
+    properties["maxAgentPools"] = json!(100);
+    if properties["enableRBAC"].is_null() {
+        properties["enableRBAC"] = json!(true);
+    }
+    // AKS makes the kubelet's identity in the node resource group at create.
+    let kubelet = existing
+        .map(|e| e["identityProfile"]["kubeletidentity"].clone())
+        .filter(Value::is_object)
+        .unwrap_or_else(|| {
+            json!({
+                "resourceId": format!("/subscriptions/{subscription}/resourcegroups/{node_group}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}-agentpool"),
+                "clientId": uuid(),
+                "objectId": uuid(),
+            })
+        });
+    properties["identityProfile"] = json!({"kubeletidentity": kubelet});
+    let version = properties["currentKubernetesVersion"].clone();
+    for pool in properties["agentPoolProfiles"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        if pool["orchestratorVersion"].is_null() {
+            pool["orchestratorVersion"] = version.clone();
+        }
+        pool["currentOrchestratorVersion"] = pool["orchestratorVersion"].clone();
+        pool["provisioningState"] = json!("Succeeded");
+        pool["powerState"] = json!({"code": "Running"});
+        pool["nodeImageVersion"] = json!("AKSUbuntu-2204gen2containerd-202510.01.0");
+        if pool["maxPods"].is_null() {
+            pool["maxPods"] = json!(250);
+        }
     }
 }

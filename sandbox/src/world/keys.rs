@@ -101,13 +101,13 @@ impl World {
         }
         let s: Vec<&str> = req.segments.iter().map(String::as_str).collect();
         let write = req.method != "GET";
-        let roles: &[&str] = if write {
-            &[CRYPTO_OFFICER]
+        let needed = if write {
+            KeyRights::Manage
         } else {
-            &[CRYPTO_OFFICER, CRYPTO_USER]
+            KeyRights::Read
         };
         let vault_id = vault["id"].as_str().unwrap_or_default().to_owned();
-        if let Err(pending) = self.holds_role(caller, &vault_id, roles, now) {
+        if let Err(pending) = self.holds_key_rights(caller, &vault_id, needed, now) {
             let detail = if pending {
                 " If role assignments, deny assignments or role definitions were changed recently, please observe propagation time."
             } else {

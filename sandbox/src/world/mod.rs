@@ -22,14 +22,14 @@ mod keys;
 mod operations;
 mod persistence;
 mod roles;
+mod subscriptions;
 mod vaults;
 
 use features::{Feature, Provider};
 use keys::KeyVersion;
 use operations::Operation;
 use persistence::stamp;
-pub use roles::ROLES;
-use roles::{Assignment, CRYPTO_OFFICER, CRYPTO_USER};
+use roles::{Assignment, KeyRights};
 
 /// One request, as the handlers see it.
 #[derive(Debug, Clone)]
@@ -236,6 +236,21 @@ impl World {
             );
         }
         let s: Vec<&str> = req.segments.iter().map(String::as_str).collect();
+        match s.as_slice() {
+            ["subscriptions"] => return self.subscriptions(req, false),
+            ["tenants"] => return self.tenants(req),
+            _ => {}
+        }
+        if s.first() != Some(&"subscriptions") {
+            return Resp::arm_error(
+                404,
+                "InvalidResourceType",
+                format!(
+                    "The resource type could not be found for path '{}'.",
+                    req.path
+                ),
+            );
+        }
         if s.get(1).copied() != Some(self.subscription.to_ascii_lowercase().as_str()) {
             return Resp::arm_error(
                 404,
@@ -259,6 +274,13 @@ impl World {
                 None => method_not_allowed(req),
             };
         }
+        if let Some(position) = s
+            .windows(2)
+            .position(|w| w == ["providers", "microsoft.authorization"])
+            && s.get(position + 2) == Some(&"roledefinitions")
+        {
+            return self.role_definitions(req, req.raw_segments.get(position + 3).map(String::as_str));
+        }
         // Everything inside a resource group needs the group.
         if let ["subscriptions", _, "resourcegroups", group, _, ..] = s.as_slice()
             && !self.groups.contains_key(*group)
@@ -266,6 +288,7 @@ impl World {
             return group_not_found(&req.raw_segments[3]);
         }
         match s.as_slice() {
+            ["subscriptions", _] => self.subscriptions(req, true),
             ["subscriptions", _, "resourcegroups", _] => self.resource_group(req),
             ["subscriptions", _, "resourcegroups", group, "resources"] if req.method == "GET" => {
                 self.resources_in_group(group)

@@ -128,7 +128,11 @@ impl World {
     pub fn restore(&mut self, saved: Value) -> Result<(), serde_json::Error> {
         let marker = self.addressing.marker();
         let mut text = saved.to_string();
-        if let Some(old) = saved["address_marker"].as_str().filter(|old| *old != marker) {
+        // Only between addresses of one shape: an origin is not a host suffix.
+        if let Some(old) = saved["address_marker"]
+            .as_str()
+            .filter(|old| *old != marker && old.starts_with("http") == marker.starts_with("http"))
+        {
             text = text.replace(old, &marker);
         }
         let snapshot: Snapshot = serde_json::from_str(&text)?;

@@ -2,32 +2,71 @@
 
 use super::*;
 
-/// Built-in role definitions the sandbox knows, by GUID.
-pub const ROLES: &[(&str, &str)] = &[
-    (
-        "14b46e9e-c2b7-41b4-b07b-48a6ebf60603",
-        "Key Vault Crypto Officer",
-    ),
-    (
-        "12338af0-0e69-4776-bea7-57ae8d297424",
-        "Key Vault Crypto User",
-    ),
-    (
-        "f25e0fa2-a7c8-4377-a976-54943a77a395",
-        "Key Vault Contributor",
-    ),
-    ("21090545-7ca7-4776-b22c-e363652d74d2", "Key Vault Reader"),
-    (
-        "8b54135c-b56d-4d72-a534-26097cfdc8d8",
-        "Key Vault Data Access Administrator",
-    ),
-    ("b24988ac-6180-42a0-ab88-20f7382dd24c", "Contributor"),
-    ("acdd72a7-3385-48ef-bd42-f606fba81ae7", "Reader"),
+/// What a role lets its holder do with a vault's keys through the data plane, in increasing
+/// order: each includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum KeyRights {
+    None,
+    /// Read keys' metadata (`keys/read`).
+    Read,
+    /// Read, and encrypt and decrypt with them: what AKS's KMS plugin does.
+    Crypto,
+    /// Everything on keys: create, rotate, delete, recover, rotation policies.
+    Manage,
+}
+
+/// A built-in role definition: its GUID (the same in every tenant), name and what it grants.
+pub(crate) struct BuiltIn {
+    pub(crate) id: &'static str,
+    pub(crate) name: &'static str,
+    pub(crate) description: &'static str,
+    pub(crate) keys: KeyRights,
+}
+
+const fn role(
+    id: &'static str,
+    name: &'static str,
+    description: &'static str,
+    keys: KeyRights,
+) -> BuiltIn {
+    BuiltIn {
+        id,
+        name,
+        description,
+        keys,
+    }
+}
+
+/// The built-in roles a KMS flow can meet (GUIDs and names from Azure's built-in roles list).
+/// Key rights follow each role's data actions; the management-plane roles (Owner,
+/// Contributor, Key Vault Contributor) grant none, as in Azure.
+pub(crate) const BUILT_IN: &[BuiltIn] = &[
+    role("8e3af657-a8ff-443c-a75c-2fe8c4bcb635", "Owner", "Grants full access to manage all resources, including the ability to assign roles in Azure RBAC.", KeyRights::None),
+    role("b24988ac-6180-42a0-ab88-20f7382dd24c", "Contributor", "Grants full access to manage all resources, but does not allow you to assign roles in Azure RBAC.", KeyRights::None),
+    role("acdd72a7-3385-48ef-bd42-f606fba81ae7", "Reader", "View all resources, but does not allow you to make any changes.", KeyRights::None),
+    role("18d7d88d-d35e-4fb5-a5c3-7773c20a72d9", "User Access Administrator", "Lets you manage user access to Azure resources.", KeyRights::None),
+    role("00482a5a-887f-4fb3-b363-3b7fe8e74483", "Key Vault Administrator", "Perform all data plane operations on a key vault and all objects in it, including certificates, keys, and secrets.", KeyRights::Manage),
+    role(CRYPTO_OFFICER, "Key Vault Crypto Officer", "Perform any action on the keys of a key vault, except manage permissions.", KeyRights::Manage),
+    role(CRYPTO_USER, "Key Vault Crypto User", "Perform cryptographic operations using keys.", KeyRights::Crypto),
+    // Its data actions are keys/read, wrapKey and unwrapKey, not encrypt and decrypt.
+    role("e147488a-f6f5-4113-8e2d-b22465e65bf6", "Key Vault Crypto Service Encryption User", "Read metadata of keys and perform wrap/unwrap operations.", KeyRights::Read),
+    role("21090545-7ca7-4776-b22c-e363652d74d2", "Key Vault Reader", "Read metadata of key vaults and its certificates, keys, and secrets.", KeyRights::Read),
+    role("f25e0fa2-a7c8-4377-a976-54943a77a395", "Key Vault Contributor", "Manage key vaults, but does not allow you to assign roles in Azure RBAC, and does not allow you to access secrets, keys, or certificates.", KeyRights::None),
+    role("8b54135c-b56d-4d72-a534-26097cfdc8d8", "Key Vault Data Access Administrator", "Manage access to Azure Key Vault by adding or removing role assignments for the Key Vault Administrator, Key Vault Certificates Officer, Key Vault Crypto Officer, Key Vault Crypto Service Encryption User, Key Vault Crypto User, Key Vault Reader, Key Vault Secrets Officer, or Key Vault Secrets User roles.", KeyRights::None),
+    role("b86a8fe4-44ce-4948-aee5-eccb2c155cd7", "Key Vault Secrets Officer", "Perform any action on the secrets of a key vault, except manage permissions.", KeyRights::None),
+    role("4633458b-17de-408a-b874-0445c86b69e6", "Key Vault Secrets User", "Read secret contents.", KeyRights::None),
+    role("f1a07417-d97a-45cb-824c-7a7467783830", "Managed Identity Operator", "Read and Assign User Assigned Identity", KeyRights::None),
+    role("e40ec5ca-96e0-45a2-b4ff-59039f2c2b59", "Managed Identity Contributor", "Create, Read, Update, and Delete User Assigned Identity", KeyRights::None),
+    role("ed7f3fbd-7b88-4dd4-9017-9adb7ce333f8", "Azure Kubernetes Service Contributor Role", "Grants access to read and write Azure Kubernetes Service clusters", KeyRights::None),
 ];
 
 pub(crate) const CRYPTO_OFFICER: &str = "14b46e9e-c2b7-41b4-b07b-48a6ebf60603";
 
 pub(crate) const CRYPTO_USER: &str = "12338af0-0e69-4776-bea7-57ae8d297424";
+
+pub(crate) fn built_in(id: &str) -> Option<&'static BuiltIn> {
+    BUILT_IN.iter().find(|r| r.id.eq_ignore_ascii_case(id))
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Assignment {
@@ -116,7 +155,7 @@ impl World {
                     .next()
                     .unwrap_or_default()
                     .to_ascii_lowercase();
-                if !ROLES.iter().any(|(guid, _)| *guid == role) {
+                if built_in(&role).is_none() {
                     return Resp::arm_error(
                         400,
                         "RoleDefinitionDoesNotExist",
@@ -211,18 +250,21 @@ impl World {
 
     /// Whether `principal` holds one of `roles` on the vault (or a scope above it), and the
     /// assignment has propagated.
-    pub(crate) fn holds_role(
+    /// Whether `principal` holds `needed` on the vault's keys through an assignment at or
+    /// above the vault; `Err(true)` when one would but has not propagated yet.
+    pub(crate) fn holds_key_rights(
         &self,
         principal: &str,
         vault_id: &str,
-        roles: &[&str],
+        needed: KeyRights,
         now: Instant,
     ) -> Result<(), bool> {
         let vault_key = vault_id.to_ascii_lowercase();
         let mut pending = false;
         for a in self.assignments.values() {
             let covers = vault_key == a.scope || vault_key.starts_with(&format!("{}/", a.scope));
-            if covers && a.principal == principal && roles.contains(&a.role.as_str()) {
+            let grants = built_in(&a.role).map_or(KeyRights::None, |r| r.keys);
+            if covers && a.principal == principal && grants >= needed {
                 if now >= a.created + self.delays.rbac_propagation {
                     return Ok(());
                 }
@@ -232,3 +274,71 @@ impl World {
         Err(pending)
     }
 }
+
+impl World {
+    /// Role Definitions - List (`$filter=roleName eq '...'` as `az role assignment create
+    /// --role NAME` sends it; other filters list every definition) and Get, at any scope.
+    /// Built-in definitions are the same at every scope; their ids are written under the
+    /// subscription, as ARM writes them.
+    pub(crate) fn role_definitions(&self, req: &Req, id: Option<&str>) -> Resp {
+        if req.method != "GET" {
+            return method_not_allowed(req);
+        }
+        match id {
+            Some(id) => match built_in(id) {
+                Some(role) => Resp::json(200, self.role_definition(role)),
+                None => Resp::arm_error(
+                    404,
+                    "RoleDefinitionDoesNotExist",
+                    format!("The specified role definition with ID '{id}' does not exist."),
+                ),
+            },
+            None => {
+                let wanted = req.query.get("$filter").and_then(|f| {
+                    let name = f.trim().strip_prefix("roleName eq '")?;
+                    Some(name.strip_suffix('\'')?.to_owned())
+                });
+                let value: Vec<Value> = BUILT_IN
+                    .iter()
+                    // ARM compares role names without regard to case.
+                    .filter(|r| wanted.as_ref().is_none_or(|w| r.name.eq_ignore_ascii_case(w)))
+                    .map(|r| self.role_definition(r))
+                    .collect();
+                Resp::json(200, json!({"value": value}))
+            }
+        }
+    }
+
+    fn role_definition(&self, role: &BuiltIn) -> Value {
+        // The key-related data actions only: the sandbox models no other data.
+        let data_actions: &[&str] = match role.keys {
+            KeyRights::None => &[],
+            KeyRights::Read => &["Microsoft.KeyVault/vaults/keys/read"],
+            KeyRights::Crypto => &[
+                "Microsoft.KeyVault/vaults/keys/read",
+                "Microsoft.KeyVault/vaults/keys/encrypt/action",
+                "Microsoft.KeyVault/vaults/keys/decrypt/action",
+                "Microsoft.KeyVault/vaults/keys/wrap/action",
+                "Microsoft.KeyVault/vaults/keys/unwrap/action",
+            ],
+            KeyRights::Manage => &["Microsoft.KeyVault/vaults/keys/*"],
+        };
+        json!({
+            "id": format!("/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions/{}", self.subscription, role.id),
+            "type": "Microsoft.Authorization/roleDefinitions",
+            "name": role.id,
+            "properties": {
+                "roleName": role.name,
+                "type": "BuiltInRole",
+                "description": role.description,
+                "assignableScopes": ["/"],
+                "permissions": [{"actions": [], "notActions": [], "dataActions": data_actions, "notDataActions": []}],
+                "createdOn": "2020-01-01T00:00:00.0000000Z",
+                "updatedOn": "2020-01-01T00:00:00.0000000Z",
+                "createdBy": null,
+                "updatedBy": null,
+            },
+        })
+    }
+}
+
