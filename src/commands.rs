@@ -772,9 +772,8 @@ fn write_tls_files(
     let folder = folder.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("kmsflow-sandbox-{}", address.port()))
     });
-    kmsflow_state::create_private_folder(&folder.join("ca.pem")).map_err(|e| {
-        Failure::Usage(format!("cannot create `{}`: {e}", folder.display()))
-    })?;
+    kmsflow_state::create_private_folder(&folder.join("ca.pem"))
+        .map_err(|e| Failure::Usage(format!("cannot create `{}`: {e}", folder.display())))?;
     let (ca, profile) = (folder.join("ca.pem"), folder.join("cloud.json"));
     crate::sandboxed::write_private(&ca, sandbox.ca_pem().unwrap_or_default())?;
     crate::sandboxed::write_private(

@@ -109,10 +109,12 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
         // SAFETY: called from `main` before the runtime (or any other thread) exists.
         unsafe { std::env::set_var(name, value) };
     }
-    cli.arm_endpoint = Some(Addressing::Hosts {
-        port: address.port(),
-    }
-    .arm_endpoint());
+    cli.arm_endpoint = Some(
+        Addressing::Hosts {
+            port: address.port(),
+        }
+        .arm_endpoint(),
+    );
     cli.cloud = profile_file.display().to_string();
     cli.auth = Auth::ManagedIdentity;
     let runbook = match &cli.command {
@@ -158,7 +160,10 @@ impl Prepared {
 
 /// The cloud profile (`--cloud FILE`) that points kmsflow at a TLS sandbox on `address`:
 /// Resource Manager and the vault hosts resolve there, and `ca_file` is trusted for them.
-pub fn client_profile(address: std::net::SocketAddr, ca_file: &std::path::Path) -> serde_json::Value {
+pub fn client_profile(
+    address: std::net::SocketAddr,
+    ca_file: &std::path::Path,
+) -> serde_json::Value {
     let addressing = Addressing::Hosts {
         port: address.port(),
     };

@@ -113,7 +113,10 @@ mod tests {
         );
         assert_eq!(hosts.vault_of_host("vault.sandbox.localhost:8443"), None);
         assert_eq!(hosts.vault_of_host("a.b.vault.sandbox.localhost"), None);
-        assert_eq!(hosts.vault_of_host("management.sandbox.localhost:8443"), None);
+        assert_eq!(
+            hosts.vault_of_host("management.sandbox.localhost:8443"),
+            None
+        );
         let paths = Addressing::Paths {
             origin: "http://127.0.0.1:1".into(),
         };
@@ -127,7 +130,10 @@ mod tests {
             hosts.vault_uri("KV1"),
             "https://kv1.vault.sandbox.localhost:8443/"
         );
-        assert_eq!(hosts.vault_audience(), "https://vault.sandbox.localhost:8443");
+        assert_eq!(
+            hosts.vault_audience(),
+            "https://vault.sandbox.localhost:8443"
+        );
         assert_eq!(
             hosts.arm_endpoint(),
             "https://management.sandbox.localhost:8443"

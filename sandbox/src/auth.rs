@@ -9,7 +9,6 @@ use serde_json::{Value, json};
 /// The audiences the sandbox serves.
 pub const ARM_AUDIENCE: &str = "https://management.azure.com";
 
-
 /// Who the sandbox's caller is.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -129,7 +128,11 @@ mod tests {
         let claims = issuer.check(Some(&header), ARM_AUDIENCE, 1001).unwrap();
         assert_eq!(claims["oid"], "oid");
         assert!(matches!(
-            issuer.check(Some(&header), crate::addressing::PUBLIC_VAULT_AUDIENCE, 1001),
+            issuer.check(
+                Some(&header),
+                crate::addressing::PUBLIC_VAULT_AUDIENCE,
+                1001
+            ),
             Err(TokenError::WrongAudience { .. })
         ));
         assert_eq!(

@@ -403,10 +403,7 @@ async fn handle(
         .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or_default()
         .to_owned();
-    let origin = format!(
-        "{}://{host}",
-        if transport.tls { "https" } else { "http" }
-    );
+    let origin = format!("{}://{host}", if transport.tls { "https" } else { "http" });
     // A vault's own host name carries Key Vault's paths; inside, vaults are `/_kv/{vault}/...`
     // whichever way they were reached, so the handlers and the request log see one form.
     let path = match shared.addressing.vault_of_host(&host) {

@@ -37,8 +37,10 @@ impl Certificates {
         let failed = |e: rcgen::Error| format!("cannot make the sandbox's certificate: {e}");
         let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
         ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca.distinguished_name
-            .push(DnType::CommonName, "kmsflow sandbox authority (this run only)");
+        ca.distinguished_name.push(
+            DnType::CommonName,
+            "kmsflow sandbox authority (this run only)",
+        );
         ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(failed)?)
             .map_err(failed)?;
@@ -54,7 +56,10 @@ impl Certificates {
         let server_key = KeyPair::generate().map_err(failed)?;
         let server_cert = server.signed_by(&server_key, &ca).map_err(failed)?;
 
-        let chain = vec![server_cert.der().clone(), CertificateDer::from(ca.der().to_vec())];
+        let chain = vec![
+            server_cert.der().clone(),
+            CertificateDer::from(ca.der().to_vec()),
+        ];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),

@@ -38,6 +38,11 @@ struct Drift {
     caller_officer: bool,
     /// A Public CMK cluster that names no vault, as the spec says it may.
     public_without_vault_id: bool,
+    /// The identity's Crypto User grant is on the key itself, not the vault (as Terraform
+    /// modules often scope it).
+    role_on_the_key: bool,
+    /// The identity's Crypto User grant is on another key of the same vault.
+    role_on_another_key: bool,
 }
 
 fn seed(h: &Harness, drift: Drift) {
@@ -68,8 +73,15 @@ fn seed(h: &Harness, drift: Drift) {
             "id": identity_id, "name": "id-prod", "type": "Microsoft.ManagedIdentity/userAssignedIdentities", "location": "eastus",
             "properties": {"principalId": principal, "clientId": "c", "tenantId": "t"},
         }));
+        let grant_scope = if drift.role_on_the_key {
+            format!("{vault_id}/keys/kms-key")
+        } else if drift.role_on_another_key {
+            format!("{vault_id}/keys/other-key")
+        } else {
+            vault_id.clone()
+        };
         if !drift.role_removed {
-            w.role_assignment(&vault_id, principal, "12338af0-0e69-4776-bea7-57ae8d297424");
+            w.role_assignment(&grant_scope, principal, "12338af0-0e69-4776-bea7-57ae8d297424");
         }
         if drift.caller_officer {
             w.role_assignment(&vault_id, "00000000-0000-4000-8000-ca11e4000001", "14b46e9e-c2b7-41b4-b07b-48a6ebf60603");
@@ -181,6 +193,24 @@ async fn each_drift_is_a_finding_with_its_severity() {
             "fail",
             "fail",
             "identity-role-missing",
+        ),
+        (
+            Drift {
+                role_on_another_key: true,
+                ..Drift::default()
+            },
+            "fail",
+            "fail",
+            "identity-role-missing",
+        ),
+        (
+            Drift {
+                role_on_the_key: true,
+                ..Drift::default()
+            },
+            "ok",
+            "ok",
+            "identity-role",
         ),
         (
             Drift {

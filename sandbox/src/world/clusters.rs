@@ -182,7 +182,7 @@ impl World {
                     existing.as_ref().map(|e| &e["properties"]),
                     &self.subscription,
                     &name,
-                    &location,
+                    location,
                 );
                 if properties.get("securityProfile").is_none() {
                     properties["securityProfile"] = json!({});
@@ -337,7 +337,7 @@ impl World {
             .as_str()
             .unwrap_or_default()
             .to_ascii_lowercase();
-        if !self.keys.contains_key(&(vault_name, key_name)) {
+        if !self.keys.contains_key(&(vault_name, key_name.clone())) {
             return Some((
                 "AzureKeyVaultKmsKeyNotFound".into(),
                 format!("The key '{key_id}' was not found."),
@@ -376,6 +376,7 @@ impl World {
             .holds_key_rights(
                 &principal,
                 vault["id"].as_str().unwrap_or_default(),
+                Some(&key_name),
                 KeyRights::Crypto,
                 now,
             )
@@ -416,10 +417,17 @@ pub(crate) fn fill_read_only(
     });
     properties["nodeResourceGroup"] = json!(node_group);
     let prefix = properties["dnsPrefix"].as_str().unwrap_or(name).to_owned();
-    properties["fqdn"] = kept("fqdn")
-        .unwrap_or_else(|| json!(format!("{prefix}-{}.hcp.{location}.azmk8s.io", &suffix[..8])));
+    properties["fqdn"] = kept("fqdn").unwrap_or_else(|| {
+        json!(format!(
+            "{prefix}-{}.hcp.{location}.azmk8s.io",
+            &suffix[..8]
+        ))
+    });
     properties["azurePortalFQDN"] = kept("azurePortalFQDN").unwrap_or_else(|| {
-        json!(format!("{prefix}-{}.portal.hcp.{location}.azmk8s.io", &suffix[8..16]))
+        json!(format!(
+            "{prefix}-{}.portal.hcp.{location}.azmk8s.io",
+            &suffix[8..16]
+        ))
     });
     properties["powerState"] = json!({"code": "Running"});
     properties["maxAgentPools"] = json!(100);

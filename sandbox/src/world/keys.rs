@@ -107,7 +107,12 @@ impl World {
             KeyRights::Read
         };
         let vault_id = vault["id"].as_str().unwrap_or_default().to_owned();
-        if let Err(pending) = self.holds_key_rights(caller, &vault_id, needed, now) {
+        // `/_kv/{vault}/keys/{key}/...` and `/_kv/{vault}/deletedkeys/{key}/...` name a key.
+        let key = s
+            .get(3)
+            .copied()
+            .filter(|_| matches!(s.get(2), Some(&"keys" | &"deletedkeys")));
+        if let Err(pending) = self.holds_key_rights(caller, &vault_id, key, needed, now) {
             let detail = if pending {
                 " If role assignments, deny assignments or role definitions were changed recently, please observe propagation time."
             } else {

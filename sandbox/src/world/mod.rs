@@ -279,7 +279,8 @@ impl World {
             .position(|w| w == ["providers", "microsoft.authorization"])
             && s.get(position + 2) == Some(&"roledefinitions")
         {
-            return self.role_definitions(req, req.raw_segments.get(position + 3).map(String::as_str));
+            return self
+                .role_definitions(req, req.raw_segments.get(position + 3).map(String::as_str));
         }
         // Everything inside a resource group needs the group.
         if let ["subscriptions", _, "resourcegroups", group, _, ..] = s.as_slice()

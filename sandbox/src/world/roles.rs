@@ -41,23 +41,103 @@ const fn role(
 /// Key rights follow each role's data actions; the management-plane roles (Owner,
 /// Contributor, Key Vault Contributor) grant none, as in Azure.
 pub(crate) const BUILT_IN: &[BuiltIn] = &[
-    role("8e3af657-a8ff-443c-a75c-2fe8c4bcb635", "Owner", "Grants full access to manage all resources, including the ability to assign roles in Azure RBAC.", KeyRights::None),
-    role("b24988ac-6180-42a0-ab88-20f7382dd24c", "Contributor", "Grants full access to manage all resources, but does not allow you to assign roles in Azure RBAC.", KeyRights::None),
-    role("acdd72a7-3385-48ef-bd42-f606fba81ae7", "Reader", "View all resources, but does not allow you to make any changes.", KeyRights::None),
-    role("18d7d88d-d35e-4fb5-a5c3-7773c20a72d9", "User Access Administrator", "Lets you manage user access to Azure resources.", KeyRights::None),
-    role("00482a5a-887f-4fb3-b363-3b7fe8e74483", "Key Vault Administrator", "Perform all data plane operations on a key vault and all objects in it, including certificates, keys, and secrets.", KeyRights::Manage),
-    role(CRYPTO_OFFICER, "Key Vault Crypto Officer", "Perform any action on the keys of a key vault, except manage permissions.", KeyRights::Manage),
-    role(CRYPTO_USER, "Key Vault Crypto User", "Perform cryptographic operations using keys.", KeyRights::Crypto),
+    role(
+        "8e3af657-a8ff-443c-a75c-2fe8c4bcb635",
+        "Owner",
+        "Grants full access to manage all resources, including the ability to assign roles in Azure RBAC.",
+        KeyRights::None,
+    ),
+    role(
+        "b24988ac-6180-42a0-ab88-20f7382dd24c",
+        "Contributor",
+        "Grants full access to manage all resources, but does not allow you to assign roles in Azure RBAC.",
+        KeyRights::None,
+    ),
+    role(
+        "acdd72a7-3385-48ef-bd42-f606fba81ae7",
+        "Reader",
+        "View all resources, but does not allow you to make any changes.",
+        KeyRights::None,
+    ),
+    role(
+        "18d7d88d-d35e-4fb5-a5c3-7773c20a72d9",
+        "User Access Administrator",
+        "Lets you manage user access to Azure resources.",
+        KeyRights::None,
+    ),
+    role(
+        "00482a5a-887f-4fb3-b363-3b7fe8e74483",
+        "Key Vault Administrator",
+        "Perform all data plane operations on a key vault and all objects in it, including certificates, keys, and secrets.",
+        KeyRights::Manage,
+    ),
+    role(
+        CRYPTO_OFFICER,
+        "Key Vault Crypto Officer",
+        "Perform any action on the keys of a key vault, except manage permissions.",
+        KeyRights::Manage,
+    ),
+    role(
+        CRYPTO_USER,
+        "Key Vault Crypto User",
+        "Perform cryptographic operations using keys.",
+        KeyRights::Crypto,
+    ),
     // Its data actions are keys/read, wrapKey and unwrapKey, not encrypt and decrypt.
-    role("e147488a-f6f5-4113-8e2d-b22465e65bf6", "Key Vault Crypto Service Encryption User", "Read metadata of keys and perform wrap/unwrap operations.", KeyRights::Read),
-    role("21090545-7ca7-4776-b22c-e363652d74d2", "Key Vault Reader", "Read metadata of key vaults and its certificates, keys, and secrets.", KeyRights::Read),
-    role("f25e0fa2-a7c8-4377-a976-54943a77a395", "Key Vault Contributor", "Manage key vaults, but does not allow you to assign roles in Azure RBAC, and does not allow you to access secrets, keys, or certificates.", KeyRights::None),
-    role("8b54135c-b56d-4d72-a534-26097cfdc8d8", "Key Vault Data Access Administrator", "Manage access to Azure Key Vault by adding or removing role assignments for the Key Vault Administrator, Key Vault Certificates Officer, Key Vault Crypto Officer, Key Vault Crypto Service Encryption User, Key Vault Crypto User, Key Vault Reader, Key Vault Secrets Officer, or Key Vault Secrets User roles.", KeyRights::None),
-    role("b86a8fe4-44ce-4948-aee5-eccb2c155cd7", "Key Vault Secrets Officer", "Perform any action on the secrets of a key vault, except manage permissions.", KeyRights::None),
-    role("4633458b-17de-408a-b874-0445c86b69e6", "Key Vault Secrets User", "Read secret contents.", KeyRights::None),
-    role("f1a07417-d97a-45cb-824c-7a7467783830", "Managed Identity Operator", "Read and Assign User Assigned Identity", KeyRights::None),
-    role("e40ec5ca-96e0-45a2-b4ff-59039f2c2b59", "Managed Identity Contributor", "Create, Read, Update, and Delete User Assigned Identity", KeyRights::None),
-    role("ed7f3fbd-7b88-4dd4-9017-9adb7ce333f8", "Azure Kubernetes Service Contributor Role", "Grants access to read and write Azure Kubernetes Service clusters", KeyRights::None),
+    role(
+        "e147488a-f6f5-4113-8e2d-b22465e65bf6",
+        "Key Vault Crypto Service Encryption User",
+        "Read metadata of keys and perform wrap/unwrap operations.",
+        KeyRights::Read,
+    ),
+    role(
+        "21090545-7ca7-4776-b22c-e363652d74d2",
+        "Key Vault Reader",
+        "Read metadata of key vaults and its certificates, keys, and secrets.",
+        KeyRights::Read,
+    ),
+    role(
+        "f25e0fa2-a7c8-4377-a976-54943a77a395",
+        "Key Vault Contributor",
+        "Manage key vaults, but does not allow you to assign roles in Azure RBAC, and does not allow you to access secrets, keys, or certificates.",
+        KeyRights::None,
+    ),
+    role(
+        "8b54135c-b56d-4d72-a534-26097cfdc8d8",
+        "Key Vault Data Access Administrator",
+        "Manage access to Azure Key Vault by adding or removing role assignments for the Key Vault Administrator, Key Vault Certificates Officer, Key Vault Crypto Officer, Key Vault Crypto Service Encryption User, Key Vault Crypto User, Key Vault Reader, Key Vault Secrets Officer, or Key Vault Secrets User roles.",
+        KeyRights::None,
+    ),
+    role(
+        "b86a8fe4-44ce-4948-aee5-eccb2c155cd7",
+        "Key Vault Secrets Officer",
+        "Perform any action on the secrets of a key vault, except manage permissions.",
+        KeyRights::None,
+    ),
+    role(
+        "4633458b-17de-408a-b874-0445c86b69e6",
+        "Key Vault Secrets User",
+        "Read secret contents.",
+        KeyRights::None,
+    ),
+    role(
+        "f1a07417-d97a-45cb-824c-7a7467783830",
+        "Managed Identity Operator",
+        "Read and Assign User Assigned Identity",
+        KeyRights::None,
+    ),
+    role(
+        "e40ec5ca-96e0-45a2-b4ff-59039f2c2b59",
+        "Managed Identity Contributor",
+        "Create, Read, Update, and Delete User Assigned Identity",
+        KeyRights::None,
+    ),
+    role(
+        "ed7f3fbd-7b88-4dd4-9017-9adb7ce333f8",
+        "Azure Kubernetes Service Contributor Role",
+        "Grants access to read and write Azure Kubernetes Service clusters",
+        KeyRights::None,
+    ),
 ];
 
 pub(crate) const CRYPTO_OFFICER: &str = "14b46e9e-c2b7-41b4-b07b-48a6ebf60603";
@@ -232,16 +312,29 @@ impl World {
         }
     }
 
+    /// Role Assignments - List For Scope. As in ARM: `$filter=atScope()` lists the
+    /// assignments at or above the scope; no filter, or `principalId eq '{id}'` /
+    /// `assignedTo('{id}')`, lists those at, above and below it (so a grant on one key shows
+    /// when the vault is asked, and the caller must judge each one's scope).
     pub(crate) fn list_assignments(&self, scope: &str, req: &Req) -> Resp {
         let scope_key = scope.to_ascii_lowercase();
-        let principal_filter = req.query.get("$filter").and_then(|f| {
-            let rest = f.strip_prefix("principalId eq '")?;
-            Some(rest.trim_end_matches('\'').to_owned())
+        let filter = req.query.get("$filter").map(|f| f.trim().to_owned());
+        let principal_filter = filter.as_deref().and_then(|f| {
+            let rest = f
+                .strip_prefix("principalId eq '")
+                .or_else(|| f.strip_prefix("assignedTo('"))?;
+            Some(rest.trim_end_matches(['\'', ')']).to_owned())
         });
+        let at_or_above_only = filter.as_deref() == Some("atScope()");
         let value: Vec<Value> = self
             .assignments
             .values()
-            .filter(|a| a.scope == scope_key || scope_key.starts_with(&format!("{}/", a.scope)))
+            .filter(|a| {
+                let at_or_above =
+                    a.scope == scope_key || scope_key.starts_with(&format!("{}/", a.scope));
+                let below = a.scope.starts_with(&format!("{scope_key}/"));
+                at_or_above || (below && !at_or_above_only)
+            })
             .filter(|a| principal_filter.as_ref().is_none_or(|p| *p == a.principal))
             .map(|a| a.body.clone())
             .collect();
@@ -251,18 +344,23 @@ impl World {
     /// Whether `principal` holds one of `roles` on the vault (or a scope above it), and the
     /// assignment has propagated.
     /// Whether `principal` holds `needed` on the vault's keys through an assignment at or
-    /// above the vault; `Err(true)` when one would but has not propagated yet.
+    /// above the vault, or on `key` itself; `Err(true)` when one would but has not
+    /// propagated yet.
     pub(crate) fn holds_key_rights(
         &self,
         principal: &str,
         vault_id: &str,
+        key: Option<&str>,
         needed: KeyRights,
         now: Instant,
     ) -> Result<(), bool> {
         let vault_key = vault_id.to_ascii_lowercase();
+        let key_scope = key.map(|k| format!("{vault_key}/keys/{}", k.to_ascii_lowercase()));
         let mut pending = false;
         for a in self.assignments.values() {
-            let covers = vault_key == a.scope || vault_key.starts_with(&format!("{}/", a.scope));
+            let covers = vault_key == a.scope
+                || vault_key.starts_with(&format!("{}/", a.scope))
+                || key_scope.as_ref() == Some(&a.scope);
             let grants = built_in(&a.role).map_or(KeyRights::None, |r| r.keys);
             if covers && a.principal == principal && grants >= needed {
                 if now >= a.created + self.delays.rbac_propagation {
@@ -301,7 +399,11 @@ impl World {
                 let value: Vec<Value> = BUILT_IN
                     .iter()
                     // ARM compares role names without regard to case.
-                    .filter(|r| wanted.as_ref().is_none_or(|w| r.name.eq_ignore_ascii_case(w)))
+                    .filter(|r| {
+                        wanted
+                            .as_ref()
+                            .is_none_or(|w| r.name.eq_ignore_ascii_case(w))
+                    })
                     .map(|r| self.role_definition(r))
                     .collect();
                 Resp::json(200, json!({"value": value}))
@@ -341,4 +443,3 @@ impl World {
         })
     }
 }
-

@@ -58,7 +58,11 @@ mod tests {
     use super::*;
 
     fn get(path: &str) -> Req {
-        let raw: Vec<String> = path.trim_matches('/').split('/').map(str::to_owned).collect();
+        let raw: Vec<String> = path
+            .trim_matches('/')
+            .split('/')
+            .map(str::to_owned)
+            .collect();
         Req {
             method: "GET".into(),
             path: path.into(),

@@ -548,8 +548,39 @@ fn key_health(f: &Facts<'_>, findings: &mut Vec<Finding>) {
 fn identity_grant(f: &Facts<'_>, findings: &mut Vec<Finding>) {
     use Severity::*;
     let (gathered, cluster, vault) = (f.gathered, f.cluster, f.vault);
-    let crypto_user = role_guid("Key Vault Crypto User").unwrap_or_default();
-    let officer = role_guid("Key Vault Crypto Officer").unwrap_or_default();
+    // Roles whose data actions include encrypt and decrypt on keys.
+    let crypto_roles: Vec<String> = [
+        "Key Vault Crypto User",
+        "Key Vault Crypto Officer",
+        "Key Vault Administrator",
+    ]
+    .into_iter()
+    .filter_map(|name| role_guid(name).ok())
+    .collect();
+    // ARM lists the assignments at, above and below the vault: only those at or above it, or
+    // on this very key, let the cluster use the key.
+    let vault_id = vault["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let key_name = f
+        .key_id
+        .split_once("/keys/")
+        .map(|(_, rest)| {
+            rest.split('/')
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    let key_scope = format!("{vault_id}/keys/{key_name}");
+    let covers = |scope: &str| {
+        let scope = scope.trim_end_matches('/').to_ascii_lowercase();
+        scope == vault_id
+            || scope == key_scope
+            || vault_id.starts_with(&format!("{scope}/"))
+            || scope == "/"
+    };
     let holds = gathered["assignments"]["value"]
         .as_array()
         .is_some_and(|list| {
@@ -558,7 +589,8 @@ fn identity_grant(f: &Facts<'_>, findings: &mut Vec<Finding>) {
                     .as_str()
                     .unwrap_or_default()
                     .to_ascii_lowercase();
-                role.ends_with(&crypto_user) || role.ends_with(&officer)
+                crypto_roles.iter().any(|r| role.ends_with(r.as_str()))
+                    && covers(a["properties"]["scope"].as_str().unwrap_or_default())
             })
         });
     match (&gathered["principal"], holds) {

@@ -26,6 +26,10 @@ pub const ROLES: &[(&str, &str)] = &[
     ),
     ("Key Vault Reader", "21090545-7ca7-4776-b22c-e363652d74d2"),
     (
+        "Key Vault Administrator",
+        "00482a5a-887f-4fb3-b363-3b7fe8e74483",
+    ),
+    (
         "Key Vault Data Access Administrator",
         "8b54135c-b56d-4d72-a534-26097cfdc8d8",
     ),
