@@ -9,7 +9,44 @@ pub(crate) fn version_at_least(version: &str, major: u64, minor: u64) -> bool {
 }
 
 impl World {
+    /// Managed Clusters - Get, Create Or Update, Delete, in the request's api-version: a
+    /// version without KMS data encryption neither sees nor changes
+    /// `kubernetesResourceObjectEncryptionProfile` (ARM drops what its version does not
+    /// define; the cluster keeps what a newer version set).
     pub(crate) fn cluster(&mut self, req: &Req, now: Instant) -> Resp {
+        const FIELD: &str = "kubernetesResourceObjectEncryptionProfile";
+        if api_versions::has_kms_data_encryption(&req.query["api-version"]) {
+            return self.cluster_in_full(req, now);
+        }
+        let mut req = req.clone();
+        if let Some(security) = req
+            .body
+            .as_mut()
+            .and_then(|b| b["properties"]["securityProfile"].as_object_mut())
+        {
+            security.remove(FIELD);
+            let id_key = req.path.trim_end_matches('/').to_ascii_lowercase();
+            if let Some(kept) = self
+                .resources
+                .get(&id_key)
+                .map(|c| c["properties"]["securityProfile"][FIELD].clone())
+                .filter(|v| !v.is_null())
+            {
+                security.insert(FIELD.to_owned(), kept);
+            }
+        }
+        let mut answer = self.cluster_in_full(&req, now);
+        if let Some(security) = answer
+            .body
+            .as_mut()
+            .and_then(|b| b["properties"]["securityProfile"].as_object_mut())
+        {
+            security.remove(FIELD);
+        }
+        answer
+    }
+
+    fn cluster_in_full(&mut self, req: &Req, now: Instant) -> Resp {
         let name = req.raw_segments[7].clone();
         let id_key = req.path.trim_end_matches('/').to_ascii_lowercase();
         let running = self
@@ -462,5 +499,36 @@ pub(crate) fn fill_read_only(
         if pool["maxPods"].is_null() {
             pool["maxPods"] = json!(250);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{get, world};
+    use serde_json::json;
+
+    #[test]
+    fn a_stable_version_does_not_see_kms_data_encryption() {
+        let mut world = world();
+        world.seed_group("g", "eastus");
+        let id = "/subscriptions/sub-1/resourceGroups/g/providers/Microsoft.ContainerService/managedClusters/c";
+        world.seed_resource(json!({
+            "id": id, "name": "c", "type": "Microsoft.ContainerService/ManagedClusters", "location": "eastus",
+            "properties": {"provisioningState": "Succeeded", "securityProfile": {
+                "kubernetesResourceObjectEncryptionProfile": {"infrastructureEncryption": "Enabled"},
+                "azureKeyVaultKms": null,
+            }},
+        }));
+        let stable = world.arm(&get(id, "2026-01-01")).body.unwrap();
+        assert!(
+            stable["properties"]["securityProfile"]
+                .get("kubernetesResourceObjectEncryptionProfile")
+                .is_none()
+        );
+        let preview = world.arm(&get(id, "2025-10-02-preview")).body.unwrap();
+        assert_eq!(
+            preview["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"],
+            "Enabled"
+        );
     }
 }

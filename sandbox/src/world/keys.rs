@@ -66,6 +66,17 @@ impl World {
         if req.query.get("api-version").is_none_or(|v| v.is_empty()) {
             return Resp::vault_error(400, "BadParameter", None, "api-version is required");
         }
+        let version = req.query["api-version"].as_str();
+        if !api_versions::KEY_VAULT_DATA.contains(&version) {
+            return Resp::vault_error(
+                400,
+                "BadParameter",
+                None,
+                format!(
+                    "The specified version ({version}) is not recognized. Consider using the latest supported version (7.6)."
+                ),
+            );
+        }
         let vault_name = req.segments[1].clone();
         let Some(vault) = self.find_vault(&vault_name).cloned() else {
             // The vault's host does not resolve: what a client sees is a connection error, but

@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 use crate::addressing::Addressing;
 use crate::faults::Delays;
 
+mod api_versions;
 mod clusters;
 mod features;
 mod groups;
@@ -235,6 +236,10 @@ impl World {
                 "The api-version query parameter (?api-version=) is required for all requests.",
             );
         }
+        let surface = api_versions::Surface::of(&req.segments);
+        if let Some(refused) = api_versions::check(surface, &req.query["api-version"], req) {
+            return refused;
+        }
         let s: Vec<&str> = req.segments.iter().map(String::as_str).collect();
         match s.as_slice() {
             ["subscriptions"] => return self.subscriptions(req, false),
@@ -450,4 +455,57 @@ fn not_found(kind: &str, name: &str, group: &str) -> Resp {
             "The Resource '{kind}/{name}' under resource group '{group}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"
         ),
     )
+}
+
+/// Requests and worlds for the surfaces' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub(crate) fn request(method: &str, path: &str, api_version: &str, body: Option<Value>) -> Req {
+        let raw: Vec<String> = path
+            .trim_matches('/')
+            .split('/')
+            .map(str::to_owned)
+            .collect();
+        let mut query = BTreeMap::new();
+        let (path, filter) = path.split_once('?').unwrap_or((path, ""));
+        if let Some(filter) = filter.strip_prefix("$filter=") {
+            query.insert("$filter".to_owned(), filter.to_owned());
+        }
+        let raw: Vec<String> = if filter.is_empty() {
+            raw
+        } else {
+            path.trim_matches('/')
+                .split('/')
+                .map(str::to_owned)
+                .collect()
+        };
+        query.insert("api-version".to_owned(), api_version.to_owned());
+        Req {
+            method: method.into(),
+            path: path.into(),
+            segments: raw.iter().map(|s| s.to_ascii_lowercase()).collect(),
+            raw_segments: raw,
+            query,
+            if_match: None,
+            body,
+            caller: "caller".into(),
+            origin: "https://management.sandbox.localhost:1".into(),
+        }
+    }
+
+    pub(crate) fn get(path: &str, api_version: &str) -> Req {
+        request("GET", path, api_version, None)
+    }
+
+    pub(crate) fn world() -> World {
+        World::new(
+            Addressing::Hosts { port: 1 },
+            "sub-1".into(),
+            "tenant-1".into(),
+            "caller".into(),
+            Delays::default(),
+        )
+    }
 }

@@ -443,3 +443,63 @@ impl World {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{get, world};
+
+    #[test]
+    fn role_definitions_are_found_by_name_and_id() {
+        let mut world = world();
+        let scope = "/subscriptions/sub-1/resourceGroups/g/providers/Microsoft.KeyVault/vaults/kv";
+        let listed = world.arm(&get(
+            &format!("{scope}/providers/Microsoft.Authorization/roleDefinitions?$filter=roleName eq 'key vault crypto user'"),
+            "2022-04-01",
+        ));
+        let value = listed.body.unwrap()["value"].clone();
+        assert_eq!(value.as_array().unwrap().len(), 1, "{value}");
+        assert_eq!(value[0]["name"], "12338af0-0e69-4776-bea7-57ae8d297424");
+        assert_eq!(value[0]["properties"]["roleName"], "Key Vault Crypto User");
+        assert_eq!(value[0]["properties"]["type"], "BuiltInRole");
+        let admin = world.arm(&get(
+            "/subscriptions/sub-1/providers/Microsoft.Authorization/roleDefinitions/00482a5a-887f-4fb3-b363-3b7fe8e74483",
+            "2022-04-01",
+        ));
+        assert_eq!(
+            admin.body.unwrap()["properties"]["roleName"],
+            "Key Vault Administrator"
+        );
+        let unknown = world.arm(&get(
+            "/subscriptions/sub-1/providers/Microsoft.Authorization/roleDefinitions/00000000-0000-0000-0000-000000000000",
+            "2022-04-01",
+        ));
+        assert_eq!(unknown.status, 404);
+        assert_eq!(
+            unknown.body.unwrap()["error"]["code"],
+            "RoleDefinitionDoesNotExist"
+        );
+    }
+
+    #[test]
+    fn assignments_below_the_scope_are_listed_unless_at_scope_is_asked() {
+        let mut world = world();
+        let vault = "/subscriptions/sub-1/resourceGroups/g/providers/Microsoft.KeyVault/vaults/kv";
+        world.seed_assignment(&format!("{vault}/keys/k"), "p1", super::CRYPTO_USER);
+        world.seed_assignment("/subscriptions/sub-1", "p1", super::CRYPTO_OFFICER);
+        let list = |world: &mut super::World, filter: &str| {
+            let body = world
+                .arm(&get(
+                    &format!(
+                        "{vault}/providers/Microsoft.Authorization/roleAssignments?$filter={filter}"
+                    ),
+                    "2022-04-01",
+                ))
+                .body
+                .unwrap();
+            body["value"].as_array().unwrap().len()
+        };
+        assert_eq!(list(&mut world, "principalId eq 'p1'"), 2);
+        assert_eq!(list(&mut world, "atScope()"), 1);
+        assert_eq!(list(&mut world, "principalId eq 'p2'"), 0);
+    }
+}

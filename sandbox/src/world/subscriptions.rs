@@ -55,48 +55,25 @@ impl World {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn get(path: &str) -> Req {
-        let raw: Vec<String> = path
-            .trim_matches('/')
-            .split('/')
-            .map(str::to_owned)
-            .collect();
-        Req {
-            method: "GET".into(),
-            path: path.into(),
-            segments: raw.iter().map(|s| s.to_ascii_lowercase()).collect(),
-            raw_segments: raw,
-            query: [("api-version".to_owned(), "2022-12-01".to_owned())].into(),
-            if_match: None,
-            body: None,
-            caller: "caller".into(),
-            origin: "https://management.sandbox.localhost:1".into(),
-        }
-    }
-
-    fn world() -> World {
-        World::new(
-            Addressing::Hosts { port: 1 },
-            "sub-1".into(),
-            "tenant-1".into(),
-            "caller".into(),
-            Delays::default(),
-        )
-    }
+    use super::super::testing::{get, world};
 
     #[test]
     fn the_one_subscription_and_tenant_are_listed() {
         let mut world = world();
-        let listed = world.arm(&get("/subscriptions"));
+        let listed = world.arm(&get("/subscriptions", "2022-12-01"));
         assert_eq!(listed.status, 200);
         let body = listed.body.unwrap();
         assert_eq!(body["value"][0]["subscriptionId"], "sub-1");
         assert_eq!(body["value"][0]["tenantId"], "tenant-1");
-        assert_eq!(world.arm(&get("/subscriptions/sub-1")).status, 200);
-        assert_eq!(world.arm(&get("/subscriptions/other")).status, 404);
-        let tenants = world.arm(&get("/tenants")).body.unwrap();
+        assert_eq!(
+            world.arm(&get("/subscriptions/sub-1", "2022-12-01")).status,
+            200
+        );
+        assert_eq!(
+            world.arm(&get("/subscriptions/other", "2022-12-01")).status,
+            404
+        );
+        let tenants = world.arm(&get("/tenants", "2022-12-01")).body.unwrap();
         assert_eq!(tenants["value"][0]["tenantId"], "tenant-1");
     }
 }
