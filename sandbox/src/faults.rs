@@ -30,6 +30,10 @@ pub struct Faults {
     /// connection breaks, a front end fails or a timeout strikes after Azure made the change.
     #[serde(default)]
     pub lose_answers: Vec<LostAnswer>,
+    /// Features (`Namespace/Feature`) whose registration needs Microsoft's approval: `register`
+    /// leaves them `Pending` (`approvalType: ApprovalRequired` in the features spec).
+    #[serde(default)]
+    pub approval_required: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
@@ -82,6 +86,10 @@ pub struct Delays {
     /// A cluster create or update runs this long.
     #[serde(default, with = "duration_text")]
     pub cluster_operation: Duration,
+    /// A provider stays `Registering` this long after `register` (its POST always answers
+    /// `Registering`, as the GetProvider example shows).
+    #[serde(default, with = "duration_text")]
+    pub provider_registration: Duration,
 }
 
 /// Fails the next `times` requests matching `method` and `path` (a `*` glob).

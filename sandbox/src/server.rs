@@ -133,6 +133,7 @@ impl Sandbox {
             options.caller_object_id.clone(),
             options.faults.delays,
         );
+        world.configure(&options.faults);
         if let Some(path) = options.persist.as_ref().filter(|p| p.exists()) {
             let invalid = |e: String| {
                 std::io::Error::new(
@@ -247,9 +248,12 @@ impl Sandbox {
 
     /// Replaces the fault configuration.
     pub fn set_faults(&self, faults: Faults) {
-        let delays = faults.delays;
+        self.shared
+            .world
+            .lock()
+            .expect("world lock")
+            .configure(&faults);
         *self.shared.injector.lock().expect("injector lock") = Injector::new(faults);
-        self.shared.world.lock().expect("world lock").delays = delays;
     }
 
     /// Changes the world directly (seeding existing resources).
@@ -611,9 +615,8 @@ fn control(shared: &Shared, method: &str, path: &str, body: &Bytes) -> Resp {
         }
         ("POST", "/_sandbox/faults") => match Faults::from_yaml(&String::from_utf8_lossy(body)) {
             Ok(faults) => {
-                let delays = faults.delays;
+                shared.world.lock().expect("world lock").configure(&faults);
                 *shared.injector.lock().expect("injector lock") = Injector::new(faults);
-                shared.world.lock().expect("world lock").delays = delays;
                 Resp::empty(204)
             }
             Err(error) => Resp::arm_error(400, "InvalidFaults", error.to_string()),

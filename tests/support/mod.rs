@@ -15,6 +15,9 @@ pub struct Served {
     child: Child,
     /// What a client needs (`AZURE_SUBSCRIPTION_ID`, `IDENTITY_ENDPOINT`, ...).
     pub env: HashMap<String, String>,
+    /// Resource Manager's endpoint (`https://management.sandbox.localhost:PORT` with `--tls`).
+    pub arm_endpoint: String,
+    /// `http://127.0.0.1:PORT`: the control endpoints, with or without `--tls`.
     pub base_url: String,
 }
 
@@ -35,20 +38,33 @@ pub fn serve(args: &[&str]) -> Served {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base_url = lines.next().unwrap().unwrap();
-    assert!(base_url.starts_with("http://127.0.0.1:"), "{base_url}");
-    let env = lines
+    let arm_endpoint = lines.next().unwrap().unwrap();
+    let tls = args.contains(&"--tls");
+    assert!(
+        arm_endpoint.starts_with(if tls {
+            "https://management.sandbox.localhost:"
+        } else {
+            "http://127.0.0.1:"
+        }),
+        "{arm_endpoint}"
+    );
+    // With TLS, the cloud profile and the authority's two variables follow.
+    let env: HashMap<String, String> = lines
         .by_ref()
-        .take(6)
+        .take(if tls { 9 } else { 6 })
         .map(|line| {
             let line = line.unwrap();
             let (name, value) = line.split_once('=').expect("NAME=value");
             (name.to_owned(), value.to_owned())
         })
         .collect();
+    let base_url = env["IDENTITY_ENDPOINT"]
+        .trim_end_matches("/msi/token")
+        .to_owned();
     Served {
         child,
         env,
+        arm_endpoint,
         base_url,
     }
 }

@@ -189,11 +189,17 @@ pub(crate) fn check(surface: Surface, version: &str, req: &Req) -> Option<Resp> 
 }
 
 /// Whether an AKS api-version defines `securityProfile.kubernetesResourceObjectEncryptionProfile`
-/// (KMS data encryption). The stable 2026-01-01 lacks it (REST contract §2); the Go SDK shows
-/// it first in a preview released in September 2025, so the previews from 2025-08-02-preview
-/// on are taken to have it. That boundary is an inference, not a published fact.
+/// (KMS data encryption). The stable 2026-01-01 lacks it (REST contract §2), and the Python
+/// SDK's models for the stable 2026-08-01 (azure-mgmt-containerservice 41.8.0) have it. The Go
+/// SDK shows it first in a preview released in September 2025, so the previews from
+/// 2025-08-02-preview on are taken to have it. Both boundaries are inferred from SDKs, not
+/// published.
 pub(crate) fn has_kms_data_encryption(version: &str) -> bool {
-    version.ends_with("-preview") && version >= "2025-08-02-preview"
+    if version.ends_with("-preview") {
+        version >= "2025-08-02-preview"
+    } else {
+        version >= "2026-08-01"
+    }
 }
 
 #[cfg(test)]
@@ -269,6 +275,7 @@ mod tests {
     fn kms_data_encryption_is_in_recent_previews_only() {
         assert!(has_kms_data_encryption("2025-10-02-preview"));
         assert!(!has_kms_data_encryption("2026-01-01"));
+        assert!(has_kms_data_encryption("2026-08-01"));
         assert!(!has_kms_data_encryption("2025-06-02-preview"));
     }
 }

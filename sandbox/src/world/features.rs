@@ -69,7 +69,11 @@ impl World {
                 registered_at: None,
             });
             if entry.state != "Registered" && entry.state != "Registering" {
-                entry.state = "Registering".into();
+                entry.state = if self.approval_required.contains(&key) {
+                    "Pending".into()
+                } else {
+                    "Registering".into()
+                };
                 entry.registered_at = Some(now);
             }
         } else if req.method != "GET" {
@@ -110,17 +114,19 @@ impl World {
         } else if req.method != "GET" {
             return method_not_allowed(req);
         }
-        let registered = self
-            .providers
-            .get(namespace)
-            .and_then(|p| p.registered_at)
-            .is_some();
+        let state = match self.providers.get(namespace).and_then(|p| p.registered_at) {
+            // The answer to `register` itself.
+            Some(_) if register => "Registering",
+            Some(at) if now >= at + self.delays.provider_registration => "Registered",
+            Some(_) => "Registering",
+            None => "NotRegistered",
+        };
         Resp::json(
             200,
             json!({
                 "id": format!("/subscriptions/{}/providers/{}", self.subscription, req.raw_segments[3]),
                 "namespace": req.raw_segments[3],
-                "registrationState": if registered { "Registered" } else { "NotRegistered" },
+                "registrationState": state,
                 "registrationPolicy": "RegistrationRequired",
                 "resourceTypes": [{"resourceType": "managedClusters", "locations": ["East US", "West Europe"], "apiVersions": ["2025-10-02-preview", "2026-01-01"]}],
             }),
@@ -146,5 +152,64 @@ impl World {
             (Some(_), None) => true,
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{get, request, world};
+
+    const FEATURE: &str = "/subscriptions/sub-1/providers/Microsoft.Features/providers/Microsoft.ContainerService/features/KMSPMKPreview";
+    const PROVIDER: &str = "/subscriptions/sub-1/providers/Microsoft.ContainerService";
+
+    fn state(body: serde_json::Value, pointer: &str) -> String {
+        body.pointer(pointer)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[test]
+    fn a_provider_answers_registering_to_register_then_registers() {
+        let mut world = world();
+        let read = |world: &mut super::World| {
+            state(
+                world.arm(&get(PROVIDER, "2025-04-01")).body.unwrap(),
+                "/registrationState",
+            )
+        };
+        assert_eq!(read(&mut world), "NotRegistered");
+        let registered = world.arm(&request(
+            "POST",
+            &format!("{PROVIDER}/register"),
+            "2025-04-01",
+            None,
+        ));
+        assert_eq!(
+            state(registered.body.unwrap(), "/registrationState"),
+            "Registering"
+        );
+        assert_eq!(read(&mut world), "Registered");
+    }
+
+    #[test]
+    fn a_feature_that_needs_approval_stays_pending() {
+        let mut world = world();
+        world.configure(&crate::faults::Faults {
+            approval_required: vec!["Microsoft.ContainerService/KMSPMKPreview".into()],
+            ..Default::default()
+        });
+        let registered = world.arm(&request(
+            "POST",
+            &format!("{FEATURE}/register"),
+            "2021-07-01",
+            None,
+        ));
+        assert_eq!(
+            state(registered.body.unwrap(), "/properties/state"),
+            "Pending"
+        );
+        let read = world.arm(&get(FEATURE, "2021-07-01"));
+        assert_eq!(state(read.body.unwrap(), "/properties/state"), "Pending");
     }
 }

@@ -416,14 +416,14 @@ impl World {
         if let Some(enabled) = request["attributes"]["enabled"].as_bool() {
             attributes["enabled"] = json!(enabled);
         }
+        let mut key = json!({
+            "kid": format!("{vault_uri}/keys/{key_name}/{version}"),
+            "kty": request["kty"],
+            "key_ops": request.get("key_ops").cloned().unwrap_or(json!(["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"])),
+        });
+        public_key_fields(&mut key, request);
         let bundle = json!({
-            "key": {
-                "kid": format!("{vault_uri}/keys/{key_name}/{version}"),
-                "kty": request["kty"],
-                "key_ops": request.get("key_ops").cloned().unwrap_or(json!(["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"])),
-                "n": "sandbox-modulus",
-                "e": "AQAB",
-            },
+            "key": key,
             "attributes": attributes,
             "tags": request.get("tags").cloned().unwrap_or(json!({})),
         });
@@ -476,4 +476,35 @@ pub(crate) fn key_not_found(key: &str) -> Resp {
         None,
         format!("A key with (name/id) {key} was not found in this key vault."),
     )
+}
+
+/// A JSON Web Key's public fields, base64url without padding as Key Vault writes them: `n`
+/// and `e` for RSA (`n` as long as `key_size` asks, top bit set), `crv`, `x` and `y` for EC.
+/// The bytes are random, not a key pair: the sandbox performs no cryptography, and a client
+/// that encrypts with this `n` gets nothing the sandbox could decrypt.
+pub(crate) fn public_key_fields(key: &mut Value, request: &Value) {
+    use base64::Engine as _;
+    let encode = |bytes: Vec<u8>| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let random = |len: usize| (0..len).map(|_| fastrand::u8(..)).collect::<Vec<u8>>();
+    let kty = request["kty"].as_str().unwrap_or("RSA");
+    if kty.starts_with("EC") {
+        let curve = request["crv"].as_str().unwrap_or("P-256").to_owned();
+        let size = match curve.as_str() {
+            "P-384" => 48,
+            "P-521" => 66,
+            _ => 32,
+        };
+        key["crv"] = json!(curve);
+        key["x"] = json!(encode(random(size)));
+        key["y"] = json!(encode(random(size)));
+    } else {
+        let bits = request["key_size"]
+            .as_u64()
+            .unwrap_or(2048)
+            .clamp(1024, 4096) as usize;
+        let mut modulus = random(bits / 8);
+        modulus[0] |= 0x80;
+        key["n"] = json!(encode(modulus));
+        key["e"] = json!("AQAB");
+    }
 }

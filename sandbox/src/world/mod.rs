@@ -131,6 +131,8 @@ pub struct World {
     operations: BTreeMap<String, Operation>,
     /// The caller's object id (always a known principal).
     pub caller: String,
+    /// Features whose registration waits for approval, lowercase `namespace/feature`.
+    approval_required: BTreeSet<String>,
 }
 
 fn uuid() -> String {
@@ -181,7 +183,19 @@ impl World {
             deleted_vaults: BTreeSet::new(),
             operations: BTreeMap::new(),
             caller,
+            approval_required: BTreeSet::new(),
         }
+    }
+
+    /// Takes the world's part of a fault configuration: the delays of eventual consistency
+    /// and the features that need approval.
+    pub fn configure(&mut self, faults: &crate::faults::Faults) {
+        self.delays = faults.delays;
+        self.approval_required = faults
+            .approval_required
+            .iter()
+            .map(|f| f.to_ascii_lowercase())
+            .collect();
     }
 
     /// Every resource, for `GET /_sandbox/world` and tests.
