@@ -450,7 +450,14 @@ async fn handle(
         match shared.issuer.check(authorization, audience, now) {
             Err(error) => {
                 let resp = if vault {
-                    Resp::vault_error(401, "Unauthorized", Some("AKV10000"), error.to_string())
+                    // Key Vault's envelope: the AKV code leads the message, no inner error.
+                    let message = match error {
+                        crate::auth::TokenError::Missing => {
+                            "AKV10000: Request is missing a Bearer or PoP token.".to_owned()
+                        }
+                        other => format!("AKV10000: {other}"),
+                    };
+                    Resp::vault_error(401, "Unauthorized", None, message)
                 } else {
                     Resp::arm_error(
                         401,

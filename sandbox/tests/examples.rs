@@ -244,3 +244,55 @@ async fn responses_have_the_official_examples_keys() {
         &[],
     );
 }
+
+/// Key Vault's denials, in its own envelopes (fidelity audit, row 20).
+#[tokio::test]
+async fn key_vault_answers_denials_in_its_own_envelopes() {
+    let client = Client::new().await;
+    let subscription = client.sandbox.subscription().to_owned();
+    let uris = client.sandbox.with_world(|world| {
+        world.resource_group("rg", "eastus");
+        ["kv-open", "kv-closed"].map(|name| {
+            let uri = world.vault_uri(name);
+            world.resource(json!({
+                "id": format!("/subscriptions/{subscription}/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/{name}"),
+                "name": name, "type": "Microsoft.KeyVault/vaults", "location": "eastus",
+                "properties": {
+                    "vaultUri": uri, "enableRbacAuthorization": true, "tenantId": "t",
+                    "sku": {"family": "A", "name": "standard"},
+                    "publicNetworkAccess": if name == "kv-closed" { "Disabled" } else { "Enabled" },
+                },
+            }));
+            uri
+        })
+    });
+    let key = |uri: &str| format!("{uri}keys/k?api-version=7.5");
+
+    let anonymous = client.http.get(key(&uris[0])).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert!(anonymous.headers().contains_key("www-authenticate"));
+    let body: Value = anonymous.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}})
+    );
+
+    let (status, body) = client
+        .call(reqwest::Method::GET, &key(&uris[0]), None)
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["innererror"]["code"], "ForbiddenByRbac");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("please observe propagation time"),
+        "{body}"
+    );
+
+    let (status, body) = client
+        .call(reqwest::Method::GET, &key(&uris[1]), None)
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["innererror"]["code"], "ForbiddenByConnection");
+}

@@ -202,6 +202,7 @@ async fn principal_replication_and_rbac_propagation_delays_are_waited_out() {
             principal_replication: Duration::from_millis(1000),
             rbac_propagation: Duration::from_millis(1000),
             cluster_operation: Duration::ZERO,
+            ..Delays::default()
         },
         ..Faults::default()
     };

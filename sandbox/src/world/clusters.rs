@@ -153,7 +153,11 @@ impl World {
                         "KMS infrastructure encryption cannot be disabled once it is enabled (no downgrade).",
                     );
                 }
-                let wants_kms = infrastructure == Some("Enabled") || kms["enabled"] == true;
+                // KMS data encryption is what needs 1.33 and the preview feature; legacy KMS
+                // (`azureKeyVaultKms` alone) needs neither (fidelity audit, row 8). The feature
+                // message's pattern is AKS's; the version and downgrade messages are the
+                // sandbox's words, their real text not found in any source.
+                let wants_kms = infrastructure == Some("Enabled");
                 if wants_kms && !version_at_least(&effective_version, 1, 33) {
                     return Resp::arm_error(
                         400,
@@ -291,44 +295,49 @@ impl World {
     }
 
     /// Static checks AKS makes on a CMK request before accepting it.
+    /// Validates a CMK request as AKS does before it starts an operation. The codes and the
+    /// two messages about the network access and the vault id are AKS's (fidelity audit,
+    /// row 6); the other messages are the sandbox's words for a refusal whose text was not
+    /// found in any source.
     pub(crate) fn check_kms_request(&self, body: &Value) -> Result<(), Resp> {
         let kms = &body["properties"]["securityProfile"]["azureKeyVaultKms"];
         let key_id = kms["keyId"].as_str().unwrap_or_default();
-        let access = kms["keyVaultNetworkAccess"].as_str().unwrap_or("Public");
         if key_id.is_empty() {
             return Err(Resp::arm_error(
                 400,
-                "InvalidParameter",
+                "BadRequest",
                 "azureKeyVaultKms.keyId is required when azureKeyVaultKms is enabled.",
             ));
         }
-        let Some(rest) = key_id.split("/keys/").nth(1) else {
+        if key_id.split("/keys/").nth(1).is_none_or(str::is_empty) {
             return Err(Resp::arm_error(
                 400,
-                "InvalidParameter",
+                "BadRequest",
                 format!("azureKeyVaultKms.keyId '{key_id}' is not a valid key identifier."),
             ));
-        };
-        if rest.contains('/') {
+        }
+        // A versioned key id is accepted: legacy KMS requires one (core az validates it so),
+        // and no source says AKS refuses one with KMS data encryption; the seed only advises
+        // the versionless id so that rotations are picked up.
+        let access = kms["keyVaultNetworkAccess"].as_str().unwrap_or_default();
+        if access.is_empty() {
             return Err(Resp::arm_error(
                 400,
-                "InvalidParameter",
-                format!(
-                    "azureKeyVaultKms.keyId '{key_id}' must not include a key version; use the versionless key identifier."
-                ),
+                "BadRequest",
+                "KeyVault network access is unspecified for Azure Key Vault KMS.",
             ));
         }
         if access == "Private" && kms["keyVaultResourceId"].as_str().is_none_or(str::is_empty) {
             return Err(Resp::arm_error(
                 400,
-                "InvalidParameter",
-                "azureKeyVaultKms.keyVaultResourceId is required when keyVaultNetworkAccess is Private.",
+                "BadRequest",
+                "KeyVault resource ID is empty when KeyVault network access is Private.",
             ));
         }
         if body["identity"]["type"] != "UserAssigned" {
             return Err(Resp::arm_error(
                 400,
-                "InvalidParameter",
+                "BadRequest",
                 "Customer-managed key KMS requires a user-assigned identity on the cluster.",
             ));
         }
@@ -336,6 +345,11 @@ impl World {
     }
 
     /// What makes AKS's KMS plugin fail to reach the key, checked when the operation runs.
+    /// Only `AzureKeyVaultKmsValidateIdentityPermissionCustomerError` is a code AKS is known
+    /// to answer (fidelity audit, row 2). For the rest (no such key, a key in another vault, a
+    /// firewall AKS cannot pass, no identity) no source gives AKS's code, so the operation
+    /// fails with AKS's generic `BadRequest` and a message saying which. Open question: which
+    /// codes does AKS use for these?
     pub(crate) fn kms_access_failure(
         &self,
         body: &Value,
@@ -348,6 +362,7 @@ impl World {
         let key_name = key_id
             .split("/keys/")
             .nth(1)
+            .and_then(|rest| rest.split('/').next())
             .unwrap_or_default()
             .to_ascii_lowercase();
         let vault = self.resources.values().find(|r| {
@@ -358,7 +373,7 @@ impl World {
         });
         let Some(vault) = vault else {
             return Some((
-                "AzureKeyVaultKmsKeyNotFound".into(),
+                "BadRequest".into(),
                 format!("The key '{key_id}' does not belong to any vault."),
             ));
         };
@@ -366,7 +381,7 @@ impl World {
             && !resource_id.eq_ignore_ascii_case(vault["id"].as_str().unwrap_or_default())
         {
             return Some((
-                "AzureKeyVaultKmsKeyVaultMismatch".into(),
+                "BadRequest".into(),
                 format!("The key '{key_id}' does not belong to the key vault '{resource_id}'."),
             ));
         }
@@ -376,17 +391,17 @@ impl World {
             .to_ascii_lowercase();
         if !self.keys.contains_key(&(vault_name, key_name.clone())) {
             return Some((
-                "AzureKeyVaultKmsKeyNotFound".into(),
+                "BadRequest".into(),
                 format!("The key '{key_id}' was not found."),
             ));
         }
         let acls = &vault["properties"]["networkAcls"];
         if acls["defaultAction"] == "Deny" && acls["bypass"] != "AzureServices" {
-            return Some(("AzureKeyVaultKmsNetworkAccessDenied".into(), "The key vault's firewall blocks AKS: set `bypass: AzureServices` so AKS can reach it as a trusted service.".into()));
+            return Some(("BadRequest".into(), "The key vault's firewall blocks AKS: set `bypass: AzureServices` so AKS can reach it as a trusted service.".into()));
         }
         if access == "Public" && vault["properties"]["publicNetworkAccess"] == "Disabled" {
             return Some((
-                "AzureKeyVaultKmsNetworkAccessDenied".into(),
+                "BadRequest".into(),
                 "keyVaultNetworkAccess is Public but the vault disables public network access."
                     .into(),
             ));
@@ -405,7 +420,7 @@ impl World {
             });
         let Some(principal) = principal else {
             return Some((
-                "InvalidUserAssignedIdentity".into(),
+                "BadRequest".into(),
                 "The cluster's user-assigned identity does not exist.".into(),
             ));
         };
@@ -504,7 +519,7 @@ pub(crate) fn fill_read_only(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{get, world};
+    use super::super::testing::{get, request, world};
     use serde_json::json;
 
     #[test]
@@ -526,9 +541,93 @@ mod tests {
                 .is_none()
         );
         let preview = world.arm(&get(id, "2025-10-02-preview")).body.unwrap();
+        assert!(
+            preview["properties"]["identityProfile"].is_null(),
+            "seeded bodies are as given"
+        );
         assert_eq!(
             preview["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"],
             "Enabled"
+        );
+    }
+
+    fn cmk_cluster(kms: serde_json::Value, infrastructure: Option<&str>) -> serde_json::Value {
+        let mut security = json!({"azureKeyVaultKms": kms});
+        if let Some(state) = infrastructure {
+            security["kubernetesResourceObjectEncryptionProfile"] =
+                json!({"infrastructureEncryption": state});
+        }
+        json!({
+            "location": "eastus",
+            "identity": {"type": "UserAssigned", "userAssignedIdentities": {"/subscriptions/sub-1/resourcegroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id": {}}},
+            "properties": {
+                "kubernetesVersion": "1.30.0",
+                "dnsPrefix": "c",
+                "agentPoolProfiles": [{"name": "nodepool1", "count": 1, "vmSize": "Standard_DS2_v2", "mode": "System"}],
+                "securityProfile": security,
+            },
+        })
+    }
+
+    const CLUSTER: &str = "/subscriptions/sub-1/resourceGroups/g/providers/Microsoft.ContainerService/managedClusters/c";
+    const KEY: &str = "https://kv.vault.sandbox.localhost:1/keys/k";
+
+    #[test]
+    fn cmk_requests_are_refused_with_aks_codes_and_messages() {
+        let mut world = world();
+        world.seed_group("g", "eastus");
+        let put = |world: &mut super::World, kms| {
+            world.arm(&request(
+                "PUT",
+                CLUSTER,
+                "2025-10-02-preview",
+                Some(cmk_cluster(kms, None)),
+            ))
+        };
+        let missing_access = put(&mut world, json!({"enabled": true, "keyId": KEY}));
+        assert_eq!(missing_access.status, 400);
+        let error = &missing_access.body.unwrap()["error"];
+        assert_eq!(error["code"], "BadRequest");
+        assert_eq!(
+            error["message"],
+            "KeyVault network access is unspecified for Azure Key Vault KMS."
+        );
+        let private = put(
+            &mut world,
+            json!({"enabled": true, "keyId": KEY, "keyVaultNetworkAccess": "Private"}),
+        );
+        let error = &private.body.unwrap()["error"];
+        assert_eq!(error["code"], "BadRequest");
+        assert_eq!(
+            error["message"],
+            "KeyVault resource ID is empty when KeyVault network access is Private."
+        );
+    }
+
+    #[test]
+    fn legacy_kms_needs_neither_the_feature_nor_1_33_and_takes_a_versioned_key() {
+        let mut world = world();
+        world.seed_group("g", "eastus");
+        let body = cmk_cluster(
+            json!({"enabled": true, "keyId": format!("{KEY}/0123456789abcdef"), "keyVaultNetworkAccess": "Public"}),
+            None,
+        );
+        let legacy = world.arm(&request("PUT", CLUSTER, "2025-10-02-preview", Some(body)));
+        assert!(
+            legacy.status == 201 || legacy.status == 200,
+            "{:?}",
+            legacy.body
+        );
+        let data_encryption = cmk_cluster(json!({"enabled": false}), Some("Enabled"));
+        let refused = world.arm(&request(
+            "PUT",
+            CLUSTER,
+            "2025-10-02-preview",
+            Some(data_encryption),
+        ));
+        assert_eq!(
+            refused.status, 400,
+            "KMS data encryption needs the feature and 1.33"
         );
     }
 }

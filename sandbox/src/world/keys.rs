@@ -88,17 +88,24 @@ impl World {
                 format!("The vault '{vault_name}' does not exist."),
             );
         };
+        // The envelopes of both denials are Key Vault's own (fidelity audit, row 20).
+        if vault["properties"]["publicNetworkAccess"] == "Disabled" {
+            return Resp::vault_error(
+                403,
+                "Forbidden",
+                Some("ForbiddenByConnection"),
+                "Public network access is disabled and request is not from a trusted service nor via an approved private link.",
+            );
+        }
         let acls = &vault["properties"]["networkAcls"];
-        let public_disabled = vault["properties"]["publicNetworkAccess"] == "Disabled";
-        if public_disabled
-            || (acls["defaultAction"] == "Deny"
-                && !acls["ipRules"].as_array().is_some_and(|r| {
-                    r.iter().any(|ip| {
-                        ip["value"]
-                            .as_str()
-                            .is_some_and(|v| v.starts_with("127.0.0.1"))
-                    })
-                }))
+        if acls["defaultAction"] == "Deny"
+            && !acls["ipRules"].as_array().is_some_and(|r| {
+                r.iter().any(|ip| {
+                    ip["value"]
+                        .as_str()
+                        .is_some_and(|v| v.starts_with("127.0.0.1"))
+                })
+            })
         {
             return Resp::vault_error(403, "Forbidden", Some("ForbiddenByFirewall"), "Client address is not authorized and caller is not a trusted service.\r\nClient address: 127.0.0.1\r\nCaller: appid=sandbox;oid=".to_owned() + caller);
         }
@@ -123,12 +130,13 @@ impl World {
             .get(3)
             .copied()
             .filter(|_| matches!(s.get(2), Some(&"keys" | &"deletedkeys")));
-        if let Err(pending) = self.holds_key_rights(caller, &vault_id, key, needed, now) {
-            let detail = if pending {
-                " If role assignments, deny assignments or role definitions were changed recently, please observe propagation time."
-            } else {
-                ""
-            };
+        // Key Vault's RBAC denials always carry the propagation sentence (audit, row 20), whether
+        // or not a grant is on its way.
+        if self
+            .holds_key_rights(caller, &vault_id, key, needed, now)
+            .is_err()
+        {
+            let detail = " If role assignments, deny assignments or role definitions were changed recently, please observe propagation time.";
             return Resp::vault_error(
                 403,
                 "Forbidden",
