@@ -43,6 +43,9 @@ struct Drift {
     role_on_the_key: bool,
     /// The identity's Crypto User grant is on another key of the same vault.
     role_on_another_key: bool,
+    /// The operator running the check has no Key Vault data role (reading the key through
+    /// ARM needs one).
+    caller_without_data_role: bool,
 }
 
 fn seed(h: &Harness, drift: Drift) {
@@ -82,6 +85,10 @@ fn seed(h: &Harness, drift: Drift) {
         };
         if !drift.role_removed {
             w.role_assignment(&grant_scope, principal, "12338af0-0e69-4776-bea7-57ae8d297424");
+        }
+        if !drift.caller_without_data_role {
+            // Key Vault Reader: what a checker needs to read keys through ARM.
+            w.role_assignment(&vault_id, "00000000-0000-4000-8000-ca11e4000001", "21090545-7ca7-4776-b22c-e363652d74d2");
         }
         if drift.caller_officer {
             w.role_assignment(&vault_id, "00000000-0000-4000-8000-ca11e4000001", "14b46e9e-c2b7-41b4-b07b-48a6ebf60603");
@@ -193,6 +200,15 @@ async fn each_drift_is_a_finding_with_its_severity() {
             "fail",
             "fail",
             "identity-role-missing",
+        ),
+        (
+            Drift {
+                caller_without_data_role: true,
+                ..Drift::default()
+            },
+            "warn",
+            "warn",
+            "key-unreadable",
         ),
         (
             Drift {

@@ -350,6 +350,36 @@ impl World {
             .unwrap_or_default()
             .trim_end_matches('/')
             .to_owned();
+        // Key Vault's provider answers key reads and creates with the caller's own data-plane
+        // rights: without them ARM says 400 ForbiddenByRbac (fidelity audit, row 3). The
+        // firewall does not apply (ARM is a trusted caller).
+        let needed = if req.method == "GET" {
+            KeyRights::Read
+        } else {
+            KeyRights::Manage
+        };
+        let vault_id = vault["id"].as_str().unwrap_or_default().to_owned();
+        if self
+            .holds_key_rights(
+                &req.caller,
+                &vault_id,
+                Some(key_name),
+                needed,
+                Instant::now(),
+            )
+            .is_err()
+        {
+            return Resp::arm_error(
+                400,
+                "ForbiddenByRbac",
+                format!(
+                    "Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or role definitions were changed recently, please observe propagation time.\r\nCaller: name=KeyVault/ManagementPlane;oid={}\r\nVault: {vault_name};location={}\r\nAction: 'Microsoft.KeyVault/vaults/keys/{}'",
+                    req.caller,
+                    vault["location"].as_str().unwrap_or_default(),
+                    if req.method == "GET" { "read" } else { "write" },
+                ),
+            );
+        }
         let key = (vault_name.to_owned(), key_name.to_owned());
         match req.method.as_str() {
             "PUT" if !self.keys.contains_key(&key) => {

@@ -101,6 +101,14 @@ impl Kms {
         Ok(())
     }
 
+    /// Whether this step turns a CMK cluster's key off (`migrate_from: CMK` in PMK mode), as
+    /// `az aks update --disable-azure-keyvault-kms` does. Enabling PMK alone leaves
+    /// `azureKeyVaultKms` as it is, as `az aks update --kms-infrastructure-encryption Enabled`
+    /// does.
+    fn disables_cmk(&self) -> bool {
+        !self.is_cmk() && self.migrate_from.as_deref() == Some("CMK")
+    }
+
     /// The wanted `securityProfile` KMS fields.
     pub fn security_profile(&self) -> Value {
         let infrastructure = json!({"infrastructureEncryption": "Enabled"});
@@ -114,8 +122,10 @@ impl Kms {
                 kms["keyVaultResourceId"] = json!(vault);
             }
             json!({"kubernetesResourceObjectEncryptionProfile": infrastructure, "azureKeyVaultKms": kms})
-        } else {
+        } else if self.disables_cmk() {
             json!({"kubernetesResourceObjectEncryptionProfile": infrastructure, "azureKeyVaultKms": {"enabled": false}})
+        } else {
+            json!({"kubernetesResourceObjectEncryptionProfile": infrastructure})
         }
     }
 
@@ -170,7 +180,7 @@ impl Kms {
                     ));
                 }
             }
-        } else if have_kms["enabled"] == true {
+        } else if self.disables_cmk() && have_kms["enabled"] == true {
             out.push(change(
                 "properties.securityProfile.azureKeyVaultKms.enabled",
                 &json!(true),
@@ -191,7 +201,9 @@ impl Kms {
         }
         profile["kubernetesResourceObjectEncryptionProfile"] =
             wanted["kubernetesResourceObjectEncryptionProfile"].clone();
-        profile["azureKeyVaultKms"] = wanted["azureKeyVaultKms"].clone();
+        if let Some(kms) = wanted.get("azureKeyVaultKms") {
+            profile["azureKeyVaultKms"] = kms.clone();
+        }
         if let Some(identity) = self.identity() {
             body["identity"] = identity;
         }
@@ -391,6 +403,19 @@ pub fn plan_switch(name: &str, kms: &Kms, before: &Value) -> Result<StepPlan, St
     let from = mode_of(before);
     // Moving a cluster off the KMS mode it has is a migration: only a step that says so may.
     if from != "None" && from != kms.kms_mode && kms.migrate_from.as_deref() != Some(from) {
+        let infrastructure = &before["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]
+            ["infrastructureEncryption"];
+        if from == "CMK" && *infrastructure != "Enabled" {
+            let key = before["properties"]["securityProfile"]["azureKeyVaultKms"]["keyId"]
+                .as_str()
+                .unwrap_or("?");
+            return Err(StepError::permanent(format!(
+                "cluster `{name}` runs legacy KMS (azureKeyVaultKms with key `{key}`, without KMS data encryption). \
+                 `az aks update --kms-infrastructure-encryption Enabled` on it moves it to KMS data encryption with that same key (CMK), \
+                 not to platform-managed keys, so this step does not guess: to keep the key, run `cmk-public-vault-existing-cluster` \
+                 or `cmk-private-vault-existing-cluster` with it; to drop it for platform-managed keys, run `migrate-cmk-to-pmk`"
+            )));
+        }
         let runbook = if from == "CMK" {
             "migrate-cmk-to-pmk"
         } else {
@@ -428,6 +453,55 @@ mod tests {
             identity_id: Some("/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id".into()),
             migrate_from: None,
         }
+    }
+
+    fn pmk() -> Kms {
+        Kms {
+            kms_mode: "PMK".into(),
+            key_id: None,
+            key_vault_id: None,
+            network_access: None,
+            identity_id: None,
+            migrate_from: None,
+        }
+    }
+
+    #[test]
+    fn enabling_pmk_leaves_azure_key_vault_kms_as_az_does_and_only_a_migration_disables_it() {
+        let plain = json!({"properties": {"kubernetesVersion": "1.33.0", "securityProfile": {}}});
+        let enabled = pmk().apply_to(&plain);
+        assert!(
+            enabled["properties"]["securityProfile"]
+                .get("azureKeyVaultKms")
+                .is_none(),
+            "{enabled}"
+        );
+        assert_eq!(
+            enabled["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"],
+            "Enabled"
+        );
+        let migrating = Kms {
+            migrate_from: Some("CMK".into()),
+            ..pmk()
+        };
+        let cmk_cluster = cmk().apply_to(&plain);
+        let migrated = migrating.apply_to(&cmk_cluster);
+        assert_eq!(
+            migrated["properties"]["securityProfile"]["azureKeyVaultKms"],
+            json!({"enabled": false})
+        );
+        assert_eq!(mode_of(&migrated), "PMK");
+    }
+
+    #[test]
+    fn pmk_on_a_legacy_kms_cluster_is_refused_saying_what_az_would_do() {
+        let legacy = json!({"name": "aks-1", "properties": {"currentKubernetesVersion": "1.33.0", "provisioningState": "Succeeded",
+            "securityProfile": {"azureKeyVaultKms": {"enabled": true, "keyId": "https://kv.vault.azure.net/keys/k/0123", "keyVaultNetworkAccess": "Public"}}}});
+        let refused = plan_switch("aks-1", &pmk(), &legacy)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("legacy KMS"), "{refused}");
+        assert!(refused.contains("migrate-cmk-to-pmk"), "{refused}");
     }
 
     #[test]

@@ -228,8 +228,16 @@ impl KmsCheck {
         if let Some(key_name) = key_name {
             let mut segments = common::id_segments(&vault_id)?;
             segments.extend(["keys", key_name.as_str()]);
-            gathered["key"] =
-                common::read(&client, &client.arm_url(&segments, super::keyvault::API)?).await?;
+            // Reading a key through ARM takes a Key Vault data role on it; without one the
+            // check says so rather than waiting for a grant that is not coming.
+            let url = client.arm_url(&segments, super::keyvault::API)?;
+            match client.get_if_permitted(&url).await {
+                Ok(key) => gathered["key"] = key.map(|r| r.body).unwrap_or(Value::Null),
+                Err(error) if error.code() == Some("ForbiddenByRbac") => {
+                    gathered["key_forbidden"] = json!(error.to_string());
+                }
+                Err(error) => return Err(error.into()),
+            }
         }
         let principal = cluster["identity"]["userAssignedIdentities"]
             .as_object()
@@ -438,7 +446,15 @@ fn key_health(f: &Facts<'_>, findings: &mut Vec<Finding>) {
     use Severity::*;
     let (p, now, key_id) = (f.p, f.now, f.key_id);
     let key = &f.gathered["key"];
-    if key.is_null() {
+    if let Some(denied) = f.gathered["key_forbidden"].as_str() {
+        findings.push(finding(
+            Warn,
+            "key-unreadable",
+            "the key could not be read with this identity: give it a Key Vault data role on the vault \
+             (Key Vault Reader is enough) to judge the key's expiry and rotation",
+            json!({"keyId": key_id, "error": denied}),
+        ));
+    } else if key.is_null() {
         findings.push(finding(
             Fail,
             "key-missing",
