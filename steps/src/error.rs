@@ -71,6 +71,14 @@ pub const EVENTUAL_CODES: &[&str] = &[
     "RetryableErrorDueToAnotherOperation",
 ];
 
+/// Whether an `OperationNotAllowed` message names a state that does not pass by itself.
+fn settled_refusal(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    ["quota", "failed", "not supported"]
+        .iter()
+        .any(|words| message.contains(words))
+}
+
 impl AzureError {
     /// The HTTP status, where Azure answered.
     pub fn status(&self) -> Option<u16> {
@@ -121,7 +129,25 @@ impl AzureError {
     /// Azure's eventual consistency: a new principal, a fresh role assignment, an operation
     /// still running. Retried, but within a bound.
     pub fn is_eventual(&self) -> bool {
-        self.code().is_some_and(|c| EVENTUAL_CODES.contains(&c))
+        let Some(code) = self.code() else {
+            return false;
+        };
+        // AKS (and other providers) also answer OperationNotAllowed for states that waiting
+        // does not end: a failed upgrade, a quota (fidelity audit, row 18). Those fail at once.
+        if code == "OperationNotAllowed" && self.message().is_some_and(settled_refusal) {
+            return false;
+        }
+        EVENTUAL_CODES.contains(&code)
+    }
+
+    /// Azure's message, where it answered.
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            AzureError::Api { message, .. } | AzureError::OperationFailed { message, .. } => {
+                Some(message)
+            }
+            _ => None,
+        }
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
@@ -173,5 +199,34 @@ impl AzureError {
 impl From<AzureError> for StepError {
     fn from(error: AzureError) -> StepError {
         error.into_step_error()
+    }
+}
+
+#[cfg(test)]
+mod eventual_tests {
+    use super::*;
+
+    fn not_allowed(message: &str) -> AzureError {
+        AzureError::Api {
+            method: "PUT".into(),
+            path: "/subscriptions/s".into(),
+            status: 409,
+            code: "OperationNotAllowed".into(),
+            message: message.into(),
+            correlation_id: None,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn operation_not_allowed_waits_only_for_states_that_pass() {
+        assert!(not_allowed("Operation is not allowed because there's an in progress create managed cluster operation").is_eventual());
+        assert!(
+            !not_allowed(
+                "Operation is not allowed while cluster is being upgrading or failed in upgrade"
+            )
+            .is_eventual()
+        );
+        assert!(!not_allowed("Operation could not be completed as it results in exceeding approved Total Regional Cores quota").is_eventual());
     }
 }

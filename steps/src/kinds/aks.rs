@@ -220,20 +220,57 @@ fn change(path: &str, from: &Value, to: &Value) -> FieldChange {
     }
 }
 
-/// Removes what ARM computes, so a PUT of a read body sends only what a client may set.
+/// Removes what ARM computes, so a PUT of a read body sends only what a client may set: the
+/// fields the ManagedCluster model marks read-only, as the Azure SDK's serializer drops them
+/// when `az aks update` PUTs what it read. The etag goes in `If-Match`, not the body.
 pub fn strip_read_only(body: &mut Value) {
     if let Some(properties) = body["properties"].as_object_mut() {
         for field in [
             "provisioningState",
             "currentKubernetesVersion",
             "fqdn",
+            "privateFQDN",
+            "azurePortalFQDN",
             "powerState",
+            "maxAgentPools",
+            "resourceUID",
         ] {
             properties.remove(field);
         }
+        for pool in properties
+            .get_mut("agentPoolProfiles")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(pool) = pool.as_object_mut() {
+                for field in [
+                    "provisioningState",
+                    "currentOrchestratorVersion",
+                    "nodeImageVersion",
+                    "eTag",
+                ] {
+                    pool.remove(field);
+                }
+            }
+        }
+    }
+    if let Some(identity) = body["identity"].as_object_mut() {
+        identity.remove("principalId");
+        identity.remove("tenantId");
+        for assigned in identity
+            .get_mut("userAssignedIdentities")
+            .and_then(Value::as_object_mut)
+            .into_iter()
+            .flat_map(|m| m.values_mut())
+        {
+            *assigned = json!({});
+        }
     }
     if let Some(map) = body.as_object_mut() {
-        map.remove("systemData");
+        for field in ["systemData", "eTag", "id", "name", "type"] {
+            map.remove(field);
+        }
     }
 }
 
@@ -491,6 +528,38 @@ mod tests {
             json!({"enabled": false})
         );
         assert_eq!(mode_of(&migrated), "PMK");
+    }
+
+    #[test]
+    fn a_realistic_body_goes_back_without_its_read_only_fields() {
+        let mut body = json!({
+            "id": "/subscriptions/s/resourceGroups/g/providers/Microsoft.ContainerService/managedClusters/c",
+            "name": "c", "type": "Microsoft.ContainerService/ManagedClusters", "eTag": "e1", "location": "eastus",
+            "identity": {"type": "UserAssigned", "principalId": "p", "tenantId": "t",
+                "userAssignedIdentities": {"/id/1": {"clientId": "c1", "principalId": "p1"}}},
+            "properties": {
+                "provisioningState": "Succeeded", "powerState": {"code": "Running"}, "maxAgentPools": 100,
+                "kubernetesVersion": "1.33.0", "currentKubernetesVersion": "1.33.0", "dnsPrefix": "c",
+                "fqdn": "c.hcp.eastus.azmk8s.io", "azurePortalFQDN": "c.portal", "resourceUID": "u",
+                "nodeResourceGroup": "MC_g_c_eastus",
+                "identityProfile": {"kubeletidentity": {"resourceId": "/k", "clientId": "k", "objectId": "o"}},
+                "agentPoolProfiles": [{"name": "nodepool1", "count": 3, "provisioningState": "Succeeded",
+                    "currentOrchestratorVersion": "1.33.0", "orchestratorVersion": "1.33.0", "nodeImageVersion": "AKSUbuntu", "eTag": "p1"}],
+            },
+        });
+        strip_read_only(&mut body);
+        assert_eq!(
+            body,
+            json!({
+                "location": "eastus",
+                "identity": {"type": "UserAssigned", "userAssignedIdentities": {"/id/1": {}}},
+                "properties": {
+                    "kubernetesVersion": "1.33.0", "dnsPrefix": "c", "nodeResourceGroup": "MC_g_c_eastus",
+                    "identityProfile": {"kubeletidentity": {"resourceId": "/k", "clientId": "k", "objectId": "o"}},
+                    "agentPoolProfiles": [{"name": "nodepool1", "count": 3, "orchestratorVersion": "1.33.0"}],
+                },
+            })
+        );
     }
 
     #[test]

@@ -72,7 +72,7 @@ static SPEC: KindSpec = KindSpec {
         ParamSpec::optional(
             "dns_prefix",
             ValueType::String,
-            "DNS prefix (default `<name>-dns`)",
+            "DNS prefix (default as `az aks create` derives it: the first 10 letters, digits and dashes of the name, then 16 of the resource group's, then the subscription's first 6 characters)",
         )
         .pattern("[a-zA-Z0-9][a-zA-Z0-9-]{0,52}"),
         KMS_MODE,
@@ -92,6 +92,28 @@ impl AksCluster {
     }
 }
 
+/// The DNS prefix `az aks create` makes when none is given: the name, the resource group and
+/// the subscription, each kept to letters, digits and dashes and cut short, starting with a
+/// letter (`_get_default_dns_prefix` in the Azure CLI's `acs/custom.py`). `<name>-dns` would
+/// carry an underscore of the name into a DNS label, which AKS refuses.
+fn default_dns_prefix(name: &str, resource_group: &str, subscription: &str) -> String {
+    let keep = |text: &str, limit: usize| -> String {
+        text.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(limit)
+            .collect()
+    };
+    let mut name_part = keep(name, 10);
+    if !name_part.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        name_part = format!("a{name_part}").chars().take(10).collect();
+    }
+    format!(
+        "{name_part}-{}-{}",
+        keep(resource_group, 16),
+        subscription.chars().take(6).collect::<String>()
+    )
+}
+
 impl Params {
     fn new_cluster(&self) -> Value {
         let mut body = json!({
@@ -99,7 +121,9 @@ impl Params {
             "identity": {"type": "SystemAssigned"},
             "properties": {
                 "kubernetesVersion": self.kubernetes_version,
-                "dnsPrefix": self.dns_prefix.clone().unwrap_or_else(|| format!("{}-dns", self.name)),
+                "dnsPrefix": self.dns_prefix.clone().unwrap_or_else(|| {
+                    default_dns_prefix(&self.name, &self.resource_group, &self.subscription)
+                }),
                 "agentPoolProfiles": [{
                     "name": "nodepool1", "mode": "System", "count": self.node_count,
                     "vmSize": self.vm_size, "osType": "Linux", "type": "VirtualMachineScaleSets",
@@ -186,5 +210,22 @@ impl StepKind for AksCluster {
             Outcome::Updated => super::aks_kms::restore(&client, &url, before, &p.name).await,
             _ => Ok(Undo::NothingToUndo),
         }
+    }
+}
+
+#[cfg(test)]
+mod dns_prefix_tests {
+    use super::default_dns_prefix;
+
+    #[test]
+    fn the_default_dns_prefix_is_azs() {
+        assert_eq!(
+            default_dns_prefix("aks_prod_cluster", "rg.platform-teams(eu)", "0123abcd-0000"),
+            "aksprodclu-rgplatform-teams-0123ab"
+        );
+        assert_eq!(
+            default_dns_prefix("1cluster", "rg", "sub"),
+            "a1cluster-rg-sub"
+        );
     }
 }
