@@ -389,3 +389,98 @@ fn the_quick_start_runs_clean_for_a_newcomer_with_no_state_folder_yet() {
     let world = home.path().join(".local/state/kmsflow/state.sandbox.json");
     assert!(world.exists(), "the sandbox world is kept beside the state");
 }
+
+/// Rolling back a CMK runbook deletes its key and its vault, which Key Vault keeps
+/// soft-deleted under their names; running the runbook again recovers both (the same key
+/// versions) instead of failing on the 409s, and then succeeds, or, where the rollback had to
+/// leave the cluster with platform-managed keys, stops naming the runbook that migrates it.
+#[test]
+fn every_cmk_runbook_runs_again_after_a_rollback_and_recovers_its_key() {
+    const CMK: &[&str] = &[
+        "cmk-private-vault-new-cluster",
+        "cmk-private-vault-existing-cluster",
+        "cmk-public-vault-new-cluster",
+        "cmk-public-vault-existing-cluster",
+        "migrate-pmk-to-cmk",
+    ];
+    std::thread::scope(|scope| {
+        for runbook in CMK {
+            scope.spawn(move || {
+                let dir = tempfile::tempdir().unwrap();
+                let first = kmsflow(
+                    dir.path(),
+                    &["run", runbook, "--sandbox", "--output", "json"],
+                );
+                assert!(
+                    first.status.success(),
+                    "{runbook}: {}",
+                    String::from_utf8_lossy(&first.stderr)
+                );
+                let run: Value = serde_json::from_slice(&first.stdout).unwrap();
+                let run_id = run["id"].as_str().unwrap().to_owned();
+                let versions = |world: &Value| {
+                    world["keys"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|k| k[2].as_array().unwrap().len())
+                        .sum::<usize>()
+                };
+                let created = world(dir.path());
+                assert_eq!(versions(&created), 1, "{runbook}");
+                let rolled_back = kmsflow(dir.path(), &["rollback", &run_id, "--sandbox"]);
+                let stderr = String::from_utf8_lossy(&rolled_back.stderr);
+                // On an existing cluster, enabling KMS data encryption cannot be undone; all
+                // else is.
+                let only_the_cluster_kept = runbook.ends_with("existing-cluster")
+                    && stderr.contains("these steps cannot be undone: `cluster`");
+                assert!(
+                    rolled_back.status.success() || only_the_cluster_kept,
+                    "{runbook}: {stderr}"
+                );
+                let after_rollback = world(dir.path());
+                assert_eq!(
+                    versions(&after_rollback),
+                    0,
+                    "{runbook}: the key is deleted"
+                );
+                assert_eq!(
+                    after_rollback["deleted_keys"]
+                        .as_array()
+                        .map_or(0, Vec::len),
+                    1,
+                    "{runbook}: and soft-deleted"
+                );
+                let again = kmsflow(dir.path(), &["run", runbook, "--sandbox"]);
+                let stderr = String::from_utf8_lossy(&again.stderr);
+                if only_the_cluster_kept {
+                    // The rollback left the cluster with platform-managed keys (the part it
+                    // could not undo): enabling CMK on it now is a migration, and the run says
+                    // which runbook does that, after recovering the vault and the key.
+                    assert!(!again.status.success(), "{runbook}: {stderr}");
+                    assert!(
+                        stderr.contains("use `migrate-pmk-to-cmk`"),
+                        "{runbook}: {stderr}"
+                    );
+                } else {
+                    assert!(again.status.success(), "{runbook}: {stderr}");
+                }
+                let recovered = world(dir.path());
+                assert_eq!(
+                    versions(&recovered),
+                    1,
+                    "{runbook}: the same key, recovered"
+                );
+                assert_eq!(
+                    recovered["deleted_keys"].as_array().map_or(0, Vec::len),
+                    0,
+                    "{runbook}"
+                );
+                assert_eq!(
+                    created["keys"][0][2][0]["version"], recovered["keys"][0][2][0]["version"],
+                    "{runbook}: recovered, not made anew"
+                );
+            });
+        }
+    });
+}

@@ -128,6 +128,9 @@ pub struct World {
     deleted_keys: BTreeMap<(String, String), (i64, Vec<KeyVersion>)>,
     rotation_policies: BTreeMap<(String, String), Value>,
     deleted_vaults: BTreeSet<String>,
+    /// Deleted vaults as they were, by lowercase name: `createMode: recover` brings one back
+    /// (its keys stay in `keys` meanwhile, unreachable while the vault is gone).
+    deleted_vault_bodies: BTreeMap<String, Value>,
     operations: BTreeMap<String, Operation>,
     /// The caller's object id (always a known principal).
     pub caller: String,
@@ -181,6 +184,7 @@ impl World {
             deleted_keys: BTreeMap::new(),
             rotation_policies: BTreeMap::new(),
             deleted_vaults: BTreeSet::new(),
+            deleted_vault_bodies: BTreeMap::new(),
             operations: BTreeMap::new(),
             caller,
             approval_required: BTreeSet::new(),

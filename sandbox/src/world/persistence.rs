@@ -80,6 +80,8 @@ pub(crate) struct Snapshot {
     deleted_keys: Vec<(String, String, i64, Vec<KeyVersion>)>,
     rotation_policies: Vec<(String, String, Value)>,
     deleted_vaults: BTreeSet<String>,
+    #[serde(default)]
+    deleted_vault_bodies: BTreeMap<String, Value>,
     operations: BTreeMap<String, Operation>,
 }
 
@@ -113,6 +115,7 @@ impl World {
                 .map(|((v, k), p)| (v.clone(), k.clone(), p.clone()))
                 .collect(),
             deleted_vaults: self.deleted_vaults.clone(),
+            deleted_vault_bodies: self.deleted_vault_bodies.clone(),
             operations: self.operations.clone(),
         };
         let mut saved = serde_json::to_value(snapshot).expect("the world serializes");
@@ -162,6 +165,7 @@ impl World {
             .map(|(v, k, p)| ((v, k), p))
             .collect();
         self.deleted_vaults = snapshot.deleted_vaults;
+        self.deleted_vault_bodies = snapshot.deleted_vault_bodies;
         self.operations = snapshot.operations;
         Ok(())
     }

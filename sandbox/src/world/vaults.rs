@@ -52,7 +52,11 @@ impl World {
                 // specified." (fidelity audit, row 1), but the official example
                 // `createVaultWithNetworkAcls` creates a vault without them. Which holds for an
                 // RBAC vault is not known; kmsflow sends `accessPolicies: []` on create either way.
-                if existing.is_none() && self.deleted_vaults.contains(&name.to_ascii_lowercase()) {
+                let lower = name.to_ascii_lowercase();
+                if body["properties"]["createMode"] == "recover" {
+                    return self.recover_vault(&id_key, &lower, &name);
+                }
+                if existing.is_none() && self.deleted_vaults.contains(&lower) {
                     return Resp::arm_error(
                         409,
                         "ConflictError",
@@ -173,17 +177,42 @@ impl World {
                 Resp::json(200, vault.clone())
             }
             "DELETE" => match self.resources.remove(&id_key) {
-                Some(_) => {
+                Some(vault) => {
+                    // Soft delete (always on): the vault, its keys and their policies are kept
+                    // for recovery; the name stays taken.
                     let lower = name.to_ascii_lowercase();
                     self.deleted_vaults.insert(lower.clone());
-                    self.keys.retain(|(vault, _), _| *vault != lower);
-                    self.rotation_policies
-                        .retain(|(vault, _), _| *vault != lower);
+                    self.deleted_vault_bodies.insert(lower, vault);
                     Resp::empty(200)
                 }
                 None => Resp::empty(204),
             },
             _ => method_not_allowed(req),
+        }
+    }
+
+    /// `PUT` with `properties.createMode: recover`: a deleted vault comes back as it was, its
+    /// keys with it; the request's other properties are not applied (a later PUT does that).
+    fn recover_vault(&mut self, id_key: &str, lower: &str, name: &str) -> Resp {
+        if self.resources.contains_key(id_key) {
+            // Recovering a vault that exists: answered as the vault itself. Whether Azure
+            // refuses this instead is not known.
+            return Resp::json(200, self.resources[id_key].clone());
+        }
+        match self.deleted_vault_bodies.remove(lower) {
+            Some(mut vault) => {
+                self.deleted_vaults.remove(lower);
+                vault["properties"]["provisioningState"] = json!("Succeeded");
+                self.resources.insert(id_key.to_owned(), vault.clone());
+                Resp::json(200, vault)
+            }
+            // The code and text of Azure's answer to recovering a vault that was never
+            // deleted are not in the references; this one is the sandbox's.
+            None => Resp::arm_error(
+                404,
+                "NotFound",
+                format!("There is no deleted vault named '{name}' to recover."),
+            ),
         }
     }
 
@@ -208,5 +237,54 @@ impl World {
             .iter()
             .find(|(k, _)| k.ends_with(&suffix))
             .map(|(_, v)| v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{get, request, world};
+    use serde_json::json;
+
+    const VAULT: &str =
+        "/subscriptions/sub-1/resourceGroups/g/providers/Microsoft.KeyVault/vaults/kv-1";
+
+    #[test]
+    fn a_deleted_vault_keeps_its_name_and_keys_until_recovered() {
+        let mut world = world();
+        world.seed_group("g", "eastus");
+        let body = json!({"location": "eastus", "properties": {"tenantId": "t", "sku": {"family": "A", "name": "standard"}, "accessPolicies": []}});
+        let created = world.arm(&request("PUT", VAULT, "2025-05-01", Some(body.clone())));
+        assert!(created.status < 300, "{:?}", created.body);
+        world.seed_key("kv-1", "k").unwrap();
+        assert_eq!(
+            world
+                .arm(&request("DELETE", VAULT, "2025-05-01", None))
+                .status,
+            200
+        );
+        assert_eq!(world.arm(&get(VAULT, "2025-05-01")).status, 404);
+        let again = world.arm(&request("PUT", VAULT, "2025-05-01", Some(body.clone())));
+        assert_eq!(again.status, 409);
+        assert!(
+            again.body.unwrap()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("deleted state")
+        );
+        let mut recover = body;
+        recover["properties"]["createMode"] = json!("recover");
+        assert_eq!(
+            world
+                .arm(&request("PUT", VAULT, "2025-05-01", Some(recover)))
+                .status,
+            200
+        );
+        assert_eq!(world.arm(&get(VAULT, "2025-05-01")).status, 200);
+        assert!(
+            world
+                .keys
+                .contains_key(&("kv-1".to_owned(), "k".to_owned())),
+            "its key came back"
+        );
     }
 }

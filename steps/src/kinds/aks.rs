@@ -410,7 +410,40 @@ pub async fn read_settled(client: &crate::AzureClient, url: &url::Url) -> Result
 /// `before` was read settled ([`read_settled`]): no operation runs on it. A cluster whose last
 /// operation ended `Failed` (or `Canceled`) is reconciled by putting it again, even when its
 /// fields already read as wanted: Azure recorded them, it did not reach them.
+/// Moving a cluster off the KMS mode it has is a migration: only a step that says so
+/// (`migrate_from`) may, whether or not this step's own fields already read as wanted.
+fn refuse_other_mode(name: &str, kms: &Kms, before: &Value) -> Result<(), StepError> {
+    let from = mode_of(before);
+    if from != "None" && from != kms.kms_mode && kms.migrate_from.as_deref() != Some(from) {
+        let infrastructure = &before["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]
+            ["infrastructureEncryption"];
+        if from == "CMK" && *infrastructure != "Enabled" {
+            let key = before["properties"]["securityProfile"]["azureKeyVaultKms"]["keyId"]
+                .as_str()
+                .unwrap_or("?");
+            return Err(StepError::permanent(format!(
+                "cluster `{name}` runs legacy KMS (azureKeyVaultKms with key `{key}`, without KMS data encryption). \
+                 `az aks update --kms-infrastructure-encryption Enabled` on it moves it to KMS data encryption with that same key (CMK), \
+                 not to platform-managed keys, so this step does not guess: to keep the key, run `cmk-public-vault-existing-cluster` \
+                 or `cmk-private-vault-existing-cluster` with it; to drop it for platform-managed keys, run `migrate-cmk-to-pmk`"
+            )));
+        }
+        let runbook = if from == "CMK" {
+            "migrate-cmk-to-pmk"
+        } else {
+            "migrate-pmk-to-cmk"
+        };
+        return Err(StepError::permanent(format!(
+            "cluster `{name}` already uses {from} KMS encryption; this step enables {} and does not migrate clusters \
+             (it would drop the {from} configuration): use `{runbook}`, or set `migrate_from: {from}` on the step",
+            kms.kms_mode
+        )));
+    }
+    Ok(())
+}
+
 pub fn plan_switch(name: &str, kms: &Kms, before: &Value) -> Result<StepPlan, StepError> {
+    refuse_other_mode(name, kms, before)?;
     let fields = kms.differences(before);
     let state = before["properties"]["provisioningState"]
         .as_str()
@@ -438,32 +471,6 @@ pub fn plan_switch(name: &str, kms: &Kms, before: &Value) -> Result<StepPlan, St
         )));
     }
     let from = mode_of(before);
-    // Moving a cluster off the KMS mode it has is a migration: only a step that says so may.
-    if from != "None" && from != kms.kms_mode && kms.migrate_from.as_deref() != Some(from) {
-        let infrastructure = &before["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]
-            ["infrastructureEncryption"];
-        if from == "CMK" && *infrastructure != "Enabled" {
-            let key = before["properties"]["securityProfile"]["azureKeyVaultKms"]["keyId"]
-                .as_str()
-                .unwrap_or("?");
-            return Err(StepError::permanent(format!(
-                "cluster `{name}` runs legacy KMS (azureKeyVaultKms with key `{key}`, without KMS data encryption). \
-                 `az aks update --kms-infrastructure-encryption Enabled` on it moves it to KMS data encryption with that same key (CMK), \
-                 not to platform-managed keys, so this step does not guess: to keep the key, run `cmk-public-vault-existing-cluster` \
-                 or `cmk-private-vault-existing-cluster` with it; to drop it for platform-managed keys, run `migrate-cmk-to-pmk`"
-            )));
-        }
-        let runbook = if from == "CMK" {
-            "migrate-cmk-to-pmk"
-        } else {
-            "migrate-pmk-to-cmk"
-        };
-        return Err(StepError::permanent(format!(
-            "cluster `{name}` already uses {from} KMS encryption; this step enables {} and does not migrate clusters \
-             (it would drop the {from} configuration): use `{runbook}`, or set `migrate_from: {from}` on the step",
-            kms.kms_mode
-        )));
-    }
     let mut plan = StepPlan::change(Change::Update {
         summary: format!(
             "switch AKS cluster {name} from {from} to {} KMS encryption",

@@ -238,12 +238,23 @@ impl StepKind for KeyVault {
             properties["accessPolicies"] = json!([]);
         }
         let tags = common::tags_to_put(p.tags.as_ref(), before, p.replace_tags);
-        let result = common::put(
-            &client,
-            &url,
-            &json!({"location": p.location, "tags": tags, "properties": properties}),
-        )
-        .await?;
+        let body = json!({"location": p.location, "tags": tags, "properties": properties});
+        let result = match common::put(&client, &url, &body).await {
+            // Key Vault keeps a deleted vault (and its keys) under its name for the retention
+            // period: one this step's runbook made before a rollback comes back with
+            // `createMode: recover`, keys and all, and is then given the wanted properties.
+            Err(error) if before.is_null() && is_deleted_vault(&error) => {
+                tracing::info!(vault = %p.name, "recovering the soft-deleted key vault of the same name");
+                let recover = json!({"location": p.location, "properties": {
+                    "tenantId": properties["tenantId"],
+                    "sku": properties["sku"],
+                    "createMode": "recover",
+                }});
+                common::put(&client, &url, &recover).await?;
+                common::put(&client, &url, &body).await?
+            }
+            other => other?,
+        };
         Ok(vault_outputs(&result))
     }
 
@@ -257,6 +268,8 @@ impl StepKind for KeyVault {
         let (client, url) = self.url(&p).await?;
         match outcome {
             Outcome::Created => {
+                // Deleted, not purged: Key Vault keeps it recoverable, and a later run of the
+                // runbook recovers it.
                 let what = format!("key vault `{}`", p.name);
                 let marker = ("created_at", "/systemData/createdAt");
                 common::delete_created(&client, &url, &what, cx.recorded_outputs, marker).await
@@ -279,4 +292,10 @@ impl StepKind for KeyVault {
             _ => Ok(Undo::NothingToUndo),
         }
     }
+}
+
+/// Azure's 409 for a vault name held by a soft-deleted vault.
+fn is_deleted_vault(error: &StepError) -> bool {
+    let text = error.to_string();
+    text.contains("409") && text.contains("already exists in deleted state")
 }
