@@ -358,7 +358,9 @@ def main():
     pmk_new()
     pmk_existing()
     cmk_new("Public", public_vault, public_key, public_identity)
-    cmk_new("Private", private_vault, private_key, private_identity)
+    # The key id as the seed writes it, `https://{vault}.vault.<suffix>/keys/{name}`: no port.
+    host = private_vault.properties.vault_uri.split("//", 1)[1].split(":", 1)[0]
+    cmk_new("Private", private_vault, f"https://{host}/keys/kms-key", private_identity)
     migrations(public_vault, public_key, public_identity)
     refusals()
     step("every scenario passed")

@@ -85,8 +85,10 @@ fn the_azure_sdk_for_python_runs_every_seed_scenario_against_the_tls_sandbox() {
 }
 
 /// Every bundled KMS runbook, run by kmsflow against `sandbox serve --tls` through the cloud
-/// profile it writes (no `--sandbox`): the steps meet vault URIs and key ids shaped like Key
-/// Vault's, and their token goes only to the sandbox's names.
+/// profile it writes (no `--sandbox`), under the realistic fault profile (throttling, 503s,
+/// delays, a propagation error on the CMK cluster PUT, a 409 `EtagMismatch`): the steps meet
+/// vault URIs and key ids shaped like Key Vault's, and their token goes only to the sandbox's
+/// names.
 #[test]
 fn every_kms_runbook_runs_against_the_tls_sandbox_through_its_cloud_profile() {
     const RUNBOOKS: &[&str] = &[
@@ -105,12 +107,16 @@ fn every_kms_runbook_runs_against_the_tls_sandbox_through_its_cloud_profile() {
             scope.spawn(move || {
                 let dir = tempfile::tempdir().unwrap();
                 let tls_dir = dir.path().join("tls");
+                let faults = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("runbooks/faults/azure-realistic.yaml");
                 let served = support::serve(&[
                     "--tls",
                     "--tls-dir",
                     tls_dir.to_str().unwrap(),
                     "--world",
                     runbook,
+                    "--faults",
+                    faults.to_str().unwrap(),
                 ]);
                 let subscription = format!("subscription={}", served.env["AZURE_SUBSCRIPTION_ID"]);
                 let cmk = runbook.starts_with("cmk") || *runbook == "migrate-pmk-to-cmk";

@@ -96,6 +96,30 @@ impl Addressing {
     }
 }
 
+/// Whether two vault URIs name one vault: case, a trailing slash and the port aside (a key id
+/// written as the seed shows it, `https://{vault}.vault.<suffix>/keys/{name}`, has no port
+/// even when the sandbox listens on one).
+pub fn same_vault(a: &str, b: &str) -> bool {
+    fn without_port(uri: &str) -> String {
+        let uri = uri.trim_end_matches('/').to_ascii_lowercase();
+        let Some((scheme, rest)) = uri.split_once("://") else {
+            return uri;
+        };
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, port)| {
+                if port.chars().all(|c| c.is_ascii_digit()) {
+                    host
+                } else {
+                    authority
+                }
+            });
+        format!("{scheme}://{host}/{path}")
+    }
+    without_port(a) == without_port(b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +145,24 @@ mod tests {
             origin: "http://127.0.0.1:1".into(),
         };
         assert_eq!(paths.vault_of_host("kv-1.vault.sandbox.localhost"), None);
+    }
+
+    #[test]
+    fn a_key_id_without_the_port_names_the_vault() {
+        let uri = Addressing::Hosts { port: 8443 }.vault_uri("kv1");
+        assert!(same_vault(&uri, "https://KV1.vault.sandbox.localhost"));
+        assert!(same_vault(&uri, "https://kv1.vault.sandbox.localhost:8443"));
+        assert!(!same_vault(
+            &uri,
+            "https://kv2.vault.sandbox.localhost:8443"
+        ));
+        assert!(!same_vault(&uri, "https://kv1.vault.azure.net"));
+        let paths = Addressing::Paths {
+            origin: "http://127.0.0.1:9".into(),
+        }
+        .vault_uri("kv1");
+        assert!(same_vault(&paths, "http://127.0.0.1:9/_kv/kv1"));
+        assert!(!same_vault(&paths, "http://127.0.0.1:9/_kv/kv2"));
     }
 
     #[test]

@@ -491,14 +491,17 @@ async fn handle(
                 // The answer is held back after the world changed, as Azure's would be: a
                 // client that gives up (or dies) meanwhile has still made its change.
                 hold = latency;
-                if !vault {
-                    extra.push((
-                        "x-ms-ratelimit-remaining-subscription-reads".into(),
-                        quota.reads.unwrap_or(249).to_string(),
-                    ));
+                // ARM reports the bucket the request drew from: reads on a read, writes on a
+                // write (fidelity audit, row 21).
+                if !vault && write {
                     extra.push((
                         "x-ms-ratelimit-remaining-subscription-writes".into(),
                         quota.writes.unwrap_or(199).to_string(),
+                    ));
+                } else if !vault {
+                    extra.push((
+                        "x-ms-ratelimit-remaining-subscription-reads".into(),
+                        quota.reads.unwrap_or(249).to_string(),
                     ));
                 }
                 match verdict {

@@ -83,7 +83,7 @@ impl World {
                 );
                 self.settle(now);
                 Resp::empty(202)
-                    .header("Location", format!("{}/subscriptions/{}/providers/Microsoft.ContainerService/locations/{location}/operationresults/{operation}?api-version={}", req.origin, self.subscription, req.query["api-version"]))
+                    .header("Location", format!("{}/subscriptions/{}/providers/Microsoft.ContainerService/locations/{location}/operationresults/{operation}?api-version={}", req.origin, self.subscription, api_versions::AKS_OPERATIONS))
                     .header("Retry-After", "1")
             }
             "PUT" => {
@@ -287,7 +287,7 @@ impl World {
                 self.resources.insert(id_key, in_progress);
                 self.settle(now);
                 Resp::json(if creating { 201 } else { 200 }, shown)
-                    .header("Azure-AsyncOperation", format!("{}/subscriptions/{}/providers/Microsoft.ContainerService/locations/{location}/operations/{operation}?api-version={}", req.origin, self.subscription, req.query["api-version"]))
+                    .header("Azure-AsyncOperation", format!("{}/subscriptions/{}/providers/Microsoft.ContainerService/locations/{location}/operations/{operation}?api-version={}", req.origin, self.subscription, api_versions::AKS_OPERATIONS))
                     .header("Retry-After", "1")
             }
             _ => method_not_allowed(req),
@@ -369,7 +369,7 @@ impl World {
             r["type"] == "Microsoft.KeyVault/vaults"
                 && r["properties"]["vaultUri"]
                     .as_str()
-                    .is_some_and(|uri| uri.trim_end_matches('/').eq_ignore_ascii_case(vault_uri))
+                    .is_some_and(|uri| crate::addressing::same_vault(uri, vault_uri))
         });
         let Some(vault) = vault else {
             return Some((
