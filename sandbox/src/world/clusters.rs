@@ -630,4 +630,46 @@ mod tests {
             "KMS data encryption needs the feature and 1.33"
         );
     }
+
+    #[test]
+    fn a_kms_failure_without_a_known_aks_code_fails_the_operation_as_bad_request() {
+        let mut world = world();
+        world.seed_group("g", "eastus");
+        world.seed_feature_registered("Microsoft.ContainerService", "KMSPMKPreview");
+        let mut body = cmk_cluster(
+            json!({"enabled": true, "keyId": KEY, "keyVaultNetworkAccess": "Public"}),
+            Some("Enabled"),
+        );
+        body["properties"]["kubernetesVersion"] = json!("1.33.0");
+        let put = world.arm(&request("PUT", CLUSTER, "2025-10-02-preview", Some(body)));
+        assert!(put.status < 300, "{:?}", put.body);
+        let status_url = put
+            .headers
+            .iter()
+            .find(|(name, _)| name == "Azure-AsyncOperation")
+            .map(|(_, url)| url.clone())
+            .unwrap();
+        assert!(
+            status_url.ends_with("?api-version=2016-03-30"),
+            "{status_url}"
+        );
+        let path = status_url
+            .split_once("localhost:1")
+            .unwrap()
+            .1
+            .split('?')
+            .next()
+            .unwrap()
+            .to_owned();
+        let mut status = json!(null);
+        for _ in 0..50 {
+            status = world.arm(&get(&path, "2016-03-30")).body.unwrap();
+            if status["status"] != "InProgress" {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(status["status"], "Failed", "{status}");
+        assert_eq!(status["error"]["code"], "BadRequest", "{status}");
+    }
 }
