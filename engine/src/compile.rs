@@ -786,6 +786,21 @@ impl Compiler<'_> {
             self.check_with(spec, None, Span::new(item.span.offset, 0));
         }
         let condition = keys.get("if").and_then(|(_, value)| match &value.value {
+            // A plain string is always "truthy" text: `"False"`, `"no"` or `only when
+            // production` would run the step. Only a template can decide at run time.
+            YamlValue::Str(s) if !crate::template::is_template(s) => {
+                self.problem(
+                    ProblemKind::InvalidValue {
+                        key: "if".into(),
+                        reason: format!("`{s}` is a string, not a boolean or a template"),
+                        hint: Some(
+                            "write `true` or `false` unquoted, or a template that renders exactly `true` or `false`, e.g. `{{eq params.network_access 'Private'}}`".into(),
+                        ),
+                    },
+                    value.span,
+                );
+                None
+            }
             YamlValue::Str(s) => Some(Spanned {
                 value: s.clone(),
                 span: value.span,

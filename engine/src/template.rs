@@ -231,19 +231,36 @@ impl Renderer {
         })
     }
 
-    /// Renders a condition; true unless it renders to `false`, `0`, empty or `null`.
+    /// Renders a condition: a boolean, or text that is exactly `true` or `false` once
+    /// trimmed (case matters). Anything else is an error naming what it rendered: a step must
+    /// never run because a condition rendered `False`, `no` or a sentence.
     pub fn render_condition(&self, text: &str, context: &Value) -> Result<bool, RenderError> {
-        Ok(match self.render_str(text, context)? {
-            Value::Bool(b) => b,
-            Value::Null => false,
-            Value::Number(n) => n.as_f64() != Some(0.0),
-            Value::String(s) => {
-                let s = s.trim();
-                !(s.is_empty() || s == "false" || s == "0" || s == "null")
-            }
-            Value::Array(items) => !items.is_empty(),
-            Value::Object(_) => true,
+        let rendered = self.render_str(text, context)?;
+        match &rendered {
+            Value::Bool(b) => return Ok(*b),
+            Value::String(s) if s.trim() == "true" => return Ok(true),
+            Value::String(s) if s.trim() == "false" => return Ok(false),
+            _ => {}
+        }
+        let shown = match &rendered {
+            Value::String(s) => format!("`{s}`"),
+            other => format!("`{other}` ({})", json_type(other)),
+        };
+        Err(RenderError {
+            template: text.to_owned(),
+            reason: format!("`if` rendered {shown}, not `true` or `false`"),
         })
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
     }
 }
 
@@ -354,5 +371,33 @@ mod tests {
                 .render_condition("{{eq params.name 'b'}}", &context)
                 .unwrap()
         );
+    }
+
+    #[test]
+    fn a_condition_is_true_or_false_and_nothing_else() {
+        let renderer = Renderer::new();
+        let context = json!({"params": {"word": "False", "yes": "no", "flag": true, "n": 1, "padded": " true "}});
+        assert!(
+            renderer
+                .render_condition("{{params.flag}}", &context)
+                .unwrap()
+        );
+        assert!(
+            renderer
+                .render_condition("{{params.padded}}", &context)
+                .unwrap()
+        );
+        for refused in [
+            "{{params.word}}",
+            "{{params.yes}}",
+            "{{params.n}}",
+            "x{{params.flag}}",
+        ] {
+            let error = renderer.render_condition(refused, &context).unwrap_err();
+            assert!(
+                error.reason.contains("not `true` or `false`"),
+                "{refused}: {error}"
+            );
+        }
     }
 }

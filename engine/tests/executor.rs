@@ -381,6 +381,32 @@ steps:
     assert_eq!(status["follower"], StepStatus::Succeeded);
 }
 
+/// A condition that renders anything but `true` or `false` fails its step, naming what it
+/// rendered; it never runs the step (`"no"` used to be "truthy").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_condition_that_renders_neither_true_nor_false_fails_its_step() {
+    let h = Harness::new();
+    let text = r#"
+name: t
+params:
+  production: { type: string, default: "no" }
+steps:
+  - id: guarded
+    uses: probe
+    if: "{{params.production}}"
+    with: { key: guarded }
+"#;
+    let summary = h.run(text, 1).await;
+    assert_eq!(summary.status, RunStatus::Failed);
+    let error = summary.error.unwrap_or_default();
+    assert!(
+        error.contains("`if` rendered `no`, not `true` or `false`"),
+        "{error}"
+    );
+    assert_eq!(h.count("apply", "guarded"), 0);
+    assert_eq!(h.count("observe", "guarded"), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn concurrency_is_capped_and_independent_steps_overlap() {
     let h = Harness::new();
