@@ -1,5 +1,6 @@
 //! One function per subcommand.
 
+use crate::output::{out, outln};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,7 +48,7 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Schema => print_json(&kmsflow_engine::schema::runbook_schema(&registry())),
         Command::Runbooks => list_runbooks(),
         Command::Docs => {
-            print!("{}", docs());
+            out!("{}", docs());
             Ok(code::SUCCESS)
         }
         Command::Plan {
@@ -258,7 +259,7 @@ fn validate(runbooks: &[String]) -> Result<u8, Failure> {
             }
         };
         match kmsflow_engine::compile_with(&loaded.source, &registry(), &bundled::Fragments) {
-            Ok(compiled) => println!(
+            Ok(compiled) => outln!(
                 "{}: valid ({} steps)",
                 loaded.source.name,
                 compiled.steps.len()
@@ -280,8 +281,8 @@ fn validate(runbooks: &[String]) -> Result<u8, Failure> {
 fn graph(runbook: &str, format: GraphFormat) -> Result<u8, Failure> {
     let compiled = compile_loaded(&load(runbook)?)?;
     match format {
-        GraphFormat::Dot => print!("{}", kmsflow_engine::export::to_dot(&compiled)),
-        GraphFormat::Mermaid => print!("{}", kmsflow_engine::export::to_mermaid(&compiled)),
+        GraphFormat::Dot => out!("{}", kmsflow_engine::export::to_dot(&compiled)),
+        GraphFormat::Mermaid => out!("{}", kmsflow_engine::export::to_mermaid(&compiled)),
         GraphFormat::Json => return print_json(&kmsflow_engine::export::to_json(&compiled)),
     }
     Ok(code::SUCCESS)
@@ -307,7 +308,7 @@ fn list_runbooks() -> Result<u8, Failure> {
             .next()
             .unwrap_or("")
             .trim_end_matches('.');
-        println!("{:<width$}  {first_sentence}", b.name);
+        outln!("{:<width$}  {first_sentence}", b.name);
     }
     Ok(code::SUCCESS)
 }
@@ -392,8 +393,8 @@ async fn plan(
             print_json(&serde_json::to_value(&previews).expect("previews serialize"))?;
         }
         Output::Text => {
-            println!("plan for `{}`:", compiled.name);
-            print!("{}", render::plan_text(&previews));
+            outln!("plan for `{}`:", compiled.name);
+            out!("{}", render::plan_text(&previews));
         }
     }
     let changes = previews.iter().any(|p| p.action.is_change());
@@ -436,7 +437,7 @@ fn finish(context: &Context, summary: RunSummary, output: Output) -> Result<u8, 
         print_json(&render::run_json(&run, &steps))?;
     } else if let Some(outputs) = summary.outputs.as_ref().and_then(Value::as_object) {
         for (name, value) in outputs {
-            println!("{name} = {value}");
+            outln!("{name} = {value}");
         }
     }
     match status_code(summary.status) {
@@ -602,7 +603,7 @@ fn approve(
         None => os_user,
     };
     let run_id = launch::approve(&engine, run_id, step_id, &approved_by)?;
-    println!(
+    outln!(
         "approved `{step_id}` of run {run_id} as {approved_by}; continue with `kmsflow resume {run_id}`"
     );
     Ok(code::SUCCESS)
@@ -623,7 +624,7 @@ fn runs(context: &Context, limit: usize, output: Output) -> Result<u8, Failure> 
                 .collect(),
         )),
         Output::Text => {
-            print!("{}", render::runs_text(&runs));
+            out!("{}", render::runs_text(&runs));
             Ok(code::SUCCESS)
         }
     }
@@ -637,10 +638,10 @@ fn show(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> 
     match output {
         Output::Json => print_json(&render::run_json(&run, &steps)),
         Output::Text => {
-            print!("{}", render::run_text(&run, &steps));
+            out!("{}", render::run_text(&run, &steps));
             if run.status == RunStatus::Waiting {
                 let approved = store.approvals(&run_id)?;
-                print!(
+                out!(
                     "{}",
                     render::waiting_text(&run_id, &store.events(&run_id)?, &approved)
                 );
@@ -657,7 +658,7 @@ fn events(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure
     match output {
         Output::Json => print_json(&serde_json::to_value(&events).expect("events serialize")),
         Output::Text => {
-            print!("{}", render::events_text(&events));
+            out!("{}", render::events_text(&events));
             Ok(code::SUCCESS)
         }
     }
@@ -812,7 +813,7 @@ async fn check(
         Output::Json => {
             print_json(&crate::check::report(&results))?;
         }
-        Output::Text => print!("{}", crate::check::table(&results)),
+        Output::Text => out!("{}", crate::check::table(&results)),
     }
     Ok(crate::check::exit_code(&results))
 }
@@ -887,7 +888,7 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
                     "a schedule `{name}` exists already; remove it first"
                 )));
             }
-            println!("added schedule `{name}`; `kmsflow daemon` fires it");
+            outln!("added schedule `{name}`; `kmsflow daemon` fires it");
             Ok(code::SUCCESS)
         }
         ScheduleCommand::List { output } => {
@@ -897,12 +898,16 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
                     print_json(&serde_json::to_value(&schedules).expect("schedules serialize"))
                 }
                 Output::Text => {
-                    println!(
+                    outln!(
                         "{:<20}  {:<18}  {:<24}  {:<10}  {:<6}  last",
-                        "schedule", "cron", "runbook", "overlap", "state"
+                        "schedule",
+                        "cron",
+                        "runbook",
+                        "overlap",
+                        "state"
                     );
                     for s in schedules {
-                        println!(
+                        outln!(
                             "{:<20}  {:<18}  {:<24}  {:<10}  {:<6}  {}",
                             s.name,
                             s.cron,
@@ -936,7 +941,7 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
                             .as_ref()
                             .and_then(|d| d["worst"].as_str())
                             .unwrap_or("");
-                        println!(
+                        outln!(
                             "{}  {:<8}  {:<22}  {worst}",
                             f.occurrence.format("%Y-%m-%d %H:%M:%S"),
                             f.outcome,
@@ -952,7 +957,7 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
 
 fn found(existed: bool, name: &str, what: &str) -> Result<u8, Failure> {
     if existed {
-        println!("{what} schedule `{name}`");
+        outln!("{what} schedule `{name}`");
         Ok(code::SUCCESS)
     } else {
         Err(Failure::Usage(format!(

@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod daemon;
 mod failure;
+mod output;
 mod render;
 mod sandboxed;
 mod signals;

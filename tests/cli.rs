@@ -715,3 +715,36 @@ steps:
     let resumed = ws.run(&["resume", &run_id, "--allow-changed-runbook"]);
     assert!(resumed.status.success(), "{}", stderr(&resumed));
 }
+
+/// `kmsflow runbooks | head`: a reader that goes away ends the listing quietly (141, as a
+/// tool stopped by SIGPIPE), never a panic (101).
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    let ws = Workspace::new();
+    // A run, so `runs`, `show` and `events` have something to print.
+    ws.write("t.yaml", "name: t\nsteps:\n  - id: a\n    uses: noop\n");
+    let run = ws.run(&["run", "t.yaml", "--output", "json"]);
+    assert!(run.status.success());
+    let run: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let id = run["id"].as_str().unwrap().to_owned();
+    for args in [
+        &["runbooks"][..],
+        &["docs"],
+        &["runs"],
+        &["show", &id],
+        &["events", &id],
+    ] {
+        let mut child = ws
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader closes before the first line is written.
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_ne!(output.status.code(), Some(101), "{args:?}: {stderr}");
+    }
+}
