@@ -77,8 +77,48 @@ impl Yaml {
     }
 }
 
+/// Where a second YAML document starts, if the text holds more than one: a runbook is one
+/// document, and the YAML loader would silently read only the first. A document marker at
+/// the start of a line cannot be part of any scalar, so lines tell.
+fn second_document(text: &str) -> Option<usize> {
+    let marker = |line: &str, mark: &str| {
+        line.strip_prefix(mark)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r']))
+    };
+    let mut content = false;
+    let mut ended = false;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let blank = bare.trim().is_empty() || bare.trim_start().starts_with('#');
+        if marker(bare, "---") {
+            if content {
+                return Some(offset);
+            }
+        } else if marker(bare, "...") {
+            ended = content;
+        } else if !blank && !bare.starts_with('%') {
+            if ended {
+                return Some(offset);
+            }
+            content = true;
+        }
+        offset += line.len();
+    }
+    None
+}
+
 /// Parses a whole document; a syntax error is one problem pointing at its place.
 pub fn parse(source: &RunbookSource) -> Result<Yaml, Box<Problem>> {
+    if let Some(offset) = second_document(&source.text) {
+        return Err(Box::new(Problem {
+            kind: ProblemKind::Yaml {
+                message: "a runbook is one YAML document, and a second one starts here: put it in a file of its own".to_owned(),
+            },
+            span: Span::new(offset, 3.min(source.text.len() - offset)),
+            source: source.clone(),
+        }));
+    }
     let options = LoaderOptions::default()
         .error_on_duplicate_keys(true)
         .toplevel_mapping();
@@ -275,6 +315,16 @@ fn plain_scalar(text: &str) -> YamlValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_document_is_found_and_a_leading_marker_is_not_one() {
+        assert_eq!(second_document("---\nname: a\n"), None);
+        assert_eq!(second_document("name: a\n---\nname: b\n"), Some(8));
+        assert_eq!(second_document("name: a\n...\n"), None);
+        assert_eq!(second_document("name: a\n...\nname: b\n"), Some(12));
+        assert_eq!(second_document("name: a\ntext: |\n  ---x\n"), None);
+        assert_eq!(second_document("# c\n---\n# c\nname: a\n"), None);
+    }
 
     fn parse_ok(text: &str) -> Yaml {
         parse(&RunbookSource::new("t.yaml", text)).unwrap()
