@@ -1087,6 +1087,18 @@ impl Compiler<'_> {
                         let span = self.span_of(site.span, &path.raw);
                         found.push((path, span));
                     }
+                    for name in template::helpers(&site.text).unwrap_or_default() {
+                        if !template::HELPERS.contains(&name.as_str()) {
+                            let span = self.span_of(site.span, &name);
+                            self.problem(
+                                ProblemKind::UnknownHelper {
+                                    suggestion: suggest(&name, template::HELPERS.iter().copied()),
+                                    name,
+                                },
+                                span,
+                            );
+                        }
+                    }
                 }
                 Err(error) => self.problem(
                     ProblemKind::TemplateSyntax {

@@ -104,6 +104,11 @@ pub enum ProblemKind {
     UnknownVariable { path: String, hint: String },
     #[error("template syntax error: {message}")]
     TemplateSyntax { message: String },
+    #[error("unknown template helper `{name}`")]
+    UnknownHelper {
+        name: String,
+        suggestion: Option<String>,
+    },
     #[error("dependency cycle: {}", path.join(" -> "))]
     Cycle { path: Vec<String> },
     #[error("invalid duration `{value}`: {reason}")]
@@ -136,6 +141,7 @@ impl ProblemKind {
             ProblemKind::UnknownParamRef { .. } => "kmsflow::unknown_param",
             ProblemKind::UnknownVariable { .. } => "kmsflow::unknown_variable",
             ProblemKind::TemplateSyntax { .. } => "kmsflow::template_syntax",
+            ProblemKind::UnknownHelper { .. } => "kmsflow::unknown_helper",
             ProblemKind::Cycle { .. } => "kmsflow::cycle",
             ProblemKind::InvalidDuration { .. } => "kmsflow::invalid_duration",
             ProblemKind::InvalidValue { .. } => "kmsflow::invalid_value",
@@ -160,6 +166,7 @@ impl ProblemKind {
             ProblemKind::UnknownParamRef { .. } => "not a declared parameter".into(),
             ProblemKind::UnknownVariable { .. } => "unknown variable".into(),
             ProblemKind::TemplateSyntax { .. } => "in this template".into(),
+            ProblemKind::UnknownHelper { .. } => "no such helper".into(),
             ProblemKind::Cycle { path } => format!("{} starts the cycle", path[0]),
             ProblemKind::InvalidDuration { .. } => "not a duration".into(),
             ProblemKind::InvalidValue { .. } => "invalid value".into(),
@@ -212,6 +219,10 @@ impl ProblemKind {
                 )
             }),
             ProblemKind::UnknownVariable { hint, .. } => Some(hint.clone()),
+            ProblemKind::UnknownHelper { suggestion, .. } => Some(match suggestion {
+                Some(name) => format!("did you mean `{name}`? helpers: {}", crate::template::HELPERS.join(", ")),
+                None => format!("helpers: {}", crate::template::HELPERS.join(", ")),
+            }),
             ProblemKind::TemplateSyntax { .. } => Some(
                 "templates are handlebars: `{{params.name}}`, `{{steps.<id>.outputs.<name>}}`, `{{eq a b}}`".into(),
             ),

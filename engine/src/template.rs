@@ -10,6 +10,64 @@ use handlebars::template::{Parameter, TemplateElement};
 use handlebars::{Context, Handlebars, Path, RenderContext, Renderable, StringOutput, Template};
 use serde_json::{Map, Value};
 
+/// Every helper a template may call: handlebars' own that make sense in a runbook, and
+/// kmsflow's (`lower`, `upper`, `default`, `json`, `concat`). Compile refuses any other.
+pub const HELPERS: &[&str] = &[
+    "eq", "ne", "gt", "gte", "lt", "lte", "and", "or", "not", "len", "lookup", "if", "unless",
+    "each", "with", "lower", "upper", "default", "json", "concat",
+];
+
+/// The helpers a template calls, by name, in order of appearance.
+pub fn helpers(text: &str) -> Result<Vec<String>, SyntaxError> {
+    let template = Template::compile(text).map_err(|error| SyntaxError {
+        message: error.reason().to_string(),
+        position: error.pos(),
+    })?;
+    let mut found = Vec::new();
+    helpers_in(&template, &mut found);
+    Ok(found)
+}
+
+fn helpers_in(template: &Template, found: &mut Vec<String>) {
+    for element in &template.elements {
+        helpers_in_element(element, found);
+    }
+}
+
+fn helpers_in_element(element: &TemplateElement, found: &mut Vec<String>) {
+    let calls = |name: &Parameter, params: &[Parameter], found: &mut Vec<String>| {
+        for parameter in params {
+            if let Parameter::Subexpression(sub) = parameter {
+                helpers_in_element(sub.as_element(), found);
+            }
+        }
+        if let Parameter::Name(name) = name {
+            found.push(name.clone());
+        }
+    };
+    match element {
+        TemplateElement::Expression(helper) | TemplateElement::HtmlExpression(helper) => {
+            // `{{name}}` alone reads a variable; with arguments it calls a helper.
+            if !helper.params.is_empty() || !helper.hash.is_empty() {
+                calls(&helper.name, &helper.params, found);
+            } else {
+                for parameter in &helper.params {
+                    if let Parameter::Subexpression(sub) = parameter {
+                        helpers_in_element(sub.as_element(), found);
+                    }
+                }
+            }
+        }
+        TemplateElement::HelperBlock(helper) => {
+            calls(&helper.name, &helper.params, found);
+            for inner in [&helper.template, &helper.inverse].into_iter().flatten() {
+                helpers_in(inner, found);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Whether a string is a template (plain strings are used as they are).
 pub fn is_template(text: &str) -> bool {
     text.contains("{{")
@@ -150,8 +208,34 @@ static HANDLEBARS: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
     let mut handlebars = Handlebars::new();
     handlebars.set_strict_mode(true);
     handlebars.register_escape_fn(handlebars::no_escape);
+    handlebars.register_helper("lower", Box::new(lower));
+    handlebars.register_helper("upper", Box::new(upper));
+    handlebars.register_helper("default", Box::new(default));
+    handlebars.register_helper("json", Box::new(json));
+    handlebars.register_helper("concat", Box::new(concat));
     handlebars
 });
+
+/// Text of a value as a template shows it: strings as they are, the rest as JSON.
+fn text_of(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+handlebars::handlebars_helper!(lower: |value: Value| text_of(&value).to_lowercase());
+handlebars::handlebars_helper!(upper: |value: Value| text_of(&value).to_uppercase());
+// `{{default params.label 'none'}}`: the fallback when the value is null or empty.
+handlebars::handlebars_helper!(default: |value: Value, fallback: Value| {
+    match &value {
+        Value::Null => fallback,
+        Value::String(s) if s.is_empty() => fallback,
+        _ => value,
+    }
+});
+handlebars::handlebars_helper!(json: |value: Value| value.to_string());
+handlebars::handlebars_helper!(concat: |*args| args.iter().map(|a| text_of(a)).collect::<String>());
 
 /// Templates parsed once per process, by their text. A fleet check renders the same few
 /// conditions a thousand times; parsing them each time was a fifth of its CPU.
@@ -371,6 +455,27 @@ mod tests {
                 .render_condition("{{eq params.name 'b'}}", &context)
                 .unwrap()
         );
+    }
+
+    #[test]
+    fn kmsflows_helpers_render() {
+        let renderer = Renderer::new();
+        let context = json!({"params": {"name": "AKS-Prod", "empty": "", "list": [1, 2]}});
+        let render = |text: &str| renderer.render_str(text, &context).unwrap();
+        assert_eq!(render("{{lower params.name}}"), json!("aks-prod"));
+        assert_eq!(render("{{upper params.name}}"), json!("AKS-PROD"));
+        assert_eq!(render("{{default params.empty 'none'}}"), json!("none"));
+        assert_eq!(render("{{default params.name 'none'}}"), json!("AKS-Prod"));
+        assert_eq!(render("{{json params.list}}"), json!("[1,2]"));
+        assert_eq!(
+            render("{{concat 'kv-' (lower params.name) '-1'}}"),
+            json!("kv-aks-prod-1")
+        );
+        assert_eq!(
+            helpers("{{#if (eq (lower params.a) 'x')}}{{lowr params.b}}{{/if}}").unwrap(),
+            ["lower", "eq", "if", "lowr"]
+        );
+        assert!(helpers("{{params.a}}").unwrap().is_empty());
     }
 
     #[test]
