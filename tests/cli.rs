@@ -748,3 +748,33 @@ fn a_closed_pipe_ends_output_quietly() {
         assert_ne!(output.status.code(), Some(101), "{args:?}: {stderr}");
     }
 }
+
+/// A lock that renders to no name at all is refused before the run starts: it would be
+/// shared by every run with those values, of any runbook.
+#[test]
+fn a_lock_that_renders_no_name_is_refused() {
+    let ws = Workspace::new();
+    ws.write(
+        "locked.yaml",
+        "name: locked\nparams:\n  rg: { type: string }\n  cluster: { type: string }\nlock: \"{{params.rg}}/{{params.cluster}}\"\nsteps:\n  - id: a\n    uses: noop\n",
+    );
+    let refused = ws.run(&["run", "locked.yaml", "-p", "rg=", "-p", "cluster="]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("it reads `params.rg`, which is empty"),
+        "{stderr}"
+    );
+    let runs = ws.run(&["runs", "--output", "json"]);
+    let runs: Value = serde_json::from_slice(&runs.stdout).unwrap();
+    assert_eq!(
+        runs.as_array().map_or(0, Vec::len),
+        0,
+        "no run was recorded"
+    );
+    assert!(
+        ws.run(&["run", "locked.yaml", "-p", "rg=rg-1", "-p", "cluster=aks-1"])
+            .status
+            .success()
+    );
+}

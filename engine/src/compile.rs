@@ -987,8 +987,28 @@ impl Compiler<'_> {
             for (path, span) in self.template_refs(&[site(lock)]) {
                 if path.step().is_some() {
                     self.problem(ProblemKind::LockUsesSteps, span);
-                } else {
-                    self.check_ref(&path, span, &param_names, drafts, &index);
+                    continue;
+                }
+                self.check_ref(&path, span, &param_names, drafts, &index);
+                // A lock read from an empty value names nothing: every run left at that
+                // default would share one lock with every other runbook's.
+                if let Target::Param(name) = path.target()
+                    && let Some(param) = params.iter().find(|p| p.name == name)
+                    && param
+                        .default
+                        .as_ref()
+                        .is_some_and(|d| d.as_str() == Some(""))
+                {
+                    self.problem(
+                        ProblemKind::InvalidValue {
+                            key: "lock".into(),
+                            reason: format!("it reads `params.{name}`, whose default is empty"),
+                            hint: Some(format!(
+                                "give `{name}` a non-empty default or none (so a value is required), or lock on parameters that name the target"
+                            )),
+                        },
+                        span,
+                    );
                 }
             }
         }

@@ -52,8 +52,8 @@ pub enum LaunchError {
     Store(#[from] StoreError),
     #[error(transparent)]
     LockHeld(#[from] LockHeld),
-    #[error("cannot render the lock key")]
-    LockKey(#[source] RenderError),
+    #[error("cannot render the lock key: {0}")]
+    LockKey(RenderError),
     #[error(
         "run `{run_id}` is {status}: only running, failed, interrupted or waiting runs can be resumed"
     )]
@@ -124,11 +124,37 @@ pub fn lock_key(
         return Ok(lease::claim_on_run(run_id));
     };
     let context = json!({"params": params.values(), "run": {"id": run_id}});
-    let rendered = Renderer::new().render_str(template, &context)?;
-    Ok(lease::normalise(&match rendered {
+    // A lock read from an empty value names no target: `aks/{{params.cluster}}` with no
+    // cluster would be one lock for every such run.
+    for path in crate::template::references(template).unwrap_or_default() {
+        if let crate::template::Target::Param(name) = path.target()
+            && context["params"][name]
+                .as_str()
+                .is_some_and(|value| value.trim().is_empty())
+        {
+            return Err(RenderError {
+                template: template.clone(),
+                reason: format!(
+                    "it reads `params.{name}`, which is empty: the lock would name no target and be shared by every such run; give `{name}` a value"
+                ),
+            });
+        }
+    }
+    let rendered = match Renderer::new().render_str(template, &context)? {
         serde_json::Value::String(s) => s,
         other => other.to_string(),
-    }))
+    };
+    // `{{params.rg}}/{{params.cluster}}` with empty values renders `/`: a key that names no
+    // target would be shared by every such run, of any runbook.
+    if !rendered.chars().any(char::is_alphanumeric) {
+        return Err(RenderError {
+            template: template.clone(),
+            reason: format!(
+                "it renders `{rendered}`, which names nothing: every run with these values would share one lock; give the parameters it reads a value"
+            ),
+        });
+    }
+    Ok(lease::normalise(&rendered))
 }
 
 /// The fragments of a compiled runbook as a run stores them. The including runbook's own
