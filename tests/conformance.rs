@@ -91,19 +91,8 @@ fn the_azure_sdk_for_python_runs_every_seed_scenario_against_the_tls_sandbox() {
 /// names.
 #[test]
 fn every_kms_runbook_runs_against_the_tls_sandbox_through_its_cloud_profile() {
-    const RUNBOOKS: &[&str] = &[
-        "pmk-new-cluster",
-        "pmk-existing-cluster",
-        "cmk-private-vault-new-cluster",
-        "cmk-private-vault-existing-cluster",
-        "cmk-public-vault-new-cluster",
-        "cmk-public-vault-existing-cluster",
-        "verify-kms",
-        "migrate-pmk-to-cmk",
-        "migrate-cmk-to-pmk",
-    ];
     std::thread::scope(|scope| {
-        for runbook in RUNBOOKS {
+        for runbook in support::KMS_RUNBOOKS {
             scope.spawn(move || {
                 let dir = tempfile::tempdir().unwrap();
                 let tls_dir = dir.path().join("tls");

@@ -1,22 +1,27 @@
 //! Every bundled KMS runbook, end to end against `--sandbox`: it succeeds on the world it
 //! expects, ends verified, and a second run changes nothing.
 
+mod support;
+
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const RUNBOOKS: &[&str] = &[
-    "register-kms-feature",
-    "pmk-new-cluster",
-    "pmk-existing-cluster",
-    "cmk-private-vault-new-cluster",
-    "cmk-private-vault-existing-cluster",
-    "cmk-public-vault-new-cluster",
-    "cmk-public-vault-existing-cluster",
-    "verify-kms",
-    "migrate-pmk-to-cmk",
-    "migrate-cmk-to-pmk",
-];
+/// The KMS runbooks and the feature registration they all start with.
+fn runbooks() -> impl Iterator<Item = &'static str> {
+    std::iter::once("register-kms-feature").chain(support::KMS_RUNBOOKS.iter().copied())
+}
+
+/// Runs `runbook --sandbox --output json` in `dir`; it must succeed. Its JSON report.
+fn run_ok(dir: &std::path::Path, runbook: &str) -> Value {
+    let run = kmsflow(dir, &["run", runbook, "--sandbox", "--output", "json"]);
+    assert!(
+        run.status.success(),
+        "{runbook}: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    serde_json::from_slice(&run.stdout).unwrap()
+}
 
 fn kmsflow(dir: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kmsflow"))
@@ -41,18 +46,9 @@ fn expected_mode(runbook: &str) -> Option<&'static str> {
 
 #[test]
 fn every_kms_runbook_runs_verified_and_a_second_run_changes_nothing() {
-    for runbook in RUNBOOKS {
+    for runbook in runbooks() {
         let dir = tempfile::tempdir().unwrap();
-        let first = kmsflow(
-            dir.path(),
-            &["run", runbook, "--sandbox", "--output", "json"],
-        );
-        assert!(
-            first.status.success(),
-            "{runbook}: {}",
-            String::from_utf8_lossy(&first.stderr)
-        );
-        let run: Value = serde_json::from_slice(&first.stdout).unwrap();
+        let run = run_ok(dir.path(), runbook);
         assert_eq!(run["status"], "succeeded", "{runbook}");
         if let Some(mode) = expected_mode(runbook) {
             let verify = run["steps"]
@@ -70,16 +66,7 @@ fn every_kms_runbook_runs_verified_and_a_second_run_changes_nothing() {
                 "{runbook}"
             );
         }
-        let second = kmsflow(
-            dir.path(),
-            &["run", runbook, "--sandbox", "--output", "json"],
-        );
-        assert!(
-            second.status.success(),
-            "{runbook} again: {}",
-            String::from_utf8_lossy(&second.stderr)
-        );
-        let run: Value = serde_json::from_slice(&second.stdout).unwrap();
+        let run = run_ok(dir.path(), runbook);
         for step in run["steps"].as_array().unwrap() {
             assert!(
                 step["outcome"] == "unchanged" || step["status"] == "skipped",
@@ -119,7 +106,7 @@ fn every_kms_runbook_succeeds_under_the_realistic_fault_profile() {
     let faults = faults.to_str().unwrap();
     // The runs wait on the sandbox's delays, not the CPU: run them side by side.
     std::thread::scope(|scope| {
-        for runbook in RUNBOOKS {
+        for runbook in runbooks() {
             scope.spawn(move || {
                 let dir = tempfile::tempdir().unwrap();
                 let run = kmsflow(
@@ -407,16 +394,7 @@ fn every_cmk_runbook_runs_again_after_a_rollback_and_recovers_its_key() {
         for runbook in CMK {
             scope.spawn(move || {
                 let dir = tempfile::tempdir().unwrap();
-                let first = kmsflow(
-                    dir.path(),
-                    &["run", runbook, "--sandbox", "--output", "json"],
-                );
-                assert!(
-                    first.status.success(),
-                    "{runbook}: {}",
-                    String::from_utf8_lossy(&first.stderr)
-                );
-                let run: Value = serde_json::from_slice(&first.stdout).unwrap();
+                let run = run_ok(dir.path(), runbook);
                 let run_id = run["id"].as_str().unwrap().to_owned();
                 let versions = |world: &Value| {
                     world["keys"]

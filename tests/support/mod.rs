@@ -10,6 +10,20 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
+/// The bundled runbooks that change or verify a cluster's KMS encryption (every scenario of
+/// the seed), in the order the README lists them.
+pub const KMS_RUNBOOKS: &[&str] = &[
+    "pmk-new-cluster",
+    "pmk-existing-cluster",
+    "cmk-private-vault-new-cluster",
+    "cmk-private-vault-existing-cluster",
+    "cmk-public-vault-new-cluster",
+    "cmk-public-vault-existing-cluster",
+    "verify-kms",
+    "migrate-pmk-to-cmk",
+    "migrate-cmk-to-pmk",
+];
+
 /// A sandbox serving in another process; killed when dropped.
 pub struct Served {
     child: Child,
