@@ -48,10 +48,20 @@ impl kmsflow_engine::FragmentResolver for Fragments {
                 kmsflow_engine::RunbookSource::new(format!("bundled:{}.yaml", f.name), f.text)
             });
         }
-        let file = std::path::Path::new(including)
+        let folder = std::path::Path::new(including)
             .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join(path);
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let file = folder.join(path);
+        // The engine refused `..` and absolute paths already; a symbolic link must not lead
+        // out of the folder either.
+        let inside = match (file.canonicalize(), folder.canonicalize()) {
+            (Ok(file), Ok(folder)) => file.starts_with(folder),
+            _ => false,
+        };
+        if !inside {
+            return None;
+        }
         let text = std::fs::read_to_string(&file).ok()?;
         Some(kmsflow_engine::RunbookSource::new(
             file.display().to_string(),

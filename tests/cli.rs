@@ -778,3 +778,44 @@ fn a_lock_that_renders_no_name_is_refused() {
             .success()
     );
 }
+
+/// A fragment is read only from inside the including runbook's folder: a symbolic link that
+/// leads out of it is not followed, and `validate` never shows the other file's lines.
+#[test]
+fn a_fragment_link_out_of_the_runbooks_folder_is_not_followed() {
+    let ws = Workspace::new();
+    std::fs::create_dir(ws.path("team")).unwrap();
+    ws.write(
+        "outside.yaml",
+        "name: outside\nsteps:\n  - id: secret-looking-line\n    uses: noop\n",
+    );
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(ws.path("outside.yaml"), ws.path("team/link.yaml")).unwrap();
+    ws.write(
+        "team/main.yaml",
+        "name: main\nsteps:\n  - id: include\n    uses: runbook\n    with: { path: link.yaml }\n",
+    );
+    let validated = ws.run(&["validate", ws.path("team/main.yaml").to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&validated.stderr);
+    let stdout = String::from_utf8_lossy(&validated.stdout);
+    assert!(!validated.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("no runbook fragment `link.yaml`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secret-looking-line") && !stdout.contains("secret-looking-line"));
+    // A fragment inside the folder is read as before.
+    ws.write(
+        "team/inner.yaml",
+        "name: inner\nsteps:\n  - id: a\n    uses: noop\n",
+    );
+    ws.write(
+        "team/ok.yaml",
+        "name: ok\nsteps:\n  - id: include\n    uses: runbook\n    with: { path: inner.yaml }\n",
+    );
+    assert!(
+        ws.run(&["validate", ws.path("team/ok.yaml").to_str().unwrap()])
+            .status
+            .success()
+    );
+}

@@ -354,6 +354,19 @@ impl Compiler<'_> {
             return None;
         };
         let path = self.string("path", path_value)?;
+        // Checked before anything is read: a fragment is a runbook file inside the including
+        // runbook's folder, so no diagnostic ever shows lines of another file.
+        if let Err(reason) = confined_fragment_path(&path.value) {
+            self.problem(
+                ProblemKind::InvalidValue {
+                    key: "path".into(),
+                    reason,
+                    hint: Some("a fragment's path is relative to the runbook that uses it and stays inside its folder, e.g. `fragments/cmk-key-vault.yaml`".into()),
+                },
+                path.span,
+            );
+            return None;
+        }
         let Some(source) = self.fragments.resolve(&self.source.name, &path.value) else {
             self.problem(
                 ProblemKind::InvalidValue {
@@ -1417,4 +1430,30 @@ fn drafts_fragments(
         .iter()
         .filter_map(|d| Some((d.id.value.clone(), (*d.fragment.clone()?).clone())))
         .collect()
+}
+
+/// Whether a fragment path may be read: relative, inside the including runbook's folder (no
+/// `..`, no root, no drive), and a YAML file.
+pub fn confined_fragment_path(path: &str) -> Result<(), String> {
+    let as_path = std::path::Path::new(path);
+    if as_path.is_absolute() || path.starts_with(['/', '\\']) || path.contains(':') {
+        return Err(format!(
+            "`{path}` is absolute: fragments are read only from the including runbook's folder"
+        ));
+    }
+    if as_path.components().any(|c| {
+        !matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    }) || path.split(['/', '\\']).any(|part| part == "..")
+    {
+        return Err(format!("`{path}` leaves the including runbook's folder"));
+    }
+    if !(path.ends_with(".yaml") || path.ends_with(".yml")) {
+        return Err(format!(
+            "`{path}` is not a runbook file (`.yaml` or `.yml`)"
+        ));
+    }
+    Ok(())
 }
