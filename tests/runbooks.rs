@@ -462,3 +462,32 @@ fn every_cmk_runbook_runs_again_after_a_rollback_and_recovers_its_key() {
         }
     });
 }
+
+/// What kmsflow's own CMK runbooks build passes kmsflow's own check: the key has a rotation
+/// policy and an expiry (it used to warn `rotation-policy-missing`).
+#[test]
+fn kmsflows_check_passes_on_what_its_cmk_runbooks_build() {
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(dir.path(), "cmk-public-vault-new-cluster");
+    let check = kmsflow(
+        dir.path(),
+        &[
+            "check",
+            "--sandbox",
+            "-p",
+            "resource_group=rg-kms-sandbox",
+            "-p",
+            "cluster=aks-sandbox",
+            "--output",
+            "json",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(!stdout.contains("rotation-policy-missing"), "{stdout}");
+    assert!(!stdout.contains("key-expiry-missing"), "{stdout}");
+}

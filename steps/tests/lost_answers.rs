@@ -1,7 +1,8 @@
 //! Answers lost after Azure applied the request: the connection breaks, a front end answers
 //! 500, or the client times out first. That is how clients write twice. Every write kind
 //! loses one answer, and the run (resumed if it failed) must end with the world of an
-//! undisturbed run: one key version, one rotation, one assignment per grant.
+//! undisturbed run: one key version, one rotation, one assignment per grant, one rotation
+//! policy.
 
 mod support;
 
@@ -39,7 +40,7 @@ steps:
   - id: key
     uses: azure.keyvault_key
     needs: [officer]
-    with: { vault_uri: "{{steps.vault.outputs.vault_uri}}", vault_id: "{{steps.vault.outputs.id}}", name: kms-key }
+    with: { vault_uri: "{{steps.vault.outputs.vault_uri}}", vault_id: "{{steps.vault.outputs.id}}", name: kms-key, rotate_after: P90D, expires_after: P2Y }
 ROTATE
   - id: identity
     uses: azure.identity
@@ -78,6 +79,7 @@ fn every_write_loses_one_answer(how: Loss) -> Vec<LostAnswer> {
         lose("PUT", "*/vaults/kv-lost"),
         lose("PUT", "*/roleAssignments/*"),
         lose("POST", "/_kv/kv-lost/keys/kms-key/create"),
+        lose("PUT", "/_kv/kv-lost/keys/kms-key/rotationpolicy"),
         lose("POST", "/_kv/kv-lost/keys/kms-key/rotate"),
         lose("PUT", "*/userAssignedIdentities/id-lost"),
         lose("PUT", "*/managedClusters/aks-lost"),
@@ -121,7 +123,7 @@ async fn survive(how: Loss) {
         .filter(|r| r.lost.is_some())
         .map(|r| format!("{} {}", r.method, r.path))
         .collect();
-    assert_eq!(lost.len(), 8, "every write lost one answer: {lost:#?}");
+    assert_eq!(lost.len(), 9, "every write lost one answer: {lost:#?}");
 
     let world = h.sandbox.world();
     assert_eq!(

@@ -16,6 +16,9 @@ pub mod pattern {
     pub const CLUSTER: &str = "[a-zA-Z0-9]|[a-zA-Z0-9][-_a-zA-Z0-9]{0,61}[a-zA-Z0-9]";
     pub const GUID: &str = SUBSCRIPTION;
     /// An ARM resource id: `/subscriptions/...`, segments of safe characters only.
+    /// An ISO 8601 duration in years, months and days, as Key Vault's rotation policies
+    /// take them (`P90D`, `P2Y`, `P1Y6M`).
+    pub const ISO_DAYS: &str = r"P(?:[0-9]+Y)?(?:[0-9]+M)?(?:[0-9]+D)?";
     pub const RESOURCE_ID: &str = r"(/[A-Za-z0-9._()\-]+)+";
 }
 

@@ -31,6 +31,92 @@ struct Params {
     key_size: i64,
     #[serde(default)]
     key_ops: Option<Vec<String>>,
+    #[serde(default)]
+    rotate_after: Option<String>,
+    #[serde(default)]
+    expires_after: Option<String>,
+}
+
+/// How long before a version expires Key Vault is asked to notify (its own default).
+const NOTIFY_BEFORE_EXPIRY: &str = "P30D";
+
+impl Params {
+    /// The rotation policy this step wants, in the data plane's shape; `None` when it manages
+    /// none.
+    fn wanted_policy(&self) -> Option<Value> {
+        if self.rotate_after.is_none() && self.expires_after.is_none() {
+            return None;
+        }
+        let mut actions = Vec::new();
+        if let Some(after) = &self.rotate_after {
+            actions
+                .push(json!({"trigger": {"timeAfterCreate": after}, "action": {"type": "Rotate"}}));
+        }
+        if self.expires_after.is_some() {
+            actions.push(json!({"trigger": {"timeBeforeExpiry": NOTIFY_BEFORE_EXPIRY}, "action": {"type": "Notify"}}));
+        }
+        let mut policy = json!({"lifetimeActions": actions, "attributes": {}});
+        if let Some(expiry) = &self.expires_after {
+            policy["attributes"]["expiryTime"] = json!(expiry);
+        }
+        Some(policy)
+    }
+}
+
+/// A policy's lifetime actions and expiry, comparable whichever plane wrote it (Resource
+/// Manager writes action types in lower case).
+fn policy_terms(policy: &Value) -> (Vec<String>, String) {
+    let mut actions: Vec<String> = policy["lifetimeActions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            let trigger = &a["trigger"];
+            format!(
+                "{}|{}|{}",
+                trigger["timeAfterCreate"].as_str().unwrap_or_default(),
+                trigger["timeBeforeExpiry"].as_str().unwrap_or_default(),
+                a["action"]["type"].as_str().unwrap_or_default()
+            )
+            .to_ascii_lowercase()
+        })
+        .collect();
+    actions.sort();
+    let expiry = policy["attributes"]["expiryTime"]
+        .as_str()
+        .unwrap_or_default()
+        .to_ascii_uppercase();
+    (actions, expiry)
+}
+
+/// The policy a read key has: in Resource Manager's body, or as the data plane answered it.
+fn observed_policy(before: &Value) -> &Value {
+    match &before["properties"]["rotationPolicy"] {
+        Value::Null => &before["rotationPolicy"],
+        policy => policy,
+    }
+}
+
+/// Seconds in an ISO 8601 duration of years, months and days (a year 365 days, a month 30):
+/// the first version's expiry, which the policy's `expiryTime` gives only to later ones.
+fn duration_seconds(iso: &str) -> i64 {
+    let mut total = 0i64;
+    let mut number = String::new();
+    for c in iso.trim_start_matches('P').chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: i64 = number.parse().unwrap_or(0);
+        number.clear();
+        total +=
+            n * match c {
+                'Y' => 365,
+                'M' => 30,
+                _ => 1,
+            } * 86_400;
+    }
+    total
 }
 
 fn rsa() -> String {
@@ -42,7 +128,7 @@ fn bits() -> i64 {
 
 static SPEC: KindSpec = KindSpec {
     name: "azure.keyvault_key",
-    summary: "Ensures a key exists in a vault (read first; created only when absent, since each create adds a version). Needs Key Vault Crypto Officer on the vault and a vault firewall that lets the caller in. Rollback deletes a key this run created (Key Vault keeps it soft-deleted); a later run recovers a soft-deleted key of the same name instead of failing on the held name.",
+    summary: "Ensures a key exists in a vault (read first; created only when absent, since each create adds a version), and with `rotate_after`/`expires_after` its rotation policy and the first version's expiry. Needs Key Vault Crypto Officer on the vault and a vault firewall that lets the caller in. Rollback deletes a key this run created (Key Vault keeps it soft-deleted) or puts back the policy it changed; a later run recovers a soft-deleted key of the same name instead of failing on the held name.",
     params: &[
         ParamSpec::required(
             "vault_uri",
@@ -64,6 +150,18 @@ static SPEC: KindSpec = KindSpec {
             ValueType::List,
             "permitted operations (default: all)",
         ),
+        ParamSpec::optional(
+            "rotate_after",
+            ValueType::String,
+            "rotate the key this long after each version is created (ISO 8601, e.g. `P90D`): sets the key's rotation policy",
+        )
+        .pattern(pattern::ISO_DAYS),
+        ParamSpec::optional(
+            "expires_after",
+            ValueType::String,
+            "each version expires this long after it is created (ISO 8601, e.g. `P2Y`), with a notification 30 days before",
+        )
+        .pattern(pattern::ISO_DAYS),
     ],
     outputs: OutputsSpec::Fixed(&[
         OutputSpec {
@@ -121,21 +219,59 @@ impl StepKind for KeyVaultKey {
             return common::read(&client, &url).await;
         }
         let url = client.vault_url(&p.vault_uri, &["keys", &p.name], API)?;
-        match client
+        let mut key = match client
             .send(Method::GET, &url, Service::KeyVault, None, None)
             .await
         {
-            Ok(response) => Ok(response.body),
-            Err(AzureError::Api { status: 404, .. }) => Ok(Value::Null),
-            Err(error) => Err(error.into()),
+            Ok(response) => response.body,
+            Err(AzureError::Api { status: 404, .. }) => return Ok(Value::Null),
+            Err(error) => return Err(error.into()),
+        };
+        if p.wanted_policy().is_some() {
+            let policy =
+                client.vault_url(&p.vault_uri, &["keys", &p.name, "rotationpolicy"], API)?;
+            key["rotationPolicy"] = client
+                .send(Method::GET, &policy, Service::KeyVault, None, None)
+                .await?
+                .body;
         }
+        Ok(key)
     }
 
     fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError> {
         let p: Params = cx.params()?;
+        let policy = p.wanted_policy();
+        let terms = |rotate: &Option<String>, expires: &Option<String>| {
+            [
+                rotate.as_ref().map(|r| format!("rotated after {r}")),
+                expires.as_ref().map(|e| format!("expiring after {e}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ")
+        };
         if before.is_null() {
-            return Ok(StepPlan::change(Change::Create {
-                summary: format!("create {} key {} in {}", p.kty, p.name, p.vault_uri),
+            let mut summary = format!("create {} key {} in {}", p.kty, p.name, p.vault_uri);
+            if policy.is_some() {
+                summary.push_str(&format!(" ({})", terms(&p.rotate_after, &p.expires_after)));
+            }
+            return Ok(StepPlan::change(Change::Create { summary }));
+        }
+        if let Some(wanted) = policy
+            && policy_terms(observed_policy(before)) != policy_terms(&wanted)
+        {
+            return Ok(StepPlan::change(Change::Update {
+                summary: format!(
+                    "set the rotation policy of key {}: {}",
+                    p.name,
+                    terms(&p.rotate_after, &p.expires_after)
+                ),
+                fields: vec![FieldChange {
+                    path: "rotationPolicy".into(),
+                    from: observed_policy(before).clone(),
+                    to: wanted,
+                }],
             }));
         }
         Ok(StepPlan::unchanged(key_outputs(before)))
@@ -144,13 +280,79 @@ impl StepKind for KeyVaultKey {
     async fn apply(
         &self,
         cx: &StepContext<'_>,
-        _before: &Value,
+        before: &Value,
         _plan: &StepPlan,
     ) -> Result<Map<String, Value>, StepError> {
         let p: Params = cx.params()?;
         let client = self.0.client().await?;
+        let outputs = if before.is_null() {
+            self.create(&client, &p).await?
+        } else {
+            key_outputs(before)
+        };
+        // After the key exists (a PUT: resent safely if its answer is lost).
+        if let Some(policy) = p.wanted_policy() {
+            let url = client.vault_url(&p.vault_uri, &["keys", &p.name, "rotationpolicy"], API)?;
+            client
+                .send(Method::PUT, &url, Service::KeyVault, Some(&policy), None)
+                .await?;
+        }
+        Ok(outputs)
+    }
+
+    async fn rollback(
+        &self,
+        cx: &StepContext<'_>,
+        before: &Value,
+        outcome: Outcome,
+    ) -> Result<Undo, StepError> {
+        let p: Params = cx.params()?;
+        let client = self.0.client().await?;
+        match outcome {
+            Outcome::Created => {
+                let url = client.vault_url(&p.vault_uri, &["keys", &p.name], API)?;
+                match client
+                    .send(Method::DELETE, &url, Service::KeyVault, None, None)
+                    .await
+                {
+                    Ok(_) | Err(AzureError::Api { status: 404, .. }) => Ok(Undo::Done),
+                    Err(error) => Err(error.into()),
+                }
+            }
+            Outcome::Updated => {
+                // The policy the key had; Key Vault's default (notify before expiry) if none.
+                let mut policy = observed_policy(before).clone();
+                if policy["lifetimeActions"]
+                    .as_array()
+                    .is_none_or(Vec::is_empty)
+                {
+                    policy = json!({"lifetimeActions": [{"trigger": {"timeBeforeExpiry": NOTIFY_BEFORE_EXPIRY}, "action": {"type": "Notify"}}], "attributes": {}});
+                }
+                let url =
+                    client.vault_url(&p.vault_uri, &["keys", &p.name, "rotationpolicy"], API)?;
+                client
+                    .send(Method::PUT, &url, Service::KeyVault, Some(&policy), None)
+                    .await?;
+                Ok(Undo::Done)
+            }
+            _ => Ok(Undo::NothingToUndo),
+        }
+    }
+}
+
+impl KeyVaultKey {
+    /// Creates the key's first version (or recovers the soft-deleted key of its name).
+    async fn create(
+        &self,
+        client: &crate::AzureClient,
+        p: &Params,
+    ) -> Result<Map<String, Value>, StepError> {
         let url = client.vault_url(&p.vault_uri, &["keys", &p.name, "create"], API)?;
         let mut body = json!({"kty": p.kty, "attributes": {"enabled": true}});
+        if let Some(expires) = &p.expires_after {
+            body["attributes"]["exp"] =
+                json!(chrono::Utc::now().timestamp() + duration_seconds(expires));
+        }
         if p.kty.starts_with("RSA") {
             body["key_size"] = json!(p.key_size);
         }
@@ -176,27 +378,6 @@ impl StepKind for KeyVaultKey {
                     .await?;
                 Ok(key_outputs(&response.body))
             }
-            Err(error) => Err(error.into()),
-        }
-    }
-
-    async fn rollback(
-        &self,
-        cx: &StepContext<'_>,
-        _before: &Value,
-        outcome: Outcome,
-    ) -> Result<Undo, StepError> {
-        if outcome != Outcome::Created {
-            return Ok(Undo::NothingToUndo);
-        }
-        let p: Params = cx.params()?;
-        let client = self.0.client().await?;
-        let url = client.vault_url(&p.vault_uri, &["keys", &p.name], API)?;
-        match client
-            .send(Method::DELETE, &url, Service::KeyVault, None, None)
-            .await
-        {
-            Ok(_) | Err(AzureError::Api { status: 404, .. }) => Ok(Undo::Done),
             Err(error) => Err(error.into()),
         }
     }
