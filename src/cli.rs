@@ -129,7 +129,8 @@ pub enum Command {
         params: ParamArgs,
         #[command(flatten)]
         sandbox: SandboxArgs,
-        /// Exit 5 when the plan has changes.
+        /// Exit 0 when nothing would change, 2 when a step would fail (listed), 5 when the
+        /// plan has changes.
         #[arg(long)]
         detailed_exitcode: bool,
         #[arg(long, value_enum, default_value_t = Output::Text)]

@@ -397,8 +397,33 @@ async fn plan(
             out!("{}", render::plan_text(&previews));
         }
     }
+    let failing: Vec<_> = previews
+        .iter()
+        .filter_map(|p| match &p.action {
+            kmsflow_engine::preview::PreviewAction::WouldFail { error } => {
+                Some((&p.step_id, error))
+            }
+            _ => None,
+        })
+        .collect();
+    if !detailed_exitcode {
+        return Ok(code::SUCCESS);
+    }
+    // As `terraform plan -detailed-exitcode` tells CI apart: nothing to do, a plan that
+    // cannot be applied, or changes.
+    if !failing.is_empty() {
+        eprintln!(
+            "kmsflow: {} step{} would fail:",
+            failing.len(),
+            if failing.len() == 1 { "" } else { "s" }
+        );
+        for (step, error) in &failing {
+            eprintln!("  {step}: {error}");
+        }
+        return Ok(code::USAGE);
+    }
     let changes = previews.iter().any(|p| p.action.is_change());
-    Ok(if detailed_exitcode && changes {
+    Ok(if changes {
         code::CHANGES
     } else {
         code::SUCCESS

@@ -491,3 +491,38 @@ fn kmsflows_check_passes_on_what_its_cmk_runbooks_build() {
     assert!(!stdout.contains("rotation-policy-missing"), "{stdout}");
     assert!(!stdout.contains("key-expiry-missing"), "{stdout}");
 }
+
+/// `plan` on each bundled runbook's `--sandbox` world tells the truth: no step plans `FAIL`
+/// where the run succeeds (values a fragment or an earlier step makes are known after apply),
+/// `--detailed-exitcode` says 5 (changes) or 0 (none), never 2 (would fail), and the point of
+/// no return of the existing-cluster runbooks is in the plan.
+#[test]
+fn plan_tells_the_truth_for_every_bundled_runbook() {
+    std::thread::scope(|scope| {
+        for runbook in runbooks() {
+            scope.spawn(move || {
+                let dir = tempfile::tempdir().unwrap();
+                let plan = kmsflow(
+                    dir.path(),
+                    &["plan", runbook, "--sandbox", "--detailed-exitcode"],
+                );
+                let text = String::from_utf8_lossy(&plan.stdout);
+                let stderr = String::from_utf8_lossy(&plan.stderr);
+                // 5: changes; 0: nothing to change (verify-kms on a PMK world); never 2.
+                assert!(
+                    matches!(plan.status.code(), Some(5 | 0)),
+                    "{runbook}:\n{text}{stderr}"
+                );
+                assert!(!text.contains("FAIL"), "{runbook}:\n{text}");
+                if runbook.ends_with("existing-cluster") {
+                    assert!(
+                        text.to_lowercase().contains("point of no return"),
+                        "{runbook}:\n{text}"
+                    );
+                }
+                // And the run it previewed succeeds.
+                run_ok(dir.path(), runbook);
+            });
+        }
+    });
+}

@@ -141,3 +141,36 @@ fn with_the_flag_a_rollback_does_what_it_was_told() {
         stderr(&rollback)
     );
 }
+
+/// `plan --detailed-exitcode` exits 2 when a step would fail, and lists it: CI must not read
+/// "no changes" from a plan that could not read Azure at all (here the token is refused).
+#[test]
+fn plan_exits_2_and_lists_the_steps_that_would_fail() {
+    let served = serve(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let subscription = format!("subscription={}", served.env["AZURE_SUBSCRIPTION_ID"]);
+    let plan = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "plan",
+                "verify-kms",
+                "-p",
+                &subscription,
+                "-p",
+                "resource_group=rg",
+                "-p",
+                "cluster=aks",
+                "--detailed-exitcode",
+            ],
+        )
+        .env("IDENTITY_HEADER", "not-the-sandboxs")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&plan.stderr);
+    assert_eq!(plan.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("would fail:") && stderr.contains("  verify:"),
+        "{stderr}"
+    );
+}

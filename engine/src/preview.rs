@@ -79,21 +79,32 @@ pub async fn preview(
         "run": {"id": KNOWN_AFTER_APPLY, "started_at": KNOWN_AFTER_APPLY},
     });
     let mut skipped: Vec<&str> = Vec::new();
+    let mut changes_first: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut previews = Vec::with_capacity(runbook.steps.len());
     'steps: for step in &runbook.steps {
         let kind = registry
             .get(&step.uses)
             .expect("compile checked the step kind");
         let spec = kind.spec();
+        // Until the step is planned, each output it declares is known after apply. Outputs
+        // named by a parameter's keys (a fragment's, a `noop`'s) are those keys.
         let unknown_outputs = || -> Map<String, Value> {
+            let unknown = |name: &str| (name.to_owned(), Value::String(KNOWN_AFTER_APPLY.into()));
             match spec.outputs {
-                OutputsSpec::Fixed(outputs) => outputs
-                    .iter()
-                    .map(|o| (o.name.to_owned(), Value::String(KNOWN_AFTER_APPLY.into())))
-                    .collect(),
-                OutputsSpec::KeysOf(_) => Map::new(),
+                OutputsSpec::Fixed(outputs) => outputs.iter().map(|o| unknown(o.name)).collect(),
+                OutputsSpec::KeysOf(param) => step.with[param]
+                    .as_object()
+                    .map(|keys| keys.keys().map(|k| unknown(k)).collect())
+                    .unwrap_or_default(),
             }
         };
+        // A dependency that changes first (or may) can make what this step reads appear:
+        // a vault a step creates does not exist yet when the next step is planned.
+        let changing_dependency = step
+            .needs
+            .iter()
+            .find(|d| changes_first.contains(d.as_str()))
+            .cloned();
         let mut outputs = unknown_outputs();
         let action = 'action: {
             if let Some(dep) = step
@@ -170,6 +181,9 @@ pub async fn preview(
             };
             match planned {
                 Ok(plan) => {
+                    if plan.change != Change::Unchanged {
+                        changes_first.insert(&step.id);
+                    }
                     if plan.change == Change::Unchanged {
                         outputs = plan.outputs.clone();
                     } else {
@@ -191,13 +205,24 @@ pub async fn preview(
                 Err(error) if error.class == ErrorClass::AwaitingApproval => {
                     PreviewAction::WouldWait
                 }
-                Err(error) => PreviewAction::WouldFail {
-                    error: redactor.text(&error.to_string()),
+                Err(error) => match &changing_dependency {
+                    Some(dependency) => PreviewAction::KnownAfterApply {
+                        reason: format!(
+                            "`{dependency}` changes first; planned now, it would fail: {}",
+                            redactor.text(&error.to_string())
+                        ),
+                    },
+                    None => PreviewAction::WouldFail {
+                        error: redactor.text(&error.to_string()),
+                    },
                 },
             }
         };
         if matches!(action, PreviewAction::Skipped { .. }) {
             skipped.push(&step.id);
+        }
+        if matches!(action, PreviewAction::KnownAfterApply { .. }) {
+            changes_first.insert(&step.id);
         }
         context["steps"][&step.id] = json!({"outputs": outputs});
         previews.push(StepPreview {
