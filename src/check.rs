@@ -21,6 +21,7 @@ impl From<NotChecked> for Failure {
     fn from(error: NotChecked) -> Failure {
         match error {
             NotChecked::Store(error) => error.into(),
+            params @ NotChecked::Params(_) => Failure::Usage(params.to_string()),
             unprepared => Failure::NotChecked(unprepared.to_string()),
         }
     }
@@ -176,6 +177,10 @@ pub enum NotChecked {
         "no cluster was checked: {0}\n  check the credential kmsflow uses (`--auth`, and the environment it reads)"
     )]
     Unprepared(String),
+    /// A target's parameters do not bind: a typo must not become a cluster's `fail` (and
+    /// page someone); nothing is checked.
+    #[error("no cluster was checked; invalid parameters:\n{0}")]
+    Params(String),
 }
 
 /// Checks every target, at most `concurrency` at once, each its own run in one shared store
@@ -191,6 +196,31 @@ pub async fn check_all(
     targets: Vec<Target>,
     concurrency: usize,
 ) -> Result<Vec<Checked>, NotChecked> {
+    // Every target binds before any is checked, and all problems are told at once.
+    let targets: Vec<(Target, ParamSources)> = targets
+        .into_iter()
+        .map(|target| {
+            let sources = target_sources(shared, &target);
+            (target, sources)
+        })
+        .collect();
+    let problems: Vec<String> = targets
+        .iter()
+        .enumerate()
+        .filter_map(|(index, (_, sources))| {
+            params::bind(&runbook, sources).err().map(|errors| {
+                let errors = errors.to_string().replace('\n', "\n    ");
+                if targets.len() == 1 {
+                    format!("  {errors}")
+                } else {
+                    format!("  target {} ({}): {errors}", index + 1, label(sources))
+                }
+            })
+        })
+        .collect();
+    if !problems.is_empty() {
+        return Err(NotChecked::Params(problems.join("\n")));
+    }
     // The client and its token once, while the store opens, rather than a hundred checks all
     // waiting on them together.
     let (launcher, prepared) =
@@ -203,7 +233,7 @@ pub async fn check_all(
     let launcher = Arc::new(launcher);
     let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    for (index, target) in targets.into_iter().enumerate() {
+    for (index, (_, sources)) in targets.into_iter().enumerate() {
         // A cluster's task is made only once it has a slot, so a fleet of 10,000 holds a
         // hundred checks in memory, not 10,000 waiting ones.
         let slot = semaphore
@@ -212,16 +242,6 @@ pub async fn check_all(
             .await
             .expect("the semaphore is never closed");
         let (launcher, runbook, source) = (launcher.clone(), runbook.clone(), source.clone());
-        let mut sources = shared.clone();
-        for (key, value) in &target.params {
-            sources.cli.retain(|(k, _)| k != key);
-            sources.cli.push((
-                key.clone(),
-                value
-                    .as_str()
-                    .map_or_else(|| value.to_string(), str::to_owned),
-            ));
-        }
         let label = label(&sources);
         tasks.spawn(async move {
             (
@@ -239,6 +259,21 @@ pub async fn check_all(
     }
     results.sort_by_key(|(index, _)| *index);
     Ok(results.into_iter().map(|(_, checked)| checked).collect())
+}
+
+/// The shared parameters with a target's own on top.
+fn target_sources(shared: &ParamSources, target: &Target) -> ParamSources {
+    let mut sources = shared.clone();
+    for (key, value) in &target.params {
+        sources.cli.retain(|(k, _)| k != key);
+        sources.cli.push((
+            key.clone(),
+            value
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_owned),
+        ));
+    }
+    sources
 }
 
 async fn check_one(
@@ -335,12 +370,24 @@ fn release_after_reading(slot: OwnedSemaphorePermit, rotates: bool) -> ProgressS
 
 /// The exit code for the worst severity among the results.
 pub fn exit_code(results: &[Checked]) -> u8 {
-    if results.iter().any(|r| r.worst == "fail") {
-        code::RUN_FAILED
-    } else if results.iter().any(|r| r.worst == "warn") {
-        code::CHANGES
-    } else {
-        code::SUCCESS
+    results
+        .iter()
+        .map(|r| severity_code(&r.worst))
+        .max_by_key(|c| match *c {
+            code::RUN_FAILED => 2,
+            code::CHANGES => 1,
+            _ => 0,
+        })
+        .unwrap_or(code::SUCCESS)
+}
+
+/// What a worst severity exits with: `fail` 1, `warn` 5, `ok` 0; the same for `kmsflow
+/// check` and `kmsflow run rotation-check`.
+pub fn severity_code(worst: &str) -> u8 {
+    match worst {
+        "fail" => code::RUN_FAILED,
+        "warn" => code::CHANGES,
+        _ => code::SUCCESS,
     }
 }
 

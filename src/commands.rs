@@ -501,6 +501,9 @@ async fn run(
     let compiled = compile_loaded(&loaded)?;
     let bound = bind(&compiled, &param_sources(context, args)?)?;
     let engine = context.engine()?;
+    // The bundled check's findings exit as `kmsflow check`'s do, so a schedule or CI job
+    // running it pages on the same codes.
+    let judges = loaded.reference == "bundled:rotation-check";
     let request = request(
         context,
         compiled,
@@ -510,7 +513,16 @@ async fn run(
         concurrency,
     );
     let summary = launch::start(&engine, request).await?;
-    finish(context, summary, output)
+    let worst = summary
+        .outputs
+        .as_ref()
+        .and_then(|o| o["worst"].as_str())
+        .map(str::to_owned);
+    let code = finish(context, summary, output)?;
+    Ok(match worst {
+        Some(worst) if judges && code == code::SUCCESS => crate::check::severity_code(&worst),
+        _ => code,
+    })
 }
 
 /// What the user allowed `resume` to change on purpose.

@@ -526,3 +526,52 @@ fn plan_tells_the_truth_for_every_bundled_runbook() {
         }
     });
 }
+
+/// A parameter typo in `check` is a usage error (exit 2) before anything is read or written,
+/// not a cluster's `fail` that would page on-call; and `run rotation-check` exits on its
+/// findings as `check` does.
+#[test]
+fn check_refuses_a_parameter_typo_and_run_rotation_check_exits_on_its_findings() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = kmsflow(
+        dir.path(),
+        &[
+            "check",
+            "--sandbox",
+            "-p",
+            "resource_group=rg-kms-sandbox",
+            "-p",
+            "clustr=aks-sandbox",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&typo.stderr);
+    assert_eq!(typo.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("did you mean `cluster`"), "{stderr}");
+    let runs = kmsflow(dir.path(), &["runs", "--output", "json"]);
+    let runs: Value = serde_json::from_slice(&runs.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        runs.as_array().map_or(0, Vec::len),
+        0,
+        "no run was recorded"
+    );
+
+    // No such cluster in the fresh world: the check's worst finding is `fail`.
+    let run = kmsflow(
+        dir.path(),
+        &[
+            "run",
+            "rotation-check",
+            "--sandbox",
+            "-p",
+            "resource_group=rg-none",
+            "-p",
+            "cluster=aks-none",
+        ],
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
