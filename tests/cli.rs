@@ -819,3 +819,34 @@ fn a_fragment_link_out_of_the_runbooks_folder_is_not_followed() {
             .success()
     );
 }
+
+/// No input overflows the stack: thousands of nested mappings, block or flow, are a
+/// diagnostic (exit 2), not an abort; `run` refuses them the same way. Generated here, not
+/// checked in.
+#[test]
+fn deep_nesting_is_a_diagnostic_not_a_crash() {
+    let ws = Workspace::new();
+    let mut block = String::from(
+        "name: deep\nsteps:\n  - id: a\n    uses: noop\n    with:\n      outputs:\n        v:\n",
+    );
+    for level in 0..9_000 {
+        block.push_str(&format!("{}k:\n", " ".repeat(10 + level)));
+    }
+    let flow = format!(
+        "name: deep\nsteps:\n  - id: a\n    uses: noop\n    with: {{ outputs: {{ v: {}1{} }} }}\n",
+        "{a: ".repeat(9_000),
+        "}".repeat(9_000)
+    );
+    for (name, text) in [("block.yaml", block), ("flow.yaml", flow)] {
+        ws.write(name, &text);
+        for command in ["validate", "run"] {
+            let output = ws.run(&[command, name]);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{command} {name}: {stderr}");
+            assert!(
+                stderr.contains("nests deeper than 64 levels"),
+                "{command} {name}: {stderr}"
+            );
+        }
+    }
+}

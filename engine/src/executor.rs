@@ -776,7 +776,10 @@ impl StepTask {
                         step_id: step.id.clone(),
                         attempt,
                         outcome,
-                        outputs: mask_sensitive(&outputs, &sensitive_of(kind.as_ref(), step)),
+                        outputs: bounded_depth(
+                            &mask_sensitive(&outputs, &sensitive_of(kind.as_ref(), step)),
+                            MAX_STORED_DEPTH,
+                        ),
                         at,
                     }];
                     if outcome == Outcome::Unchanged {
@@ -967,5 +970,56 @@ pub fn change_summary(change: &Change) -> String {
                 format!("{summary} ({})", names.join(", "))
             }
         }
+    }
+}
+
+/// How deep stored outputs may nest: the store reads JSON back with a recursion limit (128),
+/// and a value it cannot read back would leave the run unreadable. Deeper parts are replaced,
+/// in the store only, by a note saying so.
+pub const MAX_STORED_DEPTH: usize = 64;
+
+/// `value` with everything below `depth` levels replaced by a note.
+pub fn bounded_depth(value: &Value, depth: usize) -> Value {
+    match value {
+        Value::Object(_) | Value::Array(_) if depth == 0 => Value::String(format!(
+            "(nested deeper than {MAX_STORED_DEPTH} levels: not kept)"
+        )),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), bounded_depth(v, depth - 1)))
+                .collect(),
+        ),
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|v| bounded_depth(v, depth - 1)).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::*;
+
+    #[test]
+    fn stored_outputs_can_always_be_read_back() {
+        let mut deep = serde_json::json!(1);
+        for _ in 0..130 {
+            deep = serde_json::json!({ "k": deep });
+        }
+        let text = deep.to_string();
+        assert!(
+            serde_json::from_str::<Value>(&text).is_err(),
+            "serde_json refuses to read 130 levels back (what the store would have kept)"
+        );
+        let kept = bounded_depth(&deep, MAX_STORED_DEPTH);
+        let read: Value = serde_json::from_str(&kept.to_string()).unwrap();
+        assert_eq!(read, kept);
+        let mut at = &read;
+        for _ in 0..MAX_STORED_DEPTH {
+            at = &at["k"];
+        }
+        assert!(at.as_str().unwrap().contains("not kept"), "{at}");
+        let shallow = serde_json::json!({"a": [1, {"b": 2}]});
+        assert_eq!(bounded_depth(&shallow, MAX_STORED_DEPTH), shallow);
     }
 }

@@ -108,8 +108,68 @@ fn second_document(text: &str) -> Option<usize> {
     None
 }
 
+/// How deep a runbook's YAML may nest (mappings and lists, block or flow). Real runbooks nest
+/// a handful of levels; the parser and everything after it recurse once per level, and a
+/// few thousand levels overflow the stack.
+pub const MAX_DEPTH: usize = 64;
+
+/// Where the text first nests deeper than [`MAX_DEPTH`], found without parsing: block levels
+/// by indentation (and `- ` items on one line), flow levels by brackets outside quotes.
+fn too_deep(text: &str) -> Option<usize> {
+    let mut indents: Vec<usize> = Vec::new();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let content = line.trim_start_matches(' ');
+        let indent = line.len() - content.len();
+        let bare = content.trim_end();
+        if !bare.is_empty() && !bare.starts_with('#') {
+            while indents.last().is_some_and(|&top| top > indent) {
+                indents.pop();
+            }
+            if indents.last().is_none_or(|&top| top < indent) {
+                indents.push(indent);
+            }
+            let items = bare
+                .as_bytes()
+                .chunks(2)
+                .take_while(|pair| *pair == b"- " || *pair == b"-")
+                .count();
+            let mut depth = indents.len() + items;
+            let mut quote: Option<char> = None;
+            for (at, c) in bare.char_indices() {
+                match (quote, c) {
+                    (Some(q), c) if c == q => quote = None,
+                    (Some(_), _) => {}
+                    (None, '\'' | '"') => quote = Some(c),
+                    (None, '#') if at > 0 && bare[..at].ends_with(' ') => break,
+                    (None, '[' | '{') => depth += 1,
+                    (None, ']' | '}') => depth = depth.saturating_sub(1),
+                    _ => {}
+                }
+                if depth > MAX_DEPTH {
+                    return Some(offset + indent + at);
+                }
+            }
+            if depth > MAX_DEPTH {
+                return Some(offset + indent);
+            }
+        }
+        offset += line.len();
+    }
+    None
+}
+
 /// Parses a whole document; a syntax error is one problem pointing at its place.
 pub fn parse(source: &RunbookSource) -> Result<Yaml, Box<Problem>> {
+    if let Some(offset) = too_deep(&source.text) {
+        return Err(Box::new(Problem {
+            kind: ProblemKind::Yaml {
+                message: format!("the runbook nests deeper than {MAX_DEPTH} levels here"),
+            },
+            span: Span::new(offset, usize::from(offset < source.text.len())),
+            source: source.clone(),
+        }));
+    }
     if let Some(offset) = second_document(&source.text) {
         return Err(Box::new(Problem {
             kind: ProblemKind::Yaml {
@@ -315,6 +375,22 @@ fn plain_scalar(text: &str) -> YamlValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nesting_past_the_limit_is_found_without_parsing() {
+        let flow = format!(
+            "v: {}1{}\n",
+            "[".repeat(MAX_DEPTH + 5),
+            "]".repeat(MAX_DEPTH + 5)
+        );
+        assert!(too_deep(&flow).is_some());
+        let block: String = (0..MAX_DEPTH + 5)
+            .map(|level| format!("{}k:\n", " ".repeat(level)))
+            .collect();
+        assert!(too_deep(&block).is_some());
+        let fine = "name: a\nsteps:\n  - id: x\n    with: { outputs: { v: [1, {a: '[[['}] } }\n";
+        assert_eq!(too_deep(fine), None);
+    }
 
     #[test]
     fn a_second_document_is_found_and_a_leading_marker_is_not_one() {
