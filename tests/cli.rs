@@ -850,3 +850,37 @@ fn deep_nesting_is_a_diagnostic_not_a_crash() {
         }
     }
 }
+
+/// Size limits answer at once: a 50 MB runbook and one with 8,000 times the same step id get
+/// a clear answer (the first drew 8,000 diagnostics and took a minute; the second never ended).
+#[test]
+fn huge_runbooks_get_a_quick_clear_answer() {
+    let ws = Workspace::new();
+    let mut huge = String::from("name: huge\nsteps:\n");
+    while huge.len() < 50 << 20 {
+        huge.push_str("  - id: s\n    uses: noop\n    with: { outputs: { v: \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\" } }\n");
+    }
+    ws.write("huge.yaml", &huge);
+    let output = ws.run(&["validate", "huge.yaml"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr.contains("a runbook may be at most 4194304 bytes"),
+        "{stderr}"
+    );
+
+    let mut duplicates = String::from("name: dup\nsteps:\n");
+    for _ in 0..8_000 {
+        duplicates.push_str("  - id: a\n    uses: noop\n");
+    }
+    ws.write("dup.yaml", &duplicates);
+    let output = ws.run(&["validate", "dup.yaml"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr.contains("and 7949 more problems"),
+        "{}",
+        &stderr[stderr.len().saturating_sub(500)..]
+    );
+    assert!(stderr.contains("7999 problems"));
+}

@@ -20,6 +20,9 @@ use crate::template::{self, PathRef, Target};
 use crate::yaml::{self, Spanned, Yaml, YamlValue};
 
 const TOP_KEYS: &[&str] = &["name", "description", "params", "lock", "steps", "outputs"];
+
+/// The most steps a runbook may have (fragments' steps included in their own files).
+pub const MAX_STEPS: usize = 10_000;
 const PARAM_KEYS: &[&str] = &[
     "type",
     "description",
@@ -680,6 +683,22 @@ impl Compiler<'_> {
                 },
                 value.span,
             );
+        }
+        if items.len() > MAX_STEPS {
+            self.problem(
+                ProblemKind::InvalidValue {
+                    key: "steps".into(),
+                    reason: format!(
+                        "{} steps; a runbook may have at most {MAX_STEPS}",
+                        items.len()
+                    ),
+                    hint: Some(
+                        "split the work into runbooks, or run one runbook over many targets".into(),
+                    ),
+                },
+                value.span,
+            );
+            return Vec::new();
         }
         let mut drafts: Vec<StepDraft> = Vec::new();
         let mut seen: HashMap<String, Span> = HashMap::new();

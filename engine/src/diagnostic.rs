@@ -329,14 +329,25 @@ impl Diagnostics {
     /// Renders every problem, as `kmsflow validate` prints them.
     pub fn render(&self, handler: &miette::GraphicalReportHandler) -> String {
         let mut out = String::new();
-        for problem in &self.problems {
+        for problem in self.problems.iter().take(MAX_RENDERED) {
             let report = problem.report();
             let _ = handler.render_report(&mut out, report.as_ref());
             out.push('\n');
         }
+        if self.problems.len() > MAX_RENDERED {
+            out.push_str(&format!(
+                "... and {} more problems (the first {MAX_RENDERED} are shown)\n\n",
+                self.problems.len() - MAX_RENDERED
+            ));
+        }
         out
     }
 }
+
+/// How many problems are drawn with their source; the rest are counted. A file with
+/// thousands of the same mistake needs its first few shown, not all (each drawing reads the
+/// source from its start).
+pub const MAX_RENDERED: usize = 50;
 
 /// The closest candidate within a small edit distance, for "did you mean".
 pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {

@@ -68,6 +68,9 @@ fn helpers_in_element(element: &TemplateElement, found: &mut Vec<String>) {
     }
 }
 
+/// The most a template may render to (1 MiB).
+pub const MAX_RENDERED_BYTES: usize = 1 << 20;
+
 /// Whether a string is a template (plain strings are used as they are).
 pub fn is_template(text: &str) -> bool {
     text.contains("{{")
@@ -287,12 +290,24 @@ impl Renderer {
                 reason: format!("`{path}` is not defined"),
             });
         }
-        self.render_text(text, context)
-            .map(Value::String)
+        let rendered = self
+            .render_text(text, context)
             .map_err(|error| RenderError {
                 template: text.to_owned(),
                 reason: render_reason(&error),
-            })
+            })?;
+        // `{{#each}}` over a large value can render without bound; nothing a step takes
+        // needs more.
+        if rendered.len() > MAX_RENDERED_BYTES {
+            return Err(RenderError {
+                template: text.to_owned(),
+                reason: format!(
+                    "it renders {} bytes; a template may render at most {MAX_RENDERED_BYTES}",
+                    rendered.len()
+                ),
+            });
+        }
+        Ok(Value::String(rendered))
     }
 
     /// Renders every string inside a value.
@@ -455,6 +470,17 @@ mod tests {
                 .render_condition("{{eq params.name 'b'}}", &context)
                 .unwrap()
         );
+    }
+
+    #[test]
+    fn a_template_renders_at_most_a_mebibyte() {
+        let renderer = Renderer::new();
+        let items: Vec<String> = (0..20_000).map(|i| format!("{i:0>60}")).collect();
+        let context = json!({"params": {"items": items}});
+        let error = renderer
+            .render_str("{{#each params.items}}{{this}}{{/each}}", &context)
+            .unwrap_err();
+        assert!(error.reason.contains("at most 1048576"), "{error}");
     }
 
     #[test]

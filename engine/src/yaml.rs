@@ -113,6 +113,9 @@ fn second_document(text: &str) -> Option<usize> {
 /// few thousand levels overflow the stack.
 pub const MAX_DEPTH: usize = 64;
 
+/// The largest runbook file read (4 MiB: the bundled ones are a few kilobytes).
+pub const MAX_BYTES: usize = 4 << 20;
+
 /// Where the text first nests deeper than [`MAX_DEPTH`], found without parsing: block levels
 /// by indentation (and `- ` items on one line), flow levels by brackets outside quotes.
 fn too_deep(text: &str) -> Option<usize> {
@@ -161,6 +164,18 @@ fn too_deep(text: &str) -> Option<usize> {
 
 /// Parses a whole document; a syntax error is one problem pointing at its place.
 pub fn parse(source: &RunbookSource) -> Result<Yaml, Box<Problem>> {
+    if source.text.len() > MAX_BYTES {
+        return Err(Box::new(Problem {
+            kind: ProblemKind::Yaml {
+                message: format!(
+                    "the runbook is {} bytes; a runbook may be at most {MAX_BYTES} bytes",
+                    source.text.len()
+                ),
+            },
+            span: Span::new(0, 1),
+            source: source.clone(),
+        }));
+    }
     if let Some(offset) = too_deep(&source.text) {
         return Err(Box::new(Problem {
             kind: ProblemKind::Yaml {
