@@ -26,10 +26,13 @@ fn with_schema(spec: &KindSpec) -> Value {
         .iter()
         .map(|p| {
             let mut schema = value_schema(p.ty);
-            schema["description"] = json!(p.description);
             if !p.one_of.is_empty() {
-                schema["enum"] = json!(p.one_of);
+                // A fixed choice, or a template that renders one (a fragment passes its
+                // parameter on).
+                let template = json!({"type": "string", "pattern": "\\{\\{"});
+                schema = json!({"anyOf": [{"enum": p.one_of}, template]});
             }
+            schema["description"] = json!(p.description);
             (p.name.to_owned(), schema)
         })
         .collect();
@@ -44,8 +47,9 @@ fn with_schema(spec: &KindSpec) -> Value {
 
 /// The schema, as a JSON value.
 pub fn runbook_schema(registry: &Registry) -> Value {
-    let kinds: Vec<&str> = registry.names().collect();
-    let per_kind: Vec<Value> = registry
+    // `runbook` includes a fragment; it is the compiler's, not a registered kind.
+    let kinds: Vec<&str> = registry.names().chain(["runbook"]).collect();
+    let mut per_kind: Vec<Value> = registry
         .specs()
         .map(|spec| {
             json!({
@@ -54,6 +58,18 @@ pub fn runbook_schema(registry: &Registry) -> Value {
             })
         })
         .collect();
+    per_kind.push(json!({
+        "if": {"properties": {"uses": {"const": "runbook"}}, "required": ["uses"]},
+        "then": {"properties": {"with": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["path"],
+            "properties": {
+                "path": {"type": "string", "description": "the fragment, relative to this runbook's folder"},
+                "params": {"type": "object", "description": "the fragment's parameters"},
+            },
+        }}},
+    }));
     let duration = json!({"type": "string", "pattern": "^(\\d+(ms|s|m|h|d))+$"});
     json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
