@@ -74,6 +74,13 @@ pub enum Output {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ValidateOutput {
+    Text,
+    Json,
+    Sarif,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum GraphFormat {
     Dot,
     Mermaid,
@@ -109,6 +116,10 @@ pub enum Command {
     Validate {
         #[arg(required = true, value_name = "RUNBOOK")]
         runbooks: Vec<String>,
+        /// `text` (diagnostics drawn on stderr), `json` (every problem with its file, line
+        /// and column, on stdout) or `sarif` (SARIF 2.1.0, for code-scanning).
+        #[arg(long, value_enum, default_value_t = ValidateOutput::Text)]
+        output: ValidateOutput,
     },
     /// Print a runbook's DAG.
     Graph {

@@ -43,7 +43,7 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         sandbox: cli.command.sandbox().is_some(),
     };
     match cli.command {
-        Command::Validate { runbooks } => validate(&runbooks),
+        Command::Validate { runbooks, output } => validate(&runbooks, output),
         Command::Graph { runbook, format } => graph(&runbook, format),
         Command::Schema => print_json(&kmsflow_engine::schema::runbook_schema(&registry())),
         Command::Runbooks => list_runbooks(),
@@ -246,29 +246,53 @@ fn print_json(value: &Value) -> Result<u8, Failure> {
     Ok(code::SUCCESS)
 }
 
-fn validate(runbooks: &[String]) -> Result<u8, Failure> {
+fn validate(runbooks: &[String], output: crate::cli::ValidateOutput) -> Result<u8, Failure> {
+    use crate::cli::ValidateOutput;
     let mut invalid = 0;
     let handler = miette::GraphicalReportHandler::new();
+    let mut reports: Vec<Value> = Vec::new();
     for runbook in runbooks {
         let loaded = match load(runbook) {
             Ok(loaded) => loaded,
             Err(failure) => {
-                eprintln!("error: {failure}");
                 invalid += 1;
+                if output == ValidateOutput::Text {
+                    eprintln!("error: {failure}");
+                }
+                reports.push(serde_json::json!({"runbook": runbook, "valid": false, "problems": [
+                    {"file": runbook, "line": 1, "column": 1, "code": "kmsflow::load", "message": failure.to_string(), "label": null, "help": null}
+                ]}));
                 continue;
             }
         };
         match kmsflow_engine::compile_with(&loaded.source, &registry(), &bundled::Fragments) {
-            Ok(compiled) => outln!(
-                "{}: valid ({} steps)",
-                loaded.source.name,
-                compiled.steps.len()
-            ),
-            Err(diagnostics) => {
-                eprint!("{}", diagnostics.render(&handler));
-                eprintln!("error: {diagnostics}");
-                invalid += 1;
+            Ok(compiled) => {
+                if output == ValidateOutput::Text {
+                    outln!(
+                        "{}: valid ({} steps)",
+                        loaded.source.name,
+                        compiled.steps.len()
+                    );
+                }
+                reports.push(serde_json::json!({"runbook": loaded.source.name, "valid": true, "steps": compiled.steps.len(), "problems": []}));
             }
+            Err(diagnostics) => {
+                invalid += 1;
+                if output == ValidateOutput::Text {
+                    eprint!("{}", diagnostics.render(&handler));
+                    eprintln!("error: {diagnostics}");
+                }
+                reports.push(serde_json::json!({"runbook": loaded.source.name, "valid": false, "problems": diagnostics.to_json()}));
+            }
+        }
+    }
+    match output {
+        ValidateOutput::Text => {}
+        ValidateOutput::Json => {
+            print_json(&serde_json::json!(reports))?;
+        }
+        ValidateOutput::Sarif => {
+            print_json(&render::sarif(&reports))?;
         }
     }
     Ok(if invalid == 0 {

@@ -403,3 +403,45 @@ pub fn plan_text(previews: &[StepPreview]) -> String {
     ));
     out
 }
+
+/// `validate --output sarif`: SARIF 2.1.0, one result per problem, one rule per problem code,
+/// as GitHub code scanning and editors read it.
+pub fn sarif(reports: &[Value]) -> Value {
+    let problems: Vec<&Value> = reports
+        .iter()
+        .flat_map(|r| r["problems"].as_array().into_iter().flatten())
+        .collect();
+    let mut rules: Vec<&str> = problems.iter().filter_map(|p| p["code"].as_str()).collect();
+    rules.sort_unstable();
+    rules.dedup();
+    let results: Vec<Value> = problems
+        .iter()
+        .map(|p| {
+            let mut text = p["message"].as_str().unwrap_or_default().to_owned();
+            if let Some(help) = p["help"].as_str() {
+                text.push_str(&format!(" ({help})"));
+            }
+            serde_json::json!({
+                "ruleId": p["code"],
+                "level": "error",
+                "message": {"text": text},
+                "locations": [{"physicalLocation": {
+                    "artifactLocation": {"uri": p["file"].as_str().unwrap_or_default().trim_start_matches("bundled:")},
+                    "region": {"startLine": p["line"], "startColumn": p["column"]},
+                }}],
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [{
+            "tool": {"driver": {
+                "name": "kmsflow",
+                "version": env!("CARGO_PKG_VERSION"),
+                "rules": rules.iter().map(|r| serde_json::json!({"id": r})).collect::<Vec<_>>(),
+            }},
+            "results": results,
+        }],
+    })
+}

@@ -885,3 +885,39 @@ fn huge_runbooks_get_a_quick_clear_answer() {
     );
     assert!(stderr.contains("7999 problems"));
 }
+
+/// `validate --output sarif` is SARIF 2.1.0 with a result per problem at its line and column,
+/// for code scanning; the exit code is still 2.
+#[test]
+fn validate_speaks_json_and_sarif_for_ci() {
+    let ws = Workspace::new();
+    ws.write(
+        "bad.yaml",
+        "name: bad\nsteps:\n  - id: a\n    uses: noop\n    if: \"no\"\n",
+    );
+    ws.write(
+        "good.yaml",
+        "name: good\nsteps:\n  - id: a\n    uses: noop\n",
+    );
+    let json = ws.run(&["validate", "bad.yaml", "good.yaml", "--output", "json"]);
+    assert_eq!(json.status.code(), Some(2));
+    let reports: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(reports[0]["valid"], false);
+    assert_eq!(reports[0]["problems"][0]["line"], 5);
+    assert_eq!(reports[0]["problems"][0]["column"], 9);
+    assert_eq!(reports[1]["valid"], true);
+    let sarif = ws.run(&["validate", "bad.yaml", "--output", "sarif"]);
+    assert_eq!(sarif.status.code(), Some(2));
+    let sarif: Value = serde_json::from_slice(&sarif.stdout).unwrap();
+    assert_eq!(sarif["version"], "2.1.0");
+    let result = &sarif["runs"][0]["results"][0];
+    assert_eq!(result["ruleId"], "kmsflow::invalid_value");
+    assert_eq!(
+        result["locations"][0]["physicalLocation"]["region"]["startLine"],
+        5
+    );
+    assert_eq!(
+        sarif["runs"][0]["tool"]["driver"]["rules"][0]["id"],
+        "kmsflow::invalid_value"
+    );
+}

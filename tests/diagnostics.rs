@@ -49,3 +49,31 @@ fn invalid_runbooks_are_rejected_with_located_diagnostics() {
         insta::assert_snapshot!(name.trim_end_matches(".yaml"), rendered);
     }
 }
+
+/// `validate --output json` (and SARIF) carry each problem's file, line and column: the same
+/// place the drawn diagnostic points at, for every fixture.
+#[test]
+fn problems_as_data_point_where_the_drawings_do() {
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/invalid");
+    for entry in std::fs::read_dir(&folder).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let source = RunbookSource::new(path.display().to_string(), text);
+        let diagnostics = compile(&source, &Registry::with_engine_kinds()).unwrap_err();
+        let data = diagnostics.to_json();
+        assert_eq!(data.len(), diagnostics.problems.len());
+        for (problem, entry) in diagnostics.problems.iter().zip(&data) {
+            let at = format!(
+                "{}:{}:{}",
+                entry["file"].as_str().unwrap(),
+                entry["line"],
+                entry["column"]
+            );
+            assert_eq!(at, problem.location(), "{}", path.display());
+            assert_eq!(entry["message"], problem.to_string());
+        }
+    }
+}

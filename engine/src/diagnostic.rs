@@ -326,6 +326,37 @@ pub struct Diagnostics {
 }
 
 impl Diagnostics {
+    /// Every problem as data, for CI and editors: file, 1-based line and column, code,
+    /// message, label and help. Positions come from one index of line starts per file, so a
+    /// file with thousands of problems is read once.
+    pub fn to_json(&self) -> Vec<serde_json::Value> {
+        let mut line_starts: std::collections::HashMap<&str, Vec<usize>> =
+            std::collections::HashMap::new();
+        self.problems
+            .iter()
+            .map(|problem| {
+                let text = &problem.source.text;
+                let starts = line_starts.entry(&problem.source.name).or_insert_with(|| {
+                    std::iter::once(0)
+                        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+                        .collect()
+                });
+                let offset = floor_char_boundary(text, problem.span.offset.min(text.len()));
+                let line = starts.partition_point(|&start| start <= offset);
+                let column = text[starts[line - 1]..offset].chars().count() + 1;
+                serde_json::json!({
+                    "file": problem.source.name,
+                    "line": line,
+                    "column": column,
+                    "code": problem.kind.code(),
+                    "message": problem.kind.to_string(),
+                    "label": problem.kind.label(),
+                    "help": problem.kind.help(),
+                })
+            })
+            .collect()
+    }
+
     /// Renders every problem, as `kmsflow validate` prints them.
     pub fn render(&self, handler: &miette::GraphicalReportHandler) -> String {
         let mut out = String::new();
