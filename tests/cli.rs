@@ -921,3 +921,30 @@ fn validate_speaks_json_and_sarif_for_ci() {
         "kmsflow::invalid_value"
     );
 }
+
+/// A fragment step whose parameters read its own outputs is a diagnostic at the reference
+/// (it used to be "error: 0 problems").
+#[test]
+fn a_fragment_fed_by_its_own_outputs_is_a_located_diagnostic() {
+    let ws = Workspace::new();
+    ws.write(
+        "inner.yaml",
+        "name: inner\nparams:\n  x: { type: string }\nsteps:\n  - id: a\n    uses: noop\n    with: { outputs: { y: \"{{params.x}}\" } }\noutputs:\n  y: \"{{steps.a.outputs.y}}\"\n",
+    );
+    ws.write(
+        "outer.yaml",
+        "name: outer\nsteps:\n  - id: cmk\n    uses: runbook\n    with: { path: inner.yaml, params: { x: \"{{steps.cmk.outputs.y}}\" } }\n",
+    );
+    let output = ws.run(&["validate", "outer.yaml", "--output", "json"]);
+    assert_eq!(output.status.code(), Some(2));
+    let reports: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let problems = reports[0]["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(
+        problems[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read its own outputs")
+    );
+    assert_eq!(problems[0]["line"], 5);
+}

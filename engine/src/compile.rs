@@ -116,6 +116,18 @@ fn compile_nested(
     compiler.including.pop();
     match result {
         Some(runbook) if compiler.problems.is_empty() => Ok(runbook),
+        None if compiler.problems.is_empty() => {
+            // Every refusal must say why; this one did not (a gap in the checks above).
+            Err(diagnostics(vec![Problem {
+                kind: ProblemKind::InvalidValue {
+                    key: "steps".into(),
+                    reason: "the runbook could not be compiled, and no check said why".into(),
+                    hint: Some("please report this runbook to kmsflow's maintainers".into()),
+                },
+                span: Span::new(0, 0),
+                source: source.clone(),
+            }]))
+        }
         _ => {
             let mut problems = compiler.problems;
             problems.sort_by_key(|p| p.span.offset);
@@ -332,6 +344,7 @@ impl Compiler<'_> {
     /// checks the parameters given to it.
     fn fragment(
         &mut self,
+        step_id: Option<&str>,
         with: Option<&Yaml>,
         at: Span,
     ) -> Option<Box<(CompiledRunbook, Map<String, Value>)>> {
@@ -434,6 +447,27 @@ impl Compiler<'_> {
         let names: Vec<&str> = compiled.params.iter().map(|p| p.name.as_str()).collect();
         let mut values = Map::new();
         for (key, value) in &given {
+            // The fragment's outputs come from its steps, which its parameters feed: reading
+            // them here could never be satisfied.
+            let mut sites = Vec::new();
+            collect_templates(value, &mut sites);
+            for (path, span) in self.template_refs(&sites) {
+                if step_id.is_some() && path.step() == step_id {
+                    self.problem(
+                        ProblemKind::InvalidValue {
+                            key: key.value.clone(),
+                            reason: format!(
+                                "a fragment's parameters cannot read its own outputs (`{}`)",
+                                path.raw
+                            ),
+                            hint: Some(
+                                "pass a parameter or an earlier step's output instead".into(),
+                            ),
+                        },
+                        span,
+                    );
+                }
+            }
             if names.contains(&key.value.as_str()) {
                 values.insert(key.value.clone(), value.value.to_json());
             } else {
@@ -868,6 +902,7 @@ impl Compiler<'_> {
         };
         let fragment = match (&uses, &with) {
             (Some(uses), _) if uses.value == FRAGMENT_KIND => self.fragment(
+                id.as_ref().map(|id| id.value.as_str()),
                 with.as_ref(),
                 keys.get("with").map_or(item.span, |(k, _)| k.span),
             ),
