@@ -131,6 +131,13 @@ pub enum Command {
     Schema,
     /// List the bundled runbooks.
     Runbooks,
+    /// Print a shell completion script (e.g. `kmsflow completions bash > /etc/bash_completion.d/kmsflow`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff; e.g. `kmsflow man > kmsflow.1`).
+    Man,
     /// Print the reference of every step kind (parameters and outputs) as Markdown.
     Docs,
     /// Show what each step would do, without changing anything.

@@ -47,6 +47,22 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Graph { runbook, format } => graph(&runbook, format),
         Command::Schema => print_json(&kmsflow_engine::schema::runbook_schema(&registry())),
         Command::Runbooks => list_runbooks(),
+        Command::Completions { shell } => {
+            let mut command = <crate::cli::Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "kmsflow", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
+            Ok(code::SUCCESS)
+        }
+        Command::Man => {
+            let command = <crate::cli::Cli as clap::CommandFactory>::command();
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command)
+                .render(&mut page)
+                .map_err(|e| Failure::Usage(format!("cannot render the man page: {e}")))?;
+            out!("{}", String::from_utf8_lossy(&page));
+            Ok(code::SUCCESS)
+        }
         Command::Docs => {
             out!("{}", docs());
             Ok(code::SUCCESS)

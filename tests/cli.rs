@@ -948,3 +948,32 @@ fn a_fragment_fed_by_its_own_outputs_is_a_located_diagnostic() {
     );
     assert_eq!(problems[0]["line"], 5);
 }
+
+/// Shell completions and the man page come from the parser's own definitions.
+#[test]
+fn completions_and_the_man_page_cover_every_subcommand() {
+    let ws = Workspace::new();
+    for shell in ["bash", "zsh", "fish", "powershell", "elvish"] {
+        let output = ws.run(&["completions", shell]);
+        assert!(output.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&output.stdout);
+        for subcommand in ["validate", "plan", "rollback", "schedule", "sandbox"] {
+            assert!(script.contains(subcommand), "{shell} lacks {subcommand}");
+        }
+    }
+    let bash = ws.run(&["completions", "bash"]);
+    ws.write("kmsflow.bash", &String::from_utf8_lossy(&bash.stdout));
+    let syntax = Command::new("bash")
+        .args(["-n", "kmsflow.bash"])
+        .current_dir(ws.dir.path())
+        .status()
+        .unwrap();
+    assert!(syntax.success(), "the bash script parses");
+    let man = ws.run(&["man"]);
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(man.status.success());
+    assert!(
+        page.contains(".TH kmsflow 1") && page.contains("rollback"),
+        "{page}"
+    );
+}
