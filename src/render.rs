@@ -104,7 +104,13 @@ fn progress_line(event: &Progress, width: usize) -> Option<String> {
             status,
             error,
         } => match error {
-            Some(error) => format!("kmsflow: run {run_id} {status}: {error}"),
+            // The step's FAILED line just above carries the error: name the step only.
+            Some(error) => match failed_step(error) {
+                Some(step) => {
+                    format!("kmsflow: run {run_id} {status} at step `{step}` (its error is above)")
+                }
+                None => format!("kmsflow: run {run_id} {status}: {error}"),
+            },
             None => format!("kmsflow: run {run_id} {status}"),
         },
         Progress::StepRolledBack { step_id } => step_line(width, step_id, "undone", ""),
@@ -444,4 +450,12 @@ pub fn sarif(reports: &[Value]) -> Value {
             "results": results,
         }],
     })
+}
+
+/// The step a run's error names, when it is the executor's "step `X` failed: ..." (whose
+/// message its own progress line has already shown).
+fn failed_step(error: &str) -> Option<&str> {
+    let rest = error.strip_prefix("step `")?;
+    let (step, tail) = rest.split_once('`')?;
+    tail.starts_with(" failed: ").then_some(step)
 }

@@ -977,3 +977,15 @@ fn completions_and_the_man_page_cover_every_subcommand() {
         "{page}"
     );
 }
+
+/// A failure is printed once: on its step's line, not again by the log and the summary.
+#[test]
+fn a_failure_is_printed_once() {
+    let ws = Workspace::new();
+    ws.write("f.yaml", "name: f\nsteps:\n  - id: boom\n    uses: fail\n");
+    let output = ws.run(&["run", "f.yaml"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(stderr.matches("failed on purpose").count(), 1, "{stderr}");
+    assert!(stderr.contains("failed at step `boom`"), "{stderr}");
+}

@@ -883,7 +883,9 @@ impl StepTask {
                             at,
                         }])
                         .await?;
-                    tracing::error!(error = %message, "step failed");
+                    // The progress line below tells the user; the log keeps it for `debug`, so a
+                    // failure is printed once, not once per channel.
+                    tracing::debug!(error = %message, "step failed");
                     (shared.progress)(&Progress::StepFailed {
                         step_id: step.id.clone(),
                         error: message.clone(),
