@@ -168,7 +168,21 @@ struct Loaded {
 
 fn load(runbook: &str) -> Result<Loaded, Failure> {
     let path = std::path::Path::new(runbook);
-    if path.exists() {
+    let bundled_name = runbook.strip_prefix("bundled:").unwrap_or(runbook);
+    if path.is_dir() {
+        // A folder is never a runbook; a bundled runbook of its name is what was meant, and
+        // the user is told which was taken.
+        if let Some(b) = bundled::find(bundled_name) {
+            eprintln!(
+                "kmsflow: `{runbook}` is a folder here; using the bundled runbook `{}` (say `bundled:{}` to be explicit)",
+                b.name, b.name
+            );
+        } else {
+            return Err(Failure::Usage(format!(
+                "`{runbook}` is a folder, not a runbook file; name the YAML file inside it"
+            )));
+        }
+    } else if path.exists() {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Failure::Usage(format!("cannot read `{runbook}`: {e}")))?;
         let reference = std::fs::canonicalize(path)

@@ -117,8 +117,12 @@ fn init_tracing(format: LogFormat) {
     let filter = QUIET_LIBRARIES.iter().fold(filter, |filter, directive| {
         filter.add_directive(directive.parse().expect("a valid directive"))
     });
+    // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.with_target(false).init(),

@@ -989,3 +989,36 @@ fn a_failure_is_printed_once() {
     assert_eq!(stderr.matches("failed on purpose").count(), 1, "{stderr}");
     assert!(stderr.contains("failed at step `boom`"), "{stderr}");
 }
+
+/// Piped, the logs carry no colour codes (they did: colour was on whatever the output).
+#[test]
+fn piped_logs_have_no_colour() {
+    let ws = Workspace::new();
+    ws.write("f.yaml", "name: f\nsteps:\n  - id: boom\n    uses: fail\n");
+    let output = ws
+        .command(&["run", "f.yaml"])
+        .env("KMSFLOW_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("INFO"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr}");
+}
+
+/// A folder named like a bundled runbook does not shadow it: the bundled one is used, and
+/// the user is told.
+#[test]
+fn a_folder_named_like_a_bundled_runbook_does_not_shadow_it() {
+    let ws = Workspace::new();
+    std::fs::create_dir(ws.path("verify-kms")).unwrap();
+    let output = ws.run(&["validate", "verify-kms"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is a folder here; using the bundled runbook `verify-kms`"),
+        "{stderr}"
+    );
+    std::fs::create_dir(ws.path("not-a-runbook")).unwrap();
+    let output = ws.run(&["validate", "not-a-runbook"]);
+    assert_eq!(output.status.code(), Some(2));
+}
