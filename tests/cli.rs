@@ -997,11 +997,11 @@ fn piped_logs_have_no_colour() {
     ws.write("f.yaml", "name: f\nsteps:\n  - id: boom\n    uses: fail\n");
     let output = ws
         .command(&["run", "f.yaml"])
-        .env("KMSFLOW_LOG", "info")
+        .env("KMSFLOW_LOG", "debug")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("INFO"), "{stderr}");
+    assert!(stderr.contains("DEBUG"), "{stderr}");
     assert!(!stderr.contains('\u{1b}'), "{stderr}");
 }
 
