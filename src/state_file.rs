@@ -8,7 +8,10 @@ use crate::failure::Failure;
 /// `--state`, `$KMSFLOW_STATE`, else `kmsflow/state.db` under the user's state directory.
 pub fn state_path(given: Option<&Path>) -> Result<PathBuf, Failure> {
     match given {
-        Some(path) => Ok(path.to_owned()),
+        Some(path) => {
+            check_state_file(path)?;
+            Ok(path.to_owned())
+        }
         None => dirs::state_dir()
             .or_else(dirs::data_local_dir)
             .map(|dir| dir.join("kmsflow").join("state.db"))
@@ -17,5 +20,33 @@ pub fn state_path(given: Option<&Path>) -> Result<PathBuf, Failure> {
                     "cannot find a state directory; pass --state or set KMSFLOW_STATE".into(),
                 )
             }),
+    }
+}
+
+/// The first bytes of every SQLite database file.
+const SQLITE_HEADER: &[u8] = b"SQLite format 3\0";
+
+/// Refuses, with what to do, a `--state` that is a folder or a file that is not a SQLite
+/// database (SQLite's own "file is not a database" names neither the file nor a way out).
+/// A missing file is fine: the first run creates it.
+fn check_state_file(path: &Path) -> Result<(), Failure> {
+    if path.is_dir() {
+        return Err(Failure::Usage(format!(
+            "`{}` is a folder: --state (or KMSFLOW_STATE) names the state file, e.g. `{}`",
+            path.display(),
+            path.join("state.db").display()
+        )));
+    }
+    let mut header = [0u8; 16];
+    let read =
+        std::fs::File::open(path).and_then(|mut file| std::io::Read::read(&mut file, &mut header));
+    match read {
+        // Empty (SQLite makes it a database) or not there yet.
+        Ok(0) | Err(_) => Ok(()),
+        Ok(n) if n == SQLITE_HEADER.len() && header == SQLITE_HEADER => Ok(()),
+        Ok(_) => Err(Failure::Usage(format!(
+            "`{}` is not a kmsflow state file (it is not a SQLite database): point --state (or KMSFLOW_STATE) at the file kmsflow made, or move this one away",
+            path.display()
+        ))),
     }
 }

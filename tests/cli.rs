@@ -1022,3 +1022,23 @@ fn a_folder_named_like_a_bundled_runbook_does_not_shadow_it() {
     let output = ws.run(&["validate", "not-a-runbook"]);
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// A state path that is a folder or a file that is not a state file is a usage error (2)
+/// naming the file and what to do, not SQLite's "file is not a database" (exit 1).
+#[test]
+fn a_bad_state_path_is_named_with_what_to_do() {
+    let ws = Workspace::new();
+    ws.write("notes.txt", "not a database\n");
+    let output = ws.run(&["runs", "--state", "notes.txt"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`notes.txt` is not a kmsflow state file"),
+        "{stderr}"
+    );
+    let folder = ws.dir.path().to_str().unwrap().to_owned();
+    let output = ws.run(&["runs", "--state", &folder]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is a folder"), "{stderr}");
+}
