@@ -281,24 +281,52 @@ pub fn run_text(run: &RunRecord, steps: &[StepRecord]) -> String {
     out
 }
 
-/// `runs` as text.
+/// `runs` as text: columns as wide as their widest value.
 pub fn runs_text(runs: &[RunRecord]) -> String {
-    let mut out = format!(
-        "{:<20}  {:<24}  {:<15}  {:<25}  {}\n",
-        "run", "runbook", "status", "started", "error"
-    );
-    for run in runs {
-        out.push_str(
-            format!(
-                "{:<20}  {:<24}  {:<15}  {:<25}  {}",
-                run.id,
-                run.runbook,
-                run.status.as_str(),
-                run.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
-                run.error.as_deref().unwrap_or("")
-            )
-            .trim_end(),
-        );
+    let mut rows = vec![vec![
+        "run".to_owned(),
+        "runbook".to_owned(),
+        "status".to_owned(),
+        "started".to_owned(),
+        "error".to_owned(),
+    ]];
+    rows.extend(runs.iter().map(|run| {
+        vec![
+            run.id.clone(),
+            run.runbook.clone(),
+            run.status.as_str().to_owned(),
+            run.started_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+            run.error.clone().unwrap_or_default(),
+        ]
+    }));
+    aligned(&rows)
+}
+
+/// Rows as text, each column padded to its widest cell (the last one left as it is).
+pub fn aligned(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 < row.len() {
+                let pad = widths[c] - cell.chars().count();
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad + 2));
+            } else {
+                line.push_str(cell);
+            }
+        }
+        out.push_str(line.trim_end());
         out.push('\n');
     }
     out

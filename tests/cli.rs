@@ -1042,3 +1042,31 @@ fn a_bad_state_path_is_named_with_what_to_do() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("is a folder"), "{stderr}");
 }
+
+/// `runs` lines its columns up whatever the width of ids and names.
+#[test]
+fn the_runs_table_is_aligned() {
+    let ws = Workspace::new();
+    ws.write(
+        "a-runbook-with-a-long-name.yaml",
+        "name: a-runbook-with-a-long-name\nsteps:\n  - id: a\n    uses: noop\n",
+    );
+    assert!(
+        ws.run(&["run", "a-runbook-with-a-long-name.yaml"])
+            .status
+            .success()
+    );
+    let table = String::from_utf8_lossy(&ws.run(&["runs"]).stdout).into_owned();
+    let lines: Vec<&str> = table.lines().collect();
+    let column = |line: &str, word: &str| line.find(word).unwrap();
+    assert_eq!(
+        column(lines[0], "runbook"),
+        column(lines[1], "a-runbook-with-a-long-name"),
+        "{table}"
+    );
+    assert_eq!(
+        column(lines[0], "status"),
+        column(lines[1], "succeeded"),
+        "{table}"
+    );
+}
