@@ -197,6 +197,9 @@ pub enum Command {
         /// started with. Off: rollback acts only on what the run recorded it touched.
         #[arg(long)]
         allow_param_change: bool,
+        /// Print what the rollback would delete and put back, newest first; change nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },

@@ -101,8 +101,16 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             params,
             sandbox: _,
             allow_param_change,
+            dry_run,
             output,
-        } => rollback(&context, &run_id, &params, allow_param_change, output).await,
+        } => {
+            if dry_run {
+                // From the records alone: parameters only matter to a rollback that acts.
+                rollback_dry_run(&context, &run_id, output)
+            } else {
+                rollback(&context, &run_id, &params, allow_param_change, output).await
+            }
+        }
         Command::Approve {
             run_id,
             step_id,
@@ -674,6 +682,49 @@ async fn rollback(
     };
     let summary = launch::rollback(&engine, request).await?;
     finish(context, summary, output)
+}
+
+/// `rollback --dry-run`: from the run's records alone (nothing is read from Azure or written),
+/// what a rollback would undo, newest first.
+fn rollback_dry_run(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> {
+    let engine = context.engine()?;
+    let (run, steps, _) = launch::load_run(&engine, run_id)?;
+    let plan = kmsflow_engine::rollback::undo_plan(&steps);
+    let what = |outcome: kmsflow_state::Outcome| match outcome {
+        kmsflow_state::Outcome::Created => "delete what it created",
+        kmsflow_state::Outcome::Updated => "put back what it changed",
+        _ => "undo its action, where the step kind can",
+    };
+    match output {
+        Output::Json => {
+            let entries: Vec<Value> = plan
+                .iter()
+                .map(|(record, outcome)| {
+                    serde_json::json!({"step_id": record.step_id, "uses": record.uses, "outcome": outcome.to_string(), "undo": what(*outcome), "before": record.before_image})
+                })
+                .collect();
+            print_json(&serde_json::json!({"run_id": run.id, "would_undo": entries}))?;
+        }
+        Output::Text if plan.is_empty() => {
+            outln!("rollback of {}: nothing to undo", run.id);
+        }
+        Output::Text => {
+            outln!("rollback of {} would, newest first:", run.id);
+            let mut rows = Vec::new();
+            for (record, outcome) in &plan {
+                rows.push(vec![
+                    format!("  {}", record.step_id),
+                    record.uses.clone(),
+                    what(*outcome).to_owned(),
+                ]);
+            }
+            out!("{}", render::aligned(&rows));
+            outln!(
+                "(a change that cannot be undone, such as enabling KMS infrastructure encryption, is kept and reported)"
+            );
+        }
+    }
+    Ok(code::SUCCESS)
 }
 
 fn approve(

@@ -575,3 +575,36 @@ fn check_refuses_a_parameter_typo_and_run_rotation_check_exits_on_its_findings()
         String::from_utf8_lossy(&run.stderr)
     );
 }
+
+/// `rollback --dry-run` says what a rollback would delete and put back, newest first, and
+/// changes nothing: the run stays as it was and so does the world.
+#[test]
+fn rollback_dry_run_lists_what_it_would_undo_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_ok(dir.path(), "cmk-public-vault-new-cluster");
+    let id = run["id"].as_str().unwrap().to_owned();
+    let before = world(dir.path());
+    let dry = kmsflow(
+        dir.path(),
+        &["rollback", &id, "--dry-run", "--output", "json"],
+    );
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&dry.stdout).unwrap();
+    let steps: Vec<&str> = plan["would_undo"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps.first(), Some(&"cluster"), "newest first: {steps:?}");
+    assert_eq!(steps.last(), Some(&"feature"), "{steps:?}");
+    assert!(steps.contains(&"cmk--key"));
+    assert_eq!(world(dir.path()), before, "nothing changed in the world");
+    let show = kmsflow(dir.path(), &["show", &id, "--output", "json"]);
+    let shown: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown["status"], "succeeded");
+}

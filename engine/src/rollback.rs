@@ -39,6 +39,17 @@ fn change_to_undo(record: &StepRecord) -> Option<Outcome> {
     }
 }
 
+/// What a rollback of these records would undo, newest first: each step that changed
+/// something (or may have, having died while applying), with its outcome. `rollback
+/// --dry-run` shows it; the walk below undoes it in this order.
+pub fn undo_plan(records: &[StepRecord]) -> Vec<(&StepRecord, Outcome)> {
+    records
+        .iter()
+        .rev()
+        .filter_map(|record| change_to_undo(record).map(|outcome| (record, outcome)))
+        .collect()
+}
+
 /// What one rollback walk works with: the run's records and the runbook it stored.
 pub(crate) struct Walk<'a> {
     pub registry: &'a Registry,
