@@ -210,6 +210,12 @@ pub fn parse(source: &RunbookSource) -> Result<Yaml, Box<Problem>> {
                     inner.key.span().start().copied(),
                     format!("duplicate key `{}`", inner.key.as_str()),
                 ),
+                // The span-keeping loader has no anchors; say so where the anchor is, with
+                // what to do instead, rather than a bare parse error at the first line.
+                marked_yaml::LoadError::UnexpectedAnchor(m) => (
+                    Some(*m),
+                    "YAML anchors and aliases (`&name`, `*name`) are not supported: repeat the block, or share steps through a fragment (`uses: runbook`)".to_owned(),
+                ),
                 marked_yaml::LoadError::ScanError(m, _) => {
                     (Some(*m), strip_marker(&error.to_string()))
                 }
