@@ -33,8 +33,9 @@ pub struct Target {
     pub params: Map<String, Value>,
 }
 
-/// `resource_group/cluster`, from the parameters a check runs with.
-fn label(sources: &ParamSources) -> String {
+/// `resource_group/cluster` (`subscription/resource_group/cluster` when the fleet spans
+/// several subscriptions), from the parameters a check runs with.
+fn label(sources: &ParamSources, with_subscription: bool) -> String {
     let get = |k: &str| {
         sources
             .cli
@@ -58,7 +59,16 @@ fn label(sources: &ParamSources) -> String {
             })
             .unwrap_or_else(|| "?".into())
     };
-    format!("{}/{}", get("resource_group"), get("cluster"))
+    if with_subscription {
+        format!(
+            "{}/{}/{}",
+            get("subscription"),
+            get("resource_group"),
+            get("cluster")
+        )
+    } else {
+        format!("{}/{}", get("resource_group"), get("cluster"))
+    }
 }
 
 const COLUMNS: &[&str] = &["subscription", "resource_group", "cluster", "expected_mode"];
@@ -204,6 +214,11 @@ pub async fn check_all(
             (target, sources)
         })
         .collect();
+    let subscriptions: std::collections::BTreeSet<String> = targets
+        .iter()
+        .filter_map(|(t, _)| t.params.get("subscription").map(Value::to_string))
+        .collect();
+    let several_subscriptions = subscriptions.len() > 1;
     let problems: Vec<String> = targets
         .iter()
         .enumerate()
@@ -213,7 +228,11 @@ pub async fn check_all(
                 if targets.len() == 1 {
                     format!("  {errors}")
                 } else {
-                    format!("  target {} ({}): {errors}", index + 1, label(sources))
+                    format!(
+                        "  target {} ({}): {errors}",
+                        index + 1,
+                        label(sources, several_subscriptions)
+                    )
                 }
             })
         })
@@ -242,7 +261,7 @@ pub async fn check_all(
             .await
             .expect("the semaphore is never closed");
         let (launcher, runbook, source) = (launcher.clone(), runbook.clone(), source.clone());
-        let label = label(&sources);
+        let label = label(&sources, several_subscriptions);
         tasks.spawn(async move {
             (
                 index,

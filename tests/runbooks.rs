@@ -608,3 +608,27 @@ fn rollback_dry_run_lists_what_it_would_undo_and_changes_nothing() {
     let shown: Value = serde_json::from_slice(&show.stdout).unwrap();
     assert_eq!(shown["status"], "succeeded");
 }
+
+/// When a fleet spans several subscriptions, the target column names the subscription.
+#[test]
+fn check_names_the_subscription_when_targets_span_several() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fleet.csv"),
+        "subscription,resource_group,cluster\n00000000-0000-4000-8000-5a4db0c5ab0c,rg-a,aks-a\n00000000-0000-4000-8000-00000000b0b0,rg-a,aks-a\n",
+    )
+    .unwrap();
+    let check = kmsflow(
+        dir.path(),
+        &["check", "--sandbox", "--targets", "fleet.csv"],
+    );
+    let table = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        table.contains("00000000-0000-4000-8000-5a4db0c5ab0c/rg-a/aks-a"),
+        "{table}"
+    );
+    assert!(
+        table.contains("00000000-0000-4000-8000-00000000b0b0/rg-a/aks-a"),
+        "{table}"
+    );
+}
