@@ -194,8 +194,24 @@ impl RunFirer {
             5 => "warn",
             _ => "fail",
         };
+        // The clusters that are not ok, with their findings that are not: what on-call reads.
+        let attention: Vec<Value> = report["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["worst"] != "ok")
+            .map(|c| {
+                let findings: Vec<&Value> = c["findings"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|f| f["severity"] != "ok")
+                    .collect();
+                json!({"target": c["target"], "worst": c["worst"], "findings": findings})
+            })
+            .collect();
         (
-            json!({"summary": report["summary"], "worst": worst}),
+            json!({"summary": report["summary"], "worst": worst, "clusters": attention}),
             Some(worst.to_owned()),
         )
     }
@@ -231,9 +247,12 @@ impl Firer for RunFirer {
             None => self.run_one(schedule, occurrence, run_id).await,
         };
         if let (Some(url), Some(worst)) = (&schedule.webhook, &worst) {
-            let was_bad = matches!(schedule.last_worst.as_deref(), Some("warn" | "fail"));
+            // On a change of state only (ok to warn or fail, warn to fail and back, recovery):
+            // a fleet failing every hour pages once, not every hour.
+            let last = schedule.last_worst.as_deref().unwrap_or("ok");
+            let was_bad = last != "ok";
             let bad = worst != "ok";
-            if bad || was_bad {
+            if worst.as_str() != last {
                 let payload = json!({
                     "schedule": schedule.name,
                     "occurrence": occurrence.to_rfc3339(),

@@ -264,6 +264,27 @@ fn a_failing_run_posts_to_the_webhook() {
     let body = received
         .recv_timeout(Duration::from_secs(10))
         .expect("the webhook was called");
+    // Failing again is not news: later fires, still failing, post nothing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let history = run(
+            dir.path(),
+            &["schedule", "history", "alerting", "--output", "json"],
+        );
+        let fires: Value = serde_json::from_slice(&history.stdout).unwrap_or(Value::Null);
+        let finished = fires.as_array().map_or(0, |f| {
+            f.iter().filter(|f| f["detail"]["worst"] == "fail").count()
+        });
+        if finished >= 3 || std::time::Instant::now() > deadline {
+            assert!(finished >= 3, "three failing fires: {fires}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        received.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a webhook fires on a change of state, not on every failing fire"
+    );
     assert!(sigterm(&mut d).success());
     let payload: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(payload["schedule"], "alerting");
