@@ -1040,27 +1040,53 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
                     print_json(&serde_json::to_value(&schedules).expect("schedules serialize"))
                 }
                 Output::Text => {
-                    outln!(
-                        "{:<20}  {:<18}  {:<24}  {:<10}  {:<6}  last",
-                        "schedule",
-                        "cron",
-                        "runbook",
-                        "overlap",
-                        "state"
-                    );
+                    let mut rows = vec![
+                        [
+                            "schedule",
+                            "cron",
+                            "runbook or targets",
+                            "parameters",
+                            "overlap",
+                            "state",
+                            "webhook",
+                            "last",
+                        ]
+                        .map(str::to_owned)
+                        .to_vec(),
+                    ];
                     for s in schedules {
-                        outln!(
-                            "{:<20}  {:<18}  {:<24}  {:<10}  {:<6}  {}",
-                            s.name,
-                            s.cron,
+                        let params = s
+                            .params
+                            .as_object()
+                            .map(|p| {
+                                p.iter()
+                                    .map(|(k, v)| {
+                                        format!(
+                                            "{k}={}",
+                                            v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                                        )
+                                    })
+                                    .collect::<Vec<_>>()
+                                    .join(" ")
+                            })
+                            .filter(|p| !p.is_empty())
+                            .unwrap_or_else(|| "-".into());
+                        rows.push(vec![
+                            s.name.clone(),
+                            s.cron.clone(),
                             s.targets
                                 .as_deref()
                                 .map_or(s.runbook.clone(), |t| format!("fleet {t}")),
-                            s.overlap,
-                            if s.paused { "paused" } else { "active" },
-                            s.last_worst.unwrap_or_else(|| "-".into())
-                        );
+                            params,
+                            s.overlap.to_string(),
+                            if s.paused { "paused" } else { "active" }.to_owned(),
+                            s.webhook
+                                .as_deref()
+                                .map_or_else(|| "-".into(), kmsflow_state::mask_url),
+                            s.last_worst.clone().unwrap_or_else(|| "-".into()),
+                        ]);
                     }
+                    out!("{}", render::aligned(&rows));
                     Ok(code::SUCCESS)
                 }
             }

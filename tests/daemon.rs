@@ -478,3 +478,32 @@ fn a_state_file_held_busy_past_the_timeout_stops_neither_the_daemon_nor_its_runn
     }
     assert!(sigterm(&mut daemon).success());
 }
+
+/// `schedule list` shows what each schedule runs with: its parameters and its webhook's host.
+#[test]
+fn schedule_list_shows_parameters_and_the_masked_webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    add(
+        dir.path(),
+        &[
+            "nightly",
+            "--runbook",
+            "rotation-check",
+            "--cron",
+            "0 3 * * *",
+            "-p",
+            "resource_group=rg-prod",
+            "-p",
+            "cluster=aks-prod",
+            "--notify-webhook",
+            "https://hooks.example.com/services/T0/SECRET",
+        ],
+    );
+    let list = String::from_utf8(run(dir.path(), &["schedule", "list"]).stdout).unwrap();
+    assert!(
+        list.contains("cluster=aks-prod resource_group=rg-prod"),
+        "{list}"
+    );
+    assert!(list.contains("https://hooks.example.com/***"), "{list}");
+    assert!(!list.contains("SECRET"), "{list}");
+}
