@@ -178,15 +178,12 @@ pub(crate) fn check(surface: Surface, version: &str, req: &Req) -> Option<Resp> 
             ),
         )
     } else {
+        // The type after the last `providers/{namespace}`, as the client wrote it.
         let kind = req
             .segments
-            .windows(2)
-            .rev()
-            .find(|w| w[0] == "providers")
-            .and_then(|_| {
-                req.raw_segments
-                    .get(req.segments.iter().rposition(|s| s == "providers")? + 2)
-            })
+            .iter()
+            .rposition(|s| s == "providers")
+            .and_then(|at| req.raw_segments.get(at + 2))
             .cloned()
             .unwrap_or_default();
         Resp::arm_error(
