@@ -164,6 +164,10 @@ pub enum Command {
         /// Steps running at once, at most.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
+        /// Go past a point of no return without asking (needed without a terminal, unless an
+        /// `approve` step of the runbook stands before it).
+        #[arg(long, short = 'y')]
+        yes: bool,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -198,8 +202,11 @@ pub enum Command {
         #[arg(long)]
         allow_param_change: bool,
         /// Print what the rollback would delete and put back, newest first; change nothing.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "yes")]
         dry_run: bool,
+        /// Delete what the run created without asking (needed without a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },

@@ -79,8 +79,9 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             params,
             sandbox: _,
             concurrency,
+            yes,
             output,
-        } => run(&context, &runbook, &params, concurrency, output).await,
+        } => run(&context, &runbook, &params, concurrency, yes, output).await,
         Command::Resume {
             run_id,
             params,
@@ -102,13 +103,14 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             sandbox: _,
             allow_param_change,
             dry_run,
+            yes,
             output,
         } => {
             if dry_run {
                 // From the records alone: parameters only matter to a rollback that acts.
                 rollback_dry_run(&context, &run_id, output)
             } else {
-                rollback(&context, &run_id, &params, allow_param_change, output).await
+                rollback(&context, &run_id, &params, allow_param_change, yes, output).await
             }
         }
         Command::Approve {
@@ -557,12 +559,24 @@ async fn run(
     runbook: &str,
     args: &ParamArgs,
     concurrency: u16,
+    yes: bool,
     output: Output,
 ) -> Result<u8, Failure> {
     let loaded = load(runbook)?;
     let compiled = compile_loaded(&loaded)?;
     let bound = bind(&compiled, &param_sources(context, args)?)?;
     let engine = context.engine()?;
+    let ungated = |s: &kmsflow_engine::runbook::CompiledStep| {
+        s.may_be_irreversible && !compiled.approval_before(&s.id)
+    };
+    if !yes && compiled.steps.iter().any(ungated) {
+        // Only the plan knows whether this run would pass the point (a cluster already
+        // encrypted will not), so a rerun is not asked about what it will not do.
+        let registry = crate::registry_with(context.azure.clone());
+        let previews = kmsflow_engine::preview::preview(&compiled, &bound, &registry).await;
+        let points = crate::confirm::points_of_no_return(&compiled, &previews);
+        crate::confirm::confirm("run passes a point of no return", &points, false)?;
+    }
     // The bundled check's findings exit as `kmsflow check`'s do, so a schedule or CI job
     // running it pages on the same codes.
     let judges = loaded.reference == "bundled:rotation-check";
@@ -667,10 +681,24 @@ async fn rollback(
     run_id: &str,
     args: &ParamArgs,
     allow_param_change: bool,
+    yes: bool,
     output: Output,
 ) -> Result<u8, Failure> {
     let engine = context.engine()?;
     let (run, steps, _) = launch::load_run(&engine, run_id)?;
+    let deletes: Vec<crate::confirm::Consequence> = kmsflow_engine::rollback::undo_plan(&steps)
+        .into_iter()
+        .filter(|(_, outcome)| *outcome == kmsflow_state::Outcome::Created)
+        .map(|(record, _)| crate::confirm::Consequence {
+            step_id: record.step_id.clone(),
+            what: format!("delete what it created ({})", record.uses),
+        })
+        .collect();
+    crate::confirm::confirm(
+        &format!("rollback of run {} deletes", run.id),
+        &deletes,
+        yes,
+    )?;
     eprintln!("kmsflow: rolling back run {} of `{}`", run.id, run.runbook);
     // The engine undoes what the run recorded, with the runbook (fragments included) and
     // parameters it stored; nothing here is re-read from files or the shell unless allowed.

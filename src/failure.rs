@@ -34,6 +34,9 @@ pub enum Failure {
     /// A fleet check that could not read a single cluster (no credential).
     #[error("{0}")]
     NotChecked(String),
+    /// The user did not answer `yes` when asked; nothing was changed.
+    #[error("not confirmed: nothing was changed")]
+    Declined,
     /// A run ended in a status that is not success; the summary was already printed.
     #[error("run `{run_id}` {status}")]
     RunEnded { run_id: String, status: RunStatus },
@@ -73,7 +76,7 @@ impl Failure {
         match self {
             Failure::Usage(_) | Failure::Invalid(_) | Failure::Params(_) => code::USAGE,
             Failure::LockHeld(_) => code::LOCK_HELD,
-            Failure::Launch(_) | Failure::NotChecked(_) => code::RUN_FAILED,
+            Failure::Launch(_) | Failure::NotChecked(_) | Failure::Declined => code::RUN_FAILED,
             Failure::RunEnded { status, .. } => status_code(*status),
         }
     }

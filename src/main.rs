@@ -5,6 +5,7 @@ mod bundled;
 mod check;
 mod cli;
 mod commands;
+mod confirm;
 mod daemon;
 mod failure;
 mod output;

@@ -175,6 +175,26 @@ impl CompiledRunbook {
         self.steps.iter().position(|s| s.id == id)
     }
 
+    /// Whether an `approve` step runs before step `id` on every path to it: one of the steps it
+    /// waits for, directly or through others. Such a runbook has its own gate in front of
+    /// whatever `id` does.
+    pub fn approval_before(&self, id: &str) -> bool {
+        let mut seen = std::collections::HashSet::new();
+        let mut pending: Vec<&str> = self.step(id).map(|s| s.needs.iter().map(String::as_str).collect()).unwrap_or_default();
+        while let Some(next) = pending.pop() {
+            if !seen.insert(next) {
+                continue;
+            }
+            if let Some(step) = self.step(next) {
+                if step.uses == "approve" {
+                    return true;
+                }
+                pending.extend(step.needs.iter().map(String::as_str));
+            }
+        }
+        false
+    }
+
     /// Names of secret parameters.
     pub fn secret_params(&self) -> Vec<String> {
         self.params
