@@ -2,6 +2,8 @@
 //! changed runbooks, secrets and exit codes. Each test works in its own temporary folder with
 //! its own state file.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -37,7 +39,7 @@ impl Workspace {
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_kmsflow"));
         command
-            .args(args)
+            .args(support::consenting(args))
             .current_dir(self.dir.path())
             .env("KMSFLOW_STATE", self.path("state.db"))
             .env_remove("KMSFLOW_LOG");

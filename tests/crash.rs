@@ -3,6 +3,8 @@
 //! uninterrupted run's: the same resources and properties, exactly one key version, no
 //! duplicate role assignments, and no step applied again after its checkpoint.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
@@ -29,7 +31,7 @@ const FAULTS: &str =
 fn kmsflow(dir: &std::path::Path, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kmsflow"));
     command
-        .args(args)
+        .args(support::consenting(args))
         .current_dir(dir)
         .env("KMSFLOW_STATE", dir.join("state.db"))
         .env_remove("AZURE_SUBSCRIPTION_ID")

@@ -25,7 +25,7 @@ fn run_ok(dir: &std::path::Path, runbook: &str) -> Value {
 
 fn kmsflow(dir: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kmsflow"))
-        .args(args)
+        .args(support::consenting(args))
         .current_dir(dir)
         .env("KMSFLOW_STATE", dir.join("state.db"))
         .env_remove("AZURE_SUBSCRIPTION_ID")

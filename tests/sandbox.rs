@@ -66,7 +66,7 @@ fn serve(faults: &std::path::Path) -> Served {
 fn kmsflow(dir: &std::path::Path, served: &Served, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kmsflow"));
     command
-        .args(args)
+        .args(support::consenting(args))
         .current_dir(dir)
         .envs(&served.env)
         .env("KMSFLOW_STATE", dir.join("state.db"));

@@ -10,6 +10,19 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
+/// The arguments, with `--yes` after `run` and `rollback`: these tests have no terminal, where
+/// both refuse to pass a point of no return or delete without it, as a CI job must say it.
+/// (`tests/confirm.rs` holds the refusal and the prompt.)
+pub fn consenting(args: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let acts = matches!(args.first().map(String::as_str), Some("run" | "rollback"))
+        && !args.iter().any(|a| a == "--dry-run");
+    if acts {
+        args.insert(1, "--yes".to_owned());
+    }
+    args
+}
+
 /// The bundled runbooks that change or verify a cluster's KMS encryption (every scenario of
 /// the seed), in the order the README lists them.
 pub const KMS_RUNBOOKS: &[&str] = &[
@@ -88,7 +101,7 @@ impl Served {
     pub fn kmsflow(&self, dir: &Path, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_kmsflow"));
         command
-            .args(args)
+            .args(consenting(args))
             .current_dir(dir)
             .envs(&self.env)
             .env("KMSFLOW_STATE", dir.join("state.db"))
