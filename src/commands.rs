@@ -167,6 +167,25 @@ impl Context {
         let engine = self.engine()?;
         Ok(Store::open(&engine.state_path, engine.durability)?)
     }
+
+    /// Opens the store for a command that only reads (`runs`, `show`, `events`): read-only
+    /// when this user may not write the file, so a copied or shared state can be inspected.
+    fn read_store(&self) -> Result<Store, Failure> {
+        let engine = self.engine()?;
+        match Store::open(&engine.state_path, engine.durability) {
+            Ok(store) => Ok(store),
+            Err(error) if engine.state_path.is_file() => {
+                tracing::debug!(%error, "opening the state file read-only");
+                Store::open_read_only(&engine.state_path).map_err(|read_only| {
+                    Failure::Usage(format!(
+                        "cannot read the state file `{}`: {read_only} (opening it to write said: {error})",
+                        engine.state_path.display()
+                    ))
+                })
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
 }
 
 /// A runbook's text and the name it is known by: a path, or a bundled runbook's name.
@@ -183,9 +202,10 @@ fn load(runbook: &str) -> Result<Loaded, Failure> {
         // A folder is never a runbook; a bundled runbook of its name is what was meant, and
         // the user is told which was taken.
         if let Some(b) = bundled::find(bundled_name) {
-            eprintln!(
-                "kmsflow: `{runbook}` is a folder here; using the bundled runbook `{}` (say `bundled:{}` to be explicit)",
-                b.name, b.name
+            crate::output::note!(
+                "`{runbook}` is a folder here; using the bundled runbook `{}` (say `bundled:{}` to be explicit)",
+                b.name,
+                b.name
             );
         } else {
             return Err(Failure::Usage(format!(
@@ -476,14 +496,15 @@ async fn plan(
     // As `terraform plan -detailed-exitcode` tells CI apart: nothing to do, a plan that
     // cannot be applied, or changes.
     if !failing.is_empty() {
-        eprintln!(
-            "kmsflow: {} step{} would fail:",
+        let listed: String = failing
+            .iter()
+            .map(|(step, error)| format!("\n  {step}: {error}"))
+            .collect();
+        crate::output::note!(
+            "{} step{} would fail:{listed}",
             failing.len(),
             if failing.len() == 1 { "" } else { "s" }
         );
-        for (step, error) in &failing {
-            eprintln!("  {step}: {error}");
-        }
         return Ok(code::USAGE);
     }
     let changes = previews.iter().any(|p| p.action.is_change());
@@ -513,7 +534,10 @@ fn request(
             ..ExecOptions::default()
         },
         signals: crate::signals::install(),
-        progress: render::progress_sink(width, context.json_logs),
+        progress: crate::progress_view::sink(
+            width,
+            crate::progress_view::Mode::detect(context.json_logs),
+        ),
     }
 }
 
@@ -544,7 +568,7 @@ fn finish(context: &Context, summary: RunSummary, output: Output) -> Result<u8, 
                     ),
                     _ => format!("details: `kmsflow show {}`", summary.run_id),
                 };
-                eprintln!("kmsflow: {hint}");
+                crate::output::note!("{hint}");
             }
             Err(Failure::RunEnded {
                 run_id: summary.run_id,
@@ -621,8 +645,8 @@ fn changed_runbook(
         None => std::fs::read_to_string(&run.runbook_ref).ok(),
     };
     let Some(current) = current else {
-        eprintln!(
-            "kmsflow: `{}` is gone; resuming with the runbook stored with the run",
+        crate::output::note!(
+            "`{}` is gone; resuming with the runbook stored with the run",
             run.runbook_ref
         );
         return Ok(None);
@@ -647,7 +671,7 @@ fn changed_runbook(
 /// The progress sink for a stored run: aligned on its step ids.
 fn progress_for(context: &Context, steps: &[kmsflow_state::StepRecord]) -> ProgressSink {
     let width = steps.iter().map(|s| s.step_id.len()).max().unwrap_or(4);
-    render::progress_sink(width, context.json_logs)
+    crate::progress_view::sink(width, crate::progress_view::Mode::detect(context.json_logs))
 }
 
 async fn resume(
@@ -699,7 +723,7 @@ async fn rollback(
         &deletes,
         yes,
     )?;
-    eprintln!("kmsflow: rolling back run {} of `{}`", run.id, run.runbook);
+    crate::output::note!("rolling back run {} of `{}`", run.id, run.runbook);
     // The engine undoes what the run recorded, with the runbook (fragments included) and
     // parameters it stored; nothing here is re-read from files or the shell unless allowed.
     let request = RollbackRequest {
@@ -780,7 +804,7 @@ fn approve(
 }
 
 fn runs(context: &Context, limit: usize, output: Output) -> Result<u8, Failure> {
-    let store = context.store()?;
+    let store = context.read_store()?;
     let runs = store.runs(limit)?;
     match output {
         Output::Json => print_json(&Value::Array(
@@ -801,7 +825,7 @@ fn runs(context: &Context, limit: usize, output: Output) -> Result<u8, Failure> 
 }
 
 fn show(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> {
-    let store = context.store()?;
+    let store = context.read_store()?;
     let run_id = store.resolve_run_id(run_id)?;
     let run = store.run(&run_id)?;
     let steps = store.steps(&run_id)?;
@@ -822,7 +846,7 @@ fn show(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> 
 }
 
 fn events(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> {
-    let store = context.store()?;
+    let store = context.read_store()?;
     let run_id = store.resolve_run_id(run_id)?;
     let events = store.events(&run_id)?;
     match output {
@@ -916,14 +940,14 @@ async fn sandbox_serve(
     drop(stdout);
     if tls_files.is_some() {
         let addressing = sandbox.addressing();
-        eprintln!(
-            "kmsflow: Resource Manager on {}, each vault on https://{{vault}}{}:{}",
+        crate::output::note!(
+            "Resource Manager on {}, each vault on https://{{vault}}{}:{}",
             addressing.arm_endpoint(),
             kmsflow_sandbox::VAULT_SUFFIX,
             address.port()
         );
-        eprintln!(
-            "kmsflow: kmsflow resolves these names itself (KMSFLOW_CLOUD); names under .localhost reach loopback where the resolver follows RFC 6761, otherwise add to /etc/hosts:"
+        crate::output::note!(
+            "kmsflow resolves these names itself (KMSFLOW_CLOUD); names under .localhost reach loopback where the resolver follows RFC 6761, otherwise add to /etc/hosts:"
         );
         for line in addressing.hosts_lines(&["{vault}"]) {
             eprintln!("  {line}");
@@ -1166,8 +1190,8 @@ fn found(existed: bool, name: &str, what: &str) -> Result<u8, Failure> {
 async fn daemon(context: &Context, tick: std::time::Duration) -> Result<u8, Failure> {
     let engine = context.engine()?;
     let signals = crate::signals::install();
-    eprintln!(
-        "kmsflow: daemon firing schedules from {}",
+    crate::output::note!(
+        "daemon firing schedules from {}",
         engine.state_path.display()
     );
     let daemon = kmsflow_engine::schedule::Daemon {
@@ -1178,7 +1202,7 @@ async fn daemon(context: &Context, tick: std::time::Duration) -> Result<u8, Fail
         drain: signals.drain.clone(),
     };
     daemon.run().await.map_err(|e| Failure::Launch(e.into()))?;
-    eprintln!("kmsflow: daemon stopped");
+    crate::output::note!("daemon stopped");
     Ok(code::SUCCESS)
 }
 

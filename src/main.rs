@@ -9,6 +9,7 @@ mod confirm;
 mod daemon;
 mod failure;
 mod output;
+mod progress_view;
 mod render;
 mod sandboxed;
 mod signals;
@@ -45,6 +46,7 @@ pub fn registry() -> Registry {
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     init_tracing(cli.log_format);
+    output::set_json_logs(cli.log_format == LogFormat::Json);
     let sandbox = match sandboxed::prepare(&mut cli) {
         Ok(sandbox) => sandbox,
         Err(failure) => {
@@ -75,6 +77,15 @@ fn main() -> ExitCode {
 
 fn report(failure: &Failure) {
     match failure {
+        Failure::Invalid(diagnostics) if output::json_logs() => {
+            let line = serde_json::json!({
+                "ts": render::now_rfc3339(),
+                "level": "ERROR",
+                "event": "invalid_runbook",
+                "problems": diagnostics.to_json(),
+            });
+            eprintln!("{line}");
+        }
         Failure::Invalid(diagnostics) => {
             eprint!(
                 "{}",
@@ -85,13 +96,13 @@ fn report(failure: &Failure) {
         // The run's own progress lines already said how it ended.
         Failure::RunEnded { .. } => {}
         other => {
-            let mut message = format!("error: {other}");
+            let mut message = other.to_string();
             let mut source = std::error::Error::source(other);
             while let Some(cause) = source {
                 message.push_str(&format!("\n  caused by: {cause}"));
                 source = cause.source();
             }
-            eprintln!("{message}");
+            output::note_at("ERROR", format_args!("{message}"));
         }
     }
 }

@@ -29,4 +29,39 @@ macro_rules! out {
     ($($arg:tt)*) => { $crate::output::write(format_args!($($arg)*)) };
 }
 
-pub(crate) use {out, outln};
+/// Whether stderr carries JSON lines (`--log-format json`); set once at start.
+static JSON_LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+pub fn set_json_logs(json: bool) {
+    let _ = JSON_LOGS.set(json);
+}
+
+pub fn json_logs() -> bool {
+    JSON_LOGS.get().copied().unwrap_or(false)
+}
+
+/// A message for the operator on stderr: `kmsflow: ...`, or under `--log-format json` a JSON
+/// line with its time and level, so a log pipeline gets all of a run's output as JSON.
+pub fn note_at(level: &str, text: std::fmt::Arguments<'_>) {
+    let mut stderr = std::io::stderr().lock();
+    let _ = if json_logs() {
+        let line = serde_json::json!({
+            "ts": crate::render::now_rfc3339(),
+            "level": level,
+            "event": "message",
+            "message": text.to_string(),
+        });
+        writeln!(stderr, "{line}")
+    } else if level == "ERROR" {
+        writeln!(stderr, "error: {text}")
+    } else {
+        writeln!(stderr, "kmsflow: {text}")
+    };
+}
+
+/// `kmsflow: ...` on stderr (a JSON line under `--log-format json`).
+macro_rules! note {
+    ($($arg:tt)*) => { $crate::output::note_at("INFO", format_args!($($arg)*)) };
+}
+
+pub(crate) use {note, out, outln};

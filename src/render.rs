@@ -1,12 +1,10 @@
 //! How runs, steps, plans and progress look on a terminal.
 
-use std::io::Write as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use kmsflow_engine::executor::change_summary;
 use kmsflow_engine::preview::{PreviewAction, StepPreview};
-use kmsflow_engine::progress::{Progress, ProgressSink};
+use kmsflow_engine::progress::Progress;
 use kmsflow_state::{EventRecord, RunRecord, StepRecord};
 use serde_json::{Value, json};
 
@@ -14,29 +12,13 @@ fn seconds(duration: Duration) -> String {
     format!("{:.2}s", duration.as_secs_f64())
 }
 
-/// One line per transition on stderr, step ids aligned; or one JSON object per line.
-pub fn progress_sink(width: usize, json_lines: bool) -> ProgressSink {
-    Arc::new(move |event: &Progress| {
-        let line = if json_lines {
-            progress_json(event).to_string()
-        } else {
-            match progress_line(event, width) {
-                Some(line) => line,
-                None => return,
-            }
-        };
-        let mut stderr = std::io::stderr().lock();
-        let _ = writeln!(stderr, "{line}");
-    })
-}
-
-fn step_line(width: usize, step_id: &str, word: &str, detail: &str) -> String {
+pub fn step_line(width: usize, step_id: &str, word: &str, detail: &str) -> String {
     format!("  {step_id:<width$}  {word:<10} {detail}")
         .trim_end()
         .to_owned()
 }
 
-fn progress_line(event: &Progress, width: usize) -> Option<String> {
+pub fn progress_line(event: &Progress, width: usize) -> Option<String> {
     Some(match event {
         Progress::RunStarted {
             run_id,
@@ -63,6 +45,8 @@ fn progress_line(event: &Progress, width: usize) -> Option<String> {
         Progress::StepApplying { step_id, summary } => {
             step_line(width, step_id, "applying", summary)
         }
+        // Printed by the view, which knows whether it changed.
+        Progress::StepWaitingOn { .. } => return None,
         Progress::PointOfNoReturn { step_id, reason } => step_line(
             width,
             step_id,
@@ -123,7 +107,7 @@ fn progress_line(event: &Progress, width: usize) -> Option<String> {
     })
 }
 
-fn progress_json(event: &Progress) -> Value {
+pub fn progress_json(event: &Progress) -> Value {
     let (kind, detail) = match event {
         Progress::RunStarted {
             run_id,
@@ -143,6 +127,9 @@ fn progress_json(event: &Progress) -> Value {
             "step_started",
             json!({"step_id": step_id, "uses": uses, "attempt": attempt}),
         ),
+        Progress::StepWaitingOn { step_id, what } => {
+            ("step_waiting_on", json!({"step_id": step_id, "what": what}))
+        }
         Progress::StepApplying { step_id, summary } => (
             "step_applying",
             json!({"step_id": step_id, "summary": summary}),
@@ -198,7 +185,17 @@ fn progress_json(event: &Progress) -> Value {
             json!({"step_id": step_id, "error": error}),
         ),
     };
-    json!({"event": kind, "detail": detail})
+    json!({"ts": now_rfc3339(), "event": kind, "detail": detail})
+}
+
+/// The closing summary as a JSON log line.
+pub fn progress_json_summary(summary: &str, took: Duration) -> Value {
+    json!({"ts": now_rfc3339(), "event": "run_summary", "detail": {"summary": summary, "elapsed_ms": took.as_millis() as u64}})
+}
+
+/// A log line's time: UTC, to the millisecond.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// The `show --output json` object (also printed by `run --output json`).

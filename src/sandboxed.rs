@@ -149,8 +149,8 @@ impl Prepared {
             // Kept at once: a run killed before its first write resumes against this world.
             sandbox.save();
         }
-        eprintln!(
-            "kmsflow: sandbox on {} (its world is kept in {})",
+        crate::output::note!(
+            "sandbox on {} (its world is kept in {})",
             sandbox.base_url(),
             self.world_file.display()
         );

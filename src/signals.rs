@@ -15,7 +15,9 @@ pub fn install() -> Signals {
             match presses {
                 1 => handle.drain.cancel(),
                 2 => {
-                    eprintln!("kmsflow: cancelling running steps (Ctrl-C once more exits at once)");
+                    crate::output::note!(
+                        "cancelling running steps (Ctrl-C once more exits at once)"
+                    );
                     handle.abort.cancel();
                 }
                 _ => std::process::exit(130),

@@ -1072,3 +1072,59 @@ fn the_runs_table_is_aligned() {
         "{table}"
     );
 }
+
+/// Read commands work on a state file this user may not write (a copy from CI, a colleague's
+/// file): `runs`, `show` and `events` read it without creating or migrating anything. Root
+/// writes whatever the mode says, so as root the reader is another user (`setpriv`).
+#[test]
+fn read_commands_work_on_a_state_file_this_user_cannot_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = Workspace::new();
+    ws.write("t.yaml", "name: t\nsteps:\n  - id: a\n    uses: noop\n");
+    let run = ws.run(&["run", "t.yaml", "--output", "json"]);
+    let id = serde_json::from_slice::<Value>(&run.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let shared = ws.path("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::copy(ws.path("state.db"), shared.join("state.db")).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::set_permissions(
+        shared.join("state.db"),
+        std::fs::Permissions::from_mode(0o444),
+    )
+    .unwrap();
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let is_root =
+        std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+    let read = |args: &[&str]| {
+        let mut command = if is_root {
+            let mut command = Command::new("setpriv");
+            command
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(env!("CARGO_BIN_EXE_kmsflow"));
+            command
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_kmsflow"))
+        };
+        command
+            .args(args)
+            .env("KMSFLOW_STATE", shared.join("state.db"))
+            .env("HOME", &shared)
+            .current_dir(&shared)
+            .output()
+            .unwrap()
+    };
+    for args in [&["runs"][..], &["show", &id], &["events", &id]] {
+        let output = read(args);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert!(String::from_utf8_lossy(&read(&["runs"]).stdout).contains(&id[..8]));
+    let left: Vec<_> = std::fs::read_dir(&shared).unwrap().collect();
+    assert_eq!(left.len(), 1, "nothing was created beside the file");
+}

@@ -56,7 +56,10 @@ fn without_a_terminal_a_run_past_a_point_of_no_return_needs_yes_and_changes_noth
     assert!(said.contains("--yes"), "says what to do: {said}");
     assert!(runs(dir.path()).is_empty(), "no run was started");
 
-    let agreed = output(dir.path(), &["run", "pmk-existing-cluster", "--sandbox", "--yes"]);
+    let agreed = output(
+        dir.path(),
+        &["run", "pmk-existing-cluster", "--sandbox", "--yes"],
+    );
     assert_eq!(
         agreed.status.code(),
         Some(0),

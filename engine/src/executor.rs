@@ -739,7 +739,12 @@ impl StepTask {
                 &mut planned,
                 &mut committed_before,
             );
-            let bounded = async {
+            let reporter = crate::progress::WaitingReporter {
+                step_id: step.id.clone(),
+                sink: shared.progress.clone(),
+                redactor: shared.redactor.clone(),
+            };
+            let bounded = crate::progress::reporting(reporter, async {
                 match step.timeout {
                     Some(limit) => match tokio::time::timeout(limit, attempt_future).await {
                         Ok(result) => result,
@@ -750,7 +755,7 @@ impl StepTask {
                     },
                     None => attempt_future.await,
                 }
-            };
+            });
             let result = tokio::select! {
                 result = bounded => result?,
                 _ = shared.abort.cancelled() => return Ok(TaskEnd::Cancelled),

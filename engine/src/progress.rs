@@ -24,6 +24,11 @@ pub enum Progress {
         uses: String,
         attempt: u32,
     },
+    /// What a running step waits for, as its kind last reported it ("`aks-1` Updating").
+    StepWaitingOn {
+        step_id: String,
+        what: String,
+    },
     /// The before image is durable and the step is about to change the world.
     StepApplying {
         step_id: String,
@@ -87,4 +92,35 @@ pub type ProgressSink = Arc<dyn Fn(&Progress) + Send + Sync>;
 /// A sink that drops everything.
 pub fn silent() -> ProgressSink {
     Arc::new(|_| {})
+}
+
+tokio::task_local! {
+    /// The running step's reporter, set by the executor around each attempt, so a kind (or
+    /// the client it calls) can say what it waits for without every call carrying it.
+    static WAITING: WaitingReporter;
+}
+
+/// Reports for one step, through the run's sink, with the run's secrets masked.
+#[derive(Clone)]
+pub struct WaitingReporter {
+    pub step_id: String,
+    pub sink: ProgressSink,
+    pub redactor: crate::redact::Redactor,
+}
+
+/// Says what the current step waits for, e.g. "`aks-1` Updating". Outside a step (a plan,
+/// a test calling a kind directly) it does nothing. The text must name resources, never
+/// values: it goes to the terminal and to JSON logs.
+pub fn report_waiting(what: impl Into<String>) {
+    let _ = WAITING.try_with(|reporter| {
+        (reporter.sink)(&Progress::StepWaitingOn {
+            step_id: reporter.step_id.clone(),
+            what: reporter.redactor.text(&what.into()),
+        })
+    });
+}
+
+/// Runs `future` with `reporter` as the current step's.
+pub async fn reporting<F: std::future::Future>(reporter: WaitingReporter, future: F) -> F::Output {
+    WAITING.scope(reporter, future).await
 }

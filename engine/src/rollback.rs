@@ -131,7 +131,12 @@ pub(crate) async fn walk(walk: Walk<'_>) -> Result<RunSummary, LaunchError> {
                     recorded_outputs: record.outputs.as_ref(),
                 };
                 let before = record.before_image.clone().unwrap_or(Value::Null);
-                kind.rollback(&cx, &before, outcome)
+                let reporter = crate::progress::WaitingReporter {
+                    step_id: step.id.clone(),
+                    sink: progress.clone(),
+                    redactor: redactor.clone(),
+                };
+                crate::progress::reporting(reporter, kind.rollback(&cx, &before, outcome))
                     .await
                     .map_err(|e| redactor.text(&e.to_string()))
             }

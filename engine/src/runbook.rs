@@ -180,7 +180,10 @@ impl CompiledRunbook {
     /// whatever `id` does.
     pub fn approval_before(&self, id: &str) -> bool {
         let mut seen = std::collections::HashSet::new();
-        let mut pending: Vec<&str> = self.step(id).map(|s| s.needs.iter().map(String::as_str).collect()).unwrap_or_default();
+        let mut pending: Vec<&str> = self
+            .step(id)
+            .map(|s| s.needs.iter().map(String::as_str).collect())
+            .unwrap_or_default();
         while let Some(next) = pending.pop() {
             if !seen.insert(next) {
                 continue;

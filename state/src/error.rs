@@ -18,6 +18,16 @@ pub enum StoreError {
         "the state file has schema version {found}, newer than this kmsflow understands ({supported}); upgrade kmsflow"
     )]
     SchemaTooNew { found: i64, supported: i64 },
+    /// A file opened read-only that an older kmsflow wrote: reading it needs a migration.
+    #[error(
+        "the state file `{}` has schema version {found} and this kmsflow reads {supported}; it cannot be migrated read-only: run `kmsflow runs` once as a user who may write it (or on a copy)",
+        path.display()
+    )]
+    SchemaTooOldToRead {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
     /// No run has this id (or prefix).
     #[error("no run `{0}` in the state file")]
     RunNotFound(String),

@@ -63,6 +63,53 @@ impl Store {
         })
     }
 
+    /// Opens an existing state file for reading only: for read commands on a file this user
+    /// may not write (a copy from CI, a colleague's file, a read-only mount). Nothing is
+    /// created or migrated; a file an older kmsflow wrote is refused with what to do.
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        use rusqlite::OpenFlags;
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
+        let opened = Connection::open_with_flags(path, flags).and_then(|conn| {
+            conn.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))
+                .map(|version| (conn, version))
+        });
+        // A WAL file needs its shared-memory file, which a reader that may not write cannot
+        // create: then read it as an immutable file (nobody this user can stop writes it).
+        let (conn, found) = match opened {
+            Ok(opened) => opened,
+            Err(_) => {
+                let uri = format!(
+                    "file:{}?immutable=1",
+                    path.display()
+                        .to_string()
+                        .replace('?', "%3f")
+                        .replace('#', "%23")
+                );
+                let conn = Connection::open_with_flags(&uri, flags)?;
+                let version = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+                (conn, version)
+            }
+        };
+        conn.busy_timeout(Duration::from_secs(10))?;
+        if found > schema::SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found,
+                supported: schema::SCHEMA_VERSION,
+            });
+        }
+        if found < schema::SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooOldToRead {
+                path: path.to_owned(),
+                found,
+                supported: schema::SCHEMA_VERSION,
+            });
+        }
+        Ok(Store {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
     /// The file this store reads and writes.
     pub fn path(&self) -> &Path {
         &self.path

@@ -239,6 +239,15 @@ const CREDENTIAL_ATTEMPTS: u32 = 3;
 pub use kmsflow_engine::executor::MAX_RETRY_AFTER;
 
 /// A `Retry-After` header's delay, clamped to [`MAX_RETRY_AFTER`].
+/// The resource a URL names, for progress lines: its last path segment, in backquotes.
+fn resource_name(url: &Url) -> String {
+    let name = url
+        .path_segments()
+        .and_then(|mut segments| segments.rfind(|s| !s.is_empty()))
+        .unwrap_or_default();
+    format!("`{name}`")
+}
+
 fn retry_after_header(value: Option<String>, path: &str) -> Option<Duration> {
     let seconds = value?.trim().parse::<u64>().ok()?;
     let asked = Duration::from_secs(seconds);
@@ -735,6 +744,7 @@ impl AzureClient {
                 });
             }
             tracing::debug!(state = %state, "waiting for the operation on the resource to end");
+            kmsflow_engine::progress::report_waiting(format!("{} {state}", resource_name(url)));
             tokio::time::sleep(current.retry_after.unwrap_or(delay)).await;
             delay = (delay * 2).min(Duration::from_secs(15));
         }
@@ -799,7 +809,13 @@ impl AzureClient {
                             waited_s: self.config.retry.operation_timeout.as_secs(),
                         });
                     }
-                    _ => delay = status.retry_after.unwrap_or(delay),
+                    _ => {
+                        kmsflow_engine::progress::report_waiting(format!(
+                            "{} operation {state}",
+                            resource_name(resource_url)
+                        ));
+                        delay = status.retry_after.unwrap_or(delay);
+                    }
                 }
             }
         } else if let (Some(location), 201 | 202) = (&response.location, response.status) {
@@ -811,6 +827,10 @@ impl AzureClient {
                 if polled.status != 202 {
                     break;
                 }
+                kmsflow_engine::progress::report_waiting(format!(
+                    "{} operation Accepted",
+                    resource_name(resource_url)
+                ));
                 if Instant::now() > deadline {
                     return Err(AzureError::Timeout {
                         path: resource_url.path().to_owned(),

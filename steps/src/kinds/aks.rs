@@ -387,6 +387,7 @@ pub async fn put_cluster(
             tracing::debug!(%error, "the cluster changed meanwhile; reading it again");
         } else if propagating && std::time::Instant::now() < deadline {
             tracing::info!(%error, retry_in_ms = delay.as_millis() as u64, "the identity's key permission is still propagating; putting the cluster again");
+            kmsflow_engine::progress::report_waiting("the identity's key permission to propagate");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(retry.max_backoff);
         } else {

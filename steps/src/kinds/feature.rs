@@ -214,6 +214,7 @@ impl StepKind for Feature {
                     p.namespace, p.feature
                 )));
             }
+            kmsflow_engine::progress::report_waiting(format!("{feature} {current}"));
             pause(&mut waited, p.poll_interval.0).await;
             current = state(&common::read(&client, &get).await?, "/properties/state");
         }
@@ -235,6 +236,7 @@ impl StepKind for Feature {
         let provider_name = format!("resource provider {}", p.namespace);
         while !provider_state.eq_ignore_ascii_case("Registered") {
             deadline.check(&provider_name, &provider_state)?;
+            kmsflow_engine::progress::report_waiting(format!("{provider_name} {provider_state}"));
             pause(&mut waited, p.poll_interval.0).await;
             provider_state = state(
                 &common::read(&client, &provider).await?,

@@ -376,6 +376,7 @@ impl StepKind for Wait {
         let deadline = common::Deadline::new(p.max_wait.0);
         let what = format!("{}{}", p.id, p.pointer);
         loop {
+            kmsflow_engine::progress::report_waiting(format!("`{what}` to match"));
             tokio::time::sleep(p.poll_interval.0).await;
             let found = self.observe(cx).await?;
             if matches_any(&found, &p.values) {
