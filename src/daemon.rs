@@ -217,7 +217,7 @@ impl RunFirer {
     }
 
     /// POSTs the summary, three tries at most; a failure is recorded, never raised.
-    async fn notify(&self, url: &str, payload: &Value) -> Value {
+    async fn post(&self, url: &str, payload: &Value) -> Value {
         let mut last_error = String::new();
         for attempt in 1..=3u32 {
             match self.http.post(url).json(payload).send().await {
@@ -242,29 +242,39 @@ impl Firer for RunFirer {
         occurrence: DateTime<Utc>,
         run_id: &str,
     ) -> (Value, Option<String>) {
-        let (mut detail, worst) = match &schedule.targets {
+        match &schedule.targets {
             Some(targets) => self.run_fleet(schedule, occurrence, run_id, targets).await,
             None => self.run_one(schedule, occurrence, run_id).await,
-        };
-        if let (Some(url), Some(worst)) = (&schedule.webhook, &worst) {
+        }
+    }
+
+    async fn notify(
+        &self,
+        schedule: &ScheduleRecord,
+        occurrence: DateTime<Utc>,
+        run_id: &str,
+        detail: &Value,
+        worst: Option<&str>,
+    ) -> Option<Value> {
+        if let (Some(url), Some(worst)) = (&schedule.webhook, worst) {
             // On a change of state only (ok to warn or fail, warn to fail and back, recovery):
             // a fleet failing every hour pages once, not every hour.
             let last = schedule.last_worst.as_deref().unwrap_or("ok");
             let was_bad = last != "ok";
             let bad = worst != "ok";
-            if worst.as_str() != last {
+            if worst != last {
                 let payload = json!({
                     "schedule": schedule.name,
                     "occurrence": occurrence.to_rfc3339(),
                     "run_id": run_id,
                     "worst": worst,
                     "recovered": !bad && was_bad,
-                    "detail": detail.clone(),
+                    "detail": detail,
                 });
-                detail["notification"] = self.notify(url, &payload).await;
+                return Some(self.post(url, &payload).await);
             }
         }
-        (detail, worst)
+        None
     }
 }
 

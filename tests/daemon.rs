@@ -507,3 +507,58 @@ fn schedule_list_shows_parameters_and_the_masked_webhook() {
     assert!(list.contains("https://hooks.example.com/***"), "{list}");
     assert!(!list.contains("SECRET"), "{list}");
 }
+
+/// A webhook that never answers holds neither the fire nor the next ones: the notification is
+/// sent apart from the fire, after the fire is recorded. (It used to be sent inside the fire:
+/// three 10 s timeouts kept the fire `running`, and every occurrence meanwhile was `skipped`.)
+#[test]
+fn a_webhook_that_never_answers_makes_no_fire_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("failing.yaml"),
+        "name: failing\nsteps:\n  - id: no\n    uses: assert\n    with: { condition: false, message: drift found }\n",
+    )
+    .unwrap();
+    // Accepts connections, reads nothing, answers nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream.unwrap());
+        }
+    });
+    add(
+        dir.path(),
+        &[
+            "alerting",
+            "--runbook",
+            "failing.yaml",
+            "--cron",
+            "* * * * * *",
+            "--notify-webhook",
+            &url,
+        ],
+    );
+    let mut d = daemon(dir.path());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let fires = loop {
+        let fires = history(dir.path(), "alerting");
+        let finished = fires
+            .iter()
+            .filter(|f| f["detail"]["worst"] == "fail")
+            .count();
+        if finished >= 4 || std::time::Instant::now() > deadline {
+            break fires;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    d.kill().unwrap();
+    let _ = d.wait();
+    let finished = fires
+        .iter()
+        .filter(|f| f["detail"]["worst"] == "fail")
+        .count();
+    assert!(finished >= 4, "a fire every second goes on: {fires:?}");
+    assert_eq!(count(&fires, "skipped"), 0, "{fires:?}");
+}

@@ -37,6 +37,20 @@ pub trait Firer: Send + Sync + 'static {
         occurrence: DateTime<Utc>,
         run_id: &str,
     ) -> (Value, Option<String>);
+
+    /// Tells whoever listens how a fire ended (a webhook). Called once the fire is recorded as
+    /// finished, apart from it: a slow or failing listener never keeps the fire running (and
+    /// the next occurrence `skipped`). Returns what to add to the fire's record.
+    async fn notify(
+        &self,
+        _schedule: &ScheduleRecord,
+        _occurrence: DateTime<Utc>,
+        _run_id: &str,
+        _detail: &Value,
+        _worst: Option<&str>,
+    ) -> Option<Value> {
+        None
+    }
 }
 
 /// Parses a schedule's cron expression: 5 fields, or 6 with seconds first. UTC.
@@ -75,6 +89,8 @@ struct Firing {
     running: HashMap<String, tokio::task::AbortHandle>,
     buffered: HashMap<String, DateTime<Utc>>,
     tasks: JoinSet<String>,
+    /// Notifications of finished fires, still being sent; a drain waits for them too.
+    notifications: tokio_util::task::TaskTracker,
 }
 
 /// The longest the daemon waits between ticks after store errors.
@@ -127,8 +143,10 @@ impl Daemon {
                 _ = self.drain.cancelled() => {}
             }
         }
-        // Drain: let running fires finish and checkpoint.
+        // Drain: let running fires finish and checkpoint, then their notifications go out.
         while firing.tasks.join_next().await.is_some() {}
+        firing.notifications.close();
+        firing.notifications.wait().await;
         Ok(())
     }
 
@@ -292,6 +310,7 @@ impl Daemon {
         let jitter =
             Duration::from_millis((schedule.jitter_ms.max(0) as f64 * fastrand::f64()) as u64);
         let name = schedule.name.clone();
+        let notifications = firing.notifications.clone();
         let handle = firing.tasks.spawn(async move {
             tokio::time::sleep(jitter).await;
             let (detail, worst) = firer.fire(&schedule, occurrence, &run_id).await;
@@ -311,7 +330,24 @@ impl Daemon {
                     }
                 }
             }
-            schedule.name
+            let name = schedule.name.clone();
+            notifications.spawn(async move {
+                let Some(sent) = firer
+                    .notify(&schedule, occurrence, &run_id, &detail, worst.as_deref())
+                    .await
+                else {
+                    return;
+                };
+                let record = schedule.name.clone();
+                if let Err(error) = blocking(path, durability, move |s| {
+                    s.note_fire_notification(&record, occurrence, &sent)
+                })
+                .await
+                {
+                    tracing::warn!(%error, schedule = %schedule.name, "could not record a fire's notification");
+                }
+            });
+            name
         });
         firing.running.insert(name, handle);
         Ok(())

@@ -205,6 +205,40 @@ impl Store {
         Ok(())
     }
 
+    /// Adds how a finished fire's notification went (`notification`) to its recorded detail.
+    pub fn note_fire_notification(
+        &mut self,
+        schedule: &str,
+        occurrence: DateTime<Utc>,
+        notification: &Value,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let detail: Option<Option<String>> = tx
+            .query_row(
+                "SELECT detail FROM schedule_fires WHERE schedule = ?1 AND occurrence = ?2",
+                params![schedule, ts(&occurrence)],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let Some(detail) = detail else {
+            return Ok(());
+        };
+        let mut detail: Value = detail
+            .and_then(|d| serde_json::from_str(&d).ok())
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        if let Some(object) = detail.as_object_mut() {
+            object.insert("notification".into(), notification.clone());
+        }
+        tx.execute(
+            "UPDATE schedule_fires SET detail = ?3 WHERE schedule = ?1 AND occurrence = ?2",
+            params![schedule, ts(&occurrence), detail.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// A schedule's fires, oldest first.
     pub fn fires(&self, schedule: &str) -> Result<Vec<FireRecord>, StoreError> {
         let mut stmt = self.conn.prepare(
