@@ -77,3 +77,27 @@ fn problems_as_data_point_where_the_drawings_do() {
         }
     }
 }
+
+/// Anchors, aliases and `<<` merge keys work: an alias is its anchor's block, and a merge
+/// adds what the mapping does not set itself.
+#[test]
+fn anchors_aliases_and_merge_keys_reuse_blocks() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid-anchors.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let compiled = compile(
+        &RunbookSource::new("valid-anchors.yaml", text),
+        &Registry::with_engine_kinds(),
+    )
+    .expect("a runbook with anchors compiles");
+    let (a, b) = (compiled.step("a").unwrap(), compiled.step("b").unwrap());
+    assert_eq!(a.with, b.with, "the alias is the anchored block");
+    assert_eq!(a.retry.attempts, 3);
+    assert_eq!(
+        b.retry.attempts, 5,
+        "the mapping's own key wins over the merge"
+    );
+    assert_eq!(
+        b.retry.initial, a.retry.initial,
+        "the rest comes from the merge"
+    );
+}

@@ -2,6 +2,8 @@
 //! that carry byte spans into the source, typed the way YAML 1.2's core schema types plain
 //! scalars (quoted scalars are always strings).
 
+mod anchors;
+
 use marked_yaml::{LoaderOptions, Node};
 
 use crate::diagnostic::{Problem, ProblemKind, RunbookSource, Span};
@@ -210,12 +212,10 @@ pub fn parse(source: &RunbookSource) -> Result<Yaml, Box<Problem>> {
                     inner.key.span().start().copied(),
                     format!("duplicate key `{}`", inner.key.as_str()),
                 ),
-                // The span-keeping loader has no anchors; say so where the anchor is, with
-                // what to do instead, rather than a bare parse error at the first line.
-                marked_yaml::LoadError::UnexpectedAnchor(m) => (
-                    Some(*m),
-                    "YAML anchors and aliases (`&name`, `*name`) are not supported: repeat the block, or share steps through a fragment (`uses: runbook`)".to_owned(),
-                ),
+                // marked-yaml has no anchors: load such a text from the parser's events.
+                marked_yaml::LoadError::UnexpectedAnchor(_) => {
+                    return anchors::parse(source, &offsets);
+                }
                 marked_yaml::LoadError::ScanError(m, _) => {
                     (Some(*m), strip_marker(&error.to_string()))
                 }
