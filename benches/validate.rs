@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use kmsflow_engine::{Registry, RunbookSource, compile};
 
 fn valid(n: usize) -> String {
-    let mut text = String::from("name: wide\nsteps:\n  - id: s0\n    uses: noop\n");
+    let mut text = String::from(
+        "name: wide\nsteps:\n  - id: s0\n    uses: noop\n    with: { outputs: { v: 1 } }\n",
+    );
     for i in 1..n {
         text.push_str(&format!(
             "  - id: s{i}\n    uses: noop\n    needs: [s{}]\n    with: {{ outputs: {{ v: '{{{{ steps.s{}.outputs.v }}}}' }} }}\n",
@@ -95,6 +97,11 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 fn main() {
+    assert_eq!(
+        time(&valid(10), &Registry::with_engine_kinds()).1,
+        0,
+        "the valid generator makes a valid runbook"
+    );
     let registry = Registry::with_engine_kinds();
     let mut failures = Vec::new();
     println!(

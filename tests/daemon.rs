@@ -66,6 +66,8 @@ fn add(dir: &Path, args: &[&str]) {
 
 const SLOW: &str =
     "name: slow\nsteps:\n  - id: wait\n    uses: sleep\n    with: { duration: 2500ms }\n";
+/// Fails every time: a schedule that pages.
+const FAILING: &str = "name: failing\nsteps:\n  - id: no\n    uses: assert\n    with: { condition: false, message: drift found }\n";
 const QUICK: &str = "name: quick\nsteps:\n  - id: hi\n    uses: noop\n";
 
 #[test]
@@ -207,11 +209,7 @@ fn sigterm_lets_the_running_check_finish() {
 #[test]
 fn a_failing_run_posts_to_the_webhook() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("failing.yaml"),
-        "name: failing\nsteps:\n  - id: no\n    uses: assert\n    with: { condition: false, message: drift found }\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("failing.yaml"), FAILING).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     // For Slack and Teams the URL is the credential: it must never be shown again.
     let url = format!(
@@ -514,11 +512,7 @@ fn schedule_list_shows_parameters_and_the_masked_webhook() {
 #[test]
 fn a_webhook_that_never_answers_makes_no_fire_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("failing.yaml"),
-        "name: failing\nsteps:\n  - id: no\n    uses: assert\n    with: { condition: false, message: drift found }\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("failing.yaml"), FAILING).unwrap();
     // Accepts connections, reads nothing, answers nothing.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());

@@ -193,6 +193,20 @@ impl Compiler<'_> {
         }
     }
 
+    /// "Did you mean" for the problems that are drawn: past [`MAX_RENDERED`] problems none is
+    /// shown, and finding one costs a pass over every name, which for a file with thousands
+    /// of the same mistake made `validate` quadratic (`benches/validate.rs`).
+    fn suggest<'a>(
+        &self,
+        word: &str,
+        candidates: impl IntoIterator<Item = &'a str>,
+    ) -> Option<String> {
+        if self.problems.len() >= crate::diagnostic::MAX_RENDERED {
+            return None;
+        }
+        suggest(word, candidates)
+    }
+
     fn problem(&mut self, kind: ProblemKind, span: Span) {
         self.problems.push(Problem {
             kind,
@@ -228,7 +242,7 @@ impl Compiler<'_> {
                     ProblemKind::UnknownKey {
                         key: key.value.clone(),
                         context: context.to_owned(),
-                        suggestion: suggest(&key.value, allowed.iter().copied()),
+                        suggestion: self.suggest(&key.value, allowed.iter().copied()),
                         allowed: allowed.iter().map(|k| k.to_string()).collect(),
                     },
                     key.span,
@@ -475,7 +489,7 @@ impl Compiler<'_> {
                     ProblemKind::UnknownKey {
                         key: key.value.clone(),
                         context: format!("the parameters of fragment `{}`", path.value),
-                        suggestion: suggest(&key.value, names.iter().copied()),
+                        suggestion: self.suggest(&key.value, names.iter().copied()),
                         allowed: names.iter().map(|n| n.to_string()).collect(),
                     },
                     key.span,
@@ -1092,7 +1106,7 @@ impl Compiler<'_> {
                     None => self.problem(
                         ProblemKind::UnknownNeeds {
                             target: need.value.clone(),
-                            suggestion: suggest(&need.value, index.keys().copied()),
+                            suggestion: self.suggest(&need.value, index.keys().copied()),
                         },
                         need.span,
                     ),
@@ -1179,7 +1193,8 @@ impl Compiler<'_> {
                             let span = self.span_of(site.span, &name);
                             self.problem(
                                 ProblemKind::UnknownHelper {
-                                    suggestion: suggest(&name, template::HELPERS.iter().copied()),
+                                    suggestion: self
+                                        .suggest(&name, template::HELPERS.iter().copied()),
                                     name,
                                 },
                                 span,
@@ -1226,7 +1241,7 @@ impl Compiler<'_> {
                     self.problem(
                         ProblemKind::UnknownParamRef {
                             param: name.to_owned(),
-                            suggestion: suggest(name, params.iter().copied()),
+                            suggestion: self.suggest(name, params.iter().copied()),
                         },
                         span,
                     );
@@ -1238,7 +1253,7 @@ impl Compiler<'_> {
                     self.problem(
                         ProblemKind::UnknownStepRef {
                             step: step.to_owned(),
-                            suggestion: suggest(step, index.keys().copied()),
+                            suggestion: self.suggest(step, index.keys().copied()),
                         },
                         span,
                     );
@@ -1270,7 +1285,7 @@ impl Compiler<'_> {
                     self.problem(
                         ProblemKind::UnknownStepRef {
                             step: step.to_owned(),
-                            suggestion: suggest(step, index.keys().copied()),
+                            suggestion: self.suggest(step, index.keys().copied()),
                         },
                         span,
                     );
