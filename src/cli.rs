@@ -8,6 +8,17 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "kmsflow", version, about, long_about = None)]
 pub struct Cli {
+    /// How logs look on stderr (filter them with `KMSFLOW_LOG`, e.g. `KMSFLOW_LOG=debug`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where runs are kept: for the commands that read or write them.
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
     /// The state file (SQLite). Default: `$KMSFLOW_STATE`, else kmsflow/state.db under the
     /// user's state directory.
     #[arg(long, global = true, env = "KMSFLOW_STATE", value_name = "DB")]
@@ -17,33 +28,44 @@ pub struct Cli {
     /// the last step after a power loss (steps are idempotent, so nothing is applied twice).
     #[arg(long, global = true, value_enum, default_value_t = Sync::Full)]
     pub sync: Sync,
+}
 
-    /// How logs look on stderr (filter them with `KMSFLOW_LOG`, e.g. `KMSFLOW_LOG=debug`).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
-    pub log_format: LogFormat,
+impl Default for StateArgs {
+    fn default() -> StateArgs {
+        StateArgs {
+            state: None,
+            sync: Sync::Full,
+        }
+    }
+}
 
+/// How kmsflow reaches Azure: for the commands that call it.
+#[derive(Debug, Clone, Args)]
+pub struct AzureArgs {
     /// How to authenticate to Azure. `auto`: workload identity when its environment is set,
     /// then managed identity when its endpoint is set, then the Azure CLI.
-    #[arg(long, global = true, env = "KMSFLOW_AUTH", value_enum, default_value_t = Auth::Auto)]
+    #[arg(long, env = "KMSFLOW_AUTH", value_enum, default_value_t = Auth::Auto)]
     pub auth: Auth,
 
     /// The Azure cloud: `AzurePublicCloud`, `AzureUSGovernment`, `AzureChinaCloud`, or a JSON
     /// profile file. It decides the token audiences and which hosts are Key Vault's.
-    #[arg(
-        long,
-        global = true,
-        env = "KMSFLOW_CLOUD",
-        default_value = "AzurePublicCloud"
-    )]
+    #[arg(long, env = "KMSFLOW_CLOUD", default_value = "AzurePublicCloud")]
     pub cloud: String,
 
     /// The Resource Manager endpoint, if not the cloud's own (a sandbox). Must be https except
     /// on loopback.
-    #[arg(long, global = true, env = "KMSFLOW_ARM_ENDPOINT")]
+    #[arg(long, env = "KMSFLOW_ARM_ENDPOINT")]
     pub arm_endpoint: Option<String>,
+}
 
-    #[command(subcommand)]
-    pub command: Command,
+impl Default for AzureArgs {
+    fn default() -> AzureArgs {
+        AzureArgs {
+            auth: Auth::Auto,
+            cloud: "AzurePublicCloud".to_owned(),
+            arm_endpoint: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -114,6 +136,7 @@ pub struct ParamArgs {
 pub enum Command {
     /// Check runbooks without running anything (exit 0 valid, 2 invalid).
     Validate {
+        /// Runbook files, or names of bundled runbooks.
         #[arg(required = true, value_name = "RUNBOOK")]
         runbooks: Vec<String>,
         /// `text` (diagnostics drawn on stderr), `json` (every problem with its file, line
@@ -123,7 +146,9 @@ pub enum Command {
     },
     /// Print a runbook's DAG.
     Graph {
+        /// A runbook file, or the name of a bundled runbook (`kmsflow runbooks`).
         runbook: String,
+        /// `dot` (Graphviz), `mermaid` or `json`.
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
     },
@@ -133,6 +158,7 @@ pub enum Command {
     Runbooks,
     /// Print a shell completion script (e.g. `kmsflow completions bash > /etc/bash_completion.d/kmsflow`).
     Completions {
+        /// The shell to complete for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -142,6 +168,11 @@ pub enum Command {
     Docs,
     /// Show what each step would do, without changing anything.
     Plan {
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        azure: AzureArgs,
+        /// A runbook file, or the name of a bundled runbook (`kmsflow runbooks`).
         runbook: String,
         #[command(flatten)]
         params: ParamArgs,
@@ -151,11 +182,17 @@ pub enum Command {
         /// plan has changes.
         #[arg(long)]
         detailed_exitcode: bool,
+        /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Run a runbook.
     Run {
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        azure: AzureArgs,
+        /// A runbook file, or the name of a bundled runbook (`kmsflow runbooks`).
         runbook: String,
         #[command(flatten)]
         params: ParamArgs,
@@ -168,11 +205,17 @@ pub enum Command {
         /// `approve` step of the runbook stands before it).
         #[arg(long, short = 'y')]
         yes: bool,
+        /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Continue a run that failed, was interrupted or waits for approval.
     Resume {
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        azure: AzureArgs,
+        /// The run: its id or a unique prefix of it (`kmsflow runs`).
         run_id: String,
         #[command(flatten)]
         params: ParamArgs,
@@ -185,13 +228,20 @@ pub enum Command {
         /// started with (which can point it at another target). Off: such a value is refused.
         #[arg(long)]
         allow_param_change: bool,
+        /// Steps running at once, at most.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
+        /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Undo what a run changed, newest first.
     Rollback {
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        azure: AzureArgs,
+        /// The run: its id or a unique prefix of it (`kmsflow runs`).
         run_id: String,
         #[command(flatten)]
         params: ParamArgs,
@@ -207,12 +257,17 @@ pub enum Command {
         /// Delete what the run created without asking (needed without a terminal).
         #[arg(long, short = 'y')]
         yes: bool,
+        /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Approve a waiting `approve` step; then `kmsflow resume RUN_ID` continues.
     Approve {
+        #[command(flatten)]
+        state: StateArgs,
+        /// The run: its id or a unique prefix of it (`kmsflow runs`).
         run_id: String,
+        /// The waiting `approve` step.
         step_id: String,
         /// Who approves (default: $USER@host).
         #[arg(long)]
@@ -220,20 +275,32 @@ pub enum Command {
     },
     /// List recent runs.
     Runs {
+        #[command(flatten)]
+        state: StateArgs,
+        /// The most recent runs shown, at most.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Show a run and its steps.
     Show {
+        #[command(flatten)]
+        state: StateArgs,
+        /// The run: its id or a unique prefix of it (`kmsflow runs`).
         run_id: String,
+        /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Check KMS health (the `rotation-check` runbook) for one cluster, or a fleet with
     /// `--targets`; exit 0 all ok, 5 any warning, 1 any failure.
     Check {
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        azure: AzureArgs,
         #[command(flatten)]
         params: ParamArgs,
         #[command(flatten)]
@@ -244,6 +311,7 @@ pub enum Command {
         /// Clusters checked at once, at most.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
+        /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -251,17 +319,29 @@ pub enum Command {
     #[command(subcommand)]
     Sandbox(SandboxCommand),
     /// Runs on a schedule (`kmsflow daemon` fires them).
-    #[command(subcommand)]
-    Schedule(ScheduleCommand),
+    Schedule {
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
     /// Fires due schedules until SIGTERM or Ctrl-C (then lets running checks finish, exit 0).
     Daemon {
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        azure: AzureArgs,
         /// How often schedules are looked at.
         #[arg(long, default_value = "250ms", value_parser = parse_duration_arg)]
         tick: std::time::Duration,
     },
     /// Show a run's journal of transitions.
     Events {
+        #[command(flatten)]
+        state: StateArgs,
+        /// The run: its id or a unique prefix of it (`kmsflow runs`).
         run_id: String,
+        /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -295,6 +375,37 @@ pub enum SandboxCommand {
 }
 
 impl Command {
+    /// Where the command keeps runs, for the commands that have runs.
+    pub fn state_args(&self) -> Option<&StateArgs> {
+        match self {
+            Command::Plan { state, .. }
+            | Command::Run { state, .. }
+            | Command::Resume { state, .. }
+            | Command::Rollback { state, .. }
+            | Command::Check { state, .. }
+            | Command::Daemon { state, .. }
+            | Command::Approve { state, .. }
+            | Command::Runs { state, .. }
+            | Command::Show { state, .. }
+            | Command::Events { state, .. }
+            | Command::Schedule { state, .. } => Some(state),
+            _ => None,
+        }
+    }
+
+    /// How the command reaches Azure, for the commands that call it.
+    pub fn azure_args_mut(&mut self) -> Option<&mut AzureArgs> {
+        match self {
+            Command::Plan { azure, .. }
+            | Command::Run { azure, .. }
+            | Command::Resume { azure, .. }
+            | Command::Rollback { azure, .. }
+            | Command::Check { azure, .. }
+            | Command::Daemon { azure, .. } => Some(azure),
+            _ => None,
+        }
+    }
+
     /// The `--sandbox` arguments, for commands that take them and set them.
     pub fn sandbox(&self) -> Option<&SandboxArgs> {
         match self {
@@ -326,6 +437,7 @@ pub enum Overlap {
 pub enum ScheduleCommand {
     /// Adds a schedule.
     Add {
+        /// The schedule's name.
         name: String,
         /// The runbook (a path or a bundled name); `rotation-check` when `--targets` is given.
         #[arg(long)]
@@ -335,6 +447,7 @@ pub enum ScheduleCommand {
         /// UTC cron: 5 fields, or 6 with seconds first (`*/30 * * * * *`).
         #[arg(long)]
         cron: String,
+        /// What a fire does when the previous run is still going.
         #[arg(long, value_enum, default_value_t = Overlap::Skip)]
         overlap: Overlap,
         /// After downtime, an occurrence this recent still fires (once); older ones are `missed`.
@@ -352,19 +465,88 @@ pub enum ScheduleCommand {
     },
     /// Lists the schedules.
     List {
+        /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Removes a schedule (its history stays).
-    Remove { name: String },
+    Remove {
+        /// The schedule's name.
+        name: String,
+    },
     /// Stops firing a schedule until `resume`.
-    Pause { name: String },
+    Pause {
+        /// The schedule's name.
+        name: String,
+    },
     /// Fires a paused schedule again.
-    Resume { name: String },
+    Resume {
+        /// The schedule's name.
+        name: String,
+    },
     /// Every fire of a schedule: started (with its run), skipped, missed.
     History {
+        /// The schedule's name.
         name: String,
+        /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every argument and flag of every subcommand says what it is for.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "kmsflow", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:#?}");
+    }
+
+    /// A flag a subcommand ignores is not offered on it: `validate` reads no state and calls
+    /// no Azure, so neither `--state` nor `--cloud` is one of its flags.
+    #[test]
+    fn flags_a_subcommand_ignores_are_not_offered() {
+        let cli = Cli::command();
+        let flags = |name: &str| -> Vec<String> {
+            let sub = cli.find_subcommand(name).unwrap();
+            sub.get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_owned))
+                .collect()
+        };
+        for offline in ["validate", "graph", "schema", "runbooks", "docs", "man"] {
+            let offered = flags(offline);
+            for flag in ["state", "sync", "auth", "cloud", "arm-endpoint"] {
+                assert!(
+                    !offered.contains(&flag.to_owned()),
+                    "{offline} offers --{flag}"
+                );
+            }
+        }
+        for reads_state in ["runs", "show", "events", "approve"] {
+            let offered = flags(reads_state);
+            assert!(offered.contains(&"state".to_owned()), "{reads_state}");
+            assert!(!offered.contains(&"cloud".to_owned()), "{reads_state}");
+        }
+        assert!(flags("run").contains(&"cloud".to_owned()));
+    }
 }

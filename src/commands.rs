@@ -20,22 +20,24 @@ use crate::failure::{Failure, code, status_code};
 use crate::{bundled, registry, render};
 use kmsflow_steps::{AuthMode, AzureConfig};
 
-pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
-    let auth = match cli.auth {
+pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
+    let reach = cli.command.azure_args_mut().cloned().unwrap_or_default();
+    let state = cli.command.state_args().cloned().unwrap_or_default();
+    let auth = match reach.auth {
         Auth::Auto => AuthMode::Auto,
         Auth::Cli => AuthMode::Cli,
         Auth::ManagedIdentity => AuthMode::ManagedIdentity,
         Auth::WorkloadIdentity => AuthMode::WorkloadIdentity,
         Auth::ClientSecret => AuthMode::ClientSecret,
     };
-    let cloud = kmsflow_steps::CloudProfile::named_or_file(&cli.cloud)
+    let cloud = kmsflow_steps::CloudProfile::named_or_file(&reach.cloud)
         .map_err(|e| Failure::Usage(format!("--cloud: {e}")))?;
-    let azure = AzureConfig::for_cloud(cloud, cli.arm_endpoint.as_deref(), auth)
+    let azure = AzureConfig::for_cloud(cloud, reach.arm_endpoint.as_deref(), auth)
         .map_err(|e| Failure::Usage(format!("--arm-endpoint: {e}")))?;
     let context = Context {
         azure,
-        state: cli.state.clone(),
-        durability: match cli.sync {
+        state: state.state.clone(),
+        durability: match state.sync {
             Sync::Full => Durability::Full,
             Sync::Normal => Durability::Normal,
         },
@@ -70,26 +72,26 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Plan {
             runbook,
             params,
-            sandbox: _,
             detailed_exitcode,
             output,
+            ..
         } => plan(&context, &runbook, &params, detailed_exitcode, output).await,
         Command::Run {
             runbook,
             params,
-            sandbox: _,
             concurrency,
             yes,
             output,
+            ..
         } => run(&context, &runbook, &params, concurrency, yes, output).await,
         Command::Resume {
             run_id,
             params,
-            sandbox: _,
             allow_changed_runbook,
             allow_param_change,
             concurrency,
             output,
+            ..
         } => {
             let allow = Allow {
                 changed_runbook: allow_changed_runbook,
@@ -100,11 +102,11 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Rollback {
             run_id,
             params,
-            sandbox: _,
             allow_param_change,
             dry_run,
             yes,
             output,
+            ..
         } => {
             if dry_run {
                 // From the records alone: parameters only matter to a rollback that acts.
@@ -117,19 +119,20 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             run_id,
             step_id,
             by,
+            ..
         } => approve(&context, &run_id, &step_id, by),
-        Command::Runs { limit, output } => runs(&context, limit, output),
-        Command::Show { run_id, output } => show(&context, &run_id, output),
-        Command::Events { run_id, output } => events(&context, &run_id, output),
+        Command::Runs { limit, output, .. } => runs(&context, limit, output),
+        Command::Show { run_id, output, .. } => show(&context, &run_id, output),
+        Command::Events { run_id, output, .. } => events(&context, &run_id, output),
         Command::Check {
             params,
-            sandbox: _,
             targets,
             concurrency,
             output,
+            ..
         } => check(&context, &params, targets.as_deref(), concurrency, output).await,
-        Command::Schedule(command) => schedule(&context, command).await,
-        Command::Daemon { tick } => daemon(&context, tick).await,
+        Command::Schedule { command, .. } => schedule(&context, command).await,
+        Command::Daemon { tick, .. } => daemon(&context, tick).await,
         Command::Sandbox(SandboxCommand::Serve {
             port,
             faults,

@@ -53,7 +53,8 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
         }
         None => Faults::default(),
     };
-    let state = crate::state_file::state_path(cli.state.as_deref())?;
+    let given = cli.command.state_args().and_then(|s| s.state.clone());
+    let state = crate::state_file::state_path(given.as_deref())?;
     // The world is saved beside the state before the store first opens (and makes the folder).
     kmsflow_state::create_private_folder(&state).map_err(|e| {
         Failure::Usage(format!(
@@ -109,14 +110,16 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
         // SAFETY: called from `main` before the runtime (or any other thread) exists.
         unsafe { std::env::set_var(name, value) };
     }
-    cli.arm_endpoint = Some(
-        Addressing::Hosts {
-            port: address.port(),
-        }
-        .arm_endpoint(),
-    );
-    cli.cloud = profile_file.display().to_string();
-    cli.auth = Auth::ManagedIdentity;
+    if let Some(azure) = cli.command.azure_args_mut() {
+        azure.arm_endpoint = Some(
+            Addressing::Hosts {
+                port: address.port(),
+            }
+            .arm_endpoint(),
+        );
+        azure.cloud = profile_file.display().to_string();
+        azure.auth = Auth::ManagedIdentity;
+    }
     let runbook = match &cli.command {
         crate::cli::Command::Check { .. } => Some("verify-kms".to_owned()),
         crate::cli::Command::Run { runbook, .. } | crate::cli::Command::Plan { runbook, .. } => {
