@@ -273,6 +273,21 @@ pub enum Command {
         #[arg(long)]
         by: Option<String>,
     },
+    /// Refuse a waiting `approve` step: the run fails at it (and can be rolled back).
+    Reject {
+        #[command(flatten)]
+        state: StateArgs,
+        /// The run: its id or a unique prefix of it (`kmsflow runs`).
+        run_id: String,
+        /// The waiting `approve` step.
+        step_id: String,
+        /// Why: recorded in the journal and shown as the run's error.
+        #[arg(long)]
+        reason: String,
+        /// Who rejects (default: $USER@host; the OS user is recorded beside it).
+        #[arg(long)]
+        by: Option<String>,
+    },
     /// List recent runs.
     Runs {
         #[command(flatten)]
@@ -385,6 +400,7 @@ impl Command {
             | Command::Check { state, .. }
             | Command::Daemon { state, .. }
             | Command::Approve { state, .. }
+            | Command::Reject { state, .. }
             | Command::Runs { state, .. }
             | Command::Show { state, .. }
             | Command::Events { state, .. }

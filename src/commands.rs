@@ -121,6 +121,13 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             by,
             ..
         } => approve(&context, &run_id, &step_id, by),
+        Command::Reject {
+            run_id,
+            step_id,
+            reason,
+            by,
+            ..
+        } => reject(&context, &run_id, &step_id, &reason, by),
         Command::Runs { limit, output, .. } => runs(&context, limit, output),
         Command::Show { run_id, output, .. } => show(&context, &run_id, output),
         Command::Events { run_id, output, .. } => events(&context, &run_id, output),
@@ -789,21 +796,47 @@ fn approve(
     by: Option<String>,
 ) -> Result<u8, Failure> {
     let engine = context.engine()?;
-    // Who typed it is recorded beside the name given: `--by` is a claim, the OS user a fact.
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into());
-    let os_user = format!("{user}@{host}");
-    let approved_by = match by {
-        Some(name) => format!("{name} (as {os_user})"),
-        None => os_user,
-    };
+    let approved_by = operator(by);
     let run_id = launch::approve(&engine, run_id, step_id, &approved_by)?;
     outln!(
         "approved `{step_id}` of run {run_id} as {approved_by}; continue with `kmsflow resume {run_id}`"
     );
     Ok(code::SUCCESS)
+}
+
+fn reject(
+    context: &Context,
+    run_id: &str,
+    step_id: &str,
+    reason: &str,
+    by: Option<String>,
+) -> Result<u8, Failure> {
+    if reason.trim().is_empty() {
+        return Err(Failure::Usage(
+            "--reason is recorded for whoever reads the run later: say why".into(),
+        ));
+    }
+    let engine = context.engine()?;
+    let rejected_by = operator(by);
+    let run_id = launch::reject(&engine, run_id, step_id, &rejected_by, reason)?;
+    outln!(
+        "rejected `{step_id}` of run {run_id} as {rejected_by}; the run failed there: undo what it did with `kmsflow rollback {run_id}`"
+    );
+    Ok(code::SUCCESS)
+}
+
+/// Who typed the command, recorded beside the name given: `--by` is a claim, the OS user a
+/// fact.
+fn operator(by: Option<String>) -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    let os_user = format!("{user}@{host}");
+    match by {
+        Some(name) => format!("{name} (as {os_user})"),
+        None => os_user,
+    }
 }
 
 fn runs(context: &Context, limit: usize, output: Output) -> Result<u8, Failure> {

@@ -49,9 +49,8 @@ impl From<LaunchError> for Failure {
             LaunchError::Store(StoreError::RunNotFound(id)) => Failure::Usage(format!(
                 "no run `{id}` in the state file; `kmsflow runs` lists them"
             )),
-            LaunchError::Store(e @ StoreError::AmbiguousRunId { .. }) => {
-                Failure::Usage(e.to_string())
-            }
+            LaunchError::Store(e @ StoreError::AmbiguousRunId { .. })
+            | LaunchError::Store(e @ StoreError::Decided { .. }) => Failure::Usage(e.to_string()),
             LaunchError::NotResumable { .. }
             | LaunchError::NotRollbackable { .. }
             | LaunchError::RollingBack { .. }

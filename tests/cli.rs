@@ -1128,3 +1128,74 @@ fn read_commands_work_on_a_state_file_this_user_cannot_write() {
     let left: Vec<_> = std::fs::read_dir(&shared).unwrap().collect();
     assert_eq!(left.len(), 1, "nothing was created beside the file");
 }
+
+/// `reject` refuses a waiting approval: the run fails at that step with who and why, the
+/// journal records it, a later approval is refused, and the run can be rolled back.
+#[test]
+fn a_rejected_approval_fails_the_run_at_that_step_and_it_rolls_back() {
+    let ws = Workspace::new();
+    ws.write(
+        "gated.yaml",
+        r#"name: gated
+steps:
+  - id: prepare
+    uses: file
+    with: { path: prepared.txt, content: "ready" }
+  - id: gate
+    uses: approve
+    needs: [prepare]
+    with: { message: look at prepared.txt }
+  - id: go
+    uses: file
+    needs: [gate]
+    with: { path: done.txt, content: "go" }
+"#,
+    );
+    let output = ws.run(&["run", "gated.yaml"]);
+    assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+    let run_id = run_id_of(&output);
+    let no_reason = ws.run(&["reject", &run_id, "gate", "--reason", " "]);
+    assert_eq!(no_reason.status.code(), Some(2));
+    assert_eq!(ws.show(&run_id)["status"], "waiting");
+
+    let rejected = ws.run(&[
+        "reject",
+        &run_id,
+        "gate",
+        "--reason",
+        "prepared.txt is wrong",
+        "--by",
+        "carol@ops",
+    ]);
+    assert!(rejected.status.success(), "{}", stderr(&rejected));
+    let run = ws.show(&run_id);
+    assert_eq!(run["status"], "failed");
+    let error = run["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("gate")
+            && error.contains("carol@ops")
+            && error.contains("prepared.txt is wrong"),
+        "{run}"
+    );
+    assert_eq!(step(&run, "gate")["status"], "failed");
+    let events = ws.run(&["events", &run_id, "--output", "json"]);
+    let journal = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        journal.contains("step_rejected") && journal.contains("carol@ops"),
+        "{journal}"
+    );
+
+    // Decided once: neither an approval nor a second rejection lands now.
+    let approve = ws.run(&["approve", &run_id, "gate", "--by", "alice@ops"]);
+    assert_eq!(approve.status.code(), Some(2), "{}", stderr(&approve));
+    let again = ws.run(&["reject", &run_id, "gate", "--reason", "again"]);
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(!ws.path("done.txt").exists(), "nothing past the gate ran");
+
+    let rollback = ws.run(&["rollback", &run_id]);
+    assert!(rollback.status.success(), "{}", stderr(&rollback));
+    assert!(
+        !ws.path("prepared.txt").exists(),
+        "what the run made is undone"
+    );
+}

@@ -609,7 +609,44 @@ pub fn approve(
     step_id: &str,
     approved_by: &str,
 ) -> Result<String, LaunchError> {
-    let mut store = Store::open(&engine.state_path, engine.durability)?;
+    let (mut store, run_id) = awaiting_decision(engine, run_id_or_prefix, step_id)?;
+    store.commit(&[Write::Approve {
+        run_id: run_id.clone(),
+        step_id: step_id.to_owned(),
+        approved_by: approved_by.to_owned(),
+        at: Utc::now(),
+    }])?;
+    Ok(run_id)
+}
+
+/// Refuses a waiting step's approval: the step and the run fail (a run that can be rolled
+/// back), and the journal says who and why. The same checks as [`approve`]; a step already
+/// approved is not rejected.
+pub fn reject(
+    engine: &Engine,
+    run_id_or_prefix: &str,
+    step_id: &str,
+    rejected_by: &str,
+    reason: &str,
+) -> Result<String, LaunchError> {
+    let (mut store, run_id) = awaiting_decision(engine, run_id_or_prefix, step_id)?;
+    store.commit(&[Write::Reject {
+        run_id: run_id.clone(),
+        step_id: step_id.to_owned(),
+        rejected_by: rejected_by.to_owned(),
+        reason: reason.to_owned(),
+        at: Utc::now(),
+    }])?;
+    Ok(run_id)
+}
+
+/// The run, when `step_id` is an `approve` step it waits on and nobody has decided yet.
+fn awaiting_decision(
+    engine: &Engine,
+    run_id_or_prefix: &str,
+    step_id: &str,
+) -> Result<(Store, String), LaunchError> {
+    let store = Store::open(&engine.state_path, engine.durability)?;
     let run_id = store.resolve_run_id(run_id_or_prefix)?;
     match store.steps(&run_id)?.iter().find(|s| s.step_id == step_id) {
         None => {
@@ -651,11 +688,5 @@ pub fn approve(
             status: run.status,
         });
     }
-    store.commit(&[Write::Approve {
-        run_id: run_id.clone(),
-        step_id: step_id.to_owned(),
-        approved_by: approved_by.to_owned(),
-        at: Utc::now(),
-    }])?;
-    Ok(run_id)
+    Ok((store, run_id))
 }

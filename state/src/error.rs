@@ -28,6 +28,17 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
+    /// An approval decision came too late: the run no longer waits, or the step was approved.
+    #[error(
+        "step `{step_id}` of run `{run_id}` is decided already (the run is {status}{}); an approval is decided once",
+        if *approved { ", and the step was approved" } else { "" }
+    )]
+    Decided {
+        run_id: String,
+        step_id: String,
+        status: String,
+        approved: bool,
+    },
     /// No run has this id (or prefix).
     #[error("no run `{0}` in the state file")]
     RunNotFound(String),

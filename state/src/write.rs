@@ -1,4 +1,5 @@
 use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::OptionalExtension as _;
 use rusqlite::{Connection, params};
 use serde_json::{Value, json};
 
@@ -153,6 +154,15 @@ pub enum Write {
         run_id: String,
         step_id: String,
         approved_by: String,
+        at: DateTime<Utc>,
+    },
+    /// Refuses an `approve` step: the step and the run fail, with who and why. Only while
+    /// the run waits and nobody approved the step, checked in the same transaction.
+    Reject {
+        run_id: String,
+        step_id: String,
+        rejected_by: String,
+        reason: String,
         at: DateTime<Utc>,
     },
 }
@@ -346,6 +356,13 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             approved_by,
             at,
         } => approve(tx, run_id, step_id, approved_by, at),
+        Write::Reject {
+            run_id,
+            step_id,
+            rejected_by,
+            reason,
+            at,
+        } => reject(tx, run_id, step_id, rejected_by, reason, at),
     }
 }
 
@@ -685,6 +702,61 @@ fn fire_started(
     Ok(())
 }
 
+/// A decision on an approval is taken only while the run waits and nobody decided before:
+/// checked inside the decision's transaction, so an approval and a rejection racing from two
+/// shells cannot both land.
+fn check_undecided(tx: &Connection, run_id: &str, step_id: &str) -> Result<(), StoreError> {
+    let status: Option<String> = tx
+        .query_row("SELECT status FROM runs WHERE id = ?1", [run_id], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    let approved: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1 AND step_id = ?2)",
+        params![run_id, step_id],
+        |row| row.get(0),
+    )?;
+    match status.as_deref() {
+        Some("waiting") if !approved => Ok(()),
+        Some(status) => Err(StoreError::Decided {
+            run_id: run_id.to_owned(),
+            step_id: step_id.to_owned(),
+            status: status.to_owned(),
+            approved,
+        }),
+        None => Err(StoreError::RunNotFound(run_id.to_owned())),
+    }
+}
+
+fn reject(
+    tx: &Connection,
+    run_id: &str,
+    step_id: &str,
+    rejected_by: &str,
+    reason: &str,
+    at: &DateTime<Utc>,
+) -> Result<(), StoreError> {
+    check_undecided(tx, run_id, step_id)?;
+    event(
+        tx,
+        run_id,
+        Some(step_id),
+        at,
+        "step_rejected",
+        &json!({"rejected_by": rejected_by, "reason": reason}),
+    )?;
+    let error = format!("rejected by {rejected_by}: {reason}");
+    step_failed(tx, run_id, step_id, 0, &error, false, at)?;
+    run_finished(
+        tx,
+        run_id,
+        RunStatus::Failed,
+        &Some(format!("step `{step_id}` failed: {error}")),
+        &None,
+        at,
+    )
+}
+
 fn approve(
     tx: &Connection,
     run_id: &str,
@@ -692,6 +764,7 @@ fn approve(
     approved_by: &str,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    check_undecided(tx, run_id, step_id)?;
     tx.prepare_cached(
         // Never over an earlier approval: a second one fails the primary key.
         "INSERT INTO approvals (run_id, step_id, approved_by, approved_at)
