@@ -315,12 +315,8 @@ steps:
     assert_eq!(ws.run(&["resume", &run_id]).status.code(), Some(2));
 }
 
-#[test]
-fn an_approve_step_pauses_the_run_until_approved() {
-    let ws = Workspace::new();
-    ws.write(
-        "gated.yaml",
-        r#"
+/// Makes a file, waits for approval, then makes another with the approver's name.
+const GATED: &str = r#"
 name: gated
 steps:
   - id: prepare
@@ -334,8 +330,12 @@ steps:
     uses: file
     needs: [gate]
     with: { path: done.txt, content: "approved by {{steps.gate.outputs.approved_by}}" }
-"#,
-    );
+"#;
+
+#[test]
+fn an_approve_step_pauses_the_run_until_approved() {
+    let ws = Workspace::new();
+    ws.write("gated.yaml", GATED);
     let output = ws.run(&["run", "gated.yaml"]);
     assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
     // The approver is told what to check, where the run stops and where they look.
@@ -1134,23 +1134,7 @@ fn read_commands_work_on_a_state_file_this_user_cannot_write() {
 #[test]
 fn a_rejected_approval_fails_the_run_at_that_step_and_it_rolls_back() {
     let ws = Workspace::new();
-    ws.write(
-        "gated.yaml",
-        r#"name: gated
-steps:
-  - id: prepare
-    uses: file
-    with: { path: prepared.txt, content: "ready" }
-  - id: gate
-    uses: approve
-    needs: [prepare]
-    with: { message: look at prepared.txt }
-  - id: go
-    uses: file
-    needs: [gate]
-    with: { path: done.txt, content: "go" }
-"#,
-    );
+    ws.write("gated.yaml", GATED);
     let output = ws.run(&["run", "gated.yaml"]);
     assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
     let run_id = run_id_of(&output);
