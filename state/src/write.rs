@@ -781,3 +781,97 @@ fn approve(
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod decision_tests {
+    use chrono::Utc;
+    use serde_json::json;
+
+    use super::*;
+    use crate::{Durability, NewRun, Store};
+
+    /// A run waiting on its `approve` step `gate`.
+    fn waiting(store: &mut Store, id: &str) {
+        store
+            .commit(&[
+                Write::CreateRun(NewRun {
+                    id: id.into(),
+                    runbook: "t".into(),
+                    runbook_ref: "t.yaml".into(),
+                    content_hash: "h".into(),
+                    source: "name: t".into(),
+                    params: json!({}),
+                    secret_params: vec![],
+                    started_at: Utc::now(),
+                    lock_key: None,
+                    steps: vec![("gate".into(), "approve".into())],
+                    fragments: json!([]),
+                }),
+                Write::RunFinished {
+                    run_id: id.into(),
+                    status: RunStatus::Waiting,
+                    error: None,
+                    outputs: None,
+                    at: Utc::now(),
+                },
+            ])
+            .unwrap();
+    }
+
+    fn approve(id: &str) -> Write {
+        Write::Approve {
+            run_id: id.into(),
+            step_id: "gate".into(),
+            approved_by: "alice".into(),
+            at: Utc::now(),
+        }
+    }
+
+    fn reject(id: &str) -> Write {
+        Write::Reject {
+            run_id: id.into(),
+            step_id: "gate".into(),
+            rejected_by: "bob".into(),
+            reason: "no".into(),
+            at: Utc::now(),
+        }
+    }
+
+    /// Whichever decision commits first, the other is refused in its own transaction: the
+    /// checks `approve` and `reject` make before committing cannot see a decision racing them.
+    #[test]
+    fn an_approval_and_a_rejection_cannot_both_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("state.db"), Durability::Normal).unwrap();
+        waiting(&mut store, "approved-first");
+        store.commit(&[approve("approved-first")]).unwrap();
+        let late = store.commit(&[reject("approved-first")]).unwrap_err();
+        assert!(
+            matches!(late, StoreError::Decided { approved: true, .. }),
+            "{late}"
+        );
+        assert_eq!(
+            store.run("approved-first").unwrap().status,
+            RunStatus::Waiting
+        );
+
+        waiting(&mut store, "rejected-first");
+        store.commit(&[reject("rejected-first")]).unwrap();
+        let late = store.commit(&[approve("rejected-first")]).unwrap_err();
+        assert!(
+            matches!(
+                late,
+                StoreError::Decided {
+                    approved: false,
+                    ..
+                }
+            ),
+            "{late}"
+        );
+        assert!(store.approvals("rejected-first").unwrap().is_empty());
+        assert_eq!(
+            store.run("rejected-first").unwrap().status,
+            RunStatus::Failed
+        );
+    }
+}
