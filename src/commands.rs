@@ -606,8 +606,7 @@ async fn run(
     if !yes && compiled.steps.iter().any(ungated) {
         // Only the plan knows whether this run would pass the point (a cluster already
         // encrypted will not), so a rerun is not asked about what it will not do.
-        let registry = crate::registry_with(context.azure.clone());
-        let previews = kmsflow_engine::preview::preview(&compiled, &bound, &registry).await;
+        let previews = kmsflow_engine::preview::preview(&compiled, &bound, &engine.registry).await;
         let points = crate::confirm::points_of_no_return(&compiled, &previews);
         crate::confirm::confirm("run passes a point of no return", &points, false)?;
     }

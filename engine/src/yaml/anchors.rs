@@ -7,7 +7,7 @@
 //! exponentially, and is refused at its anchor once the runbook would hold more than
 //! [`MAX_NODES`] values, before any of it is built.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
@@ -28,7 +28,7 @@ impl MarkedEventReceiver for Events {
     }
 }
 
-/// A value an anchor names: its tree, how many values it holds, and where it was defined.
+/// A value an anchor names: its tree (spans included), and how many values it holds.
 struct Anchored {
     value: Yaml,
     nodes: usize,
@@ -203,14 +203,13 @@ impl Builder<'_> {
     fn mapping(&mut self) -> Result<(Entries, usize), Refusal> {
         let mut entries: Entries = Vec::new();
         let mut merged: Entries = Vec::new();
+        // Keys seen, so a mapping of many keys is read in linear time.
+        let mut own: HashSet<String> = HashSet::new();
+        let mut merged_keys: HashSet<String> = HashSet::new();
         loop {
             if let Some(Event::MappingEnd) = self.peek() {
                 let end = self.next()?.1;
-                for (key, value) in merged {
-                    if !entries.iter().any(|(k, _)| k.value == key.value) {
-                        entries.push((key, value));
-                    }
-                }
+                entries.extend(merged.into_iter().filter(|(k, _)| !own.contains(&k.value)));
                 return Ok((entries, end));
             }
             // Keys are read as their text, as marked-yaml reads them (`1:` names "1").
@@ -248,14 +247,14 @@ impl Builder<'_> {
                         ));
                     };
                     for (k, v) in source {
-                        if !merged.iter().any(|(m, _)| m.value == k.value) {
+                        if merged_keys.insert(k.value.clone()) {
                             merged.push((k, v));
                         }
                     }
                 }
                 continue;
             }
-            if entries.iter().any(|(k, _)| k.value == key.value) {
+            if !own.insert(key.value.clone()) {
                 return Err((
                     key.span.offset,
                     format!("invalid YAML: duplicate key `{}`", key.value),
