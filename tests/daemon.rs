@@ -283,6 +283,14 @@ fn a_failing_run_posts_to_the_webhook() {
         received.recv_timeout(Duration::from_millis(300)).is_err(),
         "a webhook fires on a change of state, not on every failing fire"
     );
+    // How it went is recorded on the fire that sent it, once it was sent.
+    let fires = history(dir.path(), "alerting");
+    let notified: Vec<&Value> = fires
+        .iter()
+        .filter(|f| !f["detail"]["notification"].is_null())
+        .collect();
+    assert_eq!(notified.len(), 1, "{fires:?}");
+    assert_eq!(notified[0]["detail"]["notification"]["sent"], true);
     assert!(sigterm(&mut d).success());
     let payload: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(payload["schedule"], "alerting");

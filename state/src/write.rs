@@ -782,31 +782,39 @@ fn approve(
     Ok(())
 }
 
+/// A new run of a runbook with these steps (id, kind), for the store's tests.
+#[cfg(test)]
+pub(crate) fn new_run(id: &str, steps: &[(&str, &str)]) -> Write {
+    Write::CreateRun(NewRun {
+        id: id.into(),
+        runbook: "t".into(),
+        runbook_ref: "t.yaml".into(),
+        content_hash: "h".into(),
+        source: "name: t".into(),
+        params: json!({}),
+        secret_params: vec![],
+        started_at: Utc::now(),
+        lock_key: None,
+        steps: steps
+            .iter()
+            .map(|(id, uses)| ((*id).into(), (*uses).into()))
+            .collect(),
+        fragments: json!([]),
+    })
+}
+
 #[cfg(test)]
 mod decision_tests {
     use chrono::Utc;
-    use serde_json::json;
 
     use super::*;
-    use crate::{Durability, NewRun, Store};
+    use crate::{Durability, Store};
 
     /// A run waiting on its `approve` step `gate`.
     fn waiting(store: &mut Store, id: &str) {
         store
             .commit(&[
-                Write::CreateRun(NewRun {
-                    id: id.into(),
-                    runbook: "t".into(),
-                    runbook_ref: "t.yaml".into(),
-                    content_hash: "h".into(),
-                    source: "name: t".into(),
-                    params: json!({}),
-                    secret_params: vec![],
-                    started_at: Utc::now(),
-                    lock_key: None,
-                    steps: vec![("gate".into(), "approve".into())],
-                    fragments: json!([]),
-                }),
+                new_run(id, &[("gate", "approve")]),
                 Write::RunFinished {
                     run_id: id.into(),
                     status: RunStatus::Waiting,

@@ -190,26 +190,11 @@ fn commit_batch(store: &mut Store, batch: &[Checkpoint]) -> Vec<Result<(), Store
 mod tests {
     use std::sync::mpsc;
 
-    use chrono::Utc;
-    use serde_json::json;
-
     use super::*;
-    use crate::{Durability, NewRun};
+    use crate::Durability;
 
     fn new_run(id: &str) -> Write {
-        Write::CreateRun(NewRun {
-            id: id.into(),
-            runbook: "t".into(),
-            runbook_ref: "t.yaml".into(),
-            content_hash: "h".into(),
-            source: "name: t".into(),
-            params: json!({}),
-            secret_params: vec![],
-            started_at: Utc::now(),
-            lock_key: None,
-            steps: vec![("a".into(), "noop".into())],
-            fragments: json!([]),
-        })
+        crate::write::new_run(id, &[("a", "noop")])
     }
 
     #[test]
