@@ -73,96 +73,20 @@ fn label(sources: &ParamSources, with_subscription: bool) -> String {
 
 const COLUMNS: &[&str] = &["subscription", "resource_group", "cluster", "expected_mode"];
 
-/// Reads `--targets`: a YAML list of mappings, or CSV with a header row.
+/// Reads `--targets` (see [`crate::targets`]): rows naming only the columns a check knows.
 pub fn read_targets(path: &Path) -> Result<Vec<Target>, Failure> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Failure::Usage(format!("cannot read `{}`: {e}", path.display())))?;
-    let is_csv = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
-    let targets = if is_csv {
-        csv_targets(&text)
-    } else {
-        yaml_targets(&text)
-    }
-    .map_err(|reason| Failure::Usage(format!("`{}`: {reason}", path.display())))?;
-    if targets.is_empty() {
-        return Err(Failure::Usage(format!(
-            "`{}` lists no clusters",
-            path.display()
-        )));
-    }
-    Ok(targets)
-}
-
-fn yaml_targets(text: &str) -> Result<Vec<Target>, String> {
-    let value: Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
-    let list = value
-        .get("targets")
-        .cloned()
-        .unwrap_or(value)
-        .as_array()
-        .cloned()
-        .ok_or("expected a list of clusters (or `targets:` holding one)")?;
-    list.into_iter()
-        .enumerate()
-        .map(|(index, item)| match item {
-            Value::Object(map) => {
-                for key in map.keys() {
-                    if !COLUMNS.contains(&key.as_str()) {
-                        return Err(format!(
-                            "entry {}: unknown key `{key}`; use {}",
-                            index + 1,
-                            COLUMNS.join(", ")
-                        ));
-                    }
-                }
-                Ok(Target { params: map })
+    crate::targets::read_rows(path)?
+        .into_iter()
+        .map(|row| {
+            if let Some(unknown) = row.params.keys().find(|k| !COLUMNS.contains(&k.as_str())) {
+                return Err(Failure::Usage(format!(
+                    "`{}`, {}: unknown column `{unknown}`; use {}",
+                    path.display(),
+                    row.origin,
+                    COLUMNS.join(", ")
+                )));
             }
-            _ => Err(format!("entry {} is not a mapping", index + 1)),
-        })
-        .collect()
-}
-
-fn csv_targets(text: &str) -> Result<Vec<Target>, String> {
-    let mut lines = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'));
-    let header: Vec<&str> = lines
-        .next()
-        .ok_or("the CSV has no header row")?
-        .split(',')
-        .map(str::trim)
-        .collect();
-    for column in &header {
-        if !COLUMNS.contains(column) {
-            return Err(format!(
-                "unknown column `{column}`; use {}",
-                COLUMNS.join(", ")
-            ));
-        }
-    }
-    lines
-        .enumerate()
-        .map(|(index, line)| {
-            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-            if cells.len() != header.len() {
-                return Err(format!(
-                    "row {} has {} cells, the header {}",
-                    index + 2,
-                    cells.len(),
-                    header.len()
-                ));
-            }
-            Ok(Target {
-                params: header
-                    .iter()
-                    .zip(cells)
-                    .filter(|(_, v)| !v.is_empty())
-                    .map(|(k, v)| (k.to_string(), Value::String(v.to_owned())))
-                    .collect(),
-            })
+            Ok(Target { params: row.params })
         })
         .collect()
 }
@@ -482,23 +406,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_yaml_and_csv_targets() {
-        let yaml = yaml_targets("- { resource_group: rg, cluster: a }\n- { resource_group: rg, cluster: b, expected_mode: PMK }\n").unwrap();
-        assert_eq!(yaml.len(), 2);
-        assert_eq!(yaml[1].params["expected_mode"], "PMK");
-        let csv = csv_targets("resource_group,cluster,expected_mode\nrg,a,CMK\n# comment\nrg,b,\n")
-            .unwrap();
-        assert_eq!(csv.len(), 2);
-        assert!(!csv[1].params.contains_key("expected_mode"));
+    fn a_check_refuses_a_column_it_does_not_know_naming_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.csv");
+        std::fs::write(&path, "resource_group,cluster\nrg,a\n").unwrap();
+        assert_eq!(read_targets(&path).unwrap().len(), 1);
+        std::fs::write(&path, "resource_group,cluster,region\nrg,a,\nrg,b,x\n").unwrap();
+        let refused = read_targets(&path).unwrap_err().to_string();
         assert!(
-            csv_targets("group,cluster\nrg,a\n")
-                .unwrap_err()
-                .contains("unknown column `group`")
-        );
-        assert!(
-            yaml_targets("- { cluster: a, region: x }\n")
-                .unwrap_err()
-                .contains("unknown key `region`")
+            refused.contains("row 3: unknown column `region`"),
+            "{refused}"
         );
     }
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kmsflow_engine::rollout::{Share, WaveGate};
 
 /// Durable, resumable runbooks for risky changes to Azure clusters.
 #[derive(Debug, Parser)]
@@ -121,6 +122,28 @@ pub struct SandboxArgs {
     pub sandbox_faults: Option<PathBuf>,
 }
 
+/// How a rollout paces its targets (with `--targets`).
+#[derive(Debug, Clone, Args)]
+pub struct RateArgs {
+    /// Failures allowed before no new target starts (targets in flight finish): a number or
+    /// a share (`5%`). Default 0: the first failure stops the rollout.
+    #[arg(long, value_name = "N|N%", requires = "targets")]
+    pub max_errors: Option<Share>,
+    /// Cumulative shares of the targets per wave, e.g. `1,10%,50%,100%`. Default: a canary
+    /// of one, then doubling up to the concurrency, then the rest.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "SHARES",
+        requires = "targets"
+    )]
+    pub waves: Option<Vec<Share>>,
+    /// Between waves: `approve` (wait for `kmsflow approve ROLLOUT wave-N`), `pause=DURATION`
+    /// or `none` (the default).
+    #[arg(long, value_name = "GATE", requires = "targets")]
+    pub wave_gate: Option<WaveGate>,
+}
+
 /// Parameters of a runbook.
 #[derive(Debug, Clone, Args)]
 pub struct ParamArgs {
@@ -198,9 +221,17 @@ pub enum Command {
         params: ParamArgs,
         #[command(flatten)]
         sandbox: SandboxArgs,
-        /// Steps running at once, at most.
-        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
-        concurrency: u16,
+        /// Run once per target of this file, as one rollout: CSV with a header row, or a
+        /// YAML list of mappings. Columns are the runbook's parameters (`resource_group,cluster,
+        /// key_vault,identity`); `-p` gives values every row shares.
+        #[arg(long, value_name = "FILE")]
+        targets: Option<PathBuf>,
+        /// Steps running at once (default 8). With `--targets`: targets at once, a number or
+        /// a share of them (`25%`; default 10).
+        #[arg(long, value_name = "N|N%")]
+        concurrency: Option<Share>,
+        #[command(flatten)]
+        rate: RateArgs,
         /// Go past a point of no return without asking (needed without a terminal, unless an
         /// `approve` step of the runbook stands before it).
         #[arg(long, short = 'y')]
@@ -209,13 +240,13 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Continue a run that failed, was interrupted or waits for approval.
+    /// Continue a run (or a rollout) that failed, was interrupted or waits for approval.
     Resume {
         #[command(flatten)]
         state: StateArgs,
         #[command(flatten)]
         azure: AzureArgs,
-        /// The run: its id or a unique prefix of it (`kmsflow runs`).
+        /// The run or rollout: its id or a unique prefix of it (`kmsflow runs`).
         run_id: String,
         #[command(flatten)]
         params: ParamArgs,
@@ -235,13 +266,13 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Undo what a run changed, newest first.
+    /// Undo what a run (or every run of a rollout) changed, newest first.
     Rollback {
         #[command(flatten)]
         state: StateArgs,
         #[command(flatten)]
         azure: AzureArgs,
-        /// The run: its id or a unique prefix of it (`kmsflow runs`).
+        /// The run or rollout: its id or a unique prefix of it (`kmsflow runs`).
         run_id: String,
         #[command(flatten)]
         params: ParamArgs,
@@ -257,17 +288,21 @@ pub enum Command {
         /// Delete what the run created without asking (needed without a terminal).
         #[arg(long, short = 'y')]
         yes: bool,
+        /// For a rollout: targets rolled back at once (default: the rollout's concurrency).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: Option<u16>,
         /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Approve a waiting `approve` step; then `kmsflow resume RUN_ID` continues.
+    /// Approve a waiting `approve` step, or a rollout's next wave; then `kmsflow resume`
+    /// continues.
     Approve {
         #[command(flatten)]
         state: StateArgs,
-        /// The run: its id or a unique prefix of it (`kmsflow runs`).
+        /// The run or rollout: its id or a unique prefix of it (`kmsflow runs`).
         run_id: String,
-        /// The waiting `approve` step.
+        /// The waiting `approve` step, or `wave-N` for a rollout.
         step_id: String,
         /// Who approves (default: $USER@host).
         #[arg(long)]
@@ -299,11 +334,11 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Show a run and its steps.
+    /// Show a run and its steps, or a rollout and its targets.
     Show {
         #[command(flatten)]
         state: StateArgs,
-        /// The run: its id or a unique prefix of it (`kmsflow runs`).
+        /// The run or rollout: its id or a unique prefix of it (`kmsflow runs`).
         run_id: String,
         /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
@@ -350,11 +385,11 @@ pub enum Command {
         #[arg(long, default_value = "250ms", value_parser = parse_duration_arg)]
         tick: std::time::Duration,
     },
-    /// Show a run's journal of transitions.
+    /// Show a run's (or a rollout's) journal of transitions.
     Events {
         #[command(flatten)]
         state: StateArgs,
-        /// The run: its id or a unique prefix of it (`kmsflow runs`).
+        /// The run or rollout: its id or a unique prefix of it (`kmsflow runs`).
         run_id: String,
         /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]

@@ -79,11 +79,43 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
         Command::Run {
             runbook,
             params,
+            targets: Some(targets),
+            concurrency,
+            rate,
+            yes,
+            output,
+            ..
+        } => {
+            let asked = crate::rollouts::Rollout {
+                runbook: &runbook,
+                params: &params,
+                targets: &targets,
+                concurrency,
+                rate: &rate,
+                yes,
+                output,
+            };
+            crate::rollouts::run(&context, asked).await
+        }
+        Command::Run {
+            runbook,
+            params,
             concurrency,
             yes,
             output,
             ..
-        } => run(&context, &runbook, &params, concurrency, yes, output).await,
+        } => {
+            let steps = steps_at_once(concurrency)?;
+            run(&context, &runbook, &params, steps, yes, output).await
+        }
+        Command::Resume {
+            run_id,
+            params,
+            output,
+            ..
+        } if crate::rollouts::is_rollout(&run_id) => {
+            crate::rollouts::resume(&context, &run_id, &params, output).await
+        }
         Command::Resume {
             run_id,
             params,
@@ -98,6 +130,22 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
                 param_change: allow_param_change,
             };
             resume(&context, &run_id, &params, allow, concurrency, output).await
+        }
+        Command::Rollback {
+            run_id,
+            params,
+            dry_run,
+            yes,
+            concurrency,
+            output,
+            ..
+        } if crate::rollouts::is_rollout(&run_id) => {
+            if dry_run {
+                crate::rollouts::rollback_dry_run(&context, &run_id, output)
+            } else {
+                crate::rollouts::rollback(&context, &run_id, &params, concurrency, yes, output)
+                    .await
+            }
         }
         Command::Rollback {
             run_id,
@@ -120,6 +168,14 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             step_id,
             by,
             ..
+        } if crate::rollouts::is_rollout(&run_id) => {
+            crate::rollouts::approve(&context, &run_id, &step_id, &operator(by))
+        }
+        Command::Approve {
+            run_id,
+            step_id,
+            by,
+            ..
         } => approve(&context, &run_id, &step_id, by),
         Command::Reject {
             run_id,
@@ -129,7 +185,13 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             ..
         } => reject(&context, &run_id, &step_id, &reason, by),
         Command::Runs { limit, output, .. } => runs(&context, limit, output),
+        Command::Show { run_id, output, .. } if crate::rollouts::is_rollout(&run_id) => {
+            crate::rollouts::show(&context, &run_id, output)
+        }
         Command::Show { run_id, output, .. } => show(&context, &run_id, output),
+        Command::Events { run_id, output, .. } if crate::rollouts::is_rollout(&run_id) => {
+            crate::rollouts::events(&context, &run_id, output)
+        }
         Command::Events { run_id, output, .. } => events(&context, &run_id, output),
         Command::Check {
             params,
@@ -153,17 +215,29 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
     }
 }
 
-struct Context {
+/// `--concurrency` of a single run: steps at once, a number (a share means targets).
+fn steps_at_once(concurrency: Option<kmsflow_engine::rollout::Share>) -> Result<u16, Failure> {
+    use kmsflow_engine::rollout::Share;
+    match concurrency {
+        None => Ok(8),
+        Some(Share::Count(n)) if (1..=u16::MAX as usize).contains(&n) => Ok(n as u16),
+        Some(other) => Err(Failure::Usage(format!(
+            "--concurrency {other}: a run's steps at once are a number from 1; a share of targets needs `--targets`"
+        ))),
+    }
+}
+
+pub(crate) struct Context {
     azure: AzureConfig,
     /// `--sandbox`: required names default to the sandbox's.
     sandbox: bool,
     state: Option<PathBuf>,
     durability: Durability,
-    json_logs: bool,
+    pub(crate) json_logs: bool,
 }
 
 impl Context {
-    fn engine(&self) -> Result<Engine, Failure> {
+    pub(crate) fn engine(&self) -> Result<Engine, Failure> {
         let state_path = crate::state_file::state_path(self.state.as_deref())?;
         Ok(Engine {
             registry: crate::registry_with(self.azure.clone()),
@@ -173,14 +247,14 @@ impl Context {
     }
 
     /// Opens the store for reading.
-    fn store(&self) -> Result<Store, Failure> {
+    pub(crate) fn store(&self) -> Result<Store, Failure> {
         let engine = self.engine()?;
         Ok(Store::open(&engine.state_path, engine.durability)?)
     }
 
     /// Opens the store for a command that only reads (`runs`, `show`, `events`): read-only
     /// when this user may not write the file, so a copied or shared state can be inspected.
-    fn read_store(&self) -> Result<Store, Failure> {
+    pub(crate) fn read_store(&self) -> Result<Store, Failure> {
         let engine = self.engine()?;
         match Store::open(&engine.state_path, engine.durability) {
             Ok(store) => Ok(store),
@@ -199,13 +273,13 @@ impl Context {
 }
 
 /// A runbook's text and the name it is known by: a path, or a bundled runbook's name.
-struct Loaded {
-    source: RunbookSource,
+pub(crate) struct Loaded {
+    pub(crate) source: RunbookSource,
     /// Stored with the run: the path, or `bundled:<name>`.
-    reference: String,
+    pub(crate) reference: String,
 }
 
-fn load(runbook: &str) -> Result<Loaded, Failure> {
+pub(crate) fn load(runbook: &str) -> Result<Loaded, Failure> {
     let path = std::path::Path::new(runbook);
     let bundled_name = runbook.strip_prefix("bundled:").unwrap_or(runbook);
     if path.is_dir() {
@@ -245,7 +319,7 @@ fn load(runbook: &str) -> Result<Loaded, Failure> {
     }
 }
 
-fn compile_loaded(loaded: &Loaded) -> Result<Arc<CompiledRunbook>, Failure> {
+pub(crate) fn compile_loaded(loaded: &Loaded) -> Result<Arc<CompiledRunbook>, Failure> {
     compile_source(&loaded.source)
 }
 
@@ -256,7 +330,7 @@ fn compile_source(source: &RunbookSource) -> Result<Arc<CompiledRunbook>, Failur
         .map_err(Failure::Invalid)
 }
 
-fn param_sources(context: &Context, args: &ParamArgs) -> Result<ParamSources, Failure> {
+pub(crate) fn param_sources(context: &Context, args: &ParamArgs) -> Result<ParamSources, Failure> {
     let cli = args
         .params
         .iter()
@@ -304,7 +378,7 @@ fn bind(runbook: &CompiledRunbook, sources: &ParamSources) -> Result<BoundParams
     params::bind(runbook, sources).map_err(Failure::Params)
 }
 
-fn print_json(value: &Value) -> Result<u8, Failure> {
+pub(crate) fn print_json(value: &Value) -> Result<u8, Failure> {
     use std::io::Write;
     // Straight into a buffered stdout: a fleet report runs to megabytes.
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -826,7 +900,7 @@ fn reject(
 
 /// Who typed the command, recorded beside the name given: `--by` is a claim, the OS user a
 /// fact.
-fn operator(by: Option<String>) -> String {
+pub(crate) fn operator(by: Option<String>) -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -840,19 +914,35 @@ fn operator(by: Option<String>) -> String {
 
 fn runs(context: &Context, limit: usize, output: Output) -> Result<u8, Failure> {
     let store = context.read_store()?;
-    let runs = store.runs(limit)?;
+    let rollouts = store.rollouts(limit)?;
+    let runs = store.runs_outside_rollouts(limit)?;
     match output {
         Output::Json => print_json(&Value::Array(
-            runs.iter()
+            rollouts
+                .iter()
                 .map(|r| {
                     serde_json::json!({
-                        "id": r.id, "runbook": r.runbook, "status": r.status,
-                        "started_at": r.started_at, "finished_at": r.finished_at, "error": r.error,
+                        "kind": "rollout", "id": r.id, "runbook": r.runbook, "status": r.status,
+                        "targets": r.targets, "started_at": r.started_at,
+                        "finished_at": r.finished_at, "error": r.error,
                     })
                 })
+                .chain(runs.iter().map(|r| {
+                    serde_json::json!({
+                        "kind": "run", "id": r.id, "runbook": r.runbook, "status": r.status,
+                        "started_at": r.started_at, "finished_at": r.finished_at, "error": r.error,
+                    })
+                }))
                 .collect(),
         )),
         Output::Text => {
+            if !rollouts.is_empty() {
+                out!("{}", crate::rollouts::rollouts_text(&rollouts));
+                if runs.is_empty() {
+                    return Ok(code::SUCCESS);
+                }
+                out!("\n");
+            }
             out!("{}", render::runs_text(&runs));
             Ok(code::SUCCESS)
         }

@@ -11,9 +11,12 @@ mod failure;
 mod output;
 mod progress_view;
 mod render;
+mod rollout_view;
+mod rollouts;
 mod sandboxed;
 mod signals;
 mod state_file;
+mod targets;
 
 use std::process::ExitCode;
 

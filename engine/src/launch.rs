@@ -105,6 +105,9 @@ pub enum LaunchError {
     },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointFailed),
+    /// A rollout cannot be started, resumed or rolled back as asked.
+    #[error("{0}")]
+    Rollout(String),
 }
 
 /// A fresh run id: sortable by time, short enough to type (a unique prefix will do), and with
@@ -159,7 +162,7 @@ pub fn lock_key(
 
 /// The fragments of a compiled runbook as a run stores them. The including runbook's own
 /// name (a path as typed, which may differ from the stored reference) is stored as `""`.
-fn storable_fragments(runbook: &CompiledRunbook) -> serde_json::Value {
+pub(crate) fn storable_fragments(runbook: &CompiledRunbook) -> serde_json::Value {
     let names: Vec<&str> = runbook
         .fragment_sources
         .iter()
@@ -368,6 +371,44 @@ impl Launcher {
         }
     }
 
+    /// Where this launcher's runs checkpoint: its writer.
+    pub fn checkpoints(&self) -> Arc<dyn Checkpoints> {
+        self.writer.clone()
+    }
+
+    /// Runs `work` on the writer's connection (reads that must see every commit so far, and
+    /// transactions of their own) and waits for its answer.
+    pub async fn on_store<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Store) -> Result<T, LaunchError> + Send + 'static,
+    ) -> Result<T, LaunchError> {
+        on_writer(&self.writer, work).await
+    }
+
+    /// Compiles a runbook from a stored text and its stored fragments (`owner` names the run
+    /// or rollout in the error).
+    pub fn compile_stored(
+        &self,
+        owner: &str,
+        runbook_ref: &str,
+        source: &str,
+        fragments: &serde_json::Value,
+    ) -> Result<Arc<CompiledRunbook>, LaunchError> {
+        let fragments: Vec<FragmentSource> =
+            serde_json::from_value(fragments.clone()).unwrap_or_default();
+        let source = RunbookSource::new(runbook_ref, source.to_owned());
+        crate::compile::compile_with(
+            &source,
+            &self.engine.registry,
+            &StoredFragments::new(fragments),
+        )
+        .map(Arc::new)
+        .map_err(|diagnostics| LaunchError::StoredRunbook {
+            run_id: owner.to_owned(),
+            diagnostics,
+        })
+    }
+
     /// Reads a run (by id or unique prefix) on the writer's connection.
     async fn load(&self, run_id_or_prefix: &str) -> Result<RunRecord, LaunchError> {
         let wanted = run_id_or_prefix.to_owned();
@@ -380,19 +421,7 @@ impl Launcher {
 
     /// The runbook a run executed, compiled from the text and fragments stored with it.
     pub fn stored_runbook(&self, run: &RunRecord) -> Result<Arc<CompiledRunbook>, LaunchError> {
-        let fragments: Vec<FragmentSource> =
-            serde_json::from_value(run.fragments.clone()).unwrap_or_default();
-        let source = RunbookSource::new(&run.runbook_ref, run.source.clone());
-        crate::compile::compile_with(
-            &source,
-            &self.engine.registry,
-            &StoredFragments::new(fragments),
-        )
-        .map(Arc::new)
-        .map_err(|diagnostics| LaunchError::StoredRunbook {
-            run_id: run.id.clone(),
-            diagnostics,
-        })
+        self.compile_stored(&run.id, &run.runbook_ref, &run.source, &run.fragments)
     }
 
     /// Continues a run where it stopped, with the runbook and parameters it stored (see

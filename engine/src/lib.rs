@@ -23,6 +23,7 @@ pub mod preview;
 pub mod progress;
 pub mod redact;
 pub mod rollback;
+pub mod rollout;
 pub mod runbook;
 pub mod schedule;
 pub mod schema;

@@ -12,6 +12,7 @@ mod error;
 mod lock;
 mod probe;
 mod records;
+mod rollout;
 mod schedule;
 mod schema;
 mod store;
@@ -25,6 +26,7 @@ pub use records::{
     Approval, EventRecord, FireOutcome, Outcome, Overlap, RunRecord, RunStatus, StepRecord,
     StepStatus,
 };
+pub use rollout::{NewRollout, NewTarget, ROLLOUT_PREFIX, RolloutRecord, RolloutTargetRecord};
 pub use schedule::{FireRecord, ScheduleRecord, mask_url};
 pub use store::{Durability, Store, create_private_folder};
 pub use write::{NewRun, Write};

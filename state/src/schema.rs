@@ -112,6 +112,34 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE runbook_sources ADD COLUMN fragments TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE locks ADD COLUMN token INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 5: rollouts: one runbook over many targets, each target's child run an ordinary run.
+    // A target's run id is set in the transaction that creates that run, so after a crash a
+    // target either has its run or was never started. The text is kept in runbook_sources,
+    // so a rollout whose targets never started still resumes without its file.
+    r#"
+    CREATE TABLE rollouts (
+        id            TEXT PRIMARY KEY,
+        runbook       TEXT NOT NULL,
+        runbook_ref   TEXT NOT NULL,
+        content_hash  TEXT NOT NULL,
+        params        TEXT NOT NULL,
+        secret_params TEXT NOT NULL,
+        policy        TEXT NOT NULL,
+        status        TEXT NOT NULL,
+        started_at    TEXT NOT NULL,
+        finished_at   TEXT,
+        error         TEXT
+    );
+    CREATE TABLE rollout_targets (
+        rollout_id TEXT NOT NULL REFERENCES rollouts (id),
+        position   INTEGER NOT NULL,
+        label      TEXT NOT NULL,
+        params     TEXT NOT NULL,
+        wave       INTEGER NOT NULL,
+        run_id     TEXT UNIQUE REFERENCES runs (id),
+        PRIMARY KEY (rollout_id, position)
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -168,8 +168,21 @@ impl Store {
 
     /// The most recent runs first, at most `limit`.
     pub fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        self.runs_where(limit, "")
+    }
+
+    /// The most recent runs that are no rollout's targets, at most `limit` (a rollout's runs
+    /// are listed by `show ROLLOUT`).
+    pub fn runs_outside_rollouts(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        self.runs_where(
+            limit,
+            "WHERE NOT EXISTS (SELECT 1 FROM rollout_targets t WHERE t.run_id = runs.id)",
+        )
+    }
+
+    fn runs_where(&self, limit: usize, filter: &str) -> Result<Vec<RunRecord>, StoreError> {
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs ORDER BY started_at DESC, id DESC LIMIT ?1"
+            "SELECT {RUN_COLUMNS} FROM runs {filter} ORDER BY started_at DESC, id DESC LIMIT ?1"
         ))?;
         let rows = stmt.query_map([limit as i64], |row| Ok(run_from_row(row)))?;
         let mut runs = Vec::new();
@@ -295,7 +308,7 @@ pub(crate) fn parse<T: std::str::FromStr<Err = String>>(
     text.parse().map_err(|e| corrupt(column, e))
 }
 
-fn json(text: String, column: &'static str) -> Result<Value, StoreError> {
+pub(crate) fn json(text: String, column: &'static str) -> Result<Value, StoreError> {
     serde_json::from_str(&text).map_err(|e| corrupt(column, e))
 }
 
@@ -309,7 +322,7 @@ pub(crate) fn timestamp(text: String, column: &'static str) -> Result<DateTime<U
         .map_err(|e| corrupt(column, e))
 }
 
-fn opt_timestamp(
+pub(crate) fn opt_timestamp(
     text: Option<String>,
     column: &'static str,
 ) -> Result<Option<DateTime<Utc>>, StoreError> {

@@ -5,6 +5,7 @@ use serde_json::{Value, json};
 
 use crate::StoreError;
 use crate::records::{Outcome, RunStatus, StepStatus};
+use crate::rollout::NewRollout;
 
 /// A new run, as created before its first step starts.
 #[derive(Debug, Clone)]
@@ -165,13 +166,38 @@ pub enum Write {
         reason: String,
         at: DateTime<Utc>,
     },
+    /// Creates a rollout with its targets (none started) and the `rollout_created` event.
+    CreateRollout(NewRollout),
+    /// A target's run exists: committed in the transaction that creates the run, so a target
+    /// has its run exactly when the run exists. Refused if the target has one already.
+    RolloutTargetStarted {
+        rollout_id: String,
+        position: usize,
+        run_id: String,
+        at: DateTime<Utc>,
+    },
+    /// The rollout reached a status (`finished_at` is set for every status but `running`
+    /// and `rolling_back`).
+    RolloutStatus {
+        rollout_id: String,
+        status: RunStatus,
+        error: Option<String>,
+        at: DateTime<Utc>,
+    },
+    /// Opens the gate before `wave`: only while the rollout waits, and only once.
+    ApproveWave {
+        rollout_id: String,
+        wave: u32,
+        approved_by: String,
+        at: DateTime<Utc>,
+    },
 }
 
 pub(crate) fn ts(at: &DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-fn event(
+pub(crate) fn event(
     tx: &Connection,
     run_id: &str,
     step_id: Option<&str>,
@@ -188,7 +214,7 @@ fn event(
 
 /// Keeps a runbook's text and its fragments under its content hash, once however many runs
 /// use it. (The hash covers the fragments' texts too.)
-fn keep_source(
+pub(crate) fn keep_source(
     tx: &Connection,
     content_hash: &str,
     source: &str,
@@ -363,6 +389,25 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             reason,
             at,
         } => reject(tx, run_id, step_id, rejected_by, reason, at),
+        Write::CreateRollout(rollout) => crate::rollout::create_rollout(tx, rollout),
+        Write::RolloutTargetStarted {
+            rollout_id,
+            position,
+            run_id,
+            at,
+        } => crate::rollout::target_started(tx, rollout_id, *position, run_id, at),
+        Write::RolloutStatus {
+            rollout_id,
+            status,
+            error,
+            at,
+        } => crate::rollout::rollout_status(tx, rollout_id, *status, error, at),
+        Write::ApproveWave {
+            rollout_id,
+            wave,
+            approved_by,
+            at,
+        } => crate::rollout::approve_wave(tx, rollout_id, *wave, approved_by, at),
     }
 }
 

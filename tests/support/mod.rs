@@ -118,6 +118,25 @@ impl Served {
         runtime.block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
     }
 
+    /// Replaces the sandbox's faults (YAML, as `--faults` takes).
+    pub fn set_faults(&self, yaml: &str) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = format!("{}/_sandbox/faults", self.base_url);
+        let status = runtime.block_on(async {
+            reqwest::Client::new()
+                .post(url)
+                .body(yaml.to_owned())
+                .send()
+                .await
+                .unwrap()
+                .status()
+        });
+        assert_eq!(status.as_u16(), 204, "the sandbox took the faults");
+    }
+
     /// Every request served so far, oldest first.
     pub fn requests(&self) -> Vec<Value> {
         self.get("/_sandbox/requests")

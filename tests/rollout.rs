@@ -1,0 +1,616 @@
+//! Rollouts end to end: `kmsflow run RUNBOOK --targets FILE` over a fleet of sandbox clusters
+//! in another process, judged by the sandbox's world and request log, not by what kmsflow
+//! says of itself.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{Served, serve};
+
+const SUBSCRIPTION: &str = "00000000-0000-4000-8000-5a4db0c5ab0c";
+const GROUPS: &[&str] = &["rg-east", "rg-west", "rg-north"];
+
+fn cluster_name(i: usize) -> String {
+    format!("aks-{i:03}")
+}
+
+/// A world of `n` PMK clusters over three resource groups, plus a vault and an identity that
+/// exist before the rollout (nothing may touch them), and the targets CSV: each cluster with
+/// its own vault and identity.
+fn fleet(dir: &Path, n: usize) {
+    let mut resources = vec![
+        json!({
+            "id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-east/providers/Microsoft.KeyVault/vaults/kv-keep"),
+            "name": "kv-keep", "type": "Microsoft.KeyVault/vaults", "location": "eastus", "tags": {},
+            "properties": {"tenantId": "00000000-0000-4000-8000-7e4a47000001", "sku": {"family": "A", "name": "standard"},
+                "enableRbacAuthorization": true, "enableSoftDelete": true, "softDeleteRetentionInDays": 90,
+                "publicNetworkAccess": "Enabled", "accessPolicies": [], "provisioningState": "Succeeded"},
+        }),
+        json!({
+            "id": format!("/subscriptions/{SUBSCRIPTION}/resourcegroups/rg-east/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-keep"),
+            "name": "id-keep", "type": "Microsoft.ManagedIdentity/userAssignedIdentities", "location": "eastus", "tags": {},
+            "properties": {"clientId": "00000000-0000-4000-8000-00000000c11e", "principalId": "00000000-0000-4000-8000-00000000a1d0", "tenantId": "sandbox"},
+        }),
+    ];
+    let mut targets = String::from("resource_group,cluster,key_vault,identity\n");
+    for i in 0..n {
+        let (group, name) = (GROUPS[i % GROUPS.len()], cluster_name(i));
+        targets.push_str(&format!("{group},{name},kv-{name},id-{name}\n"));
+        resources.push(json!({
+            "id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{group}/providers/Microsoft.ContainerService/managedClusters/{name}"),
+            "name": name, "type": "Microsoft.ContainerService/ManagedClusters", "location": "eastus",
+            "eTag": "00000000-0000-4000-8000-0000000e7a90",
+            "identity": {"type": "SystemAssigned", "principalId": "00000000-0000-4000-8000-00000000c1a5", "tenantId": "sandbox"},
+            "properties": {
+                "provisioningState": "Succeeded", "kubernetesVersion": "1.33.0", "currentKubernetesVersion": "1.33.0",
+                "dnsPrefix": format!("{name}-dns"),
+                "agentPoolProfiles": [{"name": "nodepool1", "mode": "System", "count": 3, "vmSize": "Standard_DS2_v2", "osType": "Linux", "type": "VirtualMachineScaleSets"}],
+                "securityProfile": {"kubernetesResourceObjectEncryptionProfile": {"infrastructureEncryption": "Enabled"}, "azureKeyVaultKms": null},
+            },
+        }));
+    }
+    let world = json!({
+        "resource_groups": GROUPS.iter().map(|g| json!({"name": g, "location": "eastus"})).collect::<Vec<_>>(),
+        "features_registered": [{"namespace": "Microsoft.ContainerService", "feature": "KMSPMKPreview"}],
+        "resources": resources,
+    });
+    std::fs::write(dir.join("world.json"), world.to_string()).unwrap();
+    std::fs::write(dir.join("targets.csv"), targets).unwrap();
+}
+
+fn serve_fleet(dir: &Path, faults: Option<&str>) -> Served {
+    let world = dir.join("world.json").display().to_string();
+    let mut args = vec!["--world", &world];
+    let faults_file = dir.join("faults.yaml").display().to_string();
+    if let Some(faults) = faults {
+        std::fs::write(dir.join("faults.yaml"), faults).unwrap();
+        args.extend(["--faults", &faults_file]);
+    }
+    serve(&args)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The id of the newest rollout in the state.
+fn rollout_id(served: &Served, dir: &Path) -> String {
+    let runs = served
+        .kmsflow(dir, &["runs", "--output", "json"])
+        .output()
+        .unwrap();
+    let runs: Value = serde_json::from_slice(&runs.stdout).unwrap();
+    runs.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "rollout")
+        .expect("a rollout is recorded")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// What a migration to CMK leaves in the world, per cluster and overall, ignoring what
+/// differs between two runs of the same rollout (generated ids and key material): the KMS
+/// state and vault of each cluster, the key versions and role assignments per vault.
+fn kms_world(world: &Value) -> Value {
+    let resources = world["resources"].as_array().unwrap();
+    let clusters: BTreeMap<String, Value> = resources
+        .iter()
+        .filter(|r| r["type"] == "Microsoft.ContainerService/ManagedClusters")
+        .map(|r| {
+            let kms = &r["properties"]["securityProfile"]["azureKeyVaultKms"];
+            let state = if kms["enabled"] == true {
+                json!({"mode": "CMK", "vault": kms["keyVaultResourceId"].as_str().unwrap().rsplit('/').next()})
+            } else {
+                json!({"mode": "PMK"})
+            };
+            (r["name"].as_str().unwrap().to_owned(), state)
+        })
+        .collect();
+    let vaults: BTreeSet<String> = resources
+        .iter()
+        .filter(|r| r["type"] == "Microsoft.KeyVault/vaults")
+        .map(|r| r["name"].as_str().unwrap().to_owned())
+        .collect();
+    let identities: BTreeSet<String> = resources
+        .iter()
+        .filter(|r| r["type"] == "Microsoft.ManagedIdentity/userAssignedIdentities")
+        .map(|r| r["name"].as_str().unwrap().to_owned())
+        .collect();
+    let key_versions: BTreeMap<String, usize> = world["keys"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, versions)| (name.clone(), versions.as_array().unwrap().len()))
+        .collect();
+    let mut assignments: BTreeMap<String, usize> = BTreeMap::new();
+    for a in world["role_assignments"].as_array().unwrap() {
+        let scope = a["properties"]["scope"].as_str().unwrap();
+        let vault = scope.rsplit('/').next().unwrap().to_owned();
+        *assignments.entry(vault).or_default() += 1;
+    }
+    json!({"clusters": clusters, "vaults": vaults, "identities": identities,
+           "key_versions": key_versions, "role_assignments_per_vault": assignments})
+}
+
+/// Asserts every cluster is CMK with its own vault, one key version each, three role
+/// assignments per vault and no two alike.
+fn assert_migrated(world: &Value, n: usize) {
+    let summary = kms_world(world);
+    for i in 0..n {
+        let name = cluster_name(i);
+        assert_eq!(
+            summary["clusters"][&name],
+            json!({"mode": "CMK", "vault": format!("kv-{name}")}),
+            "{name}"
+        );
+        assert_eq!(
+            summary["key_versions"][format!("kv-{name}/kms-key")],
+            1,
+            "{name}: one key version"
+        );
+        assert_eq!(
+            summary["role_assignments_per_vault"][format!("kv-{name}")],
+            3,
+            "{name}: officer, crypto user and contributor, once each"
+        );
+    }
+    let triples: Vec<(String, String, String)> = world["role_assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let p = &a["properties"];
+            (
+                p["scope"].as_str().unwrap().to_lowercase(),
+                p["principalId"].as_str().unwrap().to_owned(),
+                p["roleDefinitionId"].as_str().unwrap().to_lowercase(),
+            )
+        })
+        .collect();
+    let unique: BTreeSet<_> = triples.iter().collect();
+    assert_eq!(unique.len(), triples.len(), "no duplicate role assignment");
+}
+
+#[test]
+fn a_rollout_of_40_clusters_in_three_waves_migrates_each_once_and_reports_what_the_world_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    fleet(dir.path(), 40);
+    let served = serve_fleet(dir.path(), None);
+    let output = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "run",
+                "migrate-pmk-to-cmk",
+                "--targets",
+                "targets.csv",
+                "--waves",
+                "1,25%,100%",
+                "--concurrency",
+                "8",
+                "--output",
+                "json",
+            ],
+        )
+        .output()
+        .unwrap();
+    let log = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{log}");
+    let world = served.world();
+    assert_migrated(&world, 40);
+    // What was there before is untouched.
+    let summary = kms_world(&world);
+    assert!(
+        summary["vaults"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("kv-keep"))
+    );
+    assert!(
+        summary["identities"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("id-keep"))
+    );
+    // One cluster PUT per cluster, never a second.
+    let puts: Vec<String> = served
+        .requests_to("/managedClusters/")
+        .into_iter()
+        .filter(|r| r.starts_with("PUT "))
+        .collect();
+    let distinct: BTreeSet<&String> = puts.iter().collect();
+    assert_eq!((puts.len(), distinct.len()), (40, 40), "{puts:#?}");
+
+    // The report agrees with the world: every target, its wave and its steps.
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["status"], "succeeded");
+    assert_eq!(report["summary"], json!({"targets": 40, "succeeded": 40}));
+    let targets = report["targets"].as_array().unwrap();
+    let mut per_wave = BTreeMap::new();
+    for target in targets {
+        *per_wave
+            .entry(target["wave"].as_u64().unwrap())
+            .or_insert(0) += 1;
+        let cluster = target["params"]["cluster"].as_str().unwrap();
+        assert_eq!(target["params"]["key_vault"], format!("kv-{cluster}"));
+        let step = |id: &str| {
+            target["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["id"] == id)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(step("cluster")["outcome"], "updated", "{cluster}");
+        assert_eq!(step("cmk--vault")["outcome"], "created", "{cluster}");
+    }
+    // 1, then 25% of 40 (10) less the canary, then the rest.
+    assert_eq!(per_wave, BTreeMap::from([(1, 1), (2, 9), (3, 30)]));
+
+    // The lines printed while it ran say the same: each target started and succeeded once,
+    // the canary alone before any other.
+    let started: Vec<&str> = log.lines().filter(|l| l.contains(" started ")).collect();
+    let succeeded: Vec<&str> = log.lines().filter(|l| l.contains(" succeeded ")).collect();
+    assert_eq!((started.len(), succeeded.len()), (40, 40), "{log}");
+    let first_success = log.lines().position(|l| l.contains(" succeeded ")).unwrap();
+    let second_start = log
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(" started "))
+        .nth(1)
+        .unwrap()
+        .0;
+    assert!(
+        first_success < second_start,
+        "the canary ends before wave 2 starts:\n{log}"
+    );
+
+    // Run again: every target's run is new and writes nothing.
+    let before = served.writes();
+    let again = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "run",
+                "migrate-pmk-to-cmk",
+                "--targets",
+                "targets.csv",
+                "--concurrency",
+                "8",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert_eq!(served.writes(), before, "a second rollout sends no write");
+}
+
+/// A cluster whose PUT is refused every time.
+const REFUSE_AKS_001: &str = r#"
+rules:
+  - { method: PUT, path: "*/managedClusters/aks-001", times: 1000, status: 400, code: InvalidParameter, message: "refused by the test" }
+"#;
+
+#[test]
+fn the_error_budget_stops_the_rollout_and_resume_finishes_it_once_the_cause_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    fleet(dir.path(), 5);
+    let served = serve_fleet(dir.path(), Some(REFUSE_AKS_001));
+    let output = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "run",
+                "migrate-pmk-to-cmk",
+                "--targets",
+                "targets.csv",
+                "--max-errors",
+                "0",
+                "--concurrency",
+                "1",
+            ],
+        )
+        .output()
+        .unwrap();
+    let log = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{log}");
+    assert!(log.contains("more than the 0 allowed"), "{log}");
+    // aks-000 went through, aks-001 failed, and no later target started.
+    let touched: BTreeSet<String> = served
+        .requests_to("/managedClusters/")
+        .iter()
+        .filter_map(|r| {
+            r.rsplit('/')
+                .next()
+                .map(|n| n.split('?').next().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(
+        touched,
+        BTreeSet::from(["aks-000".to_owned(), "aks-001".to_owned()]),
+        "the later targets never started"
+    );
+    let id = rollout_id(&served, dir.path());
+    let shown = served
+        .kmsflow(dir.path(), &["show", &id, "--output", "json"])
+        .output()
+        .unwrap();
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["status"], "failed");
+    assert_eq!(
+        shown["summary"],
+        json!({"targets": 5, "succeeded": 1, "failed": 1, "not_started": 3})
+    );
+    let failed = &shown["targets"][1];
+    assert_eq!(failed["step"], "cluster");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("InvalidParameter"),
+        "{failed}"
+    );
+
+    // The cause is dealt with; resume retries the failed target and starts the rest.
+    served.set_faults("{}");
+    let resumed = served
+        .kmsflow(dir.path(), &["resume", &id])
+        .output()
+        .unwrap();
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert_migrated(&served.world(), 5);
+    let events = served
+        .kmsflow(dir.path(), &["events", &id, "--output", "json"])
+        .output()
+        .unwrap();
+    let kinds: Vec<String> = serde_json::from_slice::<Value>(&events.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(kinds.contains(&"budget_exhausted".to_owned()), "{kinds:?}");
+    assert_eq!(kinds.last().unwrap(), "rollout_finished");
+}
+
+#[test]
+fn a_wave_gate_waits_for_approval_and_resume_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    fleet(dir.path(), 3);
+    let served = serve_fleet(dir.path(), None);
+    let output = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "run",
+                "migrate-pmk-to-cmk",
+                "--targets",
+                "targets.csv",
+                "--waves",
+                "1,100%",
+                "--wave-gate",
+                "approve",
+            ],
+        )
+        .output()
+        .unwrap();
+    let log = stderr(&output);
+    assert_eq!(output.status.code(), Some(4), "{log}");
+    let id = rollout_id(&served, dir.path());
+    let summary = kms_world(&served.world());
+    assert_eq!(summary["clusters"]["aks-000"]["mode"], "CMK");
+    assert_eq!(
+        summary["clusters"]["aks-001"]["mode"], "PMK",
+        "wave 2 waits"
+    );
+    // A resume before the approval waits again, and changes nothing.
+    let writes = served.writes();
+    let early = served
+        .kmsflow(dir.path(), &["resume", &id])
+        .output()
+        .unwrap();
+    assert_eq!(early.status.code(), Some(4), "{}", stderr(&early));
+    assert_eq!(served.writes(), writes);
+    // Only the gate it waits at can be approved.
+    let wrong = served
+        .kmsflow(dir.path(), &["approve", &id, "wave-3"])
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(2), "{}", stderr(&wrong));
+    let approved = served
+        .kmsflow(dir.path(), &["approve", &id, "wave-2", "--by", "ana"])
+        .output()
+        .unwrap();
+    assert_eq!(approved.status.code(), Some(0), "{}", stderr(&approved));
+    let resumed = served
+        .kmsflow(dir.path(), &["resume", &id])
+        .output()
+        .unwrap();
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert_migrated(&served.world(), 3);
+    let events = served
+        .kmsflow(dir.path(), &["events", &id])
+        .output()
+        .unwrap();
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains("wave_approved") && events.contains("ana"),
+        "{events}"
+    );
+}
+
+#[test]
+fn rollback_of_a_rollout_puts_every_cluster_back_and_deletes_only_what_it_made() {
+    let dir = tempfile::tempdir().unwrap();
+    fleet(dir.path(), 4);
+    let served = serve_fleet(dir.path(), None);
+    let before = kms_world(&served.world());
+    let output = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "run",
+                "migrate-pmk-to-cmk",
+                "--targets",
+                "targets.csv",
+                "--concurrency",
+                "2",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_migrated(&served.world(), 4);
+    let id = rollout_id(&served, dir.path());
+    // Without a terminal or --yes, nothing is deleted.
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_kmsflow"))
+        .args(["rollback", &id])
+        .current_dir(dir.path())
+        .envs(&served.env)
+        .env("KMSFLOW_STATE", dir.path().join("state.db"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("rg-east/aks-000 cmk--vault"),
+        "{}",
+        stderr(&refused)
+    );
+    let rolled = served
+        .kmsflow(dir.path(), &["rollback", &id])
+        .output()
+        .unwrap();
+    assert_eq!(rolled.status.code(), Some(0), "{}", stderr(&rolled));
+    let after = kms_world(&served.world());
+    assert_eq!(
+        after["clusters"], before["clusters"],
+        "every cluster is PMK again"
+    );
+    assert_eq!(
+        after["vaults"], before["vaults"],
+        "only the rollout's vaults are gone"
+    );
+    assert_eq!(after["identities"], before["identities"]);
+    assert_eq!(after["role_assignments_per_vault"], json!({}));
+    let shown = served
+        .kmsflow(dir.path(), &["show", &id, "--output", "json"])
+        .output()
+        .unwrap();
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["status"], "rolled_back");
+    assert_eq!(shown["summary"], json!({"targets": 4, "rolled_back": 4}));
+}
+
+#[test]
+fn kill_9_of_a_rollout_at_any_write_then_resume_leaves_the_world_an_undisturbed_rollout_leaves() {
+    const N: usize = 6;
+    let run_args = [
+        "run",
+        "migrate-pmk-to-cmk",
+        "--targets",
+        "targets.csv",
+        "--concurrency",
+        "3",
+    ];
+    // The undisturbed rollout, for the world to compare with.
+    let calm = tempfile::tempdir().unwrap();
+    fleet(calm.path(), N);
+    let (undisturbed, total_writes) = {
+        let served = serve_fleet(calm.path(), None);
+        let output = served.kmsflow(calm.path(), &run_args).output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        (kms_world(&served.world()), served.writes())
+    };
+    // The first write, writes in the first, second and last waves, and the very last.
+    for k in [1, 9, 23, 41, total_writes] {
+        let dir = tempfile::tempdir().unwrap();
+        fleet(dir.path(), N);
+        let served = serve_fleet(dir.path(), None);
+        let mut child = served
+            .kmsflow(dir.path(), &run_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let hit = loop {
+            let writes: Vec<Value> = served
+                .requests()
+                .into_iter()
+                .filter(|r| r["write"] == true)
+                .collect();
+            if writes.len() >= k {
+                child.kill().unwrap();
+                break writes[k - 1]["path"].as_str().unwrap().to_owned();
+            }
+            if child.try_wait().unwrap().is_some() {
+                panic!("the rollout ended before write {k}");
+            }
+            assert!(Instant::now() < deadline, "no write {k} within a minute");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        child.wait().unwrap();
+        eprintln!("k={k}: killed at the write to {hit}");
+        let id = rollout_id(&served, dir.path());
+        let resumed = served
+            .kmsflow(dir.path(), &["resume", &id])
+            .output()
+            .unwrap();
+        assert_eq!(
+            resumed.status.code(),
+            Some(0),
+            "k={k} ({hit}): {}",
+            stderr(&resumed)
+        );
+        let world = served.world();
+        assert_migrated(&world, N);
+        assert_eq!(kms_world(&world), undisturbed, "k={k}: killed at {hit}");
+    }
+}
+
+#[test]
+fn targets_are_checked_before_anything_starts_and_every_problem_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    fleet(dir.path(), 2);
+    let served = serve_fleet(dir.path(), None);
+    std::fs::write(
+        dir.path().join("bad.csv"),
+        "resource_group,cluster,key_vault,identity,colour\n\
+         rg-east,aks-000,kv-aks-000,id-aks-000,\n\
+         rg-east,aks_bad!,kv-x,id-x,\n\
+         RG-EAST,AKS-000,kv-other,id-other,\n\
+         rg-west,aks-001,kv-aks-001,id-aks-001,blue\n",
+    )
+    .unwrap();
+    let output = served
+        .kmsflow(
+            dir.path(),
+            &["run", "migrate-pmk-to-cmk", "--targets", "bad.csv"],
+        )
+        .output()
+        .unwrap();
+    let log = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{log}");
+    assert!(log.contains("row 3: parameter `cluster`"), "{log}");
+    assert!(log.contains("row 4: the same target as row 2"), "{log}");
+    assert!(log.contains("row 5: parameter `colour`"), "{log}");
+    assert_eq!(served.requests().len(), 0, "nothing was sent");
+    let runs = served
+        .kmsflow(dir.path(), &["runs", "--output", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&runs.stdout).unwrap(),
+        json!([])
+    );
+}
