@@ -323,6 +323,24 @@ pub enum Command {
         #[arg(long)]
         by: Option<String>,
     },
+    /// Stop a run (or rollout) another shell drives, as Ctrl-C there would: no new step
+    /// starts, running steps finish and checkpoint, the lock is released, and it is
+    /// `interrupted` (resumable). Recorded with who and why.
+    Cancel {
+        #[command(flatten)]
+        state: StateArgs,
+        /// The run or rollout: its id or a unique prefix of it (`kmsflow runs`).
+        run_id: String,
+        /// Why: recorded in the journal.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who cancels (default: $USER@host; the OS user is recorded beside it).
+        #[arg(long)]
+        by: Option<String>,
+        /// How long to wait for it to stop (its running steps finish first).
+        #[arg(long, default_value = "2m", value_parser = parse_duration_arg)]
+        wait: std::time::Duration,
+    },
     /// List recent runs.
     Runs {
         #[command(flatten)]
@@ -436,6 +454,7 @@ impl Command {
             | Command::Daemon { state, .. }
             | Command::Approve { state, .. }
             | Command::Reject { state, .. }
+            | Command::Cancel { state, .. }
             | Command::Runs { state, .. }
             | Command::Show { state, .. }
             | Command::Events { state, .. }

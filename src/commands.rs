@@ -184,6 +184,13 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             by,
             ..
         } => reject(&context, &run_id, &step_id, &reason, by),
+        Command::Cancel {
+            run_id,
+            reason,
+            by,
+            wait,
+            ..
+        } => cancel(&context, &run_id, reason, by, wait).await,
         Command::Runs { limit, output, .. } => runs(&context, limit, output),
         Command::Show { run_id, output, .. } if crate::rollouts::is_rollout(&run_id) => {
             crate::rollouts::show(&context, &run_id, output)
@@ -896,6 +903,113 @@ fn reject(
         "rejected `{step_id}` of run {run_id} as {rejected_by}; the run failed there: undo what it did with `kmsflow rollback {run_id}`"
     );
     Ok(code::SUCCESS)
+}
+
+/// `kmsflow cancel`: journals the request, which the driving process acts on within a
+/// quarter second, and waits for the run to stop. A run nobody drives any more (its process
+/// was killed) is marked interrupted here.
+async fn cancel(
+    context: &Context,
+    id: &str,
+    reason: Option<String>,
+    by: Option<String>,
+    wait: std::time::Duration,
+) -> Result<u8, Failure> {
+    use kmsflow_state::Write;
+    let mut store = context.store()?;
+    let rollout = crate::rollouts::is_rollout(id);
+    let (id, status, key) = if rollout {
+        let id = store.resolve_rollout_id(id)?;
+        let status = store.rollout(&id)?.status;
+        let key = kmsflow_engine::rollout::lock_key_of(&id);
+        (id, status, key)
+    } else {
+        let id = store.resolve_run_id(id)?;
+        let run = store.run(&id)?;
+        let key = run
+            .lock_key
+            .unwrap_or_else(|| kmsflow_engine::lease::claim_on_run(&id));
+        (id, run.status, key)
+    };
+    let what = if rollout { "rollout" } else { "run" };
+    match status {
+        RunStatus::Running => {}
+        RunStatus::Waiting => {
+            return Err(Failure::Usage(format!(
+                "{what} {id} is waiting, and nothing of it is running: refuse what it waits for with `kmsflow reject`, or leave it"
+            )));
+        }
+        other => {
+            return Err(Failure::Usage(format!(
+                "{what} {id} is {other}: only a running {what} can be cancelled"
+            )));
+        }
+    }
+    let cancelled_by = operator(by);
+    let now = chrono::Utc::now();
+    let request = Write::Event {
+        run_id: id.clone(),
+        step_id: None,
+        kind: kmsflow_engine::cancel::CANCEL_REQUESTED.to_owned(),
+        detail: serde_json::json!({"by": cancelled_by, "reason": reason}),
+        at: now,
+    };
+    if !store.driven_now(&key, &id, now)? {
+        // Its process is gone (kill -9, a lost machine whose lease ran out): nothing will
+        // act on the request, so it is carried out here, as the drain would have ended it.
+        let error = Some(format!("cancelled by {cancelled_by}; its process was gone"));
+        let finished = if rollout {
+            Write::RolloutStatus {
+                rollout_id: id.clone(),
+                status: RunStatus::Interrupted,
+                error,
+                at: now,
+            }
+        } else {
+            Write::RunFinished {
+                run_id: id.clone(),
+                status: RunStatus::Interrupted,
+                error,
+                outputs: None,
+                at: now,
+            }
+        };
+        store.commit(&[
+            request,
+            finished,
+            Write::ReleaseLock {
+                key,
+                run_id: id.clone(),
+            },
+        ])?;
+        outln!(
+            "{what} {id} was not being driven (its process is gone): marked interrupted; continue with `kmsflow resume {id}`"
+        );
+        return Ok(code::SUCCESS);
+    }
+    store.commit(&[request])?;
+    crate::output::note!(
+        "asked the process driving {what} {id} to stop; running steps finish and checkpoint first"
+    );
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let status = if rollout {
+            store.rollout(&id)?.status
+        } else {
+            store.run(&id)?.status
+        };
+        if status != RunStatus::Running {
+            outln!("{what} {id} {status}; continue with `kmsflow resume {id}`");
+            return Ok(code::SUCCESS);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Failure::Usage(format!(
+                "{what} {id} is still running after {}: its running steps have not finished; the request stands, and `kmsflow show {id}` says when it stops",
+                kmsflow_engine::duration::format_duration(wait)
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Who typed the command, recorded beside the name given: `--by` is a claim, the OS user a

@@ -1183,3 +1183,104 @@ fn a_rejected_approval_fails_the_run_at_that_step_and_it_rolls_back() {
         "what the run made is undone"
     );
 }
+
+const SLOW: &str = r#"
+name: slow
+steps:
+  - id: first
+    uses: file
+    with: { path: first.txt, content: one }
+  - id: nap
+    uses: sleep
+    needs: [first]
+    with: { duration: 2s }
+  - id: last
+    uses: file
+    needs: [nap]
+    with: { path: last.txt, content: two }
+"#;
+
+/// The newest run's id.
+fn newest_run(ws: &Workspace) -> String {
+    let runs: Value =
+        serde_json::from_slice(&ws.run(&["runs", "--output", "json"]).stdout).unwrap();
+    runs[0]["id"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn cancel_from_another_shell_drains_the_run_as_ctrl_c_would_and_is_journaled() {
+    let ws = Workspace::new();
+    ws.write("slow.yaml", SLOW);
+    let mut running = ws
+        .command(&["run", "slow.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the event: the first step's file, then the run in the store.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ws.read("first.txt").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the run never began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let id = newest_run(&ws);
+    let cancel = ws.run(&["cancel", &id, "--reason", "wrong cluster", "--by", "ana"]);
+    assert_eq!(cancel.status.code(), Some(0), "{}", stderr(&cancel));
+    assert!(
+        String::from_utf8_lossy(&cancel.stdout).contains("interrupted"),
+        "{}",
+        String::from_utf8_lossy(&cancel.stdout)
+    );
+    let ended = running.wait_with_output().unwrap();
+    assert_eq!(ended.status.code(), Some(4), "{}", stderr(&ended));
+    assert!(
+        ws.read("last.txt").is_empty(),
+        "no step started after the cancel"
+    );
+    let events: Value =
+        serde_json::from_slice(&ws.run(&["events", &id, "--output", "json"]).stdout).unwrap();
+    let request = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "cancel_requested")
+        .expect("the request is journaled");
+    assert_eq!(request["detail"]["reason"], "wrong cluster");
+    assert!(
+        request["detail"]["by"]
+            .as_str()
+            .unwrap()
+            .starts_with("ana (as ")
+    );
+    // Nothing is running any more: a second cancel is refused; resume finishes the run.
+    assert_eq!(ws.run(&["cancel", &id]).status.code(), Some(2));
+    let resumed = ws.run(&["resume", &id]);
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert_eq!(ws.read("last.txt"), "two");
+}
+
+#[test]
+fn cancel_of_a_run_whose_process_was_killed_marks_it_interrupted() {
+    let ws = Workspace::new();
+    ws.write("slow.yaml", SLOW);
+    let mut running = ws
+        .command(&["run", "slow.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ws.read("first.txt").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the run never began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running.kill().unwrap();
+    running.wait().unwrap();
+    let id = newest_run(&ws);
+    let cancel = ws.run(&["cancel", &id]);
+    assert_eq!(cancel.status.code(), Some(0), "{}", stderr(&cancel));
+    assert!(String::from_utf8_lossy(&cancel.stdout).contains("process is gone"));
+    let shown: Value =
+        serde_json::from_slice(&ws.run(&["show", &id, "--output", "json"]).stdout).unwrap();
+    assert_eq!(shown["status"], "interrupted");
+}

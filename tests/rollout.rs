@@ -614,3 +614,67 @@ fn targets_are_checked_before_anything_starts_and_every_problem_is_named() {
         json!([])
     );
 }
+
+#[test]
+fn cancel_of_a_rollout_drains_the_targets_in_flight_and_starts_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    fleet(dir.path(), 4);
+    let served = serve_fleet(dir.path(), Some("delays: { cluster_operation: 2s }\n"));
+    let mut running = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "run",
+                "migrate-pmk-to-cmk",
+                "--targets",
+                "targets.csv",
+                "--concurrency",
+                "1",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Cancel while the canary's cluster operation runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !served
+        .requests_to("/managedClusters/aks-000")
+        .iter()
+        .any(|r| r.starts_with("PUT "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the canary never reached its cluster"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let id = rollout_id(&served, dir.path());
+    let cancel = served
+        .kmsflow(dir.path(), &["cancel", &id, "--reason", "change freeze"])
+        .output()
+        .unwrap();
+    assert_eq!(cancel.status.code(), Some(0), "{}", stderr(&cancel));
+    let ended = running.wait_with_output().unwrap();
+    assert_eq!(ended.status.code(), Some(4), "{}", stderr(&ended));
+    let touched: BTreeSet<String> = served
+        .requests_to("/managedClusters/")
+        .iter()
+        .filter_map(|r| {
+            r.rsplit('/')
+                .next()
+                .map(|n| n.split('?').next().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(
+        touched,
+        BTreeSet::from(["aks-000".to_owned()]),
+        "no other target started"
+    );
+    let resumed = served
+        .kmsflow(dir.path(), &["resume", &id])
+        .output()
+        .unwrap();
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert_migrated(&served.world(), 4);
+}

@@ -12,6 +12,7 @@ use kmsflow_state::{
 };
 use serde_json::json;
 
+use crate::cancel::{CancelWatch, Registered};
 use crate::checkpoint::Checkpoints;
 use crate::diagnostic::{Diagnostics, RunbookSource};
 use crate::executor::{
@@ -242,31 +243,55 @@ pub struct Launcher {
     engine: Engine,
     writer: Arc<Writer>,
     thread: WriterThread,
+    cancels: CancelWatch,
 }
 
 impl Launcher {
     /// Opens (creating and migrating if needed) the engine's state file.
     pub async fn open(engine: &Engine) -> Result<Launcher, LaunchError> {
         let (path, durability) = (engine.state_path.clone(), engine.durability);
-        let store = tokio::task::spawn_blocking(move || Store::open(&path, durability))
-            .await
-            .expect("opening the store does not panic")?;
+        let (store, cancels) = tokio::task::spawn_blocking(move || {
+            let store = Store::open(&path, durability)?;
+            Ok::<_, StoreError>((store, CancelWatch::start(&path, durability)?))
+        })
+        .await
+        .expect("opening the store does not panic")?;
         let (writer, thread) = Writer::spawn(store);
         Ok(Launcher {
             engine: engine.clone(),
             writer: Arc::new(writer),
             thread,
+            cancels,
         })
     }
 
     /// Waits until every checkpoint is committed, then closes the state file.
     pub async fn close(self) {
-        let Launcher { writer, thread, .. } = self;
+        let Launcher {
+            writer,
+            thread,
+            cancels,
+            ..
+        } = self;
         // Executions hold clones only while they run; all have ended when `close` is called.
         drop(writer);
-        tokio::task::spawn_blocking(move || thread.join())
-            .await
-            .expect("writer thread join");
+        tokio::task::spawn_blocking(move || {
+            drop(cancels);
+            thread.join()
+        })
+        .await
+        .expect("writer thread join");
+    }
+
+    /// `signals` with a drain that `kmsflow cancel ID` from another shell also triggers,
+    /// while the returned registration lives.
+    pub(crate) fn cancellable(&self, id: &str, signals: Signals) -> (Signals, Registered) {
+        let registered = self.cancels.register(id, &signals.drain);
+        let signals = Signals {
+            drain: registered.token.clone(),
+            abort: signals.abort,
+        };
+        (signals, registered)
     }
 
     /// Creates a run with a fresh id and executes it.
@@ -338,6 +363,8 @@ impl Launcher {
             Checkpoints::commit(&*self.writer, created).await?;
             Vec::new()
         };
+        let (signals, _cancellable) = self.cancellable(&run_id, request.signals);
+        let request = RunRequest { signals, ..request };
         Ok(execute(Execution {
             pending,
             ..self.execution(request, run_id, started_at, lock)
@@ -471,13 +498,14 @@ impl Launcher {
             Ok((lock, store.steps(&store_run)?, store.approvals(&store_run)?))
         })
         .await?;
+        let (signals, _cancellable) = self.cancellable(&run_id, continuation.signals);
         let request = RunRequest {
             source: run.source.clone(),
             runbook_ref: run.runbook_ref.clone(),
             runbook,
             params,
             options: continuation.options,
-            signals: continuation.signals,
+            signals,
             progress: continuation.progress,
         };
         Ok(execute(Execution {

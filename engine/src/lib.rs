@@ -5,6 +5,7 @@
 //! lock, record it, and hand it to the [`executor`]. [`rollback::rollback`] undoes a run;
 //! [`preview::preview`] is `plan`.
 
+pub mod cancel;
 pub mod checkpoint;
 mod compile;
 pub mod diagnostic;

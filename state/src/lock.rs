@@ -104,6 +104,32 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Whether `run_id` is driven by a live process now: it holds `key` with a lease that
+    /// has not run out, from a process not certainly gone. `cancel` asks a live driver to
+    /// stop; a run nobody drives any more (killed) it marks interrupted itself.
+    pub fn driven_now(
+        &self,
+        key: &str,
+        run_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let holder: Option<(String, u32, String, String)> = self
+            .conn
+            .query_row(
+                "SELECT run_id, owner_pid, owner_host, lease_expires_at FROM locks WHERE key = ?1",
+                [key],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            )
+            .optional()?;
+        let Some((holder, pid, host, expires)) = holder else {
+            return Ok(false);
+        };
+        let expires = timestamp(expires, "locks.lease_expires_at")?;
+        Ok(holder == run_id && expires > now && !LockOwner { pid, host }.is_certainly_dead())
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()

@@ -231,6 +231,31 @@ impl Store {
         Ok(events)
     }
 
+    /// The newest journal entry's sequence number (0 for an empty journal).
+    pub fn last_event_seq(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |row| {
+                row.get(0)
+            })?)
+    }
+
+    /// Entries of `kind` after `seq`, oldest first, as (sequence number, run or rollout id):
+    /// how a process learns of a request another process journaled (`cancel_requested`).
+    pub fn events_of_kind_after(
+        &self,
+        kind: &str,
+        seq: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, run_id FROM events WHERE seq > ?1 AND kind = ?2 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(rusqlite::params![seq, kind], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The approvals recorded for a run.
     pub fn approvals(&self, run_id: &str) -> Result<Vec<Approval>, StoreError> {
         let mut stmt = self.conn.prepare(

@@ -298,7 +298,7 @@ pub fn new_rollout_id(now: DateTime<Utc>) -> String {
 }
 
 /// The lock a rollout's driver holds.
-fn rollout_lock(rollout_id: &str) -> String {
+pub fn lock_key_of(rollout_id: &str) -> String {
     format!("rollout/{}", rollout_id.to_lowercase())
 }
 
@@ -409,7 +409,7 @@ async fn drive_rollout(
     drive: Drive,
     resumed: bool,
 ) -> Result<RolloutSummary, LaunchError> {
-    let key = rollout_lock(rollout_id);
+    let key = lock_key_of(rollout_id);
     let id = rollout_id.to_owned();
     let (lock, rollout, targets, approvals, pauses) = launcher
         .on_store(move |store| {
@@ -466,6 +466,9 @@ async fn drive_rollout(
         resumed,
     });
     let sources = without_ambient(&runbook, &drive.params);
+    // `kmsflow cancel ROLLOUT` drains the rollout and, through it, every target in flight.
+    let (signals, _cancellable) = launcher.cancellable(rollout_id, drive.signals.clone());
+    let drive = Drive { signals, ..drive };
     let context = Arc::new(TargetContext {
         launcher: launcher.clone(),
         rollout_id: rollout_id.to_owned(),
@@ -860,7 +863,7 @@ pub async fn rollback(
             rollout.id
         )));
     }
-    let (key, id) = (rollout_lock(&rollout.id), rollout.id.clone());
+    let (key, id) = (lock_key_of(&rollout.id), rollout.id.clone());
     let (lock, children) = launcher
         .on_store(move |store| {
             let now = Utc::now();
