@@ -1211,7 +1211,7 @@ fn newest_run(ws: &Workspace) -> String {
 fn cancel_from_another_shell_drains_the_run_as_ctrl_c_would_and_is_journaled() {
     let ws = Workspace::new();
     ws.write("slow.yaml", SLOW);
-    let mut running = ws
+    let running = ws
         .command(&["run", "slow.yaml"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
