@@ -620,7 +620,7 @@ fn cancel_of_a_rollout_drains_the_targets_in_flight_and_starts_no_other() {
     let dir = tempfile::tempdir().unwrap();
     fleet(dir.path(), 4);
     let served = serve_fleet(dir.path(), Some("delays: { cluster_operation: 2s }\n"));
-    let mut running = served
+    let running = served
         .kmsflow(
             dir.path(),
             &[
