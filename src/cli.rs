@@ -259,6 +259,16 @@ pub enum Command {
         /// started with (which can point it at another target). Off: such a value is refused.
         #[arg(long)]
         allow_param_change: bool,
+        /// Run STEP and every step downstream of it again, even if they succeeded (their
+        /// outputs are dropped; upstream outputs are reused). A succeeded run can be resumed so.
+        #[arg(long, value_name = "STEP")]
+        from: Option<String>,
+        /// With `--from`: print which steps would run again and which are reused; run nothing.
+        #[arg(long, requires = "from")]
+        dry_run: bool,
+        /// Who resumes (default: $USER@host; the OS user is recorded beside it).
+        #[arg(long)]
+        by: Option<String>,
         /// Steps running at once, at most.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
@@ -291,6 +301,9 @@ pub enum Command {
         /// For a rollout: targets rolled back at once (default: the rollout's concurrency).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: Option<u16>,
+        /// Who rolls back (default: $USER@host; the OS user is recorded beside it).
+        #[arg(long)]
+        by: Option<String>,
         /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,

@@ -111,16 +111,32 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
         Command::Resume {
             run_id,
             params,
+            from,
+            by,
             output,
             ..
         } if crate::rollouts::is_rollout(&run_id) => {
-            crate::rollouts::resume(&context, &run_id, &params, output).await
+            if from.is_some() {
+                return Err(Failure::Usage(
+                    "`--from` runs steps of one run again; give one of the rollout's runs (`kmsflow show ROLLOUT` lists them)".into(),
+                ));
+            }
+            crate::rollouts::resume(&context, &run_id, &params, &operator(by), output).await
         }
+        Command::Resume {
+            run_id,
+            from: Some(from),
+            dry_run: true,
+            output,
+            ..
+        } => rerun_dry_run(&context, &run_id, &from, output),
         Command::Resume {
             run_id,
             params,
             allow_changed_runbook,
             allow_param_change,
+            from,
+            by,
             concurrency,
             output,
             ..
@@ -129,7 +145,12 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
                 changed_runbook: allow_changed_runbook,
                 param_change: allow_param_change,
             };
-            resume(&context, &run_id, &params, allow, concurrency, output).await
+            let asked = Resumed {
+                from,
+                operator: operator(by),
+                concurrency,
+            };
+            resume(&context, &run_id, &params, allow, asked, output).await
         }
         Command::Rollback {
             run_id,
@@ -137,14 +158,19 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             dry_run,
             yes,
             concurrency,
+            by,
             output,
             ..
         } if crate::rollouts::is_rollout(&run_id) => {
             if dry_run {
                 crate::rollouts::rollback_dry_run(&context, &run_id, output)
             } else {
-                crate::rollouts::rollback(&context, &run_id, &params, concurrency, yes, output)
-                    .await
+                let asked = crate::rollouts::Undo {
+                    concurrency,
+                    yes,
+                    operator: operator(by),
+                };
+                crate::rollouts::rollback(&context, &run_id, &params, asked, output).await
             }
         }
         Command::Rollback {
@@ -153,6 +179,7 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             allow_param_change,
             dry_run,
             yes,
+            by,
             output,
             ..
         } => {
@@ -160,7 +187,12 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
                 // From the records alone: parameters only matter to a rollback that acts.
                 rollback_dry_run(&context, &run_id, output)
             } else {
-                rollback(&context, &run_id, &params, allow_param_change, yes, output).await
+                let asked = UndoRun {
+                    allow_param_change,
+                    yes,
+                    operator: operator(by),
+                };
+                rollback(&context, &run_id, &params, asked, output).await
             }
         }
         Command::Approve {
@@ -764,12 +796,19 @@ fn progress_for(context: &Context, steps: &[kmsflow_state::StepRecord]) -> Progr
     crate::progress_view::sink(width, crate::progress_view::Mode::detect(context.json_logs))
 }
 
+/// What `resume` was asked beyond parameters and permissions.
+struct Resumed {
+    from: Option<String>,
+    operator: String,
+    concurrency: u16,
+}
+
 async fn resume(
     context: &Context,
     run_id: &str,
     args: &ParamArgs,
     allow: Allow,
-    concurrency: u16,
+    asked: Resumed,
     output: Output,
 ) -> Result<u8, Failure> {
     let engine = context.engine()?;
@@ -780,24 +819,37 @@ async fn resume(
         allow_param_change: allow.param_change,
         changed_runbook: changed_runbook(&run, allow.changed_runbook)?,
         options: ExecOptions {
-            concurrency: concurrency as usize,
+            concurrency: asked.concurrency as usize,
             ..ExecOptions::default()
         },
         signals: crate::signals::install(),
         progress: progress_for(context, &steps),
+        from: asked.from,
+        operator: asked.operator,
     };
     let summary = launch::resume(&engine, continuation).await?;
     finish(context, summary, output)
+}
+
+/// What `rollback RUN` was asked beyond parameters.
+struct UndoRun {
+    allow_param_change: bool,
+    yes: bool,
+    operator: String,
 }
 
 async fn rollback(
     context: &Context,
     run_id: &str,
     args: &ParamArgs,
-    allow_param_change: bool,
-    yes: bool,
+    asked: UndoRun,
     output: Output,
 ) -> Result<u8, Failure> {
+    let UndoRun {
+        allow_param_change,
+        yes,
+        operator,
+    } = asked;
     let engine = context.engine()?;
     let (run, steps, _) = launch::load_run(&engine, run_id)?;
     let deletes: Vec<crate::confirm::Consequence> = kmsflow_engine::rollback::undo_plan(&steps)
@@ -821,9 +873,56 @@ async fn rollback(
         params: param_sources(context, args)?,
         allow_param_change,
         progress: progress_for(context, &steps),
+        operator,
     };
     let summary = launch::rollback(&engine, request).await?;
     finish(context, summary, output)
+}
+
+/// `resume RUN --from STEP --dry-run`: which steps would run again, and which are reused.
+fn rerun_dry_run(
+    context: &Context,
+    run_id: &str,
+    from: &str,
+    output: Output,
+) -> Result<u8, Failure> {
+    let engine = context.engine()?;
+    let (run, steps, _) = launch::load_run(&engine, run_id)?;
+    // The runbook as the run stored it, fragments included: what `resume` runs.
+    let fragments = kmsflow_engine::runbook::StoredFragments::new(
+        serde_json::from_value(run.fragments.clone()).unwrap_or_default(),
+    );
+    let runbook = kmsflow_engine::compile_with(
+        &RunbookSource::new(&run.runbook_ref, run.source.clone()),
+        &registry(),
+        &fragments,
+    )
+    .map_err(Failure::Invalid)?;
+    let again = runbook
+        .downstream_of(from)
+        .ok_or_else(|| Failure::Usage(format!("run {} has no step `{from}`", run.id)))?;
+    let reused: Vec<&str> = steps
+        .iter()
+        .filter(|s| s.status == kmsflow_state::StepStatus::Succeeded && !again.contains(&s.step_id))
+        .map(|s| s.step_id.as_str())
+        .collect();
+    match output {
+        Output::Json => {
+            print_json(
+                &serde_json::json!({"run_id": run.id, "from": from, "run_again": again, "reused": reused}),
+            )?;
+        }
+        Output::Text => {
+            outln!("resume {} --from {from} would run again, in order:", run.id);
+            for step in &again {
+                outln!("  {step}");
+            }
+            if !reused.is_empty() {
+                outln!("and reuse the outputs of: {}", reused.join(", "));
+            }
+        }
+    }
+    Ok(code::SUCCESS)
 }
 
 /// `rollback --dry-run`: from the run's records alone (nothing is read from Azure or written),

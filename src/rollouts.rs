@@ -93,7 +93,7 @@ pub async fn run(context: &Context, asked: Rollout<'_>) -> Result<u8, Failure> {
         policy,
     };
     let engine = context.engine()?;
-    let drive = drive(context, shared, width);
+    let drive = drive(context, shared, width, &crate::commands::operator(None));
     let summary = with_launcher(&engine, |launcher| async move {
         rollout::start(&launcher, request, drive).await
     })
@@ -101,12 +101,18 @@ pub async fn run(context: &Context, asked: Rollout<'_>) -> Result<u8, Failure> {
     finish(context, summary, asked.output)
 }
 
-fn drive(context: &Context, params: kmsflow_engine::params::ParamSources, width: usize) -> Drive {
+fn drive(
+    context: &Context,
+    params: kmsflow_engine::params::ParamSources,
+    width: usize,
+    operator: &str,
+) -> Drive {
     Drive {
         params,
         options: ExecOptions::default(),
         signals: crate::signals::install(),
         progress: crate::rollout_view::sink(Mode::detect(context.json_logs), width),
+        operator: operator.to_owned(),
     }
 }
 
@@ -134,6 +140,7 @@ pub async fn resume(
     context: &Context,
     id: &str,
     args: &ParamArgs,
+    operator: &str,
     output: Output,
 ) -> Result<u8, Failure> {
     let store = context.store()?;
@@ -141,7 +148,7 @@ pub async fn resume(
     let width = label_width(&store.rollout_targets(&id)?);
     drop(store);
     let engine = context.engine()?;
-    let drive = drive(context, param_sources(context, args)?, width);
+    let drive = drive(context, param_sources(context, args)?, width, operator);
     let summary = with_launcher(&engine, |launcher| async move {
         rollout::resume(&launcher, &id, drive).await
     })
@@ -150,14 +157,25 @@ pub async fn resume(
 }
 
 /// `kmsflow rollback ROLLOUT`: asks before deleting what the rollout's runs created.
+/// What `rollback ROLLOUT` was asked beyond parameters.
+pub struct Undo {
+    pub concurrency: Option<u16>,
+    pub yes: bool,
+    pub operator: String,
+}
+
 pub async fn rollback(
     context: &Context,
     id: &str,
     args: &ParamArgs,
-    concurrency: Option<u16>,
-    yes: bool,
+    asked: Undo,
     output: Output,
 ) -> Result<u8, Failure> {
+    let Undo {
+        concurrency,
+        yes,
+        operator,
+    } = asked;
     let store = context.store()?;
     let id = store.resolve_rollout_id(id)?;
     let record = store.rollout(&id)?;
@@ -184,6 +202,7 @@ pub async fn rollback(
             .map(usize::from)
             .unwrap_or_else(|| policy.concurrency_for(record.targets)),
         progress: crate::rollout_view::sink(Mode::detect(context.json_logs), width),
+        operator,
     };
     let engine = context.engine()?;
     let summary = with_launcher(&engine, |launcher| async move {

@@ -1284,3 +1284,105 @@ fn cancel_of_a_run_whose_process_was_killed_marks_it_interrupted() {
         serde_json::from_slice(&ws.run(&["show", &id, "--output", "json"]).stdout).unwrap();
     assert_eq!(shown["status"], "interrupted");
 }
+
+const CHAIN: &str = r#"
+name: chain
+steps:
+  - id: a
+    uses: file
+    with: { path: a.txt, content: "a" }
+  - id: b
+    uses: file
+    needs: [a]
+    with: { path: b.txt, content: "b" }
+  - id: c
+    uses: file
+    needs: [b]
+    with: { path: c.txt, content: "c" }
+  - id: side
+    uses: file
+    needs: [a]
+    with: { path: side.txt, content: "side" }
+"#;
+
+#[test]
+fn resume_from_a_step_runs_it_and_what_follows_again_and_rollback_still_undoes_them() {
+    let ws = Workspace::new();
+    ws.write("chain.yaml", CHAIN);
+    assert_eq!(ws.run(&["run", "chain.yaml"]).status.code(), Some(0));
+    let id = newest_run(&ws);
+    // Someone removed two files; `b` and what follows it must run again, nothing else.
+    std::fs::remove_file(ws.path("b.txt")).unwrap();
+    std::fs::remove_file(ws.path("side.txt")).unwrap();
+    // A succeeded run is not resumed without --from.
+    assert_eq!(ws.run(&["resume", &id]).status.code(), Some(2));
+    let dry = ws.run(&[
+        "resume",
+        &id,
+        "--from",
+        "b",
+        "--dry-run",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(dry.status.code(), Some(0), "{}", stderr(&dry));
+    let dry: Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(dry["run_again"], serde_json::json!(["b", "c"]));
+    assert_eq!(dry["reused"], serde_json::json!(["a", "side"]));
+    assert!(ws.read("b.txt").is_empty(), "a dry run changes nothing");
+    assert_eq!(
+        ws.run(&["resume", &id, "--from", "nope"]).status.code(),
+        Some(2)
+    );
+    let again = ws.run(&["resume", &id, "--from", "b", "--by", "ana"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert_eq!(ws.read("b.txt"), "b");
+    assert!(
+        ws.read("side.txt").is_empty(),
+        "not downstream of b: not run again"
+    );
+    let events: Value =
+        serde_json::from_slice(&ws.run(&["events", &id, "--output", "json"]).stdout).unwrap();
+    let resumed = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|e| e["kind"] == "run_resumed")
+        .unwrap();
+    assert_eq!(resumed["detail"]["from"], "b");
+    assert_eq!(
+        resumed["detail"]["run_again"],
+        serde_json::json!(["b", "c"])
+    );
+    assert!(
+        resumed["detail"]["by"]
+            .as_str()
+            .unwrap()
+            .starts_with("ana (as ")
+    );
+    // `c` found its file as it left it; it is still what the run created, and rollback
+    // deletes it.
+    let shown: Value =
+        serde_json::from_slice(&ws.run(&["show", &id, "--output", "json"]).stdout).unwrap();
+    let c = shown["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "c")
+        .unwrap();
+    assert_eq!(c["outcome"], "created", "{c}");
+    let undone = ws.run(&["rollback", &id]);
+    assert_eq!(undone.status.code(), Some(0), "{}", stderr(&undone));
+    for file in ["a.txt", "b.txt", "c.txt"] {
+        assert!(!ws.path(file).exists(), "{file} is undone");
+    }
+    let events: Value =
+        serde_json::from_slice(&ws.run(&["events", &id, "--output", "json"]).stdout).unwrap();
+    let rollback = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "rollback_started")
+        .unwrap();
+    assert!(rollback["detail"]["by"].as_str().is_some(), "{rollback}");
+}

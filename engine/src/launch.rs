@@ -56,7 +56,7 @@ pub enum LaunchError {
     #[error("cannot render the lock key: {0}")]
     LockKey(RenderError),
     #[error(
-        "run `{run_id}` is {status}: only running, failed, interrupted or waiting runs can be resumed"
+        "run `{run_id}` is {status}: only running, failed, interrupted or waiting runs can be resumed (and, with `--from STEP`, succeeded ones)"
     )]
     NotResumable { run_id: String, status: RunStatus },
     #[error("run `{run_id}` is {status}: there is nothing to roll back")]
@@ -208,6 +208,11 @@ pub struct Continuation {
     pub options: ExecOptions,
     pub signals: Signals,
     pub progress: ProgressSink,
+    /// `resume --from STEP`: run this step and every step downstream of it again, even if
+    /// they succeeded (upstream outputs are reused). A succeeded run may be resumed so.
+    pub from: Option<String>,
+    /// Who resumes (the OS user, and the name given): recorded in the journal.
+    pub operator: String,
 }
 
 /// What `rollback` is given beyond the run's own records.
@@ -217,6 +222,8 @@ pub struct RollbackRequest {
     pub params: ParamSources,
     pub allow_param_change: bool,
     pub progress: ProgressSink,
+    /// Who rolls back: recorded in the journal.
+    pub operator: String,
 }
 
 /// Runs `work` on the writer's connection and waits for its answer.
@@ -455,7 +462,12 @@ impl Launcher {
     /// [`Continuation`] for what the caller may change on purpose).
     pub async fn resume(&self, continuation: Continuation) -> Result<RunSummary, LaunchError> {
         let run = self.load(&continuation.run_id).await?;
-        check_resumable(&run)?;
+        let resumable = if continuation.from.is_some() {
+            check_rerunnable
+        } else {
+            check_resumable
+        };
+        resumable(&run)?;
         let (runbook, changed) = match continuation.changed_runbook {
             Some((runbook, text)) if runbook.content_hash != run.content_hash => {
                 let fragments = storable_fragments(&runbook);
@@ -483,17 +495,33 @@ impl Launcher {
             .iter()
             .map(|s| (s.id.clone(), s.uses.clone()))
             .collect();
+        let reset = match &continuation.from {
+            Some(from) => runbook
+                .downstream_of(from)
+                .ok_or_else(|| LaunchError::UnknownStep {
+                    run_id: run.id.clone(),
+                    step_id: from.clone(),
+                })?,
+            None => Vec::new(),
+        };
+        let operator = json!({
+            "by": continuation.operator,
+            "from": continuation.from,
+            "allow_param_change": continuation.allow_param_change,
+        });
         let store_run = run_id.clone();
         // Lock, check the status again, mark resumed and read back what is done, in one visit
         // to the connection: a second `resume` of this run waits for the lock and then finds
         // it held, and nothing another process commits can slip between the four.
         let (lock, previous, approvals) = on_writer(&self.writer, move |store| {
-            let lock = reclaim(store, &key, &store_run, check_resumable)?;
+            let lock = reclaim(store, &key, &store_run, resumable)?;
             store.commit(&[Write::RunResumed {
                 run_id: store_run.clone(),
                 at: Utc::now(),
                 new_source: changed,
                 steps,
+                reset,
+                operator,
             }])?;
             Ok((lock, store.steps(&store_run)?, store.approvals(&store_run)?))
         })
@@ -538,12 +566,17 @@ impl Launcher {
             .clone()
             .unwrap_or_else(|| lease::claim_on_run(&run.id));
         let store_run = run.id.clone();
+        let operator = json!({
+            "by": request.operator,
+            "allow_param_change": request.allow_param_change,
+        });
         // Holding the run's lock guarantees no other process is executing or rolling it back.
         let (lock, records) = on_writer(&self.writer, move |store| {
             let lock = reclaim(store, &key, &store_run, check_rollbackable)?;
             store.commit(&[Write::RollbackStarted {
                 run_id: store_run.clone(),
                 at: Utc::now(),
+                operator,
             }])?;
             Ok((lock, store.steps(&store_run)?))
         })
@@ -591,6 +624,14 @@ fn check_resumable(run: &RunRecord) -> Result<(), LaunchError> {
             run_id: run.id.clone(),
             status,
         }),
+    }
+}
+
+/// `resume --from`: also a run that succeeded (its steps run again on purpose).
+fn check_rerunnable(run: &RunRecord) -> Result<(), LaunchError> {
+    match run.status {
+        RunStatus::Succeeded => Ok(()),
+        _ => check_resumable(run),
     }
 }
 

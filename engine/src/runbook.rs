@@ -198,6 +198,31 @@ impl CompiledRunbook {
         false
     }
 
+    /// Step `id` and every step that depends on it, directly or through others (by `needs`
+    /// or by reading its outputs), in execution order; `None` if there is no such step.
+    pub fn downstream_of(&self, id: &str) -> Option<Vec<String>> {
+        self.step(id)?;
+        let mut affected = std::collections::HashSet::from([id]);
+        // Execution order is topological: a step's dependencies come before it.
+        for step in &self.steps {
+            let depends = step
+                .needs
+                .iter()
+                .chain(&step.reads_outputs_of)
+                .any(|d| affected.contains(d.as_str()));
+            if depends {
+                affected.insert(step.id.as_str());
+            }
+        }
+        Some(
+            self.steps
+                .iter()
+                .filter(|s| affected.contains(s.id.as_str()))
+                .map(|s| s.id.clone())
+                .collect(),
+        )
+    }
+
     /// Names of secret parameters.
     pub fn secret_params(&self) -> Vec<String> {
         self.params

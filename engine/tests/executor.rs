@@ -160,6 +160,8 @@ impl Harness {
             options: ExecOptions::default(),
             signals: Signals::default(),
             progress: silent(),
+            from: None,
+            operator: "test".into(),
         }
     }
 
@@ -169,6 +171,7 @@ impl Harness {
             params: ParamSources::default(),
             allow_param_change: false,
             progress: silent(),
+            operator: "test".into(),
         }
     }
 

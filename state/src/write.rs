@@ -42,9 +42,20 @@ pub enum Write {
         /// Step ids with their kinds, in execution order; steps a changed runbook adds are
         /// created pending.
         steps: Vec<(String, String)>,
+        /// Steps to run again although they succeeded (`resume --from`): made pending, their
+        /// outputs dropped. What they changed stays recorded (before image and planned
+        /// outcome), so a rollback still undoes it.
+        reset: Vec<String>,
+        /// Who resumed, and what they allowed: kept in the journal entry.
+        operator: Value,
     },
-    /// A rollback of the run begins (or continues): status `rolling_back`.
-    RollbackStarted { run_id: String, at: DateTime<Utc> },
+    /// A rollback of the run begins (or continues): status `rolling_back`. `operator` (who,
+    /// and what they allowed) is kept in the journal entry.
+    RollbackStarted {
+        run_id: String,
+        at: DateTime<Utc>,
+        operator: Value,
+    },
     /// The run reached a status; `finished_at` is set for every status but `running`.
     RunFinished {
         run_id: String,
@@ -275,8 +286,14 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             at,
             new_source,
             steps,
-        } => run_resumed(tx, run_id, at, new_source, steps),
-        Write::RollbackStarted { run_id, at } => rollback_started(tx, run_id, at),
+            reset,
+            operator,
+        } => run_resumed(tx, run_id, at, new_source, steps, reset, operator),
+        Write::RollbackStarted {
+            run_id,
+            at,
+            operator,
+        } => rollback_started(tx, run_id, at, operator),
         Write::RunFinished {
             run_id,
             status,
@@ -451,6 +468,8 @@ fn run_resumed(
     at: &DateTime<Utc>,
     new_source: &Option<(String, String, Value)>,
     steps: &[(String, String)],
+    reset: &[String],
+    operator: &Value,
 ) -> Result<(), StoreError> {
     let mut upsert = tx.prepare_cached(
         "INSERT INTO steps (run_id, step_id, position, uses, status) VALUES (?1, ?2, ?3, ?4, 'pending')
@@ -463,23 +482,39 @@ fn run_resumed(
         "UPDATE runs SET status = 'running', finished_at = NULL, error = NULL WHERE id = ?1",
     )?
     .execute([run_id])?;
-    let mut detail = json!({});
+    let mut reset_step = tx.prepare_cached(
+        "UPDATE steps SET status = 'pending', outputs = NULL, outcome = NULL, error = NULL,
+                finished_at = NULL
+         WHERE run_id = ?1 AND step_id = ?2",
+    )?;
+    for step_id in reset {
+        reset_step.execute(params![run_id, step_id])?;
+    }
+    let mut detail = operator.as_object().cloned().unwrap_or_default();
     if let Some((hash, source, fragments)) = new_source {
         keep_source(tx, hash, source, fragments)?;
         tx.prepare_cached("UPDATE runs SET content_hash = ?2 WHERE id = ?1")?
             .execute(params![run_id, hash])?;
-        detail = json!({"changed_runbook": hash});
+        detail.insert("changed_runbook".into(), json!(hash));
     }
-    event(tx, run_id, None, at, "run_resumed", &detail)?;
+    if !reset.is_empty() {
+        detail.insert("run_again".into(), json!(reset));
+    }
+    event(tx, run_id, None, at, "run_resumed", &Value::Object(detail))?;
     Ok(())
 }
 
-fn rollback_started(tx: &Connection, run_id: &str, at: &DateTime<Utc>) -> Result<(), StoreError> {
+fn rollback_started(
+    tx: &Connection,
+    run_id: &str,
+    at: &DateTime<Utc>,
+    operator: &Value,
+) -> Result<(), StoreError> {
     tx.prepare_cached(
         "UPDATE runs SET status = 'rolling_back', finished_at = NULL, error = NULL WHERE id = ?1",
     )?
     .execute([run_id])?;
-    event(tx, run_id, None, at, "rollback_started", &json!({}))?;
+    event(tx, run_id, None, at, "rollback_started", operator)?;
     Ok(())
 }
 

@@ -290,6 +290,8 @@ pub struct Drive {
     pub options: ExecOptions,
     pub signals: Signals,
     pub progress: RolloutSink,
+    /// Who drives it (the OS user, and the name given): recorded in the journals.
+    pub operator: String,
 }
 
 /// A fresh rollout id: a run id's shape after `rollout-`.
@@ -479,7 +481,17 @@ async fn drive_rollout(
         options: drive.options,
         signals: drive.signals.clone(),
         progress: drive.progress.clone(),
+        operator: drive.operator.clone(),
     });
+    if resumed {
+        journal(
+            &checkpoints,
+            rollout_id,
+            "rollout_resumed",
+            json!({"by": drive.operator}),
+        )
+        .await?;
+    }
     let failed = Arc::new(AtomicUsize::new(0));
     let mut stop: Option<(RunStatus, Option<String>)> = None;
     for wave in 1..=waves {
@@ -694,6 +706,7 @@ struct TargetContext {
     options: ExecOptions,
     signals: Signals,
     progress: RolloutSink,
+    operator: String,
 }
 
 impl TargetContext {
@@ -731,6 +744,8 @@ impl TargetContext {
                         options: self.options,
                         signals: self.signals.clone(),
                         progress: self.step_sink(position),
+                        from: None,
+                        operator: self.operator.clone(),
                     })
                     .await
             }
@@ -843,6 +858,8 @@ pub struct RollbackDrive {
     /// Children rolled back at once.
     pub concurrency: usize,
     pub progress: RolloutSink,
+    /// Who rolls back: recorded in the journals.
+    pub operator: String,
 }
 
 /// Rolls a rollout back: every child that changed something (or whose rollback stopped
@@ -887,6 +904,13 @@ pub async fn rollback(
         .await?;
     let checkpoints = launcher.checkpoints();
     let _lease = lock.keep(checkpoints.clone(), &rollout.id);
+    journal(
+        &checkpoints,
+        &rollout.id,
+        "rollout_rollback_started",
+        json!({"by": drive.operator, "to_undo": children.len()}),
+    )
+    .await?;
     (drive.progress)(&RolloutProgress::RollbackStarted {
         rollout_id: rollout.id.clone(),
         targets: rollout.targets,
@@ -907,8 +931,12 @@ pub async fn rollback(
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let (launcher, sources, progress) =
-            (launcher.clone(), sources.clone(), drive.progress.clone());
+        let (launcher, sources, progress, operator) = (
+            launcher.clone(),
+            sources.clone(),
+            drive.progress.clone(),
+            drive.operator.clone(),
+        );
         tasks.spawn(async move {
             let run_id = child.run_id.clone().expect("only started children");
             progress(&RolloutProgress::TargetStarted {
@@ -923,6 +951,7 @@ pub async fn rollback(
                     params: sources,
                     allow_param_change: false,
                     progress: crate::progress::silent(),
+                    operator: operator.clone(),
                 })
                 .await;
             let (status, error) = match result {

@@ -270,6 +270,8 @@ impl Harness {
             options: ExecOptions::default(),
             signals: Signals::default(),
             progress: silent(),
+            from: None,
+            operator: "test".into(),
         };
         launch::resume(&self.engine, continuation).await.unwrap()
     }
@@ -281,6 +283,7 @@ impl Harness {
             params: ParamSources::default(),
             allow_param_change: false,
             progress: silent(),
+            operator: "test".into(),
         };
         launch::rollback(&self.engine, request).await.unwrap()
     }
