@@ -7,13 +7,15 @@
 //!
 //! Run: `cargo bench --bench fleet`. It drives the built binary, as an operator would.
 
+mod support;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::{requests, serve};
 
 const CLUSTERS: usize = 1_000;
 const CONCURRENCY: usize = 100;
@@ -38,51 +40,10 @@ fn world(dir: &Path, clusters: usize) {
     std::fs::write(dir.join("targets.csv"), targets).unwrap();
 }
 
-fn serve(dir: &Path, faults: &str) -> (Child, HashMap<String, String>, String) {
-    std::fs::write(dir.join("faults.yaml"), faults).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
-        .args(["sandbox", "serve", "--world"])
-        .arg(dir.join("world.json"))
-        .arg("--faults")
-        .arg(dir.join("faults.yaml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base_url = lines.next().unwrap().unwrap();
-    let env = lines
-        .take(6)
-        .map(|l| {
-            let l = l.unwrap();
-            let (k, v) = l.split_once('=').unwrap();
-            (k.to_owned(), v.to_owned())
-        })
-        .collect();
-    (child, env, base_url)
-}
-
-/// Peak resident memory of a process, in MiB, from /proc (0 where there is none).
-fn peak_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(str::to_owned)
-        })
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// Runs the fleet check; returns (wall time, peak MiB, the report).
 fn check(dir: &Path, env: &HashMap<String, String>) -> (Duration, f64, Value) {
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsflow"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kmsflow"));
+    command
         .args([
             "check",
             "--targets",
@@ -96,65 +57,10 @@ fn check(dir: &Path, env: &HashMap<String, String>) -> (Duration, f64, Value) {
         .envs(env)
         .env(
             "KMSFLOW_STATE",
-            dir.join(format!("state-{}.db", started.elapsed().as_nanos())),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut BufReader::new(stdout), &mut text).unwrap();
-        text
-    });
-    // Memory is sampled beside the wait, so the wall time is the process's, not a multiple of
-    // the sampling interval.
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let mut peak: f64 = 0.0;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(peak_mib(pid));
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            peak
-        })
-    };
-    child.wait().unwrap();
-    let wall = started.elapsed();
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let peak = sampler.join().unwrap();
-    let report: Value = serde_json::from_str(&reader.join().unwrap()).unwrap();
-    (wall, peak, report)
-}
-
-fn requests(base_url: &str) -> Vec<Value> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime
-        .block_on(async {
-            reqwest::get(format!("{base_url}/_sandbox/requests"))
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        })
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| {
-            r["path"]
-                .as_str()
-                .is_some_and(|p| p.starts_with("/subscriptions/"))
-        })
-        .cloned()
-        .collect()
+            dir.join(format!("state-{}.db", fastrand::u64(..))),
+        );
+    let (wall, peak, stdout) = support::measured(command);
+    (wall, peak, serde_json::from_str(&stdout).unwrap())
 }
 
 /// The fleet at 50 ms per request with token buckets off: its rate beside the ideal.

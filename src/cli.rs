@@ -201,6 +201,13 @@ pub enum Command {
         params: ParamArgs,
         #[command(flatten)]
         sandbox: SandboxArgs,
+        /// Plan once per target of this file (as `run --targets` would run them): a row per
+        /// target with what it would change.
+        #[arg(long, value_name = "FILE")]
+        targets: Option<PathBuf>,
+        /// With `--targets`: targets planned at once.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..), requires = "targets")]
+        concurrency: u16,
         /// Exit 0 when nothing would change, 2 when a step would fail (listed), 5 when the
         /// plan has changes.
         #[arg(long)]
@@ -232,6 +239,10 @@ pub enum Command {
         concurrency: Option<Share>,
         #[command(flatten)]
         rate: RateArgs,
+        /// With `--targets`: print the targets and what each would change (as `plan
+        /// --targets`); change nothing.
+        #[arg(long, requires = "targets")]
+        dry_run: bool,
         /// Go past a point of no return without asking (needed without a terminal, unless an
         /// `approve` step of the runbook stands before it).
         #[arg(long, short = 'y')]

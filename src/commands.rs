@@ -72,10 +72,51 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
         Command::Plan {
             runbook,
             params,
+            targets: Some(targets),
+            concurrency,
+            detailed_exitcode,
+            output,
+            ..
+        } => {
+            let asked = crate::rollouts::PlanFleet {
+                runbook: &runbook,
+                params: &params,
+                targets: &targets,
+                concurrency: concurrency.into(),
+                detailed_exitcode,
+                output,
+            };
+            crate::rollouts::plan(&context, asked).await
+        }
+        Command::Plan {
+            runbook,
+            params,
             detailed_exitcode,
             output,
             ..
         } => plan(&context, &runbook, &params, detailed_exitcode, output).await,
+        Command::Run {
+            runbook,
+            params,
+            targets: Some(targets),
+            concurrency,
+            dry_run: true,
+            output,
+            ..
+        } => {
+            let asked = crate::rollouts::PlanFleet {
+                runbook: &runbook,
+                params: &params,
+                targets: &targets,
+                concurrency: match concurrency {
+                    Some(kmsflow_engine::rollout::Share::Count(n)) => n.max(1),
+                    _ => 10,
+                },
+                detailed_exitcode: false,
+                output,
+            };
+            crate::rollouts::plan(&context, asked).await
+        }
         Command::Run {
             runbook,
             params,

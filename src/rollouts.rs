@@ -101,6 +101,114 @@ pub async fn run(context: &Context, asked: Rollout<'_>) -> Result<u8, Failure> {
     finish(context, summary, asked.output)
 }
 
+/// What `plan --targets` (or `run --targets --dry-run`) was given.
+pub struct PlanFleet<'a> {
+    pub runbook: &'a str,
+    pub params: &'a ParamArgs,
+    pub targets: &'a Path,
+    pub concurrency: usize,
+    pub detailed_exitcode: bool,
+    pub output: Output,
+}
+
+/// Plans every target (reads only), `concurrency` at once, and prints a row per target: what
+/// would change, what would fail, and the points of no return.
+pub async fn plan(context: &Context, asked: PlanFleet<'_>) -> Result<u8, Failure> {
+    use futures::StreamExt as _;
+    use kmsflow_engine::preview::PreviewAction;
+    let loaded = load(asked.runbook)?;
+    let compiled = compile_loaded(&loaded)?;
+    let shared = param_sources(context, asked.params)?;
+    let rows = crate::targets::read_rows(asked.targets)?;
+    let targets = rollout::bind_targets(&compiled, &shared, &rows)
+        .map_err(|problems| Failure::Usage(format!("`{}`: {problems}", asked.targets.display())))?;
+    let registry = context.engine()?.registry;
+    let plans: Vec<_> = futures::stream::iter(&targets)
+        .map(|target| {
+            let (compiled, registry) = (&compiled, &registry);
+            async move {
+                let previews =
+                    kmsflow_engine::preview::preview(compiled, &target.params, registry).await;
+                (target, previews)
+            }
+        })
+        .buffered(asked.concurrency.max(1))
+        .collect()
+        .await;
+    let (mut changing, mut failing) = (0, 0);
+    let mut rows = vec![
+        [
+            "target",
+            "would change",
+            "would fail",
+            "points of no return",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    let mut report = Vec::new();
+    for (target, previews) in &plans {
+        let changes: Vec<&str> = previews
+            .iter()
+            .filter(|p| p.action.is_change())
+            .map(|p| p.step_id.as_str())
+            .collect();
+        let fails: Vec<String> = previews
+            .iter()
+            .filter_map(|p| match &p.action {
+                PreviewAction::WouldFail { error } => Some(format!("{}: {error}", p.step_id)),
+                _ => None,
+            })
+            .collect();
+        let points: Vec<String> = crate::confirm::points_of_no_return(&compiled, previews)
+            .into_iter()
+            .map(|c| c.step_id)
+            .collect();
+        changing += usize::from(!changes.is_empty());
+        failing += usize::from(!fails.is_empty());
+        rows.push(vec![
+            target.label.clone(),
+            if changes.is_empty() {
+                "-".into()
+            } else {
+                changes.join(", ")
+            },
+            fails.first().cloned().unwrap_or_else(|| "-".into()),
+            if points.is_empty() {
+                "-".into()
+            } else {
+                points.join(", ")
+            },
+        ]);
+        report.push(
+            json!({"target": target.label, "params": target.params.storable(), "steps": previews}),
+        );
+    }
+    match asked.output {
+        Output::Json => {
+            print_json(&json!({"runbook": compiled.name, "targets": report}))?;
+        }
+        Output::Text => {
+            outln!("plan for `{}` over {} targets:", compiled.name, plans.len());
+            out!("{}", render::aligned(&rows));
+            outln!(
+                "\n{changing} of {} targets would change, {failing} would fail",
+                plans.len()
+            );
+        }
+    }
+    if !asked.detailed_exitcode {
+        return Ok(code::SUCCESS);
+    }
+    Ok(if failing > 0 {
+        code::USAGE
+    } else if changing > 0 {
+        code::CHANGES
+    } else {
+        code::SUCCESS
+    })
+}
+
 fn drive(
     context: &Context,
     params: kmsflow_engine::params::ParamSources,

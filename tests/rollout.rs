@@ -678,3 +678,85 @@ fn cancel_of_a_rollout_drains_the_targets_in_flight_and_starts_no_other() {
     assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
     assert_migrated(&served.world(), 4);
 }
+
+#[test]
+fn plan_of_a_fleet_says_what_each_target_would_change_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    fleet(dir.path(), 3);
+    let served = serve_fleet(dir.path(), None);
+    let plan = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "plan",
+                "migrate-pmk-to-cmk",
+                "--targets",
+                "targets.csv",
+                "--detailed-exitcode",
+                "--output",
+                "json",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(plan.status.code(), Some(5), "{}", stderr(&plan));
+    let plan: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let targets = plan["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 3);
+    for target in targets {
+        let cluster = target["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["step_id"] == "cluster")
+            .unwrap();
+        assert_ne!(cluster["action"], "would_fail", "{cluster}");
+    }
+    let dry = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "run",
+                "migrate-pmk-to-cmk",
+                "--targets",
+                "targets.csv",
+                "--dry-run",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(dry.status.code(), Some(0), "{}", stderr(&dry));
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        text.contains("rg-north/aks-002") && text.contains("3 of 3 targets would change"),
+        "{text}"
+    );
+    assert_eq!(served.writes(), 0, "planning writes nothing");
+    let run = served
+        .kmsflow(
+            dir.path(),
+            &["run", "migrate-pmk-to-cmk", "--targets", "targets.csv"],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let after = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "plan",
+                "migrate-pmk-to-cmk",
+                "--targets",
+                "targets.csv",
+                "--detailed-exitcode",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(
+        after.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&after.stdout)
+    );
+}
