@@ -127,7 +127,7 @@ pub struct SandboxArgs {
 pub struct RateArgs {
     /// Failures allowed before no new target starts (targets in flight finish): a number or
     /// a share (`5%`). Default 0: the first failure stops the rollout.
-    #[arg(long, value_name = "N|N%", requires = "targets")]
+    #[arg(long, value_name = "N|N%")]
     pub max_errors: Option<Share>,
     /// Cumulative shares of the targets per wave, e.g. `1,10%,50%,100%`. Default: a canary
     /// of one, then doubling up to the concurrency, then the rest.
@@ -140,8 +140,33 @@ pub struct RateArgs {
     pub waves: Option<Vec<Share>>,
     /// Between waves: `approve` (wait for `kmsflow approve ROLLOUT wave-N`), `pause=DURATION`
     /// or `none` (the default).
-    #[arg(long, value_name = "GATE", requires = "targets")]
+    #[arg(long, value_name = "GATE")]
     pub wave_gate: Option<WaveGate>,
+}
+
+/// `--discover`: the fleet found in Azure instead of a file.
+#[derive(Debug, Clone, Args)]
+pub struct DiscoverArgs {
+    /// Find the targets in Azure: the managed clusters of `--subscription` (default: every
+    /// subscription the credential can see), kept by `--where`.
+    #[arg(long, conflicts_with = "targets")]
+    pub discover: bool,
+    /// A subscription to look in (repeatable).
+    #[arg(long, value_name = "ID", requires = "discover")]
+    pub subscription: Vec<String>,
+    /// Keep only clusters that match (repeatable, all must): `tag:KEY=VALUE`, `name=GLOB`,
+    /// `location=X`, `version=GLOB` (e.g. `1.33*`), `kms=none|PMK|CMK`.
+    #[arg(long = "where", value_name = "FILTER", requires = "discover")]
+    pub filters: Vec<crate::discover::Filter>,
+    /// A per-target parameter from the cluster's names (repeatable), e.g.
+    /// `key_vault=kv-{{cluster}}` (`{{cluster}}`, `{{resource_group}}`, `{{subscription}}`,
+    /// `{{location}}`).
+    #[arg(
+        long = "target-param",
+        value_name = "NAME=TEMPLATE",
+        requires = "discover"
+    )]
+    pub target_params: Vec<crate::discover::TargetParam>,
 }
 
 /// Parameters of a runbook.
@@ -205,8 +230,10 @@ pub enum Command {
         /// target with what it would change.
         #[arg(long, value_name = "FILE")]
         targets: Option<PathBuf>,
-        /// With `--targets`: targets planned at once.
-        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..), requires = "targets")]
+        #[command(flatten)]
+        discover: DiscoverArgs,
+        /// With `--targets` or `--discover`: targets planned at once.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
         /// Exit 0 when nothing would change, 2 when a step would fail (listed), 5 when the
         /// plan has changes.
@@ -233,15 +260,17 @@ pub enum Command {
         /// key_vault,identity`); `-p` gives values every row shares.
         #[arg(long, value_name = "FILE")]
         targets: Option<PathBuf>,
-        /// Steps running at once (default 8). With `--targets`: targets at once, a number or
-        /// a share of them (`25%`; default 10).
+        #[command(flatten)]
+        discover: DiscoverArgs,
+        /// Steps running at once (default 8). With `--targets` or `--discover`: targets at
+        /// once, a number or a share of them (`25%`; default 10).
         #[arg(long, value_name = "N|N%")]
         concurrency: Option<Share>,
         #[command(flatten)]
         rate: RateArgs,
-        /// With `--targets`: print the targets and what each would change (as `plan
-        /// --targets`); change nothing.
-        #[arg(long, requires = "targets")]
+        /// With `--targets` or `--discover`: print the targets and what each would change (as
+        /// `plan --targets`); change nothing.
+        #[arg(long)]
         dry_run: bool,
         /// Go past a point of no return without asking (needed without a terminal, unless an
         /// `approve` step of the runbook stands before it).
@@ -400,6 +429,8 @@ pub enum Command {
         /// A YAML list or CSV (`subscription,resource_group,cluster,expected_mode`) of clusters.
         #[arg(long, value_name = "FILE")]
         targets: Option<PathBuf>,
+        #[command(flatten)]
+        discover: DiscoverArgs,
         /// Clusters checked at once, at most.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,

@@ -72,83 +72,80 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
         Command::Plan {
             runbook,
             params,
-            targets: Some(targets),
+            targets,
+            discover,
             concurrency,
             detailed_exitcode,
             output,
             ..
-        } => {
-            let asked = crate::rollouts::PlanFleet {
-                runbook: &runbook,
-                params: &params,
-                targets: &targets,
-                concurrency: concurrency.into(),
-                detailed_exitcode,
-                output,
-            };
-            crate::rollouts::plan(&context, asked).await
-        }
-        Command::Plan {
-            runbook,
-            params,
-            detailed_exitcode,
-            output,
-            ..
-        } => plan(&context, &runbook, &params, detailed_exitcode, output).await,
+        } => match crate::rollouts::Fleet::of(targets.as_deref(), &discover) {
+            Some(fleet) => {
+                let asked = crate::rollouts::PlanFleet {
+                    runbook: &runbook,
+                    params: &params,
+                    fleet,
+                    concurrency: concurrency.into(),
+                    detailed_exitcode,
+                    output,
+                };
+                crate::rollouts::plan(&context, asked).await
+            }
+            None => plan(&context, &runbook, &params, detailed_exitcode, output).await,
+        },
         Command::Run {
             runbook,
             params,
-            targets: Some(targets),
-            concurrency,
-            dry_run: true,
-            output,
-            ..
-        } => {
-            let asked = crate::rollouts::PlanFleet {
-                runbook: &runbook,
-                params: &params,
-                targets: &targets,
-                concurrency: match concurrency {
-                    Some(kmsflow_engine::rollout::Share::Count(n)) => n.max(1),
-                    _ => 10,
-                },
-                detailed_exitcode: false,
-                output,
-            };
-            crate::rollouts::plan(&context, asked).await
-        }
-        Command::Run {
-            runbook,
-            params,
-            targets: Some(targets),
+            targets,
+            discover,
             concurrency,
             rate,
+            dry_run,
             yes,
             output,
             ..
-        } => {
-            let asked = crate::rollouts::Rollout {
-                runbook: &runbook,
-                params: &params,
-                targets: &targets,
-                concurrency,
-                rate: &rate,
-                yes,
-                output,
-            };
-            crate::rollouts::run(&context, asked).await
-        }
-        Command::Run {
-            runbook,
-            params,
-            concurrency,
-            yes,
-            output,
-            ..
-        } => {
-            let steps = steps_at_once(concurrency)?;
-            run(&context, &runbook, &params, steps, yes, output).await
-        }
+        } => match crate::rollouts::Fleet::of(targets.as_deref(), &discover) {
+            Some(fleet) if dry_run => {
+                let asked = crate::rollouts::PlanFleet {
+                    runbook: &runbook,
+                    params: &params,
+                    fleet,
+                    concurrency: match concurrency {
+                        Some(kmsflow_engine::rollout::Share::Count(n)) => n.max(1),
+                        _ => 10,
+                    },
+                    detailed_exitcode: false,
+                    output,
+                };
+                crate::rollouts::plan(&context, asked).await
+            }
+            Some(fleet) => {
+                let asked = crate::rollouts::Rollout {
+                    runbook: &runbook,
+                    params: &params,
+                    fleet,
+                    concurrency,
+                    rate: &rate,
+                    yes,
+                    output,
+                };
+                crate::rollouts::run(&context, asked).await
+            }
+            None => {
+                let fleet_only = [
+                    (rate.max_errors.is_some(), "--max-errors"),
+                    (rate.waves.is_some(), "--waves"),
+                    (rate.wave_gate.is_some(), "--wave-gate"),
+                    (dry_run, "--dry-run"),
+                ];
+                if let Some((_, flag)) = fleet_only.iter().find(|(given, _)| *given) {
+                    return Err(Failure::Usage(format!(
+                        "{flag} is for a rollout: give `--targets FILE` or `--discover` (for one run, `kmsflow plan` is the dry run)"
+                    )));
+                }
+                let steps = steps_at_once(concurrency)?;
+                run(&context, &runbook, &params, steps, yes, output).await
+            }
+        },
         Command::Resume {
             run_id,
             params,
@@ -276,10 +273,14 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
         Command::Check {
             params,
             targets,
+            discover,
             concurrency,
             output,
             ..
-        } => check(&context, &params, targets.as_deref(), concurrency, output).await,
+        } => {
+            let fleet = crate::rollouts::Fleet::of(targets.as_deref(), &discover);
+            check(&context, &params, fleet, concurrency, output).await
+        }
         Command::Schedule { command, .. } => schedule(&context, command).await,
         Command::Daemon { tick, .. } => daemon(&context, tick).await,
         Command::Sandbox(SandboxCommand::Serve {
@@ -317,6 +318,11 @@ pub(crate) struct Context {
 }
 
 impl Context {
+    /// How this command reaches Azure.
+    pub(crate) fn azure_config(&self) -> AzureConfig {
+        self.azure.clone()
+    }
+
     pub(crate) fn engine(&self) -> Result<Engine, Failure> {
         let state_path = crate::state_file::state_path(self.state.as_deref())?;
         Ok(Engine {
@@ -1362,15 +1368,22 @@ fn write_tls_files(
 async fn check(
     context: &Context,
     args: &ParamArgs,
-    targets: Option<&std::path::Path>,
+    fleet: Option<crate::rollouts::Fleet<'_>>,
     concurrency: u16,
     output: Output,
 ) -> Result<u8, Failure> {
     let engine = context.engine()?;
     let (runbook, source) = crate::check::runbook()?;
     let shared = param_sources(context, args)?;
-    let targets = match targets {
-        Some(path) => crate::check::read_targets(path)?,
+    let targets = match fleet {
+        Some(crate::rollouts::Fleet::File(path)) => crate::check::read_targets(path)?,
+        Some(crate::rollouts::Fleet::Discover(discover)) => {
+            crate::discover::rows(context, discover, &runbook)
+                .await?
+                .into_iter()
+                .map(|row| crate::check::Target { params: row.params })
+                .collect()
+        }
         None => vec![crate::check::Target { params: Map::new() }],
     };
     let results = crate::check::check_all(

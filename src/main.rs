@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod confirm;
 mod daemon;
+mod discover;
 mod failure;
 mod output;
 mod progress_view;

@@ -25,6 +25,57 @@ pub fn is_rollout(id: &str) -> bool {
     id.starts_with(kmsflow_state::ROLLOUT_PREFIX)
 }
 
+/// Where a fleet comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Fleet<'a> {
+    /// `--targets FILE`.
+    File(&'a Path),
+    /// `--discover`.
+    Discover(&'a crate::cli::DiscoverArgs),
+}
+
+impl<'a> Fleet<'a> {
+    /// The fleet a command names, if any.
+    pub fn of(
+        targets: Option<&'a Path>,
+        discover: &'a crate::cli::DiscoverArgs,
+    ) -> Option<Fleet<'a>> {
+        match targets {
+            Some(path) => Some(Fleet::File(path)),
+            None if discover.discover => Some(Fleet::Discover(discover)),
+            None => None,
+        }
+    }
+
+    /// Its rows of parameters for `runbook`.
+    async fn rows(
+        self,
+        context: &Context,
+        runbook: &kmsflow_engine::CompiledRunbook,
+    ) -> Result<Vec<kmsflow_engine::rollout::TargetRow>, Failure> {
+        match self {
+            Fleet::File(path) => crate::targets::read_rows(path),
+            Fleet::Discover(args) => crate::discover::rows(context, args, runbook).await,
+        }
+    }
+
+    /// Binds its rows, every problem at once.
+    async fn bind(
+        self,
+        context: &Context,
+        runbook: &kmsflow_engine::CompiledRunbook,
+        shared: &kmsflow_engine::params::ParamSources,
+    ) -> Result<Vec<kmsflow_engine::rollout::Target>, Failure> {
+        let rows = self.rows(context, runbook).await?;
+        rollout::bind_targets(runbook, shared, &rows).map_err(|problems| {
+            Failure::Usage(match self {
+                Fleet::File(path) => format!("`{}`: {problems}", path.display()),
+                Fleet::Discover(_) => format!("the discovered clusters: {problems}"),
+            })
+        })
+    }
+}
+
 /// Targets at once when `--concurrency` is not given: SSM Automation's default.
 const DEFAULT_CONCURRENCY: Share = Share::Count(10);
 
@@ -32,7 +83,7 @@ const DEFAULT_CONCURRENCY: Share = Share::Count(10);
 pub struct Rollout<'a> {
     pub runbook: &'a str,
     pub params: &'a ParamArgs,
-    pub targets: &'a Path,
+    pub fleet: Fleet<'a>,
     pub concurrency: Option<Share>,
     pub rate: &'a RateArgs,
     pub yes: bool,
@@ -45,9 +96,7 @@ pub async fn run(context: &Context, asked: Rollout<'_>) -> Result<u8, Failure> {
     let loaded = load(asked.runbook)?;
     let compiled = compile_loaded(&loaded)?;
     let shared = param_sources(context, asked.params)?;
-    let rows = crate::targets::read_rows(asked.targets)?;
-    let targets = rollout::bind_targets(&compiled, &shared, &rows)
-        .map_err(|problems| Failure::Usage(format!("`{}`: {problems}", asked.targets.display())))?;
+    let targets = asked.fleet.bind(context, &compiled, &shared).await?;
     let policy = Policy {
         concurrency: asked.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
         max_errors: asked.rate.max_errors.unwrap_or(Share::Count(0)),
@@ -105,7 +154,7 @@ pub async fn run(context: &Context, asked: Rollout<'_>) -> Result<u8, Failure> {
 pub struct PlanFleet<'a> {
     pub runbook: &'a str,
     pub params: &'a ParamArgs,
-    pub targets: &'a Path,
+    pub fleet: Fleet<'a>,
     pub concurrency: usize,
     pub detailed_exitcode: bool,
     pub output: Output,
@@ -119,9 +168,7 @@ pub async fn plan(context: &Context, asked: PlanFleet<'_>) -> Result<u8, Failure
     let loaded = load(asked.runbook)?;
     let compiled = compile_loaded(&loaded)?;
     let shared = param_sources(context, asked.params)?;
-    let rows = crate::targets::read_rows(asked.targets)?;
-    let targets = rollout::bind_targets(&compiled, &shared, &rows)
-        .map_err(|problems| Failure::Usage(format!("`{}`: {problems}", asked.targets.display())))?;
+    let targets = asked.fleet.bind(context, &compiled, &shared).await?;
     let registry = context.engine()?.registry;
     let plans: Vec<_> = futures::stream::iter(&targets)
         .map(|target| {

@@ -760,3 +760,114 @@ fn plan_of_a_fleet_says_what_each_target_would_change_and_writes_nothing() {
         String::from_utf8_lossy(&after.stdout)
     );
 }
+
+#[test]
+fn discover_finds_exactly_the_matching_clusters_over_three_subscriptions_and_pages() {
+    let subscriptions = [
+        SUBSCRIPTION,
+        "11111111-1111-4111-8111-111111111111",
+        "22222222-2222-4222-8222-222222222222",
+    ];
+    let mut resources = Vec::new();
+    let mut expected = BTreeSet::new();
+    for i in 0..2_500 {
+        let subscription = match i {
+            0..1_200 => subscriptions[0],
+            1_200..2_000 => subscriptions[1],
+            _ => subscriptions[2],
+        };
+        let name = format!("aks-{i:04}");
+        let prod = i % 5 == 0;
+        let pmk = i % 2 == 0;
+        if prod && !pmk && name.starts_with("aks-1") {
+            expected.insert(format!("{subscription}/rg-fleet/{name}"));
+        }
+        resources.push(json!({
+            "id": format!("/subscriptions/{subscription}/resourceGroups/rg-fleet/providers/Microsoft.ContainerService/managedClusters/{name}"),
+            "name": name, "type": "Microsoft.ContainerService/ManagedClusters", "location": "eastus",
+            "tags": if prod { json!({"env": "prod"}) } else { json!({"env": "dev"}) },
+            "properties": {"provisioningState": "Succeeded", "kubernetesVersion": "1.33.0", "currentKubernetesVersion": "1.33.0",
+                "securityProfile": {"kubernetesResourceObjectEncryptionProfile": if pmk { json!({"infrastructureEncryption": "Enabled"}) } else { Value::Null }}},
+        }));
+    }
+    assert_eq!(expected.len(), 100);
+    let dir = tempfile::tempdir().unwrap();
+    let world = json!({
+        "subscriptions": &subscriptions[1..],
+        "list_page_size": 1_000,
+        "resource_groups": [{"name": "rg-fleet", "location": "eastus"}],
+        "features_registered": [{"namespace": "Microsoft.ContainerService", "feature": "KMSPMKPreview"}],
+        "resources": resources,
+    });
+    std::fs::write(dir.path().join("world.json"), world.to_string()).unwrap();
+    let served = serve_fleet(dir.path(), None);
+    let plan = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "plan",
+                "pmk-existing-cluster",
+                "--discover",
+                "--where",
+                "tag:env=prod",
+                "--where",
+                "kms=none",
+                "--where",
+                "name=aks-1*",
+                "--output",
+                "json",
+            ],
+        )
+        .output()
+        .unwrap();
+    let log = stderr(&plan);
+    assert_eq!(plan.status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("discovered 2500 clusters in 3 subscriptions; 100 match"),
+        "{log}"
+    );
+    let plan: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let found: BTreeSet<String> = plan["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["target"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(found, expected);
+    // The first subscription's 1,200 clusters came in two pages; nothing was written.
+    let lists: Vec<String> = served
+        .requests_to("/providers/Microsoft.ContainerService/managedClusters")
+        .into_iter()
+        .filter(|r| r.starts_with("GET ") && r.ends_with("/managedClusters"))
+        .collect();
+    assert_eq!(lists.len(), 4, "{lists:#?}");
+    assert_eq!(served.writes(), 0);
+    // One subscription, and a per-target parameter from the cluster's names.
+    let one = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "plan",
+                "migrate-pmk-to-cmk",
+                "--discover",
+                "--subscription",
+                subscriptions[2],
+                "--where",
+                "name=aks-249?",
+                "--target-param",
+                "key_vault=kv-{{cluster}}",
+                "--target-param",
+                "identity=id-{{cluster}}",
+                "--output",
+                "json",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(one.status.code(), Some(0), "{}", stderr(&one));
+    let one: Value = serde_json::from_slice(&one.stdout).unwrap();
+    let targets = one["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 10);
+    assert_eq!(targets[0]["params"]["key_vault"], "kv-aks-2490");
+    assert_eq!(targets[0]["params"]["subscription"], subscriptions[2]);
+}

@@ -290,6 +290,18 @@ impl WorldHandle<'_> {
         self.world.seed_feature_registered(namespace, feature);
     }
 
+    /// Lets the caller see `subscription` too (`GET /subscriptions` lists it).
+    pub fn visible_subscription(&mut self, subscription: &str) {
+        if !self.world.has_subscription(subscription) {
+            self.world.other_subscriptions.push(subscription.to_owned());
+        }
+    }
+
+    /// Items per page of a list.
+    pub fn list_page_size(&mut self, size: usize) {
+        self.world.list_page_size = size.max(1);
+    }
+
     /// Adds a key with one version to a seeded vault; returns the versionless key id.
     pub fn key(&mut self, vault: &str, key: &str) -> Option<String> {
         self.world.seed_key(vault, key)
@@ -717,6 +729,13 @@ pub struct WorldSeed {
     /// Whole resource bodies, each with its `id` (vaults, identities, managed clusters).
     #[serde(default)]
     pub resources: Vec<Value>,
+    /// Subscriptions the caller can see besides the sandbox's own (their resources may be
+    /// seeded like any other).
+    #[serde(default)]
+    pub subscriptions: Vec<String>,
+    /// Items per page of a list (default 1,000).
+    #[serde(default)]
+    pub list_page_size: Option<usize>,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -749,6 +768,12 @@ impl Sandbox {
             }
             for feature in &seed.features_registered {
                 world.feature_registered(&feature.namespace, &feature.feature);
+            }
+            for subscription in &seed.subscriptions {
+                world.visible_subscription(subscription);
+            }
+            if let Some(size) = seed.list_page_size {
+                world.list_page_size(size);
             }
             for resource in &seed.resources {
                 world.resource(resource.clone());

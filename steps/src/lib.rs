@@ -7,6 +7,7 @@
 pub mod azure;
 pub mod client;
 pub mod cloud;
+pub mod discover;
 pub mod error;
 mod kinds;
 pub mod pacer;

@@ -13,6 +13,56 @@ impl World {
     /// version without KMS data encryption neither sees nor changes
     /// `kubernetesResourceObjectEncryptionProfile` (ARM drops what its version does not
     /// define; the cluster keeps what a newer version set).
+    /// Managed Clusters - List (`GET /subscriptions/{s}/providers/Microsoft.ContainerService/
+    /// managedClusters`): the subscription's clusters by id, a page at a time, each page but
+    /// the last with a `nextLink` on Resource Manager's own endpoint (`$skipToken` is opaque
+    /// to clients; here it is the offset).
+    pub(crate) fn clusters_in_subscription(&self, req: &Req, subscription: &str) -> Resp {
+        if req.method != "GET" {
+            return method_not_allowed(req);
+        }
+        let prefix = format!("/subscriptions/{}/", subscription.to_ascii_lowercase());
+        let skip: usize = match req.query.get("$skipToken").map(|t| t.parse()) {
+            None => 0,
+            Some(Ok(skip)) => skip,
+            Some(Err(_)) => {
+                return Resp::arm_error(400, "InvalidSkipToken", "The $skipToken is not valid.");
+            }
+        };
+        let full = api_versions::has_kms_data_encryption(&req.query["api-version"]);
+        let mut clusters = self
+            .resources
+            .iter()
+            .filter(|(id, r)| {
+                id.starts_with(&prefix) && r["type"] == "Microsoft.ContainerService/ManagedClusters"
+            })
+            .map(|(_, r)| r)
+            .skip(skip);
+        let mut value: Vec<Value> = clusters
+            .by_ref()
+            .take(self.list_page_size.max(1))
+            .cloned()
+            .collect();
+        if !full {
+            for cluster in &mut value {
+                if let Some(security) = cluster["properties"]["securityProfile"].as_object_mut() {
+                    security.remove("kubernetesResourceObjectEncryptionProfile");
+                }
+            }
+        }
+        let mut body = json!({ "value": value });
+        if clusters.next().is_some() {
+            body["nextLink"] = json!(format!(
+                "{}/subscriptions/{}/providers/Microsoft.ContainerService/managedClusters?api-version={}&$skipToken={}",
+                self.addressing.arm_endpoint(),
+                req.raw_segments[1],
+                req.query["api-version"],
+                skip + self.list_page_size.max(1)
+            ));
+        }
+        Resp::json(200, body)
+    }
+
     pub(crate) fn cluster(&mut self, req: &Req, now: Instant) -> Resp {
         const FIELD: &str = "kubernetesResourceObjectEncryptionProfile";
         if api_versions::has_kms_data_encryption(&req.query["api-version"]) {

@@ -110,6 +110,11 @@ pub struct World {
     /// Where the surfaces are, for the URLs the world writes into bodies.
     pub addressing: Addressing,
     pub subscription: String,
+    /// Subscriptions besides `subscription` that the caller can see (a fleet over several).
+    pub other_subscriptions: Vec<String>,
+    /// How many items a list answers per page before its `nextLink`. Azure does not document
+    /// the page size of managed-cluster lists; 1,000 is the default here.
+    pub list_page_size: usize,
     pub tenant: String,
     pub delays: Delays,
     /// Resource groups, by lowercase name.
@@ -172,6 +177,8 @@ impl World {
         World {
             addressing,
             subscription,
+            other_subscriptions: Vec::new(),
+            list_page_size: 1_000,
             tenant,
             delays,
             groups: BTreeMap::new(),
@@ -274,7 +281,7 @@ impl World {
                 ),
             );
         }
-        if s.get(1).copied() != Some(self.subscription.to_ascii_lowercase().as_str()) {
+        if !s.get(1).is_some_and(|sub| self.has_subscription(sub)) {
             return Resp::arm_error(
                 404,
                 "SubscriptionNotFound",
@@ -381,6 +388,16 @@ impl World {
                 "microsoft.keyvault",
                 "vaults",
             ] if req.method == "GET" => self.vaults_in_subscription(),
+            [
+                "subscriptions",
+                subscription,
+                "providers",
+                "microsoft.containerservice",
+                "managedclusters",
+            ] => {
+                let subscription = subscription.to_string();
+                self.clusters_in_subscription(req, &subscription)
+            }
             [
                 "subscriptions",
                 _,

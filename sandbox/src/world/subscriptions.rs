@@ -4,16 +4,43 @@
 use super::*;
 
 impl World {
+    /// Whether `id` (lower case, as routed) is a subscription of this world.
+    pub(crate) fn has_subscription(&self, id: &str) -> bool {
+        std::iter::once(&self.subscription)
+            .chain(&self.other_subscriptions)
+            .any(|s| s.eq_ignore_ascii_case(id))
+    }
+
     /// Subscriptions - List (`GET /subscriptions`) and Get (`GET /subscriptions/{id}`).
     pub(crate) fn subscriptions(&self, req: &Req, one: bool) -> Resp {
         if req.method != "GET" {
             return method_not_allowed(req);
         }
-        let body = json!({
-            "id": format!("/subscriptions/{}", self.subscription),
-            "subscriptionId": self.subscription,
+        if one {
+            let wanted = req.raw_segments.get(1).cloned().unwrap_or_default();
+            let id = std::iter::once(&self.subscription)
+                .chain(&self.other_subscriptions)
+                .find(|s| s.eq_ignore_ascii_case(&wanted))
+                .cloned()
+                .unwrap_or_else(|| self.subscription.clone());
+            return Resp::json(200, self.subscription_body(&id));
+        }
+        let value: Vec<Value> = std::iter::once(&self.subscription)
+            .chain(&self.other_subscriptions)
+            .map(|id| self.subscription_body(id))
+            .collect();
+        Resp::json(
+            200,
+            json!({"value": value, "count": {"type": "Total", "value": value.len()}}),
+        )
+    }
+
+    fn subscription_body(&self, id: &str) -> Value {
+        json!({
+            "id": format!("/subscriptions/{id}"),
+            "subscriptionId": id,
             "tenantId": self.tenant,
-            "displayName": "kmsflow sandbox",
+            "displayName": if id == self.subscription { "kmsflow sandbox".to_owned() } else { format!("kmsflow sandbox {}", &id[..8.min(id.len())]) },
             "state": "Enabled",
             "subscriptionPolicies": {
                 "locationPlacementId": "Public_2014-09-01",
@@ -23,12 +50,7 @@ impl World {
             "authorizationSource": "RoleBased",
             "managedByTenants": [],
             "tags": {},
-        });
-        if one {
-            Resp::json(200, body)
-        } else {
-            Resp::json(200, json!({"value": [body]}))
-        }
+        })
     }
 
     /// Tenants - List (`GET /tenants`).

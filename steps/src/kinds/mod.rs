@@ -22,6 +22,11 @@ use kmsflow_engine::Registry;
 
 use crate::azure::Azure;
 
+/// The managed-cluster API version the AKS kinds use: the one that shows KMS data encryption.
+pub(crate) fn aks_api() -> &'static str {
+    aks::API
+}
+
 /// Adds every Azure step kind to `registry`, sharing one Azure context.
 pub fn register(registry: &mut Registry, azure: Arc<Azure>) {
     registry.register(Arc::new(feature::Feature(azure.clone())));
