@@ -581,9 +581,16 @@ pub enum ScheduleCommand {
         /// Delay each fire by a random part of this (spreads fleets of schedules).
         #[arg(long, default_value = "0s", value_parser = parse_duration_arg)]
         jitter: std::time::Duration,
-        /// A fleet check of these clusters instead of one run (see `kmsflow check --targets`).
+        /// Fire once per row of this file: a fleet check of these clusters without
+        /// `--runbook` (see `kmsflow check --targets`), a rollout of the runbook with it (see
+        /// `kmsflow run --targets`).
         #[arg(long, value_name = "FILE")]
         targets: Option<PathBuf>,
+        /// A rollout's targets at once, a number or a share (`25%`; default 10).
+        #[arg(long, value_name = "N|N%")]
+        concurrency: Option<Share>,
+        #[command(flatten)]
+        rate: RateArgs,
         /// POST a JSON summary here when a run ends `warn` or `fail`, and once when it recovers.
         #[arg(long, value_name = "URL")]
         notify_webhook: Option<String>,

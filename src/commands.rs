@@ -1418,6 +1418,8 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
             catchup,
             jitter,
             targets,
+            concurrency,
+            rate,
             notify_webhook,
         } => {
             kmsflow_engine::schedule::parse_cron(&cron).map_err(Failure::Usage)?;
@@ -1437,9 +1439,47 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
             if let Some(url) = &notify_webhook {
                 crate::daemon::check_webhook(url).map_err(Failure::Usage)?;
             }
+            let rollout = targets.is_some() && loaded.reference != "bundled:rotation-check";
+            let policy = match &targets {
+                Some(path) if rollout => {
+                    // Every row binds now, so a typo is found when the schedule is made, not
+                    // at three in the morning.
+                    let rows = crate::targets::read_rows(path)?;
+                    let shared = param_sources(context, &params)?;
+                    let bound = kmsflow_engine::rollout::bind_targets(&compiled, &shared, &rows)
+                        .map_err(|p| Failure::Usage(format!("`{}`: {p}", path.display())))?;
+                    let policy = kmsflow_engine::rollout::Policy {
+                        concurrency: concurrency
+                            .unwrap_or(kmsflow_engine::rollout::Share::Count(10)),
+                        max_errors: rate
+                            .max_errors
+                            .unwrap_or(kmsflow_engine::rollout::Share::Count(0)),
+                        waves: rate.waves.clone(),
+                        gate: rate.wave_gate.unwrap_or_default(),
+                    };
+                    policy
+                        .assign_waves(bound.len())
+                        .map_err(|e| Failure::Usage(e.to_string()))?;
+                    Some(serde_json::to_value(policy).expect("a policy serializes"))
+                }
+                _ => {
+                    if concurrency.is_some()
+                        || rate.max_errors.is_some()
+                        || rate.waves.is_some()
+                        || rate.wave_gate.is_some()
+                    {
+                        return Err(Failure::Usage(
+                            "--concurrency, --max-errors, --waves and --wave-gate pace a rollout: give `--runbook` and `--targets`".into(),
+                        ));
+                    }
+                    None
+                }
+            };
             let targets = match targets {
                 Some(path) => {
-                    crate::check::read_targets(&path)?;
+                    if !rollout {
+                        crate::check::read_targets(&path)?;
+                    }
                     Some(
                         std::fs::canonicalize(&path)
                             .unwrap_or(path)
@@ -1468,6 +1508,7 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
                 created_at: now,
                 last_seen_at: now,
                 last_worst: None,
+                policy,
             };
             if !store.add_schedule(&record)? {
                 return Err(Failure::Usage(format!(
@@ -1518,9 +1559,11 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
                         rows.push(vec![
                             s.name.clone(),
                             s.cron.clone(),
-                            s.targets
-                                .as_deref()
-                                .map_or(s.runbook.clone(), |t| format!("fleet {t}")),
+                            match (&s.targets, &s.policy) {
+                                (Some(t), Some(_)) => format!("{} over {t}", s.runbook),
+                                (Some(t), None) => format!("fleet {t}"),
+                                (None, _) => s.runbook.clone(),
+                            },
                             params,
                             s.overlap.to_string(),
                             if s.paused { "paused" } else { "active" }.to_owned(),

@@ -1,5 +1,5 @@
-//! `kmsflow schedule ...` and `kmsflow daemon`: what a schedule runs (one runbook, or a fleet
-//! check), and its notifications.
+//! `kmsflow schedule ...` and `kmsflow daemon`: what a schedule runs (one runbook, a fleet
+//! check, or a rollout), and its notifications.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use kmsflow_engine::RunbookSource;
 use kmsflow_engine::executor::{ExecOptions, Signals};
-use kmsflow_engine::launch::{self, Engine, RunRequest};
+use kmsflow_engine::launch::{self, Engine, Launcher, RunRequest};
 use kmsflow_engine::params::{self, ParamSources};
 use kmsflow_engine::progress::silent;
 use kmsflow_engine::schedule::Firer;
@@ -75,13 +75,11 @@ impl RunFirer {
         }
     }
 
-    async fn run_one(
+    /// The schedule's runbook as it is now, compiled: (runbook, text, reference).
+    fn runbook(
         &self,
         schedule: &ScheduleRecord,
-        occurrence: DateTime<Utc>,
-        run_id: &str,
-    ) -> (Value, Option<String>) {
-        let failed = |error: String| (json!({"error": error}), Some("fail".to_owned()));
+    ) -> Result<(Arc<kmsflow_engine::CompiledRunbook>, String, String), String> {
         let (source, reference) =
             match crate::bundled::find(schedule.runbook.trim_start_matches("bundled:")) {
                 Some(b) => (
@@ -94,17 +92,29 @@ impl RunFirer {
                         schedule.runbook.clone(),
                     ),
                     Err(error) => {
-                        return failed(format!("cannot read `{}`: {error}", schedule.runbook));
+                        return Err(format!("cannot read `{}`: {error}", schedule.runbook));
                     }
                 },
             };
-        let compiled = match kmsflow_engine::compile_with(
+        let compiled = kmsflow_engine::compile_with(
             &source,
             &self.engine.registry,
             &crate::bundled::Fragments,
-        ) {
-            Ok(compiled) => Arc::new(compiled),
-            Err(diagnostics) => return failed(diagnostics.to_string()),
+        )
+        .map_err(|diagnostics| diagnostics.to_string())?;
+        Ok((Arc::new(compiled), source.text.to_string(), reference))
+    }
+
+    async fn run_one(
+        &self,
+        schedule: &ScheduleRecord,
+        occurrence: DateTime<Utc>,
+        run_id: &str,
+    ) -> (Value, Option<String>) {
+        let failed = |error: String| (json!({"error": error}), Some("fail".to_owned()));
+        let (compiled, text, reference) = match self.runbook(schedule) {
+            Ok(found) => found,
+            Err(error) => return failed(error),
         };
         let bound = match params::bind(&compiled, &Self::sources(schedule)) {
             Ok(bound) => bound,
@@ -113,7 +123,7 @@ impl RunFirer {
         let request = RunRequest {
             runbook: compiled,
             runbook_ref: reference,
-            source: source.text.to_string(),
+            source: text,
             params: bound,
             options: ExecOptions::default(),
             signals: Signals::default(),
@@ -142,6 +152,88 @@ impl RunFirer {
                 (
                     json!({"status": summary.status, "error": summary.error, "worst": worst}),
                     Some(worst),
+                )
+            }
+            Err(error) => failed(error.to_string()),
+        }
+    }
+
+    /// A rollout of the schedule's runbook over its targets file, as `run --targets` would
+    /// make it, under the id the fire claimed.
+    async fn run_rollout(
+        &self,
+        schedule: &ScheduleRecord,
+        occurrence: DateTime<Utc>,
+        rollout_id: &str,
+        targets: &str,
+    ) -> (Value, Option<String>) {
+        use kmsflow_engine::rollout::{self, Drive, Policy, RolloutRequest};
+        let failed = |error: String| (json!({"error": error}), Some("fail".to_owned()));
+        let (compiled, text, reference) = match self.runbook(schedule) {
+            Ok(found) => found,
+            Err(error) => return failed(error),
+        };
+        let sources = Self::sources(schedule);
+        let rows = match crate::targets::read_rows(std::path::Path::new(targets)) {
+            Ok(rows) => rows,
+            Err(error) => return failed(error.to_string()),
+        };
+        let bound = match rollout::bind_targets(&compiled, &sources, &rows) {
+            Ok(bound) => bound,
+            Err(problems) => return failed(format!("`{targets}`: {problems}")),
+        };
+        let policy: Policy =
+            match serde_json::from_value(schedule.policy.clone().unwrap_or_default()) {
+                Ok(policy) => policy,
+                Err(error) => return failed(format!("the schedule's stored policy: {error}")),
+            };
+        let launcher = match Launcher::open(&self.engine).await {
+            Ok(launcher) => Arc::new(launcher),
+            Err(error) => return failed(error.to_string()),
+        };
+        let request = RolloutRequest {
+            runbook: compiled,
+            runbook_ref: reference,
+            source: text,
+            shared: schedule.params.clone(),
+            targets: bound,
+            policy,
+        };
+        let drive = Drive {
+            params: sources,
+            options: ExecOptions::default(),
+            signals: Signals::default(),
+            progress: Arc::new(|_| {}),
+            operator: format!("schedule `{}`", schedule.name),
+        };
+        // The fire turns `started` in the transaction that creates the rollout.
+        let started = kmsflow_state::Write::FireStarted {
+            schedule: schedule.name.clone(),
+            occurrence,
+            run_id: rollout_id.to_owned(),
+        };
+        let result = rollout::start_with_id(
+            &launcher,
+            request,
+            drive,
+            rollout_id.to_owned(),
+            vec![started],
+        )
+        .await;
+        if let Ok(launcher) = Arc::try_unwrap(launcher) {
+            launcher.close().await;
+        }
+        match result {
+            Ok(summary) => {
+                let worst = match summary.status {
+                    RunStatus::Succeeded => "ok",
+                    RunStatus::Waiting | RunStatus::Interrupted => "warn",
+                    _ => "fail",
+                };
+                (
+                    json!({"rollout_id": summary.rollout_id, "status": summary.status,
+                           "error": summary.error, "counts": summary.counts, "worst": worst}),
+                    Some(worst.to_owned()),
                 )
             }
             Err(error) => failed(error.to_string()),
@@ -242,9 +334,20 @@ impl Firer for RunFirer {
         occurrence: DateTime<Utc>,
         run_id: &str,
     ) -> (Value, Option<String>) {
-        match &schedule.targets {
-            Some(targets) => self.run_fleet(schedule, occurrence, run_id, targets).await,
-            None => self.run_one(schedule, occurrence, run_id).await,
+        match (&schedule.targets, &schedule.policy) {
+            (Some(targets), Some(_)) => {
+                self.run_rollout(schedule, occurrence, run_id, targets)
+                    .await
+            }
+            (Some(targets), None) => self.run_fleet(schedule, occurrence, run_id, targets).await,
+            (None, _) => self.run_one(schedule, occurrence, run_id).await,
+        }
+    }
+
+    fn fire_id(&self, schedule: &ScheduleRecord) -> String {
+        match schedule.policy {
+            Some(_) => kmsflow_engine::rollout::new_rollout_id(Utc::now()),
+            None => launch::new_run_id(Utc::now()),
         }
     }
 

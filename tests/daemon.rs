@@ -564,3 +564,133 @@ fn a_webhook_that_never_answers_makes_no_fire_skipped() {
     assert!(finished >= 4, "a fire every second goes on: {fires:?}");
     assert_eq!(count(&fires, "skipped"), 0, "{fires:?}");
 }
+
+/// One file per target; the target whose `ok` is false fails.
+const TOUCH: &str = r#"
+name: touch
+params:
+  name: { type: string }
+  ok: { type: bool, default: true }
+lock: "touch/{{params.name}}"
+steps:
+  - id: check
+    uses: assert
+    with: { condition: "{{params.ok}}", message: "target refused" }
+  - id: write
+    uses: file
+    needs: [check]
+    with: { path: "out-{{params.name}}.txt", content: "{{params.name}}" }
+"#;
+
+/// Accepts webhook posts and hands each body over.
+fn webhook_listener() -> (String, std::sync::mpsc::Receiver<String>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (sender, received) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            stream
+                .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+            let _ = sender.send(String::from_utf8(body).unwrap());
+        }
+    });
+    (url, received)
+}
+
+#[test]
+fn a_schedule_fires_a_rollout_and_a_budget_stop_notifies() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("touch.yaml"), TOUCH).unwrap();
+    std::fs::write(
+        dir.path().join("fleet.csv"),
+        "name,ok\na,true\nb,false\nc,true\n",
+    )
+    .unwrap();
+    // Rows are bound when the schedule is made: a typo is refused now, not at 3 a.m.
+    std::fs::write(dir.path().join("typo.csv"), "nmae\na\n").unwrap();
+    let refused = run(
+        dir.path(),
+        &[
+            "schedule",
+            "add",
+            "typo",
+            "--runbook",
+            "touch.yaml",
+            "--targets",
+            "typo.csv",
+            "--cron",
+            "* * * * * *",
+        ],
+    );
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let (url, received) = webhook_listener();
+    add(
+        dir.path(),
+        &[
+            "fleet-touch",
+            "--runbook",
+            "touch.yaml",
+            "--targets",
+            "fleet.csv",
+            "--concurrency",
+            "1",
+            "--max-errors",
+            "0",
+            "--cron",
+            "* * * * * *",
+            "--notify-webhook",
+            &url,
+        ],
+    );
+    let mut d = daemon(dir.path());
+    let body = received
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the budget stop was notified");
+    assert!(sigterm(&mut d).success());
+    let payload: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(payload["worst"], "fail");
+    let rollout_id = payload["run_id"].as_str().unwrap().to_owned();
+    assert!(rollout_id.starts_with("rollout-"), "{payload}");
+    assert_eq!(payload["detail"]["status"], "failed");
+    assert_eq!(
+        payload["detail"]["counts"]["not_started"], 1,
+        "the budget stopped the rollout before `c`: {payload}"
+    );
+    // The rollout is an ordinary one: shown, and resumable once the cause is dealt with.
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out-a.txt")).unwrap(),
+        "a"
+    );
+    assert!(!dir.path().join("out-c.txt").exists());
+    let shown = run(dir.path(), &["show", &rollout_id, "--output", "json"]);
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["status"], "failed");
+    let fires = history(dir.path(), "fleet-touch");
+    assert!(
+        fires
+            .iter()
+            .any(|f| f["run_id"] == rollout_id.as_str() && f["outcome"] == "started"),
+        "{fires:?}"
+    );
+}

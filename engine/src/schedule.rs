@@ -38,6 +38,12 @@ pub trait Firer: Send + Sync + 'static {
         run_id: &str,
     ) -> (Value, Option<String>);
 
+    /// The id a fire of `schedule` claims for its work: a run's, by default. A rollout's
+    /// fire claims the rollout's id, so the overlap policy sees the rollout's own lock.
+    fn fire_id(&self, _schedule: &ScheduleRecord) -> String {
+        crate::launch::new_run_id(Utc::now())
+    }
+
     /// Tells whoever listens how a fire ended (a webhook). Called once the fire is recorded as
     /// finished, apart from it: a slow or failing listener never keeps the fire running (and
     /// the next occurrence `skipped`). Returns what to add to the fire's record.
@@ -280,7 +286,7 @@ impl Daemon {
         occurrence: DateTime<Utc>,
         firing: &mut Firing,
     ) -> Result<(), StoreError> {
-        let run_id = crate::launch::new_run_id(Utc::now());
+        let run_id = self.firer.fire_id(schedule);
         let fire = FireRecord {
             schedule: schedule.name.clone(),
             occurrence,

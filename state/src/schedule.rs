@@ -17,8 +17,11 @@ pub struct ScheduleRecord {
     pub runbook: String,
     /// Parameters (never secrets).
     pub params: Value,
-    /// A targets file for a fleet check, instead of one runbook run.
+    /// A targets file: a fleet check (`rotation-check`), or a rollout of the runbook.
     pub targets: Option<String>,
+    /// A rollout's rate control (concurrency, error budget, waves, gate), as the engine
+    /// describes it; `None` for one run or a fleet check.
+    pub policy: Option<Value>,
     pub cron: String,
     pub overlap: Overlap,
     pub catchup_ms: i64,
@@ -71,8 +74,8 @@ impl Store {
     pub fn add_schedule(&mut self, schedule: &ScheduleRecord) -> Result<bool, StoreError> {
         let inserted = self.conn.execute(
             "INSERT OR IGNORE INTO schedules (name, runbook, params, targets, cron, overlap, catchup_ms, jitter_ms,
-                 webhook, paused, created_at, last_seen_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                 webhook, paused, created_at, last_seen_at, policy)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 schedule.name,
                 schedule.runbook,
@@ -86,6 +89,7 @@ impl Store {
                 schedule.paused,
                 ts(&schedule.created_at),
                 ts(&schedule.last_seen_at),
+                schedule.policy.as_ref().map(Value::to_string),
             ],
         )?;
         Ok(inserted == 1)
@@ -95,7 +99,7 @@ impl Store {
     pub fn schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT name, runbook, params, targets, cron, overlap, catchup_ms, jitter_ms, webhook, paused,
-                    created_at, last_seen_at, last_worst FROM schedules ORDER BY name",
+                    created_at, last_seen_at, last_worst, policy FROM schedules ORDER BY name",
         )?;
         let rows = stmt.query_map([], |row| {
             Ok((|| {
@@ -114,6 +118,11 @@ impl Store {
                     created_at: timestamp(row.get(10)?, "schedules.created_at")?,
                     last_seen_at: timestamp(row.get(11)?, "schedules.last_seen_at")?,
                     last_worst: row.get(12)?,
+                    policy: row
+                        .get::<_, Option<String>>(13)?
+                        .map(|p| serde_json::from_str(&p))
+                        .transpose()
+                        .map_err(|e| crate::error::corrupt("schedules.policy", e))?,
                 })
             })())
         })?;

@@ -140,6 +140,10 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (rollout_id, position)
     );
     "#,
+    // 6: a schedule may fire a rollout (a runbook over a targets file): its rate control.
+    r#"
+    ALTER TABLE schedules ADD COLUMN policy TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -310,11 +310,30 @@ pub async fn start(
     request: RolloutRequest,
     drive: Drive,
 ) -> Result<RolloutSummary, LaunchError> {
+    start_with_id(
+        launcher,
+        request,
+        drive,
+        new_rollout_id(Utc::now()),
+        Vec::new(),
+    )
+    .await
+}
+
+/// Records a new rollout under a chosen id (a schedule's fire claims it first), with
+/// `with_creation` committed in the same transaction (the fire turning `started`), then
+/// drives it.
+pub async fn start_with_id(
+    launcher: &Arc<Launcher>,
+    request: RolloutRequest,
+    drive: Drive,
+    id: String,
+    with_creation: Vec<Write>,
+) -> Result<RolloutSummary, LaunchError> {
     let waves = request
         .policy
         .assign_waves(request.targets.len())
         .map_err(|e| LaunchError::Rollout(e.to_string()))?;
-    let id = new_rollout_id(Utc::now());
     let record = NewRollout {
         id: id.clone(),
         runbook: request.runbook.name.clone(),
@@ -337,10 +356,9 @@ pub async fn start(
             })
             .collect(),
     };
-    launcher
-        .checkpoints()
-        .commit(vec![Write::CreateRollout(record)])
-        .await?;
+    let mut created = vec![Write::CreateRollout(record)];
+    created.extend(with_creation);
+    launcher.checkpoints().commit(created).await?;
     let bound: HashMap<usize, BoundParams> = request
         .targets
         .into_iter()
