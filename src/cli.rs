@@ -558,6 +558,8 @@ pub enum Overlap {
     Allow,
 }
 
+// Parsed once per process: the size of its largest variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ScheduleCommand {
     /// Adds a schedule.
