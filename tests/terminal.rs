@@ -117,3 +117,30 @@ fn regex_like(text: &str, start: &str, then: &str) -> bool {
     text.lines()
         .any(|l| l.contains(start) && l[l.find(start).unwrap()..].contains(then))
 }
+
+#[test]
+fn on_a_terminal_a_rollout_shows_its_waves_and_each_target_in_flight_with_its_step() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("slow.yaml"), SLOW).unwrap();
+    std::fs::write(
+        dir.path().join("fleet.csv"),
+        "resource_group,cluster\nrg-kms-sandbox,aks-sandbox\n",
+    )
+    .unwrap();
+    let mut args = RUN.to_vec();
+    args.extend(["--targets", "fleet.csv"]);
+    let mut session =
+        rexpect::session::spawn_command(kmsflow(dir.path(), &args), Some(60_000)).unwrap();
+    // The overall line, then the target's own live line with the step it is in.
+    session
+        .exp_regex(r"wave 1/1, 1 in flight, 0 failed")
+        .unwrap();
+    session
+        .exp_regex(r"rg-kms-sandbox/aks-sandbox\s+cluster")
+        .unwrap();
+    let rest = session.exp_eof().unwrap();
+    assert!(
+        rest.contains("rollout") && rest.contains("1 succeeded"),
+        "the closing line: {rest}"
+    );
+}
