@@ -16,4 +16,7 @@ mod world;
 
 pub use addressing::{ARM_HOST, Addressing, VAULT_SUFFIX};
 pub use faults::{Delays, Faults, Latency, Loss, LostAnswer, Rule, ServerErrors, Throttle};
-pub use server::{RequestRecord, Sandbox, SandboxOptions, SeedFeature, SeedGroup, WorldSeed};
+pub use server::{
+    RequestRecord, Sandbox, SandboxOptions, SeedAssignment, SeedFeature, SeedGroup, SeedKey,
+    WorldSeed,
+};

@@ -736,6 +736,27 @@ pub struct WorldSeed {
     /// Items per page of a list (default 1,000).
     #[serde(default)]
     pub list_page_size: Option<usize>,
+    /// Keys (one version each) in seeded vaults.
+    #[serde(default)]
+    pub keys: Vec<SeedKey>,
+    /// Role assignments: a role (its GUID) for a principal at a scope.
+    #[serde(default)]
+    pub role_assignments: Vec<SeedAssignment>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedKey {
+    pub vault: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedAssignment {
+    pub scope: String,
+    pub principal: String,
+    pub role: String,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -777,6 +798,12 @@ impl Sandbox {
             }
             for resource in &seed.resources {
                 world.resource(resource.clone());
+            }
+            for key in &seed.keys {
+                world.key(&key.vault, &key.name);
+            }
+            for assignment in &seed.role_assignments {
+                world.role_assignment(&assignment.scope, &assignment.principal, &assignment.role);
             }
         });
     }
