@@ -134,7 +134,7 @@ pub async fn check_all(
     let targets: Vec<(Target, ParamSources)> = targets
         .into_iter()
         .map(|target| {
-            let sources = target_sources(shared, &target);
+            let sources = kmsflow_engine::rollout::row_sources(shared, &target.params);
             (target, sources)
         })
         .collect();
@@ -202,21 +202,6 @@ pub async fn check_all(
     }
     results.sort_by_key(|(index, _)| *index);
     Ok(results.into_iter().map(|(_, checked)| checked).collect())
-}
-
-/// The shared parameters with a target's own on top.
-fn target_sources(shared: &ParamSources, target: &Target) -> ParamSources {
-    let mut sources = shared.clone();
-    for (key, value) in &target.params {
-        sources.cli.retain(|(k, _)| k != key);
-        sources.cli.push((
-            key.clone(),
-            value
-                .as_str()
-                .map_or_else(|| value.to_string(), str::to_owned),
-        ));
-    }
-    sources
 }
 
 async fn check_one(

@@ -210,36 +210,9 @@ fn sigterm_lets_the_running_check_finish() {
 fn a_failing_run_posts_to_the_webhook() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("failing.yaml"), FAILING).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     // For Slack and Teams the URL is the credential: it must never be shown again.
-    let url = format!(
-        "http://{}/hook/T000-SECRET-8f3a",
-        listener.local_addr().unwrap()
-    );
-    let (sender, received) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let mut stream = stream.unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut length = 0;
-            loop {
-                let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap();
-                }
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let mut body = vec![0; length];
-            reader.read_exact(&mut body).unwrap();
-            stream
-                .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
-                .unwrap();
-            let _ = sender.send(String::from_utf8(body).unwrap());
-        }
-    });
+    let (hook, received) = webhook_listener();
+    let url = hook.replace("/hook", "/hook/T000-SECRET-8f3a");
     add(
         dir.path(),
         &[

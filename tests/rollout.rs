@@ -78,6 +78,13 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// `kmsflow run migrate-pmk-to-cmk --targets targets.csv ARGS`, to its end.
+fn migrate(served: &Served, dir: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["run", "migrate-pmk-to-cmk", "--targets", "targets.csv"];
+    all.extend_from_slice(args);
+    served.kmsflow(dir, &all).output().unwrap()
+}
+
 /// The id of the newest rollout in the state.
 fn rollout_id(served: &Served, dir: &Path) -> String {
     let runs = served
@@ -183,24 +190,18 @@ fn a_rollout_of_40_clusters_in_three_waves_migrates_each_once_and_reports_what_t
     let dir = tempfile::tempdir().unwrap();
     fleet(dir.path(), 40);
     let served = serve_fleet(dir.path(), None);
-    let output = served
-        .kmsflow(
-            dir.path(),
-            &[
-                "run",
-                "migrate-pmk-to-cmk",
-                "--targets",
-                "targets.csv",
-                "--waves",
-                "1,25%,100%",
-                "--concurrency",
-                "8",
-                "--output",
-                "json",
-            ],
-        )
-        .output()
-        .unwrap();
+    let output = migrate(
+        &served,
+        dir.path(),
+        &[
+            "--waves",
+            "1,25%,100%",
+            "--concurrency",
+            "8",
+            "--output",
+            "json",
+        ],
+    );
     let log = stderr(&output);
     assert_eq!(output.status.code(), Some(0), "{log}");
     let world = served.world();
@@ -275,20 +276,7 @@ fn a_rollout_of_40_clusters_in_three_waves_migrates_each_once_and_reports_what_t
 
     // Run again: every target's run is new and writes nothing.
     let before = served.writes();
-    let again = served
-        .kmsflow(
-            dir.path(),
-            &[
-                "run",
-                "migrate-pmk-to-cmk",
-                "--targets",
-                "targets.csv",
-                "--concurrency",
-                "8",
-            ],
-        )
-        .output()
-        .unwrap();
+    let again = migrate(&served, dir.path(), &["--concurrency", "8"]);
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
     assert_eq!(served.writes(), before, "a second rollout sends no write");
 }
@@ -304,22 +292,11 @@ fn the_error_budget_stops_the_rollout_and_resume_finishes_it_once_the_cause_is_g
     let dir = tempfile::tempdir().unwrap();
     fleet(dir.path(), 5);
     let served = serve_fleet(dir.path(), Some(REFUSE_AKS_001));
-    let output = served
-        .kmsflow(
-            dir.path(),
-            &[
-                "run",
-                "migrate-pmk-to-cmk",
-                "--targets",
-                "targets.csv",
-                "--max-errors",
-                "0",
-                "--concurrency",
-                "1",
-            ],
-        )
-        .output()
-        .unwrap();
+    let output = migrate(
+        &served,
+        dir.path(),
+        &["--max-errors", "0", "--concurrency", "1"],
+    );
     let log = stderr(&output);
     assert_eq!(output.status.code(), Some(1), "{log}");
     assert!(log.contains("more than the 0 allowed"), "{log}");
@@ -387,22 +364,11 @@ fn a_wave_gate_waits_for_approval_and_resume_continues() {
     let dir = tempfile::tempdir().unwrap();
     fleet(dir.path(), 3);
     let served = serve_fleet(dir.path(), None);
-    let output = served
-        .kmsflow(
-            dir.path(),
-            &[
-                "run",
-                "migrate-pmk-to-cmk",
-                "--targets",
-                "targets.csv",
-                "--waves",
-                "1,100%",
-                "--wave-gate",
-                "approve",
-            ],
-        )
-        .output()
-        .unwrap();
+    let output = migrate(
+        &served,
+        dir.path(),
+        &["--waves", "1,100%", "--wave-gate", "approve"],
+    );
     let log = stderr(&output);
     assert_eq!(output.status.code(), Some(4), "{log}");
     let id = rollout_id(&served, dir.path());
@@ -454,20 +420,7 @@ fn rollback_of_a_rollout_puts_every_cluster_back_and_deletes_only_what_it_made()
     fleet(dir.path(), 4);
     let served = serve_fleet(dir.path(), None);
     let before = kms_world(&served.world());
-    let output = served
-        .kmsflow(
-            dir.path(),
-            &[
-                "run",
-                "migrate-pmk-to-cmk",
-                "--targets",
-                "targets.csv",
-                "--concurrency",
-                "2",
-            ],
-        )
-        .output()
-        .unwrap();
+    let output = migrate(&served, dir.path(), &["--concurrency", "2"]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_migrated(&served.world(), 4);
     let id = rollout_id(&served, dir.path());
@@ -712,19 +665,7 @@ fn plan_of_a_fleet_says_what_each_target_would_change_and_writes_nothing() {
             .unwrap();
         assert_ne!(cluster["action"], "would_fail", "{cluster}");
     }
-    let dry = served
-        .kmsflow(
-            dir.path(),
-            &[
-                "run",
-                "migrate-pmk-to-cmk",
-                "--targets",
-                "targets.csv",
-                "--dry-run",
-            ],
-        )
-        .output()
-        .unwrap();
+    let dry = migrate(&served, dir.path(), &["--dry-run"]);
     assert_eq!(dry.status.code(), Some(0), "{}", stderr(&dry));
     let text = String::from_utf8_lossy(&dry.stdout);
     assert!(
@@ -732,13 +673,7 @@ fn plan_of_a_fleet_says_what_each_target_would_change_and_writes_nothing() {
         "{text}"
     );
     assert_eq!(served.writes(), 0, "planning writes nothing");
-    let run = served
-        .kmsflow(
-            dir.path(),
-            &["run", "migrate-pmk-to-cmk", "--targets", "targets.csv"],
-        )
-        .output()
-        .unwrap();
+    let run = migrate(&served, dir.path(), &[]);
     assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
     let after = served
         .kmsflow(

@@ -376,10 +376,7 @@ pub async fn resume(
     rollout_id: &str,
     drive: Drive,
 ) -> Result<RolloutSummary, LaunchError> {
-    let wanted = rollout_id.to_owned();
-    let rollout = launcher
-        .on_store(move |store| load_rollout(store, &wanted))
-        .await?;
+    let rollout = load_rollout(launcher, rollout_id).await?;
     match rollout.status {
         RunStatus::RollingBack | RunStatus::RolledBack | RunStatus::RollbackFailed => {
             return Err(LaunchError::Rollout(format!(
@@ -410,9 +407,15 @@ pub async fn resume(
     drive_rollout(launcher, &rollout.id, runbook, HashMap::new(), drive, true).await
 }
 
-fn load_rollout(store: &kmsflow_state::Store, wanted: &str) -> Result<RolloutRecord, LaunchError> {
-    let id = store.resolve_rollout_id(wanted)?;
-    Ok(store.rollout(&id)?)
+/// A rollout by id or unique prefix, read on the launcher's connection.
+async fn load_rollout(launcher: &Launcher, wanted: &str) -> Result<RolloutRecord, LaunchError> {
+    let wanted = wanted.to_owned();
+    launcher
+        .on_store(move |store| {
+            let id = store.resolve_rollout_id(&wanted)?;
+            Ok(store.rollout(&id)?)
+        })
+        .await
 }
 
 /// What one target came to in this drive.
@@ -888,10 +891,7 @@ pub async fn rollback(
     rollout_id: &str,
     drive: RollbackDrive,
 ) -> Result<RolloutSummary, LaunchError> {
-    let wanted = rollout_id.to_owned();
-    let rollout = launcher
-        .on_store(move |store| load_rollout(store, &wanted))
-        .await?;
+    let rollout = load_rollout(launcher, rollout_id).await?;
     if rollout.status == RunStatus::RolledBack {
         return Err(LaunchError::Rollout(format!(
             "rollout `{}` is rolled back already",
