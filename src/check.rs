@@ -75,13 +75,23 @@ const COLUMNS: &[&str] = &["subscription", "resource_group", "cluster", "expecte
 
 /// Reads `--targets` (see [`crate::targets`]): rows naming only the columns a check knows.
 pub fn read_targets(path: &Path) -> Result<Vec<Target>, Failure> {
-    crate::targets::read_rows(path)?
-        .into_iter()
+    targets_of(
+        crate::targets::read_rows(path)?,
+        &format!("`{}`", path.display()),
+    )
+}
+
+/// A check's targets from rows (of a file, or discovered), each naming only the columns a
+/// check knows; `source` says where they came from in an error.
+pub fn targets_of(
+    rows: Vec<kmsflow_engine::rollout::TargetRow>,
+    source: &str,
+) -> Result<Vec<Target>, Failure> {
+    rows.into_iter()
         .map(|row| {
             if let Some(unknown) = row.params.keys().find(|k| !COLUMNS.contains(&k.as_str())) {
                 return Err(Failure::Usage(format!(
-                    "`{}`, {}: unknown column `{unknown}`; use {}",
-                    path.display(),
+                    "{source}, {}: unknown column `{unknown}`; use {}",
                     row.origin,
                     COLUMNS.join(", ")
                 )));

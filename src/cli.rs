@@ -588,6 +588,10 @@ pub enum ScheduleCommand {
         /// `kmsflow run --targets`).
         #[arg(long, value_name = "FILE")]
         targets: Option<PathBuf>,
+        /// The fleet found in Azure at each fire, instead of a file (see `kmsflow run
+        /// --discover`).
+        #[command(flatten)]
+        discover: DiscoverArgs,
         /// A rollout's targets at once, a number or a share (`25%`; default 10).
         #[arg(long, value_name = "N|N%")]
         concurrency: Option<Share>,

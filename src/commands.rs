@@ -1378,11 +1378,9 @@ async fn check(
     let targets = match fleet {
         Some(crate::rollouts::Fleet::File(path)) => crate::check::read_targets(path)?,
         Some(crate::rollouts::Fleet::Discover(discover)) => {
-            crate::discover::rows(context, discover, &runbook)
-                .await?
-                .into_iter()
-                .map(|row| crate::check::Target { params: row.params })
-                .collect()
+            let spec = crate::discover::DiscoverSpec::of(discover);
+            let rows = crate::discover::rows(context.azure_config(), &spec, &runbook).await?;
+            crate::check::targets_of(rows, "the discovered clusters")?
         }
         None => vec![crate::check::Target { params: Map::new() }],
     };
@@ -1418,20 +1416,27 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
             catchup,
             jitter,
             targets,
+            discover,
             concurrency,
             rate,
             notify_webhook,
         } => {
             kmsflow_engine::schedule::parse_cron(&cron).map_err(Failure::Usage)?;
-            let runbook = match (runbook, &targets) {
-                (Some(runbook), _) => runbook,
-                (None, Some(_)) => "rotation-check".to_owned(),
-                (None, None) => {
+            let fleet = targets.is_some() || discover.discover;
+            let runbook = match runbook {
+                Some(runbook) => runbook,
+                None if fleet => "rotation-check".to_owned(),
+                None => {
                     return Err(Failure::Usage(
-                        "give `--runbook`, or `--targets` for a fleet check".into(),
+                        "give `--runbook`, or `--targets`/`--discover` for a fleet check".into(),
                     ));
                 }
             };
+            // Found again in Azure at every fire, so a cluster added since is checked too.
+            let discover = discover.discover.then(|| {
+                serde_json::to_value(crate::discover::DiscoverSpec::of(&discover))
+                    .expect("a discovery serializes")
+            });
             let loaded = load(&runbook)?;
             let compiled = compile_loaded(&loaded)?;
             let stored =
@@ -1439,8 +1444,20 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
             if let Some(url) = &notify_webhook {
                 crate::daemon::check_webhook(url).map_err(Failure::Usage)?;
             }
-            let rollout = targets.is_some() && loaded.reference != "bundled:rotation-check";
+            let rollout = fleet && loaded.reference != "bundled:rotation-check";
             let policy = match &targets {
+                None if rollout => Some(
+                    serde_json::to_value(kmsflow_engine::rollout::Policy {
+                        concurrency: concurrency
+                            .unwrap_or(kmsflow_engine::rollout::Share::Count(10)),
+                        max_errors: rate
+                            .max_errors
+                            .unwrap_or(kmsflow_engine::rollout::Share::Count(0)),
+                        waves: rate.waves.clone(),
+                        gate: rate.wave_gate.unwrap_or_default(),
+                    })
+                    .expect("a policy serializes"),
+                ),
                 Some(path) if rollout => {
                     // Every row binds now, so a typo is found when the schedule is made, not
                     // at three in the morning.
@@ -1509,6 +1526,7 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
                 last_seen_at: now,
                 last_worst: None,
                 policy,
+                discover,
             };
             if !store.add_schedule(&record)? {
                 return Err(Failure::Usage(format!(
@@ -1559,10 +1577,14 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
                         rows.push(vec![
                             s.name.clone(),
                             s.cron.clone(),
-                            match (&s.targets, &s.policy) {
-                                (Some(t), Some(_)) => format!("{} over {t}", s.runbook),
-                                (Some(t), None) => format!("fleet {t}"),
-                                (None, _) => s.runbook.clone(),
+                            match (&s.targets, &s.discover, &s.policy) {
+                                (Some(t), _, Some(_)) => format!("{} over {t}", s.runbook),
+                                (None, Some(_), Some(_)) => {
+                                    format!("{} over discovered clusters", s.runbook)
+                                }
+                                (Some(t), _, None) => format!("fleet {t}"),
+                                (None, Some(_), None) => "fleet of discovered clusters".into(),
+                                (None, None, _) => s.runbook.clone(),
                             },
                             params,
                             s.overlap.to_string(),
@@ -1632,7 +1654,7 @@ async fn daemon(context: &Context, tick: std::time::Duration) -> Result<u8, Fail
     let daemon = kmsflow_engine::schedule::Daemon {
         state_path: engine.state_path.clone(),
         durability: engine.durability,
-        firer: Arc::new(crate::daemon::RunFirer::new(engine)),
+        firer: Arc::new(crate::daemon::RunFirer::new(engine, context.azure_config())),
         tick,
         drain: signals.drain.clone(),
     };

@@ -20,6 +20,8 @@ use crate::failure::Failure;
 /// Starts schedules' work in this process.
 pub struct RunFirer {
     pub engine: Engine,
+    /// How fires reach Azure beyond their steps: discovering a fleet.
+    pub azure: kmsflow_steps::AzureConfig,
     pub http: reqwest::Client,
 }
 
@@ -45,9 +47,10 @@ pub fn check_webhook(url: &str) -> Result<(), String> {
 }
 
 impl RunFirer {
-    pub fn new(engine: Engine) -> RunFirer {
+    pub fn new(engine: Engine, azure: kmsflow_steps::AzureConfig) -> RunFirer {
         RunFirer {
             engine,
+            azure,
             // A redirect could carry the payload (and, for Slack or Teams, whatever the URL
             // grants) to a host nobody configured.
             http: reqwest::Client::builder()
@@ -158,14 +161,42 @@ impl RunFirer {
         }
     }
 
-    /// A rollout of the schedule's runbook over its targets file, as `run --targets` would
-    /// make it, under the id the fire claimed.
+    /// The fleet's rows: its targets file as it is now, or the clusters discovered now.
+    async fn fleet(
+        &self,
+        schedule: &ScheduleRecord,
+        runbook: &kmsflow_engine::CompiledRunbook,
+    ) -> Result<Vec<kmsflow_engine::rollout::TargetRow>, String> {
+        match (&schedule.targets, &schedule.discover) {
+            (Some(path), _) => {
+                crate::targets::read_rows(std::path::Path::new(path)).map_err(|e| e.to_string())
+            }
+            (None, Some(spec)) => {
+                let spec: crate::discover::DiscoverSpec = serde_json::from_value(spec.clone())
+                    .map_err(|e| format!("the schedule's stored discovery: {e}"))?;
+                crate::discover::rows(self.azure.clone(), &spec, runbook)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            (None, None) => Err("the schedule names no fleet".into()),
+        }
+    }
+
+    /// Where the fleet comes from, for messages.
+    fn fleet_source(schedule: &ScheduleRecord) -> String {
+        schedule
+            .targets
+            .as_ref()
+            .map_or_else(|| "the discovered clusters".into(), |t| format!("`{t}`"))
+    }
+
+    /// A rollout of the schedule's runbook over its fleet, as `run --targets` (or
+    /// `--discover`) would make it, under the id the fire claimed.
     async fn run_rollout(
         &self,
         schedule: &ScheduleRecord,
         occurrence: DateTime<Utc>,
         rollout_id: &str,
-        targets: &str,
     ) -> (Value, Option<String>) {
         use kmsflow_engine::rollout::{self, Drive, Policy, RolloutRequest};
         let failed = |error: String| (json!({"error": error}), Some("fail".to_owned()));
@@ -174,13 +205,15 @@ impl RunFirer {
             Err(error) => return failed(error),
         };
         let sources = Self::sources(schedule);
-        let rows = match crate::targets::read_rows(std::path::Path::new(targets)) {
+        let rows = match self.fleet(schedule, &compiled).await {
             Ok(rows) => rows,
-            Err(error) => return failed(error.to_string()),
+            Err(error) => return failed(error),
         };
         let bound = match rollout::bind_targets(&compiled, &sources, &rows) {
             Ok(bound) => bound,
-            Err(problems) => return failed(format!("`{targets}`: {problems}")),
+            Err(problems) => {
+                return failed(format!("{}: {problems}", Self::fleet_source(schedule)));
+            }
         };
         let policy: Policy =
             match serde_json::from_value(schedule.policy.clone().unwrap_or_default()) {
@@ -245,7 +278,6 @@ impl RunFirer {
         schedule: &ScheduleRecord,
         occurrence: DateTime<Utc>,
         run_id: &str,
-        targets: &str,
     ) -> (Value, Option<String>) {
         // A fleet's fire has no one run: it is started when the fleet is.
         let started = kmsflow_state::Write::FireStarted {
@@ -259,13 +291,15 @@ impl RunFirer {
         {
             tracing::warn!(%error, schedule = %schedule.name, "could not record the fleet fire as started");
         }
-        let targets = match crate::check::read_targets(std::path::Path::new(targets)) {
-            Ok(targets) => targets,
-            Err(error) => return (json!({"error": error.to_string()}), Some("fail".into())),
-        };
         let (runbook, source) = match crate::check::runbook() {
             Ok(found) => found,
             Err(error) => return (json!({"error": error.to_string()}), Some("fail".into())),
+        };
+        let targets = match self.fleet(schedule, &runbook).await.and_then(|rows| {
+            crate::check::targets_of(rows, &Self::fleet_source(schedule)).map_err(|e| e.to_string())
+        }) {
+            Ok(targets) => targets,
+            Err(error) => return (json!({"error": error}), Some("fail".into())),
         };
         let results = match crate::check::check_all(
             &self.engine,
@@ -334,13 +368,11 @@ impl Firer for RunFirer {
         occurrence: DateTime<Utc>,
         run_id: &str,
     ) -> (Value, Option<String>) {
-        match (&schedule.targets, &schedule.policy) {
-            (Some(targets), Some(_)) => {
-                self.run_rollout(schedule, occurrence, run_id, targets)
-                    .await
-            }
-            (Some(targets), None) => self.run_fleet(schedule, occurrence, run_id, targets).await,
-            (None, _) => self.run_one(schedule, occurrence, run_id).await,
+        let fleet = schedule.targets.is_some() || schedule.discover.is_some();
+        match (fleet, &schedule.policy) {
+            (true, Some(_)) => self.run_rollout(schedule, occurrence, run_id).await,
+            (true, None) => self.run_fleet(schedule, occurrence, run_id).await,
+            (false, _) => self.run_one(schedule, occurrence, run_id).await,
         }
     }
 

@@ -11,6 +11,67 @@ use serde_json::{Map, Value};
 use crate::cli::DiscoverArgs;
 use crate::failure::Failure;
 
+/// What to discover: kept with a schedule, and found again at each fire.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DiscoverSpec {
+    /// Empty: every subscription the credential can see.
+    pub subscriptions: Vec<String>,
+    pub filters: Vec<Filter>,
+    pub target_params: Vec<TargetParam>,
+}
+
+impl DiscoverSpec {
+    pub fn of(args: &DiscoverArgs) -> DiscoverSpec {
+        DiscoverSpec {
+            subscriptions: args.subscription.clone(),
+            filters: args.filters.clone(),
+            target_params: args.target_params.clone(),
+        }
+    }
+}
+
+/// Stored and parsed as the text given on the command line.
+macro_rules! as_text {
+    ($type:ty) => {
+        impl serde::Serialize for $type {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $type {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                deserializer: D,
+            ) -> Result<$type, D::Error> {
+                String::deserialize(deserializer)?
+                    .parse()
+                    .map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+as_text!(Filter);
+as_text!(TargetParam);
+
+impl std::fmt::Display for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Filter::Tag { key, value } => write!(f, "tag:{key}={value}"),
+            Filter::Name(glob) => write!(f, "name={glob}"),
+            Filter::Location(location) => write!(f, "location={location}"),
+            Filter::Version(glob) => write!(f, "version={glob}"),
+            Filter::Kms(mode) => write!(f, "kms={mode}"),
+        }
+    }
+}
+
+impl std::fmt::Display for TargetParam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.name, self.template)
+    }
+}
+
 /// One `--where` condition.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Filter {
@@ -161,20 +222,20 @@ impl TargetParam {
 
 /// The fleet `--discover` finds, as rows for `runbook`.
 pub async fn rows(
-    context: &crate::commands::Context,
-    args: &DiscoverArgs,
+    azure: kmsflow_steps::AzureConfig,
+    args: &DiscoverSpec,
     runbook: &CompiledRunbook,
 ) -> Result<Vec<TargetRow>, Failure> {
-    let azure = kmsflow_steps::Azure::new(context.azure_config());
+    let azure = kmsflow_steps::Azure::new(azure);
     let client = azure.client().await.map_err(|e| {
         Failure::NotChecked(format!("cannot reach Azure to discover clusters: {e}"))
     })?;
     let listing =
         |e: kmsflow_steps::AzureError| Failure::NotChecked(format!("discovering clusters: {e}"));
-    let subscriptions = if args.subscription.is_empty() {
+    let subscriptions = if args.subscriptions.is_empty() {
         discover::subscriptions(&client).await.map_err(listing)?
     } else {
-        args.subscription.clone()
+        args.subscriptions.clone()
     };
     let mut found = 0;
     let mut rows = Vec::new();
@@ -274,6 +335,24 @@ mod tests {
         assert!(matches_glob("*", ""));
         let long = "a".repeat(5_000);
         assert!(!matches_glob(&format!("{}b", "*a".repeat(50)), &long));
+    }
+
+    #[test]
+    fn a_discovery_is_kept_as_the_text_it_was_given_in() {
+        let spec = DiscoverSpec {
+            subscriptions: vec!["s1".into()],
+            filters: vec!["tag:env=prod".parse().unwrap(), "kms=pmk".parse().unwrap()],
+            target_params: vec!["key_vault=kv-{{cluster}}".parse().unwrap()],
+        };
+        let stored = serde_json::to_value(&spec).unwrap();
+        assert_eq!(
+            stored["filters"],
+            serde_json::json!(["tag:env=prod", "kms=PMK"])
+        );
+        assert_eq!(
+            serde_json::from_value::<DiscoverSpec>(stored).unwrap(),
+            spec
+        );
     }
 
     #[test]

@@ -55,7 +55,10 @@ impl<'a> Fleet<'a> {
     ) -> Result<Vec<kmsflow_engine::rollout::TargetRow>, Failure> {
         match self {
             Fleet::File(path) => crate::targets::read_rows(path),
-            Fleet::Discover(args) => crate::discover::rows(context, args, runbook).await,
+            Fleet::Discover(args) => {
+                let spec = crate::discover::DiscoverSpec::of(args);
+                crate::discover::rows(context.azure_config(), &spec, runbook).await
+            }
         }
     }
 

@@ -806,3 +806,135 @@ fn discover_finds_exactly_the_matching_clusters_over_three_subscriptions_and_pag
     assert_eq!(targets[0]["params"]["key_vault"], "kv-aks-2490");
     assert_eq!(targets[0]["params"]["subscription"], subscriptions[2]);
 }
+
+/// Clusters on Kubernetes 1.33 without KMS in two subscriptions (three in the sandbox's own,
+/// two in another), with the feature registered: what `pmk-existing-cluster` changes.
+fn unencrypted_over_two_subscriptions(dir: &Path) -> Vec<String> {
+    let other = "11111111-1111-4111-8111-111111111111";
+    let mut resources = Vec::new();
+    let mut names = Vec::new();
+    for (i, subscription) in [SUBSCRIPTION, SUBSCRIPTION, SUBSCRIPTION, other, other]
+        .iter()
+        .enumerate()
+    {
+        let name = cluster_name(i);
+        names.push(format!("{subscription}/rg-east/{name}"));
+        resources.push(json!({
+            "id": format!("/subscriptions/{subscription}/resourceGroups/rg-east/providers/Microsoft.ContainerService/managedClusters/{name}"),
+            "name": name, "type": "Microsoft.ContainerService/ManagedClusters", "location": "eastus",
+            "eTag": "00000000-0000-4000-8000-0000000e7a90",
+            "identity": {"type": "SystemAssigned", "principalId": "00000000-0000-4000-8000-00000000c1a5", "tenantId": "sandbox"},
+            "properties": {"provisioningState": "Succeeded", "kubernetesVersion": "1.33.0", "currentKubernetesVersion": "1.33.0",
+                "dnsPrefix": format!("{name}-dns"),
+                "agentPoolProfiles": [{"name": "nodepool1", "mode": "System", "count": 3, "vmSize": "Standard_DS2_v2", "osType": "Linux", "type": "VirtualMachineScaleSets"}],
+                "securityProfile": {"kubernetesResourceObjectEncryptionProfile": null, "azureKeyVaultKms": null}},
+        }));
+    }
+    let world = json!({
+        "subscriptions": [other],
+        "resource_groups": [{"name": "rg-east", "location": "eastus"}],
+        "features_registered": [{"namespace": "Microsoft.ContainerService", "feature": "KMSPMKPreview"}],
+        "resources": resources,
+    });
+    std::fs::write(dir.join("world.json"), world.to_string()).unwrap();
+    names
+}
+
+#[test]
+fn check_and_a_schedule_discover_their_fleet_and_the_schedules_rollout_changes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = unencrypted_over_two_subscriptions(dir.path());
+    let served = serve_fleet(dir.path(), None);
+    let check = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "check",
+                "--discover",
+                "--where",
+                "kms=none",
+                "--output",
+                "json",
+            ],
+        )
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&check.stdout).unwrap();
+    let checked: BTreeSet<String> = report["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["target"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        checked,
+        names.iter().cloned().collect(),
+        "{}",
+        stderr(&check)
+    );
+    // A schedule keeps the discovery and finds the fleet again at its fire.
+    let added = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "schedule",
+                "add",
+                "pmk-everywhere",
+                "--runbook",
+                "pmk-existing-cluster",
+                "--discover",
+                "--where",
+                "kms=none",
+                "--concurrency",
+                "2",
+                "--cron",
+                "* * * * * *",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(added.status.code(), Some(0), "{}", stderr(&added));
+    let mut daemon = served
+        .kmsflow(dir.path(), &["daemon", "--tick", "100ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fire = loop {
+        let history = served
+            .kmsflow(
+                dir.path(),
+                &["schedule", "history", "pmk-everywhere", "--output", "json"],
+            )
+            .output()
+            .unwrap();
+        let fires: Value = serde_json::from_slice(&history.stdout).unwrap_or(Value::Null);
+        let done = fires
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["detail"]["status"] == "succeeded")
+            .cloned();
+        if let Some(done) = done {
+            break done;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rollout fire succeeded: {fires}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!(fire["detail"]["counts"]["succeeded"], 5, "{fire}");
+    let world = served.world();
+    for r in world["resources"].as_array().unwrap() {
+        assert_eq!(
+            r["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"],
+            "Enabled",
+            "{}",
+            r["id"]
+        );
+    }
+}

@@ -22,6 +22,9 @@ pub struct ScheduleRecord {
     /// A rollout's rate control (concurrency, error budget, waves, gate), as the engine
     /// describes it; `None` for one run or a fleet check.
     pub policy: Option<Value>,
+    /// Where to find the fleet in Azure at each fire (subscriptions, filters, per-target
+    /// parameters), instead of `targets`.
+    pub discover: Option<Value>,
     pub cron: String,
     pub overlap: Overlap,
     pub catchup_ms: i64,
@@ -74,8 +77,8 @@ impl Store {
     pub fn add_schedule(&mut self, schedule: &ScheduleRecord) -> Result<bool, StoreError> {
         let inserted = self.conn.execute(
             "INSERT OR IGNORE INTO schedules (name, runbook, params, targets, cron, overlap, catchup_ms, jitter_ms,
-                 webhook, paused, created_at, last_seen_at, policy)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 webhook, paused, created_at, last_seen_at, policy, discover)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 schedule.name,
                 schedule.runbook,
@@ -90,6 +93,7 @@ impl Store {
                 ts(&schedule.created_at),
                 ts(&schedule.last_seen_at),
                 schedule.policy.as_ref().map(Value::to_string),
+                schedule.discover.as_ref().map(Value::to_string),
             ],
         )?;
         Ok(inserted == 1)
@@ -99,7 +103,7 @@ impl Store {
     pub fn schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT name, runbook, params, targets, cron, overlap, catchup_ms, jitter_ms, webhook, paused,
-                    created_at, last_seen_at, last_worst, policy FROM schedules ORDER BY name",
+                    created_at, last_seen_at, last_worst, policy, discover FROM schedules ORDER BY name",
         )?;
         let rows = stmt.query_map([], |row| {
             Ok((|| {
@@ -123,6 +127,11 @@ impl Store {
                         .map(|p| serde_json::from_str(&p))
                         .transpose()
                         .map_err(|e| crate::error::corrupt("schedules.policy", e))?,
+                    discover: row
+                        .get::<_, Option<String>>(14)?
+                        .map(|d| serde_json::from_str(&d))
+                        .transpose()
+                        .map_err(|e| crate::error::corrupt("schedules.discover", e))?,
                 })
             })())
         })?;

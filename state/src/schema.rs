@@ -140,9 +140,11 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (rollout_id, position)
     );
     "#,
-    // 6: a schedule may fire a rollout (a runbook over a targets file): its rate control.
+    // 6: a schedule may fire a rollout (a runbook over a fleet): its rate control; and its
+    // fleet may be discovered in Azure at each fire instead of read from a file.
     r#"
     ALTER TABLE schedules ADD COLUMN policy TEXT;
+    ALTER TABLE schedules ADD COLUMN discover TEXT;
     "#,
 ];
 
