@@ -186,14 +186,19 @@ pub async fn check_all(
     let launcher = Arc::new(launcher);
     let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
+    let mut results: Vec<(usize, Checked)> = Vec::new();
     for (index, (_, sources)) in targets.into_iter().enumerate() {
         // A cluster's task is made only once it has a slot, so a fleet of 10,000 holds a
-        // hundred checks in memory, not 10,000 waiting ones.
+        // hundred checks in memory, not 10,000 waiting ones; and a finished task, which keeps
+        // its memory until joined, is joined as soon as it ends.
         let slot = semaphore
             .clone()
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
+        while let Some(joined) = tasks.try_join_next() {
+            results.push(joined.expect("checks do not panic"));
+        }
         let (launcher, runbook, source) = (launcher.clone(), runbook.clone(), source.clone());
         let label = label(&sources, several_subscriptions);
         tasks.spawn(async move {
@@ -203,7 +208,6 @@ pub async fn check_all(
             )
         });
     }
-    let mut results: Vec<(usize, Checked)> = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         results.push(joined.expect("checks do not panic"));
     }

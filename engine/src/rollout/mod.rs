@@ -580,13 +580,24 @@ async fn drive_rollout(
         let concurrency = policy.concurrency_for(total);
         let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency));
         let mut tasks = tokio::task::JoinSet::new();
-        let mut exhausted = false;
+        let (mut exhausted, mut waiting) = (false, false);
+        let settle = |joined: Result<Finished, tokio::task::JoinError>, waiting: &mut bool| {
+            let finished =
+                joined.map_err(|e| LaunchError::Rollout(format!("a target's task: {e}")))?;
+            *waiting |= finished.status == RunStatus::Waiting;
+            Ok::<(), LaunchError>(())
+        };
         for target in todo {
             let slot = semaphore
                 .clone()
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
+            // A finished task keeps its memory until it is joined: join as they end, so a
+            // rollout of 10,000 holds the targets in flight, not every one it ran.
+            while let Some(joined) = tasks.try_join_next() {
+                settle(joined, &mut waiting)?;
+            }
             if failed.load(Ordering::SeqCst) > allowed {
                 exhausted = true;
                 break;
@@ -612,11 +623,8 @@ async fn drive_rollout(
                 finished
             });
         }
-        let mut waiting = false;
         while let Some(joined) = tasks.join_next().await {
-            let finished =
-                joined.map_err(|e| LaunchError::Rollout(format!("a target's task: {e}")))?;
-            waiting |= finished.status == RunStatus::Waiting;
+            settle(joined, &mut waiting)?;
         }
         let failures = failed.load(Ordering::SeqCst);
         if failures > allowed {
@@ -943,12 +951,27 @@ pub async fn rollback(
     let sources = without_ambient(&runbook, &drive.params);
     let semaphore = Arc::new(tokio::sync::Semaphore::new(drive.concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
+    // Each failure was reported with its target as it happened, and stays on its run; the
+    // rollout's own error counts them and names the first.
+    let mut failures = Vec::new();
+    let settle = |joined: Result<(String, RunStatus, Option<String>), tokio::task::JoinError>,
+                  failures: &mut Vec<String>| {
+        let (label, status, _) =
+            joined.map_err(|e| LaunchError::Rollout(format!("a target's task: {e}")))?;
+        if status != RunStatus::RolledBack {
+            failures.push(label);
+        }
+        Ok::<(), LaunchError>(())
+    };
     for child in children {
         let slot = semaphore
             .clone()
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
+        while let Some(joined) = tasks.try_join_next() {
+            settle(joined, &mut failures)?;
+        }
         let (launcher, sources, progress, operator) = (
             launcher.clone(),
             sources.clone(),
@@ -987,15 +1010,8 @@ pub async fn rollback(
             (child.label, status, error)
         });
     }
-    // Each failure was reported with its target as it happened, and stays on its run; the
-    // rollout's own error counts them and names the first.
-    let mut failures = Vec::new();
     while let Some(joined) = tasks.join_next().await {
-        let (label, status, _) =
-            joined.map_err(|e| LaunchError::Rollout(format!("a target's task: {e}")))?;
-        if status != RunStatus::RolledBack {
-            failures.push(label);
-        }
+        settle(joined, &mut failures)?;
     }
     let (status, error) = match failures.as_slice() {
         [] => (RunStatus::RolledBack, None),
