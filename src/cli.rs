@@ -309,6 +309,9 @@ pub enum Command {
         /// Who resumes (default: $USER@host; the OS user is recorded beside it).
         #[arg(long)]
         by: Option<String>,
+        /// Why: recorded in the journal.
+        #[arg(long)]
+        reason: Option<String>,
         /// Steps running at once, at most.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
@@ -344,6 +347,9 @@ pub enum Command {
         /// Who rolls back (default: $USER@host; the OS user is recorded beside it).
         #[arg(long)]
         by: Option<String>,
+        /// Why: recorded in the journal.
+        #[arg(long)]
+        reason: Option<String>,
         /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,

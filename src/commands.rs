@@ -151,6 +151,7 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             params,
             from,
             by,
+            reason,
             output,
             ..
         } if crate::rollouts::is_rollout(&run_id) => {
@@ -159,7 +160,8 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
                     "`--from` runs steps of one run again; give one of the rollout's runs (`kmsflow show ROLLOUT` lists them)".into(),
                 ));
             }
-            crate::rollouts::resume(&context, &run_id, &params, &operator(by), output).await
+            let operator = operator_of(by, reason);
+            crate::rollouts::resume(&context, &run_id, &params, operator, output).await
         }
         Command::Resume {
             run_id,
@@ -175,6 +177,7 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             allow_param_change,
             from,
             by,
+            reason,
             concurrency,
             output,
             ..
@@ -185,7 +188,7 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             };
             let asked = Resumed {
                 from,
-                operator: operator(by),
+                operator: operator_of(by, reason),
                 concurrency,
             };
             resume(&context, &run_id, &params, allow, asked, output).await
@@ -197,6 +200,7 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             yes,
             concurrency,
             by,
+            reason,
             output,
             ..
         } if crate::rollouts::is_rollout(&run_id) => {
@@ -206,7 +210,7 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
                 let asked = crate::rollouts::Undo {
                     concurrency,
                     yes,
-                    operator: operator(by),
+                    operator: operator_of(by, reason),
                 };
                 crate::rollouts::rollback(&context, &run_id, &params, asked, output).await
             }
@@ -218,6 +222,7 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             dry_run,
             yes,
             by,
+            reason,
             output,
             ..
         } => {
@@ -228,7 +233,7 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
                 let asked = UndoRun {
                     allow_param_change,
                     yes,
-                    operator: operator(by),
+                    operator: operator_of(by, reason),
                 };
                 rollback(&context, &run_id, &params, asked, output).await
             }
@@ -846,7 +851,7 @@ fn progress_for(context: &Context, steps: &[kmsflow_state::StepRecord]) -> Progr
 /// What `resume` was asked beyond parameters and permissions.
 struct Resumed {
     from: Option<String>,
-    operator: String,
+    operator: kmsflow_engine::launch::Operator,
     concurrency: u16,
 }
 
@@ -882,7 +887,7 @@ async fn resume(
 struct UndoRun {
     allow_param_change: bool,
     yes: bool,
-    operator: String,
+    operator: kmsflow_engine::launch::Operator,
 }
 
 async fn rollback(
@@ -1155,6 +1160,17 @@ async fn cancel(
             )));
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Who asks (see [`operator`]) and why, for the journal.
+pub(crate) fn operator_of(
+    by: Option<String>,
+    reason: Option<String>,
+) -> kmsflow_engine::launch::Operator {
+    kmsflow_engine::launch::Operator {
+        by: operator(by),
+        reason,
     }
 }
 

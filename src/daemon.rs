@@ -237,7 +237,7 @@ impl RunFirer {
             options: ExecOptions::default(),
             signals: Signals::default(),
             progress: Arc::new(|_| {}),
-            operator: format!("schedule `{}`", schedule.name),
+            operator: format!("schedule `{}`", schedule.name).into(),
         };
         // The fire turns `started` in the transaction that creates the rollout.
         let started = kmsflow_state::Write::FireStarted {

@@ -145,7 +145,12 @@ pub async fn run(context: &Context, asked: Rollout<'_>) -> Result<u8, Failure> {
         policy,
     };
     let engine = context.engine()?;
-    let drive = drive(context, shared, width, &crate::commands::operator(None));
+    let drive = drive(
+        context,
+        shared,
+        width,
+        crate::commands::operator(None).into(),
+    );
     let summary = with_launcher(&engine, |launcher| async move {
         rollout::start(&launcher, request, drive).await
     })
@@ -263,14 +268,14 @@ fn drive(
     context: &Context,
     params: kmsflow_engine::params::ParamSources,
     width: usize,
-    operator: &str,
+    operator: kmsflow_engine::launch::Operator,
 ) -> Drive {
     Drive {
         params,
         options: ExecOptions::default(),
         signals: crate::signals::install(),
         progress: crate::rollout_view::sink(Mode::detect(context.json_logs), width),
-        operator: operator.to_owned(),
+        operator,
     }
 }
 
@@ -298,7 +303,7 @@ pub async fn resume(
     context: &Context,
     id: &str,
     args: &ParamArgs,
-    operator: &str,
+    operator: kmsflow_engine::launch::Operator,
     output: Output,
 ) -> Result<u8, Failure> {
     let store = context.store()?;
@@ -319,7 +324,7 @@ pub async fn resume(
 pub struct Undo {
     pub concurrency: Option<u16>,
     pub yes: bool,
-    pub operator: String,
+    pub operator: kmsflow_engine::launch::Operator,
 }
 
 pub async fn rollback(

@@ -1334,7 +1334,16 @@ fn resume_from_a_step_runs_it_and_what_follows_again_and_rollback_still_undoes_t
         ws.run(&["resume", &id, "--from", "nope"]).status.code(),
         Some(2)
     );
-    let again = ws.run(&["resume", &id, "--from", "b", "--by", "ana"]);
+    let again = ws.run(&[
+        "resume",
+        &id,
+        "--from",
+        "b",
+        "--by",
+        "ana",
+        "--reason",
+        "b.txt was deleted",
+    ]);
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
     assert_eq!(ws.read("b.txt"), "b");
     assert!(
@@ -1360,6 +1369,7 @@ fn resume_from_a_step_runs_it_and_what_follows_again_and_rollback_still_undoes_t
             .unwrap()
             .starts_with("ana (as ")
     );
+    assert_eq!(resumed["detail"]["reason"], "b.txt was deleted");
     // `c` found its file as it left it; it is still what the run created, and rollback
     // deletes it.
     let shown: Value =
@@ -1371,7 +1381,7 @@ fn resume_from_a_step_runs_it_and_what_follows_again_and_rollback_still_undoes_t
         .find(|s| s["id"] == "c")
         .unwrap();
     assert_eq!(c["outcome"], "created", "{c}");
-    let undone = ws.run(&["rollback", &id]);
+    let undone = ws.run(&["rollback", &id, "--reason", "not needed after all"]);
     assert_eq!(undone.status.code(), Some(0), "{}", stderr(&undone));
     for file in ["a.txt", "b.txt", "c.txt"] {
         assert!(!ws.path(file).exists(), "{file} is undone");
@@ -1385,4 +1395,5 @@ fn resume_from_a_step_runs_it_and_what_follows_again_and_rollback_still_undoes_t
         .find(|e| e["kind"] == "rollback_started")
         .unwrap();
     assert!(rollback["detail"]["by"].as_str().is_some(), "{rollback}");
+    assert_eq!(rollback["detail"]["reason"], "not needed after all");
 }

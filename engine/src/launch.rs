@@ -211,8 +211,31 @@ pub struct Continuation {
     /// `resume --from STEP`: run this step and every step downstream of it again, even if
     /// they succeeded (upstream outputs are reused). A succeeded run may be resumed so.
     pub from: Option<String>,
-    /// Who resumes (the OS user, and the name given): recorded in the journal.
-    pub operator: String,
+    /// Who resumes, and why: recorded in the journal.
+    pub operator: Operator,
+}
+
+/// Who asked for an operator action (the OS user, and the name they gave), and why: what
+/// the journal keeps of a resume, a rollback or a rollout's drive.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Operator {
+    pub by: String,
+    pub reason: Option<String>,
+}
+
+impl From<&str> for Operator {
+    fn from(by: &str) -> Operator {
+        Operator {
+            by: by.to_owned(),
+            reason: None,
+        }
+    }
+}
+
+impl From<String> for Operator {
+    fn from(by: String) -> Operator {
+        Operator { by, reason: None }
+    }
 }
 
 /// What `rollback` is given beyond the run's own records.
@@ -222,8 +245,8 @@ pub struct RollbackRequest {
     pub params: ParamSources,
     pub allow_param_change: bool,
     pub progress: ProgressSink,
-    /// Who rolls back: recorded in the journal.
-    pub operator: String,
+    /// Who rolls back, and why: recorded in the journal.
+    pub operator: Operator,
 }
 
 /// Runs `work` on the writer's connection and waits for its answer.
@@ -505,7 +528,8 @@ impl Launcher {
             None => Vec::new(),
         };
         let operator = json!({
-            "by": continuation.operator,
+            "by": continuation.operator.by,
+            "reason": continuation.operator.reason,
             "from": continuation.from,
             "allow_param_change": continuation.allow_param_change,
         });
@@ -567,7 +591,8 @@ impl Launcher {
             .unwrap_or_else(|| lease::claim_on_run(&run.id));
         let store_run = run.id.clone();
         let operator = json!({
-            "by": request.operator,
+            "by": request.operator.by,
+            "reason": request.operator.reason,
             "allow_param_change": request.allow_param_change,
         });
         // Holding the run's lock guarantees no other process is executing or rolling it back.

@@ -26,7 +26,8 @@ use serde_json::{Map, Value, json};
 use crate::checkpoint::Checkpoints;
 use crate::executor::{ExecOptions, RunSummary, Signals};
 use crate::launch::{
-    Continuation, LaunchError, Launcher, RollbackRequest, RunRequest, lock_key, new_run_id,
+    Continuation, LaunchError, Launcher, Operator, RollbackRequest, RunRequest, lock_key,
+    new_run_id,
 };
 use crate::lease::{HeldLock, LOCK_LEASE};
 use crate::params::{self, BoundParams, ParamSources};
@@ -290,8 +291,8 @@ pub struct Drive {
     pub options: ExecOptions,
     pub signals: Signals,
     pub progress: RolloutSink,
-    /// Who drives it (the OS user, and the name given): recorded in the journals.
-    pub operator: String,
+    /// Who drives it, and why: recorded in the journals.
+    pub operator: Operator,
 }
 
 /// A fresh rollout id: a run id's shape after `rollout-`.
@@ -509,7 +510,7 @@ async fn drive_rollout(
             &checkpoints,
             rollout_id,
             "rollout_resumed",
-            json!({"by": drive.operator}),
+            json!({"by": drive.operator.by, "reason": drive.operator.reason}),
         )
         .await?;
     }
@@ -735,7 +736,7 @@ struct TargetContext {
     options: ExecOptions,
     signals: Signals,
     progress: RolloutSink,
-    operator: String,
+    operator: Operator,
 }
 
 impl TargetContext {
@@ -887,8 +888,8 @@ pub struct RollbackDrive {
     /// Children rolled back at once.
     pub concurrency: usize,
     pub progress: RolloutSink,
-    /// Who rolls back: recorded in the journals.
-    pub operator: String,
+    /// Who rolls back, and why: recorded in the journals.
+    pub operator: Operator,
 }
 
 /// Rolls a rollout back: every child that changed something (or whose rollback stopped
@@ -934,7 +935,7 @@ pub async fn rollback(
         &checkpoints,
         &rollout.id,
         "rollout_rollback_started",
-        json!({"by": drive.operator, "to_undo": children.len()}),
+        json!({"by": drive.operator.by, "reason": drive.operator.reason, "to_undo": children.len()}),
     )
     .await?;
     (drive.progress)(&RolloutProgress::RollbackStarted {
