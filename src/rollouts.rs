@@ -451,7 +451,7 @@ pub fn approve(context: &Context, id: &str, gate: &str, approved_by: &str) -> Re
 fn finish(context: &Context, summary: RolloutSummary, output: Output) -> Result<u8, Failure> {
     if output == Output::Json {
         let store = context.store()?;
-        print_json(&report(&store, &store.rollout(&summary.rollout_id)?)?)?;
+        print_report(&store, &store.rollout(&summary.rollout_id)?)?;
     }
     let id = &summary.rollout_id;
     let exit = status_code(summary.status);
@@ -475,34 +475,59 @@ fn finish(context: &Context, summary: RolloutSummary, output: Output) -> Result<
     Ok(exit)
 }
 
-/// The `--output json` report and `show ROLLOUT --output json`: per target, its parameters,
-/// run, status and each step's outcome and error (Azure's code and correlation id are in
-/// the error text, as the step recorded it).
-pub fn report(store: &Store, rollout: &RolloutRecord) -> Result<Value, Failure> {
+/// The `--output json` report and `show ROLLOUT --output json`, on stdout: the rollout, its
+/// counts, and per target its parameters, run, status and each step's outcome and error
+/// (Azure's code and correlation id are in the error text, as the step recorded it). Written
+/// a target at a time: a fleet of 10,000 is never held as one JSON value.
+pub fn print_report(store: &Store, rollout: &RolloutRecord) -> Result<u8, Failure> {
+    use std::io::Write as _;
     let targets = store.rollout_targets(&rollout.id)?;
-    let mut rows = Vec::with_capacity(targets.len());
-    for target in &targets {
-        let steps = match &target.run_id {
-            Some(run_id) => store
-                .steps(run_id)?
-                .iter()
-                .map(|s| json!({"id": s.step_id, "status": s.status, "outcome": s.outcome, "error": s.error}))
-                .collect(),
-            None => Vec::new(),
-        };
-        rows.push(json!({
-            "position": target.position, "target": target.label, "wave": target.wave,
-            "params": target.params, "run_id": target.run_id,
-            "status": target.status.map_or("not_started", |s| s.as_str()),
-            "step": target.step, "error": target.error, "steps": steps,
-        }));
-    }
-    let counts = count(&targets);
-    Ok(json!({
+    let head = json!({
         "id": rollout.id, "runbook": rollout.runbook, "runbook_ref": rollout.runbook_ref,
         "status": rollout.status, "error": rollout.error, "policy": rollout.policy,
         "params": rollout.params, "started_at": rollout.started_at, "finished_at": rollout.finished_at,
-        "summary": counts, "targets": rows,
+        "summary": count(&targets),
+    });
+    let written = (|| -> std::io::Result<()> {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        let head = serde_json::to_string_pretty(&head)?;
+        // The head without its closing brace, then the targets, each indented as a member of
+        // the array (a JSON text holds no raw newline inside a string).
+        let open = head.strip_suffix("\n}").unwrap_or(&head);
+        write!(out, "{open},\n  \"targets\": [")?;
+        for (index, target) in targets.iter().enumerate() {
+            let row = serde_json::to_string_pretty(
+                &target_row(store, target).map_err(std::io::Error::other)?,
+            )?;
+            let separator = if index == 0 { "" } else { "," };
+            write!(out, "{separator}\n    {}", row.replace('\n', "\n    "))?;
+        }
+        let close = if targets.is_empty() { "" } else { "\n  " };
+        writeln!(out, "{close}]\n}}")?;
+        out.flush()
+    })();
+    written.map_err(|e| Failure::Usage(format!("cannot write to stdout: {e}")))?;
+    Ok(code::SUCCESS)
+}
+
+/// One target of the report.
+fn target_row(
+    store: &Store,
+    target: &RolloutTargetRecord,
+) -> Result<Value, kmsflow_state::StoreError> {
+    let steps: Vec<Value> = match &target.run_id {
+        Some(run_id) => store
+            .steps(run_id)?
+            .iter()
+            .map(|s| json!({"id": s.step_id, "status": s.status, "outcome": s.outcome, "error": s.error}))
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(json!({
+        "position": target.position, "target": target.label, "wave": target.wave,
+        "params": target.params, "run_id": target.run_id,
+        "status": target.status.map_or("not_started", |s| s.as_str()),
+        "step": target.step, "error": target.error, "steps": steps,
     }))
 }
 
@@ -543,7 +568,7 @@ pub fn show(context: &Context, id: &str, output: Output) -> Result<u8, Failure> 
     let id = store.resolve_rollout_id(id)?;
     let rollout = store.rollout(&id)?;
     if output == Output::Json {
-        return print_json(&report(&store, &rollout)?);
+        return print_report(&store, &rollout);
     }
     let targets = store.rollout_targets(&id)?;
     let policy: Policy = serde_json::from_value(rollout.policy.clone()).unwrap_or_default();
