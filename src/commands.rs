@@ -1461,52 +1461,31 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
                 crate::daemon::check_webhook(url).map_err(Failure::Usage)?;
             }
             let rollout = fleet && loaded.reference != "bundled:rotation-check";
-            let policy = match &targets {
-                None if rollout => Some(
-                    serde_json::to_value(kmsflow_engine::rollout::Policy {
-                        concurrency: concurrency
-                            .unwrap_or(kmsflow_engine::rollout::Share::Count(10)),
-                        max_errors: rate
-                            .max_errors
-                            .unwrap_or(kmsflow_engine::rollout::Share::Count(0)),
-                        waves: rate.waves.clone(),
-                        gate: rate.wave_gate.unwrap_or_default(),
-                    })
-                    .expect("a policy serializes"),
-                ),
-                Some(path) if rollout => {
-                    // Every row binds now, so a typo is found when the schedule is made, not
-                    // at three in the morning.
+            let policy = if rollout {
+                let policy = crate::rollouts::policy_of(concurrency, &rate);
+                if let Some(path) = &targets {
+                    // Every row binds now, so a typo is found when the schedule is made, not at
+                    // three in the morning. (A discovery is found again at each fire.)
                     let rows = crate::targets::read_rows(path)?;
                     let shared = param_sources(context, &params)?;
                     let bound = kmsflow_engine::rollout::bind_targets(&compiled, &shared, &rows)
                         .map_err(|p| Failure::Usage(format!("`{}`: {p}", path.display())))?;
-                    let policy = kmsflow_engine::rollout::Policy {
-                        concurrency: concurrency
-                            .unwrap_or(kmsflow_engine::rollout::Share::Count(10)),
-                        max_errors: rate
-                            .max_errors
-                            .unwrap_or(kmsflow_engine::rollout::Share::Count(0)),
-                        waves: rate.waves.clone(),
-                        gate: rate.wave_gate.unwrap_or_default(),
-                    };
                     policy
                         .assign_waves(bound.len())
                         .map_err(|e| Failure::Usage(e.to_string()))?;
-                    Some(serde_json::to_value(policy).expect("a policy serializes"))
                 }
-                _ => {
-                    if concurrency.is_some()
-                        || rate.max_errors.is_some()
-                        || rate.waves.is_some()
-                        || rate.wave_gate.is_some()
-                    {
-                        return Err(Failure::Usage(
-                            "--concurrency, --max-errors, --waves and --wave-gate pace a rollout: give `--runbook` and `--targets`".into(),
-                        ));
-                    }
-                    None
+                Some(serde_json::to_value(policy).expect("a policy serializes"))
+            } else {
+                let paced = concurrency.is_some()
+                    || rate.max_errors.is_some()
+                    || rate.waves.is_some()
+                    || rate.wave_gate.is_some();
+                if paced {
+                    return Err(Failure::Usage(
+                        "--concurrency, --max-errors, --waves and --wave-gate pace a rollout: give `--runbook` and `--targets` or `--discover`".into(),
+                    ));
                 }
+                None
             };
             let targets = match targets {
                 Some(path) => {

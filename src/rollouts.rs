@@ -82,6 +82,17 @@ impl<'a> Fleet<'a> {
 /// Targets at once when `--concurrency` is not given: SSM Automation's default.
 const DEFAULT_CONCURRENCY: Share = Share::Count(10);
 
+/// The rate control the flags ask for, with the defaults: 10 at once, no failure allowed,
+/// the ramp, no gate.
+pub fn policy_of(concurrency: Option<Share>, rate: &RateArgs) -> Policy {
+    Policy {
+        concurrency: concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+        max_errors: rate.max_errors.unwrap_or(Share::Count(0)),
+        waves: rate.waves.clone(),
+        gate: rate.wave_gate.unwrap_or_default(),
+    }
+}
+
 /// What `run --targets` was given.
 pub struct Rollout<'a> {
     pub runbook: &'a str,
@@ -100,12 +111,7 @@ pub async fn run(context: &Context, asked: Rollout<'_>) -> Result<u8, Failure> {
     let compiled = compile_loaded(&loaded)?;
     let shared = param_sources(context, asked.params)?;
     let targets = asked.fleet.bind(context, &compiled, &shared).await?;
-    let policy = Policy {
-        concurrency: asked.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
-        max_errors: asked.rate.max_errors.unwrap_or(Share::Count(0)),
-        waves: asked.rate.waves.clone(),
-        gate: asked.rate.wave_gate.unwrap_or_default(),
-    };
+    let policy = policy_of(asked.concurrency, asked.rate);
     policy
         .assign_waves(targets.len())
         .map_err(|e| Failure::Usage(e.to_string()))?;
