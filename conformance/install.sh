@@ -4,7 +4,16 @@
 # Idempotent: an environment made from the same requirements is reused.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-cache="${KMSFLOW_PYTHON_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kmsflow/python-sdk}"
+# Without a home (an empty or unset HOME, as some CI runners and containers have) the cache
+# goes under the repository's own target folder rather than `/.cache`.
+if [[ -n "${XDG_CACHE_HOME:-}" ]]; then
+    base="$XDG_CACHE_HOME"
+elif [[ -n "${HOME:-}" ]]; then
+    base="$HOME/.cache"
+else
+    base="$here/../target"
+fi
+cache="${KMSFLOW_PYTHON_CACHE:-$base/kmsflow/python-sdk}"
 stamp="$cache/requirements.sha256"
 wanted="$(sha256sum "$here/requirements.txt" | cut -d' ' -f1)"
 if [[ -x "$cache/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then

@@ -938,3 +938,51 @@ fn check_and_a_schedule_discover_their_fleet_and_the_schedules_rollout_changes_i
         );
     }
 }
+
+#[test]
+fn a_rollout_over_two_subscriptions_resumes_from_a_shell_pointed_at_one_of_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = unencrypted_over_two_subscriptions(dir.path());
+    let mut targets = String::from("subscription,resource_group,cluster\n");
+    for name in &names {
+        targets.push_str(&format!("{}\n", name.replace('/', ",")));
+    }
+    std::fs::write(dir.path().join("fleet.csv"), targets).unwrap();
+    // The first target in the other subscription is refused until the cause is dealt with.
+    let served = serve_fleet(
+        dir.path(),
+        Some(
+            "rules:\n  - { method: PUT, path: \"*/managedClusters/aks-003\", times: 1000, status: 400, code: InvalidParameter }\n",
+        ),
+    );
+    let run = |args: &[&str]| served.kmsflow(dir.path(), args).output().unwrap();
+    let stopped = run(&[
+        "run",
+        "pmk-existing-cluster",
+        "--targets",
+        "fleet.csv",
+        "--concurrency",
+        "1",
+    ]);
+    assert_eq!(stopped.status.code(), Some(1), "{}", stderr(&stopped));
+    served.set_faults("{}");
+    // This shell's AZURE_SUBSCRIPTION_ID names the first subscription; the failed target
+    // and the one never started are in the other. Their stored subscription is the target,
+    // not a change the shell asks for.
+    assert_eq!(served.env["AZURE_SUBSCRIPTION_ID"], SUBSCRIPTION);
+    let id = rollout_id(&served, dir.path());
+    let resumed = run(&["resume", &id]);
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    let world = served.world();
+    let encrypted = world["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]
+                ["infrastructureEncryption"]
+                == "Enabled"
+        })
+        .count();
+    assert_eq!(encrypted, 5);
+}
