@@ -49,7 +49,7 @@ async fn time_run(
     let params = bind(&compiled, &ParamSources::default()).expect("no params");
     let engine = Engine {
         registry,
-        state_path: dir.join(format!("{name}-{concurrency}.db")),
+        state: dir.join(format!("{name}-{concurrency}.db")).into(),
         durability,
     };
     let request = RunRequest {

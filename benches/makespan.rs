@@ -118,7 +118,7 @@ fn main() {
         .collect();
         let params = bind(&compiled, &ParamSources { cli, ..Default::default() }).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let engine = Engine { registry, state_path: dir.path().join("state.db"), durability: Durability::Full };
+        let engine = Engine { registry, state: dir.path().join("state.db").into(), durability: Durability::Full };
         let request = RunRequest {
             runbook: compiled.clone(),
             runbook_ref: "cmk-private-vault-new-cluster".into(),

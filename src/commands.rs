@@ -329,10 +329,10 @@ impl Context {
     }
 
     pub(crate) fn engine(&self) -> Result<Engine, Failure> {
-        let state_path = crate::state_file::state_path(self.state.as_deref())?;
+        let state = crate::state_file::state_location(self.state.as_deref())?;
         Ok(Engine {
             registry: crate::registry_with(self.azure.clone()),
-            state_path,
+            state,
             durability: self.durability,
         })
     }
@@ -340,21 +340,22 @@ impl Context {
     /// Opens the store for reading.
     pub(crate) fn store(&self) -> Result<Store, Failure> {
         let engine = self.engine()?;
-        Ok(Store::open(&engine.state_path, engine.durability)?)
+        Ok(Store::open(&engine.state, engine.durability)?)
     }
 
     /// Opens the store for a command that only reads (`runs`, `show`, `events`): read-only
     /// when this user may not write the file, so a copied or shared state can be inspected.
     pub(crate) fn read_store(&self) -> Result<Store, Failure> {
         let engine = self.engine()?;
-        match Store::open(&engine.state_path, engine.durability) {
+        match Store::open(&engine.state, engine.durability) {
             Ok(store) => Ok(store),
-            Err(error) if engine.state_path.is_file() => {
+            Err(error) if engine.state.file().is_some_and(std::path::Path::is_file) => {
+                let path = engine.state.file().expect("a file store");
                 tracing::debug!(%error, "opening the state file read-only");
-                Store::open_read_only(&engine.state_path).map_err(|read_only| {
+                Store::open_read_only(path).map_err(|read_only| {
                     Failure::Usage(format!(
                         "cannot read the state file `{}`: {read_only} (opening it to write said: {error})",
-                        engine.state_path.display()
+                        path.display()
                     ))
                 })
             }
@@ -1105,7 +1106,7 @@ async fn cancel(
         detail: serde_json::json!({"by": cancelled_by, "reason": reason}),
         at: now,
     };
-    if !store.driven_now(&key, &id, now)? {
+    if !store.driven_now(&key, &id)? {
         // Its process is gone (kill -9, a lost machine whose lease ran out): nothing will
         // act on the request, so it is carried out here, as the drain would have ended it.
         let error = Some(format!("cancelled by {cancelled_by}; its process was gone"));
@@ -1644,10 +1645,10 @@ async fn daemon(context: &Context, tick: std::time::Duration) -> Result<u8, Fail
     let signals = crate::signals::install();
     crate::output::note!(
         "daemon firing schedules from {}",
-        engine.state_path.display()
+        engine.state
     );
     let daemon = kmsflow_engine::schedule::Daemon {
-        state_path: engine.state_path.clone(),
+        state: engine.state.clone(),
         durability: engine.durability,
         firer: Arc::new(crate::daemon::RunFirer::new(engine, context.azure_config())),
         tick,

@@ -54,15 +54,15 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
         None => Faults::default(),
     };
     let given = cli.command.state_args().and_then(|s| s.state.clone());
-    let state = crate::state_file::state_path(given.as_deref())?;
+    let state = crate::state_file::state_location(given.as_deref())?;
+    let world_file = crate::state_file::sandbox_world_file(&state)?;
     // The world is saved beside the state before the store first opens (and makes the folder).
-    kmsflow_state::create_private_folder(&state).map_err(|e| {
+    kmsflow_state::create_private_folder(&world_file).map_err(|e| {
         Failure::Usage(format!(
             "cannot create the state folder for `{}`: {e}",
-            state.display()
+            world_file.display()
         ))
     })?;
-    let world_file = state.with_extension("sandbox.json");
     // Come back on the port the saved world used: runs keep the vault URIs and key ids it
     // handed out, as they would keep Azure's.
     let previous_port = std::fs::read_to_string(&world_file)
@@ -84,8 +84,8 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
     // https on Azure's host shapes, as `sandbox serve --tls`: the steps meet vault URIs and
     // key ids shaped like Key Vault's, and their client trusts this run's authority only for
     // the sandbox's names (the cloud profile beside the state says which).
-    let ca_file = state.with_extension("sandbox-ca.pem");
-    let profile_file = state.with_extension("sandbox-cloud.json");
+    let ca_file = world_file.with_extension("").with_extension("sandbox-ca.pem");
+    let profile_file = world_file.with_extension("").with_extension("sandbox-cloud.json");
     write_private(
         &profile_file,
         &serde_json::to_string_pretty(&client_profile(address, &ca_file))

@@ -1,26 +1,46 @@
-//! Where the state file is: its own module, so `commands` and `sandboxed` (which keeps the
+//! Where the state is: its own module, so `commands` and `sandboxed` (which keeps the
 //! sandbox's world beside it) both use it without depending on each other.
 
 use std::path::{Path, PathBuf};
 
+use kmsflow_state::Location;
+
 use crate::failure::Failure;
 
-/// `--state`, `$KMSFLOW_STATE`, else `kmsflow/state.db` under the user's state directory.
-pub fn state_path(given: Option<&Path>) -> Result<PathBuf, Failure> {
+/// `--state`, `$KMSFLOW_STATE`, else `kmsflow/state.db` under the user's state directory. A
+/// `postgres://` URL names the team's database instead of a file.
+pub fn state_location(given: Option<&Path>) -> Result<Location, Failure> {
+    if let Some(url) = given
+        .and_then(Path::to_str)
+        .filter(|text| kmsflow_state::is_postgres_url(text))
+    {
+        return Location::parse(url).map_err(|e| Failure::Usage(e.to_string()));
+    }
     match given {
         Some(path) => {
             check_state_file(path)?;
-            Ok(path.to_owned())
+            Ok(Location::File(path.to_owned()))
         }
-        None => dirs::state_dir()
-            .or_else(dirs::data_local_dir)
-            .map(|dir| dir.join("kmsflow").join("state.db"))
-            .ok_or_else(|| {
-                Failure::Usage(
-                    "cannot find a state directory; pass --state or set KMSFLOW_STATE".into(),
-                )
-            }),
+        None => default_folder().map(|dir| Location::File(dir.join("state.db"))),
     }
+}
+
+/// The file the sandbox keeps its world in: beside the state file, or for a database in the
+/// user's own state folder (the sandbox is this machine's, whoever shares the database).
+pub fn sandbox_world_file(state: &Location) -> Result<PathBuf, Failure> {
+    match state {
+        Location::File(path) => Ok(path.with_extension("sandbox.json")),
+        Location::Postgres(_) => Ok(default_folder()?.join("postgres.sandbox.json")),
+    }
+}
+
+fn default_folder() -> Result<PathBuf, Failure> {
+    dirs::state_dir()
+        .or_else(dirs::data_local_dir)
+        .map(|dir| dir.join("kmsflow"))
+        .ok_or_else(|| {
+            Failure::Usage("cannot find a state directory; pass --state or set KMSFLOW_STATE".into())
+        })
 }
 
 /// The first bytes of every SQLite database file.

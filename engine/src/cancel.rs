@@ -5,13 +5,12 @@
 //! through the state file, so it reaches the driver whatever process or user it runs as.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::mpsc::{RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kmsflow_state::{Durability, Store, StoreError};
+use kmsflow_state::{Durability, Location, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 /// The journal entry a cancel request is.
@@ -31,8 +30,8 @@ pub(crate) struct CancelWatch {
 
 impl CancelWatch {
     /// Starts watching requests journaled from now on, on a connection of its own.
-    pub(crate) fn start(path: &Path, durability: Durability) -> Result<CancelWatch, StoreError> {
-        let store = Store::open(path, durability)?;
+    pub(crate) fn start(location: &Location, durability: Durability) -> Result<CancelWatch, StoreError> {
+        let store = Store::open(location, durability)?;
         let mut seen = store.last_event_seq()?;
         let tokens: Tokens = Arc::default();
         let (stop, stopped) = std::sync::mpsc::channel::<()>();

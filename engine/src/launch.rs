@@ -2,12 +2,11 @@
 //! thread, and the executor, in that order. A [`Launcher`] keeps the file open for many runs
 //! (a fleet check); [`start`] and [`resume`] open it for one.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use kmsflow_state::{
-    Approval, Durability, LockHeld, LockOwner, NewRun, RunRecord, RunStatus, StepRecord, Store,
+    Approval, Durability, Location, LockHeld, LockOwner, NewRun, RunRecord, RunStatus, StepRecord, Store,
     StoreError, Write, Writer, WriterThread,
 };
 use serde_json::json;
@@ -19,7 +18,7 @@ use crate::executor::{
     CheckpointFailed, Checkpointing, ExecOptions, Execution, RunSummary, Signals, execute,
 };
 use crate::kind::Registry;
-use crate::lease::{self, HeldLock, LOCK_LEASE};
+use crate::lease::{self, HeldLock};
 use crate::params::{BoundParams, ParamSources, RebindError};
 use crate::progress::ProgressSink;
 use crate::runbook::{CompiledRunbook, FragmentSource, StoredFragments};
@@ -29,7 +28,8 @@ use crate::template::{RenderError, Renderer};
 #[derive(Debug, Clone)]
 pub struct Engine {
     pub registry: Registry,
-    pub state_path: PathBuf,
+    /// The state file, or the team's PostgreSQL database.
+    pub state: Location,
     pub durability: Durability,
 }
 
@@ -186,8 +186,7 @@ pub(crate) fn storable_fragments(runbook: &CompiledRunbook) -> serde_json::Value
 
 /// Takes `key` for `run_id` on the writer's connection.
 fn take_lock(store: &mut Store, key: &str, run_id: &str) -> Result<HeldLock, LaunchError> {
-    let now = Utc::now();
-    let grant = store.acquire_lock(key, run_id, &LockOwner::current(), now + LOCK_LEASE, now)??;
+    let grant = store.acquire_lock(key, run_id, &LockOwner::current(), lease::lease())??;
     Ok(HeldLock {
         key: key.to_owned(),
         token: grant.token,
@@ -279,10 +278,10 @@ pub struct Launcher {
 impl Launcher {
     /// Opens (creating and migrating if needed) the engine's state file.
     pub async fn open(engine: &Engine) -> Result<Launcher, LaunchError> {
-        let (path, durability) = (engine.state_path.clone(), engine.durability);
+        let (location, durability) = (engine.state.clone(), engine.durability);
         let (store, cancels) = tokio::task::spawn_blocking(move || {
-            let store = Store::open(&path, durability)?;
-            Ok::<_, StoreError>((store, CancelWatch::start(&path, durability)?))
+            let store = Store::open(&location, durability)?;
+            Ok::<_, StoreError>((store, CancelWatch::start(&location, durability)?))
         })
         .await
         .expect("opening the store does not panic")?;
@@ -354,7 +353,7 @@ impl Launcher {
                 run_id: run_id.clone(),
                 owner_pid: owner.pid,
                 owner_host: owner.host,
-                lease_expires_at: started_at + LOCK_LEASE,
+                lease: lease::lease(),
             });
             HeldLock {
                 key: key.clone(),
@@ -694,7 +693,7 @@ pub fn load_run(
     engine: &Engine,
     run_id_or_prefix: &str,
 ) -> Result<(RunRecord, Vec<StepRecord>, Vec<Approval>), LaunchError> {
-    let store = Store::open(&engine.state_path, engine.durability)?;
+    let store = Store::open(&engine.state, engine.durability)?;
     let run_id = store.resolve_run_id(run_id_or_prefix)?;
     let run = store.run(&run_id)?;
     let steps = store.steps(&run_id)?;
@@ -769,7 +768,7 @@ fn awaiting_decision(
     run_id_or_prefix: &str,
     step_id: &str,
 ) -> Result<(Store, String), LaunchError> {
-    let store = Store::open(&engine.state_path, engine.durability)?;
+    let store = Store::open(&engine.state, engine.durability)?;
     let run_id = store.resolve_run_id(run_id_or_prefix)?;
     match store.steps(&run_id)?.iter().find(|s| s.step_id == step_id) {
         None => {

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use kmsflow_state::{StoreError, Write};
 
 use crate::checkpoint::Checkpoints;
@@ -18,6 +17,11 @@ use crate::checkpoint::Checkpoints;
 /// Lease length of a run lock, and how often a live run renews it.
 pub const LOCK_LEASE: Duration = Duration::from_secs(60);
 const LOCK_RENEW_EVERY: Duration = Duration::from_secs(15);
+
+/// [`LOCK_LEASE`] as the store takes it (leases are timed by the store's clock).
+pub fn lease() -> chrono::Duration {
+    chrono::Duration::from_std(LOCK_LEASE).expect("a minute fits")
+}
 
 /// The lock key a run without `lock:` holds: its claim on itself.
 pub fn claim_on_run(run_id: &str) -> String {
@@ -45,7 +49,6 @@ impl HeldLock {
             key: self.key.clone(),
             run_id: run_id.to_owned(),
             token: self.token,
-            at: Utc::now(),
         }
     }
 
@@ -69,7 +72,7 @@ impl HeldLock {
                     key: key.clone(),
                     run_id: run_id.clone(),
                     token,
-                    lease_expires_at: Utc::now() + LOCK_LEASE,
+                    lease: lease(),
                 };
                 match checkpoints.commit(vec![renewal]).await {
                     Ok(()) => {}

@@ -10,7 +10,6 @@
 //! it. Draining (SIGTERM) stops firing and waits for running fires to finish.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +18,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use croner::Cron;
 use kmsflow_state::{
-    Durability, FireOutcome, FireRecord, Overlap, ScheduleRecord, Store, StoreError,
+    Durability, FireOutcome, Location, FireRecord, Overlap, ScheduleRecord, Store, StoreError,
 };
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
@@ -66,7 +65,8 @@ pub fn parse_cron(expression: &str) -> Result<Cron, String> {
 
 /// The daemon's settings.
 pub struct Daemon {
-    pub state_path: PathBuf,
+    /// The state file, or the team's PostgreSQL database.
+    pub state: Location,
     pub durability: Durability,
     pub firer: Arc<dyn Firer>,
     /// How often schedules are looked at.
@@ -76,12 +76,12 @@ pub struct Daemon {
 }
 
 async fn blocking<T: Send + 'static>(
-    path: PathBuf,
+    location: Location,
     durability: Durability,
     work: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(move || {
-        let mut store = Store::open(&path, durability)?;
+        let mut store = Store::open(&location, durability)?;
         work(&mut store)
     })
     .await
@@ -107,7 +107,7 @@ impl Daemon {
     /// tick (a state file busy past its timeout, a full disk) is logged and the tick is tried
     /// again with backoff: the daemon keeps running, and so do the fires it started.
     pub async fn run(self) -> Result<(), StoreError> {
-        match blocking(self.state_path.clone(), self.durability, |s| {
+        match blocking(self.state.clone(), self.durability, |s| {
             s.sweep_orphan_fires(Utc::now())
         })
         .await
@@ -161,7 +161,7 @@ impl Daemon {
         let grace = chrono::Duration::from_std(self.tick * 3).unwrap_or_default();
         let now = Utc::now();
         let schedules =
-            blocking(self.state_path.clone(), self.durability, |s| s.schedules()).await?;
+            blocking(self.state.clone(), self.durability, |s| s.schedules()).await?;
         for schedule in schedules.into_iter().filter(|s| !s.paused) {
             let Ok(cron) = parse_cron(&schedule.cron) else {
                 tracing::warn!(schedule = %schedule.name, cron = %schedule.cron, "skipping a schedule with an invalid cron expression");
@@ -210,7 +210,7 @@ impl Daemon {
                 }
                 (true, Overlap::BufferOne) if !firing.buffered.contains_key(&schedule.name) => {
                     // Seen now, started later; a second one while it waits is skipped.
-                    blocking(self.state_path.clone(), self.durability, {
+                    blocking(self.state.clone(), self.durability, {
                         let (name, at) = (schedule.name.clone(), latest);
                         move |s| {
                             s.claim_fire(&FireRecord {
@@ -255,7 +255,7 @@ impl Daemon {
             run_id: None,
             detail: Some(detail),
         };
-        blocking(self.state_path.clone(), self.durability, move |s| {
+        blocking(self.state.clone(), self.durability, move |s| {
             s.claim_fire(&fire)
         })
         .await
@@ -265,7 +265,7 @@ impl Daemon {
     /// daemon), judged by its lock's lease: a run a crash left `running` is not.
     async fn previous_still_running(&self, schedule: &ScheduleRecord) -> Result<bool, StoreError> {
         let name = schedule.name.clone();
-        blocking(self.state_path.clone(), self.durability, move |s| {
+        blocking(self.state.clone(), self.durability, move |s| {
             let last = s
                 .fires(&name)?
                 .into_iter()
@@ -297,7 +297,7 @@ impl Daemon {
         };
         // A buffered occurrence already has its row: replace it with the start.
         let buffered_row = fire.clone();
-        let claimed = blocking(self.state_path.clone(), self.durability, move |s| {
+        let claimed = blocking(self.state.clone(), self.durability, move |s| {
             if s.claim_fire(&buffered_row)? {
                 return Ok(true);
             }
@@ -310,7 +310,7 @@ impl Daemon {
         let (firer, schedule, path, durability) = (
             self.firer.clone(),
             schedule.clone(),
-            self.state_path.clone(),
+            self.state.clone(),
             self.durability,
         );
         let jitter =

@@ -145,7 +145,7 @@ impl Harness {
         registry.register(self.probe.clone());
         Engine {
             registry,
-            state_path: self.dir.path().join("state.db"),
+            state: self.dir.path().join("state.db").into(),
             durability: Durability::Normal,
         }
     }
@@ -201,7 +201,7 @@ impl Harness {
     }
 
     fn store(&self) -> Store {
-        Store::open(&self.dir.path().join("state.db"), Durability::Normal).unwrap()
+        Store::open_file(&self.dir.path().join("state.db"), Durability::Normal).unwrap()
     }
 
     fn count(&self, which: &str, key: &str) -> usize {
@@ -764,9 +764,15 @@ async fn a_run_whose_lock_was_taken_over_stops_before_its_next_write() {
     let run = launch::start(&engine, h.locked_request("aks-1"));
     let takeover = async {
         h.until_applying().await;
-        // Another runner, elsewhere, finds the lease expired (its clock is past it) and takes
-        // the lock over: a laptop lid closed past the lease looks like this to the sleeper.
-        let later = Utc::now() + chrono::Duration::seconds(120);
+        // The store's clock passes the lease (a laptop lid closed past it looks like this to
+        // the sleeper), and another runner, elsewhere, takes the lock over.
+        rusqlite::Connection::open(h.dir.path().join("state.db"))
+            .unwrap()
+            .execute(
+                "UPDATE locks SET lease_expires_at = '2000-01-01T00:00:00.000000Z'",
+                [],
+            )
+            .unwrap();
         let elsewhere = kmsflow_state::LockOwner {
             pid: 4242,
             host: "elsewhere".into(),
@@ -776,8 +782,7 @@ async fn a_run_whose_lock_was_taken_over_stops_before_its_next_write() {
                 "cluster/aks-1",
                 "intruder",
                 &elsewhere,
-                later + chrono::Duration::seconds(60),
-                later,
+                chrono::Duration::seconds(60),
             )
             .unwrap()
             .unwrap();

@@ -94,7 +94,7 @@ async fn fragments_compile_into_one_dag_and_run_step_by_step() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine {
         registry,
-        state_path: dir.path().join("state.db"),
+        state: dir.path().join("state.db").into(),
         durability: Durability::Normal,
     };
     let params = bind(&compiled, &ParamSources::default()).unwrap();
@@ -119,7 +119,7 @@ async fn fragments_compile_into_one_dag_and_run_step_by_step() {
         "https://kv-aks-1.vault.azure.net/keys/k https://kv-aks-1-dr.vault.azure.net/keys/k"
     );
     assert_eq!(outputs["size"], 4096);
-    let steps = Store::open(&engine.state_path, Durability::Normal)
+    let steps = Store::open(&engine.state, Durability::Normal)
         .unwrap()
         .steps(&summary.run_id)
         .unwrap();

@@ -13,6 +13,18 @@ pub enum StoreError {
     /// SQLite refused a statement.
     #[error("state store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL refused a statement, or the session to it broke.
+    #[error("state store (PostgreSQL): {0}")]
+    Postgres(#[from] PgError),
+    /// A `postgres://` location that cannot be used as written.
+    #[error("cannot use the state location `{location}`: {why}")]
+    BadLocation { location: String, why: String },
+    /// The PostgreSQL server could not be reached or refused the session.
+    #[error(
+        "cannot connect to the state database `{location}`: {detail}; check that the server runs \
+         and the URL, user and password (PGPASSWORD, ~/.pgpass) are right"
+    )]
+    Connect { location: String, detail: String },
     /// The file was written by a newer kmsflow.
     #[error(
         "the state file has schema version {found}, newer than this kmsflow understands ({supported}); upgrade kmsflow"
@@ -79,5 +91,67 @@ pub(crate) fn corrupt(column: &'static str, detail: impl std::fmt::Display) -> S
     StoreError::Corrupt {
         column,
         detail: detail.to_string(),
+    }
+}
+
+/// What PostgreSQL answered: its SQLSTATE code, message and detail, or how the session broke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgError {
+    /// The SQLSTATE code (`40001`, `23505`...), when the server answered.
+    pub code: Option<String>,
+    pub message: String,
+    /// The session is gone (the server restarted, the network dropped it): what ran in it
+    /// and was not committed is lost, and a new session may succeed.
+    pub connection_lost: bool,
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.code {
+            Some(code) => write!(f, "{} (SQLSTATE {code})", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for PgError {}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(error: tokio_postgres::Error) -> PgError {
+        match error.as_db_error() {
+            Some(db) => {
+                let mut message = db.message().to_owned();
+                if let Some(detail) = db.detail() {
+                    message.push_str(": ");
+                    message.push_str(detail);
+                }
+                PgError {
+                    code: Some(db.code().code().to_owned()),
+                    message,
+                    // The administrator shut the server down, or it crashes: class 57P.
+                    connection_lost: db.code().code().starts_with("57P"),
+                }
+            }
+            None => PgError {
+                code: None,
+                message: error.to_string(),
+                connection_lost: error.is_closed()
+                    || std::error::Error::source(&error)
+                        .is_some_and(|source| source.is::<std::io::Error>()),
+            },
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> StoreError {
+        StoreError::Postgres(error.into())
+    }
+}
+
+impl StoreError {
+    /// The session to PostgreSQL broke: the same work may succeed on a new one.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, StoreError::Postgres(pg) if pg.connection_lost)
     }
 }

@@ -1,15 +1,20 @@
-//! The SQLite store of kmsflow.
+//! The store of kmsflow: a SQLite file for one person on one machine, or a PostgreSQL
+//! database a team's runners, workers and daemons share.
 //!
-//! Every SQL statement of the project lives in this crate. The store keeps runs, their steps,
-//! an append-only journal of every transition, run locks and approvals in one file (WAL mode,
-//! created 0600, schema versioned with `PRAGMA user_version`).
+//! Every SQL statement of the project lives in this crate, written once for both backends
+//! ([`db`] runs them). The store keeps runs, their steps, an append-only journal of every
+//! transition, run locks and approvals: in one file (WAL mode, created 0600, schema versioned
+//! with `PRAGMA user_version`), or in a database (schema versioned in `kmsflow_schema`,
+//! migrated under an advisory lock).
 //!
 //! Writes go through [`Writer`], a dedicated thread that owns the connection and commits
 //! whatever checkpoints are waiting in one transaction (group commit), so steps that finish
 //! together share one device flush. Reads use their own short-lived [`Store`].
 
+mod db;
 mod error;
 mod lock;
+mod postgres;
 mod probe;
 mod records;
 mod rollout;
@@ -19,7 +24,7 @@ mod store;
 mod write;
 mod writer;
 
-pub use error::StoreError;
+pub use error::{PgError, StoreError};
 pub use lock::{LockGrant, LockHeld, LockOwner};
 pub use probe::measure_raw_commits;
 pub use records::{
@@ -28,6 +33,7 @@ pub use records::{
 };
 pub use rollout::{NewRollout, NewTarget, ROLLOUT_PREFIX, RolloutRecord, RolloutTargetRecord};
 pub use schedule::{FireRecord, ScheduleRecord, mask_url};
-pub use store::{Durability, Store, create_private_folder};
+pub use postgres::{PgLocation, is_postgres_url, mask_password};
+pub use store::{Durability, Location, Store, create_private_folder};
 pub use write::{NewRun, Write};
 pub use writer::{Exclusive, Writer, WriterThread};

@@ -1,8 +1,8 @@
 //! Run locks: a second run whose lock key is held exits at once, naming the holder.
 
 use chrono::{DateTime, Utc};
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
+use crate::db::args;
 use crate::store::timestamp;
 use crate::write::ts;
 use crate::{Store, StoreError};
@@ -52,76 +52,68 @@ pub struct LockGrant {
 }
 
 impl Store {
-    /// Takes `key` for `run_id`, unless a live run holds it. The lock belongs to a run, not
-    /// a process: another run in this very process is refused like one elsewhere, and so is
-    /// a second driver of the same run (two `resume`s). A holder whose process is gone (this
-    /// host) or whose lease has expired is replaced, with a new fencing token.
+    /// Takes `key` for `run_id` for `lease`, unless a live run holds it. The lock belongs to
+    /// a run, not a process: another run in this very process is refused like one elsewhere,
+    /// and so is a second driver of the same run (two `resume`s). A holder whose process is
+    /// gone (this host) or whose lease has expired is replaced, with a new fencing token.
+    ///
+    /// Leases are timed by the store's clock (the database server's, for PostgreSQL), never
+    /// by the hosts', so machines whose clocks disagree still agree on who holds a lock.
     pub fn acquire_lock(
         &mut self,
         key: &str,
         run_id: &str,
         owner: &LockOwner,
-        lease_expires_at: DateTime<Utc>,
-        now: DateTime<Utc>,
+        lease: chrono::Duration,
     ) -> Result<Result<LockGrant, LockHeld>, StoreError> {
-        // IMMEDIATE takes the write lock at once, so two processes cannot both see the key free.
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let holder: Option<(String, u32, String, String, i64)> = tx
-            .query_row(
+        // One writer at a time (see `Db::begin`), so two processes cannot both see it free.
+        self.db().transaction(|tx| {
+            let now = tx.now()?;
+            let holder: Option<(String, u32, String, String, i64)> = tx.query_opt(
                 "SELECT run_id, owner_pid, owner_host, lease_expires_at, token FROM locks WHERE key = ?1",
-                [key],
+                args![key],
                 |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
-            )
-            .optional()?;
-        let mut token = 1;
-        if let Some((holder_run, pid, host, expires, held_token)) = holder {
-            let expires = timestamp(expires, "locks.lease_expires_at")?;
-            let holder_owner = LockOwner { pid, host };
-            let stale = expires <= now || holder_owner.is_certainly_dead();
-            if !stale {
-                return Ok(Err(LockHeld {
-                    key: key.to_owned(),
-                    run_id: holder_run,
-                    pid: holder_owner.pid,
-                    host: holder_owner.host,
-                    lease_expires_at: expires,
-                }));
+            )?;
+            let mut token = 1;
+            if let Some((holder_run, pid, host, expires, held_token)) = holder {
+                let expires = timestamp(expires, "locks.lease_expires_at")?;
+                let holder_owner = LockOwner { pid, host };
+                let stale = expires <= now || holder_owner.is_certainly_dead();
+                if !stale {
+                    return Ok(Err(LockHeld {
+                        key: key.to_owned(),
+                        run_id: holder_run,
+                        pid: holder_owner.pid,
+                        host: holder_owner.host,
+                        lease_expires_at: expires,
+                    }));
+                }
+                token = held_token + 1;
             }
-            token = held_token + 1;
-        }
-        tx.execute(
-            "INSERT INTO locks (key, run_id, owner_pid, owner_host, lease_expires_at, token)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id, owner_pid = excluded.owner_pid,
-                 owner_host = excluded.owner_host, lease_expires_at = excluded.lease_expires_at,
-                 token = excluded.token",
-            params![key, run_id, owner.pid, owner.host, ts(&lease_expires_at), token],
-        )?;
-        tx.commit()?;
-        Ok(Ok(LockGrant { token }))
+            tx.execute(
+                "INSERT INTO locks (key, run_id, owner_pid, owner_host, lease_expires_at, token)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id, owner_pid = excluded.owner_pid,
+                     owner_host = excluded.owner_host, lease_expires_at = excluded.lease_expires_at,
+                     token = excluded.token",
+                args![key, run_id, i64::from(owner.pid), owner.host, ts(&(now + lease)), token],
+            )?;
+            Ok(Ok(LockGrant { token }))
+        })
     }
-}
 
-impl Store {
     /// Whether `run_id` is driven by a live process now: it holds `key` with a lease that
-    /// has not run out, from a process not certainly gone. `cancel` asks a live driver to
-    /// stop; a run nobody drives any more (killed) it marks interrupted itself.
-    pub fn driven_now(
-        &self,
-        key: &str,
-        run_id: &str,
-        now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let holder: Option<(String, u32, String, String)> = self
-            .conn
-            .query_row(
-                "SELECT run_id, owner_pid, owner_host, lease_expires_at FROM locks WHERE key = ?1",
-                [key],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
-            )
-            .optional()?;
+    /// has not run out (by the store's clock), from a process not certainly gone. `cancel`
+    /// asks a live driver to stop; a run nobody drives any more (killed) it marks interrupted
+    /// itself.
+    pub fn driven_now(&self, key: &str, run_id: &str) -> Result<bool, StoreError> {
+        let mut db = self.db();
+        let now = db.now()?;
+        let holder: Option<(String, u32, String, String)> = db.query_opt(
+            "SELECT run_id, owner_pid, owner_host, lease_expires_at FROM locks WHERE key = ?1",
+            args![key],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+        )?;
         let Some((holder, pid, host, expires)) = holder else {
             return Ok(false);
         };
@@ -155,17 +147,16 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state.db"), crate::Durability::Normal).unwrap();
+        let store = Store::open_file(&dir.path().join("state.db"), crate::Durability::Normal).unwrap();
         (dir, store)
     }
 
     #[test]
     fn a_live_holder_keeps_the_lock() {
         let (_dir, mut store) = store();
-        let now = Utc::now();
         let me = LockOwner::current();
         store
-            .acquire_lock("cluster/a", "run-1", &me, now + Duration::seconds(30), now)
+            .acquire_lock("cluster/a", "run-1", &me, Duration::seconds(30))
             .unwrap()
             .unwrap();
         // Another process on this host that is alive: our parent is.
@@ -178,9 +169,7 @@ mod tests {
                 "cluster/a",
                 "run-2",
                 &other,
-                now + Duration::seconds(30),
-                now,
-            )
+                Duration::seconds(30))
             .unwrap()
             .unwrap_err();
         assert_eq!(held.run_id, "run-1");
@@ -189,13 +178,12 @@ mod tests {
     #[test]
     fn an_expired_lease_is_taken_over() {
         let (_dir, mut store) = store();
-        let now = Utc::now();
         let remote = LockOwner {
             pid: 1,
             host: "elsewhere".into(),
         };
         store
-            .acquire_lock("k", "run-1", &remote, now - Duration::seconds(1), now)
+            .acquire_lock("k", "run-1", &remote, Duration::seconds(-1))
             .unwrap()
             .unwrap();
         store
@@ -203,9 +191,7 @@ mod tests {
                 "k",
                 "run-2",
                 &LockOwner::current(),
-                now + Duration::seconds(30),
-                now,
-            )
+                Duration::seconds(30))
             .unwrap()
             .unwrap();
     }
@@ -213,13 +199,12 @@ mod tests {
     #[test]
     fn a_dead_process_on_this_host_loses_the_lock() {
         let (_dir, mut store) = store();
-        let now = Utc::now();
         let dead = LockOwner {
             pid: u32::MAX - 7,
             host: LockOwner::current().host,
         };
         store
-            .acquire_lock("k", "run-1", &dead, now + Duration::seconds(300), now)
+            .acquire_lock("k", "run-1", &dead, Duration::seconds(300))
             .unwrap()
             .unwrap();
         store
@@ -227,9 +212,7 @@ mod tests {
                 "k",
                 "run-2",
                 &LockOwner::current(),
-                now + Duration::seconds(30),
-                now,
-            )
+                Duration::seconds(30))
             .unwrap()
             .unwrap();
     }
@@ -237,21 +220,20 @@ mod tests {
     #[test]
     fn another_run_in_this_very_process_is_refused() {
         let (_dir, mut store) = store();
-        let now = Utc::now();
         let me = LockOwner::current();
-        let lease = now + Duration::seconds(30);
+        let lease = Duration::seconds(30);
         store
-            .acquire_lock("k", "run-1", &me, lease, now)
+            .acquire_lock("k", "run-1", &me, lease)
             .unwrap()
             .unwrap();
         let held = store
-            .acquire_lock("k", "run-2", &me, lease, now)
+            .acquire_lock("k", "run-2", &me, lease)
             .unwrap()
             .unwrap_err();
         assert_eq!((held.run_id.as_str(), held.pid), ("run-1", me.pid));
         // And the same run, driven a second time while it holds the lock (two resumes).
         let held = store
-            .acquire_lock("k", "run-1", &me, lease, now)
+            .acquire_lock("k", "run-1", &me, lease)
             .unwrap()
             .unwrap_err();
         assert_eq!(held.run_id, "run-1");
@@ -260,23 +242,20 @@ mod tests {
     #[test]
     fn every_takeover_raises_the_fencing_token_and_fences_the_old_holder_out() {
         let (_dir, mut store) = store();
-        let now = Utc::now();
         let remote = LockOwner {
             pid: 1,
             host: "elsewhere".into(),
         };
         let first = store
-            .acquire_lock("k", "run-1", &remote, now + Duration::seconds(1), now)
+            .acquire_lock("k", "run-1", &remote, Duration::seconds(-1))
             .unwrap()
             .unwrap();
-        let later = now + Duration::seconds(5);
         let second = store
             .acquire_lock(
                 "k",
                 "run-2",
                 &LockOwner::current(),
-                later + Duration::seconds(30),
-                later,
+                Duration::seconds(30),
             )
             .unwrap()
             .unwrap();
@@ -286,7 +265,6 @@ mod tests {
                 key: "k".into(),
                 run_id: run.into(),
                 token,
-                at: later,
             }])
         };
         let lost = fence(&mut store, "run-1", first.token).unwrap_err();
@@ -300,7 +278,7 @@ mod tests {
             key: "k".into(),
             run_id: "run-1".into(),
             token: first.token,
-            lease_expires_at: later + Duration::seconds(60),
+            lease: Duration::seconds(60),
         }]);
         assert!(matches!(renewal, Err(StoreError::LeaseLost { .. })));
     }
@@ -308,13 +286,12 @@ mod tests {
     #[test]
     fn a_remote_holder_within_its_lease_keeps_the_lock() {
         let (_dir, mut store) = store();
-        let now = Utc::now();
         let remote = LockOwner {
             pid: 42,
             host: "elsewhere".into(),
         };
         store
-            .acquire_lock("k", "run-1", &remote, now + Duration::seconds(30), now)
+            .acquire_lock("k", "run-1", &remote, Duration::seconds(30))
             .unwrap()
             .unwrap();
         let held = store
@@ -322,9 +299,7 @@ mod tests {
                 "k",
                 "run-2",
                 &LockOwner::current(),
-                now + Duration::seconds(30),
-                now,
-            )
+                Duration::seconds(30))
             .unwrap()
             .unwrap_err();
         assert_eq!((held.run_id.as_str(), held.pid), ("run-1", 42));

@@ -5,7 +5,7 @@
 //! the link, never copied. Its journal is the `events` table under the rollout's id.
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, params};
+use crate::db::{Db, Row, args};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -87,19 +87,17 @@ pub struct RolloutTargetRecord {
 /// Rollout ids are told from run ids by this prefix.
 pub const ROLLOUT_PREFIX: &str = "rollout-";
 
-pub(crate) fn create_rollout(tx: &Connection, rollout: &NewRollout) -> Result<(), StoreError> {
+pub(crate) fn create_rollout(tx: &mut Db<'_>, rollout: &NewRollout) -> Result<(), StoreError> {
     keep_source(
         tx,
         &rollout.content_hash,
         &rollout.source,
         &rollout.fragments,
     )?;
-    tx.prepare_cached(
-        "INSERT INTO rollouts (id, runbook, runbook_ref, content_hash, params, secret_params,
+    tx.execute(
+"INSERT INTO rollouts (id, runbook, runbook_ref, content_hash, params, secret_params,
                                policy, status, started_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8)",
-    )?
-    .execute(params![
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8)", args![
         rollout.id,
         rollout.runbook,
         rollout.runbook_ref,
@@ -109,18 +107,18 @@ pub(crate) fn create_rollout(tx: &Connection, rollout: &NewRollout) -> Result<()
         rollout.policy.to_string(),
         ts(&rollout.started_at),
     ])?;
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO rollout_targets (rollout_id, position, label, params, wave)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
     for (position, target) in rollout.targets.iter().enumerate() {
-        insert.execute(params![
-            rollout.id,
-            position as i64,
-            target.label,
-            target.params.to_string(),
-            target.wave
-        ])?;
+        tx.execute(
+            "INSERT INTO rollout_targets (rollout_id, position, label, params, wave)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            args![
+                rollout.id,
+                position as i64,
+                target.label,
+                target.params.to_string(),
+                i64::from(target.wave)
+            ],
+        )?;
     }
     event(
         tx,
@@ -135,18 +133,15 @@ pub(crate) fn create_rollout(tx: &Connection, rollout: &NewRollout) -> Result<()
 
 /// Links a target to its run: committed with the run's creation.
 pub(crate) fn target_started(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     rollout_id: &str,
     position: usize,
     run_id: &str,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let linked = tx
-        .prepare_cached(
-            "UPDATE rollout_targets SET run_id = ?3
-             WHERE rollout_id = ?1 AND position = ?2 AND run_id IS NULL",
-        )?
-        .execute(params![rollout_id, position as i64, run_id])?;
+    let linked = tx.execute(
+"UPDATE rollout_targets SET run_id = ?3
+             WHERE rollout_id = ?1 AND position = ?2 AND run_id IS NULL", args![rollout_id, position as i64, run_id])?;
     if linked != 1 {
         // A target runs once: a second driver that got this far would have to have taken the
         // rollout's lock, so this is a bug, and the run's creation is refused with it.
@@ -166,7 +161,7 @@ pub(crate) fn target_started(
 }
 
 pub(crate) fn rollout_status(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     rollout_id: &str,
     status: RunStatus,
     error: &Option<String>,
@@ -174,10 +169,8 @@ pub(crate) fn rollout_status(
 ) -> Result<(), StoreError> {
     let finished =
         (status != RunStatus::Running && status != RunStatus::RollingBack).then(|| ts(at));
-    tx.prepare_cached(
-        "UPDATE rollouts SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1",
-    )?
-    .execute(params![rollout_id, status.as_str(), error, finished])?;
+    tx.execute(
+"UPDATE rollouts SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1", args![rollout_id, status.as_str(), error, finished])?;
     event(
         tx,
         rollout_id,
@@ -194,21 +187,24 @@ pub(crate) fn rollout_status(
 
 /// Records a wave's approval: only while the rollout waits at that wave's gate, once.
 pub(crate) fn approve_wave(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     rollout_id: &str,
     wave: u32,
     approved_by: &str,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let gate = format!("wave-{wave}");
-    let status: Option<String> = tx
-        .prepare_cached("SELECT status FROM rollouts WHERE id = ?1")?
-        .query_row([rollout_id], |row| row.get(0))
-        .optional()?;
+    let status: Option<String> = tx.query_opt(
+        "SELECT status FROM rollouts WHERE id = ?1",
+        args![rollout_id],
+        |row| row.get(0),
+    )?;
     let status = status.ok_or_else(|| StoreError::RunNotFound(rollout_id.to_owned()))?;
-    let approved: bool = tx
-        .prepare_cached("SELECT count(*) > 0 FROM approvals WHERE run_id = ?1 AND step_id = ?2")?
-        .query_row(params![rollout_id, gate], |row| row.get(0))?;
+    let approved: bool = tx.query_one(
+        "SELECT count(*) > 0 FROM approvals WHERE run_id = ?1 AND step_id = ?2",
+        args![rollout_id, gate],
+        |row| row.get(0),
+    )?;
     if status != RunStatus::Waiting.as_str() || approved {
         return Err(StoreError::Decided {
             run_id: rollout_id.to_owned(),
@@ -217,10 +213,8 @@ pub(crate) fn approve_wave(
             approved,
         });
     }
-    tx.prepare_cached(
-        "INSERT INTO approvals (run_id, step_id, approved_by, approved_at) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![rollout_id, gate, approved_by, ts(at)])?;
+    tx.execute(
+"INSERT INTO approvals (run_id, step_id, approved_by, approved_at) VALUES (?1, ?2, ?3, ?4)", args![rollout_id, gate, approved_by, ts(at)])?;
     event(
         tx,
         rollout_id,
@@ -237,38 +231,37 @@ const ROLLOUT_COLUMNS: &str = "id, runbook, runbook_ref, content_hash, \
      params, secret_params, policy, status, started_at, finished_at, error, \
      (SELECT count(*) FROM rollout_targets WHERE rollout_targets.rollout_id = rollouts.id)";
 
-fn rollout_from_row(row: &rusqlite::Row<'_>) -> Result<RolloutRecord, StoreError> {
+fn rollout_from_row(row: &Row<'_>) -> Result<RolloutRecord, StoreError> {
     Ok(RolloutRecord {
         id: row.get(0)?,
         runbook: row.get(1)?,
         runbook_ref: row.get(2)?,
         content_hash: row.get(3)?,
         source: row.get(4)?,
-        fragments: json(row.get::<_, String>(5)?, "runbook_sources.fragments")?,
-        params: json(row.get::<_, String>(6)?, "rollouts.params")?,
-        secret_params: serde_json::from_str(&row.get::<_, String>(7)?)
+        fragments: json(row.get::<String>(5)?, "runbook_sources.fragments")?,
+        params: json(row.get::<String>(6)?, "rollouts.params")?,
+        secret_params: serde_json::from_str(&row.get::<String>(7)?)
             .map_err(|e| corrupt("rollouts.secret_params", e))?,
-        policy: json(row.get::<_, String>(8)?, "rollouts.policy")?,
-        status: parse(row.get::<_, String>(9)?, "rollouts.status")?,
-        started_at: timestamp(row.get::<_, String>(10)?, "rollouts.started_at")?,
+        policy: json(row.get::<String>(8)?, "rollouts.policy")?,
+        status: parse(row.get::<String>(9)?, "rollouts.status")?,
+        started_at: timestamp(row.get::<String>(10)?, "rollouts.started_at")?,
         finished_at: opt_timestamp(row.get(11)?, "rollouts.finished_at")?,
         error: row.get(12)?,
-        targets: row.get::<_, i64>(13)? as usize,
+        targets: row.get::<i64>(13)? as usize,
     })
 }
 
 impl Store {
     /// Resolves a full rollout id or a unique prefix of one.
     pub fn resolve_rollout_id(&self, id_or_prefix: &str) -> Result<String, StoreError> {
-        let mut stmt = self.conn.prepare(
+        let candidates: Vec<String> = self.db().query(
             "SELECT id FROM rollouts WHERE id = ?1
              UNION ALL
              SELECT id FROM (SELECT id FROM rollouts WHERE substr(id, 1, length(?1)) = ?1
-                             AND id <> ?1 ORDER BY id LIMIT 6)",
+                             AND id <> ?1 ORDER BY id LIMIT 6) AS prefixed",
+            args![id_or_prefix],
+            |row| row.get(0),
         )?;
-        let candidates: Vec<String> = stmt
-            .query_map([id_or_prefix], |row| row.get(0))?
-            .collect::<Result<_, _>>()?;
         match candidates.as_slice() {
             [] => Err(StoreError::RunNotFound(id_or_prefix.to_owned())),
             [only] => Ok(only.clone()),
@@ -282,23 +275,24 @@ impl Store {
 
     /// One rollout, by exact id.
     pub fn rollout(&self, rollout_id: &str) -> Result<RolloutRecord, StoreError> {
-        self.conn
-            .query_row(
+        self.db()
+            .query_opt(
                 &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?1"),
-                [rollout_id],
-                |row| Ok(rollout_from_row(row)),
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::RunNotFound(rollout_id.to_owned()))?
+                args![rollout_id],
+                rollout_from_row,
+            )?
+            .ok_or_else(|| StoreError::RunNotFound(rollout_id.to_owned()))
     }
 
     /// The most recent rollouts first, at most `limit`.
     pub fn rollouts(&self, limit: usize) -> Result<Vec<RolloutRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY started_at DESC, id DESC LIMIT ?1"
-        ))?;
-        let rows = stmt.query_map([limit as i64], |row| Ok(rollout_from_row(row)))?;
-        rows.map(|row| row?).collect()
+        self.db().query(
+            &format!(
+                "SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY started_at DESC, id DESC LIMIT ?1"
+            ),
+            args![limit as i64],
+            rollout_from_row,
+        )
     }
 
     /// A rollout's targets in their order, each with its run's status and current step.
@@ -306,24 +300,23 @@ impl Store {
         &self,
         rollout_id: &str,
     ) -> Result<Vec<RolloutTargetRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        self.db().query(
             "SELECT t.position, t.label, t.params, t.wave, t.run_id, r.status, r.started_at,
                     r.finished_at, r.error,
                     (SELECT s.step_id FROM steps s WHERE s.run_id = t.run_id
                        AND s.status IN ('running', 'failed') ORDER BY s.position LIMIT 1)
              FROM rollout_targets t LEFT JOIN runs r ON r.id = t.run_id
              WHERE t.rollout_id = ?1 ORDER BY t.position",
-        )?;
-        let rows = stmt.query_map([rollout_id], |row| {
-            Ok((|| {
-                Ok::<_, StoreError>(RolloutTargetRecord {
-                    position: row.get::<_, i64>(0)? as usize,
+            args![rollout_id],
+            |row| {
+                Ok(RolloutTargetRecord {
+                    position: row.get::<i64>(0)? as usize,
                     label: row.get(1)?,
-                    params: json(row.get::<_, String>(2)?, "rollout_targets.params")?,
+                    params: json(row.get::<String>(2)?, "rollout_targets.params")?,
                     wave: row.get(3)?,
                     run_id: row.get(4)?,
                     status: row
-                        .get::<_, Option<String>>(5)?
+                        .get::<Option<String>>(5)?
                         .map(|s| parse(s, "runs.status"))
                         .transpose()?,
                     started_at: opt_timestamp(row.get(6)?, "runs.started_at")?,
@@ -331,9 +324,8 @@ impl Store {
                     error: row.get(8)?,
                     step: row.get(9)?,
                 })
-            })())
-        })?;
-        rows.map(|row| row?).collect()
+            },
+        )
     }
 }
 
@@ -368,7 +360,7 @@ mod tests {
     #[test]
     fn a_target_is_linked_to_one_run_in_the_runs_own_creation() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("s.db"), Durability::Normal).unwrap();
+        let mut store = Store::open_file(&dir.path().join("s.db"), Durability::Normal).unwrap();
         store.commit(&[rollout("rollout-a", 3)]).unwrap();
         let link = |position, run: &str| Write::RolloutTargetStarted {
             rollout_id: "rollout-a".into(),
@@ -404,7 +396,7 @@ mod tests {
     #[test]
     fn a_wave_is_approved_only_while_the_rollout_waits_and_only_once() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("s.db"), Durability::Normal).unwrap();
+        let mut store = Store::open_file(&dir.path().join("s.db"), Durability::Normal).unwrap();
         store.commit(&[rollout("rollout-b", 4)]).unwrap();
         let approve = || Write::ApproveWave {
             rollout_id: "rollout-b".into(),

@@ -1,10 +1,10 @@
 //! Schedules and their fires.
 
 use chrono::{DateTime, Utc};
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::db::args;
 use crate::store::timestamp;
 use crate::write::ts;
 use crate::{FireOutcome, Overlap, Store, StoreError};
@@ -75,11 +75,12 @@ fn masked_url<S: serde::Serializer>(
 impl Store {
     /// Adds a schedule; an existing name is an error.
     pub fn add_schedule(&mut self, schedule: &ScheduleRecord) -> Result<bool, StoreError> {
-        let inserted = self.conn.execute(
-            "INSERT OR IGNORE INTO schedules (name, runbook, params, targets, cron, overlap, catchup_ms, jitter_ms,
+        let inserted = self.db().execute(
+            "INSERT INTO schedules (name, runbook, params, targets, cron, overlap, catchup_ms, jitter_ms,
                  webhook, paused, created_at, last_seen_at, policy, discover)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            params![
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             ON CONFLICT (name) DO NOTHING",
+            args![
                 schedule.name,
                 schedule.runbook,
                 schedule.params.to_string(),
@@ -89,7 +90,7 @@ impl Store {
                 schedule.catchup_ms,
                 schedule.jitter_ms,
                 schedule.webhook,
-                schedule.paused,
+                i64::from(schedule.paused),
                 ts(&schedule.created_at),
                 ts(&schedule.last_seen_at),
                 schedule.policy.as_ref().map(Value::to_string),
@@ -101,16 +102,15 @@ impl Store {
 
     /// Every schedule, by name.
     pub fn schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        self.db().query(
             "SELECT name, runbook, params, targets, cron, overlap, catchup_ms, jitter_ms, webhook, paused,
                     created_at, last_seen_at, last_worst, policy, discover FROM schedules ORDER BY name",
-        )?;
-        let rows = stmt.query_map([], |row| {
-            Ok((|| {
-                Ok::<_, StoreError>(ScheduleRecord {
+            args![],
+            |row| {
+                Ok(ScheduleRecord {
                     name: row.get(0)?,
                     runbook: row.get(1)?,
-                    params: serde_json::from_str(&row.get::<_, String>(2)?)
+                    params: serde_json::from_str(&row.get::<String>(2)?)
                         .map_err(|e| crate::error::corrupt("schedules.params", e))?,
                     targets: row.get(3)?,
                     cron: row.get(4)?,
@@ -123,73 +123,69 @@ impl Store {
                     last_seen_at: timestamp(row.get(11)?, "schedules.last_seen_at")?,
                     last_worst: row.get(12)?,
                     policy: row
-                        .get::<_, Option<String>>(13)?
+                        .get::<Option<String>>(13)?
                         .map(|p| serde_json::from_str(&p))
                         .transpose()
                         .map_err(|e| crate::error::corrupt("schedules.policy", e))?,
                     discover: row
-                        .get::<_, Option<String>>(14)?
+                        .get::<Option<String>>(14)?
                         .map(|d| serde_json::from_str(&d))
                         .transpose()
                         .map_err(|e| crate::error::corrupt("schedules.discover", e))?,
                 })
-            })())
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row??);
-        }
-        Ok(out)
+            },
+        )
     }
 
     /// Removes a schedule (its history stays); whether it existed.
     pub fn remove_schedule(&mut self, name: &str) -> Result<bool, StoreError> {
         Ok(self
-            .conn
-            .execute("DELETE FROM schedules WHERE name = ?1", [name])?
+            .db()
+            .execute("DELETE FROM schedules WHERE name = ?1", args![name])?
             == 1)
     }
 
     /// Pauses or resumes a schedule; whether it existed.
     pub fn set_schedule_paused(&mut self, name: &str, paused: bool) -> Result<bool, StoreError> {
-        Ok(self.conn.execute(
+        Ok(self.db().execute(
             "UPDATE schedules SET paused = ?2 WHERE name = ?1",
-            params![name, paused],
+            args![name, i64::from(paused)],
         )? == 1)
     }
 
     /// Claims an occurrence for this process: true when no one (no other daemon) had.
     pub fn claim_fire(&mut self, fire: &FireRecord) -> Result<bool, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let claimed = tx.execute(
-            "INSERT OR IGNORE INTO schedule_fires (schedule, occurrence, fired_at, outcome, run_id, detail)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                fire.schedule,
-                ts(&fire.occurrence),
-                ts(&fire.fired_at),
-                fire.outcome.as_str(),
-                fire.run_id,
-                fire.detail.as_ref().map(Value::to_string),
-            ],
-        )? == 1;
-        // Whoever claims or not, the occurrence has been seen.
-        tx.execute(
-            "UPDATE schedules SET last_seen_at = max(last_seen_at, ?2) WHERE name = ?1",
-            params![fire.schedule, ts(&fire.occurrence)],
-        )?;
-        tx.commit()?;
-        Ok(claimed)
+        self.db().transaction(|tx| {
+            let claimed = tx.execute(
+                "INSERT INTO schedule_fires (schedule, occurrence, fired_at, outcome, run_id, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (schedule, occurrence) DO NOTHING",
+                args![
+                    fire.schedule,
+                    ts(&fire.occurrence),
+                    ts(&fire.fired_at),
+                    fire.outcome.as_str(),
+                    fire.run_id,
+                    fire.detail.as_ref().map(Value::to_string),
+                ],
+            )? == 1;
+            // Whoever claims or not, the occurrence has been seen.
+            tx.execute(
+                "UPDATE schedules
+                 SET last_seen_at = CASE WHEN last_seen_at > ?2 THEN last_seen_at ELSE ?2 END
+                 WHERE name = ?1",
+                args![fire.schedule, ts(&fire.occurrence)],
+            )?;
+            Ok(claimed)
+        })
     }
 
     /// Turns a `buffered` occurrence into a `started` one; whether there was one to turn.
     pub fn promote_buffered_fire(&mut self, fire: &FireRecord) -> Result<bool, StoreError> {
-        Ok(self.conn.execute(
+        Ok(self.db().execute(
             "UPDATE schedule_fires SET outcome = 'claimed', run_id = ?3, fired_at = ?4
              WHERE schedule = ?1 AND occurrence = ?2 AND outcome = 'buffered'",
-            params![
+            args![
                 fire.schedule,
                 ts(&fire.occurrence),
                 fire.run_id,
@@ -206,21 +202,19 @@ impl Store {
         detail: &Value,
         worst: Option<&str>,
     ) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute(
-            "UPDATE schedule_fires SET detail = ?3 WHERE schedule = ?1 AND occurrence = ?2",
-            params![schedule, ts(&occurrence), detail.to_string()],
-        )?;
-        if let Some(worst) = worst {
+        self.db().transaction(|tx| {
             tx.execute(
-                "UPDATE schedules SET last_worst = ?2 WHERE name = ?1",
-                params![schedule, worst],
+                "UPDATE schedule_fires SET detail = ?3 WHERE schedule = ?1 AND occurrence = ?2",
+                args![schedule, ts(&occurrence), detail.to_string()],
             )?;
-        }
-        tx.commit()?;
-        Ok(())
+            if let Some(worst) = worst {
+                tx.execute(
+                    "UPDATE schedules SET last_worst = ?2 WHERE name = ?1",
+                    args![schedule, worst],
+                )?;
+            }
+            Ok(())
+        })
     }
 
     /// Adds how a finished fire's notification went (`notification`) to its recorded detail.
@@ -230,78 +224,68 @@ impl Store {
         occurrence: DateTime<Utc>,
         notification: &Value,
     ) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let detail: Option<Option<String>> = tx
-            .query_row(
+        self.db().transaction(|tx| {
+            let detail: Option<Option<String>> = tx.query_opt(
                 "SELECT detail FROM schedule_fires WHERE schedule = ?1 AND occurrence = ?2",
-                params![schedule, ts(&occurrence)],
+                args![schedule, ts(&occurrence)],
                 |row| row.get(0),
-            )
-            .optional()?;
-        let Some(detail) = detail else {
-            return Ok(());
-        };
-        let mut detail: Value = detail
-            .and_then(|d| serde_json::from_str(&d).ok())
-            .unwrap_or_else(|| Value::Object(Default::default()));
-        if let Some(object) = detail.as_object_mut() {
-            object.insert("notification".into(), notification.clone());
-        }
-        tx.execute(
-            "UPDATE schedule_fires SET detail = ?3 WHERE schedule = ?1 AND occurrence = ?2",
-            params![schedule, ts(&occurrence), detail.to_string()],
-        )?;
-        tx.commit()?;
-        Ok(())
+            )?;
+            let Some(detail) = detail else {
+                return Ok(());
+            };
+            let mut detail: Value = detail
+                .and_then(|d| serde_json::from_str(&d).ok())
+                .unwrap_or_else(|| Value::Object(Default::default()));
+            if let Some(object) = detail.as_object_mut() {
+                object.insert("notification".into(), notification.clone());
+            }
+            tx.execute(
+                "UPDATE schedule_fires SET detail = ?3 WHERE schedule = ?1 AND occurrence = ?2",
+                args![schedule, ts(&occurrence), detail.to_string()],
+            )?;
+            Ok(())
+        })
     }
 
     /// A schedule's fires, oldest first.
     pub fn fires(&self, schedule: &str) -> Result<Vec<FireRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        self.db().query(
             "SELECT schedule, occurrence, fired_at, outcome, run_id, detail FROM schedule_fires
              WHERE schedule = ?1 ORDER BY occurrence, seq",
-        )?;
-        let rows = stmt.query_map([schedule], |row| {
-            Ok((|| {
-                Ok::<_, StoreError>(FireRecord {
+            args![schedule],
+            |row| {
+                Ok(FireRecord {
                     schedule: row.get(0)?,
                     occurrence: timestamp(row.get(1)?, "schedule_fires.occurrence")?,
                     fired_at: timestamp(row.get(2)?, "schedule_fires.fired_at")?,
                     outcome: crate::store::parse(row.get(3)?, "schedule_fires.outcome")?,
                     run_id: row.get(4)?,
                     detail: row
-                        .get::<_, Option<String>>(5)?
+                        .get::<Option<String>>(5)?
                         .map(|d| serde_json::from_str(&d))
                         .transpose()
                         .map_err(|e| crate::error::corrupt("schedule_fires.detail", e))?,
                 })
-            })())
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row??);
-        }
-        Ok(out)
+            },
+        )
     }
 
     /// Whether a run is still going (for the overlap policy), judged by its lock: a live
     /// run holds one with a lease running past `now`, in a process that is not certainly gone.
     /// A run's status alone says `running` for ever after a crash.
     pub fn run_is_live(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let holders = self.db().query(
             "SELECT owner_pid, owner_host, lease_expires_at FROM locks WHERE run_id = ?1",
+            args![run_id],
+            |row| {
+                Ok((
+                    row.get::<u32>(0)?,
+                    row.get::<String>(1)?,
+                    row.get::<String>(2)?,
+                ))
+            },
         )?;
-        let holders = stmt.query_map([run_id], |row| {
-            Ok((
-                row.get::<_, u32>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
-            ))
-        })?;
-        for holder in holders {
-            let (pid, host, expires) = holder?;
+        for (pid, host, expires) in holders {
             let expires = timestamp(expires, "locks.lease_expires_at")?;
             let owner = crate::LockOwner { pid, host };
             if expires > now && !owner.is_certainly_dead() {
@@ -321,60 +305,53 @@ impl Store {
         // run is not live (and a minute has passed, a few ticks), no daemon will start it.
         let stale = ts(&(now - chrono::Duration::seconds(60)));
         let mut orphaned_buffers = Vec::new();
-        {
-            let mut stmt = self.conn.prepare(
-                "SELECT schedule, occurrence FROM schedule_fires
-                 WHERE outcome = 'buffered' AND fired_at < ?1",
-            )?;
-            let rows = stmt.query_map([&stale], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-            })?;
-            for row in rows {
-                let (schedule, occurrence) = row?;
-                let previous: Option<String> = self
-                    .conn
-                    .query_row(
-                        "SELECT run_id FROM schedule_fires
-                         WHERE schedule = ?1 AND outcome IN ('started', 'claimed')
-                         ORDER BY occurrence DESC LIMIT 1",
-                        [&schedule],
-                        |row| row.get(0),
-                    )
-                    .optional()?
-                    .flatten();
-                let live = match &previous {
-                    Some(run_id) => self.run_is_live(run_id, now)?,
-                    None => false,
-                };
-                if !live {
-                    orphaned_buffers.push((schedule, occurrence));
-                }
+        let buffered: Vec<(String, String)> = self.db().query(
+            "SELECT schedule, occurrence FROM schedule_fires
+             WHERE outcome = 'buffered' AND fired_at < ?1",
+            args![stale],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        for (schedule, occurrence) in buffered {
+            let previous: Option<String> = self
+                .db()
+                .query_opt(
+                    "SELECT run_id FROM schedule_fires
+                     WHERE schedule = ?1 AND outcome IN ('started', 'claimed')
+                     ORDER BY occurrence DESC LIMIT 1",
+                    args![schedule],
+                    |row| row.get::<Option<String>>(0),
+                )?
+                .flatten();
+            let live = match &previous {
+                Some(run_id) => self.run_is_live(run_id, now)?,
+                None => false,
+            };
+            if !live {
+                orphaned_buffers.push((schedule, occurrence));
             }
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // (`started` rows without a run come from kmsflow before a fire became `started` with
-        // its run's creation.)
-        let mut swept = tx.execute(
-            "UPDATE schedule_fires SET outcome = 'lost', fired_at = ?1,
-                 detail = '{\"reason\":\"the daemon stopped before the run was created\"}'
-             WHERE fired_at < ?2
-               AND (outcome = 'claimed'
-                    OR (outcome = 'started'
-                        AND (run_id IS NULL OR run_id NOT IN (SELECT id FROM runs))))",
-            params![ts(&now), stale],
-        )?;
-        for (schedule, occurrence) in orphaned_buffers {
-            swept += tx.execute(
+        self.db().transaction(|tx| {
+            // (`started` rows without a run come from kmsflow before a fire became `started`
+            // with its run's creation.)
+            let mut swept = tx.execute(
                 "UPDATE schedule_fires SET outcome = 'lost', fired_at = ?1,
-                     detail = '{\"reason\":\"the daemon stopped while the fire waited for the run before it\"}'
-                 WHERE schedule = ?2 AND occurrence = ?3 AND outcome = 'buffered'",
-                params![ts(&now), schedule, occurrence],
+                     detail = '{\"reason\":\"the daemon stopped before the run was created\"}'
+                 WHERE fired_at < ?2
+                   AND (outcome = 'claimed'
+                        OR (outcome = 'started'
+                            AND (run_id IS NULL OR run_id NOT IN (SELECT id FROM runs))))",
+                args![ts(&now), stale],
             )?;
-        }
-        tx.commit()?;
-        Ok(swept)
+            for (schedule, occurrence) in orphaned_buffers {
+                swept += tx.execute(
+                    "UPDATE schedule_fires SET outcome = 'lost', fired_at = ?1,
+                         detail = '{\"reason\":\"the daemon stopped while the fire waited for the run before it\"}'
+                     WHERE schedule = ?2 AND occurrence = ?3 AND outcome = 'buffered'",
+                    args![ts(&now), schedule, occurrence],
+                )?;
+            }
+            Ok(swept)
+        })
     }
 }
 
@@ -406,7 +383,7 @@ mod tests {
     #[test]
     fn a_run_is_live_while_it_holds_a_lease_not_while_its_status_says_running() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("state.db"), Durability::Normal).unwrap();
+        let mut store = Store::open_file(&dir.path().join("state.db"), Durability::Normal).unwrap();
         let now = Utc::now();
         running_run(&mut store, "crashed");
         running_run(&mut store, "alive");
@@ -415,20 +392,20 @@ mod tests {
             pid: u32::MAX - 7,
             host: LockOwner::current().host,
         };
-        let lease = now + Duration::seconds(60);
+        let lease = Duration::seconds(60);
         store
-            .acquire_lock("run/crashed", "crashed", &dead, lease, now)
+            .acquire_lock("run/crashed", "crashed", &dead, lease)
             .unwrap()
             .unwrap();
         store
-            .acquire_lock("run/alive", "alive", &LockOwner::current(), lease, now)
+            .acquire_lock("run/alive", "alive", &LockOwner::current(), lease)
             .unwrap()
             .unwrap();
         assert!(!store.run_is_live("crashed", now).unwrap());
         assert!(store.run_is_live("alive", now).unwrap());
         assert!(
             !store
-                .run_is_live("alive", lease + Duration::seconds(1))
+                .run_is_live("alive", now + lease + Duration::seconds(1))
                 .unwrap(),
             "past its lease"
         );
@@ -437,7 +414,7 @@ mod tests {
     #[test]
     fn fires_a_stopped_daemon_left_behind_are_swept_as_lost() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("state.db"), Durability::Normal).unwrap();
+        let mut store = Store::open_file(&dir.path().join("state.db"), Durability::Normal).unwrap();
         let at = Utc::now();
         running_run(&mut store, "exists");
         for (minute, outcome, run_id) in [
@@ -467,8 +444,7 @@ mod tests {
                 "run/alive",
                 "alive",
                 &LockOwner::current(),
-                later + Duration::minutes(1),
-                later,
+                Duration::minutes(3),
             )
             .unwrap()
             .unwrap();

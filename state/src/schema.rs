@@ -1,6 +1,10 @@
-//! Append-only schema migrations, indexed by `PRAGMA user_version`.
+//! Append-only schema migrations, one list per backend: SQLite's indexed by
+//! `PRAGMA user_version`, PostgreSQL's recorded in `kmsflow_schema`.
 //!
-//! Never edit a migration that has shipped: add a new one at the end.
+//! Never edit a migration that has shipped: add a new one at the end of each list. The two
+//! lists hold the same tables; PostgreSQL's began at SQLite's sixth version, so its first
+//! migration is SQLite's first six in one, with `BIGINT` for every integer (so integers cross
+//! as `i64` on both) and text timestamps (RFC 3339, UTC, microseconds) as in SQLite.
 
 use rusqlite::Connection;
 
@@ -148,6 +152,123 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+pub(crate) const POSTGRES_MIGRATIONS: &[&str] = &[
+    // 1: everything SQLite's migrations 1 to 6 hold.
+    r#"
+    CREATE TABLE runbook_sources (
+        content_hash TEXT PRIMARY KEY,
+        source       TEXT NOT NULL,
+        fragments    TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE TABLE runs (
+        id            TEXT PRIMARY KEY,
+        runbook       TEXT NOT NULL,
+        runbook_ref   TEXT NOT NULL,
+        content_hash  TEXT NOT NULL,
+        params        TEXT NOT NULL,
+        secret_params TEXT NOT NULL,
+        status        TEXT NOT NULL,
+        started_at    TEXT NOT NULL,
+        finished_at   TEXT,
+        error         TEXT,
+        outputs       TEXT,
+        lock_key      TEXT
+    );
+    CREATE INDEX runs_started_at ON runs (started_at);
+    CREATE TABLE steps (
+        run_id          TEXT NOT NULL REFERENCES runs (id),
+        step_id         TEXT NOT NULL,
+        position        BIGINT NOT NULL,
+        uses            TEXT NOT NULL,
+        status          TEXT NOT NULL,
+        attempts        BIGINT NOT NULL DEFAULT 0,
+        before_image    TEXT,
+        planned_outcome TEXT,
+        outputs         TEXT,
+        outcome         TEXT,
+        error           TEXT,
+        started_at      TEXT,
+        finished_at     TEXT,
+        PRIMARY KEY (run_id, step_id)
+    );
+    CREATE TABLE events (
+        seq     BIGSERIAL PRIMARY KEY,
+        run_id  TEXT NOT NULL,
+        step_id TEXT,
+        at      TEXT NOT NULL,
+        kind    TEXT NOT NULL,
+        detail  TEXT NOT NULL
+    );
+    CREATE INDEX events_run ON events (run_id, seq);
+    CREATE INDEX events_kind ON events (kind, seq);
+    CREATE TABLE locks (
+        key              TEXT PRIMARY KEY,
+        run_id           TEXT NOT NULL,
+        owner_pid        BIGINT NOT NULL,
+        owner_host       TEXT NOT NULL,
+        lease_expires_at TEXT NOT NULL,
+        token            BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE INDEX locks_run ON locks (run_id);
+    CREATE TABLE approvals (
+        run_id      TEXT NOT NULL,
+        step_id     TEXT NOT NULL,
+        approved_by TEXT NOT NULL,
+        approved_at TEXT NOT NULL,
+        PRIMARY KEY (run_id, step_id)
+    );
+    CREATE TABLE schedules (
+        name         TEXT PRIMARY KEY,
+        runbook      TEXT NOT NULL,
+        params       TEXT NOT NULL,
+        targets      TEXT,
+        cron         TEXT NOT NULL,
+        overlap      TEXT NOT NULL,
+        catchup_ms   BIGINT NOT NULL,
+        jitter_ms    BIGINT NOT NULL,
+        webhook      TEXT,
+        paused       BIGINT NOT NULL DEFAULT 0,
+        created_at   TEXT NOT NULL,
+        last_seen_at TEXT NOT NULL,
+        last_worst   TEXT,
+        policy       TEXT,
+        discover     TEXT
+    );
+    CREATE TABLE schedule_fires (
+        seq        BIGSERIAL PRIMARY KEY,
+        schedule   TEXT NOT NULL,
+        occurrence TEXT NOT NULL,
+        fired_at   TEXT NOT NULL,
+        outcome    TEXT NOT NULL,
+        run_id     TEXT,
+        detail     TEXT,
+        UNIQUE (schedule, occurrence)
+    );
+    CREATE TABLE rollouts (
+        id            TEXT PRIMARY KEY,
+        runbook       TEXT NOT NULL,
+        runbook_ref   TEXT NOT NULL,
+        content_hash  TEXT NOT NULL,
+        params        TEXT NOT NULL,
+        secret_params TEXT NOT NULL,
+        policy        TEXT NOT NULL,
+        status        TEXT NOT NULL,
+        started_at    TEXT NOT NULL,
+        finished_at   TEXT,
+        error         TEXT
+    );
+    CREATE TABLE rollout_targets (
+        rollout_id TEXT NOT NULL REFERENCES rollouts (id),
+        position   BIGINT NOT NULL,
+        label      TEXT NOT NULL,
+        params     TEXT NOT NULL,
+        wave       BIGINT NOT NULL,
+        run_id     TEXT UNIQUE REFERENCES runs (id),
+        PRIMARY KEY (rollout_id, position)
+    );
+    "#,
+];
+
 /// The schema version this build writes.
 pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -200,17 +321,17 @@ mod tests {
                 .unwrap();
             }
         }
-        let store = Store::open(&path, Durability::Normal).unwrap();
+        let store = Store::open_file(&path, Durability::Normal).unwrap();
         assert_eq!(store.run("a").unwrap().source, "name: t");
         assert_eq!(store.run("b").unwrap().source, "name: t");
         let kept: i64 = store
-            .conn
-            .query_row("SELECT count(*) FROM runbook_sources", [], |row| row.get(0))
+            .db()
+            .query_one("SELECT count(*) FROM runbook_sources", &[], |row| row.get(0))
             .unwrap();
         assert_eq!(kept, 1, "one text for both runs");
         let version: i64 = store
-            .conn
-            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .db()
+            .query_one("PRAGMA user_version", &[], |row| row.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
     }

@@ -1,11 +1,14 @@
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Row};
+use rusqlite::Connection;
 use serde_json::Value;
 
+use crate::db::{Db, Row, args};
 use crate::error::corrupt;
+use crate::postgres::{PgConn, PgLocation};
 use crate::records::{Approval, EventRecord, RunRecord, StepRecord};
 use crate::{StoreError, schema};
 
@@ -13,7 +16,8 @@ use crate::{StoreError, schema};
 ///
 /// `Full` (the default) survives a power loss. `Normal` survives a crash of the process but
 /// may lose the last commits on a power loss; since every step is idempotent, such a loss costs
-/// one step being observed again, never a duplicated change.
+/// one step being observed again, never a duplicated change. PostgreSQL always commits with
+/// `synchronous_commit` on: a team's store is not the place to trade durability for speed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Durability {
     #[default]
@@ -30,21 +34,92 @@ impl Durability {
     }
 }
 
-/// An open state file.
+/// Where the state lives: a SQLite file on this machine, or a PostgreSQL database a team shares.
+#[derive(Debug, Clone)]
+pub enum Location {
+    File(PathBuf),
+    Postgres(PgLocation),
+}
+
+impl Location {
+    /// A `postgres://` (or `postgresql://`) URL names a database; anything else is a path.
+    pub fn parse(text: &str) -> Result<Location, StoreError> {
+        if crate::postgres::is_postgres_url(text) {
+            Ok(Location::Postgres(PgLocation::parse(text)?))
+        } else {
+            Ok(Location::File(PathBuf::from(text)))
+        }
+    }
+
+    /// The state file, for a file store.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Location::File(path) => Some(path),
+            Location::Postgres(_) => None,
+        }
+    }
+}
+
+impl From<PathBuf> for Location {
+    fn from(path: PathBuf) -> Location {
+        Location::File(path)
+    }
+}
+
+impl From<&Path> for Location {
+    fn from(path: &Path) -> Location {
+        Location::File(path.to_owned())
+    }
+}
+
+/// Shown in messages: the path, or the URL without its password.
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::File(path) => write!(f, "{}", path.display()),
+            Location::Postgres(pg) => write!(f, "{pg}"),
+        }
+    }
+}
+
+/// An open store: a state file or a session with the team's database.
 pub struct Store {
-    pub(crate) conn: Connection,
-    path: PathBuf,
+    backend: Backend,
+    location: Location,
+}
+
+enum Backend {
+    Sqlite(Connection),
+    /// Behind a mutex because reads take `&self` and the session needs `&mut` to prepare.
+    Postgres(Mutex<PgConn>),
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("Store")
+            .field("location", &self.location.to_string())
+            .finish()
     }
 }
 
 impl Store {
-    /// Opens (creating if needed, mode 0600 in a 0700 folder) and migrates the state file.
-    pub fn open(path: &Path, durability: Durability) -> Result<Store, StoreError> {
+    /// Opens (creating if needed) and migrates the store. A state file is created mode 0600
+    /// in a 0700 folder; a database is migrated under an advisory lock.
+    pub fn open(location: &Location, durability: Durability) -> Result<Store, StoreError> {
+        match location {
+            Location::File(path) => Store::open_file(path, durability),
+            Location::Postgres(pg) => {
+                let mut conn = pg.connect()?;
+                conn.migrate()?;
+                Ok(Store {
+                    backend: Backend::Postgres(Mutex::new(conn)),
+                    location: location.clone(),
+                })
+            }
+        }
+    }
+
+    pub fn open_file(path: &Path, durability: Durability) -> Result<Store, StoreError> {
         create_private(path).map_err(|source| StoreError::Open {
             path: path.to_owned(),
             source,
@@ -58,8 +133,8 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         schema::migrate(&mut conn)?;
         Ok(Store {
-            conn,
-            path: path.to_owned(),
+            backend: Backend::Sqlite(conn),
+            location: Location::File(path.to_owned()),
         })
     }
 
@@ -105,45 +180,79 @@ impl Store {
             });
         }
         Ok(Store {
-            conn,
-            path: path.to_owned(),
+            backend: Backend::Sqlite(conn),
+            location: Location::File(path.to_owned()),
         })
     }
 
-    /// The file this store reads and writes.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where this store reads and writes.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Which backend holds the state: `sqlite` or `postgres`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The connection, for one statement or one transaction.
+    pub(crate) fn db(&self) -> Db<'_> {
+        match &self.backend {
+            Backend::Sqlite(conn) => Db::Sqlite(conn),
+            // A panic while the session was held leaves it as it was: the next statement
+            // finds out whether it still works.
+            Backend::Postgres(conn) => {
+                Db::Postgres(conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+            }
+        }
+    }
+
+    /// Replaces a PostgreSQL session that broke (the server restarted, the network dropped
+    /// it) with a new one; a file store has nothing to reconnect.
+    pub(crate) fn reconnect_if_lost(&mut self) -> Result<bool, StoreError> {
+        let Backend::Postgres(conn) = &mut self.backend else {
+            return Ok(false);
+        };
+        let conn = conn.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !conn.is_closed() {
+            return Ok(false);
+        }
+        let Location::Postgres(pg) = &self.location else {
+            return Ok(false);
+        };
+        *conn = pg.connect()?;
+        Ok(true)
     }
 
     /// Applies writes in one transaction, for callers that do not need group commit.
     pub fn commit(&mut self, writes: &[crate::Write]) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        for write in writes {
-            crate::write::apply(&tx, write)?;
-        }
-        tx.commit()?;
-        Ok(())
+        self.db().transaction(|tx| {
+            for write in writes {
+                crate::write::apply(tx, write)?;
+            }
+            Ok(())
+        })
     }
 
     /// Resolves a full run id or a unique prefix of one.
     pub fn resolve_run_id(&self, id_or_prefix: &str) -> Result<String, StoreError> {
-        let exact: Option<String> = self
-            .conn
-            .query_row("SELECT id FROM runs WHERE id = ?1", [id_or_prefix], |row| {
-                row.get(0)
-            })
-            .optional()?;
+        let mut db = self.db();
+        let exact: Option<String> = db.query_opt(
+            "SELECT id FROM runs WHERE id = ?1",
+            args![id_or_prefix],
+            |row| row.get(0),
+        )?;
         if let Some(id) = exact {
             return Ok(id);
         }
-        let mut stmt = self.conn.prepare(
+        let candidates: Vec<String> = db.query(
             "SELECT id FROM runs WHERE substr(id, 1, length(?1)) = ?1 ORDER BY id LIMIT 6",
+            args![id_or_prefix],
+            |row| row.get(0),
         )?;
-        let candidates: Vec<String> = stmt
-            .query_map([id_or_prefix], |row| row.get(0))?
-            .collect::<Result<_, _>>()?;
         match candidates.len() {
             0 => Err(StoreError::RunNotFound(id_or_prefix.to_owned())),
             1 => Ok(candidates.into_iter().next().expect("one candidate")),
@@ -156,14 +265,13 @@ impl Store {
 
     /// One run, by exact id.
     pub fn run(&self, run_id: &str) -> Result<RunRecord, StoreError> {
-        self.conn
-            .query_row(
+        self.db()
+            .query_opt(
                 &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
-                [run_id],
-                |row| Ok(run_from_row(row)),
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::RunNotFound(run_id.to_owned()))?
+                args![run_id],
+                run_from_row,
+            )?
+            .ok_or_else(|| StoreError::RunNotFound(run_id.to_owned()))
     }
 
     /// The most recent runs first, at most `limit`.
@@ -181,63 +289,50 @@ impl Store {
     }
 
     fn runs_where(&self, limit: usize, filter: &str) -> Result<Vec<RunRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs {filter} ORDER BY started_at DESC, id DESC LIMIT ?1"
-        ))?;
-        let rows = stmt.query_map([limit as i64], |row| Ok(run_from_row(row)))?;
-        let mut runs = Vec::new();
-        for row in rows {
-            runs.push(row??);
-        }
-        Ok(runs)
+        self.db().query(
+            &format!(
+                "SELECT {RUN_COLUMNS} FROM runs {filter} ORDER BY started_at DESC, id DESC LIMIT ?1"
+            ),
+            args![limit as i64],
+            run_from_row,
+        )
     }
 
     /// The steps of a run, in the runbook's execution order.
     pub fn steps(&self, run_id: &str) -> Result<Vec<StepRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        self.db().query(
             "SELECT step_id, uses, status, attempts, before_image, planned_outcome, outputs, outcome,
                     error, started_at, finished_at
              FROM steps WHERE run_id = ?1 ORDER BY position",
-        )?;
-        let rows = stmt.query_map([run_id], |row| Ok(step_from_row(row)))?;
-        let mut steps = Vec::new();
-        for row in rows {
-            steps.push(row??);
-        }
-        Ok(steps)
+            args![run_id],
+            step_from_row,
+        )
     }
 
     /// The journal of a run, oldest first.
     pub fn events(&self, run_id: &str) -> Result<Vec<EventRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        self.db().query(
             "SELECT seq, run_id, step_id, at, kind, detail FROM events WHERE run_id = ?1 ORDER BY seq",
-        )?;
-        let rows = stmt.query_map([run_id], |row| {
-            Ok((|| {
-                Ok::<_, StoreError>(EventRecord {
+            args![run_id],
+            |row| {
+                Ok(EventRecord {
                     seq: row.get(0)?,
                     run_id: row.get(1)?,
                     step_id: row.get(2)?,
-                    at: timestamp(row.get::<_, String>(3)?, "events.at")?,
+                    at: timestamp(row.get::<String>(3)?, "events.at")?,
                     kind: row.get(4)?,
-                    detail: json(row.get::<_, String>(5)?, "events.detail")?,
+                    detail: json(row.get::<String>(5)?, "events.detail")?,
                 })
-            })())
-        })?;
-        let mut events = Vec::new();
-        for row in rows {
-            events.push(row??);
-        }
-        Ok(events)
+            },
+        )
     }
 
     /// The newest journal entry's sequence number (0 for an empty journal).
     pub fn last_event_seq(&self) -> Result<i64, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |row| {
+        self.db()
+            .query_one("SELECT coalesce(max(seq), 0) FROM events", args![], |row| {
                 row.get(0)
-            })?)
+            })
     }
 
     /// Entries of `kind` after `seq`, oldest first, as (sequence number, run or rollout id):
@@ -247,34 +342,26 @@ impl Store {
         kind: &str,
         seq: i64,
     ) -> Result<Vec<(i64, String)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        self.db().query(
             "SELECT seq, run_id FROM events WHERE seq > ?1 AND kind = ?2 ORDER BY seq",
-        )?;
-        let rows = stmt.query_map(rusqlite::params![seq, kind], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            args![seq, kind],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
     }
 
     /// The approvals recorded for a run.
     pub fn approvals(&self, run_id: &str) -> Result<Vec<Approval>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        self.db().query(
             "SELECT step_id, approved_by, approved_at FROM approvals WHERE run_id = ?1 ORDER BY step_id",
-        )?;
-        let rows = stmt.query_map([run_id], |row| {
-            Ok((|| {
-                Ok::<_, StoreError>(Approval {
+            args![run_id],
+            |row| {
+                Ok(Approval {
                     step_id: row.get(0)?,
                     approved_by: row.get(1)?,
-                    approved_at: timestamp(row.get::<_, String>(2)?, "approvals.approved_at")?,
+                    approved_at: timestamp(row.get::<String>(2)?, "approvals.approved_at")?,
                 })
-            })())
-        })?;
-        let mut approvals = Vec::new();
-        for row in rows {
-            approvals.push(row??);
-        }
-        Ok(approvals)
+            },
+        )
     }
 }
 
@@ -291,16 +378,16 @@ fn run_from_row(row: &Row<'_>) -> Result<RunRecord, StoreError> {
         runbook_ref: row.get(2)?,
         content_hash: row.get(3)?,
         source: row.get(4)?,
-        params: json(row.get::<_, String>(5)?, "runs.params")?,
-        secret_params: serde_json::from_str(&row.get::<_, String>(6)?)
+        params: json(row.get::<String>(5)?, "runs.params")?,
+        secret_params: serde_json::from_str(&row.get::<String>(6)?)
             .map_err(|e| corrupt("runs.secret_params", e))?,
-        status: parse(row.get::<_, String>(7)?, "runs.status")?,
-        started_at: timestamp(row.get::<_, String>(8)?, "runs.started_at")?,
+        status: parse(row.get::<String>(7)?, "runs.status")?,
+        started_at: timestamp(row.get::<String>(8)?, "runs.started_at")?,
         finished_at: opt_timestamp(row.get(9)?, "runs.finished_at")?,
         error: row.get(10)?,
         outputs: opt_json(row.get(11)?, "runs.outputs")?,
         lock_key: row.get(12)?,
-        fragments: json(row.get::<_, String>(13)?, "runbook_sources.fragments")?,
+        fragments: json(row.get::<String>(13)?, "runbook_sources.fragments")?,
     })
 }
 
@@ -308,16 +395,16 @@ fn step_from_row(row: &Row<'_>) -> Result<StepRecord, StoreError> {
     Ok(StepRecord {
         step_id: row.get(0)?,
         uses: row.get(1)?,
-        status: parse(row.get::<_, String>(2)?, "steps.status")?,
+        status: parse(row.get::<String>(2)?, "steps.status")?,
         attempts: row.get(3)?,
         before_image: opt_json(row.get(4)?, "steps.before_image")?,
         planned_outcome: row
-            .get::<_, Option<String>>(5)?
+            .get::<Option<String>>(5)?
             .map(|s| parse(s, "steps.planned_outcome"))
             .transpose()?,
         outputs: opt_json(row.get(6)?, "steps.outputs")?,
         outcome: row
-            .get::<_, Option<String>>(7)?
+            .get::<Option<String>>(7)?
             .map(|s| parse(s, "steps.outcome"))
             .transpose()?,
         error: row.get(8)?,
@@ -406,14 +493,14 @@ mod tests {
     fn opening_a_store_again_keeps_the_locks_this_processs_connections_hold() {
         if let Ok(path) = std::env::var(OPEN_AND_CLOSE) {
             // The child: a short-lived `kmsflow runs` beside a daemon.
-            let store = Store::open(Path::new(&path), Durability::Normal).unwrap();
+            let store = Store::open_file(Path::new(&path), Durability::Normal).unwrap();
             store.runs(1).unwrap();
             drop(store);
             std::process::exit(0);
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let mut holder = Store::open(&path, Durability::Normal).unwrap();
+        let mut holder = Store::open_file(&path, Durability::Normal).unwrap();
         holder
             .commit(&[crate::Write::Event {
                 run_id: "r".into(),
@@ -426,7 +513,7 @@ mod tests {
         let wal = dir.path().join("state.db-wal");
         assert!(wal.exists());
         // What a daemon does every tick while its writer keeps the file open.
-        let _again = Store::open(&path, Durability::Normal).unwrap();
+        let _again = Store::open_file(&path, Durability::Normal).unwrap();
         let child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",

@@ -1,9 +1,8 @@
 use chrono::{DateTime, SecondsFormat, Utc};
-use rusqlite::OptionalExtension as _;
-use rusqlite::{Connection, params};
 use serde_json::{Value, json};
 
 use crate::StoreError;
+use crate::db::{Db, args};
 use crate::records::{Outcome, RunStatus, StepStatus};
 use crate::rollout::NewRollout;
 
@@ -125,23 +124,23 @@ pub enum Write {
         detail: Value,
         at: DateTime<Utc>,
     },
-    /// Extends the holder's lease on a lock: only if `run_id` still holds it with `token`
-    /// (compare and swap); otherwise the checkpoint fails with [`StoreError::LeaseLost`].
+    /// Extends the holder's lease on a lock to `lease` from now by the store's clock: only if
+    /// `run_id` still holds it with `token` (compare and swap); otherwise the checkpoint fails
+    /// with [`StoreError::LeaseLost`].
     RenewLock {
         key: String,
         run_id: String,
         token: i64,
-        lease_expires_at: DateTime<Utc>,
+        lease: chrono::Duration,
     },
     /// The fencing check: fails the checkpoint with [`StoreError::LeaseLost`] unless `run_id`
-    /// still holds `key` with `token` and a lease that runs past `at`. Put first in the
-    /// checkpoint that precedes a write to Azure, so a run that lost its lock records nothing
-    /// and applies nothing.
+    /// still holds `key` with `token` and a lease that runs past now, by the store's clock.
+    /// Put first in the checkpoint that precedes a write to Azure, so a run that lost its lock
+    /// records nothing and applies nothing.
     CheckFence {
         key: String,
         run_id: String,
         token: i64,
-        at: DateTime<Utc>,
     },
     /// A new run's claim on itself (`run/<id>`), written with the run's record: its id is
     /// fresh, so no other run can hold it, and it costs no transaction of its own.
@@ -150,7 +149,7 @@ pub enum Write {
         run_id: String,
         owner_pid: u32,
         owner_host: String,
-        lease_expires_at: DateTime<Utc>,
+        lease: chrono::Duration,
     },
     /// Frees a lock this run holds (a no-op if another run holds it now).
     ReleaseLock { key: String, run_id: String },
@@ -209,50 +208,46 @@ pub(crate) fn ts(at: &DateTime<Utc>) -> String {
 }
 
 pub(crate) fn event(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     run_id: &str,
     step_id: Option<&str>,
     at: &DateTime<Utc>,
     kind: &str,
     detail: &Value,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "INSERT INTO events (run_id, step_id, at, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![run_id, step_id, ts(at), kind, detail.to_string()])?;
+    tx.execute(
+"INSERT INTO events (run_id, step_id, at, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)", args![run_id, step_id, ts(at), kind, detail.to_string()])?;
     Ok(())
 }
 
 /// Keeps a runbook's text and its fragments under its content hash, once however many runs
 /// use it. (The hash covers the fragments' texts too.)
 pub(crate) fn keep_source(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     content_hash: &str,
     source: &str,
     fragments: &Value,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "INSERT INTO runbook_sources (content_hash, source, fragments) VALUES (?1, ?2, ?3)
-         ON CONFLICT (content_hash) DO NOTHING",
-    )?
-    .execute(params![content_hash, source, fragments.to_string()])?;
+    tx.execute(
+"INSERT INTO runbook_sources (content_hash, source, fragments) VALUES (?1, ?2, ?3)
+         ON CONFLICT (content_hash) DO NOTHING", args![content_hash, source, fragments.to_string()])?;
     Ok(())
 }
 
 /// Fails with [`StoreError::LeaseLost`] unless `run_id` holds `key` with `token`, its lease
-/// running past `at` (when given).
+/// running past the store's now (when `timed`).
 fn check_fence(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     key: &str,
     run_id: &str,
     token: i64,
-    at: Option<&DateTime<Utc>>,
+    timed: bool,
 ) -> Result<(), StoreError> {
-    use rusqlite::OptionalExtension;
-    let holder: Option<(String, i64, String)> = tx
-        .prepare_cached("SELECT run_id, token, lease_expires_at FROM locks WHERE key = ?1")?
-        .query_row([key], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-        .optional()?;
+    let holder: Option<(String, i64, String)> = tx.query_opt(
+        "SELECT run_id, token, lease_expires_at FROM locks WHERE key = ?1",
+        args![key],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+    )?;
     let lost = |why: String, taken_by: Option<String>| StoreError::LeaseLost {
         key: key.to_owned(),
         run_id: run_id.to_owned(),
@@ -267,8 +262,8 @@ fn check_fence(
         )),
         Some((_, _, expires)) => {
             let expires = crate::store::timestamp(expires, "locks.lease_expires_at")?;
-            match at {
-                Some(at) if expires <= *at => {
+            match timed.then(|| tx.now()).transpose()? {
+                Some(now) if expires <= now => {
                     Err(lost(format!("its lease ran out at {expires}"), None))
                 }
                 _ => Ok(()),
@@ -278,7 +273,7 @@ fn check_fence(
 }
 
 /// Applies one write inside an open transaction: one function per kind of write.
-pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
+pub(crate) fn apply(tx: &mut Db<'_>, write: &Write) -> Result<(), StoreError> {
     match write {
         Write::CreateRun(run) => create_run(tx, run),
         Write::RunResumed {
@@ -372,22 +367,21 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
             key,
             run_id,
             token,
-            lease_expires_at,
-        } => renew_lock(tx, key, run_id, *token, lease_expires_at),
+            lease,
+        } => renew_lock(tx, key, run_id, *token, *lease),
         Write::CheckFence {
             key,
             run_id,
             token,
-            at,
-        } => check_fence(tx, key, run_id, *token, Some(at)),
+        } => check_fence(tx, key, run_id, *token, true),
         Write::ReleaseLock { key, run_id } => release_lock(tx, key, run_id),
         Write::ClaimLock {
             key,
             run_id,
             owner_pid,
             owner_host,
-            lease_expires_at,
-        } => claim_lock(tx, key, run_id, (*owner_pid, owner_host), lease_expires_at),
+            lease,
+        } => claim_lock(tx, key, run_id, (*owner_pid, owner_host), *lease),
         Write::FireStarted {
             schedule,
             occurrence,
@@ -428,14 +422,12 @@ pub(crate) fn apply(tx: &Connection, write: &Write) -> Result<(), StoreError> {
     }
 }
 
-fn create_run(tx: &Connection, run: &NewRun) -> Result<(), StoreError> {
+fn create_run(tx: &mut Db<'_>, run: &NewRun) -> Result<(), StoreError> {
     keep_source(tx, &run.content_hash, &run.source, &run.fragments)?;
-    tx.prepare_cached(
-        "INSERT INTO runs (id, runbook, runbook_ref, content_hash, params, secret_params,
+    tx.execute(
+"INSERT INTO runs (id, runbook, runbook_ref, content_hash, params, secret_params,
                            status, started_at, lock_key)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?8)",
-    )?
-    .execute(params![
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?8)", args![
         run.id,
         run.runbook,
         run.runbook_ref,
@@ -445,11 +437,11 @@ fn create_run(tx: &Connection, run: &NewRun) -> Result<(), StoreError> {
         ts(&run.started_at),
         run.lock_key,
     ])?;
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO steps (run_id, step_id, position, uses, status) VALUES (?1, ?2, ?3, ?4, 'pending')",
-    )?;
     for (position, (step_id, uses)) in run.steps.iter().enumerate() {
-        insert.execute(params![run.id, step_id, position as i64, uses])?;
+        tx.execute(
+            "INSERT INTO steps (run_id, step_id, position, uses, status) VALUES (?1, ?2, ?3, ?4, 'pending')",
+            args![run.id, step_id, position as i64, uses],
+        )?;
     }
     event(
         tx,
@@ -463,7 +455,7 @@ fn create_run(tx: &Connection, run: &NewRun) -> Result<(), StoreError> {
 }
 
 fn run_resumed(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     run_id: &str,
     at: &DateTime<Utc>,
     new_source: &Option<(String, String, Value)>,
@@ -471,30 +463,28 @@ fn run_resumed(
     reset: &[String],
     operator: &Value,
 ) -> Result<(), StoreError> {
-    let mut upsert = tx.prepare_cached(
-        "INSERT INTO steps (run_id, step_id, position, uses, status) VALUES (?1, ?2, ?3, ?4, 'pending')
-         ON CONFLICT (run_id, step_id) DO UPDATE SET position = excluded.position",
-    )?;
     for (position, (step_id, uses)) in steps.iter().enumerate() {
-        upsert.execute(params![run_id, step_id, position as i64, uses])?;
+        tx.execute(
+            "INSERT INTO steps (run_id, step_id, position, uses, status) VALUES (?1, ?2, ?3, ?4, 'pending')
+             ON CONFLICT (run_id, step_id) DO UPDATE SET position = excluded.position",
+            args![run_id, step_id, position as i64, uses],
+        )?;
     }
-    tx.prepare_cached(
-        "UPDATE runs SET status = 'running', finished_at = NULL, error = NULL WHERE id = ?1",
-    )?
-    .execute([run_id])?;
-    let mut reset_step = tx.prepare_cached(
-        "UPDATE steps SET status = 'pending', outputs = NULL, outcome = NULL, error = NULL,
-                finished_at = NULL
-         WHERE run_id = ?1 AND step_id = ?2",
-    )?;
+    tx.execute(
+"UPDATE runs SET status = 'running', finished_at = NULL, error = NULL WHERE id = ?1", args![run_id])?;
     for step_id in reset {
-        reset_step.execute(params![run_id, step_id])?;
+        tx.execute(
+            "UPDATE steps SET status = 'pending', outputs = NULL, outcome = NULL, error = NULL,
+                    finished_at = NULL
+             WHERE run_id = ?1 AND step_id = ?2",
+            args![run_id, step_id],
+        )?;
     }
     let mut detail = operator.as_object().cloned().unwrap_or_default();
     if let Some((hash, source, fragments)) = new_source {
         keep_source(tx, hash, source, fragments)?;
-        tx.prepare_cached("UPDATE runs SET content_hash = ?2 WHERE id = ?1")?
-            .execute(params![run_id, hash])?;
+        tx.execute(
+"UPDATE runs SET content_hash = ?2 WHERE id = ?1", args![run_id, hash])?;
         detail.insert("changed_runbook".into(), json!(hash));
     }
     if !reset.is_empty() {
@@ -505,21 +495,19 @@ fn run_resumed(
 }
 
 fn rollback_started(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     run_id: &str,
     at: &DateTime<Utc>,
     operator: &Value,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "UPDATE runs SET status = 'rolling_back', finished_at = NULL, error = NULL WHERE id = ?1",
-    )?
-    .execute([run_id])?;
+    tx.execute(
+"UPDATE runs SET status = 'rolling_back', finished_at = NULL, error = NULL WHERE id = ?1", args![run_id])?;
     event(tx, run_id, None, at, "rollback_started", operator)?;
     Ok(())
 }
 
 fn run_finished(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     run_id: &str,
     status: RunStatus,
     error: &Option<String>,
@@ -527,10 +515,8 @@ fn run_finished(
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let finished = (status != RunStatus::Running).then(|| ts(at));
-    tx.prepare_cached(
-        "UPDATE runs SET status = ?2, error = ?3, outputs = ?4, finished_at = ?5 WHERE id = ?1",
-    )?
-    .execute(params![
+    tx.execute(
+"UPDATE runs SET status = ?2, error = ?3, outputs = ?4, finished_at = ?5 WHERE id = ?1", args![
         run_id,
         status.as_str(),
         error,
@@ -549,7 +535,7 @@ fn run_finished(
 }
 
 fn step_applying(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     run_id: &str,
     step_id: &str,
     attempt: u32,
@@ -559,17 +545,15 @@ fn step_applying(
 ) -> Result<(), StoreError> {
     // Keep the first before image: a step re-observed after a crash sees the world its
     // own earlier attempt changed, and rollback must restore what was there before that.
-    tx.prepare_cached(
-        "UPDATE steps SET status = 'running', attempts = max(attempts, ?3),
+    tx.execute(
+"UPDATE steps SET status = 'running', attempts = CASE WHEN attempts > ?3 THEN attempts ELSE ?3 END,
                 before_image = coalesce(before_image, ?4),
                 planned_outcome = coalesce(planned_outcome, ?5),
                 started_at = coalesce(started_at, ?6), error = NULL
-         WHERE run_id = ?1 AND step_id = ?2",
-    )?
-    .execute(params![
+         WHERE run_id = ?1 AND step_id = ?2", args![
         run_id,
         step_id,
-        attempt,
+        i64::from(attempt),
         before_image.to_string(),
         planned_outcome.as_str(),
         ts(at)
@@ -586,7 +570,7 @@ fn step_applying(
 }
 
 fn step_succeeded(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     run_id: &str,
     step_id: &str,
     attempt: u32,
@@ -594,15 +578,13 @@ fn step_succeeded(
     outputs: &Value,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "UPDATE steps SET status = 'succeeded', attempts = max(attempts, ?3), outcome = ?4,
+    tx.execute(
+"UPDATE steps SET status = 'succeeded', attempts = CASE WHEN attempts > ?3 THEN attempts ELSE ?3 END, outcome = ?4,
                 outputs = ?5, error = NULL, started_at = coalesce(started_at, ?6), finished_at = ?6
-         WHERE run_id = ?1 AND step_id = ?2",
-    )?
-    .execute(params![
+         WHERE run_id = ?1 AND step_id = ?2", args![
         run_id,
         step_id,
-        attempt,
+        i64::from(attempt),
         outcome.as_str(),
         outputs.to_string(),
         ts(at)
@@ -619,7 +601,7 @@ fn step_succeeded(
 }
 
 fn step_attempt_failed(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     (run_id, step_id): (&str, &str),
     attempt: u32,
     error: &str,
@@ -627,14 +609,12 @@ fn step_attempt_failed(
     refused: bool,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "UPDATE steps SET attempts = max(attempts, ?3), error = ?4,
+    tx.execute(
+"UPDATE steps SET attempts = CASE WHEN attempts > ?3 THEN attempts ELSE ?3 END, error = ?4,
                 started_at = coalesce(started_at, ?5),
                 before_image = CASE WHEN ?6 THEN NULL ELSE before_image END,
                 planned_outcome = CASE WHEN ?6 THEN NULL ELSE planned_outcome END
-         WHERE run_id = ?1 AND step_id = ?2",
-    )?
-    .execute(params![run_id, step_id, attempt, error, ts(at), refused])?;
+         WHERE run_id = ?1 AND step_id = ?2", args![run_id, step_id, i64::from(attempt), error, ts(at), refused])?;
     event(
         tx,
         run_id,
@@ -647,7 +627,7 @@ fn step_attempt_failed(
 }
 
 fn step_failed(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     run_id: &str,
     step_id: &str,
     attempt: u32,
@@ -655,14 +635,12 @@ fn step_failed(
     refused: bool,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "UPDATE steps SET status = 'failed', attempts = max(attempts, ?3), error = ?4,
+    tx.execute(
+"UPDATE steps SET status = 'failed', attempts = CASE WHEN attempts > ?3 THEN attempts ELSE ?3 END, error = ?4,
                 started_at = coalesce(started_at, ?5), finished_at = ?5,
                 before_image = CASE WHEN ?6 THEN NULL ELSE before_image END,
                 planned_outcome = CASE WHEN ?6 THEN NULL ELSE planned_outcome END
-         WHERE run_id = ?1 AND step_id = ?2",
-    )?
-    .execute(params![run_id, step_id, attempt, error, ts(at), refused])?;
+         WHERE run_id = ?1 AND step_id = ?2", args![run_id, step_id, i64::from(attempt), error, ts(at), refused])?;
     let detail = if refused {
         json!({"attempt": attempt, "error": error, "refused": true})
     } else {
@@ -673,17 +651,15 @@ fn step_failed(
 }
 
 fn step_skipped(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     run_id: &str,
     step_id: &str,
     reason: &str,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "UPDATE steps SET status = 'skipped', error = NULL, finished_at = ?3
-         WHERE run_id = ?1 AND step_id = ?2",
-    )?
-    .execute(params![run_id, step_id, ts(at)])?;
+    tx.execute(
+"UPDATE steps SET status = 'skipped', error = NULL, finished_at = ?3
+         WHERE run_id = ?1 AND step_id = ?2", args![run_id, step_id, ts(at)])?;
     event(
         tx,
         run_id,
@@ -696,15 +672,13 @@ fn step_skipped(
 }
 
 fn step_rolled_back(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     run_id: &str,
     step_id: &str,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "UPDATE steps SET status = ?3, finished_at = ?4 WHERE run_id = ?1 AND step_id = ?2",
-    )?
-    .execute(params![
+    tx.execute(
+"UPDATE steps SET status = ?3, finished_at = ?4 WHERE run_id = ?1 AND step_id = ?2", args![
         run_id,
         step_id,
         StepStatus::RolledBack.as_str(),
@@ -722,78 +696,74 @@ fn step_rolled_back(
 }
 
 fn renew_lock(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     key: &str,
     run_id: &str,
     token: i64,
-    lease_expires_at: &DateTime<Utc>,
+    lease: chrono::Duration,
 ) -> Result<(), StoreError> {
-    let renewed = tx
-        .prepare_cached(
-            "UPDATE locks SET lease_expires_at = ?4
-             WHERE key = ?1 AND run_id = ?2 AND token = ?3",
-        )?
-        .execute(params![key, run_id, token, ts(lease_expires_at)])?;
+    let expires = tx.now()? + lease;
+    let renewed = tx.execute(
+        "UPDATE locks SET lease_expires_at = ?4
+         WHERE key = ?1 AND run_id = ?2 AND token = ?3",
+        args![key, run_id, token, ts(&expires)],
+    )?;
     if renewed == 0 {
         // Say who has it (or that nobody does).
-        check_fence(tx, key, run_id, token, None)?;
+        check_fence(tx, key, run_id, token, false)?;
     }
     Ok(())
 }
 
-fn release_lock(tx: &Connection, key: &str, run_id: &str) -> Result<(), StoreError> {
-    tx.prepare_cached("DELETE FROM locks WHERE key = ?1 AND run_id = ?2")?
-        .execute(params![key, run_id])?;
+fn release_lock(tx: &mut Db<'_>, key: &str, run_id: &str) -> Result<(), StoreError> {
+    tx.execute(
+"DELETE FROM locks WHERE key = ?1 AND run_id = ?2", args![key, run_id])?;
     Ok(())
 }
 
 fn claim_lock(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     key: &str,
     run_id: &str,
     (owner_pid, owner_host): (u32, &str),
-    lease_expires_at: &DateTime<Utc>,
+    lease: chrono::Duration,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "INSERT INTO locks (key, run_id, owner_pid, owner_host, lease_expires_at, token)
-         VALUES (?1, ?2, ?3, ?4, ?5, 1)",
-    )?
-    .execute(params![
+    let expires = tx.now()? + lease;
+    tx.execute(
+"INSERT INTO locks (key, run_id, owner_pid, owner_host, lease_expires_at, token)
+         VALUES (?1, ?2, ?3, ?4, ?5, 1)", args![
         key,
         run_id,
-        owner_pid,
+        i64::from(owner_pid),
         owner_host,
-        ts(lease_expires_at)
+        ts(&expires)
     ])?;
     Ok(())
 }
 
 fn fire_started(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     schedule: &str,
     occurrence: &DateTime<Utc>,
     run_id: &str,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "UPDATE schedule_fires SET outcome = 'started'
-         WHERE schedule = ?1 AND occurrence = ?2 AND run_id = ?3 AND outcome = 'claimed'",
-    )?
-    .execute(params![schedule, ts(occurrence), run_id])?;
+    tx.execute(
+"UPDATE schedule_fires SET outcome = 'started'
+         WHERE schedule = ?1 AND occurrence = ?2 AND run_id = ?3 AND outcome = 'claimed'", args![schedule, ts(occurrence), run_id])?;
     Ok(())
 }
 
 /// A decision on an approval is taken only while the run waits and nobody decided before:
 /// checked inside the decision's transaction, so an approval and a rejection racing from two
 /// shells cannot both land.
-fn check_undecided(tx: &Connection, run_id: &str, step_id: &str) -> Result<(), StoreError> {
-    let status: Option<String> = tx
-        .query_row("SELECT status FROM runs WHERE id = ?1", [run_id], |row| {
+fn check_undecided(tx: &mut Db<'_>, run_id: &str, step_id: &str) -> Result<(), StoreError> {
+    let status: Option<String> =
+        tx.query_opt("SELECT status FROM runs WHERE id = ?1", args![run_id], |row| {
             row.get(0)
-        })
-        .optional()?;
-    let approved: bool = tx.query_row(
+        })?;
+    let approved: bool = tx.query_one(
         "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1 AND step_id = ?2)",
-        params![run_id, step_id],
+        args![run_id, step_id],
         |row| row.get(0),
     )?;
     match status.as_deref() {
@@ -809,7 +779,7 @@ fn check_undecided(tx: &Connection, run_id: &str, step_id: &str) -> Result<(), S
 }
 
 fn reject(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     run_id: &str,
     step_id: &str,
     rejected_by: &str,
@@ -838,19 +808,17 @@ fn reject(
 }
 
 fn approve(
-    tx: &Connection,
+    tx: &mut Db<'_>,
     run_id: &str,
     step_id: &str,
     approved_by: &str,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
     check_undecided(tx, run_id, step_id)?;
-    tx.prepare_cached(
-        // Never over an earlier approval: a second one fails the primary key.
+    tx.execute(
+// Never over an earlier approval: a second one fails the primary key.
         "INSERT INTO approvals (run_id, step_id, approved_by, approved_at)
-         VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![run_id, step_id, approved_by, ts(at)])?;
+         VALUES (?1, ?2, ?3, ?4)", args![run_id, step_id, approved_by, ts(at)])?;
     event(
         tx,
         run_id,
@@ -930,7 +898,7 @@ mod decision_tests {
     #[test]
     fn an_approval_and_a_rejection_cannot_both_land() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("state.db"), Durability::Normal).unwrap();
+        let mut store = Store::open_file(&dir.path().join("state.db"), Durability::Normal).unwrap();
         waiting(&mut store, "approved-first");
         store.commit(&[approve("approved-first")]).unwrap();
         let late = store.commit(&[reject("approved-first")]).unwrap_err();

@@ -119,70 +119,146 @@ fn run(mut store: Store, receiver: mpsc::Receiver<Job>) {
 /// How many more busy timeouts (10 s each) a checkpoint waits for the state file.
 const BUSY_RETRIES: u32 = 11;
 
-fn is_busy(error: &rusqlite::Error) -> bool {
+/// How long a checkpoint waits for a PostgreSQL session that broke to come back (the server
+/// restarting, a failover, the network) before the run stops, resumable.
+const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn is_busy(error: &StoreError) -> bool {
     matches!(
-        error.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        error,
+        StoreError::Sqlite(error) if matches!(
+            error.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        )
     )
 }
 
+/// How a batch's transaction ended.
+enum Attempt {
+    /// Committed, or failed before anything was sent to commit: each checkpoint's result.
+    Done(Vec<Result<(), StoreError>>),
+    /// The session broke before COMMIT was sent: nothing of the batch is stored, and the whole
+    /// batch may be tried again on a new session.
+    SessionLost(StoreError),
+}
+
 fn commit_batch(store: &mut Store, batch: &[Checkpoint]) -> Vec<Result<(), StoreError>> {
-    let shared_failure = |error: &rusqlite::Error| -> Vec<Result<(), StoreError>> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        let lost = match store.reconnect_if_lost() {
+            Ok(_) => match try_batch(store, batch) {
+                Attempt::Done(results) => return results,
+                Attempt::SessionLost(error) => error,
+            },
+            Err(error) => error,
+        };
+        if started.elapsed() >= RECONNECT_FOR {
+            let why = format!(
+                "the state database was unreachable for {} s ({lost}); nothing of these \
+                 checkpoints is stored: the run stops here and resumes from its last checkpoint \
+                 once the database is back",
+                RECONNECT_FOR.as_secs()
+            );
+            return batch
+                .iter()
+                .map(|_| Err(StoreError::CommitFailed(why.clone())))
+                .collect();
+        }
+        tracing::warn!(error = %lost, "the state database session broke; reconnecting");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+fn try_batch(store: &mut Store, batch: &[Checkpoint]) -> Attempt {
+    let shared_failure = |error: &StoreError| -> Vec<Result<(), StoreError>> {
         batch
             .iter()
             .map(|_| Err(StoreError::CommitFailed(error.to_string())))
             .collect()
     };
-    // IMMEDIATE: take the write lock up front, so a busy file is waited for (busy_timeout)
-    // instead of failing a deferred transaction's upgrade with SQLITE_BUSY. A file held
-    // longer than that (a backup, another tool's long transaction) is waited for again, up to
-    // a bound: a run whose checkpoint fails stops, and a moment's contention should not stop it.
+    let mut tx = store.db();
+    // One writer at a time: a busy SQLite file is waited for (busy_timeout) instead of failing
+    // a deferred transaction's upgrade with SQLITE_BUSY. A file held longer than that (a
+    // backup, another tool's long transaction) is waited for again, up to a bound: a run whose
+    // checkpoint fails stops, and a moment's contention should not stop it.
     let mut waited = 0;
-    let mut tx = loop {
-        match store
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        {
-            Ok(tx) => break tx,
+    loop {
+        match tx.begin() {
+            Ok(()) => break,
             Err(error) if is_busy(&error) && waited < BUSY_RETRIES => {
                 waited += 1;
                 tracing::warn!(%error, attempt = waited, "the state file is busy; waiting again");
             }
-            Err(error) => return shared_failure(&error),
+            Err(error) if error.is_connection_lost() => return Attempt::SessionLost(error),
+            Err(error) => return Attempt::Done(shared_failure(&error)),
         }
-    };
+    }
     let mut results = Vec::with_capacity(batch.len());
     if let [job] = batch {
         // Alone in its transaction: no savepoint needed to keep a failure to itself.
         let result = job
             .writes
             .iter()
-            .try_for_each(|write| crate::write::apply(&tx, write));
-        // A failed write drops the transaction, which rolls it back: nothing of the
-        // checkpoint is committed. Only a checkpoint whose writes all applied is committed.
+            .try_for_each(|write| crate::write::apply(&mut tx, write));
+        // A failed write rolls the transaction back: nothing of the checkpoint is committed.
+        // Only a checkpoint whose writes all applied is committed.
         return match result {
-            Err(error) => vec![Err(error)],
-            Ok(()) => match tx.commit() {
+            Err(error) if error.is_connection_lost() => Attempt::SessionLost(error),
+            Err(error) => {
+                tx.rollback();
+                Attempt::Done(vec![Err(error)])
+            }
+            Ok(()) => Attempt::Done(match tx.commit() {
                 Ok(()) => vec![Ok(())],
-                Err(error) => shared_failure(&error),
-            },
+                Err(error) => {
+                    tx.rollback();
+                    vec![Err(commit_unknown(error))]
+                }
+            }),
         };
     }
     for job in batch {
         let result = (|| {
-            let savepoint = tx.savepoint()?;
-            // `Savepoint` derefs to the connection; statements run inside the savepoint.
+            tx.batch("SAVEPOINT checkpoint")?;
             for write in &job.writes {
-                crate::write::apply(&savepoint, write)?;
+                if let Err(error) = crate::write::apply(&mut tx, write) {
+                    // Keep the failure to this checkpoint: the others still commit.
+                    tx.batch("ROLLBACK TO SAVEPOINT checkpoint; RELEASE SAVEPOINT checkpoint")?;
+                    return Err(error);
+                }
             }
-            savepoint.commit()?;
-            Ok(())
+            tx.batch("RELEASE SAVEPOINT checkpoint")
         })();
+        if let Err(error) = &result {
+            if error.is_connection_lost() {
+                return Attempt::SessionLost(result.unwrap_err());
+            }
+        }
         results.push(result);
     }
     match tx.commit() {
-        Ok(()) => results,
-        Err(error) => shared_failure(&error),
+        Ok(()) => Attempt::Done(results),
+        Err(error) => {
+            tx.rollback();
+            let error = commit_unknown(error);
+            Attempt::Done(batch.iter().map(|_| Err(StoreError::CommitFailed(error.to_string()))).collect())
+        }
+    }
+}
+
+/// A COMMIT that failed: on a broken session nobody can tell whether it landed, so it is never
+/// tried again (that could record a transition twice) and never acknowledged.
+fn commit_unknown(error: StoreError) -> StoreError {
+    if error.is_connection_lost() {
+        StoreError::CommitFailed(format!(
+            "the state database session broke while committing ({error}); whether the last \
+             checkpoint was stored is unknown, so the run stops here: `kmsflow resume` observes \
+             the world again and goes on from what is stored"
+        ))
+    } else {
+        error
     }
 }
 
@@ -200,7 +276,7 @@ mod tests {
     #[test]
     fn exclusive_work_runs_after_the_checkpoints_queued_before_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state.db"), Durability::Normal).unwrap();
+        let store = Store::open_file(&dir.path().join("state.db"), Durability::Normal).unwrap();
         let (writer, thread) = Writer::spawn(store);
         let (seen, saw) = mpsc::channel();
         // Queued back to back, so the writer finds them together: the exclusive job must wait
@@ -231,7 +307,7 @@ mod tests {
     #[test]
     fn a_failed_checkpoint_leaves_nothing_of_itself_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state.db"), Durability::Normal).unwrap();
+        let store = Store::open_file(&dir.path().join("state.db"), Durability::Normal).unwrap();
         let (writer, thread) = Writer::spawn(store);
         commit_alone(&writer, vec![new_run("taken")]).unwrap();
         // Alone in its transaction: the first write is fine, the second breaks a key.

@@ -397,7 +397,7 @@ async fn updating_a_vault_keeps_what_the_step_does_not_manage_and_merges_tags() 
     let summary = h.run(&replaced, &[]).await;
     assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
     let events =
-        kmsflow_state::Store::open(&h.engine.state_path, kmsflow_state::Durability::Normal)
+        kmsflow_state::Store::open(&h.engine.state, kmsflow_state::Durability::Normal)
             .unwrap()
             .events(&summary.run_id)
             .unwrap();

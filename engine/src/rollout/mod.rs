@@ -29,7 +29,7 @@ use crate::launch::{
     Continuation, LaunchError, Launcher, Operator, RollbackRequest, RunRequest, lock_key,
     new_run_id,
 };
-use crate::lease::{HeldLock, LOCK_LEASE};
+use crate::lease::{HeldLock, lease};
 use crate::params::{self, BoundParams, ParamSources};
 use crate::progress::{Progress, ProgressSink};
 use crate::runbook::CompiledRunbook;
@@ -438,8 +438,7 @@ async fn drive_rollout(
     let (lock, rollout, targets, approvals, pauses) = launcher
         .on_store(move |store| {
             let now = Utc::now();
-            let grant =
-                store.acquire_lock(&key, &id, &LockOwner::current(), now + LOCK_LEASE, now)??;
+            let grant = store.acquire_lock(&key, &id, &LockOwner::current(), lease())??;
             let lock = HeldLock {
                 key,
                 token: grant.token,
@@ -911,8 +910,7 @@ pub async fn rollback(
     let (lock, children) = launcher
         .on_store(move |store| {
             let now = Utc::now();
-            let grant =
-                store.acquire_lock(&key, &id, &LockOwner::current(), now + LOCK_LEASE, now)??;
+            let grant = store.acquire_lock(&key, &id, &LockOwner::current(), lease())??;
             store.commit(&[Write::RolloutStatus {
                 rollout_id: id.clone(),
                 status: RunStatus::RollingBack,

@@ -169,7 +169,7 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine {
             registry,
-            state_path: dir.path().join("state.db"),
+            state: dir.path().join("state.db").into(),
             durability: Durability::Normal,
         };
         Harness {
@@ -289,7 +289,7 @@ impl Harness {
     }
 
     pub fn steps(&self, run_id: &str) -> Vec<StepRecord> {
-        Store::open(&self.engine.state_path, Durability::Normal)
+        Store::open(&self.engine.state, Durability::Normal)
             .unwrap()
             .steps(run_id)
             .unwrap()

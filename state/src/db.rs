@@ -1,0 +1,233 @@
+//! One connection, either backend: the statements of the store are written once, in the SQL
+//! both SQLite and PostgreSQL accept, and run through [`Db`].
+//!
+//! Statements use SQLite's numbered placeholders (`?1`); PostgreSQL's (`$1`) are made from
+//! them once per statement. Integers are `BIGINT` in the PostgreSQL schema, so every integer
+//! crosses as an `i64` whichever backend holds it. Timestamps are RFC 3339 text in UTC with
+//! microseconds on both, so they compare as text the same way.
+
+use chrono::{DateTime, Utc};
+
+use crate::StoreError;
+use crate::postgres::PgConn;
+
+/// A value bound to a placeholder: anything both drivers can send.
+pub(crate) trait Arg: rusqlite::ToSql + tokio_postgres::types::ToSql + Sync {}
+impl<T: rusqlite::ToSql + tokio_postgres::types::ToSql + Sync + ?Sized> Arg for T {}
+
+/// The values of a statement's placeholders, in order: `args![run_id, ts(at)]`.
+macro_rules! args {
+    ($($value:expr),* $(,)?) => {
+        &[$(&$value as &dyn $crate::db::Arg),*] as &[&dyn $crate::db::Arg]
+    };
+}
+pub(crate) use args;
+
+/// A connection (SQLite) or the store's session (PostgreSQL), inside or outside a transaction.
+pub(crate) enum Db<'c> {
+    Sqlite(&'c rusqlite::Connection),
+    Postgres(std::sync::MutexGuard<'c, PgConn>),
+}
+
+/// One row of a result, either backend's.
+pub(crate) enum Row<'r> {
+    Sqlite(&'r rusqlite::Row<'r>),
+    Postgres(&'r tokio_postgres::Row),
+}
+
+/// A column type read back the same way from both backends.
+pub(crate) trait Column: Sized {
+    fn from_sqlite(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Self>;
+    fn from_postgres(row: &tokio_postgres::Row, index: usize) -> Result<Self, StoreError>;
+}
+
+impl Row<'_> {
+    pub(crate) fn get<T: Column>(&self, index: usize) -> Result<T, StoreError> {
+        match self {
+            Row::Sqlite(row) => Ok(T::from_sqlite(row, index)?),
+            Row::Postgres(row) => T::from_postgres(row, index),
+        }
+    }
+}
+
+impl Column for String {
+    fn from_sqlite(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Self> {
+        row.get(index)
+    }
+    fn from_postgres(row: &tokio_postgres::Row, index: usize) -> Result<Self, StoreError> {
+        Ok(row.try_get(index)?)
+    }
+}
+
+impl Column for Option<String> {
+    fn from_sqlite(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Self> {
+        row.get(index)
+    }
+    fn from_postgres(row: &tokio_postgres::Row, index: usize) -> Result<Self, StoreError> {
+        Ok(row.try_get(index)?)
+    }
+}
+
+impl Column for Option<i64> {
+    fn from_sqlite(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Self> {
+        row.get(index)
+    }
+    fn from_postgres(row: &tokio_postgres::Row, index: usize) -> Result<Self, StoreError> {
+        use tokio_postgres::types::Type;
+        // Columns are BIGINT, but an expression (a literal, `count`, a comparison) may come
+        // back narrower or as a boolean: read what the server says it sent.
+        let ty = row.columns()[index].type_().clone();
+        Ok(match ty {
+            Type::INT2 => row.try_get::<_, Option<i16>>(index)?.map(i64::from),
+            Type::INT4 => row.try_get::<_, Option<i32>>(index)?.map(i64::from),
+            Type::BOOL => row.try_get::<_, Option<bool>>(index)?.map(i64::from),
+            _ => row.try_get::<_, Option<i64>>(index)?,
+        })
+    }
+}
+
+/// Non-null integers of any width the store keeps (attempts, pids, positions, flags).
+macro_rules! integer_column {
+    ($($ty:ty),*) => {$(
+        impl Column for $ty {
+            fn from_sqlite(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Self> {
+                row.get(index)
+            }
+            fn from_postgres(row: &tokio_postgres::Row, index: usize) -> Result<Self, StoreError> {
+                let value = Option::<i64>::from_postgres(row, index)?.ok_or_else(|| {
+                    crate::error::corrupt("(integer column)", "NULL where a number belongs")
+                })?;
+                <$ty>::try_from(value)
+                    .map_err(|e| crate::error::corrupt("(integer column)", e))
+            }
+        }
+    )*};
+}
+integer_column!(i64, u32, u64, usize);
+
+impl Column for bool {
+    fn from_sqlite(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Self> {
+        row.get(index)
+    }
+    fn from_postgres(row: &tokio_postgres::Row, index: usize) -> Result<Self, StoreError> {
+        Ok(i64::from_postgres(row, index)? != 0)
+    }
+}
+
+impl Db<'_> {
+    /// Runs one statement; the number of rows it changed.
+    pub(crate) fn execute(&mut self, sql: &str, args: &[&dyn Arg]) -> Result<usize, StoreError> {
+        match self {
+            Db::Sqlite(conn) => {
+                let args: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| *a as _).collect();
+                Ok(conn.prepare_cached(sql)?.execute(args.as_slice())?)
+            }
+            Db::Postgres(pg) => pg.execute(sql, args),
+        }
+    }
+
+    /// Every row of a query, each mapped by `each`.
+    pub(crate) fn query<T>(
+        &mut self,
+        sql: &str,
+        args: &[&dyn Arg],
+        mut each: impl FnMut(&Row<'_>) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        match self {
+            Db::Sqlite(conn) => {
+                let args: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| *a as _).collect();
+                let mut statement = conn.prepare_cached(sql)?;
+                let mut rows = statement.query(args.as_slice())?;
+                let mut found = Vec::new();
+                while let Some(row) = rows.next()? {
+                    found.push(each(&Row::Sqlite(row))?);
+                }
+                Ok(found)
+            }
+            Db::Postgres(pg) => pg
+                .query(sql, args)?
+                .iter()
+                .map(|row| each(&Row::Postgres(row)))
+                .collect(),
+        }
+    }
+
+    /// The first row of a query, if there is one.
+    pub(crate) fn query_opt<T>(
+        &mut self,
+        sql: &str,
+        args: &[&dyn Arg],
+        each: impl FnMut(&Row<'_>) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        Ok(self.query(sql, args, each)?.into_iter().next())
+    }
+
+    /// The one row a query always returns (an aggregate).
+    pub(crate) fn query_one<T>(
+        &mut self,
+        sql: &str,
+        args: &[&dyn Arg],
+        each: impl FnMut(&Row<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.query_opt(sql, args, each)?
+            .ok_or_else(|| crate::error::corrupt("(query)", "no row where one was expected"))
+    }
+
+    /// Runs statements without placeholders, one after another.
+    pub(crate) fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        match self {
+            Db::Sqlite(conn) => Ok(conn.execute_batch(sql)?),
+            Db::Postgres(pg) => pg.batch(sql),
+        }
+    }
+
+    /// Opens a write transaction that no other writer runs beside: SQLite's `IMMEDIATE`
+    /// takes the file's write lock; PostgreSQL takes the store's writer lock (an advisory
+    /// lock held to the end of the transaction). Every read-then-write of the store (a lock
+    /// taken, a fire claimed, an approval decided) is then exactly as serial on both.
+    pub(crate) fn begin(&mut self) -> Result<(), StoreError> {
+        match self {
+            Db::Sqlite(conn) => Ok(conn.execute_batch("BEGIN IMMEDIATE")?),
+            Db::Postgres(pg) => pg.begin_serial(),
+        }
+    }
+
+    pub(crate) fn commit(&mut self) -> Result<(), StoreError> {
+        self.batch("COMMIT")
+    }
+
+    /// Rolls back the open transaction, if any; for the error paths, so it never fails them.
+    pub(crate) fn rollback(&mut self) {
+        let _ = self.batch("ROLLBACK");
+    }
+
+    /// Runs `work` in one write transaction: committed if it succeeds, rolled back if not.
+    pub(crate) fn transaction<T>(
+        &mut self,
+        work: impl FnOnce(&mut Db<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.begin()?;
+        match work(self) {
+            Ok(value) => {
+                if let Err(error) = self.commit() {
+                    self.rollback();
+                    return Err(error);
+                }
+                Ok(value)
+            }
+            Err(error) => {
+                self.rollback();
+                Err(error)
+            }
+        }
+    }
+
+    /// The store's clock: this host's for SQLite (one machine), the database server's for
+    /// PostgreSQL, so leases taken on many machines are timed by one clock.
+    pub(crate) fn now(&mut self) -> Result<DateTime<Utc>, StoreError> {
+        match self {
+            Db::Sqlite(_) => Ok(Utc::now()),
+            Db::Postgres(pg) => pg.now(),
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! The PostgreSQL backend: a team's state, shared by every runner, worker and daemon.
+//!
+//! The driver is tokio-postgres. Its connection task runs on a small runtime of the store's
+//! own (one thread for the whole process), and the store's calls wait on their answers from
+//! whichever thread asks: the store is synchronous like the SQLite one, and may be called from
+//! inside the engine's async tasks without nesting a runtime.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::config::{Host, SslMode};
+
+use crate::StoreError;
+use crate::db::Arg;
+
+/// Where a PostgreSQL store lives, parsed from `postgres://user@host:port/db?sslmode=...`.
+/// Shown without its password.
+#[derive(Clone)]
+pub struct PgLocation {
+    config: tokio_postgres::Config,
+    /// The URL without its password, for messages and `kmsflow runs`.
+    shown: String,
+    tls: Tls,
+}
+
+/// How the connection is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    /// No TLS: asked for (`sslmode=disable`), or the server is on this machine.
+    Off,
+    /// TLS with the server's certificate verified against the system's roots.
+    Verified,
+}
+
+impl std::fmt::Debug for PgLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl std::fmt::Display for PgLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+/// Whether `text` names a PostgreSQL store rather than a state file.
+pub fn is_postgres_url(text: &str) -> bool {
+    text.starts_with("postgres://") || text.starts_with("postgresql://")
+}
+
+impl PgLocation {
+    /// Parses a `postgres://` URL. The password comes from the URL, else `PGPASSWORD`, else
+    /// `~/.pgpass`. Without `sslmode`, a server on loopback or a Unix socket is reached
+    /// without TLS and any other with TLS whose certificate is verified; `sslmode=require`
+    /// (and `verify-full`) always verify, `disable` turns TLS off.
+    pub fn parse(text: &str) -> Result<PgLocation, StoreError> {
+        let bad = |why: String| StoreError::BadLocation {
+            location: mask_password(text),
+            why,
+        };
+        let mut url = url::Url::parse(text).map_err(|e| bad(e.to_string()))?;
+        let mut sslmode = None;
+        let mut kept = Vec::new();
+        for (key, value) in url.query_pairs() {
+            match &*key {
+                "sslmode" => sslmode = Some(value.into_owned()),
+                "auth" => {
+                    return Err(bad(format!(
+                        "`auth={value}` is not supported yet: give a password (in the URL, \
+                         PGPASSWORD or ~/.pgpass)"
+                    )));
+                }
+                _ => kept.push((key.into_owned(), value.into_owned())),
+            }
+        }
+        url.set_query(None);
+        if !kept.is_empty() {
+            url.query_pairs_mut().extend_pairs(kept);
+        }
+        let mut config: tokio_postgres::Config = url
+            .as_str()
+            .parse()
+            .map_err(|e: tokio_postgres::Error| bad(e.to_string()))?;
+        if config.get_hosts().is_empty() {
+            return Err(bad("the URL names no host".into()));
+        }
+        let local = config.get_hosts().iter().all(|host| match host {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .trim_matches(['[', ']'])
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        });
+        let tls = match sslmode.as_deref() {
+            None if local => Tls::Off,
+            None | Some("require" | "verify-ca" | "verify-full") => Tls::Verified,
+            Some("disable") => Tls::Off,
+            Some(other) => {
+                return Err(bad(format!(
+                    "sslmode `{other}` is not one of disable, require, verify-ca, verify-full"
+                )));
+            }
+        };
+        config.ssl_mode(match tls {
+            Tls::Off => SslMode::Disable,
+            Tls::Verified => SslMode::Require,
+        });
+        if config.get_application_name().is_none() {
+            config.application_name("kmsflow");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if config.get_password().is_none() {
+            if let Some(password) = std::env::var_os("PGPASSWORD") {
+                config.password(password.to_string_lossy().as_bytes());
+            } else if let Some(password) = pgpass_password(&config) {
+                config.password(password);
+            }
+        }
+        Ok(PgLocation {
+            config,
+            shown: mask_password(text),
+            tls,
+        })
+    }
+
+    /// Opens a session.
+    pub(crate) fn connect(&self) -> Result<PgConn, StoreError> {
+        let config = self.config.clone();
+        let tls = self.tls;
+        let connecting = io().spawn(async move {
+            let (client, connection) = match tls {
+                Tls::Off => {
+                    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+                    (client, tokio::spawn(connection))
+                }
+                Tls::Verified => {
+                    let (client, connection) = config.connect(verified_tls()?).await?;
+                    (client, tokio::spawn(connection))
+                }
+            };
+            drop(connection);
+            Ok::<_, StoreError>(client)
+        });
+        let client = futures::executor::block_on(connecting)
+            .map_err(|e| StoreError::CommitFailed(format!("the PostgreSQL connector stopped: {e}")))?
+            .map_err(|error| match error {
+                StoreError::Postgres(pg) => StoreError::Connect {
+                    location: self.shown.clone(),
+                    detail: pg.to_string(),
+                },
+                other => other,
+            })?;
+        Ok(PgConn {
+            client,
+            statements: HashMap::new(),
+        })
+    }
+}
+
+/// The URL as it may be shown: its password replaced.
+pub fn mask_password(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        Ok(url) => url.to_string(),
+        Err(_) => "(an unreadable postgres:// URL)".into(),
+    }
+}
+
+/// The password `~/.pgpass` holds for this host, port, database and user, as libpq reads it
+/// (`host:port:database:user:password`, `*` matching anything, `\` escaping `:` and `\`).
+fn pgpass_password(config: &tokio_postgres::Config) -> Option<String> {
+    let path = std::env::var_os("PGPASSFILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| dirs_home().map(|home| home.join(".pgpass")))?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let host = match config.get_hosts().first()? {
+        Host::Tcp(name) => name.clone(),
+        Host::Unix(_) => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432).to_string();
+    let user = config.get_user().unwrap_or_default().to_owned();
+    let dbname = config.get_dbname().unwrap_or(&user).to_owned();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let fields = split_pgpass(line);
+            let [h, p, d, u, password] = fields.as_slice() else {
+                return None;
+            };
+            let matches = |field: &str, value: &str| field == "*" || field == value;
+            (matches(h, &host) && matches(p, &port) && matches(d, &dbname) && matches(u, &user))
+                .then(|| password.clone())
+        })
+}
+
+fn split_pgpass(line: &str) -> Vec<String> {
+    let mut fields = vec![String::new()];
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    fields.last_mut().expect("one field").push(next);
+                }
+            }
+            ':' => fields.push(String::new()),
+            c => fields.last_mut().expect("one field").push(c),
+        }
+    }
+    fields
+}
+
+fn dirs_home() -> Option<std::path::PathBuf> {
+    std::env::var_os("HOME").map(std::path::PathBuf::from)
+}
+
+fn verified_tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for cert in found.certs {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(StoreError::CommitFailed(
+            "no trusted root certificates on this machine to verify the PostgreSQL server's \
+             certificate with (install ca-certificates, or use sslmode=disable on a private \
+             network)"
+                .into(),
+        ));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::CommitFailed(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// The runtime that drives every PostgreSQL connection of this process.
+fn io() -> &'static tokio::runtime::Runtime {
+    static IO: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    IO.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("kmsflow-postgres")
+            .enable_all()
+            .build()
+            .expect("start the PostgreSQL connection runtime")
+    })
+}
+
+/// One session with the server, and the statements it has prepared.
+pub(crate) struct PgConn {
+    client: tokio_postgres::Client,
+    statements: HashMap<String, tokio_postgres::Statement>,
+}
+
+/// The key of the advisory lock every write transaction holds (see [`crate::db::Db::begin`]):
+/// "kmsflow" as a number, so it is unlikely to meet another application's lock.
+const WRITER_LOCK: i64 = 0x6b6d_7366_6c6f_77;
+/// The key of the session lock held while migrating the schema.
+const MIGRATION_LOCK: i64 = WRITER_LOCK + 1;
+
+impl PgConn {
+    fn statement(&mut self, sql: &str) -> Result<tokio_postgres::Statement, StoreError> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = wait(self.client.prepare(&numbered_placeholders(sql)))?;
+        self.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    pub(crate) fn execute(&mut self, sql: &str, args: &[&dyn Arg]) -> Result<usize, StoreError> {
+        let statement = self.statement(sql)?;
+        let args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            args.iter().map(|a| *a as _).collect();
+        Ok(wait(self.client.execute(&statement, &args))? as usize)
+    }
+
+    pub(crate) fn query(
+        &mut self,
+        sql: &str,
+        args: &[&dyn Arg],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let statement = self.statement(sql)?;
+        let args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            args.iter().map(|a| *a as _).collect();
+        wait(self.client.query(&statement, &args))
+    }
+
+    pub(crate) fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        wait(self.client.batch_execute(sql))
+    }
+
+    pub(crate) fn begin_serial(&mut self) -> Result<(), StoreError> {
+        self.batch(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK})"
+        ))
+    }
+
+    pub(crate) fn now(&mut self) -> Result<DateTime<Utc>, StoreError> {
+        let rows = self.query(
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', \
+             'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+            &[],
+        )?;
+        let text: String = rows
+            .first()
+            .ok_or_else(|| crate::error::corrupt("clock_timestamp()", "no row"))?
+            .try_get(0)?;
+        crate::store::timestamp(text, "clock_timestamp()")
+    }
+
+    /// Whether the session is gone (the server restarted, the network dropped it).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Brings the schema up to date. Two processes migrating at once are serialised by a
+    /// session advisory lock; the second finds the work done.
+    pub(crate) fn migrate(&mut self) -> Result<(), StoreError> {
+        self.batch(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))?;
+        let migrated = self.migrate_locked();
+        let unlocked = self.batch(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"));
+        migrated.and(unlocked)
+    }
+
+    fn migrate_locked(&mut self) -> Result<(), StoreError> {
+        self.batch(
+            "CREATE TABLE IF NOT EXISTS kmsflow_schema (
+                 version    BIGINT PRIMARY KEY,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+             )",
+        )?;
+        let found: i64 = self
+            .query("SELECT coalesce(max(version), 0) FROM kmsflow_schema", &[])?
+            .first()
+            .map(|row| row.try_get(0))
+            .transpose()?
+            .unwrap_or(0);
+        let supported = crate::schema::POSTGRES_MIGRATIONS.len() as i64;
+        if found > supported {
+            return Err(StoreError::SchemaTooNew { found, supported });
+        }
+        for (index, sql) in crate::schema::POSTGRES_MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(found as usize)
+        {
+            let version = index as i64 + 1;
+            self.batch("BEGIN")?;
+            let applied = self.batch(sql).and_then(|()| {
+                self.execute(
+                    "INSERT INTO kmsflow_schema (version) VALUES (?1)",
+                    crate::db::args![version],
+                )
+                .map(drop)
+            });
+            match applied {
+                Ok(()) => self.batch("COMMIT")?,
+                Err(error) => {
+                    let _ = self.batch("ROLLBACK");
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Waits for the driver's answer from any thread, async context or not: the connection is
+/// driven on the store's own runtime, so this only waits on a channel.
+fn wait<T>(
+    answer: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, StoreError> {
+    Ok(futures::executor::block_on(answer)?)
+}
+
+/// `?1` becomes `$1`; a `?` inside a quoted literal is left alone.
+fn numbered_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut quoted = false;
+    for c in sql.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                out.push(c);
+            }
+            '?' if !quoted => out.push('$'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_renumbered_outside_literals() {
+        assert_eq!(
+            numbered_placeholders("SELECT ?1, '?', x FROM t WHERE a = ?2"),
+            "SELECT $1, '?', x FROM t WHERE a = $2"
+        );
+    }
+
+    #[test]
+    fn a_password_is_never_shown() {
+        let location = PgLocation::parse("postgres://ana:s3cret@db.example:5432/kmsflow").unwrap();
+        assert!(!location.to_string().contains("s3cret"), "{location}");
+        assert!(!format!("{location:?}").contains("s3cret"));
+        assert_eq!(location.tls, Tls::Verified, "off loopback, TLS is verified by default");
+    }
+
+    #[test]
+    fn loopback_needs_no_tls_and_sslmode_is_checked() {
+        let local = PgLocation::parse("postgres://ana@127.0.0.1:5433/kmsflow").unwrap();
+        assert_eq!(local.tls, Tls::Off);
+        let asked = PgLocation::parse("postgres://ana@127.0.0.1:5433/k?sslmode=require").unwrap();
+        assert_eq!(asked.tls, Tls::Verified);
+        let error = PgLocation::parse("postgres://ana@h/k?sslmode=allow").unwrap_err();
+        assert!(error.to_string().contains("sslmode `allow`"), "{error}");
+    }
+
+    #[test]
+    fn pgpass_lines_match_like_libpq() {
+        assert_eq!(
+            split_pgpass(r"db\:1:*:k:ana:pa\:ss"),
+            ["db:1", "*", "k", "ana", "pa:ss"]
+        );
+    }
+}

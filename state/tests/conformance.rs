@@ -1,0 +1,499 @@
+//! One store conformance suite, run on both backends: every scenario runs once on a SQLite
+//! file and once on a database of a real PostgreSQL server (a throwaway one, see
+//! `kmsflow-pgtest`). A backend passes only what the other passes.
+
+use std::sync::mpsc;
+
+use chrono::{Duration, Utc};
+use kmsflow_state::{
+    Durability, FireOutcome, FireRecord, Location, LockOwner, NewRollout, NewRun, NewTarget,
+    Overlap, RunStatus, ScheduleRecord, StepStatus, Store, StoreError, Write, Writer,
+};
+use serde_json::json;
+
+/// A fresh, empty store of each kind; the folder keeps a SQLite file alive.
+struct Fresh {
+    location: Location,
+    _dir: tempfile::TempDir,
+}
+
+fn sqlite() -> Fresh {
+    let dir = tempfile::tempdir().unwrap();
+    Fresh {
+        location: Location::File(dir.path().join("state.db")),
+        _dir: dir,
+    }
+}
+
+fn postgres() -> Fresh {
+    let url = kmsflow_pgtest::server().database();
+    Fresh {
+        location: Location::parse(&url).unwrap(),
+        _dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Fresh {
+    fn open(&self) -> Store {
+        Store::open(&self.location, Durability::Full).unwrap()
+    }
+}
+
+/// Each scenario, once per backend.
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[test] fn $scenario() { super::$scenario(super::sqlite()) })*
+        }
+        mod on_postgres {
+            $(#[test] fn $scenario() { super::$scenario(super::postgres()) })*
+        }
+    };
+}
+
+on_both_backends!(
+    a_run_its_steps_and_journal_read_back_as_written,
+    run_ids_resolve_by_prefix_and_ambiguity_is_named,
+    a_failed_checkpoint_in_a_batch_fails_alone_and_stores_nothing_of_itself,
+    a_lock_is_held_against_others_and_every_takeover_raises_the_token,
+    a_fence_refuses_a_former_holder_and_the_checkpoint_it_leads,
+    approvals_are_decided_once,
+    an_occurrence_is_claimed_by_exactly_one_of_many_stores,
+    schedules_round_trip_and_pause,
+    a_rollout_links_each_target_to_one_run,
+    journal_sequence_numbers_grow_in_commit_order,
+    many_processes_migrating_at_once_are_safe,
+);
+
+fn new_run(id: &str, steps: &[&str], lock_key: Option<&str>) -> Write {
+    Write::CreateRun(NewRun {
+        id: id.into(),
+        runbook: "t".into(),
+        runbook_ref: "t.yaml".into(),
+        content_hash: "hash-t".into(),
+        source: "name: t".into(),
+        params: json!({"cluster": "aks-1"}),
+        secret_params: vec!["token".into()],
+        started_at: Utc::now(),
+        lock_key: lock_key.map(str::to_owned),
+        steps: steps.iter().map(|s| ((*s).into(), "noop".into())).collect(),
+        fragments: json!([]),
+    })
+}
+
+fn a_run_its_steps_and_journal_read_back_as_written(fresh: Fresh) {
+    let mut store = fresh.open();
+    let at = Utc::now();
+    store
+        .commit(&[
+            new_run("run-1", &["a", "b"], Some("cluster/aks-1")),
+            Write::StepApplying {
+                run_id: "run-1".into(),
+                step_id: "a".into(),
+                attempt: 1,
+                before_image: json!({"mode": "pmk"}),
+                planned_outcome: kmsflow_state::Outcome::Updated,
+                at,
+            },
+            Write::StepSucceeded {
+                run_id: "run-1".into(),
+                step_id: "a".into(),
+                attempt: 2,
+                outcome: kmsflow_state::Outcome::Updated,
+                outputs: json!({"key": "v1"}),
+                at,
+            },
+            Write::StepSkipped {
+                run_id: "run-1".into(),
+                step_id: "b".into(),
+                reason: "if was false".into(),
+                at,
+            },
+            Write::RunFinished {
+                run_id: "run-1".into(),
+                status: RunStatus::Succeeded,
+                error: None,
+                outputs: Some(json!({"done": true})),
+                at,
+            },
+        ])
+        .unwrap();
+    let run = store.run("run-1").unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(run.source, "name: t");
+    assert_eq!(run.params, json!({"cluster": "aks-1"}));
+    assert_eq!(run.secret_params, ["token"]);
+    assert_eq!(run.lock_key.as_deref(), Some("cluster/aks-1"));
+    assert_eq!(run.outputs, Some(json!({"done": true})));
+    let steps = store.steps("run-1").unwrap();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps[0].status, StepStatus::Succeeded);
+    assert_eq!(steps[0].attempts, 2, "the larger attempt is kept");
+    assert_eq!(steps[0].before_image, Some(json!({"mode": "pmk"})));
+    assert_eq!(steps[0].outputs, Some(json!({"key": "v1"})));
+    assert_eq!(steps[1].status, StepStatus::Skipped);
+    // Microseconds survive, on both.
+    assert_eq!(
+        steps[0].finished_at.map(|t| t.timestamp_micros()),
+        Some(at.timestamp_micros())
+    );
+    let kinds: Vec<String> = store
+        .events("run-1")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "run_created",
+            "step_applying",
+            "step_succeeded",
+            "step_skipped",
+            "run_succeeded"
+        ]
+    );
+    assert_eq!(store.runs(10).unwrap().len(), 1);
+    assert_eq!(store.runs_outside_rollouts(10).unwrap().len(), 1);
+    // A second store on the same location sees it (another process, another machine).
+    assert_eq!(fresh.open().run("run-1").unwrap(), run);
+}
+
+fn run_ids_resolve_by_prefix_and_ambiguity_is_named(fresh: Fresh) {
+    let mut store = fresh.open();
+    store
+        .commit(&[
+            new_run("abc-1", &[], None),
+            new_run("abc-2", &[], None),
+            new_run("xyz-1", &[], None),
+        ])
+        .unwrap();
+    assert_eq!(store.resolve_run_id("xyz").unwrap(), "xyz-1");
+    assert_eq!(store.resolve_run_id("abc-2").unwrap(), "abc-2");
+    match store.resolve_run_id("abc") {
+        Err(StoreError::AmbiguousRunId { candidates, .. }) => {
+            assert_eq!(candidates, ["abc-1", "abc-2"])
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        store.resolve_run_id("nope"),
+        Err(StoreError::RunNotFound(_))
+    ));
+}
+
+fn a_failed_checkpoint_in_a_batch_fails_alone_and_stores_nothing_of_itself(fresh: Fresh) {
+    let store = fresh.open();
+    let (writer, thread) = Writer::spawn(store);
+    // Hold the writer busy so the three checkpoints below are committed as one batch.
+    let (release, hold) = mpsc::channel::<()>();
+    writer.run(Box::new(move |_| {
+        let _ = hold.recv();
+    }));
+    let mut results = Vec::new();
+    for writes in [
+        vec![new_run("ok-1", &["a"], None)],
+        // The second write breaks the primary key: the whole checkpoint fails, the event
+        // before it included.
+        vec![
+            Write::Event {
+                run_id: "dup".into(),
+                step_id: None,
+                kind: "marker".into(),
+                detail: json!({}),
+                at: Utc::now(),
+            },
+            new_run("ok-1", &["a"], None),
+        ],
+        vec![new_run("ok-2", &["a"], None)],
+    ] {
+        let (done, result) = mpsc::channel();
+        writer.submit(writes, Box::new(move |r| done.send(r).unwrap()));
+        results.push(result);
+    }
+    release.send(()).unwrap();
+    let results: Vec<_> = results.into_iter().map(|r| r.recv().unwrap()).collect();
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(results[1].is_err());
+    drop(writer);
+    thread.join();
+    let store = fresh.open();
+    assert!(store.run("ok-1").is_ok() && store.run("ok-2").is_ok());
+    assert!(store.events("dup").unwrap().is_empty(), "nothing of the failed one");
+}
+
+fn elsewhere(pid: u32) -> LockOwner {
+    LockOwner {
+        pid,
+        host: "another-machine".into(),
+    }
+}
+
+fn a_lock_is_held_against_others_and_every_takeover_raises_the_token(fresh: Fresh) {
+    let mut one = fresh.open();
+    let mut two = fresh.open();
+    let first = one
+        .acquire_lock("cluster/aks-1", "run-1", &elsewhere(1), Duration::seconds(60))
+        .unwrap()
+        .unwrap();
+    let held = two
+        .acquire_lock("cluster/aks-1", "run-2", &elsewhere(2), Duration::seconds(60))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!((held.run_id.as_str(), held.pid), ("run-1", 1));
+    assert!(one.driven_now("cluster/aks-1", "run-1").unwrap());
+    // An expired lease (by the store's clock) is taken over, with a larger token.
+    let stale = two
+        .acquire_lock("cluster/aks-2", "run-1", &elsewhere(1), Duration::seconds(-1))
+        .unwrap()
+        .unwrap();
+    assert!(!two.driven_now("cluster/aks-2", "run-1").unwrap());
+    let taken = one
+        .acquire_lock("cluster/aks-2", "run-2", &elsewhere(2), Duration::seconds(60))
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.token, stale.token + 1);
+    assert!(first.token >= 1);
+}
+
+fn a_fence_refuses_a_former_holder_and_the_checkpoint_it_leads(fresh: Fresh) {
+    let mut store = fresh.open();
+    store.commit(&[new_run("run-1", &["a"], None)]).unwrap();
+    let old = store
+        .acquire_lock("k", "run-1", &elsewhere(1), Duration::seconds(-1))
+        .unwrap()
+        .unwrap();
+    let new = store
+        .acquire_lock("k", "run-2", &elsewhere(2), Duration::seconds(60))
+        .unwrap()
+        .unwrap();
+    let fenced = store.commit(&[
+        Write::CheckFence {
+            key: "k".into(),
+            run_id: "run-1".into(),
+            token: old.token,
+        },
+        Write::StepApplying {
+            run_id: "run-1".into(),
+            step_id: "a".into(),
+            attempt: 1,
+            before_image: json!({}),
+            planned_outcome: kmsflow_state::Outcome::Updated,
+            at: Utc::now(),
+        },
+    ]);
+    match fenced {
+        Err(StoreError::LeaseLost { taken_by, .. }) => {
+            assert_eq!(taken_by.as_deref(), Some("run-2"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store.steps("run-1").unwrap()[0].status,
+        StepStatus::Pending,
+        "nothing after a failed fence is applied"
+    );
+    // Renewal is compare and swap on the token.
+    let renewal = store.commit(&[Write::RenewLock {
+        key: "k".into(),
+        run_id: "run-1".into(),
+        token: old.token,
+        lease: Duration::seconds(60),
+    }]);
+    assert!(matches!(renewal, Err(StoreError::LeaseLost { .. })));
+    store
+        .commit(&[
+            Write::RenewLock {
+                key: "k".into(),
+                run_id: "run-2".into(),
+                token: new.token,
+                lease: Duration::seconds(60),
+            },
+            Write::CheckFence {
+                key: "k".into(),
+                run_id: "run-2".into(),
+                token: new.token,
+            },
+        ])
+        .unwrap();
+}
+
+fn approvals_are_decided_once(fresh: Fresh) {
+    let mut store = fresh.open();
+    store
+        .commit(&[
+            new_run("run-1", &["gate"], None),
+            Write::RunFinished {
+                run_id: "run-1".into(),
+                status: RunStatus::Waiting,
+                error: None,
+                outputs: None,
+                at: Utc::now(),
+            },
+        ])
+        .unwrap();
+    let approve = Write::Approve {
+        run_id: "run-1".into(),
+        step_id: "gate".into(),
+        approved_by: "ana".into(),
+        at: Utc::now(),
+    };
+    store.commit(std::slice::from_ref(&approve)).unwrap();
+    let again = store.commit(&[approve]).unwrap_err();
+    assert!(matches!(again, StoreError::Decided { approved: true, .. }), "{again}");
+    assert_eq!(store.approvals("run-1").unwrap()[0].approved_by, "ana");
+}
+
+fn an_occurrence_is_claimed_by_exactly_one_of_many_stores(fresh: Fresh) {
+    let mut store = fresh.open();
+    store.add_schedule(&schedule("s")).unwrap();
+    let occurrence = Utc::now();
+    let claims: Vec<bool> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let fresh = &fresh;
+                scope.spawn(move || {
+                    let mut daemon = fresh.open();
+                    (0..20)
+                        .map(|i| {
+                            daemon
+                                .claim_fire(&FireRecord {
+                                    schedule: "s".into(),
+                                    occurrence: occurrence + Duration::seconds(i),
+                                    fired_at: Utc::now(),
+                                    outcome: FireOutcome::Claimed,
+                                    run_id: None,
+                                    detail: None,
+                                })
+                                .unwrap()
+                        })
+                        .collect::<Vec<bool>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(claims.iter().filter(|c| **c).count(), 20, "each of 20 once");
+    assert_eq!(store.fires("s").unwrap().len(), 20);
+}
+
+fn schedule(name: &str) -> ScheduleRecord {
+    ScheduleRecord {
+        name: name.into(),
+        runbook: "rotation-check".into(),
+        params: json!({"cluster": "aks-1"}),
+        targets: None,
+        policy: Some(json!({"concurrency": 4})),
+        discover: None,
+        cron: "0 * * * *".into(),
+        overlap: Overlap::Skip,
+        catchup_ms: 60_000,
+        jitter_ms: 0,
+        webhook: Some("https://hooks.example/secret".into()),
+        paused: false,
+        created_at: Utc::now(),
+        last_seen_at: Utc::now(),
+        last_worst: None,
+    }
+}
+
+fn schedules_round_trip_and_pause(fresh: Fresh) {
+    let mut store = fresh.open();
+    assert!(store.add_schedule(&schedule("s")).unwrap());
+    assert!(!store.add_schedule(&schedule("s")).unwrap(), "a name is taken once");
+    assert!(store.set_schedule_paused("s", true).unwrap());
+    let found = store.schedules().unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(found[0].paused);
+    assert_eq!(found[0].policy, Some(json!({"concurrency": 4})));
+    assert_eq!(found[0].catchup_ms, 60_000);
+    assert!(store.remove_schedule("s").unwrap());
+    assert!(store.schedules().unwrap().is_empty());
+}
+
+fn a_rollout_links_each_target_to_one_run(fresh: Fresh) {
+    let mut store = fresh.open();
+    let id = "rollout-1234";
+    store
+        .commit(&[Write::CreateRollout(NewRollout {
+            id: id.into(),
+            runbook: "t".into(),
+            runbook_ref: "t.yaml".into(),
+            content_hash: "hash-t".into(),
+            source: "name: t".into(),
+            fragments: json!([]),
+            params: json!({}),
+            secret_params: vec![],
+            policy: json!({"concurrency": 2}),
+            started_at: Utc::now(),
+            targets: (0..3)
+                .map(|i| NewTarget {
+                    label: format!("rg/aks-{i}"),
+                    params: json!({"cluster": format!("aks-{i}")}),
+                    wave: 1 + i,
+                })
+                .collect(),
+        })])
+        .unwrap();
+    let link = |position: usize, run: &str| {
+        vec![
+            new_run(run, &["a"], None),
+            Write::RolloutTargetStarted {
+                rollout_id: id.into(),
+                position,
+                run_id: run.into(),
+                at: Utc::now(),
+            },
+        ]
+    };
+    store.commit(&link(0, "run-a")).unwrap();
+    assert!(store.commit(&link(0, "run-b")).is_err(), "a target runs once");
+    assert!(store.run("run-b").is_err(), "and the refused run is not created");
+    let targets = store.rollout_targets(id).unwrap();
+    assert_eq!(targets.len(), 3);
+    assert_eq!(targets[0].run_id.as_deref(), Some("run-a"));
+    assert_eq!(targets[2].wave, 3);
+    assert_eq!(store.rollout(id).unwrap().targets, 3);
+    assert_eq!(store.resolve_rollout_id("rollout-12").unwrap(), id);
+    assert!(store.runs_outside_rollouts(10).unwrap().is_empty());
+}
+
+fn journal_sequence_numbers_grow_in_commit_order(fresh: Fresh) {
+    let stores: Vec<Store> = (0..3).map(|_| fresh.open()).collect();
+    std::thread::scope(|scope| {
+        for (n, mut store) in stores.into_iter().enumerate() {
+            scope.spawn(move || {
+                for i in 0..30 {
+                    store
+                        .commit(&[Write::Event {
+                            run_id: format!("r{n}"),
+                            step_id: None,
+                            kind: "cancel_requested".into(),
+                            detail: json!({"i": i}),
+                            at: Utc::now(),
+                        }])
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let store = fresh.open();
+    let seen = store.events_of_kind_after("cancel_requested", 0).unwrap();
+    assert_eq!(seen.len(), 90);
+    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
+    let last = store.last_event_seq().unwrap();
+    assert_eq!(store.events_of_kind_after("cancel_requested", last).unwrap(), []);
+}
+
+fn many_processes_migrating_at_once_are_safe(fresh: Fresh) {
+    // Four stores open an empty location at once: each migrates or finds it migrated.
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| fresh.open().runs(1).unwrap());
+        }
+    });
+    fresh.open().commit(&[new_run("after", &[], None)]).unwrap();
+}
