@@ -34,15 +34,29 @@ fn params(runbook: &str) -> Vec<String> {
         .collect()
 }
 
-/// A fresh sandbox seeded for `runbook`, answering every write 150 ms after applying it.
-fn sandbox(dir: &Path, runbook: &str) -> Served {
+/// Where the runs keep their state.
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    /// `state.db` in the test's folder.
+    Sqlite,
+    /// A database of its own on the test process's throwaway PostgreSQL server.
+    Postgres,
+}
+
+/// A fresh sandbox seeded for `runbook`, answering every write 150 ms after applying it, and
+/// a fresh state on `backend`.
+fn sandbox(dir: &Path, runbook: &str, backend: Backend) -> Served {
     let faults = dir.join("faults.yaml");
     std::fs::write(
         &faults,
         "latency: { min_ms: 0, max_ms: 0, write_ms: 150 }\n",
     )
     .unwrap();
-    serve(&["--faults", faults.to_str().unwrap(), "--world", runbook])
+    let mut served = serve(&["--faults", faults.to_str().unwrap(), "--world", runbook]);
+    if backend == Backend::Postgres {
+        served.state = Some(kmsflow_pgtest::server().database());
+    }
+    served
 }
 
 fn stderr(output: &Output) -> String {
@@ -186,11 +200,11 @@ fn finish(served: &Served, dir: &Path, command: &str, run: &str) -> Output {
     output
 }
 
-fn every_write_killed_and_resumed(runbook: &str) {
+fn every_write_killed_and_resumed(runbook: &str, backend: Backend) {
     let params = params(runbook);
     // The undisturbed run: its world, its writes, the steps that make them.
     let calm = tempfile::tempdir().unwrap();
-    let served = sandbox(calm.path(), runbook);
+    let served = sandbox(calm.path(), runbook, backend);
     let out = served
         .kmsflow(calm.path(), &run_args("run", runbook, &params))
         .output()
@@ -205,7 +219,7 @@ fn every_write_killed_and_resumed(runbook: &str) {
     let mut hit: BTreeMap<usize, Vec<String>> = BTreeMap::new();
     for k in 1..=writes {
         let dir = tempfile::tempdir().unwrap();
-        let served = sandbox(dir.path(), runbook);
+        let served = sandbox(dir.path(), runbook, backend);
         let killed = kill_at_write(
             &served,
             dir.path(),
@@ -239,17 +253,24 @@ fn every_write_killed_and_resumed(runbook: &str) {
 
 #[test]
 fn cmk_private_vault_new_cluster_killed_at_every_write_resumes_to_the_undisturbed_world() {
-    every_write_killed_and_resumed("cmk-private-vault-new-cluster");
+    every_write_killed_and_resumed("cmk-private-vault-new-cluster", Backend::Sqlite);
 }
 
 #[test]
 fn migrate_pmk_to_cmk_killed_at_every_write_resumes_to_the_undisturbed_world() {
-    every_write_killed_and_resumed("migrate-pmk-to-cmk");
+    every_write_killed_and_resumed("migrate-pmk-to-cmk", Backend::Sqlite);
 }
 
 #[test]
 fn migrate_cmk_to_pmk_killed_at_every_write_resumes_to_the_undisturbed_world() {
-    every_write_killed_and_resumed("migrate-cmk-to-pmk");
+    every_write_killed_and_resumed("migrate-cmk-to-pmk", Backend::Sqlite);
+}
+
+/// The same kills with the state on PostgreSQL: every transition is committed there before
+/// the next action, so a kill anywhere resumes to the undisturbed world.
+#[test]
+fn migrate_pmk_to_cmk_on_postgres_killed_at_every_write_resumes_to_the_undisturbed_world() {
+    every_write_killed_and_resumed("migrate-pmk-to-cmk", Backend::Postgres);
 }
 
 #[test]
@@ -265,7 +286,7 @@ fn a_rollback_killed_at_every_write_continues_to_the_undisturbed_rollback() {
         (only_run(served, dir), served.writes())
     };
     let calm = tempfile::tempdir().unwrap();
-    let served = sandbox(calm.path(), runbook);
+    let served = sandbox(calm.path(), runbook, Backend::Sqlite);
     let (run, before) = run_and_count(&served, calm.path());
     let out = served
         .kmsflow(calm.path(), &["rollback", &run])
@@ -279,7 +300,7 @@ fn a_rollback_killed_at_every_write_continues_to_the_undisturbed_rollback() {
 
     for k in 1..=writes {
         let dir = tempfile::tempdir().unwrap();
-        let served = sandbox(dir.path(), runbook);
+        let served = sandbox(dir.path(), runbook, Backend::Sqlite);
         let (run, before) = run_and_count(&served, dir.path());
         let killed = kill_at_write(&served, dir.path(), &["rollback", &run], before, k);
         assert!(killed, "the rollback ended before its write {k}");

@@ -153,16 +153,19 @@ struct Shared {
 impl Shared {
     /// Commits `writes` (a transition before a change, a failure, the run's end), together
     /// with any transitions held for it, held ones first.
+    ///
+    /// Every checkpoint carries the fencing check, after the held transitions (a new run's
+    /// claim on its lock may be among them) and before the new ones: a run that lost its lock
+    /// (paused past its lease while another runner took over) records nothing more, not only
+    /// no further write to Azure, so it cannot overwrite what the new holder recorded.
     async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        let writes = match &self.held {
-            Some(held) => {
-                let mut all = std::mem::take(&mut *held.lock().expect("never poisoned"));
-                all.extend(writes);
-                all
-            }
-            None => writes,
+        let mut all = match &self.held {
+            Some(held) => std::mem::take(&mut *held.lock().expect("never poisoned")),
+            None => Vec::with_capacity(writes.len() + 1),
         };
-        self.checkpoints.commit(writes).await
+        all.push(self.lock.fence(&self.run_id));
+        all.extend(writes);
+        self.checkpoints.commit(all).await
     }
 
     /// Records a transition that changes nothing in Azure: committed now, or held for the
@@ -173,7 +176,7 @@ impl Shared {
                 held.lock().expect("never poisoned").extend(writes);
                 Ok(())
             }
-            None => self.checkpoints.commit(writes).await,
+            None => self.commit(writes).await,
         }
     }
 }
@@ -931,11 +934,10 @@ async fn attempt_once(
     }
     let this_change = plan.change.outcome();
     let before_image = shared.redactor.value(&before);
-    // The fencing check goes first: a run that lost its lock records nothing and applies
-    // nothing (the checkpoint fails whole).
+    // The fencing check goes with it (see `Shared::commit`): a run that lost its lock records
+    // nothing and applies nothing (the checkpoint fails whole).
     shared
         .commit(vec![
-            shared.lock.fence(&shared.run_id),
             Write::StepApplying {
                 run_id: shared.run_id.clone(),
                 step_id: cx.step_id.to_owned(),

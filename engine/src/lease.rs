@@ -14,13 +14,28 @@ use kmsflow_state::{StoreError, Write};
 
 use crate::checkpoint::Checkpoints;
 
-/// Lease length of a run lock, and how often a live run renews it.
+/// Lease length of a run lock unless `KMSFLOW_LOCK_LEASE` says otherwise; a live run renews
+/// it every quarter of its length.
 pub const LOCK_LEASE: Duration = Duration::from_secs(60);
-const LOCK_RENEW_EVERY: Duration = Duration::from_secs(15);
 
-/// [`LOCK_LEASE`] as the store takes it (leases are timed by the store's clock).
+/// The lease this process takes: `KMSFLOW_LOCK_LEASE` (seconds, at least 4), else
+/// [`LOCK_LEASE`]. How long a runner that went silent (a closed laptop lid, a partition, a
+/// `kill -STOP`) keeps its locks before another may take over; shorter takes over sooner and
+/// renews more often.
+pub fn lock_lease() -> Duration {
+    static LEASE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *LEASE.get_or_init(|| {
+        std::env::var("KMSFLOW_LOCK_LEASE")
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .filter(|seconds| *seconds >= 4)
+            .map_or(LOCK_LEASE, Duration::from_secs)
+    })
+}
+
+/// [`lock_lease`] as the store takes it (leases are timed by the store's clock).
 pub fn lease() -> chrono::Duration {
-    chrono::Duration::from_std(LOCK_LEASE).expect("a minute fits")
+    chrono::Duration::from_std(lock_lease()).expect("a lease fits")
 }
 
 /// The lock key a run without `lock:` holds: its claim on itself.
@@ -60,14 +75,14 @@ impl HeldLock {
         }
     }
 
-    /// Renews the lease every 15 s until the returned guard is dropped. Renewal is compare
+    /// Renews the lease every quarter of its length until the returned guard is dropped. Renewal is compare
     /// and swap on the fencing token; once it fails the lease is lost, renewal stops, and the
     /// next fencing check stops the run before it writes.
     pub fn keep(&self, checkpoints: Arc<dyn Checkpoints>, run_id: &str) -> LeaseKeeper {
         let (key, token, run_id) = (self.key.clone(), self.token, run_id.to_owned());
         let task = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(LOCK_RENEW_EVERY).await;
+                tokio::time::sleep(lock_lease() / 4).await;
                 let renewal = Write::RenewLock {
                     key: key.clone(),
                     run_id: run_id.clone(),

@@ -122,7 +122,14 @@ impl Store {
     }
 }
 
+/// The host id locks are taken under: `KMSFLOW_HOST_ID`, else the machine's hostname. Set it
+/// where hostnames repeat (containers that all say `localhost`, CI runners from one image): a
+/// holder on "this host" whose pid is gone is taken over at once, so two machines sharing a
+/// name could take each other's locks before the lease runs out.
 fn hostname() -> String {
+    if let Some(id) = std::env::var("KMSFLOW_HOST_ID").ok().filter(|id| !id.trim().is_empty()) {
+        return id.trim().to_owned();
+    }
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

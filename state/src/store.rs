@@ -198,33 +198,38 @@ impl Store {
         }
     }
 
-    /// The connection, for one statement or one transaction.
+    /// The connection, for one statement or one transaction. A PostgreSQL session that broke
+    /// since its last use (the server restarted, the network dropped it) is replaced first, if
+    /// the server answers; otherwise the statement fails with the session's error.
     pub(crate) fn db(&self) -> Db<'_> {
         match &self.backend {
             Backend::Sqlite(conn) => Db::Sqlite(conn),
             // A panic while the session was held leaves it as it was: the next statement
             // finds out whether it still works.
             Backend::Postgres(conn) => {
-                Db::Postgres(conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+                let mut session = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let (true, Location::Postgres(pg)) = (session.is_closed(), &self.location) {
+                    match pg.connect() {
+                        Ok(fresh) => *session = fresh,
+                        Err(error) => tracing::debug!(%error, "the state database is not back yet"),
+                    }
+                }
+                Db::Postgres(session)
             }
         }
     }
 
-    /// Replaces a PostgreSQL session that broke (the server restarted, the network dropped
-    /// it) with a new one; a file store has nothing to reconnect.
-    pub(crate) fn reconnect_if_lost(&mut self) -> Result<bool, StoreError> {
+    /// Replaces a PostgreSQL session that broke with a new one, or says why it cannot; a file
+    /// store has nothing to reconnect.
+    pub(crate) fn reconnect_if_lost(&mut self) -> Result<(), StoreError> {
         let Backend::Postgres(conn) = &mut self.backend else {
-            return Ok(false);
+            return Ok(());
         };
         let conn = conn.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !conn.is_closed() {
-            return Ok(false);
+        if let (true, Location::Postgres(pg)) = (conn.is_closed(), &self.location) {
+            *conn = pg.connect()?;
         }
-        let Location::Postgres(pg) = &self.location else {
-            return Ok(false);
-        };
-        *conn = pg.connect()?;
-        Ok(true)
+        Ok(())
     }
 
     /// Applies writes in one transaction, for callers that do not need group commit.

@@ -46,6 +46,9 @@ pub struct Served {
     pub arm_endpoint: String,
     /// `http://127.0.0.1:PORT`: the control endpoints, with or without `--tls`.
     pub base_url: String,
+    /// Where the binary keeps its state: `None` for `state.db` in the test's folder, or a
+    /// `postgres://` URL.
+    pub state: Option<String>,
 }
 
 impl Drop for Served {
@@ -93,6 +96,7 @@ pub fn serve(args: &[&str]) -> Served {
         env,
         arm_endpoint,
         base_url,
+        state: None,
     }
 }
 
@@ -104,7 +108,12 @@ impl Served {
             .args(consenting(args))
             .current_dir(dir)
             .envs(&self.env)
-            .env("KMSFLOW_STATE", dir.join("state.db"))
+            .env(
+                "KMSFLOW_STATE",
+                self.state
+                    .clone()
+                    .unwrap_or_else(|| dir.join("state.db").display().to_string()),
+            )
             .stdin(Stdio::null());
         command
     }

@@ -1,0 +1,248 @@
+//! The team store end to end: the binary with its state on a real PostgreSQL server (a
+//! throwaway one, `kmsflow-pgtest`), judged by the sandbox's world and request log.
+//!
+//! Two runners on two "hosts" (distinct `KMSFLOW_HOST_ID`s) share one database: exactly one
+//! proceeds; one paused past its lease is fenced out once another took over; a server restart
+//! in the middle of a run loses nothing.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Served, serve};
+
+const RUNBOOK: &str = "migrate-pmk-to-cmk";
+
+fn params() -> Vec<String> {
+    [
+        ("resource_group", "rg-kms-sandbox"),
+        ("cluster", "aks-sandbox"),
+        ("key_vault", "kv-kms-sandbox"),
+        ("identity", "id-kms-sandbox"),
+    ]
+    .iter()
+    .flat_map(|(k, v)| ["-p".to_owned(), format!("{k}={v}")])
+    .collect()
+}
+
+/// A sandbox answering each write `write_ms` after applying it, and a database of its own.
+fn sandbox(dir: &Path, write_ms: u64) -> Served {
+    let faults = dir.join("faults.yaml");
+    std::fs::write(
+        &faults,
+        format!("latency: {{ min_ms: 0, max_ms: 0, write_ms: {write_ms} }}\n"),
+    )
+    .unwrap();
+    let mut served = serve(&["--faults", faults.to_str().unwrap(), "--world", RUNBOOK]);
+    served.state = Some(kmsflow_pgtest::server().database());
+    served
+}
+
+fn run_args() -> Vec<String> {
+    let mut args = vec!["run".to_owned(), RUNBOOK.to_owned()];
+    args.extend(params());
+    args
+}
+
+fn kmsflow(served: &Served, dir: &Path, host: &str, args: &[String]) -> std::process::Command {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut command = served.kmsflow(dir, &args);
+    command.env("KMSFLOW_HOST_ID", host);
+    command
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Waits until the sandbox has served `n` writes (or the child ended).
+fn until_writes(served: &Served, child: &mut Child, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while served.writes() < n {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before write {n}");
+        assert!(Instant::now() < deadline, "no write {n} within a minute");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Every write the sandbox served, as `METHOD path` (lower case), with how often. No write
+/// may have been made twice; role assignments' names (derived from principal ids each sandbox
+/// makes anew) are counted together.
+fn writes(served: &Served) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for request in served.requests().iter().filter(|r| r["write"] == true) {
+        let key = format!(
+            "{} {}",
+            request["method"].as_str().unwrap(),
+            request["path"].as_str().unwrap().to_lowercase()
+        );
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    let twice: Vec<&String> = counts.iter().filter(|(_, n)| **n > 1).map(|(k, _)| k).collect();
+    assert!(twice.is_empty(), "written more than once: {twice:?}");
+    let mut shapes = BTreeMap::new();
+    for (key, n) in counts {
+        let shape = match key.split_once("/roleassignments/") {
+            Some((scope, _)) => format!("{scope}/roleassignments/*"),
+            None => key,
+        };
+        *shapes.entry(shape).or_insert(0) += n;
+    }
+    shapes
+}
+
+/// What an undisturbed run writes: each write and how often.
+fn undisturbed_writes() -> BTreeMap<String, usize> {
+    let dir = tempfile::tempdir().unwrap();
+    let served = sandbox(dir.path(), 0);
+    let out = kmsflow(&served, dir.path(), "host-a", &run_args())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    writes(&served)
+}
+
+fn cluster_mode(served: &Served) -> Value {
+    let world = served.world();
+    let cluster = world["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| {
+            r["type"]
+                .as_str()
+                .unwrap()
+                .eq_ignore_ascii_case("Microsoft.ContainerService/managedClusters")
+        })
+        .cloned()
+        .unwrap();
+    cluster["properties"]["securityProfile"]["azureKeyVaultKms"]["enabled"].clone()
+}
+
+#[test]
+fn a_run_on_postgres_resumes_nothing_twice_and_a_second_run_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = sandbox(dir.path(), 0);
+    // A password in the URL (the throwaway server trusts loopback, so any will do) must never
+    // be shown, at any log level.
+    let url = served.state.clone().unwrap();
+    let with_password = url.replacen("kmsflow@", "kmsflow:pw-never-shown@", 1);
+    served.state = Some(with_password);
+    let first = kmsflow(&served, dir.path(), "host-a", &run_args())
+        .env("KMSFLOW_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(cluster_mode(&served), true);
+    let writes = served.writes();
+    let second = kmsflow(&served, dir.path(), "host-b", &run_args())
+        .env("KMSFLOW_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert_eq!(served.writes(), writes, "a second run, from another host, writes nothing");
+    let runs = kmsflow(&served, dir.path(), "host-c", &["runs".into(), "--output".into(), "json".into()])
+        .output()
+        .unwrap();
+    let listed: Value = serde_json::from_slice(&runs.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "one place to see everyone's runs");
+    for output in [&first, &second, &runs] {
+        let text = format!("{}{}", stderr(output), String::from_utf8_lossy(&output.stdout));
+        assert!(!text.contains("pw-never-shown"), "{text}");
+    }
+}
+
+#[test]
+fn two_runners_on_two_hosts_one_cluster_exactly_one_proceeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = sandbox(dir.path(), 300);
+    let mut first = kmsflow(&served, dir.path(), "host-a", &run_args())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    until_writes(&served, &mut first, 1);
+    let second = kmsflow(&served, dir.path(), "host-b", &run_args())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let text = stderr(&second);
+    assert!(text.contains("is held by run") && text.contains("host-a"), "{text}");
+    assert!(first.wait().unwrap().success());
+    assert_eq!(writes(&served), undisturbed_writes(), "only the first one wrote");
+}
+
+#[test]
+fn a_runner_paused_past_its_lease_is_fenced_out_after_another_took_over() {
+    let lease = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let served = sandbox(dir.path(), 150);
+    let mut paused = kmsflow(&served, dir.path(), "laptop", &run_args())
+        .env("KMSFLOW_LOCK_LEASE", lease.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until_writes(&served, &mut paused, 2);
+    let pid = nix::unistd::Pid::from_raw(paused.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // The lid stays closed past the lease, by the database's clock.
+    std::thread::sleep(Duration::from_secs(lease + 2));
+    let runner = kmsflow(&served, dir.path(), "ci-runner", &run_args())
+        .env("KMSFLOW_LOCK_LEASE", lease.to_string())
+        .output()
+        .unwrap();
+    assert!(runner.status.success(), "the other runner takes over: {}", stderr(&runner));
+    let after_takeover = served.writes();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let woke = paused.wait_with_output().unwrap();
+    assert!(!woke.status.success(), "the woken runner must stop");
+    let text = stderr(&woke);
+    assert!(text.contains("no longer holds lock"), "{text}");
+    assert_eq!(
+        served.writes(),
+        after_takeover,
+        "the woken runner wrote nothing after the takeover"
+    );
+    assert_eq!(cluster_mode(&served), true);
+    assert_eq!(
+        writes(&served),
+        undisturbed_writes(),
+        "no change applied twice"
+    );
+}
+
+#[test]
+fn a_database_restart_in_the_middle_of_a_run_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = sandbox(dir.path(), 200);
+    let mut run = kmsflow(&served, dir.path(), "host-a", &run_args())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until_writes(&served, &mut run, 3);
+    // Every session is cut, as a failover or a restart of the managed server does.
+    kmsflow_pgtest::server().restart();
+    let ended = run.wait_with_output().unwrap();
+    if !ended.status.success() {
+        // It may stop, resumable, with the database's error: then resume finishes it.
+        let text = stderr(&ended);
+        assert!(text.contains("resume"), "says what to do: {text}");
+        let runs = kmsflow(&served, dir.path(), "host-a", &["runs".into(), "--output".into(), "json".into()])
+            .output()
+            .unwrap();
+        let listed: Value = serde_json::from_slice(&runs.stdout).unwrap();
+        let id = listed[0]["id"].as_str().unwrap().to_owned();
+        let resumed = kmsflow(&served, dir.path(), "host-a", &["resume".into(), id])
+            .output()
+            .unwrap();
+        assert!(resumed.status.success(), "{}", stderr(&resumed));
+    }
+    assert_eq!(cluster_mode(&served), true);
+    assert_eq!(writes(&served), undisturbed_writes(), "nothing written twice");
+}
