@@ -20,8 +20,10 @@ pub struct Cli {
 /// Where runs are kept: for the commands that read or write them.
 #[derive(Debug, Clone, Args)]
 pub struct StateArgs {
-    /// The state file (SQLite). Default: `$KMSFLOW_STATE`, else kmsflow/state.db under the
-    /// user's state directory.
+    /// The state: a file (SQLite), or a team's PostgreSQL database as
+    /// `postgres://user@host:port/db?sslmode=...` (password from the URL, PGPASSWORD or
+    /// ~/.pgpass; TLS verified off loopback). Default: `$KMSFLOW_STATE`, else
+    /// kmsflow/state.db under the user's state directory.
     #[arg(long, global = true, env = "KMSFLOW_STATE", value_name = "DB")]
     pub state: Option<PathBuf>,
 
@@ -447,6 +449,9 @@ pub enum Command {
     /// The loopback Azure stand-in, for trying runbooks without a subscription.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// Moves the state between stores.
+    #[command(subcommand)]
+    State(StateCommand),
     /// Runs on a schedule (`kmsflow daemon` fires them).
     Schedule {
         #[command(flatten)]
@@ -562,6 +567,25 @@ pub enum Overlap {
     BufferOne,
     /// Start regardless.
     Allow,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Copies a state file's whole history (runs, steps, journal, approvals, schedules and
+    /// their fires, rollouts) into another store, typically the team's PostgreSQL database,
+    /// in one transaction. Refused if the target holds runs already, or while a run of the
+    /// file is being driven.
+    Migrate {
+        /// The state file to copy.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// Where to copy it: `postgres://...` (or another state file).
+        #[arg(long, value_name = "DB")]
+        to: PathBuf,
+        /// `text` for people, `json` for scripts (on stdout).
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 // Parsed once per process: the size of its largest variant costs nothing worth a Box.

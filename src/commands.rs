@@ -288,6 +288,9 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
         }
         Command::Schedule { command, .. } => schedule(&context, command).await,
         Command::Daemon { tick, .. } => daemon(&context, tick).await,
+        Command::State(crate::cli::StateCommand::Migrate { from, to, output }) => {
+            migrate_state(&from, &to, output)
+        }
         Command::Sandbox(SandboxCommand::Serve {
             port,
             faults,
@@ -1639,14 +1642,52 @@ fn found(existed: bool, name: &str, what: &str) -> Result<u8, Failure> {
     }
 }
 
+/// `kmsflow state migrate`: the file's history into the team's store.
+fn migrate_state(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    output: Output,
+) -> Result<u8, Failure> {
+    if !from.is_file() {
+        return Err(Failure::Usage(format!(
+            "no state file `{}` to copy",
+            from.display()
+        )));
+    }
+    let source = Store::open_file(from, kmsflow_state::Durability::Full)?;
+    let target = crate::state_file::state_location(Some(to))?;
+    if target.file() == Some(from) {
+        return Err(Failure::Usage(
+            "--from and --to name the same state file".into(),
+        ));
+    }
+    let mut store = Store::open(&target, kmsflow_state::Durability::Full)?;
+    let copied = store.copy_from(&source)?;
+    if output == Output::Json {
+        let tables: serde_json::Map<String, Value> = copied
+            .tables
+            .iter()
+            .map(|(table, rows)| ((*table).to_owned(), Value::from(*rows)))
+            .collect();
+        return print_json(
+            &serde_json::json!({"from": from, "to": target.to_string(), "copied": tables}),
+        );
+    }
+    for (table, rows) in &copied.tables {
+        crate::output::note!("{table}: {rows} copied");
+    }
+    crate::output::note!(
+        "copied `{}` into {target}; point KMSFLOW_STATE at it (the file is left as it was)",
+        from.display()
+    );
+    Ok(code::SUCCESS)
+}
+
 /// `kmsflow daemon`.
 async fn daemon(context: &Context, tick: std::time::Duration) -> Result<u8, Failure> {
     let engine = context.engine()?;
     let signals = crate::signals::install();
-    crate::output::note!(
-        "daemon firing schedules from {}",
-        engine.state
-    );
+    crate::output::note!("daemon firing schedules from {}", engine.state);
     let daemon = kmsflow_engine::schedule::Daemon {
         state: engine.state.clone(),
         durability: engine.durability,

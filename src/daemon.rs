@@ -285,9 +285,8 @@ impl RunFirer {
             occurrence,
             run_id: run_id.to_owned(),
         };
-        if let Err(error) =
-            kmsflow_state::Store::open(&self.engine.state, self.engine.durability)
-                .and_then(|mut store| store.commit(&[started]))
+        if let Err(error) = kmsflow_state::Store::open(&self.engine.state, self.engine.durability)
+            .and_then(|mut store| store.commit(&[started]))
         {
             tracing::warn!(%error, schedule = %schedule.name, "could not record the fleet fire as started");
         }

@@ -84,8 +84,12 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
     // https on Azure's host shapes, as `sandbox serve --tls`: the steps meet vault URIs and
     // key ids shaped like Key Vault's, and their client trusts this run's authority only for
     // the sandbox's names (the cloud profile beside the state says which).
-    let ca_file = world_file.with_extension("").with_extension("sandbox-ca.pem");
-    let profile_file = world_file.with_extension("").with_extension("sandbox-cloud.json");
+    let ca_file = world_file
+        .with_extension("")
+        .with_extension("sandbox-ca.pem");
+    let profile_file = world_file
+        .with_extension("")
+        .with_extension("sandbox-cloud.json");
     write_private(
         &profile_file,
         &serde_json::to_string_pretty(&client_profile(address, &ca_file))

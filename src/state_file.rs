@@ -39,7 +39,9 @@ fn default_folder() -> Result<PathBuf, Failure> {
         .or_else(dirs::data_local_dir)
         .map(|dir| dir.join("kmsflow"))
         .ok_or_else(|| {
-            Failure::Usage("cannot find a state directory; pass --state or set KMSFLOW_STATE".into())
+            Failure::Usage(
+                "cannot find a state directory; pass --state or set KMSFLOW_STATE".into(),
+            )
         })
 }
 

@@ -63,18 +63,24 @@ fn stderr(output: &Output) -> String {
 fn until_writes(served: &Served, child: &mut Child, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while served.writes() < n {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before write {n}");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before write {n}"
+        );
         assert!(Instant::now() < deadline, "no write {n} within a minute");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
-/// Every write the sandbox served, as `METHOD path` (lower case), with how often. No write
-/// may have been made twice; role assignments' names (derived from principal ids each sandbox
+/// Every write the sandbox applied (refused ones left out), as `METHOD path` (lower case),
+/// with how often. No write may have been made twice; role assignments' names (derived from principal ids each sandbox
 /// makes anew) are counted together.
 fn writes(served: &Served) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
-    for request in served.requests().iter().filter(|r| r["write"] == true) {
+    let applied = |r: &&Value| {
+        r["write"] == true && (r["status"].as_u64() < Some(400) || !r["lost"].is_null())
+    };
+    for request in served.requests().iter().filter(applied) {
         let key = format!(
             "{} {}",
             request["method"].as_str().unwrap(),
@@ -82,7 +88,11 @@ fn writes(served: &Served) -> BTreeMap<String, usize> {
         );
         *counts.entry(key).or_insert(0) += 1;
     }
-    let twice: Vec<&String> = counts.iter().filter(|(_, n)| **n > 1).map(|(k, _)| k).collect();
+    let twice: Vec<&String> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, _)| k)
+        .collect();
     assert!(twice.is_empty(), "written more than once: {twice:?}");
     let mut shapes = BTreeMap::new();
     for (key, n) in counts {
@@ -144,14 +154,31 @@ fn a_run_on_postgres_resumes_nothing_twice_and_a_second_run_writes_nothing() {
         .output()
         .unwrap();
     assert!(second.status.success(), "{}", stderr(&second));
-    assert_eq!(served.writes(), writes, "a second run, from another host, writes nothing");
-    let runs = kmsflow(&served, dir.path(), "host-c", &["runs".into(), "--output".into(), "json".into()])
-        .output()
-        .unwrap();
+    assert_eq!(
+        served.writes(),
+        writes,
+        "a second run, from another host, writes nothing"
+    );
+    let runs = kmsflow(
+        &served,
+        dir.path(),
+        "host-c",
+        &["runs".into(), "--output".into(), "json".into()],
+    )
+    .output()
+    .unwrap();
     let listed: Value = serde_json::from_slice(&runs.stdout).unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 2, "one place to see everyone's runs");
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        2,
+        "one place to see everyone's runs"
+    );
     for output in [&first, &second, &runs] {
-        let text = format!("{}{}", stderr(output), String::from_utf8_lossy(&output.stdout));
+        let text = format!(
+            "{}{}",
+            stderr(output),
+            String::from_utf8_lossy(&output.stdout)
+        );
         assert!(!text.contains("pw-never-shown"), "{text}");
     }
 }
@@ -171,9 +198,16 @@ fn two_runners_on_two_hosts_one_cluster_exactly_one_proceeds() {
         .unwrap();
     assert!(!second.status.success());
     let text = stderr(&second);
-    assert!(text.contains("is held by run") && text.contains("host-a"), "{text}");
+    assert!(
+        text.contains("is held by run") && text.contains("host-a"),
+        "{text}"
+    );
     assert!(first.wait().unwrap().success());
-    assert_eq!(writes(&served), undisturbed_writes(), "only the first one wrote");
+    assert_eq!(
+        writes(&served),
+        undisturbed_writes(),
+        "only the first one wrote"
+    );
 }
 
 #[test]
@@ -196,7 +230,11 @@ fn a_runner_paused_past_its_lease_is_fenced_out_after_another_took_over() {
         .env("KMSFLOW_LOCK_LEASE", lease.to_string())
         .output()
         .unwrap();
-    assert!(runner.status.success(), "the other runner takes over: {}", stderr(&runner));
+    assert!(
+        runner.status.success(),
+        "the other runner takes over: {}",
+        stderr(&runner)
+    );
     let after_takeover = served.writes();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     let woke = paused.wait_with_output().unwrap();
@@ -219,7 +257,10 @@ fn a_runner_paused_past_its_lease_is_fenced_out_after_another_took_over() {
 #[test]
 fn a_database_restart_in_the_middle_of_a_run_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let served = sandbox(dir.path(), 200);
+    let mut served = sandbox(dir.path(), 200);
+    // A server of its own: restarting the shared one would cut the other tests' sessions.
+    let server = kmsflow_pgtest::private_server();
+    served.state = Some(server.database());
     let mut run = kmsflow(&served, dir.path(), "host-a", &run_args())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -227,15 +268,20 @@ fn a_database_restart_in_the_middle_of_a_run_loses_nothing() {
         .unwrap();
     until_writes(&served, &mut run, 3);
     // Every session is cut, as a failover or a restart of the managed server does.
-    kmsflow_pgtest::server().restart();
+    server.restart();
     let ended = run.wait_with_output().unwrap();
     if !ended.status.success() {
         // It may stop, resumable, with the database's error: then resume finishes it.
         let text = stderr(&ended);
         assert!(text.contains("resume"), "says what to do: {text}");
-        let runs = kmsflow(&served, dir.path(), "host-a", &["runs".into(), "--output".into(), "json".into()])
-            .output()
-            .unwrap();
+        let runs = kmsflow(
+            &served,
+            dir.path(),
+            "host-a",
+            &["runs".into(), "--output".into(), "json".into()],
+        )
+        .output()
+        .unwrap();
         let listed: Value = serde_json::from_slice(&runs.stdout).unwrap();
         let id = listed[0]["id"].as_str().unwrap().to_owned();
         let resumed = kmsflow(&served, dir.path(), "host-a", &["resume".into(), id])
@@ -244,5 +290,96 @@ fn a_database_restart_in_the_middle_of_a_run_loses_nothing() {
         assert!(resumed.status.success(), "{}", stderr(&resumed));
     }
     assert_eq!(cluster_mode(&served), true);
-    assert_eq!(writes(&served), undisturbed_writes(), "nothing written twice");
+    assert_eq!(
+        writes(&served),
+        undisturbed_writes(),
+        "nothing written twice"
+    );
+}
+
+/// `state migrate`: a run that failed halfway on a laptop's file is moved into the team's
+/// database and resumed there, from another host, to the world an undisturbed run leaves.
+#[test]
+fn a_failed_run_moved_from_a_state_file_into_postgres_resumes_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = sandbox(dir.path(), 0);
+    let database = served.state.take().unwrap();
+    served.set_faults(
+        r#"
+rules:
+  - { method: PUT, path: "*/managedClusters/aks-sandbox", times: 1000, status: 400, code: InvalidParameter, message: "refused by the test" }
+"#,
+    );
+    let failed = kmsflow(&served, dir.path(), "laptop", &run_args())
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(1), "{}", stderr(&failed));
+    let file = dir.path().join("state.db");
+    let moved = kmsflow(
+        &served,
+        dir.path(),
+        "laptop",
+        &[
+            "state".into(),
+            "migrate".into(),
+            "--from".into(),
+            file.display().to_string(),
+            "--to".into(),
+            database.clone(),
+            "--output".into(),
+            "json".into(),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(moved.status.success(), "{}", stderr(&moved));
+    let report: Value = serde_json::from_slice(&moved.stdout).unwrap();
+    assert_eq!(report["copied"]["runs"], 1);
+    // Moving it twice would mix histories: refused.
+    let twice = kmsflow(
+        &served,
+        dir.path(),
+        "laptop",
+        &[
+            "state".into(),
+            "migrate".into(),
+            "--from".into(),
+            file.display().to_string(),
+            "--to".into(),
+            database.clone(),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(!twice.status.success());
+    assert!(
+        stderr(&twice).contains("already holds 1 runs"),
+        "{}",
+        stderr(&twice)
+    );
+
+    served.set_faults("{}");
+    served.state = Some(database);
+    let runs = kmsflow(
+        &served,
+        dir.path(),
+        "ci",
+        &["runs".into(), "--output".into(), "json".into()],
+    )
+    .output()
+    .unwrap();
+    let listed: Value =
+        serde_json::from_slice(&runs.stdout).unwrap_or_else(|_| panic!("{}", stderr(&runs)));
+    assert_eq!(listed[0]["status"], "failed");
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    let resumed = kmsflow(&served, dir.path(), "ci", &["resume".into(), id])
+        .output()
+        .unwrap();
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert_eq!(cluster_mode(&served), true);
+    assert_eq!(
+        writes(&served),
+        undisturbed_writes(),
+        "nothing lost or done twice in the move"
+    );
 }

@@ -30,7 +30,10 @@ pub(crate) struct CancelWatch {
 
 impl CancelWatch {
     /// Starts watching requests journaled from now on, on a connection of its own.
-    pub(crate) fn start(location: &Location, durability: Durability) -> Result<CancelWatch, StoreError> {
+    pub(crate) fn start(
+        location: &Location,
+        durability: Durability,
+    ) -> Result<CancelWatch, StoreError> {
         let store = Store::open(location, durability)?;
         let mut seen = store.last_event_seq()?;
         let tokens: Tokens = Arc::default();

@@ -937,16 +937,14 @@ async fn attempt_once(
     // The fencing check goes with it (see `Shared::commit`): a run that lost its lock records
     // nothing and applies nothing (the checkpoint fails whole).
     shared
-        .commit(vec![
-            Write::StepApplying {
-                run_id: shared.run_id.clone(),
-                step_id: cx.step_id.to_owned(),
-                attempt: cx.attempt,
-                before_image: before_image.clone(),
-                planned_outcome: this_change,
-                at: Utc::now(),
-            },
-        ])
+        .commit(vec![Write::StepApplying {
+            run_id: shared.run_id.clone(),
+            step_id: cx.step_id.to_owned(),
+            attempt: cx.attempt,
+            before_image: before_image.clone(),
+            planned_outcome: this_change,
+            at: Utc::now(),
+        }])
         .await?;
     *committed_before = Some(before_image);
     let outcome = *planned.get_or_insert(this_change);

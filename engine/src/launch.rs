@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use kmsflow_state::{
-    Approval, Durability, Location, LockHeld, LockOwner, NewRun, RunRecord, RunStatus, StepRecord, Store,
-    StoreError, Write, Writer, WriterThread,
+    Approval, Durability, Location, LockHeld, LockOwner, NewRun, RunRecord, RunStatus, StepRecord,
+    Store, StoreError, Write, Writer, WriterThread,
 };
 use serde_json::json;
 

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use croner::Cron;
 use kmsflow_state::{
-    Durability, FireOutcome, Location, FireRecord, Overlap, ScheduleRecord, Store, StoreError,
+    Durability, FireOutcome, FireRecord, Location, Overlap, ScheduleRecord, Store, StoreError,
 };
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
@@ -160,8 +160,7 @@ impl Daemon {
     async fn tick(&self, firing: &mut Firing) -> Result<(), StoreError> {
         let grace = chrono::Duration::from_std(self.tick * 3).unwrap_or_default();
         let now = Utc::now();
-        let schedules =
-            blocking(self.state.clone(), self.durability, |s| s.schedules()).await?;
+        let schedules = blocking(self.state.clone(), self.durability, |s| s.schedules()).await?;
         for schedule in schedules.into_iter().filter(|s| !s.paused) {
             let Ok(cron) = parse_cron(&schedule.cron) else {
                 tracing::warn!(schedule = %schedule.name, cron = %schedule.cron, "skipping a schedule with an invalid cron expression");

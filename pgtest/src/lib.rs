@@ -19,10 +19,16 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// The server of this test process, started on first use.
+/// The server of this test process, started on first use and shared by its tests.
 pub fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
     SERVER.get_or_init(|| Server::start().unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// A server of the caller's own, stopped when dropped: for a test that restarts or stops it,
+/// which would cut the sessions of every other test on the shared one.
+pub fn private_server() -> Server {
+    Server::start().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A running server.
@@ -60,9 +66,8 @@ impl Server {
         std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
         // PostgreSQL refuses to run as root: then it runs as the `postgres` user.
         let owner = if unsafe { libc::geteuid() } == 0 {
-            let ids = user_ids("postgres").ok_or(
-                "running as root, and there is no `postgres` user to run the server as",
-            )?;
+            let ids = user_ids("postgres")
+                .ok_or("running as root, and there is no `postgres` user to run the server as")?;
             std::os::unix::fs::chown(&folder, Some(ids.0), Some(ids.1))
                 .map_err(|e| format!("chown {}: {e}", folder.display()))?;
             Some(ids)
@@ -72,7 +77,13 @@ impl Server {
         let data = folder.join("data");
         let mut initdb = Command::new(bindir.join("initdb"));
         initdb
-            .args(["--auth=trust", "--username", USER, "--encoding=UTF8", "--no-locale"])
+            .args([
+                "--auth=trust",
+                "--username",
+                USER,
+                "--encoding=UTF8",
+                "--no-locale",
+            ])
             .arg("-D")
             .arg(&data)
             .stdout(Stdio::null())
@@ -118,10 +129,22 @@ impl Server {
     /// A new, empty database of its own for a test; its URL.
     pub fn database(&self) -> String {
         static MADE: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("t{}_{}", std::process::id(), MADE.fetch_add(1, Ordering::SeqCst));
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            MADE.fetch_add(1, Ordering::SeqCst)
+        );
         let mut createdb = Command::new(self.bindir.join("createdb"));
         createdb
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, &name])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                USER,
+                &name,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         as_owner(&mut createdb, self.owner);
@@ -144,7 +167,10 @@ impl Server {
     pub fn restart(&self) {
         let (done, finished) = mpsc::channel();
         self.ask(Ask::Restart(done));
-        finished.recv().expect("the keeper answers").expect("restart");
+        finished
+            .recv()
+            .expect("the keeper answers")
+            .expect("restart");
     }
 
     /// Stops the server until [`Server::start_again`].
@@ -172,6 +198,17 @@ impl Server {
     /// The server's folder (data and socket).
     pub fn folder(&self) -> &Path {
         &self.folder
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Closing the channel ends the keeper, which stops the server and removes its folder.
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(
+            self.keeper.get_mut().unwrap_or_else(|p| p.into_inner()),
+            closed,
+        ));
     }
 }
 
@@ -216,8 +253,8 @@ impl Launch {
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(self.folder.join("server.log"))
-                    .unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.folder.join("server.log")).unwrap_or_default();
                 return Err(format!("postgres exited ({status}): {log}"));
             }
             if Instant::now() > deadline {
@@ -266,11 +303,10 @@ fn keep(launch: Launch, asks: mpsc::Receiver<Ask>, ready: mpsc::Sender<Result<()
             }
         }
     }
-    // Every sender is gone only with the static, which lives to the process's end: park, so
-    // the server's death signal waits for the process to end.
-    loop {
-        std::thread::park();
-    }
+    // The server's owner dropped it (a private server; the shared one lives to the process's
+    // end, and with it this thread, so its server's death signal waits for that end).
+    stop(&mut child);
+    let _ = std::fs::remove_dir_all(&launch.folder);
 }
 
 fn as_owner(command: &mut Command, owner: Option<(u32, u32)>) {
@@ -306,7 +342,8 @@ fn bindir() -> Option<PathBuf> {
         return Some(bin);
     }
     std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path).find(|dir| dir.join("initdb").exists() && dir.join("postgres").exists())
+        std::env::split_paths(&path)
+            .find(|dir| dir.join("initdb").exists() && dir.join("postgres").exists())
     })
 }
 

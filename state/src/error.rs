@@ -82,6 +82,9 @@ pub enum StoreError {
         /// The run that holds the lock now, if any (none: no row, or an expired lease).
         taken_by: Option<String>,
     },
+    /// `state migrate` would not copy: what is wrong and what to do.
+    #[error("cannot copy the state: {0}")]
+    CopyRefused(String),
     /// The writer thread is gone (it panicked or was closed).
     #[error("the state writer has stopped")]
     WriterGone,
@@ -134,7 +137,21 @@ impl From<tokio_postgres::Error> for PgError {
             }
             None => PgError {
                 code: None,
-                message: error.to_string(),
+                // The driver's own text names the kind ("error connecting to server"); the
+                // cause (refused, timed out, a TLS failure) is in its sources.
+                message: {
+                    let mut message = error.to_string();
+                    let mut source = std::error::Error::source(&error);
+                    while let Some(cause) = source {
+                        let cause_text = cause.to_string();
+                        if !message.contains(&cause_text) {
+                            message.push_str(": ");
+                            message.push_str(&cause_text);
+                        }
+                        source = cause.source();
+                    }
+                    message
+                },
                 connection_lost: error.is_closed()
                     || std::error::Error::source(&error)
                         .is_some_and(|source| source.is::<std::io::Error>()),

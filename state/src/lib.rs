@@ -11,6 +11,7 @@
 //! whatever checkpoints are waiting in one transaction (group commit), so steps that finish
 //! together share one device flush. Reads use their own short-lived [`Store`].
 
+mod copy;
 mod db;
 mod error;
 mod lock;
@@ -24,8 +25,10 @@ mod store;
 mod write;
 mod writer;
 
+pub use copy::Copied;
 pub use error::{PgError, StoreError};
 pub use lock::{LockGrant, LockHeld, LockOwner};
+pub use postgres::{PgLocation, is_postgres_url, mask_password};
 pub use probe::measure_raw_commits;
 pub use records::{
     Approval, EventRecord, FireOutcome, Outcome, Overlap, RunRecord, RunStatus, StepRecord,
@@ -33,7 +36,6 @@ pub use records::{
 };
 pub use rollout::{NewRollout, NewTarget, ROLLOUT_PREFIX, RolloutRecord, RolloutTargetRecord};
 pub use schedule::{FireRecord, ScheduleRecord, mask_url};
-pub use postgres::{PgLocation, is_postgres_url, mask_password};
 pub use store::{Durability, Location, Store, create_private_folder};
 pub use write::{NewRun, Write};
 pub use writer::{Exclusive, Writer, WriterThread};

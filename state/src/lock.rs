@@ -127,7 +127,10 @@ impl Store {
 /// holder on "this host" whose pid is gone is taken over at once, so two machines sharing a
 /// name could take each other's locks before the lease runs out.
 fn hostname() -> String {
-    if let Some(id) = std::env::var("KMSFLOW_HOST_ID").ok().filter(|id| !id.trim().is_empty()) {
+    if let Some(id) = std::env::var("KMSFLOW_HOST_ID")
+        .ok()
+        .filter(|id| !id.trim().is_empty())
+    {
         return id.trim().to_owned();
     }
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -154,7 +157,8 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_file(&dir.path().join("state.db"), crate::Durability::Normal).unwrap();
+        let store =
+            Store::open_file(&dir.path().join("state.db"), crate::Durability::Normal).unwrap();
         (dir, store)
     }
 
@@ -172,11 +176,7 @@ mod tests {
             host: me.host.clone(),
         };
         let held = store
-            .acquire_lock(
-                "cluster/a",
-                "run-2",
-                &other,
-                Duration::seconds(30))
+            .acquire_lock("cluster/a", "run-2", &other, Duration::seconds(30))
             .unwrap()
             .unwrap_err();
         assert_eq!(held.run_id, "run-1");
@@ -194,11 +194,7 @@ mod tests {
             .unwrap()
             .unwrap();
         store
-            .acquire_lock(
-                "k",
-                "run-2",
-                &LockOwner::current(),
-                Duration::seconds(30))
+            .acquire_lock("k", "run-2", &LockOwner::current(), Duration::seconds(30))
             .unwrap()
             .unwrap();
     }
@@ -215,11 +211,7 @@ mod tests {
             .unwrap()
             .unwrap();
         store
-            .acquire_lock(
-                "k",
-                "run-2",
-                &LockOwner::current(),
-                Duration::seconds(30))
+            .acquire_lock("k", "run-2", &LockOwner::current(), Duration::seconds(30))
             .unwrap()
             .unwrap();
     }
@@ -258,12 +250,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let second = store
-            .acquire_lock(
-                "k",
-                "run-2",
-                &LockOwner::current(),
-                Duration::seconds(30),
-            )
+            .acquire_lock("k", "run-2", &LockOwner::current(), Duration::seconds(30))
             .unwrap()
             .unwrap();
         assert!(second.token > first.token);
@@ -302,11 +289,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let held = store
-            .acquire_lock(
-                "k",
-                "run-2",
-                &LockOwner::current(),
-                Duration::seconds(30))
+            .acquire_lock("k", "run-2", &LockOwner::current(), Duration::seconds(30))
             .unwrap()
             .unwrap_err();
         assert_eq!((held.run_id.as_str(), held.pid), ("run-1", 42));

@@ -150,7 +150,9 @@ impl PgLocation {
             Ok::<_, StoreError>(client)
         });
         let client = futures::executor::block_on(connecting)
-            .map_err(|e| StoreError::CommitFailed(format!("the PostgreSQL connector stopped: {e}")))?
+            .map_err(|e| {
+                StoreError::CommitFailed(format!("the PostgreSQL connector stopped: {e}"))
+            })?
             .map_err(|error| match error {
                 StoreError::Postgres(pg) => StoreError::Connect {
                     location: self.shown.clone(),
@@ -188,7 +190,12 @@ fn pgpass_password(config: &tokio_postgres::Config) -> Option<String> {
         Host::Tcp(name) => name.clone(),
         Host::Unix(_) => "localhost".into(),
     };
-    let port = config.get_ports().first().copied().unwrap_or(5432).to_string();
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
     let user = config.get_user().unwrap_or_default().to_owned();
     let dbname = config.get_dbname().unwrap_or(&user).to_owned();
     text.lines()
@@ -269,7 +276,7 @@ pub(crate) struct PgConn {
 
 /// The key of the advisory lock every write transaction holds (see [`crate::db::Db::begin`]):
 /// "kmsflow" as a number, so it is unlikely to meet another application's lock.
-const WRITER_LOCK: i64 = 0x6b6d_7366_6c6f_77;
+const WRITER_LOCK: i64 = 0x006b_6d73_666c_6f77;
 /// The key of the session lock held while migrating the schema.
 const MIGRATION_LOCK: i64 = WRITER_LOCK + 1;
 
@@ -423,7 +430,11 @@ mod tests {
         let location = PgLocation::parse("postgres://ana:s3cret@db.example:5432/kmsflow").unwrap();
         assert!(!location.to_string().contains("s3cret"), "{location}");
         assert!(!format!("{location:?}").contains("s3cret"));
-        assert_eq!(location.tls, Tls::Verified, "off loopback, TLS is verified by default");
+        assert_eq!(
+            location.tls,
+            Tls::Verified,
+            "off loopback, TLS is verified by default"
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! targets and their waves); how each target stands is its child run's status, read through
 //! the link, never copied. Its journal is the `events` table under the rollout's id.
 
-use chrono::{DateTime, Utc};
 use crate::db::{Db, Row, args};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -95,18 +95,20 @@ pub(crate) fn create_rollout(tx: &mut Db<'_>, rollout: &NewRollout) -> Result<()
         &rollout.fragments,
     )?;
     tx.execute(
-"INSERT INTO rollouts (id, runbook, runbook_ref, content_hash, params, secret_params,
+        "INSERT INTO rollouts (id, runbook, runbook_ref, content_hash, params, secret_params,
                                policy, status, started_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8)", args![
-        rollout.id,
-        rollout.runbook,
-        rollout.runbook_ref,
-        rollout.content_hash,
-        rollout.params.to_string(),
-        serde_json::to_string(&rollout.secret_params).expect("strings serialize"),
-        rollout.policy.to_string(),
-        ts(&rollout.started_at),
-    ])?;
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8)",
+        args![
+            rollout.id,
+            rollout.runbook,
+            rollout.runbook_ref,
+            rollout.content_hash,
+            rollout.params.to_string(),
+            serde_json::to_string(&rollout.secret_params).expect("strings serialize"),
+            rollout.policy.to_string(),
+            ts(&rollout.started_at),
+        ],
+    )?;
     for (position, target) in rollout.targets.iter().enumerate() {
         tx.execute(
             "INSERT INTO rollout_targets (rollout_id, position, label, params, wave)
@@ -140,8 +142,10 @@ pub(crate) fn target_started(
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let linked = tx.execute(
-"UPDATE rollout_targets SET run_id = ?3
-             WHERE rollout_id = ?1 AND position = ?2 AND run_id IS NULL", args![rollout_id, position as i64, run_id])?;
+        "UPDATE rollout_targets SET run_id = ?3
+             WHERE rollout_id = ?1 AND position = ?2 AND run_id IS NULL",
+        args![rollout_id, position as i64, run_id],
+    )?;
     if linked != 1 {
         // A target runs once: a second driver that got this far would have to have taken the
         // rollout's lock, so this is a bug, and the run's creation is refused with it.
@@ -170,7 +174,9 @@ pub(crate) fn rollout_status(
     let finished =
         (status != RunStatus::Running && status != RunStatus::RollingBack).then(|| ts(at));
     tx.execute(
-"UPDATE rollouts SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1", args![rollout_id, status.as_str(), error, finished])?;
+        "UPDATE rollouts SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1",
+        args![rollout_id, status.as_str(), error, finished],
+    )?;
     event(
         tx,
         rollout_id,
@@ -214,7 +220,9 @@ pub(crate) fn approve_wave(
         });
     }
     tx.execute(
-"INSERT INTO approvals (run_id, step_id, approved_by, approved_at) VALUES (?1, ?2, ?3, ?4)", args![rollout_id, gate, approved_by, ts(at)])?;
+        "INSERT INTO approvals (run_id, step_id, approved_by, approved_at) VALUES (?1, ?2, ?3, ?4)",
+        args![rollout_id, gate, approved_by, ts(at)],
+    )?;
     event(
         tx,
         rollout_id,

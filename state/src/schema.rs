@@ -326,7 +326,9 @@ mod tests {
         assert_eq!(store.run("b").unwrap().source, "name: t");
         let kept: i64 = store
             .db()
-            .query_one("SELECT count(*) FROM runbook_sources", &[], |row| row.get(0))
+            .query_one("SELECT count(*) FROM runbook_sources", &[], |row| {
+                row.get(0)
+            })
             .unwrap();
         assert_eq!(kept, 1, "one text for both runs");
         let version: i64 = store

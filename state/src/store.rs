@@ -38,14 +38,14 @@ impl Durability {
 #[derive(Debug, Clone)]
 pub enum Location {
     File(PathBuf),
-    Postgres(PgLocation),
+    Postgres(Box<PgLocation>),
 }
 
 impl Location {
     /// A `postgres://` (or `postgresql://`) URL names a database; anything else is a path.
     pub fn parse(text: &str) -> Result<Location, StoreError> {
         if crate::postgres::is_postgres_url(text) {
-            Ok(Location::Postgres(PgLocation::parse(text)?))
+            Ok(Location::Postgres(Box::new(PgLocation::parse(text)?)))
         } else {
             Ok(Location::File(PathBuf::from(text)))
         }
@@ -225,7 +225,9 @@ impl Store {
         let Backend::Postgres(conn) = &mut self.backend else {
             return Ok(());
         };
-        let conn = conn.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let conn = conn
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let (true, Location::Postgres(pg)) = (conn.is_closed(), &self.location) {
             *conn = pg.connect()?;
         }

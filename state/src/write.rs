@@ -216,7 +216,9 @@ pub(crate) fn event(
     detail: &Value,
 ) -> Result<(), StoreError> {
     tx.execute(
-"INSERT INTO events (run_id, step_id, at, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)", args![run_id, step_id, ts(at), kind, detail.to_string()])?;
+        "INSERT INTO events (run_id, step_id, at, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        args![run_id, step_id, ts(at), kind, detail.to_string()],
+    )?;
     Ok(())
 }
 
@@ -229,8 +231,10 @@ pub(crate) fn keep_source(
     fragments: &Value,
 ) -> Result<(), StoreError> {
     tx.execute(
-"INSERT INTO runbook_sources (content_hash, source, fragments) VALUES (?1, ?2, ?3)
-         ON CONFLICT (content_hash) DO NOTHING", args![content_hash, source, fragments.to_string()])?;
+        "INSERT INTO runbook_sources (content_hash, source, fragments) VALUES (?1, ?2, ?3)
+         ON CONFLICT (content_hash) DO NOTHING",
+        args![content_hash, source, fragments.to_string()],
+    )?;
     Ok(())
 }
 
@@ -369,11 +373,7 @@ pub(crate) fn apply(tx: &mut Db<'_>, write: &Write) -> Result<(), StoreError> {
             token,
             lease,
         } => renew_lock(tx, key, run_id, *token, *lease),
-        Write::CheckFence {
-            key,
-            run_id,
-            token,
-        } => check_fence(tx, key, run_id, *token, true),
+        Write::CheckFence { key, run_id, token } => check_fence(tx, key, run_id, *token, true),
         Write::ReleaseLock { key, run_id } => release_lock(tx, key, run_id),
         Write::ClaimLock {
             key,
@@ -425,18 +425,20 @@ pub(crate) fn apply(tx: &mut Db<'_>, write: &Write) -> Result<(), StoreError> {
 fn create_run(tx: &mut Db<'_>, run: &NewRun) -> Result<(), StoreError> {
     keep_source(tx, &run.content_hash, &run.source, &run.fragments)?;
     tx.execute(
-"INSERT INTO runs (id, runbook, runbook_ref, content_hash, params, secret_params,
+        "INSERT INTO runs (id, runbook, runbook_ref, content_hash, params, secret_params,
                            status, started_at, lock_key)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?8)", args![
-        run.id,
-        run.runbook,
-        run.runbook_ref,
-        run.content_hash,
-        run.params.to_string(),
-        serde_json::to_string(&run.secret_params).expect("strings serialize"),
-        ts(&run.started_at),
-        run.lock_key,
-    ])?;
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?8)",
+        args![
+            run.id,
+            run.runbook,
+            run.runbook_ref,
+            run.content_hash,
+            run.params.to_string(),
+            serde_json::to_string(&run.secret_params).expect("strings serialize"),
+            ts(&run.started_at),
+            run.lock_key,
+        ],
+    )?;
     for (position, (step_id, uses)) in run.steps.iter().enumerate() {
         tx.execute(
             "INSERT INTO steps (run_id, step_id, position, uses, status) VALUES (?1, ?2, ?3, ?4, 'pending')",
@@ -471,7 +473,9 @@ fn run_resumed(
         )?;
     }
     tx.execute(
-"UPDATE runs SET status = 'running', finished_at = NULL, error = NULL WHERE id = ?1", args![run_id])?;
+        "UPDATE runs SET status = 'running', finished_at = NULL, error = NULL WHERE id = ?1",
+        args![run_id],
+    )?;
     for step_id in reset {
         tx.execute(
             "UPDATE steps SET status = 'pending', outputs = NULL, outcome = NULL, error = NULL,
@@ -484,7 +488,9 @@ fn run_resumed(
     if let Some((hash, source, fragments)) = new_source {
         keep_source(tx, hash, source, fragments)?;
         tx.execute(
-"UPDATE runs SET content_hash = ?2 WHERE id = ?1", args![run_id, hash])?;
+            "UPDATE runs SET content_hash = ?2 WHERE id = ?1",
+            args![run_id, hash],
+        )?;
         detail.insert("changed_runbook".into(), json!(hash));
     }
     if !reset.is_empty() {
@@ -501,7 +507,9 @@ fn rollback_started(
     operator: &Value,
 ) -> Result<(), StoreError> {
     tx.execute(
-"UPDATE runs SET status = 'rolling_back', finished_at = NULL, error = NULL WHERE id = ?1", args![run_id])?;
+        "UPDATE runs SET status = 'rolling_back', finished_at = NULL, error = NULL WHERE id = ?1",
+        args![run_id],
+    )?;
     event(tx, run_id, None, at, "rollback_started", operator)?;
     Ok(())
 }
@@ -516,13 +524,15 @@ fn run_finished(
 ) -> Result<(), StoreError> {
     let finished = (status != RunStatus::Running).then(|| ts(at));
     tx.execute(
-"UPDATE runs SET status = ?2, error = ?3, outputs = ?4, finished_at = ?5 WHERE id = ?1", args![
-        run_id,
-        status.as_str(),
-        error,
-        outputs.as_ref().map(Value::to_string),
-        finished
-    ])?;
+        "UPDATE runs SET status = ?2, error = ?3, outputs = ?4, finished_at = ?5 WHERE id = ?1",
+        args![
+            run_id,
+            status.as_str(),
+            error,
+            outputs.as_ref().map(Value::to_string),
+            finished
+        ],
+    )?;
     event(
         tx,
         run_id,
@@ -610,11 +620,13 @@ fn step_attempt_failed(
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
     tx.execute(
-"UPDATE steps SET attempts = CASE WHEN attempts > ?3 THEN attempts ELSE ?3 END, error = ?4,
+        "UPDATE steps SET attempts = CASE WHEN attempts > ?3 THEN attempts ELSE ?3 END, error = ?4,
                 started_at = coalesce(started_at, ?5),
                 before_image = CASE WHEN ?6 THEN NULL ELSE before_image END,
                 planned_outcome = CASE WHEN ?6 THEN NULL ELSE planned_outcome END
-         WHERE run_id = ?1 AND step_id = ?2", args![run_id, step_id, i64::from(attempt), error, ts(at), refused])?;
+         WHERE run_id = ?1 AND step_id = ?2",
+        args![run_id, step_id, i64::from(attempt), error, ts(at), refused],
+    )?;
     event(
         tx,
         run_id,
@@ -658,8 +670,10 @@ fn step_skipped(
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
     tx.execute(
-"UPDATE steps SET status = 'skipped', error = NULL, finished_at = ?3
-         WHERE run_id = ?1 AND step_id = ?2", args![run_id, step_id, ts(at)])?;
+        "UPDATE steps SET status = 'skipped', error = NULL, finished_at = ?3
+         WHERE run_id = ?1 AND step_id = ?2",
+        args![run_id, step_id, ts(at)],
+    )?;
     event(
         tx,
         run_id,
@@ -678,12 +692,9 @@ fn step_rolled_back(
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
     tx.execute(
-"UPDATE steps SET status = ?3, finished_at = ?4 WHERE run_id = ?1 AND step_id = ?2", args![
-        run_id,
-        step_id,
-        StepStatus::RolledBack.as_str(),
-        ts(at)
-    ])?;
+        "UPDATE steps SET status = ?3, finished_at = ?4 WHERE run_id = ?1 AND step_id = ?2",
+        args![run_id, step_id, StepStatus::RolledBack.as_str(), ts(at)],
+    )?;
     event(
         tx,
         run_id,
@@ -717,7 +728,9 @@ fn renew_lock(
 
 fn release_lock(tx: &mut Db<'_>, key: &str, run_id: &str) -> Result<(), StoreError> {
     tx.execute(
-"DELETE FROM locks WHERE key = ?1 AND run_id = ?2", args![key, run_id])?;
+        "DELETE FROM locks WHERE key = ?1 AND run_id = ?2",
+        args![key, run_id],
+    )?;
     Ok(())
 }
 
@@ -730,14 +743,10 @@ fn claim_lock(
 ) -> Result<(), StoreError> {
     let expires = tx.now()? + lease;
     tx.execute(
-"INSERT INTO locks (key, run_id, owner_pid, owner_host, lease_expires_at, token)
-         VALUES (?1, ?2, ?3, ?4, ?5, 1)", args![
-        key,
-        run_id,
-        i64::from(owner_pid),
-        owner_host,
-        ts(&expires)
-    ])?;
+        "INSERT INTO locks (key, run_id, owner_pid, owner_host, lease_expires_at, token)
+         VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+        args![key, run_id, i64::from(owner_pid), owner_host, ts(&expires)],
+    )?;
     Ok(())
 }
 
@@ -748,8 +757,10 @@ fn fire_started(
     run_id: &str,
 ) -> Result<(), StoreError> {
     tx.execute(
-"UPDATE schedule_fires SET outcome = 'started'
-         WHERE schedule = ?1 AND occurrence = ?2 AND run_id = ?3 AND outcome = 'claimed'", args![schedule, ts(occurrence), run_id])?;
+        "UPDATE schedule_fires SET outcome = 'started'
+         WHERE schedule = ?1 AND occurrence = ?2 AND run_id = ?3 AND outcome = 'claimed'",
+        args![schedule, ts(occurrence), run_id],
+    )?;
     Ok(())
 }
 
@@ -757,10 +768,11 @@ fn fire_started(
 /// checked inside the decision's transaction, so an approval and a rejection racing from two
 /// shells cannot both land.
 fn check_undecided(tx: &mut Db<'_>, run_id: &str, step_id: &str) -> Result<(), StoreError> {
-    let status: Option<String> =
-        tx.query_opt("SELECT status FROM runs WHERE id = ?1", args![run_id], |row| {
-            row.get(0)
-        })?;
+    let status: Option<String> = tx.query_opt(
+        "SELECT status FROM runs WHERE id = ?1",
+        args![run_id],
+        |row| row.get(0),
+    )?;
     let approved: bool = tx.query_one(
         "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1 AND step_id = ?2)",
         args![run_id, step_id],
@@ -816,9 +828,11 @@ fn approve(
 ) -> Result<(), StoreError> {
     check_undecided(tx, run_id, step_id)?;
     tx.execute(
-// Never over an earlier approval: a second one fails the primary key.
+        // Never over an earlier approval: a second one fails the primary key.
         "INSERT INTO approvals (run_id, step_id, approved_by, approved_at)
-         VALUES (?1, ?2, ?3, ?4)", args![run_id, step_id, approved_by, ts(at)])?;
+         VALUES (?1, ?2, ?3, ?4)",
+        args![run_id, step_id, approved_by, ts(at)],
+    )?;
     event(
         tx,
         run_id,

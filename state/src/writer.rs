@@ -231,10 +231,10 @@ fn try_batch(store: &mut Store, batch: &[Checkpoint]) -> Attempt {
             }
             tx.batch("RELEASE SAVEPOINT checkpoint")
         })();
-        if let Err(error) = &result {
-            if error.is_connection_lost() {
-                return Attempt::SessionLost(result.unwrap_err());
-            }
+        if let Err(error) = &result
+            && error.is_connection_lost()
+        {
+            return Attempt::SessionLost(result.unwrap_err());
         }
         results.push(result);
     }
@@ -243,7 +243,12 @@ fn try_batch(store: &mut Store, batch: &[Checkpoint]) -> Attempt {
         Err(error) => {
             tx.rollback();
             let error = commit_unknown(error);
-            Attempt::Done(batch.iter().map(|_| Err(StoreError::CommitFailed(error.to_string()))).collect())
+            Attempt::Done(
+                batch
+                    .iter()
+                    .map(|_| Err(StoreError::CommitFailed(error.to_string())))
+                    .collect(),
+            )
         }
     }
 }

@@ -63,6 +63,7 @@ on_both_backends!(
     a_rollout_links_each_target_to_one_run,
     journal_sequence_numbers_grow_in_commit_order,
     many_processes_migrating_at_once_are_safe,
+    a_whole_history_is_copied_once_into_an_empty_store,
 );
 
 fn new_run(id: &str, steps: &[&str], lock_key: Option<&str>) -> Write {
@@ -219,7 +220,10 @@ fn a_failed_checkpoint_in_a_batch_fails_alone_and_stores_nothing_of_itself(fresh
     thread.join();
     let store = fresh.open();
     assert!(store.run("ok-1").is_ok() && store.run("ok-2").is_ok());
-    assert!(store.events("dup").unwrap().is_empty(), "nothing of the failed one");
+    assert!(
+        store.events("dup").unwrap().is_empty(),
+        "nothing of the failed one"
+    );
 }
 
 fn elsewhere(pid: u32) -> LockOwner {
@@ -233,23 +237,43 @@ fn a_lock_is_held_against_others_and_every_takeover_raises_the_token(fresh: Fres
     let mut one = fresh.open();
     let mut two = fresh.open();
     let first = one
-        .acquire_lock("cluster/aks-1", "run-1", &elsewhere(1), Duration::seconds(60))
+        .acquire_lock(
+            "cluster/aks-1",
+            "run-1",
+            &elsewhere(1),
+            Duration::seconds(60),
+        )
         .unwrap()
         .unwrap();
     let held = two
-        .acquire_lock("cluster/aks-1", "run-2", &elsewhere(2), Duration::seconds(60))
+        .acquire_lock(
+            "cluster/aks-1",
+            "run-2",
+            &elsewhere(2),
+            Duration::seconds(60),
+        )
         .unwrap()
         .unwrap_err();
     assert_eq!((held.run_id.as_str(), held.pid), ("run-1", 1));
     assert!(one.driven_now("cluster/aks-1", "run-1").unwrap());
     // An expired lease (by the store's clock) is taken over, with a larger token.
     let stale = two
-        .acquire_lock("cluster/aks-2", "run-1", &elsewhere(1), Duration::seconds(-1))
+        .acquire_lock(
+            "cluster/aks-2",
+            "run-1",
+            &elsewhere(1),
+            Duration::seconds(-1),
+        )
         .unwrap()
         .unwrap();
     assert!(!two.driven_now("cluster/aks-2", "run-1").unwrap());
     let taken = one
-        .acquire_lock("cluster/aks-2", "run-2", &elsewhere(2), Duration::seconds(60))
+        .acquire_lock(
+            "cluster/aks-2",
+            "run-2",
+            &elsewhere(2),
+            Duration::seconds(60),
+        )
         .unwrap()
         .unwrap();
     assert_eq!(taken.token, stale.token + 1);
@@ -340,7 +364,10 @@ fn approvals_are_decided_once(fresh: Fresh) {
     };
     store.commit(std::slice::from_ref(&approve)).unwrap();
     let again = store.commit(&[approve]).unwrap_err();
-    assert!(matches!(again, StoreError::Decided { approved: true, .. }), "{again}");
+    assert!(
+        matches!(again, StoreError::Decided { approved: true, .. }),
+        "{again}"
+    );
     assert_eq!(store.approvals("run-1").unwrap()[0].approved_by, "ana");
 }
 
@@ -403,7 +430,10 @@ fn schedule(name: &str) -> ScheduleRecord {
 fn schedules_round_trip_and_pause(fresh: Fresh) {
     let mut store = fresh.open();
     assert!(store.add_schedule(&schedule("s")).unwrap());
-    assert!(!store.add_schedule(&schedule("s")).unwrap(), "a name is taken once");
+    assert!(
+        !store.add_schedule(&schedule("s")).unwrap(),
+        "a name is taken once"
+    );
     assert!(store.set_schedule_paused("s", true).unwrap());
     let found = store.schedules().unwrap();
     assert_eq!(found.len(), 1);
@@ -450,8 +480,14 @@ fn a_rollout_links_each_target_to_one_run(fresh: Fresh) {
         ]
     };
     store.commit(&link(0, "run-a")).unwrap();
-    assert!(store.commit(&link(0, "run-b")).is_err(), "a target runs once");
-    assert!(store.run("run-b").is_err(), "and the refused run is not created");
+    assert!(
+        store.commit(&link(0, "run-b")).is_err(),
+        "a target runs once"
+    );
+    assert!(
+        store.run("run-b").is_err(),
+        "and the refused run is not created"
+    );
     let targets = store.rollout_targets(id).unwrap();
     assert_eq!(targets.len(), 3);
     assert_eq!(targets[0].run_id.as_deref(), Some("run-a"));
@@ -485,7 +521,12 @@ fn journal_sequence_numbers_grow_in_commit_order(fresh: Fresh) {
     assert_eq!(seen.len(), 90);
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
     let last = store.last_event_seq().unwrap();
-    assert_eq!(store.events_of_kind_after("cancel_requested", last).unwrap(), []);
+    assert_eq!(
+        store
+            .events_of_kind_after("cancel_requested", last)
+            .unwrap(),
+        []
+    );
 }
 
 fn many_processes_migrating_at_once_are_safe(fresh: Fresh) {
@@ -496,4 +537,47 @@ fn many_processes_migrating_at_once_are_safe(fresh: Fresh) {
         }
     });
     fresh.open().commit(&[new_run("after", &[], None)]).unwrap();
+}
+
+/// `state migrate`: a SQLite file's history into this backend, all of it, once.
+fn a_whole_history_is_copied_once_into_an_empty_store(fresh: Fresh) {
+    let old = sqlite();
+    let mut file = old.open();
+    file.commit(&[
+        new_run("run-1", &["a"], None),
+        Write::Event {
+            run_id: "run-1".into(),
+            step_id: Some("a".into()),
+            kind: "note".into(),
+            detail: json!({"n": 1}),
+            at: Utc::now(),
+        },
+    ])
+    .unwrap();
+    file.add_schedule(&schedule("hourly")).unwrap();
+    let mut target = fresh.open();
+    let copied = target.copy_from(&file).unwrap();
+    assert!(copied.tables.contains(&("runs", 1)) && copied.tables.contains(&("events", 2)));
+    assert_eq!(target.run("run-1").unwrap(), file.run("run-1").unwrap());
+    assert_eq!(
+        target.events("run-1").unwrap(),
+        file.events("run-1").unwrap()
+    );
+    assert_eq!(target.schedules().unwrap(), file.schedules().unwrap());
+    // New journal entries follow the copied ones.
+    target
+        .commit(&[Write::Event {
+            run_id: "run-2".into(),
+            step_id: None,
+            kind: "note".into(),
+            detail: json!({}),
+            at: Utc::now(),
+        }])
+        .unwrap();
+    assert!(target.events("run-2").unwrap()[0].seq > file.last_event_seq().unwrap());
+    let again = target.copy_from(&file).unwrap_err();
+    assert!(
+        again.to_string().contains("already holds 1 runs"),
+        "{again}"
+    );
 }

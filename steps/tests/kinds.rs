@@ -396,11 +396,10 @@ async fn updating_a_vault_keeps_what_the_step_does_not_manage_and_merges_tags() 
     let replaced = VAULT_ONLY.replace(" TAGS", ", tags: { env: prod }, replace_tags: true ");
     let summary = h.run(&replaced, &[]).await;
     assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
-    let events =
-        kmsflow_state::Store::open(&h.engine.state, kmsflow_state::Durability::Normal)
-            .unwrap()
-            .events(&summary.run_id)
-            .unwrap();
+    let events = kmsflow_state::Store::open(&h.engine.state, kmsflow_state::Durability::Normal)
+        .unwrap()
+        .events(&summary.run_id)
+        .unwrap();
     assert!(events.iter().any(|e| e.kind == "step_applying"));
     let vault = h.sandbox.world()["resources"]
         .as_array()
