@@ -1,8 +1,11 @@
 //! Engine overhead: a 1,000-step chain and a 1,000-step fan-out of `noop` steps with durable
-//! checkpoints, beside the raw SQLite commit rate measured in the same process with the same
-//! journal mode and `synchronous` setting.
+//! checkpoints, beside the raw commit rate of the same store measured in the same process: on
+//! SQLite with the same journal mode and `synchronous` setting; then on PostgreSQL (a
+//! throwaway server of this run, fsync on, `synchronous_commit` on) beside single-row INSERT
+//! transactions through the same driver against the same server.
 //!
-//! Run: `cargo bench --bench engine` (add `-- --sync normal` for synchronous=NORMAL).
+//! Run: `cargo bench --bench engine` (add `-- --sync normal` for synchronous=NORMAL on SQLite;
+//! `-- --sqlite-only` without PostgreSQL).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +15,9 @@ use kmsflow_engine::launch::{self, Engine, RunRequest};
 use kmsflow_engine::params::{ParamSources, bind};
 use kmsflow_engine::progress::silent;
 use kmsflow_engine::{Registry, RunbookSource, compile};
-use kmsflow_state::{Durability, RunStatus, measure_raw_commits};
+use kmsflow_state::{
+    Durability, Location, RunStatus, measure_raw_commits, measure_raw_postgres_commits,
+};
 
 const N_STEPS: usize = 1_000;
 
@@ -38,7 +43,7 @@ fn fan_out(n: usize) -> String {
 }
 
 async fn time_run(
-    dir: &std::path::Path,
+    state: Location,
     name: &str,
     text: &str,
     durability: Durability,
@@ -49,7 +54,7 @@ async fn time_run(
     let params = bind(&compiled, &ParamSources::default()).expect("no params");
     let engine = Engine {
         registry,
-        state: dir.join(format!("{name}-{concurrency}.db")).into(),
+        state,
         durability,
     };
     let request = RunRequest {
@@ -71,6 +76,44 @@ async fn time_run(
     elapsed
 }
 
+/// The chain and the fan-outs on `state(name, concurrency)`, each rate beside `raw_rate`.
+fn engine_rates(
+    runtime: &tokio::runtime::Runtime,
+    state: &dyn Fn(&str, usize) -> Location,
+    durability: Durability,
+    raw_rate: f64,
+    (chain_target, fan_target): (f64, f64),
+) {
+    let chain_text = chain(N_STEPS);
+    let fan_text = fan_out(N_STEPS);
+    let chain_time = runtime.block_on(time_run(
+        state("chain", 8),
+        "chain",
+        &chain_text,
+        durability,
+        8,
+    ));
+    let chain_rate = N_STEPS as f64 / chain_time.as_secs_f64();
+    println!(
+        "chain   of {N_STEPS} noop steps: {chain_rate:>9.0} steps/s  = {:.2} x raw (target >= {chain_target})",
+        chain_rate / raw_rate
+    );
+    for concurrency in [8, 64] {
+        let fan_time = runtime.block_on(time_run(
+            state("fan-out", concurrency),
+            "fan-out",
+            &fan_text,
+            durability,
+            concurrency,
+        ));
+        let fan_rate = N_STEPS as f64 / fan_time.as_secs_f64();
+        println!(
+            "fan-out of {N_STEPS} noop steps, --concurrency {concurrency:>2}: {fan_rate:>9.0} steps/s  = {:.2} x raw (target >= {fan_target})",
+            fan_rate / raw_rate
+        );
+    }
+}
+
 fn main() {
     let durability = if std::env::args().any(|a| a == "normal") {
         Durability::Normal
@@ -87,31 +130,29 @@ fn main() {
     let raw = measure_raw_commits(&dir.path().join("raw.db"), n_commits, durability)
         .expect("raw commits");
     let raw_rate = n_commits as f64 / raw.as_secs_f64();
-    println!("durability: synchronous={durability:?}, journal_mode=WAL");
+    println!("SQLite: synchronous={durability:?}, journal_mode=WAL");
     println!(
         "raw SQLite commit rate: {raw_rate:>9.0} commits/s ({n_commits} single-row transactions)"
     );
+    let files = |name: &str, concurrency: usize| {
+        Location::File(dir.path().join(format!("{name}-{concurrency}.db")))
+    };
+    engine_rates(&runtime, &files, durability, raw_rate, (0.5, 2.0));
 
-    let chain_text = chain(N_STEPS);
-    let fan_text = fan_out(N_STEPS);
-    let chain_time = runtime.block_on(time_run(dir.path(), "chain", &chain_text, durability, 8));
-    let chain_rate = N_STEPS as f64 / chain_time.as_secs_f64();
-    println!(
-        "chain   of {N_STEPS} noop steps: {chain_rate:>9.0} steps/s  = {:.2} x raw (target >= 0.5)",
-        chain_rate / raw_rate
-    );
-    for concurrency in [8, 64] {
-        let fan_time = runtime.block_on(time_run(
-            dir.path(),
-            "fan-out",
-            &fan_text,
-            durability,
-            concurrency,
-        ));
-        let fan_rate = N_STEPS as f64 / fan_time.as_secs_f64();
-        println!(
-            "fan-out of {N_STEPS} noop steps, --concurrency {concurrency:>2}: {fan_rate:>9.0} steps/s  = {:.2} x raw (target >= 2)",
-            fan_rate / raw_rate
-        );
+    if std::env::args().any(|a| a == "--sqlite-only") {
+        return;
     }
+    let server = kmsflow_pgtest::private_server();
+    let raw_location = match Location::parse(&server.database()).expect("a URL") {
+        Location::Postgres(pg) => pg,
+        Location::File(_) => unreachable!("a postgres:// URL"),
+    };
+    let raw = measure_raw_postgres_commits(&raw_location, n_commits).expect("raw commits");
+    let raw_rate = n_commits as f64 / raw.as_secs_f64();
+    println!("PostgreSQL: fsync=on, synchronous_commit=on, loopback TCP, same server for all");
+    println!(
+        "raw PostgreSQL commit rate: {raw_rate:>9.0} commits/s ({n_commits} single-row INSERT transactions)"
+    );
+    let databases = |_: &str, _: usize| Location::parse(&server.database()).expect("a URL");
+    engine_rates(&runtime, &databases, Durability::Full, raw_rate, (0.8, 3.0));
 }

@@ -29,7 +29,7 @@ pub use copy::Copied;
 pub use error::{PgError, StoreError};
 pub use lock::{LockGrant, LockHeld, LockOwner};
 pub use postgres::{PgLocation, is_postgres_url, mask_password};
-pub use probe::measure_raw_commits;
+pub use probe::{measure_raw_commits, measure_raw_postgres_commits};
 pub use records::{
     Approval, EventRecord, FireOutcome, Outcome, Overlap, RunRecord, RunStatus, StepRecord,
     StepStatus,

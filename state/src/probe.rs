@@ -34,3 +34,29 @@ pub fn measure_raw_commits(
     }
     Ok(started.elapsed())
 }
+
+/// Commits `n` single-row INSERT transactions into a fresh table of the database at `location`
+/// with `synchronous_commit` on, through the same driver the store uses, and returns how long
+/// that took: the PostgreSQL baseline the benchmarks print beside the engine's step rate.
+pub fn measure_raw_postgres_commits(
+    location: &crate::PgLocation,
+    n: usize,
+) -> Result<Duration, StoreError> {
+    let mut conn = location.connect()?;
+    conn.batch(
+        "SET synchronous_commit = on;
+         DROP TABLE IF EXISTS kmsflow_probe;
+         CREATE TABLE kmsflow_probe (id BIGSERIAL PRIMARY KEY, body TEXT)",
+    )?;
+    let started = Instant::now();
+    for index in 0..n {
+        // Autocommit: one transaction, so one durable commit, per row.
+        conn.execute(
+            "INSERT INTO kmsflow_probe (body) VALUES (?1)",
+            crate::db::args![format!("row {index}")],
+        )?;
+    }
+    let elapsed = started.elapsed();
+    conn.batch("DROP TABLE kmsflow_probe")?;
+    Ok(elapsed)
+}
