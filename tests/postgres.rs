@@ -383,3 +383,107 @@ rules:
         "nothing lost or done twice in the move"
     );
 }
+
+/// Two daemons on one database with a seconds cron; one is kill -9ed half-way. Every second
+/// between the first fire and the last has exactly one record (the survivor goes on alone, and
+/// nothing is fired twice), and every started fire has its one run.
+#[test]
+fn two_daemons_on_one_database_one_killed_every_occurrence_fired_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = kmsflow_pgtest::server().database();
+    std::fs::write(
+        dir.path().join("quick.yaml"),
+        "name: quick\nsteps:\n  - id: hi\n    uses: noop\n",
+    )
+    .unwrap();
+    let kmsflow = |args: &[&str], host: &str| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kmsflow"));
+        command
+            .args(args)
+            .current_dir(dir.path())
+            .env("KMSFLOW_STATE", &url)
+            .env("KMSFLOW_HOST_ID", host)
+            .stdin(Stdio::null());
+        command
+    };
+    let added = kmsflow(
+        &[
+            "schedule",
+            "add",
+            "shared",
+            "--runbook",
+            "quick.yaml",
+            "--cron",
+            "* * * * * *",
+            "--overlap",
+            "allow",
+        ],
+        "admin",
+    )
+    .output()
+    .unwrap();
+    assert!(added.status.success(), "{}", stderr(&added));
+    let daemon = |host: &str| {
+        kmsflow(&["daemon", "--tick", "100ms"], host)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (daemon("runner-a"), daemon("runner-b"));
+    std::thread::sleep(Duration::from_secs(6));
+    a.kill().unwrap();
+    a.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(b.wait().unwrap().success());
+
+    let history = kmsflow(
+        &["schedule", "history", "shared", "--output", "json"],
+        "admin",
+    )
+    .output()
+    .unwrap();
+    let fires: Vec<Value> = serde_json::from_slice::<Value>(&history.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone();
+    let seconds: Vec<i64> = fires
+        .iter()
+        .map(|f| {
+            chrono::DateTime::parse_from_rfc3339(f["occurrence"].as_str().unwrap())
+                .unwrap()
+                .timestamp()
+        })
+        .collect();
+    let (first, last) = (seconds[0], *seconds.last().unwrap());
+    assert!(
+        last - first >= 10,
+        "the survivor went on firing: {fires:#?}"
+    );
+    assert_eq!(
+        seconds,
+        (first..=last).collect::<Vec<_>>(),
+        "each second exactly once, none lost or doubled"
+    );
+    let started = fires.iter().filter(|f| f["outcome"] == "started").count();
+    assert!(
+        started >= seconds.len() - 1,
+        "at most the one in the killed daemon's hands: {fires:#?}"
+    );
+    let runs = kmsflow(&["runs", "--output", "json", "--limit", "1000"], "admin")
+        .output()
+        .unwrap();
+    let listed: Value =
+        serde_json::from_slice(&runs.stdout).unwrap_or_else(|_| panic!("{}", stderr(&runs)));
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        started,
+        "one run per started fire"
+    );
+}
