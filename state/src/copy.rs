@@ -145,6 +145,23 @@ const TABLES: &[(&str, &[(&str, Ty)])] = &[
             ("run_id", Text),
         ],
     ),
+    (
+        "run_queue",
+        &[
+            ("id", Text),
+            ("queue", Text),
+            ("runbook", Text),
+            ("runbook_ref", Text),
+            ("content_hash", Text),
+            ("params", Text),
+            ("options", Text),
+            ("status", Text),
+            ("claimed_by", Text),
+            ("lease_expires_at", Text),
+            ("claims", Int),
+            ("enqueued_at", Text),
+        ],
+    ),
 ];
 
 /// Tables whose `seq` a sequence hands out on PostgreSQL: moved past the copied rows.

@@ -17,6 +17,7 @@ mod error;
 mod lock;
 mod postgres;
 mod probe;
+mod queue;
 mod records;
 mod rollout;
 mod schedule;
@@ -34,6 +35,7 @@ pub use records::{
     Approval, EventRecord, FireOutcome, Outcome, Overlap, RunRecord, RunStatus, StepRecord,
     StepStatus,
 };
+pub use queue::{NewQueued, QueueStatus, QueuedRun};
 pub use rollout::{NewRollout, NewTarget, ROLLOUT_PREFIX, RolloutRecord, RolloutTargetRecord};
 pub use schedule::{FireRecord, ScheduleRecord, mask_url};
 pub use store::{Durability, Location, Store, create_private_folder};

@@ -150,6 +150,24 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE schedules ADD COLUMN policy TEXT;
     ALTER TABLE schedules ADD COLUMN discover TEXT;
     "#,
+    // 7: the run queue: runs asked for on one machine and driven by workers on others.
+    r#"
+    CREATE TABLE run_queue (
+        id               TEXT PRIMARY KEY,
+        queue            TEXT NOT NULL,
+        runbook          TEXT NOT NULL,
+        runbook_ref      TEXT NOT NULL,
+        content_hash     TEXT NOT NULL,
+        params           TEXT NOT NULL,
+        options          TEXT NOT NULL,
+        status           TEXT NOT NULL,
+        claimed_by       TEXT,
+        lease_expires_at TEXT,
+        claims           INTEGER NOT NULL DEFAULT 0,
+        enqueued_at      TEXT NOT NULL
+    );
+    CREATE INDEX run_queue_waiting ON run_queue (queue, status, enqueued_at);
+    "#,
 ];
 
 pub(crate) const POSTGRES_MIGRATIONS: &[&str] = &[
@@ -266,6 +284,24 @@ pub(crate) const POSTGRES_MIGRATIONS: &[&str] = &[
         run_id     TEXT UNIQUE REFERENCES runs (id),
         PRIMARY KEY (rollout_id, position)
     );
+    "#,
+    // 2: the run queue (SQLite's 7).
+    r#"
+    CREATE TABLE run_queue (
+        id               TEXT PRIMARY KEY,
+        queue            TEXT NOT NULL,
+        runbook          TEXT NOT NULL,
+        runbook_ref      TEXT NOT NULL,
+        content_hash     TEXT NOT NULL,
+        params           TEXT NOT NULL,
+        options          TEXT NOT NULL,
+        status           TEXT NOT NULL,
+        claimed_by       TEXT,
+        lease_expires_at TEXT,
+        claims           BIGINT NOT NULL DEFAULT 0,
+        enqueued_at      TEXT NOT NULL
+    );
+    CREATE INDEX run_queue_waiting ON run_queue (queue, status, enqueued_at);
     "#,
 ];
 

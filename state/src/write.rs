@@ -194,6 +194,22 @@ pub enum Write {
         error: Option<String>,
         at: DateTime<Utc>,
     },
+    /// Queues a run for a worker (`run --queue`), with the `run_queued` event.
+    Enqueue(crate::queue::NewQueued),
+    /// A worker's heartbeat: renews its claim on a queued run (fails with
+    /// [`StoreError::LeaseLost`] once another worker took it).
+    QueueHeartbeat {
+        id: String,
+        worker: String,
+        lease: chrono::Duration,
+    },
+    /// A worker gives up its claim: `done` when the run ended, otherwise back to the queue.
+    QueueRelease {
+        id: String,
+        worker: String,
+        done: bool,
+        at: DateTime<Utc>,
+    },
     /// Opens the gate before `wave`: only while the rollout waits, and only once.
     ApproveWave {
         rollout_id: String,
@@ -401,6 +417,16 @@ pub(crate) fn apply(tx: &mut Db<'_>, write: &Write) -> Result<(), StoreError> {
             at,
         } => reject(tx, run_id, step_id, rejected_by, reason, at),
         Write::CreateRollout(rollout) => crate::rollout::create_rollout(tx, rollout),
+        Write::Enqueue(queued) => crate::queue::enqueue(tx, queued),
+        Write::QueueHeartbeat { id, worker, lease } => {
+            crate::queue::heartbeat(tx, id, worker, *lease)
+        }
+        Write::QueueRelease {
+            id,
+            worker,
+            done,
+            at,
+        } => crate::queue::release(tx, id, worker, *done, at),
         Write::RolloutTargetStarted {
             rollout_id,
             position,

@@ -64,6 +64,7 @@ on_both_backends!(
     journal_sequence_numbers_grow_in_commit_order,
     many_processes_migrating_at_once_are_safe,
     a_whole_history_is_copied_once_into_an_empty_store,
+    queued_runs_are_claimed_once_and_a_stopped_workers_claims_pass_on,
 );
 
 fn new_run(id: &str, steps: &[&str], lock_key: Option<&str>) -> Write {
@@ -580,4 +581,91 @@ fn a_whole_history_is_copied_once_into_an_empty_store(fresh: Fresh) {
         again.to_string().contains("already holds 1 runs"),
         "{again}"
     );
+}
+
+fn queued(id: &str) -> Write {
+    Write::Enqueue(kmsflow_state::NewQueued {
+        id: id.into(),
+        queue: "east".into(),
+        runbook: "t".into(),
+        runbook_ref: "t.yaml".into(),
+        content_hash: "hash-t".into(),
+        source: "name: t".into(),
+        fragments: json!([]),
+        params: json!({"cluster": id}),
+        options: json!({"concurrency": 4}),
+        enqueued_at: Utc::now(),
+    })
+}
+
+fn queued_runs_are_claimed_once_and_a_stopped_workers_claims_pass_on(fresh: Fresh) {
+    let mut store = fresh.open();
+    let ids: Vec<String> = (0..30).map(|i| format!("q-{i:02}")).collect();
+    store.commit(&ids.iter().map(|id| queued(id)).collect::<Vec<_>>()).unwrap();
+    // Three workers asking at once, a few at a time, until the queue is empty.
+    let claimed: Vec<(String, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3)
+            .map(|w| {
+                let fresh = &fresh;
+                scope.spawn(move || {
+                    let mut worker = fresh.open();
+                    let name = format!("worker-{w}");
+                    let mut mine = Vec::new();
+                    loop {
+                        let got = worker
+                            .claim_queued("east", &name, Duration::seconds(60), 4)
+                            .unwrap();
+                        if got.is_empty() {
+                            return mine;
+                        }
+                        mine.extend(got.into_iter().map(|q| (q.id, name.clone())));
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let mut seen: Vec<&String> = claimed.iter().map(|(id, _)| id).collect();
+    seen.sort();
+    assert_eq!(seen, ids.iter().collect::<Vec<_>>(), "each entry claimed exactly once");
+    // Another queue's workers see none of them.
+    assert!(store.claim_queued("west", "w", Duration::seconds(60), 10).unwrap().is_empty());
+
+    // A worker that stopped: its claim runs out (by the store's clock) and passes on.
+    store.commit(&[queued("q-late")]).unwrap();
+    let first = store.claim_queued("east", "dead", Duration::seconds(-1), 1).unwrap();
+    assert_eq!(first[0].id, "q-late");
+    let second = store.claim_queued("east", "alive", Duration::seconds(60), 1).unwrap();
+    assert_eq!((second[0].id.as_str(), second[0].claims), ("q-late", 2));
+    assert_eq!(second[0].params, json!({"cluster": "q-late"}));
+    assert_eq!(second[0].source, "name: t");
+    let stale = store.commit(&[Write::QueueHeartbeat {
+        id: "q-late".into(),
+        worker: "dead".into(),
+        lease: Duration::seconds(60),
+    }]);
+    match stale {
+        Err(StoreError::LeaseLost { taken_by, .. }) => assert_eq!(taken_by.as_deref(), Some("alive")),
+        other => panic!("{other:?}"),
+    }
+    store
+        .commit(&[
+            Write::QueueHeartbeat {
+                id: "q-late".into(),
+                worker: "alive".into(),
+                lease: Duration::seconds(60),
+            },
+            Write::QueueRelease {
+                id: "q-late".into(),
+                worker: "alive".into(),
+                done: true,
+                at: Utc::now(),
+            },
+        ])
+        .unwrap();
+    assert_eq!(
+        store.queued("q-late").unwrap().unwrap().status,
+        kmsflow_state::QueueStatus::Done
+    );
+    assert!(store.claim_queued("east", "w", Duration::seconds(60), 10).unwrap().is_empty());
 }
