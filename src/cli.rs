@@ -278,6 +278,14 @@ pub enum Command {
         /// `approve` step of the runbook stands before it).
         #[arg(long, short = 'y')]
         yes: bool,
+        /// Queue the run for a worker of this queue (`kmsflow worker --queue NAME`, on any
+        /// machine sharing the state) instead of running it here; wait and print its
+        /// transitions as the worker records them.
+        #[arg(long, value_name = "NAME")]
+        queue: Option<String>,
+        /// With `--queue`: print the run's id and return at once.
+        #[arg(long, requires = "queue")]
+        detach: bool,
         /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -469,6 +477,21 @@ pub enum Command {
         #[arg(long, default_value = "250ms", value_parser = parse_duration_arg)]
         tick: std::time::Duration,
     },
+    /// Takes queued runs (`kmsflow run ... --queue NAME`) from the shared state and drives
+    /// them, resuming any a stopped worker left part-way; SIGTERM or Ctrl-C drains (running
+    /// steps finish, their runs go back to the queue).
+    Worker {
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        azure: AzureArgs,
+        /// The queue to take runs from.
+        #[arg(long, default_value = "default", value_name = "NAME")]
+        queue: String,
+        /// Runs driven at once.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
+    },
     /// Show a run's (or a rollout's) journal of transitions.
     Events {
         #[command(flatten)]
@@ -518,6 +541,7 @@ impl Command {
             | Command::Rollback { state, .. }
             | Command::Check { state, .. }
             | Command::Daemon { state, .. }
+            | Command::Worker { state, .. }
             | Command::Approve { state, .. }
             | Command::Reject { state, .. }
             | Command::Cancel { state, .. }
@@ -537,6 +561,7 @@ impl Command {
             | Command::Resume { azure, .. }
             | Command::Rollback { azure, .. }
             | Command::Check { azure, .. }
+            | Command::Worker { azure, .. }
             | Command::Daemon { azure, .. } => Some(azure),
             _ => None,
         }

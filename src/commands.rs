@@ -102,8 +102,13 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             dry_run,
             yes,
             output,
+            queue,
+            detach,
             ..
         } => match crate::rollouts::Fleet::of(targets.as_deref(), &discover) {
+            Some(_) if queue.is_some() => Err(Failure::Usage(
+                "`--queue` queues one run; a rollout over a fleet on workers (`--distribute`) is not built yet".into(),
+            )),
             Some(fleet) if dry_run => {
                 let asked = crate::rollouts::PlanFleet {
                     runbook: &runbook,
@@ -129,6 +134,17 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
                     output,
                 };
                 crate::rollouts::run(&context, asked).await
+            }
+            None if queue.is_some() => {
+                let asked = crate::worker::Enqueue {
+                    runbook: &runbook,
+                    params: &params,
+                    queue: queue.expect("given"),
+                    concurrency: steps_at_once(concurrency)?,
+                    yes,
+                    detach,
+                };
+                crate::worker::enqueue(&context, asked).await
             }
             None => {
                 let fleet_only = [
@@ -288,6 +304,9 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
         }
         Command::Schedule { command, .. } => schedule(&context, command).await,
         Command::Daemon { tick, .. } => daemon(&context, tick).await,
+        Command::Worker {
+            queue, concurrency, ..
+        } => crate::worker::worker(&context, queue, concurrency as usize).await,
         Command::State(crate::cli::StateCommand::Migrate { from, to, output }) => {
             migrate_state(&from, &to, output)
         }
@@ -469,7 +488,10 @@ pub(crate) fn param_sources(context: &Context, args: &ParamArgs) -> Result<Param
     })
 }
 
-fn bind(runbook: &CompiledRunbook, sources: &ParamSources) -> Result<BoundParams, Failure> {
+pub(crate) fn bind(
+    runbook: &CompiledRunbook,
+    sources: &ParamSources,
+) -> Result<BoundParams, Failure> {
     params::bind(runbook, sources).map_err(Failure::Params)
 }
 
@@ -769,16 +791,7 @@ async fn run(
     let compiled = compile_loaded(&loaded)?;
     let bound = bind(&compiled, &param_sources(context, args)?)?;
     let engine = context.engine()?;
-    let ungated = |s: &kmsflow_engine::runbook::CompiledStep| {
-        s.may_be_irreversible && !compiled.approval_before(&s.id)
-    };
-    if !yes && compiled.steps.iter().any(ungated) {
-        // Only the plan knows whether this run would pass the point (a cluster already
-        // encrypted will not), so a rerun is not asked about what it will not do.
-        let previews = kmsflow_engine::preview::preview(&compiled, &bound, &engine.registry).await;
-        let points = crate::confirm::points_of_no_return(&compiled, &previews);
-        crate::confirm::confirm("run passes a point of no return", &points, false)?;
-    }
+    confirm_run(&compiled, &bound, &engine, yes).await?;
     // The bundled check's findings exit as `kmsflow check`'s do, so a schedule or CI job
     // running it pages on the same codes.
     let judges = loaded.reference == "bundled:rotation-check";
@@ -801,6 +814,27 @@ async fn run(
         Some(worst) if judges && code == code::SUCCESS => crate::check::severity_code(&worst),
         _ => code,
     })
+}
+
+/// Asks before a run that may pass a point of no return no `approve` step guards (refused
+/// without a terminal unless `yes`).
+pub(crate) async fn confirm_run(
+    compiled: &CompiledRunbook,
+    bound: &BoundParams,
+    engine: &Engine,
+    yes: bool,
+) -> Result<(), Failure> {
+    let ungated = |s: &kmsflow_engine::runbook::CompiledStep| {
+        s.may_be_irreversible && !compiled.approval_before(&s.id)
+    };
+    if !yes && compiled.steps.iter().any(ungated) {
+        // Only the plan knows whether this run would pass the point (a cluster already
+        // encrypted will not), so a rerun is not asked about what it will not do.
+        let previews = kmsflow_engine::preview::preview(compiled, bound, &engine.registry).await;
+        let points = crate::confirm::points_of_no_return(compiled, &previews);
+        crate::confirm::confirm("run passes a point of no return", &points, false)?;
+    }
+    Ok(())
 }
 
 /// What the user allowed `resume` to change on purpose.

@@ -18,6 +18,7 @@ mod sandboxed;
 mod signals;
 mod state_file;
 mod targets;
+mod worker;
 
 use std::process::ExitCode;
 

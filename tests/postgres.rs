@@ -487,3 +487,156 @@ fn two_daemons_on_one_database_one_killed_every_occurrence_fired_once() {
         "one run per started fire"
     );
 }
+
+const SUBSCRIPTION: &str = "00000000-0000-4000-8000-5a4db0c5ab0c";
+
+/// A sandbox world of `n` PMK-ready clusters in `rg-east`, answering each write `write_ms`
+/// after applying it; and a database of its own.
+fn fleet(dir: &Path, n: usize, write_ms: u64) -> Served {
+    let clusters: Vec<Value> = (0..n)
+        .map(|i| {
+            let name = format!("aks-{i:03}");
+            serde_json::json!({
+                "id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-east/providers/Microsoft.ContainerService/managedClusters/{name}"),
+                "name": name, "type": "Microsoft.ContainerService/ManagedClusters", "location": "eastus",
+                "eTag": "00000000-0000-4000-8000-0000000e7a90",
+                "identity": {"type": "SystemAssigned", "principalId": "00000000-0000-4000-8000-00000000c1a5", "tenantId": "sandbox"},
+                "properties": {
+                    "provisioningState": "Succeeded", "kubernetesVersion": "1.33.0", "currentKubernetesVersion": "1.33.0",
+                    "dnsPrefix": format!("{name}-dns"),
+                    "agentPoolProfiles": [{"name": "nodepool1", "mode": "System", "count": 3, "vmSize": "Standard_DS2_v2", "osType": "Linux", "type": "VirtualMachineScaleSets"}],
+                    "securityProfile": {"azureKeyVaultKms": null},
+                },
+            })
+        })
+        .collect();
+    let world = serde_json::json!({
+        "resource_groups": [{"name": "rg-east", "location": "eastus"}],
+        "features_registered": [{"namespace": "Microsoft.ContainerService", "feature": "KMSPMKPreview"}],
+        "resources": clusters,
+    });
+    std::fs::write(dir.join("world.json"), world.to_string()).unwrap();
+    std::fs::write(
+        dir.join("faults.yaml"),
+        format!("latency: {{ min_ms: 0, max_ms: 0, write_ms: {write_ms} }}\n"),
+    )
+    .unwrap();
+    let world = dir.join("world.json").display().to_string();
+    let faults = dir.join("faults.yaml").display().to_string();
+    let mut served = serve(&["--world", &world, "--faults", &faults]);
+    served.state = Some(kmsflow_pgtest::server().database());
+    served
+}
+
+/// Three workers on one queue of twelve clusters' runs; one worker is kill -9ed after the
+/// fleet's fourth write. Its claims pass on when their lease runs out, and another worker
+/// resumes each of its runs: every cluster converges, each cluster's PUT sent exactly once.
+#[test]
+fn three_workers_one_killed_every_queued_cluster_converges_exactly_once() {
+    let n = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let served = fleet(dir.path(), n, 400);
+    let lease = "4";
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let cluster = format!("cluster=aks-{i:03}");
+        let queued = served
+            .kmsflow(
+                dir.path(),
+                &[
+                    "run",
+                    "pmk-existing-cluster",
+                    "-p",
+                    "resource_group=rg-east",
+                    "-p",
+                    &cluster,
+                    "--queue",
+                    "east",
+                    "--detach",
+                ],
+            )
+            .output()
+            .unwrap();
+        assert!(queued.status.success(), "{}", stderr(&queued));
+        ids.push(String::from_utf8_lossy(&queued.stdout).trim().to_owned());
+    }
+    assert_eq!(served.writes(), 0, "queueing changes nothing");
+    let worker = |host: &str| {
+        served
+            .kmsflow(
+                dir.path(),
+                &["worker", "--queue", "east", "--concurrency", "2"],
+            )
+            .env("KMSFLOW_HOST_ID", host)
+            .env("KMSFLOW_LOCK_LEASE", lease)
+            .env("KMSFLOW_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(format!("{host}.log"))).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let logs = || {
+        (1..=3)
+            .map(|i| {
+                let name = format!("worker-{i}.log");
+                let log = std::fs::read_to_string(dir.path().join(&name)).unwrap_or_default();
+                format!("--- {name}\n{log}")
+            })
+            .collect::<String>()
+    };
+    let mut workers = vec![worker("worker-1"), worker("worker-2"), worker("worker-3")];
+    until_writes(&served, &mut workers[0], 4);
+    workers[0].kill().unwrap();
+    workers[0].wait().unwrap();
+    // Every queued run ends, the killed worker's too.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let finished = loop {
+        let shown: Vec<Value> = ids
+            .iter()
+            .map(|id| {
+                let out = served
+                    .kmsflow(dir.path(), &["show", id, "--output", "json"])
+                    .output()
+                    .unwrap();
+                serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+            })
+            .collect();
+        if shown.iter().all(|run| run["status"] == "succeeded") {
+            break shown;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every run ended: {:#?}\n{}",
+            shown
+                .iter()
+                .map(|r| (&r["id"], &r["status"]))
+                .collect::<Vec<_>>(),
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for mut worker in workers.drain(1..) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(worker.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(worker.wait().unwrap().success(), "SIGTERM drains");
+    }
+    assert_eq!(finished.len(), n);
+    let world = served.world();
+    let encrypted = world["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"] == "Enabled")
+        .count();
+    assert_eq!(encrypted, n, "every cluster converged");
+    // `writes` asserts no write was sent twice.
+    let sent = writes(&served);
+    let puts = sent
+        .keys()
+        .filter(|k| k.contains("/managedclusters/aks-"))
+        .count();
+    assert_eq!(puts, n, "one PUT per cluster: {sent:#?}");
+}

@@ -163,7 +163,8 @@ pub fn lock_key(
 
 /// The fragments of a compiled runbook as a run stores them. The including runbook's own
 /// name (a path as typed, which may differ from the stored reference) is stored as `""`.
-pub(crate) fn storable_fragments(runbook: &CompiledRunbook) -> serde_json::Value {
+/// The fragments a runbook includes, as a run keeps them with its text.
+pub fn storable_fragments(runbook: &CompiledRunbook) -> serde_json::Value {
     let names: Vec<&str> = runbook
         .fragment_sources
         .iter()

@@ -31,11 +31,11 @@ pub use error::{PgError, StoreError};
 pub use lock::{LockGrant, LockHeld, LockOwner};
 pub use postgres::{PgLocation, is_postgres_url, mask_password};
 pub use probe::{measure_raw_commits, measure_raw_postgres_commits};
+pub use queue::{NewQueued, QueueStatus, QueuedRun};
 pub use records::{
     Approval, EventRecord, FireOutcome, Outcome, Overlap, RunRecord, RunStatus, StepRecord,
     StepStatus,
 };
-pub use queue::{NewQueued, QueueStatus, QueuedRun};
 pub use rollout::{NewRollout, NewTarget, ROLLOUT_PREFIX, RolloutRecord, RolloutTargetRecord};
 pub use schedule::{FireRecord, ScheduleRecord, mask_url};
 pub use store::{Durability, Location, Store, create_private_folder};

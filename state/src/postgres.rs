@@ -346,12 +346,21 @@ impl PgConn {
     }
 
     fn migrate_locked(&mut self) -> Result<(), StoreError> {
-        self.batch(
-            "CREATE TABLE IF NOT EXISTS kmsflow_schema (
-                 version    BIGINT PRIMARY KEY,
-                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-             )",
-        )?;
+        // (`IF NOT EXISTS` alone would have the server send a notice at every open.)
+        let exists = self
+            .query("SELECT to_regclass('kmsflow_schema') IS NOT NULL", &[])?
+            .first()
+            .map(|row| row.try_get::<_, bool>(0))
+            .transpose()?
+            .unwrap_or(false);
+        if !exists {
+            self.batch(
+                "CREATE TABLE IF NOT EXISTS kmsflow_schema (
+                     version    BIGINT PRIMARY KEY,
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                 )",
+            )?;
+        }
         let found: i64 = self
             .query("SELECT coalesce(max(version), 0) FROM kmsflow_schema", &[])?
             .first()

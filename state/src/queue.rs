@@ -216,7 +216,11 @@ impl Store {
         // that does not take the store's lock.
         self.db().transaction(|tx| {
             let now = tx.now()?;
-            let lock = if postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
+            let lock = if postgres {
+                "FOR UPDATE SKIP LOCKED"
+            } else {
+                ""
+            };
             let ids: Vec<String> = tx.query(
                 &format!(
                     "SELECT id FROM run_queue
@@ -236,7 +240,14 @@ impl Store {
                      WHERE id = ?1",
                     args![id, worker, expires],
                 )?;
-                event(tx, &id, None, &now, "queue_claimed", &json!({"worker": worker}))?;
+                event(
+                    tx,
+                    &id,
+                    None,
+                    &now,
+                    "queue_claimed",
+                    &json!({"worker": worker}),
+                )?;
                 claimed.extend(tx.query_opt(
                     &format!(
                         "SELECT {QUEUED_COLUMNS} FROM run_queue q

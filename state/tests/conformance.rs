@@ -601,7 +601,9 @@ fn queued(id: &str) -> Write {
 fn queued_runs_are_claimed_once_and_a_stopped_workers_claims_pass_on(fresh: Fresh) {
     let mut store = fresh.open();
     let ids: Vec<String> = (0..30).map(|i| format!("q-{i:02}")).collect();
-    store.commit(&ids.iter().map(|id| queued(id)).collect::<Vec<_>>()).unwrap();
+    store
+        .commit(&ids.iter().map(|id| queued(id)).collect::<Vec<_>>())
+        .unwrap();
     // Three workers asking at once, a few at a time, until the queue is empty.
     let claimed: Vec<(String, String)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..3)
@@ -623,19 +625,35 @@ fn queued_runs_are_claimed_once_and_a_stopped_workers_claims_pass_on(fresh: Fres
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     let mut seen: Vec<&String> = claimed.iter().map(|(id, _)| id).collect();
     seen.sort();
-    assert_eq!(seen, ids.iter().collect::<Vec<_>>(), "each entry claimed exactly once");
+    assert_eq!(
+        seen,
+        ids.iter().collect::<Vec<_>>(),
+        "each entry claimed exactly once"
+    );
     // Another queue's workers see none of them.
-    assert!(store.claim_queued("west", "w", Duration::seconds(60), 10).unwrap().is_empty());
+    assert!(
+        store
+            .claim_queued("west", "w", Duration::seconds(60), 10)
+            .unwrap()
+            .is_empty()
+    );
 
     // A worker that stopped: its claim runs out (by the store's clock) and passes on.
     store.commit(&[queued("q-late")]).unwrap();
-    let first = store.claim_queued("east", "dead", Duration::seconds(-1), 1).unwrap();
+    let first = store
+        .claim_queued("east", "dead", Duration::seconds(-1), 1)
+        .unwrap();
     assert_eq!(first[0].id, "q-late");
-    let second = store.claim_queued("east", "alive", Duration::seconds(60), 1).unwrap();
+    let second = store
+        .claim_queued("east", "alive", Duration::seconds(60), 1)
+        .unwrap();
     assert_eq!((second[0].id.as_str(), second[0].claims), ("q-late", 2));
     assert_eq!(second[0].params, json!({"cluster": "q-late"}));
     assert_eq!(second[0].source, "name: t");
@@ -645,7 +663,9 @@ fn queued_runs_are_claimed_once_and_a_stopped_workers_claims_pass_on(fresh: Fres
         lease: Duration::seconds(60),
     }]);
     match stale {
-        Err(StoreError::LeaseLost { taken_by, .. }) => assert_eq!(taken_by.as_deref(), Some("alive")),
+        Err(StoreError::LeaseLost { taken_by, .. }) => {
+            assert_eq!(taken_by.as_deref(), Some("alive"))
+        }
         other => panic!("{other:?}"),
     }
     store
@@ -667,5 +687,10 @@ fn queued_runs_are_claimed_once_and_a_stopped_workers_claims_pass_on(fresh: Fres
         store.queued("q-late").unwrap().unwrap().status,
         kmsflow_state::QueueStatus::Done
     );
-    assert!(store.claim_queued("east", "w", Duration::seconds(60), 10).unwrap().is_empty());
+    assert!(
+        store
+            .claim_queued("east", "w", Duration::seconds(60), 10)
+            .unwrap()
+            .is_empty()
+    );
 }
