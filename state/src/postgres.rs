@@ -163,6 +163,7 @@ impl PgLocation {
         Ok(PgConn {
             client,
             statements: HashMap::new(),
+            serial_now: None,
         })
     }
 }
@@ -272,6 +273,10 @@ fn io() -> &'static tokio::runtime::Runtime {
 pub(crate) struct PgConn {
     client: tokio_postgres::Client,
     statements: HashMap<String, tokio_postgres::Statement>,
+    /// The server's clock when the open write transaction got the writer lock: the store's
+    /// "now" for everything in that transaction (fences, leases, claims), fetched in the same
+    /// round trip as BEGIN instead of one more per use.
+    serial_now: Option<DateTime<Utc>>,
 }
 
 /// The key of the advisory lock every write transaction holds (see [`crate::db::Db::begin`]):
@@ -309,16 +314,32 @@ impl PgConn {
     }
 
     pub(crate) fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        if sql == "COMMIT" || sql == "ROLLBACK" {
+            self.serial_now = None;
+        }
         wait(self.client.batch_execute(sql))
     }
 
+    /// BEGIN, the writer lock and the server's clock, in one round trip.
     pub(crate) fn begin_serial(&mut self) -> Result<(), StoreError> {
-        self.batch(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK})"
-        ))
+        let answers = wait(self.client.simple_query(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK}); \
+             SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', \
+             'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+        )))?;
+        let now = answers.iter().rev().find_map(|answer| match answer {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        });
+        let now = now.ok_or_else(|| crate::error::corrupt("clock_timestamp()", "no row"))?;
+        self.serial_now = Some(crate::store::timestamp(now, "clock_timestamp()")?);
+        Ok(())
     }
 
     pub(crate) fn now(&mut self) -> Result<DateTime<Utc>, StoreError> {
+        if let Some(now) = self.serial_now {
+            return Ok(now);
+        }
         let rows = self.query(
             "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', \
              'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",

@@ -219,17 +219,27 @@ fn try_batch(store: &mut Store, batch: &[Checkpoint]) -> Attempt {
             }),
         };
     }
+    // Each checkpoint in its own savepoint. The release of one and the next one's savepoint go
+    // in one round trip, and COMMIT releases the last: on PostgreSQL every statement is a round
+    // trip to the server.
+    let mut open = false;
     for job in batch {
         let result = (|| {
-            tx.batch("SAVEPOINT checkpoint")?;
+            tx.batch(if open {
+                "RELEASE SAVEPOINT checkpoint; SAVEPOINT checkpoint"
+            } else {
+                "SAVEPOINT checkpoint"
+            })?;
+            open = true;
             for write in &job.writes {
                 if let Err(error) = crate::write::apply(&mut tx, write) {
                     // Keep the failure to this checkpoint: the others still commit.
                     tx.batch("ROLLBACK TO SAVEPOINT checkpoint; RELEASE SAVEPOINT checkpoint")?;
+                    open = false;
                     return Err(error);
                 }
             }
-            tx.batch("RELEASE SAVEPOINT checkpoint")
+            Ok(())
         })();
         if let Err(error) = &result
             && error.is_connection_lost()
