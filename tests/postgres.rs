@@ -315,42 +315,28 @@ rules:
         .unwrap();
     assert_eq!(failed.status.code(), Some(1), "{}", stderr(&failed));
     let file = dir.path().join("state.db");
-    let moved = kmsflow(
-        &served,
-        dir.path(),
-        "laptop",
-        &[
-            "state".into(),
-            "migrate".into(),
-            "--from".into(),
-            file.display().to_string(),
-            "--to".into(),
-            database.clone(),
-            "--output".into(),
-            "json".into(),
-        ],
-    )
-    .output()
-    .unwrap();
+    let migrate = || {
+        let args = [
+            "state",
+            "migrate",
+            "--from",
+            &file.display().to_string(),
+            "--to",
+            &database,
+            "--output",
+            "json",
+        ]
+        .map(str::to_owned);
+        kmsflow(&served, dir.path(), "laptop", &args)
+            .output()
+            .unwrap()
+    };
+    let moved = migrate();
     assert!(moved.status.success(), "{}", stderr(&moved));
     let report: Value = serde_json::from_slice(&moved.stdout).unwrap();
     assert_eq!(report["copied"]["runs"], 1);
     // Moving it twice would mix histories: refused.
-    let twice = kmsflow(
-        &served,
-        dir.path(),
-        "laptop",
-        &[
-            "state".into(),
-            "migrate".into(),
-            "--from".into(),
-            file.display().to_string(),
-            "--to".into(),
-            database.clone(),
-        ],
-    )
-    .output()
-    .unwrap();
+    let twice = migrate();
     assert!(!twice.status.success());
     assert!(
         stderr(&twice).contains("already holds 1 runs"),
