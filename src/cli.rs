@@ -283,8 +283,14 @@ pub enum Command {
         /// transitions as the worker records them.
         #[arg(long, value_name = "NAME")]
         queue: Option<String>,
-        /// With `--queue`: print the run's id and return at once.
-        #[arg(long, requires = "queue")]
+        /// With `--targets` or `--discover`: share the rollout out to the workers of
+        /// `--queue` (default `default`): a worker drives it, and each target's run goes to
+        /// whichever worker takes it. Waits and prints the rollout's progress.
+        #[arg(long, conflicts_with = "dry_run")]
+        distribute: bool,
+        /// With `--queue` or `--distribute`: print the run's (or rollout's) id and return at
+        /// once.
+        #[arg(long)]
         detach: bool,
         /// `text` for people, `json` for scripts (on stdout).
         #[arg(long, value_enum, default_value_t = Output::Text)]

@@ -103,11 +103,18 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             yes,
             output,
             queue,
+            distribute,
             detach,
             ..
         } => match crate::rollouts::Fleet::of(targets.as_deref(), &discover) {
-            Some(_) if queue.is_some() => Err(Failure::Usage(
-                "`--queue` queues one run; a rollout over a fleet on workers (`--distribute`) is not built yet".into(),
+            _ if detach && queue.is_none() && !distribute => Err(Failure::Usage(
+                "`--detach` returns once the run is queued: give `--queue NAME` (or, for a rollout, `--distribute`)".into(),
+            )),
+            Some(_) if queue.is_some() && !distribute => Err(Failure::Usage(
+                "`--queue` with a fleet: add `--distribute` to share the rollout out to the queue's workers".into(),
+            )),
+            None if distribute => Err(Failure::Usage(
+                "`--distribute` shares a rollout out to workers: give `--targets FILE` or `--discover` (one run goes to a worker with `--queue NAME`)".into(),
             )),
             Some(fleet) if dry_run => {
                 let asked = crate::rollouts::PlanFleet {
@@ -132,6 +139,10 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
                     rate: &rate,
                     yes,
                     output,
+                    distribute: distribute.then(|| crate::distribute::Distribute {
+                        queue: queue.unwrap_or_else(|| "default".into()),
+                        detach,
+                    }),
                 };
                 crate::rollouts::run(&context, asked).await
             }

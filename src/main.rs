@@ -8,6 +8,7 @@ mod commands;
 mod confirm;
 mod daemon;
 mod discover;
+mod distribute;
 mod failure;
 mod output;
 mod progress_view;

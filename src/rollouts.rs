@@ -90,6 +90,7 @@ pub fn policy_of(concurrency: Option<Share>, rate: &RateArgs) -> Policy {
         max_errors: rate.max_errors.unwrap_or(Share::Count(0)),
         waves: rate.waves.clone(),
         gate: rate.wave_gate.unwrap_or_default(),
+        queue: None,
     }
 }
 
@@ -102,6 +103,8 @@ pub struct Rollout<'a> {
     pub rate: &'a RateArgs,
     pub yes: bool,
     pub output: Output,
+    /// `--distribute`: the rollout is driven by a queue's workers, not here.
+    pub distribute: Option<crate::distribute::Distribute>,
 }
 
 /// `kmsflow run RUNBOOK --targets FILE`: every row bound and checked before anything starts,
@@ -150,6 +153,9 @@ pub async fn run(context: &Context, asked: Rollout<'_>) -> Result<u8, Failure> {
         targets,
         policy,
     };
+    if let Some(distribute) = asked.distribute {
+        return crate::distribute::submit(context, request, distribute, asked.output).await;
+    }
     let engine = context.engine()?;
     let drive = drive(
         context,
@@ -454,7 +460,11 @@ pub fn approve(context: &Context, id: &str, gate: &str, approved_by: &str) -> Re
 
 /// Prints the outcome as asked and turns the status into the exit code: 0 every target
 /// succeeded, 1 a failure or the budget stopped it, 4 interrupted or waiting at a gate.
-fn finish(context: &Context, summary: RolloutSummary, output: Output) -> Result<u8, Failure> {
+pub(crate) fn finish(
+    context: &Context,
+    summary: RolloutSummary,
+    output: Output,
+) -> Result<u8, Failure> {
     if output == Output::Json {
         let store = context.store()?;
         print_report(&store, &store.rollout(&summary.rollout_id)?)?;

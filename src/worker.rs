@@ -127,9 +127,13 @@ pub async fn worker(context: &Context, queue: String, concurrency: usize) -> Res
         "worker {name} taking runs of queue `{queue}` from {}, {concurrency} at once",
         engine.state
     );
-    let mut running = tokio::task::JoinSet::new();
+    // Runs take the worker's slots; a rollout's drive takes none (it only queues its
+    // targets and waits for them), so a worker whose slots a rollout fills is never left
+    // waiting on itself.
+    let (mut running, mut driving) = (tokio::task::JoinSet::new(), tokio::task::JoinSet::new());
     while !signals.drain.is_cancelled() {
         while running.try_join_next().is_some() {}
+        while driving.try_join_next().is_some() {}
         let free = concurrency.saturating_sub(running.len());
         if free > 0 {
             let claimed = {
@@ -151,7 +155,11 @@ pub async fn worker(context: &Context, queue: String, concurrency: usize) -> Res
                             worker: name.clone(),
                             signals: signals.clone(),
                         };
-                        running.spawn(drive.run(queued));
+                        if crate::rollouts::is_rollout(&queued.id) {
+                            driving.spawn(drive.run(queued));
+                        } else {
+                            running.spawn(drive.run(queued));
+                        }
                     }
                 }
                 Err(error) => tracing::warn!(%error, "could not claim queued runs; trying again"),
@@ -167,6 +175,7 @@ pub async fn worker(context: &Context, queue: String, concurrency: usize) -> Res
         running.len()
     );
     while running.join_next().await.is_some() {}
+    while driving.join_next().await.is_some() {}
     crate::output::note!("worker {name} stopped");
     Ok(code::SUCCESS)
 }
@@ -207,6 +216,7 @@ impl Drive {
             id: id.clone(),
             worker: self.worker.clone(),
             done,
+            error: outcome.as_ref().err().map(ToString::to_string),
             at: Utc::now(),
         };
         let engine = self.engine.clone();
@@ -247,12 +257,43 @@ impl Drive {
         })
     }
 
-    /// Starts the run, or resumes it where an earlier worker left it.
+    /// Starts the run, or resumes it where an earlier worker left it; drives a rollout.
     async fn execute(&self, queued: &QueuedRun) -> Result<RunStatus, Failure> {
-        let launcher = Launcher::open(&self.engine).await?;
-        let result = self.execute_on(&launcher, queued).await;
-        launcher.close().await;
+        let launcher = Arc::new(Launcher::open(&self.engine).await?);
+        let result = if crate::rollouts::is_rollout(&queued.id) {
+            self.drive_rollout(&launcher, queued).await
+        } else {
+            self.execute_on(&launcher, queued).await
+        };
+        if let Ok(launcher) = Arc::try_unwrap(launcher) {
+            launcher.close().await;
+        }
         result
+    }
+
+    /// Drives a distributed rollout: its targets' runs go to the queue, for any worker.
+    async fn drive_rollout(
+        &self,
+        launcher: &Arc<Launcher>,
+        queued: &QueuedRun,
+    ) -> Result<RunStatus, Failure> {
+        let resumed = queued.claims > 1;
+        crate::output::note!(
+            "{}: {} the rollout of {}",
+            queued.id,
+            if resumed { "taking over" } else { "driving" },
+            queued.runbook_ref
+        );
+        let drive = kmsflow_engine::rollout::Drive {
+            params: ParamSources::default(),
+            options: options_of(queued),
+            signals: self.signals.clone(),
+            progress: Arc::new(|_: &kmsflow_engine::rollout::RolloutProgress| {}),
+            operator: format!("worker {}", self.worker).into(),
+        };
+        let summary =
+            kmsflow_engine::rollout::drive_stored(launcher, &queued.id, drive, resumed).await?;
+        Ok(summary.status)
     }
 
     async fn execute_on(
@@ -260,10 +301,7 @@ impl Drive {
         launcher: &Launcher,
         queued: &QueuedRun,
     ) -> Result<RunStatus, Failure> {
-        let options = ExecOptions {
-            concurrency: queued.options["concurrency"].as_u64().unwrap_or(8).max(1) as usize,
-            ..ExecOptions::default()
-        };
+        let options = options_of(queued);
         let id = queued.id.clone();
         let exists = launcher
             .on_store(move |store| Ok(store.run(&id).is_ok()))
@@ -307,10 +345,28 @@ impl Drive {
                 signals: self.signals.clone(),
                 progress: kmsflow_engine::progress::silent(),
             };
+            // A distributed rollout's target: linked to its run as the run is created.
+            let link = queued.options["target"]["rollout_id"]
+                .as_str()
+                .zip(queued.options["target"]["position"].as_u64())
+                .map(|(rollout_id, position)| Write::RolloutTargetStarted {
+                    rollout_id: rollout_id.to_owned(),
+                    position: position as usize,
+                    run_id: queued.id.clone(),
+                    at: Utc::now(),
+                });
             launcher
-                .start_with_id(request, queued.id.clone(), Vec::new())
+                .start_with_id(request, queued.id.clone(), link.into_iter().collect())
                 .await?
         };
         Ok(summary.status)
+    }
+}
+
+/// How a queued entry asked to be driven.
+fn options_of(queued: &QueuedRun) -> ExecOptions {
+    ExecOptions {
+        concurrency: queued.options["concurrency"].as_u64().unwrap_or(8).max(1) as usize,
+        ..ExecOptions::default()
     }
 }

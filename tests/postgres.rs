@@ -547,30 +547,8 @@ fn three_workers_one_killed_every_queued_cluster_converges_exactly_once() {
         ids.push(String::from_utf8_lossy(&queued.stdout).trim().to_owned());
     }
     assert_eq!(served.writes(), 0, "queueing changes nothing");
-    let worker = |host: &str| {
-        served
-            .kmsflow(
-                dir.path(),
-                &["worker", "--queue", "east", "--concurrency", "2"],
-            )
-            .env("KMSFLOW_HOST_ID", host)
-            .env("KMSFLOW_LOCK_LEASE", lease)
-            .env("KMSFLOW_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join(format!("{host}.log"))).unwrap())
-            .spawn()
-            .unwrap()
-    };
-    let logs = || {
-        (1..=3)
-            .map(|i| {
-                let name = format!("worker-{i}.log");
-                let log = std::fs::read_to_string(dir.path().join(&name)).unwrap_or_default();
-                format!("--- {name}\n{log}")
-            })
-            .collect::<String>()
-    };
-    let mut workers = vec![worker("worker-1"), worker("worker-2"), worker("worker-3")];
+    let mut workers = three_workers(&served, dir.path(), lease);
+    let logs = || worker_logs(dir.path());
     until_writes(&served, &mut workers[0], 4);
     workers[0].kill().unwrap();
     workers[0].wait().unwrap();
@@ -601,7 +579,43 @@ fn three_workers_one_killed_every_queued_cluster_converges_exactly_once() {
         );
         std::thread::sleep(Duration::from_millis(500));
     };
-    for mut worker in workers.drain(1..) {
+    drain(workers.drain(1..));
+    assert_eq!(finished.len(), n);
+    every_cluster_converged_once(&served, n);
+}
+
+/// Three workers (hosts `worker-1` to `-3`) on queue `east`, two runs each at once, with a
+/// lease of `lease` seconds; each logs to `worker-N.log` in `dir`.
+fn three_workers(served: &Served, dir: &Path, lease: &str) -> Vec<Child> {
+    (1..=3)
+        .map(|i| {
+            let host = format!("worker-{i}");
+            served
+                .kmsflow(dir, &["worker", "--queue", "east", "--concurrency", "2"])
+                .env("KMSFLOW_HOST_ID", &host)
+                .env("KMSFLOW_LOCK_LEASE", lease)
+                .env("KMSFLOW_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join(format!("{host}.log"))).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn worker_logs(dir: &Path) -> String {
+    (1..=3)
+        .map(|i| {
+            let name = format!("worker-{i}.log");
+            let log = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
+            format!("--- {name}\n{log}")
+        })
+        .collect()
+}
+
+/// SIGTERMs each worker: it drains and exits 0.
+fn drain(workers: impl Iterator<Item = Child>) {
+    for mut worker in workers {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(worker.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -609,7 +623,11 @@ fn three_workers_one_killed_every_queued_cluster_converges_exactly_once() {
         .unwrap();
         assert!(worker.wait().unwrap().success(), "SIGTERM drains");
     }
-    assert_eq!(finished.len(), n);
+}
+
+/// Every one of the `n` clusters is encrypted, and each had its PUT exactly once (`writes`
+/// asserts that no write at all was sent twice).
+fn every_cluster_converged_once(served: &Served, n: usize) {
     let world = served.world();
     let encrypted = world["resources"]
         .as_array()
@@ -618,11 +636,104 @@ fn three_workers_one_killed_every_queued_cluster_converges_exactly_once() {
         .filter(|r| r["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"]["infrastructureEncryption"] == "Enabled")
         .count();
     assert_eq!(encrypted, n, "every cluster converged");
-    // `writes` asserts no write was sent twice.
-    let sent = writes(&served);
+    let sent = writes(served);
     let puts = sent
         .keys()
         .filter(|k| k.contains("/managedclusters/aks-"))
         .count();
     assert_eq!(puts, n, "one PUT per cluster: {sent:#?}");
+}
+
+/// One rollout of sixty clusters shared out to three workers (`--distribute`); the worker
+/// that drives it is kill -9ed a third of the way through. Its claims (the rollout's drive
+/// and its runs) pass on when their lease runs out: another worker takes over the drive and
+/// the runs, and every cluster converges, each cluster's PUT sent exactly once. The command
+/// that asked waits throughout and exits 0.
+#[test]
+fn three_workers_one_killed_a_distributed_rollout_converges_every_cluster_exactly_once() {
+    let n = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let served = fleet(dir.path(), n, 100);
+    let targets: String = std::iter::once("cluster\n".to_owned())
+        .chain((0..n).map(|i| format!("aks-{i:03}\n")))
+        .collect();
+    std::fs::write(dir.path().join("targets.csv"), targets).unwrap();
+    let mut workers = three_workers(&served, dir.path(), "4");
+    let mut asked = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "run",
+                "pmk-existing-cluster",
+                "-p",
+                "resource_group=rg-east",
+                "--targets",
+                "targets.csv",
+                "--concurrency",
+                "6",
+                "--distribute",
+                "--queue",
+                "east",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("asked.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let followed = || std::fs::read_to_string(dir.path().join("asked.log")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while served.writes() < n / 3 {
+        assert!(
+            asked.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "the rollout ended, or did not write, before write {}:\n{}\n{}",
+            n / 3,
+            followed(),
+            worker_logs(dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Kill the worker driving the rollout: the hardest one to lose.
+    let driver = (0..3)
+        .find(|i| {
+            std::fs::read_to_string(dir.path().join(format!("worker-{}.log", i + 1)))
+                .unwrap()
+                .contains("driving the rollout")
+        })
+        .expect("one worker drives the rollout");
+    let killed_at = served.writes();
+    workers[driver].kill().unwrap();
+    workers[driver].wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        if let Some(status) = asked.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not end\n{}",
+            worker_logs(dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let followed = followed();
+    assert!(
+        status.success(),
+        "the rollout succeeds (worker-{} killed at write {killed_at}):\n{followed}\n{}",
+        driver + 1,
+        worker_logs(dir.path())
+    );
+    assert!(
+        followed.matches("driven by worker").count() >= 2,
+        "another worker took the drive over: {followed}"
+    );
+    let taken_over = (0..3).filter(|i| *i != driver).any(|i| {
+        std::fs::read_to_string(dir.path().join(format!("worker-{}.log", i + 1)))
+            .unwrap()
+            .contains("taking over the rollout")
+    });
+    assert!(taken_over, "{}", worker_logs(dir.path()));
+    // Already waited for when it was killed.
+    let _killed = workers.remove(driver).wait();
+    drain(workers.into_iter());
+    every_cluster_converged_once(&served, n);
 }

@@ -143,6 +143,7 @@ const TABLES: &[(&str, &[(&str, Ty)])] = &[
             ("params", Text),
             ("wave", Int),
             ("run_id", Text),
+            ("queued_as", Text),
         ],
     ),
     (

@@ -173,6 +173,7 @@ pub(crate) fn release(
     id: &str,
     worker: &str,
     done: bool,
+    error: Option<&str>,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let status = if done {
@@ -192,8 +193,19 @@ pub(crate) fn release(
             None,
             at,
             if done { "queue_done" } else { "queue_released" },
-            &json!({"worker": worker}),
+            &json!({"worker": worker, "error": error}),
         )?;
+    }
+    Ok(())
+}
+
+pub(crate) fn requeue(tx: &mut Db<'_>, id: &str, at: &DateTime<Utc>) -> Result<(), StoreError> {
+    let requeued = tx.execute(
+        "UPDATE run_queue SET status = 'queued' WHERE id = ?1 AND status = 'done'",
+        args![id],
+    )?;
+    if requeued == 1 {
+        event(tx, id, None, at, "run_requeued", &json!({}))?;
     }
     Ok(())
 }

@@ -76,6 +76,9 @@ pub struct RolloutTargetRecord {
     pub wave: u32,
     /// Its run, once started.
     pub run_id: Option<String>,
+    /// The id its run was queued under for a worker (a distributed rollout), before the
+    /// worker started it.
+    pub queued_as: Option<String>,
     pub status: Option<RunStatus>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -143,7 +146,8 @@ pub(crate) fn target_started(
 ) -> Result<(), StoreError> {
     let linked = tx.execute(
         "UPDATE rollout_targets SET run_id = ?3
-             WHERE rollout_id = ?1 AND position = ?2 AND run_id IS NULL",
+             WHERE rollout_id = ?1 AND position = ?2 AND run_id IS NULL
+               AND (queued_as IS NULL OR queued_as = ?3)",
         args![rollout_id, position as i64, run_id],
     )?;
     if linked != 1 {
@@ -160,6 +164,36 @@ pub(crate) fn target_started(
         None,
         at,
         "target_started",
+        &json!({"position": position, "run_id": run_id}),
+    )
+}
+
+pub(crate) fn target_queued(
+    tx: &mut Db<'_>,
+    rollout_id: &str,
+    position: usize,
+    run_id: &str,
+    at: &DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let queued = tx.execute(
+        "UPDATE rollout_targets SET queued_as = ?3
+             WHERE rollout_id = ?1 AND position = ?2 AND run_id IS NULL AND queued_as IS NULL",
+        args![rollout_id, position as i64, run_id],
+    )?;
+    if queued != 1 {
+        // As for a second run: a second driver would have had to take the rollout's lock,
+        // and the fencing check before this write refuses a driver that lost it.
+        return Err(corrupt(
+            "rollout_targets.queued_as",
+            format!("target {position} of rollout `{rollout_id}` was queued or started already"),
+        ));
+    }
+    event(
+        tx,
+        rollout_id,
+        None,
+        at,
+        "target_queued",
         &json!({"position": position, "run_id": run_id}),
     )
 }
@@ -312,7 +346,8 @@ impl Store {
             "SELECT t.position, t.label, t.params, t.wave, t.run_id, r.status, r.started_at,
                     r.finished_at, r.error,
                     (SELECT s.step_id FROM steps s WHERE s.run_id = t.run_id
-                       AND s.status IN ('running', 'failed') ORDER BY s.position LIMIT 1)
+                       AND s.status IN ('running', 'failed') ORDER BY s.position LIMIT 1),
+                    t.queued_as
              FROM rollout_targets t LEFT JOIN runs r ON r.id = t.run_id
              WHERE t.rollout_id = ?1 ORDER BY t.position",
             args![rollout_id],
@@ -331,6 +366,7 @@ impl Store {
                     finished_at: opt_timestamp(row.get(7)?, "runs.finished_at")?,
                     error: row.get(8)?,
                     step: row.get(9)?,
+                    queued_as: row.get(10)?,
                 })
             },
         )

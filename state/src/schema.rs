@@ -168,6 +168,12 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX run_queue_waiting ON run_queue (queue, status, enqueued_at);
     "#,
+    // 8: a distributed rollout's target queued for a worker, before the worker makes its run
+    // (and links it, as `run_id`, in the transaction that creates it).
+    r#"
+    ALTER TABLE rollout_targets ADD COLUMN queued_as TEXT;
+    CREATE UNIQUE INDEX rollout_targets_queued_as ON rollout_targets (queued_as);
+    "#,
 ];
 
 pub(crate) const POSTGRES_MIGRATIONS: &[&str] = &[
@@ -302,6 +308,11 @@ pub(crate) const POSTGRES_MIGRATIONS: &[&str] = &[
         enqueued_at      TEXT NOT NULL
     );
     CREATE INDEX run_queue_waiting ON run_queue (queue, status, enqueued_at);
+    "#,
+    // 3: a distributed rollout's queued targets (SQLite's 8).
+    r#"
+    ALTER TABLE rollout_targets ADD COLUMN queued_as TEXT;
+    CREATE UNIQUE INDEX rollout_targets_queued_as ON rollout_targets (queued_as);
     "#,
 ];
 

@@ -102,6 +102,17 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// How long a SQLite writer waits for another's transaction.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sets a state file's journal, durability and constraints, and brings its schema up to date.
+fn prepare_file(conn: &mut Connection, durability: Durability) -> Result<(), StoreError> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", durability.pragma())?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    schema::migrate(conn)
+}
+
 impl Store {
     /// Opens (creating if needed) and migrates the store. A state file is created mode 0600
     /// in a 0700 folder; a database is migrated under an advisory lock.
@@ -127,11 +138,24 @@ impl Store {
         let mut conn = Connection::open(path)?;
         // Several kmsflow processes may share one file (locks are how they coordinate), so a
         // writer waits for another's transaction instead of failing at once.
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", durability.pragma())?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        schema::migrate(&mut conn)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // A fresh file's switch to WAL and its migrations upgrade locks that SQLite refuses at
+        // once, without waiting, when another connection is upgrading too (waiting would
+        // deadlock them): the loser backs off and tries again, within the busy timeout.
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        let mut backoff = Duration::from_millis(2);
+        loop {
+            match prepare_file(&mut conn, durability) {
+                Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
+                prepared => break prepared?,
+            }
+        }
         Ok(Store {
             backend: Backend::Sqlite(conn),
             location: Location::File(path.to_owned()),
@@ -318,9 +342,16 @@ impl Store {
 
     /// The journal of a run, oldest first.
     pub fn events(&self, run_id: &str) -> Result<Vec<EventRecord>, StoreError> {
+        self.events_after(run_id, 0)
+    }
+
+    /// A run's (or rollout's) journal after sequence number `seq`: what a follower has not
+    /// printed yet.
+    pub fn events_after(&self, run_id: &str, seq: i64) -> Result<Vec<EventRecord>, StoreError> {
         self.db().query(
-            "SELECT seq, run_id, step_id, at, kind, detail FROM events WHERE run_id = ?1 ORDER BY seq",
-            args![run_id],
+            "SELECT seq, run_id, step_id, at, kind, detail FROM events
+             WHERE run_id = ?1 AND seq > ?2 ORDER BY seq",
+            args![run_id, seq],
             |row| {
                 Ok(EventRecord {
                     seq: row.get(0)?,

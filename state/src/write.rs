@@ -203,13 +203,28 @@ pub enum Write {
         worker: String,
         lease: chrono::Duration,
     },
-    /// A worker gives up its claim: `done` when the run ended, otherwise back to the queue.
+    /// A worker gives up its claim: `done` when the run ended, otherwise back to the queue;
+    /// `error` when the worker could not start or resume the run (journalled with it).
     QueueRelease {
         id: String,
         worker: String,
         done: bool,
+        error: Option<String>,
         at: DateTime<Utc>,
     },
+    /// A distributed rollout's target queued under `run_id` (with its [`Write::Enqueue`]);
+    /// the worker that starts the run links it with [`Write::RolloutTargetStarted`].
+    RolloutTargetQueued {
+        rollout_id: String,
+        position: usize,
+        run_id: String,
+        at: DateTime<Utc>,
+    },
+    /// Puts an entry that is done (its run failed or was interrupted) back in its queue, for
+    /// the run to be resumed by the next worker: a rollout resumed by its operator does this
+    /// for each of its targets that did not succeed. Nothing happens to an entry still queued
+    /// or claimed.
+    Requeue { id: String, at: DateTime<Utc> },
     /// Opens the gate before `wave`: only while the rollout waits, and only once.
     ApproveWave {
         rollout_id: String,
@@ -425,8 +440,16 @@ pub(crate) fn apply(tx: &mut Db<'_>, write: &Write) -> Result<(), StoreError> {
             id,
             worker,
             done,
+            error,
             at,
-        } => crate::queue::release(tx, id, worker, *done, at),
+        } => crate::queue::release(tx, id, worker, *done, error.as_deref(), at),
+        Write::Requeue { id, at } => crate::queue::requeue(tx, id, at),
+        Write::RolloutTargetQueued {
+            rollout_id,
+            position,
+            run_id,
+            at,
+        } => crate::rollout::target_queued(tx, rollout_id, *position, run_id, at),
         Write::RolloutTargetStarted {
             rollout_id,
             position,

@@ -531,10 +531,15 @@ fn journal_sequence_numbers_grow_in_commit_order(fresh: Fresh) {
 }
 
 fn many_processes_migrating_at_once_are_safe(fresh: Fresh) {
-    // Four stores open an empty location at once: each migrates or finds it migrated.
+    // Sixteen stores open an empty location at the same instant: each migrates or finds it
+    // migrated, none fails for finding another at it.
+    let together = std::sync::Barrier::new(16);
     std::thread::scope(|scope| {
-        for _ in 0..4 {
-            scope.spawn(|| fresh.open().runs(1).unwrap());
+        for _ in 0..16 {
+            scope.spawn(|| {
+                together.wait();
+                fresh.open().runs(1).unwrap()
+            });
         }
     });
     fresh.open().commit(&[new_run("after", &[], None)]).unwrap();
@@ -679,6 +684,7 @@ fn queued_runs_are_claimed_once_and_a_stopped_workers_claims_pass_on(fresh: Fres
                 id: "q-late".into(),
                 worker: "alive".into(),
                 done: true,
+                error: None,
                 at: Utc::now(),
             },
         ])
@@ -690,6 +696,25 @@ fn queued_runs_are_claimed_once_and_a_stopped_workers_claims_pass_on(fresh: Fres
     assert!(
         store
             .claim_queued("east", "w", Duration::seconds(60), 10)
+            .unwrap()
+            .is_empty()
+    );
+
+    // Put back (a resumed rollout's failed target): claimed once more, by one worker.
+    let requeue = Write::Requeue {
+        id: "q-late".into(),
+        at: Utc::now(),
+    };
+    store.commit(std::slice::from_ref(&requeue)).unwrap();
+    let again = store
+        .claim_queued("east", "w", Duration::seconds(60), 10)
+        .unwrap();
+    assert_eq!((again.len(), again[0].claims), (1, 3));
+    // An entry still claimed is left as it is: its worker keeps it.
+    store.commit(&[requeue]).unwrap();
+    assert!(
+        store
+            .claim_queued("east", "other", Duration::seconds(60), 10)
             .unwrap()
             .is_empty()
     );

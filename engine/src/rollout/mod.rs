@@ -9,6 +9,7 @@
 //! never started. The rollout holds a lock of its own (`rollout/<id>`) while it is driven, so
 //! two shells never drive one rollout.
 
+mod distributed;
 pub mod policy;
 
 use std::collections::{BTreeSet, HashMap};
@@ -247,7 +248,7 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn of(targets: &[RolloutTargetRecord]) -> Counts {
+    pub fn of(targets: &[RolloutTargetRecord]) -> Counts {
         let mut counts = Counts::default();
         for target in targets {
             match target.status {
@@ -331,12 +332,27 @@ pub async fn start_with_id(
     id: String,
     with_creation: Vec<Write>,
 ) -> Result<RolloutSummary, LaunchError> {
+    let mut created = vec![creation(&request, &id)?];
+    created.extend(with_creation);
+    launcher.checkpoints().commit(created).await?;
+    let bound: HashMap<usize, BoundParams> = request
+        .targets
+        .into_iter()
+        .map(|t| t.params)
+        .enumerate()
+        .collect();
+    drive_rollout(launcher, &id, request.runbook, bound, drive, false).await
+}
+
+/// The write that records `request` as rollout `id`, its targets in their waves, to be
+/// driven later: by this process, or by a worker when it is queued with it.
+pub fn creation(request: &RolloutRequest, id: &str) -> Result<Write, LaunchError> {
     let waves = request
         .policy
         .assign_waves(request.targets.len())
         .map_err(|e| LaunchError::Rollout(e.to_string()))?;
-    let record = NewRollout {
-        id: id.clone(),
+    Ok(Write::CreateRollout(NewRollout {
+        id: id.to_owned(),
         runbook: request.runbook.name.clone(),
         runbook_ref: request.runbook_ref.clone(),
         content_hash: request.runbook.content_hash.clone(),
@@ -356,17 +372,7 @@ pub async fn start_with_id(
                 wave: *wave,
             })
             .collect(),
-    };
-    let mut created = vec![Write::CreateRollout(record)];
-    created.extend(with_creation);
-    launcher.checkpoints().commit(created).await?;
-    let bound: HashMap<usize, BoundParams> = request
-        .targets
-        .into_iter()
-        .map(|t| t.params)
-        .enumerate()
-        .collect();
-    drive_rollout(launcher, &id, request.runbook, bound, drive, false).await
+    }))
 }
 
 /// Continues a rollout: children that failed or were interrupted are resumed where they
@@ -376,6 +382,17 @@ pub async fn resume(
     launcher: &Arc<Launcher>,
     rollout_id: &str,
     drive: Drive,
+) -> Result<RolloutSummary, LaunchError> {
+    drive_stored(launcher, rollout_id, drive, true).await
+}
+
+/// Drives a rollout recorded earlier: one a worker took from the queue (`resumed` when an
+/// earlier worker drove it before), or one resumed by its operator.
+pub async fn drive_stored(
+    launcher: &Arc<Launcher>,
+    rollout_id: &str,
+    drive: Drive,
+    resumed: bool,
 ) -> Result<RolloutSummary, LaunchError> {
     let rollout = load_rollout(launcher, rollout_id).await?;
     match rollout.status {
@@ -405,7 +422,15 @@ pub async fn resume(
         &rollout.source,
         &rollout.fragments,
     )?;
-    drive_rollout(launcher, &rollout.id, runbook, HashMap::new(), drive, true).await
+    drive_rollout(
+        launcher,
+        &rollout.id,
+        runbook,
+        HashMap::new(),
+        drive,
+        resumed,
+    )
+    .await
 }
 
 /// A rollout by id or unique prefix, read on the launcher's connection.
@@ -503,6 +528,8 @@ async fn drive_rollout(
         signals: drive.signals.clone(),
         progress: drive.progress.clone(),
         operator: drive.operator.clone(),
+        lock: lock.clone(),
+        queue: policy.queue.clone(),
     });
     if resumed {
         journal(
@@ -736,6 +763,10 @@ struct TargetContext {
     signals: Signals,
     progress: RolloutSink,
     operator: Operator,
+    /// The driver's lock: queueing a target is fenced by it.
+    lock: HeldLock,
+    /// The queue the targets are shared out on, if they are.
+    queue: Option<String>,
 }
 
 impl TargetContext {
@@ -756,6 +787,10 @@ impl TargetContext {
                 // Rolled back (or being): its target is done with in this rollout.
                 self.report_finished(target, Some(run_id.clone()), status, None);
                 return Finished { status };
+            }
+            (_, _) if self.queue.is_some() => {
+                let queue = self.queue.as_deref().expect("just matched");
+                self.run_on_queue(queue, target, fresh).await
             }
             (Some(run_id), _) => {
                 (self.progress)(&RolloutProgress::TargetStarted {

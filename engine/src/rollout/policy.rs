@@ -136,6 +136,11 @@ pub struct Policy {
     /// canary of one, then doubling up to the concurrency, then the rest.
     pub waves: Option<Vec<Share>>,
     pub gate: WaveGate,
+    /// Where the targets run: in the process that drives the rollout (`None`), or shared out
+    /// to the workers of this queue (`--distribute`). Kept with the rollout, so every drive of
+    /// it, a resume on a laptop included, shares its targets out the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
 }
 
 impl Default for Policy {
@@ -145,6 +150,7 @@ impl Default for Policy {
             max_errors: Share::Count(0),
             waves: None,
             gate: WaveGate::None,
+            queue: None,
         }
     }
 }

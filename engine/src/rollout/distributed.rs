@@ -1,0 +1,178 @@
+//! A rollout's targets shared out to workers (`run --targets --distribute`).
+//!
+//! The driver paces the rollout as it does a local one (waves, gates, concurrency, the error
+//! budget); it only runs no target itself. Each target's run is queued on the rollout's queue,
+//! in the transaction that records it as the target's (`queued_as`; the worker links the run
+//! itself when it creates it) and under the fencing check of the driver's lock, so a driver that lost its lock (paused past its lease while another took over) can
+//! queue nothing, and a target is queued at most once. The driver then waits for the entry to
+//! be done: a worker ran the run to an end. A worker that dies loses its claim after the lease
+//! and the next worker resumes the run; the driver keeps waiting, and counts it once.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use kmsflow_state::{NewQueued, QueueStatus, RolloutTargetRecord, RunStatus, Write};
+use serde_json::{Map, json};
+
+use super::{Begins, RolloutProgress, TargetContext};
+use crate::executor::RunSummary;
+use crate::launch::{LaunchError, new_run_id, storable_fragments};
+use crate::params::{self, BoundParams};
+
+/// How often the driver looks at a queued target's entry.
+const POLL: Duration = Duration::from_millis(250);
+
+impl TargetContext {
+    /// Queues `target`'s run on `queue` (or, when it has one, puts it back if it ended
+    /// resumable), then waits for a worker to end it.
+    pub(super) async fn run_on_queue(
+        &self,
+        queue: &str,
+        target: &RolloutTargetRecord,
+        fresh: Option<BoundParams>,
+    ) -> Result<RunSummary, LaunchError> {
+        let run_id = match target.run_id.as_ref().or(target.queued_as.as_ref()) {
+            Some(run_id) => {
+                // Queued by an earlier drive: still queued or claimed, it is waited for; done
+                // (failed, interrupted, waiting), it goes back to the queue to be resumed.
+                self.launcher
+                    .checkpoints()
+                    .commit(vec![
+                        self.lock.fence(&self.rollout_id),
+                        Write::Requeue {
+                            id: run_id.clone(),
+                            at: Utc::now(),
+                        },
+                    ])
+                    .await?;
+                (self.progress)(&RolloutProgress::TargetStarted {
+                    position: target.position,
+                    label: target.label.clone(),
+                    run_id: run_id.clone(),
+                    begins: Begins::Resumed,
+                });
+                run_id.clone()
+            }
+            None => self.enqueue(queue, target, fresh).await?,
+        };
+        self.until_done(&run_id).await
+    }
+
+    async fn enqueue(
+        &self,
+        queue: &str,
+        target: &RolloutTargetRecord,
+        fresh: Option<BoundParams>,
+    ) -> Result<String, LaunchError> {
+        let params = match fresh {
+            Some(params) => params,
+            None => params::rebind(
+                &self.runbook,
+                &self.rollout_id,
+                target.params.as_object().unwrap_or(&Map::new()),
+                &self.sources,
+                false,
+            )?,
+        };
+        if !params.secret_values().is_empty() {
+            // The submitting command refuses these; a stored rollout never has one to give.
+            return Err(LaunchError::Rollout(format!(
+                "target {} takes secret parameters, which a queued run would have to keep in \
+                 the store: drive this rollout where the secret is, without --distribute",
+                target.label
+            )));
+        }
+        let now = Utc::now();
+        let run_id = new_run_id(now);
+        let queued = NewQueued {
+            id: run_id.clone(),
+            queue: queue.to_owned(),
+            runbook: self.runbook.name.clone(),
+            runbook_ref: self.runbook_ref.clone(),
+            content_hash: self.runbook.content_hash.clone(),
+            source: self.source.clone(),
+            fragments: storable_fragments(&self.runbook),
+            params: params.storable(),
+            // The worker links the run to its target when it creates it, as a local drive
+            // does: a target has a run once its run exists.
+            options: json!({
+                "concurrency": self.options.concurrency,
+                "target": {"rollout_id": self.rollout_id, "position": target.position},
+            }),
+            enqueued_at: now,
+        };
+        self.launcher
+            .checkpoints()
+            .commit(vec![
+                self.lock.fence(&self.rollout_id),
+                Write::Enqueue(queued),
+                Write::RolloutTargetQueued {
+                    rollout_id: self.rollout_id.clone(),
+                    position: target.position,
+                    run_id: run_id.clone(),
+                    at: now,
+                },
+            ])
+            .await?;
+        (self.progress)(&RolloutProgress::TargetStarted {
+            position: target.position,
+            label: target.label.clone(),
+            run_id: run_id.clone(),
+            begins: Begins::Started,
+        });
+        Ok(run_id)
+    }
+
+    /// Waits until a worker has ended `run_id`, and says how; a drain stops the waiting (the
+    /// run goes on on its worker, and the next drive waits for it again).
+    async fn until_done(&self, run_id: &str) -> Result<RunSummary, LaunchError> {
+        loop {
+            let id = run_id.to_owned();
+            let ended = self
+                .launcher
+                .on_store(move |store| {
+                    let Some(entry) = store.queued(&id)? else {
+                        return Err(LaunchError::Rollout(format!(
+                            "the target's run `{id}` is in no queue"
+                        )));
+                    };
+                    if entry.status != QueueStatus::Done {
+                        return Ok(None);
+                    }
+                    Ok(Some(match store.run(&id) {
+                        Ok(run) => (run.status, run.error),
+                        // Done without a run: the worker could not start it, and said why.
+                        Err(_) => (
+                            RunStatus::Failed,
+                            store
+                                .events(&id)?
+                                .into_iter()
+                                .rev()
+                                .find(|e| e.kind == "queue_done")
+                                .and_then(|e| e.detail["error"].as_str().map(str::to_owned)),
+                        ),
+                    }))
+                })
+                .await?;
+            if let Some((status, error)) = ended {
+                return Ok(RunSummary {
+                    run_id: run_id.to_owned(),
+                    status,
+                    error,
+                    outputs: None,
+                });
+            }
+            tokio::select! {
+                () = tokio::time::sleep(POLL) => {}
+                () = self.signals.drain.cancelled() => {
+                    return Ok(RunSummary {
+                        run_id: run_id.to_owned(),
+                        status: RunStatus::Interrupted,
+                        error: None,
+                        outputs: None,
+                    });
+                }
+            }
+        }
+    }
+}
