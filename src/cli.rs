@@ -661,6 +661,12 @@ pub enum ScheduleCommand {
         /// POST a JSON summary here when a run ends `warn` or `fail`, and once when it recovers.
         #[arg(long, value_name = "URL")]
         notify_webhook: Option<String>,
+        /// Fires go to the workers of this queue (`kmsflow worker --queue NAME`): a run is
+        /// queued for one, a rollout's targets are shared out among them (as `run
+        /// --distribute`). The daemon still decides each occurrence, waits for its end and
+        /// notifies. Not for a fleet check, which the daemon runs itself.
+        #[arg(long, value_name = "NAME")]
+        queue: Option<String>,
     },
     /// Lists the schedules.
     List {

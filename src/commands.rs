@@ -1485,6 +1485,7 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
             concurrency,
             rate,
             notify_webhook,
+            queue,
         } => {
             kmsflow_engine::schedule::parse_cron(&cron).map_err(Failure::Usage)?;
             let fleet = targets.is_some() || discover.discover;
@@ -1510,8 +1511,16 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
                 crate::daemon::check_webhook(url).map_err(Failure::Usage)?;
             }
             let rollout = fleet && loaded.reference != "bundled:rotation-check";
+            if queue.is_some() && fleet && !rollout {
+                return Err(Failure::Usage(
+                    "`--queue` sends a schedule's runs to workers; a fleet check runs in the daemon itself: leave `--queue` out, or give `--runbook` for a rollout".into(),
+                ));
+            }
             let policy = if rollout {
-                let policy = crate::rollouts::policy_of(concurrency, &rate);
+                let policy = kmsflow_engine::rollout::Policy {
+                    queue: queue.clone(),
+                    ..crate::rollouts::policy_of(concurrency, &rate)
+                };
                 if let Some(path) = &targets {
                     // Every row binds now, so a typo is found when the schedule is made, not at
                     // three in the morning. (A discovery is found again at each fire.)
@@ -1571,6 +1580,7 @@ async fn schedule(context: &Context, command: crate::cli::ScheduleCommand) -> Re
                 last_worst: None,
                 policy,
                 discover,
+                queue,
             };
             if !store.add_schedule(&record)? {
                 return Err(Failure::Usage(format!(

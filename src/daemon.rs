@@ -123,6 +123,21 @@ impl RunFirer {
             Ok(bound) => bound,
             Err(errors) => return failed(errors.to_string()),
         };
+        if let Some(queue) = &schedule.queue {
+            let queued = kmsflow_state::NewQueued {
+                id: run_id.to_owned(),
+                queue: queue.clone(),
+                runbook: compiled.name.clone(),
+                runbook_ref: reference,
+                content_hash: compiled.content_hash.clone(),
+                source: text,
+                fragments: launch::storable_fragments(&compiled),
+                params: bound.storable(),
+                options: json!({"concurrency": ExecOptions::default().concurrency}),
+                enqueued_at: Utc::now(),
+            };
+            return self.queue_one(schedule, occurrence, queued).await;
+        }
         let request = RunRequest {
             runbook: compiled,
             runbook_ref: reference,
@@ -139,25 +154,60 @@ impl RunFirer {
             run_id: run_id.to_owned(),
         };
         match launch::start_with_id(&self.engine, request, run_id.to_owned(), vec![started]).await {
-            Ok(summary) => {
-                let worst = summary
-                    .outputs
-                    .as_ref()
-                    .and_then(|o| o["worst"].as_str().map(str::to_owned))
-                    .unwrap_or_else(|| {
-                        match summary.status {
-                            RunStatus::Succeeded => "ok",
-                            RunStatus::Waiting | RunStatus::Interrupted => "warn",
-                            _ => "fail",
-                        }
-                        .to_owned()
-                    });
-                (
-                    json!({"status": summary.status, "error": summary.error, "worst": worst}),
-                    Some(worst),
-                )
-            }
+            Ok(summary) => ended(summary.status, summary.error, summary.outputs.as_ref()),
             Err(error) => failed(error.to_string()),
+        }
+    }
+
+    /// Queues the fire's run for a worker, started in the transaction that queues it, then
+    /// waits for a worker to end it (a worker that dies hands it to another after its lease).
+    async fn queue_one(
+        &self,
+        schedule: &ScheduleRecord,
+        occurrence: DateTime<Utc>,
+        queued: kmsflow_state::NewQueued,
+    ) -> (Value, Option<String>) {
+        let failed = |error: String| (json!({"error": error}), Some("fail".to_owned()));
+        let run_id = queued.id.clone();
+        let started = kmsflow_state::Write::FireStarted {
+            schedule: schedule.name.clone(),
+            occurrence,
+            run_id: run_id.clone(),
+        };
+        let (state, durability) = (self.engine.state.clone(), self.engine.durability);
+        let store = tokio::task::spawn_blocking(move || {
+            let mut store = kmsflow_state::Store::open(&state, durability)?;
+            store.commit(&[kmsflow_state::Write::Enqueue(queued), started])?;
+            Ok::<_, kmsflow_state::StoreError>(store)
+        })
+        .await
+        .expect("queueing does not panic");
+        let store = match store {
+            Ok(store) => std::sync::Arc::new(std::sync::Mutex::new(store)),
+            Err(error) => return failed(error.to_string()),
+        };
+        loop {
+            let (store, id) = (store.clone(), run_id.clone());
+            let end = tokio::task::spawn_blocking(move || {
+                store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .queued_end(&id)
+            })
+            .await
+            .expect("reading the queue does not panic");
+            match end {
+                Ok(Some(kmsflow_state::QueuedEnd::Ran(run))) => {
+                    return ended(run.status, run.error, run.outputs.as_ref());
+                }
+                Ok(Some(kmsflow_state::QueuedEnd::NotStarted { error })) => {
+                    return failed(error.unwrap_or_else(|| "its worker could not start it".into()));
+                }
+                Ok(None) => {}
+                // The store is away for a moment: the run goes on on its worker.
+                Err(error) => tracing::warn!(%error, run = %run_id, "could not read the queue"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -410,6 +460,29 @@ impl Firer for RunFirer {
         }
         None
     }
+}
+
+/// A fire's record and worst severity, from how its run ended: the runbook's own `worst`
+/// output (a check's), or its status.
+fn ended(
+    status: RunStatus,
+    error: Option<String>,
+    outputs: Option<&Value>,
+) -> (Value, Option<String>) {
+    let worst = outputs
+        .and_then(|o| o["worst"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| {
+            match status {
+                RunStatus::Succeeded => "ok",
+                RunStatus::Waiting | RunStatus::Interrupted => "warn",
+                _ => "fail",
+            }
+            .to_owned()
+        });
+    (
+        json!({"status": status, "error": error, "worst": worst}),
+        Some(worst),
+    )
 }
 
 /// The stored form of `schedule add`'s parameters: never a secret.

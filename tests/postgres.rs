@@ -382,16 +382,7 @@ fn two_daemons_on_one_database_one_killed_every_occurrence_fired_once() {
         "name: quick\nsteps:\n  - id: hi\n    uses: noop\n",
     )
     .unwrap();
-    let kmsflow = |args: &[&str], host: &str| {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kmsflow"));
-        command
-            .args(args)
-            .current_dir(dir.path())
-            .env("KMSFLOW_STATE", &url)
-            .env("KMSFLOW_HOST_ID", host)
-            .stdin(Stdio::null());
-        command
-    };
+    let kmsflow = |args: &[&str], host: &str| on_database(dir.path(), &url, host, args);
     let added = kmsflow(
         &[
             "schedule",
@@ -472,6 +463,103 @@ fn two_daemons_on_one_database_one_killed_every_occurrence_fired_once() {
         started,
         "one run per started fire"
     );
+}
+
+/// The binary in `dir` with its state in database `url`, as host `host`, with no Azure.
+fn on_database(dir: &Path, url: &str, host: &str, args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kmsflow"));
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("KMSFLOW_STATE", url)
+        .env("KMSFLOW_HOST_ID", host)
+        .stdin(Stdio::null());
+    command
+}
+
+/// A schedule with `--queue`: the daemon decides each occurrence and queues its run; workers
+/// run them. Every started fire's run was taken by a worker, succeeded, and its fire records
+/// the run's end (`worst: ok`), as a fire the daemon ran itself would.
+#[test]
+fn a_queued_schedules_fires_are_run_by_workers_and_recorded_by_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = kmsflow_pgtest::server().database();
+    std::fs::write(
+        dir.path().join("quick.yaml"),
+        "name: quick\nsteps:\n  - id: hi\n    uses: noop\n",
+    )
+    .unwrap();
+    let kmsflow = |args: &[&str], host: &str| on_database(dir.path(), &url, host, args);
+    let schedule = [
+        "schedule",
+        "add",
+        "queued",
+        "--runbook",
+        "quick.yaml",
+        "--cron",
+        "* * * * * *",
+        "--overlap",
+        "allow",
+        "--queue",
+        "east",
+    ];
+    let added = kmsflow(&schedule, "admin").output().unwrap();
+    assert!(added.status.success(), "{}", stderr(&added));
+    let spawn = |args: &[&str], host: &str| {
+        kmsflow(args, host)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let workers = vec![
+        spawn(&["worker", "--queue", "east"], "worker-1"),
+        spawn(&["worker", "--queue", "east"], "worker-2"),
+    ];
+    let daemon = spawn(&["daemon", "--tick", "100ms"], "runner");
+    std::thread::sleep(Duration::from_secs(5));
+    drain(std::iter::once(daemon));
+    drain(workers.into_iter());
+
+    let history = kmsflow(
+        &["schedule", "history", "queued", "--output", "json"],
+        "admin",
+    )
+    .output()
+    .unwrap();
+    let fires: Vec<Value> = serde_json::from_slice::<Value>(&history.stdout)
+        .unwrap_or_else(|_| panic!("{}", stderr(&history)))
+        .as_array()
+        .unwrap()
+        .clone();
+    let started: Vec<&Value> = fires.iter().filter(|f| f["outcome"] == "started").collect();
+    assert!(started.len() >= 3, "a fire a second: {fires:#?}");
+    for fire in started {
+        let run_id = fire["run_id"].as_str().unwrap();
+        let events = kmsflow(&["events", run_id, "--output", "json"], "admin")
+            .output()
+            .unwrap();
+        let events: Value = serde_json::from_slice(&events.stdout)
+            .unwrap_or_else(|_| panic!("{}", stderr(&events)));
+        let kinds: Vec<&str> = events
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap())
+            .collect();
+        assert!(
+            kinds.contains(&"run_queued") && kinds.contains(&"queue_claimed"),
+            "{run_id} went through the queue: {kinds:?}"
+        );
+        assert_eq!(
+            (
+                fire["detail"]["status"].as_str(),
+                fire["detail"]["worst"].as_str()
+            ),
+            (Some("succeeded"), Some("ok")),
+            "the fire records how its run ended: {fire:#?}"
+        );
+    }
 }
 
 const SUBSCRIPTION: &str = "00000000-0000-4000-8000-5a4db0c5ab0c";

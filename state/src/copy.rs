@@ -104,6 +104,7 @@ const TABLES: &[(&str, &[(&str, Ty)])] = &[
             ("last_worst", Text),
             ("policy", Text),
             ("discover", Text),
+            ("queue", Text),
         ],
     ),
     (

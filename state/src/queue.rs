@@ -210,7 +210,43 @@ pub(crate) fn requeue(tx: &mut Db<'_>, id: &str, at: &DateTime<Utc>) -> Result<(
     Ok(())
 }
 
+/// How a queued run ended, once a worker is done with it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QueuedEnd {
+    /// Its run, as the worker left it.
+    Ran(Box<crate::RunRecord>),
+    /// No run was made: the worker could not start it, and said why (or it is in no queue).
+    NotStarted { error: Option<String> },
+}
+
 impl Store {
+    /// How queued run `id` ended; `None` while it waits for a worker or a worker drives it.
+    pub fn queued_end(&self, id: &str) -> Result<Option<QueuedEnd>, StoreError> {
+        let Some(entry) = self.queued(id)? else {
+            return Ok(Some(QueuedEnd::NotStarted {
+                error: Some(format!("`{id}` is in no queue")),
+            }));
+        };
+        if entry.status != QueueStatus::Done {
+            return Ok(None);
+        }
+        let ran: bool = self.db().query_one(
+            "SELECT EXISTS (SELECT 1 FROM runs WHERE id = ?1)",
+            args![id],
+            |row| row.get(0),
+        )?;
+        if ran {
+            return Ok(Some(QueuedEnd::Ran(Box::new(self.run(id)?))));
+        }
+        let error = self
+            .events(id)?
+            .into_iter()
+            .rev()
+            .find(|e| e.kind == "queue_done")
+            .and_then(|e| e.detail["error"].as_str().map(str::to_owned));
+        Ok(Some(QueuedEnd::NotStarted { error }))
+    }
+
     /// Claims up to `max` runs of `queue` for `worker` for `lease`: entries waiting, and
     /// entries whose claim ran out (their worker stopped). Oldest first.
     pub fn claim_queued(

@@ -25,6 +25,9 @@ pub struct ScheduleRecord {
     /// Where to find the fleet in Azure at each fire (subscriptions, filters, per-target
     /// parameters), instead of `targets`.
     pub discover: Option<Value>,
+    /// The queue whose workers its fires go to (a run queued, a rollout's targets shared
+    /// out); `None`: the daemon runs them itself.
+    pub queue: Option<String>,
     pub cron: String,
     pub overlap: Overlap,
     pub catchup_ms: i64,
@@ -77,8 +80,8 @@ impl Store {
     pub fn add_schedule(&mut self, schedule: &ScheduleRecord) -> Result<bool, StoreError> {
         let inserted = self.db().execute(
             "INSERT INTO schedules (name, runbook, params, targets, cron, overlap, catchup_ms, jitter_ms,
-                 webhook, paused, created_at, last_seen_at, policy, discover)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 webhook, paused, created_at, last_seen_at, policy, discover, queue)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
              ON CONFLICT (name) DO NOTHING",
             args![
                 schedule.name,
@@ -95,6 +98,7 @@ impl Store {
                 ts(&schedule.last_seen_at),
                 schedule.policy.as_ref().map(Value::to_string),
                 schedule.discover.as_ref().map(Value::to_string),
+                schedule.queue,
             ],
         )?;
         Ok(inserted == 1)
@@ -104,7 +108,8 @@ impl Store {
     pub fn schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
         self.db().query(
             "SELECT name, runbook, params, targets, cron, overlap, catchup_ms, jitter_ms, webhook, paused,
-                    created_at, last_seen_at, last_worst, policy, discover FROM schedules ORDER BY name",
+                    created_at, last_seen_at, last_worst, policy, discover, queue
+             FROM schedules ORDER BY name",
             args![],
             |row| {
                 Ok(ScheduleRecord {
@@ -132,6 +137,7 @@ impl Store {
                         .map(|d| serde_json::from_str(&d))
                         .transpose()
                         .map_err(|e| crate::error::corrupt("schedules.discover", e))?,
+                    queue: row.get(15)?,
                 })
             },
         )
@@ -292,7 +298,12 @@ impl Store {
                 return Ok(true);
             }
         }
-        Ok(false)
+        // A run queued for a worker goes on until a worker ends it, taken or not yet.
+        self.db().query_one(
+            "SELECT EXISTS (SELECT 1 FROM run_queue WHERE id = ?1 AND status <> 'done')",
+            args![run_id],
+            |row| row.get(0),
+        )
     }
 
     /// Marks the fires a daemon left behind when it stopped: a `claimed` fire whose run was

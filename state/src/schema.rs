@@ -174,6 +174,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE rollout_targets ADD COLUMN queued_as TEXT;
     CREATE UNIQUE INDEX rollout_targets_queued_as ON rollout_targets (queued_as);
     "#,
+    // 9: a schedule whose fires go to the workers of a queue.
+    r#"
+    ALTER TABLE schedules ADD COLUMN queue TEXT;
+    "#,
 ];
 
 pub(crate) const POSTGRES_MIGRATIONS: &[&str] = &[
@@ -313,6 +317,10 @@ pub(crate) const POSTGRES_MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE rollout_targets ADD COLUMN queued_as TEXT;
     CREATE UNIQUE INDEX rollout_targets_queued_as ON rollout_targets (queued_as);
+    "#,
+    // 4: queued schedules (SQLite's 9).
+    r#"
+    ALTER TABLE schedules ADD COLUMN queue TEXT;
     "#,
 ];
 

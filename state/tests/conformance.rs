@@ -416,6 +416,7 @@ fn schedule(name: &str) -> ScheduleRecord {
         targets: None,
         policy: Some(json!({"concurrency": 4})),
         discover: None,
+        queue: Some("east".into()),
         cron: "0 * * * *".into(),
         overlap: Overlap::Skip,
         catchup_ms: 60_000,

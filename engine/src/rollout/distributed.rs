@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use kmsflow_state::{NewQueued, QueueStatus, RolloutTargetRecord, RunStatus, Write};
+use kmsflow_state::{NewQueued, QueuedEnd, RolloutTargetRecord, RunStatus, Write};
 use serde_json::{Map, json};
 
 use super::{Begins, RolloutProgress, TargetContext};
@@ -130,30 +130,12 @@ impl TargetContext {
             let id = run_id.to_owned();
             let ended = self
                 .launcher
-                .on_store(move |store| {
-                    let Some(entry) = store.queued(&id)? else {
-                        return Err(LaunchError::Rollout(format!(
-                            "the target's run `{id}` is in no queue"
-                        )));
-                    };
-                    if entry.status != QueueStatus::Done {
-                        return Ok(None);
-                    }
-                    Ok(Some(match store.run(&id) {
-                        Ok(run) => (run.status, run.error),
-                        // Done without a run: the worker could not start it, and said why.
-                        Err(_) => (
-                            RunStatus::Failed,
-                            store
-                                .events(&id)?
-                                .into_iter()
-                                .rev()
-                                .find(|e| e.kind == "queue_done")
-                                .and_then(|e| e.detail["error"].as_str().map(str::to_owned)),
-                        ),
-                    }))
-                })
-                .await?;
+                .on_store(move |store| Ok(store.queued_end(&id)?))
+                .await?
+                .map(|end| match end {
+                    QueuedEnd::Ran(run) => (run.status, run.error),
+                    QueuedEnd::NotStarted { error } => (RunStatus::Failed, error),
+                });
             if let Some((status, error)) = ended {
                 return Ok(RunSummary {
                     run_id: run_id.to_owned(),
