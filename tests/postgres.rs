@@ -825,3 +825,74 @@ fn three_workers_one_killed_a_distributed_rollout_converges_every_cluster_exactl
     drain(workers.into_iter());
     every_cluster_converged_once(&served, n);
 }
+
+/// A distributed rollout whose canary fails (Azure refuses its PUT once) stops there, its
+/// other targets never queued; `kmsflow resume ROLLOUT` puts the failed run back on the queue
+/// for a worker to resume, and queues the rest: every cluster converges, with one accepted
+/// PUT each.
+#[test]
+fn a_failed_distributed_rollout_resumed_puts_its_failed_target_back_on_the_queue() {
+    let n = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let served = fleet(dir.path(), n, 0);
+    served.set_faults(
+        "rules:\n  - { method: PUT, path: \"*/managedClusters/aks-000\", times: 1, status: 400, code: InvalidParameter }\n",
+    );
+    let targets: String = std::iter::once("cluster\n".to_owned())
+        .chain((0..n).map(|i| format!("aks-{i:03}\n")))
+        .collect();
+    std::fs::write(dir.path().join("targets.csv"), targets).unwrap();
+    let workers = three_workers(&served, dir.path(), "4");
+    let rollout = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "run",
+                "pmk-existing-cluster",
+                "-p",
+                "resource_group=rg-east",
+                "--targets",
+                "targets.csv",
+                "--distribute",
+                "--queue",
+                "east",
+                "--output",
+                "json",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(rollout.status.code(), Some(1), "{}", stderr(&rollout));
+    let report: Value = serde_json::from_slice(&rollout.stdout).unwrap();
+    let id = report["id"].as_str().unwrap().to_owned();
+    assert_eq!(report["summary"]["failed"], 1, "{report:#}");
+    assert_eq!(report["summary"]["not_started"], n - 1, "{report:#}");
+
+    let resumed = served
+        .kmsflow(dir.path(), &["resume", &id])
+        .output()
+        .unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}\n{}",
+        stderr(&resumed),
+        worker_logs(dir.path())
+    );
+    drain(workers.into_iter());
+    let events = served
+        .kmsflow(dir.path(), &["events", &id, "--output", "json"])
+        .output()
+        .unwrap();
+    let events: Value = serde_json::from_slice(&events.stdout).unwrap();
+    let queued = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "target_queued")
+        .count();
+    assert_eq!(
+        queued, n,
+        "each target queued once, the failed one put back, not queued anew"
+    );
+    every_cluster_converged_once(&served, n);
+}

@@ -251,18 +251,30 @@ impl Launch {
         }
         let mut child = postgres.spawn().map_err(|e| format!("postgres: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        // Listening is not accepting: a server still starting up (replaying its log after an
+        // immediate shutdown, say) answers `the database system is starting up`.
+        while !self.accepting() {
             if let Ok(Some(status)) = child.try_wait() {
                 let log =
                     std::fs::read_to_string(self.folder.join("server.log")).unwrap_or_default();
                 return Err(format!("postgres exited ({status}): {log}"));
             }
             if Instant::now() > deadline {
-                return Err("postgres did not listen within 30 s".into());
+                return Err("postgres did not accept connections within 30 s".into());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(child)
+    }
+
+    /// Whether the server accepts connections now (`pg_isready` exits 0 only then).
+    fn accepting(&self) -> bool {
+        Command::new(self.bindir.join("pg_isready"))
+            .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
     }
 }
 
