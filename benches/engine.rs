@@ -5,7 +5,7 @@
 //! transactions through the same driver against the same server.
 //!
 //! Run: `cargo bench --bench engine` (add `-- --sync normal` for synchronous=NORMAL on SQLite;
-//! `-- --sqlite-only` without PostgreSQL).
+//! `-- --sqlite-only` without PostgreSQL, `-- --postgres-only` without SQLite).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -127,21 +127,37 @@ fn main() {
         .unwrap();
 
     let n_commits = 3_000;
-    let raw = measure_raw_commits(&dir.path().join("raw.db"), n_commits, durability)
-        .expect("raw commits");
+    let postgres_only = std::env::args().any(|a| a == "--postgres-only");
+    if !postgres_only {
+        sqlite_rates(&runtime, dir.path(), durability, n_commits);
+    }
+    if std::env::args().any(|a| a == "--sqlite-only") {
+        return;
+    }
+    postgres_rates(&runtime, n_commits);
+}
+
+/// The chain and fan-outs on SQLite files, beside the raw SQLite commit rate.
+fn sqlite_rates(
+    runtime: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    durability: Durability,
+    n_commits: usize,
+) {
+    let raw = measure_raw_commits(&dir.join("raw.db"), n_commits, durability).expect("raw commits");
     let raw_rate = n_commits as f64 / raw.as_secs_f64();
     println!("SQLite: synchronous={durability:?}, journal_mode=WAL");
     println!(
         "raw SQLite commit rate: {raw_rate:>9.0} commits/s ({n_commits} single-row transactions)"
     );
     let files = |name: &str, concurrency: usize| {
-        Location::File(dir.path().join(format!("{name}-{concurrency}.db")))
+        Location::File(dir.join(format!("{name}-{concurrency}.db")))
     };
-    engine_rates(&runtime, &files, durability, raw_rate, (0.5, 2.0));
+    engine_rates(runtime, &files, durability, raw_rate, (0.5, 2.0));
+}
 
-    if std::env::args().any(|a| a == "--sqlite-only") {
-        return;
-    }
+/// The chain and fan-outs on a throwaway PostgreSQL server, beside its raw commit rate.
+fn postgres_rates(runtime: &tokio::runtime::Runtime, n_commits: usize) {
     let server = kmsflow_pgtest::private_server();
     let raw_location = match Location::parse(&server.database()).expect("a URL") {
         Location::Postgres(pg) => pg,
@@ -154,5 +170,5 @@ fn main() {
         "raw PostgreSQL commit rate: {raw_rate:>9.0} commits/s ({n_commits} single-row INSERT transactions)"
     );
     let databases = |_: &str, _: usize| Location::parse(&server.database()).expect("a URL");
-    engine_rates(&runtime, &databases, Durability::Full, raw_rate, (0.8, 3.0));
+    engine_rates(runtime, &databases, Durability::Full, raw_rate, (0.8, 3.0));
 }

@@ -134,26 +134,37 @@ impl Server {
             std::process::id(),
             MADE.fetch_add(1, Ordering::SeqCst)
         );
-        let mut createdb = Command::new(self.bindir.join("createdb"));
-        createdb
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                USER,
-                &name,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        as_owner(&mut createdb, self.owner);
-        let out = createdb.output().expect("run createdb");
-        assert!(
-            out.status.success(),
-            "createdb {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // From template0, which nothing connects to: CREATE DATABASE refuses a template with
+        // another session on it, and autovacuum visits template1 when it likes. A refusal for
+        // that reason is still tried again, a few times.
+        for attempt in 1.. {
+            let mut createdb = Command::new(self.bindir.join("createdb"));
+            createdb
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    USER,
+                    "-T",
+                    "template0",
+                    &name,
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            as_owner(&mut createdb, self.owner);
+            let out = createdb.output().expect("run createdb");
+            if out.status.success() {
+                break;
+            }
+            let error = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                error.contains("is being accessed by other users") && attempt < 20,
+                "createdb {name}: {error}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         self.url(&name)
     }
 
