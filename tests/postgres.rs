@@ -465,6 +465,33 @@ fn two_daemons_on_one_database_one_killed_every_occurrence_fired_once() {
     );
 }
 
+/// A daemon keeps one connection to the database across its ticks: forty looks at the
+/// schedules in two seconds are not forty logins (each a server process on PostgreSQL).
+#[test]
+fn a_daemon_keeps_its_connection_across_ticks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = kmsflow_pgtest::server();
+    let url = server.database();
+    let name = url.rsplit('/').next().unwrap().to_owned();
+    let daemon = on_database(dir.path(), &url, "runner", &["daemon", "--tick", "50ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    drain(std::iter::once(daemon));
+    let sessions: u64 = server
+        .sql(
+            &name,
+            "SELECT sessions FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .parse()
+        .unwrap();
+    // The migration's, the sweep's and the ticks' connection, the cancel watcher's; not one a
+    // tick. (psql's own session counts once when it ends, after this query.)
+    assert!(sessions <= 6, "{sessions} sessions for forty ticks");
+}
+
 /// The binary in `dir` with its state in database `url`, as host `host`, with no Azure.
 fn on_database(dir: &Path, url: &str, host: &str, args: &[&str]) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kmsflow"));

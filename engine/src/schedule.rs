@@ -75,17 +75,45 @@ pub struct Daemon {
     pub drain: CancellationToken,
 }
 
-async fn blocking<T: Send + 'static>(
+/// The daemon's own connection to the store, opened on first use and kept between ticks: on
+/// PostgreSQL a fresh connection for each look at the schedules (four a second) would be a
+/// login and a server process each. After an error the next use opens it afresh.
+#[derive(Clone)]
+struct StoreHandle {
     location: Location,
     durability: Durability,
-    work: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(move || {
-        let mut store = Store::open(&location, durability)?;
-        work(&mut store)
-    })
-    .await
-    .expect("store work does not panic")
+    store: Arc<std::sync::Mutex<Option<Store>>>,
+}
+
+impl StoreHandle {
+    fn new(location: Location, durability: Durability) -> StoreHandle {
+        StoreHandle {
+            location,
+            durability,
+            store: Arc::default(),
+        }
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut kept = this.store.lock().unwrap_or_else(|p| p.into_inner());
+            let store = match &mut *kept {
+                Some(store) => store,
+                empty => empty.insert(Store::open(&this.location, this.durability)?),
+            };
+            let result = work(store);
+            if result.is_err() {
+                *kept = None;
+            }
+            result
+        })
+        .await
+        .expect("store work does not panic")
+    }
 }
 
 /// What the loop keeps between ticks: fires in flight and buffered occurrences. It outlives
@@ -107,11 +135,8 @@ impl Daemon {
     /// tick (a state file busy past its timeout, a full disk) is logged and the tick is tried
     /// again with backoff: the daemon keeps running, and so do the fires it started.
     pub async fn run(self) -> Result<(), StoreError> {
-        match blocking(self.state.clone(), self.durability, |s| {
-            s.sweep_orphan_fires(Utc::now())
-        })
-        .await
-        {
+        let store = StoreHandle::new(self.state.clone(), self.durability);
+        match store.run(|s| s.sweep_orphan_fires(Utc::now())).await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
                 fires = n,
@@ -129,7 +154,7 @@ impl Daemon {
             if self.drain.is_cancelled() {
                 break;
             }
-            let pause = match self.tick(&mut firing).await {
+            let pause = match self.tick(&mut firing, &store).await {
                 Ok(()) => {
                     failures = 0;
                     self.tick
@@ -157,10 +182,10 @@ impl Daemon {
     }
 
     /// One look at every schedule: fire, buffer, skip or record missed occurrences.
-    async fn tick(&self, firing: &mut Firing) -> Result<(), StoreError> {
+    async fn tick(&self, firing: &mut Firing, store: &StoreHandle) -> Result<(), StoreError> {
         let grace = chrono::Duration::from_std(self.tick * 3).unwrap_or_default();
         let now = Utc::now();
-        let schedules = blocking(self.state.clone(), self.durability, |s| s.schedules()).await?;
+        let schedules = store.run(|s| s.schedules()).await?;
         for schedule in schedules.into_iter().filter(|s| !s.paused) {
             let Ok(cron) = parse_cron(&schedule.cron) else {
                 tracing::warn!(schedule = %schedule.name, cron = %schedule.cron, "skipping a schedule with an invalid cron expression");
@@ -169,7 +194,7 @@ impl Daemon {
             let busy = firing.running.contains_key(&schedule.name);
             // A buffered occurrence starts as soon as the run before it has ended.
             if !busy && let Some(&occurrence) = firing.buffered.get(&schedule.name) {
-                self.start(&schedule, occurrence, firing).await?;
+                self.start(&schedule, occurrence, firing, store).await?;
                 firing.buffered.remove(&schedule.name);
                 continue;
             }
@@ -187,6 +212,7 @@ impl Daemon {
                     occurrence,
                     FireOutcome::Missed,
                     json!({"reason": "the daemon was not running; a later occurrence is due"}),
+                    store,
                 )
                 .await?;
             }
@@ -197,32 +223,34 @@ impl Daemon {
                     latest,
                     FireOutcome::Missed,
                     json!({"reason": "older than the catch-up window"}),
+                    store,
                 )
                 .await?;
                 continue;
             }
             let busy = firing.running.contains_key(&schedule.name)
-                || self.previous_still_running(&schedule).await?;
+                || self.previous_still_running(&schedule, store).await?;
             match (busy, schedule.overlap) {
                 (true, Overlap::Allow) | (false, _) => {
-                    self.start(&schedule, latest, firing).await?
+                    self.start(&schedule, latest, firing, store).await?
                 }
                 (true, Overlap::BufferOne) if !firing.buffered.contains_key(&schedule.name) => {
                     // Seen now, started later; a second one while it waits is skipped.
-                    blocking(self.state.clone(), self.durability, {
-                        let (name, at) = (schedule.name.clone(), latest);
-                        move |s| {
-                            s.claim_fire(&FireRecord {
-                                schedule: name,
-                                occurrence: at,
-                                fired_at: Utc::now(),
-                                outcome: FireOutcome::Buffered,
-                                run_id: None,
-                                detail: None,
-                            })
-                        }
-                    })
-                    .await?;
+                    store
+                        .run({
+                            let (name, at) = (schedule.name.clone(), latest);
+                            move |s| {
+                                s.claim_fire(&FireRecord {
+                                    schedule: name,
+                                    occurrence: at,
+                                    fired_at: Utc::now(),
+                                    outcome: FireOutcome::Buffered,
+                                    run_id: None,
+                                    detail: None,
+                                })
+                            }
+                        })
+                        .await?;
                     firing.buffered.insert(schedule.name.clone(), latest);
                 }
                 (true, _) => {
@@ -231,6 +259,7 @@ impl Daemon {
                         latest,
                         FireOutcome::Skipped,
                         json!({"reason": "the previous run is still going"}),
+                        store,
                     )
                     .await?;
                 }
@@ -245,6 +274,7 @@ impl Daemon {
         occurrence: DateTime<Utc>,
         outcome: FireOutcome,
         detail: Value,
+        store: &StoreHandle,
     ) -> Result<bool, StoreError> {
         let fire = FireRecord {
             schedule: schedule.name.clone(),
@@ -254,28 +284,30 @@ impl Daemon {
             run_id: None,
             detail: Some(detail),
         };
-        blocking(self.state.clone(), self.durability, move |s| {
-            s.claim_fire(&fire)
-        })
-        .await
+        store.run(move |s| s.claim_fire(&fire)).await
     }
 
     /// Whether the run of this schedule's latest started fire is still going (perhaps in another
     /// daemon), judged by its lock's lease: a run a crash left `running` is not.
-    async fn previous_still_running(&self, schedule: &ScheduleRecord) -> Result<bool, StoreError> {
+    async fn previous_still_running(
+        &self,
+        schedule: &ScheduleRecord,
+        store: &StoreHandle,
+    ) -> Result<bool, StoreError> {
         let name = schedule.name.clone();
-        blocking(self.state.clone(), self.durability, move |s| {
-            let last = s
-                .fires(&name)?
-                .into_iter()
-                .rev()
-                .find(|f| matches!(f.outcome, FireOutcome::Started | FireOutcome::Claimed));
-            match last.and_then(|f| f.run_id) {
-                Some(run_id) => s.run_is_live(&run_id, Utc::now()),
-                None => Ok(false),
-            }
-        })
-        .await
+        store
+            .run(move |s| {
+                let last = s
+                    .fires(&name)?
+                    .into_iter()
+                    .rev()
+                    .find(|f| matches!(f.outcome, FireOutcome::Started | FireOutcome::Claimed));
+                match last.and_then(|f| f.run_id) {
+                    Some(run_id) => s.run_is_live(&run_id, Utc::now()),
+                    None => Ok(false),
+                }
+            })
+            .await
     }
 
     /// Claims the occurrence and, if this daemon got it, starts the fire.
@@ -284,6 +316,7 @@ impl Daemon {
         schedule: &ScheduleRecord,
         occurrence: DateTime<Utc>,
         firing: &mut Firing,
+        store: &StoreHandle,
     ) -> Result<(), StoreError> {
         let run_id = self.firer.fire_id(schedule);
         let fire = FireRecord {
@@ -296,22 +329,18 @@ impl Daemon {
         };
         // A buffered occurrence already has its row: replace it with the start.
         let buffered_row = fire.clone();
-        let claimed = blocking(self.state.clone(), self.durability, move |s| {
-            if s.claim_fire(&buffered_row)? {
-                return Ok(true);
-            }
-            s.promote_buffered_fire(&buffered_row)
-        })
-        .await?;
+        let claimed = store
+            .run(move |s| {
+                if s.claim_fire(&buffered_row)? {
+                    return Ok(true);
+                }
+                s.promote_buffered_fire(&buffered_row)
+            })
+            .await?;
         if !claimed {
             return Ok(());
         }
-        let (firer, schedule, path, durability) = (
-            self.firer.clone(),
-            schedule.clone(),
-            self.state.clone(),
-            self.durability,
-        );
+        let (firer, schedule, store) = (self.firer.clone(), schedule.clone(), store.clone());
         let jitter =
             Duration::from_millis((schedule.jitter_ms.max(0) as f64 * fastrand::f64()) as u64);
         let name = schedule.name.clone();
@@ -323,7 +352,7 @@ impl Daemon {
             // tries against a busy file.
             for attempt in 1..=5u32 {
                 let (name, detail, worst) = (schedule.name.clone(), detail.clone(), worst.clone());
-                match blocking(path.clone(), durability, move |s| {
+                match store.run(move |s| {
                     s.finish_fire(&name, occurrence, &detail, worst.as_deref())
                 })
                 .await
@@ -344,7 +373,7 @@ impl Daemon {
                     return;
                 };
                 let record = schedule.name.clone();
-                if let Err(error) = blocking(path, durability, move |s| {
+                if let Err(error) = store.run(move |s| {
                     s.note_fire_notification(&record, occurrence, &sent)
                 })
                 .await

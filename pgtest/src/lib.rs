@@ -173,6 +173,30 @@ impl Server {
         format!("postgres://{USER}@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// Runs `query` in database `name` with `psql` and returns its output, unaligned and
+    /// without headers (`1|abc` a row): what a test asks the server about itself.
+    pub fn sql(&self, name: &str, query: &str) -> String {
+        let mut psql = Command::new(self.bindir.join("psql"));
+        psql.args([
+            "-X",
+            "-qAt",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+        ])
+        .args(["-U", USER, "-d", name, "-c", query])
+        .stderr(Stdio::piped());
+        as_owner(&mut psql, self.owner);
+        let out = psql.output().expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql {query}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Stops the server (fast shutdown: every session is cut, as a crash or a restart does)
     /// and starts it again on the same port, with everything committed still there.
     pub fn restart(&self) {
