@@ -123,6 +123,9 @@ pub async fn worker(context: &Context, queue: String, concurrency: usize) -> Res
     let name = format!("{}/{}", owner.host, owner.pid);
     let signals = crate::signals::install();
     let store = Arc::new(Mutex::new(Store::open(&engine.state, engine.durability)?));
+    // One launcher for every run this worker drives: their checkpoints share commits (and on
+    // PostgreSQL a connection), instead of a login or two per run.
+    let launcher = Arc::new(Launcher::open(&engine).await?);
     crate::output::note!(
         "worker {name} taking runs of queue `{queue}` from {}, {concurrency} at once",
         engine.state
@@ -152,6 +155,7 @@ pub async fn worker(context: &Context, queue: String, concurrency: usize) -> Res
                     for queued in claimed {
                         let drive = Drive {
                             engine: engine.clone(),
+                            launcher: launcher.clone(),
                             worker: name.clone(),
                             signals: signals.clone(),
                         };
@@ -176,6 +180,9 @@ pub async fn worker(context: &Context, queue: String, concurrency: usize) -> Res
     );
     while running.join_next().await.is_some() {}
     while driving.join_next().await.is_some() {}
+    if let Ok(launcher) = Arc::try_unwrap(launcher) {
+        launcher.close().await;
+    }
     crate::output::note!("worker {name} stopped");
     Ok(code::SUCCESS)
 }
@@ -183,6 +190,7 @@ pub async fn worker(context: &Context, queue: String, concurrency: usize) -> Res
 /// One claimed run, driven to its end (or to the drain).
 struct Drive {
     engine: Engine,
+    launcher: Arc<Launcher>,
     worker: String,
     signals: Signals,
 }
@@ -259,16 +267,11 @@ impl Drive {
 
     /// Starts the run, or resumes it where an earlier worker left it; drives a rollout.
     async fn execute(&self, queued: &QueuedRun) -> Result<RunStatus, Failure> {
-        let launcher = Arc::new(Launcher::open(&self.engine).await?);
-        let result = if crate::rollouts::is_rollout(&queued.id) {
-            self.drive_rollout(&launcher, queued).await
+        if crate::rollouts::is_rollout(&queued.id) {
+            self.drive_rollout(&self.launcher, queued).await
         } else {
-            self.execute_on(&launcher, queued).await
-        };
-        if let Ok(launcher) = Arc::try_unwrap(launcher) {
-            launcher.close().await;
+            self.execute_on(&self.launcher, queued).await
         }
-        result
     }
 
     /// Drives a distributed rollout: its targets' runs go to the queue, for any worker.
