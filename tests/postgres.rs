@@ -923,3 +923,79 @@ fn a_failed_distributed_rollout_resumed_puts_its_failed_target_back_on_the_queue
     );
     every_cluster_converged_once(&served, n);
 }
+
+/// A distributed rollout whose only worker is drained part-way leaves targets on the queue.
+/// Rolling it back takes them off first: a worker started afterwards starts or resumes none
+/// of them, and sends no write. (The one target that ran cannot be undone: PMK has no
+/// downgrade, so the rollback itself ends `rollback_failed`, as it would locally.)
+#[test]
+fn rolling_back_a_distributed_rollout_takes_its_waiting_targets_off_the_queue() {
+    let n = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let served = fleet(dir.path(), n, 1500);
+    let targets: String = std::iter::once("cluster\n".to_owned())
+        .chain((0..n).map(|i| format!("aks-{i:03}\n")))
+        .collect();
+    std::fs::write(dir.path().join("targets.csv"), targets).unwrap();
+    let queued = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "run",
+                "pmk-existing-cluster",
+                "-p",
+                "resource_group=rg-east",
+                "--targets",
+                "targets.csv",
+                "--waves",
+                "100%",
+                "--concurrency",
+                "4",
+                "--distribute",
+                "--queue",
+                "east",
+                "--detach",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(queued.status.success(), "{}", stderr(&queued));
+    let id = String::from_utf8_lossy(&queued.stdout).trim().to_owned();
+    let worker = |host: &str| {
+        served
+            .kmsflow(
+                dir.path(),
+                &["worker", "--queue", "east", "--concurrency", "1"],
+            )
+            .env("KMSFLOW_HOST_ID", host)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(format!("{host}.log"))).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = worker("worker-1");
+    // Its one slot is in the first target's PUT; three more targets wait on the queue.
+    until_writes(&served, &mut first, 1);
+    drain(std::iter::once(first));
+
+    let undone = served
+        .kmsflow(dir.path(), &["rollback", &id])
+        .output()
+        .unwrap();
+    let said = stderr(&undone);
+    assert!(said.contains("1 of its 6 targets to undo"), "{said}");
+    let writes_after_rollback = served.writes();
+    let again = worker("worker-2");
+    std::thread::sleep(Duration::from_secs(3));
+    drain(std::iter::once(again));
+    let log = std::fs::read_to_string(dir.path().join("worker-2.log")).unwrap();
+    assert!(
+        !log.contains("starting") && !log.contains("resuming"),
+        "no worker starts or resumes a target of a rolled-back rollout: {log}"
+    );
+    assert_eq!(
+        served.writes(),
+        writes_after_rollback,
+        "nothing written after the rollback"
+    );
+}

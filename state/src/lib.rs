@@ -36,7 +36,9 @@ pub use records::{
     Approval, EventRecord, FireOutcome, Outcome, Overlap, RunRecord, RunStatus, StepRecord,
     StepStatus,
 };
-pub use rollout::{NewRollout, NewTarget, ROLLOUT_PREFIX, RolloutRecord, RolloutTargetRecord};
+pub use rollout::{
+    NewRollout, NewTarget, ROLLOUT_PREFIX, RolloutRecord, RolloutTargetRecord, Withdrawn,
+};
 pub use schedule::{FireRecord, ScheduleRecord, mask_url};
 pub use store::{Durability, Location, Store, create_private_folder};
 pub use write::{NewRun, Write};

@@ -373,6 +373,63 @@ impl Store {
     }
 }
 
+/// What withdrawing a rollout's queued targets found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Withdrawn {
+    /// Targets taken back from the queue before any worker started them.
+    pub withdrawn: usize,
+    /// Targets a live worker holds (starting or running their run): `(label, worker)`.
+    pub held: Vec<(String, String)>,
+}
+
+impl Store {
+    /// Takes back from the queue every target of `rollout_id` whose run waits there for a
+    /// worker (never started, or put back by a drained worker), or whose worker's claim ran
+    /// out: a rollback must not be followed by a worker starting or resuming one of them.
+    /// Targets a live worker holds are left and named.
+    pub fn withdraw_queued_targets(&mut self, rollout_id: &str) -> Result<Withdrawn, StoreError> {
+        self.db().transaction(|tx| {
+            let now = tx.now()?;
+            let waiting: Vec<(String, String, String, Option<String>, Option<String>)> = tx
+                .query(
+                    "SELECT t.label, q.id, q.status, q.claimed_by, q.lease_expires_at
+                     FROM rollout_targets t JOIN run_queue q ON q.id = t.queued_as
+                     WHERE t.rollout_id = ?1 AND q.status <> 'done'
+                     ORDER BY t.position",
+                    args![rollout_id],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+                )?;
+            let mut found = Withdrawn::default();
+            for (label, id, status, worker, expires) in waiting {
+                let live = status == "claimed"
+                    && expires
+                        .map(|e| timestamp(e, "run_queue.lease_expires_at"))
+                        .transpose()?
+                        .is_some_and(|expires| expires > now);
+                if live {
+                    found.held.push((label, worker.unwrap_or_default()));
+                    continue;
+                }
+                tx.execute(
+                    "UPDATE run_queue SET status = 'done', claimed_by = NULL, lease_expires_at = NULL
+                     WHERE id = ?1",
+                    args![id],
+                )?;
+                event(
+                    tx,
+                    &id,
+                    None,
+                    &now,
+                    "queue_done",
+                    &json!({"worker": null, "error": "withdrawn: its rollout is rolled back"}),
+                )?;
+                found.withdrawn += 1;
+            }
+            Ok(found)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

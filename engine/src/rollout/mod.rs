@@ -946,6 +946,26 @@ pub async fn rollback(
         .on_store(move |store| {
             let now = Utc::now();
             let grant = store.acquire_lock(&key, &id, &LockOwner::current(), lease())??;
+            // A distributed rollout's targets still on the queue are taken back first: a
+            // worker must not start one after its rollout was rolled back.
+            let withdrawn = store.withdraw_queued_targets(&id)?;
+            if !withdrawn.held.is_empty() {
+                store.commit(&[Write::ReleaseLock {
+                    key: key.clone(),
+                    run_id: id.clone(),
+                }])?;
+                let named: Vec<String> = withdrawn
+                    .held
+                    .iter()
+                    .map(|(label, worker)| format!("{label} (worker {worker})"))
+                    .collect();
+                return Err(LaunchError::Rollout(format!(
+                    "rollout `{id}` has targets a worker holds now: {}; stop those workers \
+                     (SIGTERM drains them) or let the targets end, then roll back \
+                     (`kmsflow show {id}`)",
+                    named.join(", ")
+                )));
+            }
             store.commit(&[Write::RolloutStatus {
                 rollout_id: id.clone(),
                 status: RunStatus::RollingBack,
