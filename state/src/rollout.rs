@@ -390,17 +390,38 @@ impl Store {
     pub fn withdraw_queued_targets(&mut self, rollout_id: &str) -> Result<Withdrawn, StoreError> {
         self.db().transaction(|tx| {
             let now = tx.now()?;
-            let waiting: Vec<(String, String, String, Option<String>, Option<String>)> = tx
-                .query(
-                    "SELECT t.label, q.id, q.status, q.claimed_by, q.lease_expires_at
-                     FROM rollout_targets t JOIN run_queue q ON q.id = t.queued_as
-                     WHERE t.rollout_id = ?1 AND q.status <> 'done'
-                     ORDER BY t.position",
-                    args![rollout_id],
-                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
-                )?;
+            struct Waiting {
+                label: String,
+                id: String,
+                status: String,
+                worker: Option<String>,
+                expires: Option<String>,
+            }
+            let waiting: Vec<Waiting> = tx.query(
+                "SELECT t.label, q.id, q.status, q.claimed_by, q.lease_expires_at
+                 FROM rollout_targets t JOIN run_queue q ON q.id = t.queued_as
+                 WHERE t.rollout_id = ?1 AND q.status <> 'done'
+                 ORDER BY t.position",
+                args![rollout_id],
+                |row| {
+                    Ok(Waiting {
+                        label: row.get(0)?,
+                        id: row.get(1)?,
+                        status: row.get(2)?,
+                        worker: row.get(3)?,
+                        expires: row.get(4)?,
+                    })
+                },
+            )?;
             let mut found = Withdrawn::default();
-            for (label, id, status, worker, expires) in waiting {
+            for Waiting {
+                label,
+                id,
+                status,
+                worker,
+                expires,
+            } in waiting
+            {
                 let live = status == "claimed"
                     && expires
                         .map(|e| timestamp(e, "run_queue.lease_expires_at"))
