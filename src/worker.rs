@@ -169,9 +169,11 @@ pub async fn worker(context: &Context, queue: String, concurrency: usize) -> Res
                 Err(error) => tracing::warn!(%error, "could not claim queued runs; trying again"),
             }
         }
+        // A run that ends frees its slot: claim the next at once rather than at the next look.
         tokio::select! {
             () = signals.drain.cancelled() => {}
             () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            Some(_) = running.join_next(), if !running.is_empty() => {}
         }
     }
     crate::output::note!(
