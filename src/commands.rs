@@ -1241,17 +1241,24 @@ fn runs(context: &Context, limit: usize, output: Output) -> Result<u8, Failure> 
     let store = context.read_store()?;
     let rollouts = store.rollouts(limit)?;
     let runs = store.runs_outside_rollouts(limit)?;
+    let queued = store.queued_not_started(limit)?;
     match output {
         Output::Json => print_json(&Value::Array(
-            rollouts
+            queued
                 .iter()
-                .map(|r| {
+                .map(|q| {
+                    serde_json::json!({
+                        "kind": "queued", "id": q.id, "runbook": q.runbook, "status": q.status,
+                        "queue": q.queue, "claimed_by": q.claimed_by, "enqueued_at": q.enqueued_at,
+                    })
+                })
+                .chain(rollouts.iter().map(|r| {
                     serde_json::json!({
                         "kind": "rollout", "id": r.id, "runbook": r.runbook, "status": r.status,
                         "targets": r.targets, "started_at": r.started_at,
                         "finished_at": r.finished_at, "error": r.error,
                     })
-                })
+                }))
                 .chain(runs.iter().map(|r| {
                     serde_json::json!({
                         "kind": "run", "id": r.id, "runbook": r.runbook, "status": r.status,
@@ -1261,6 +1268,9 @@ fn runs(context: &Context, limit: usize, output: Output) -> Result<u8, Failure> 
                 .collect(),
         )),
         Output::Text => {
+            if !queued.is_empty() {
+                out!("{}\n", render::queued_text(&queued));
+            }
             if !rollouts.is_empty() {
                 out!("{}", crate::rollouts::rollouts_text(&rollouts));
                 if runs.is_empty() {
@@ -1276,6 +1286,29 @@ fn runs(context: &Context, limit: usize, output: Output) -> Result<u8, Failure> 
 
 fn show(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> {
     let store = context.read_store()?;
+    // Queued and not started yet: there is no run to show, only where it waits.
+    if let Some(queued) = store
+        .queued(run_id)?
+        .filter(|q| q.status != kmsflow_state::QueueStatus::Done)
+        && store.resolve_run_id(run_id).is_err()
+    {
+        match output {
+            Output::Json => {
+                print_json(&serde_json::to_value(&queued).expect("serializes"))?;
+            }
+            Output::Text => outln!(
+                "run {} of {} is queued on `{}`: {}",
+                queued.id,
+                queued.runbook_ref,
+                queued.queue,
+                match &queued.claimed_by {
+                    Some(worker) => format!("worker {worker} is starting it"),
+                    None => "waiting for a worker (`kmsflow worker --queue NAME`)".to_owned(),
+                }
+            ),
+        }
+        return Ok(code::SUCCESS);
+    }
     let run_id = store.resolve_run_id(run_id)?;
     let run = store.run(&run_id)?;
     let steps = store.steps(&run_id)?;

@@ -299,6 +299,28 @@ pub fn runs_text(runs: &[RunRecord]) -> String {
     aligned(&rows)
 }
 
+/// Runs queued for a worker that no worker has started yet.
+pub fn queued_text(queued: &[kmsflow_state::QueuedRun]) -> String {
+    let mut rows = vec![
+        ["queued run", "runbook", "queue", "state", "queued at"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    rows.extend(queued.iter().map(|q| {
+        vec![
+            q.id.clone(),
+            q.runbook.clone(),
+            q.queue.clone(),
+            match &q.claimed_by {
+                Some(worker) => format!("starting on {worker}"),
+                None => "waiting for a worker".to_owned(),
+            },
+            q.enqueued_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        ]
+    }));
+    aligned(&rows)
+}
+
 /// Rows as text, each column padded to its widest cell (the last one left as it is).
 pub fn aligned(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);

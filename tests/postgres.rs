@@ -662,6 +662,29 @@ fn three_workers_one_killed_every_queued_cluster_converges_exactly_once() {
         ids.push(String::from_utf8_lossy(&queued.stdout).trim().to_owned());
     }
     assert_eq!(served.writes(), 0, "queueing changes nothing");
+    // Everyone sees what waits: `runs` lists the queued runs, `show` says where one waits.
+    let listed = served
+        .kmsflow(dir.path(), &["runs", "--output", "json"])
+        .output()
+        .unwrap();
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let waiting: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "queued" && r["status"] == "queued")
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(waiting.len(), n, "{listed:#}");
+    let shown = served
+        .kmsflow(dir.path(), &["show", &ids[0]])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains("queued on `east`: waiting for a worker"),
+        "{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
     let mut workers = three_workers(&served, dir.path(), lease);
     let logs = || worker_logs(dir.path());
     until_writes(&served, &mut workers[0], 4);

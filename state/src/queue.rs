@@ -310,6 +310,25 @@ impl Store {
         })
     }
 
+    /// Queued runs no worker has made a run of yet (waiting, or taken and starting), newest
+    /// first, at most `limit`: what `kmsflow runs` shows before the runs. A distributed
+    /// rollout's drive and its targets are shown with their rollout instead.
+    pub fn queued_not_started(&self, limit: usize) -> Result<Vec<QueuedRun>, StoreError> {
+        self.db().query(
+            &format!(
+                "SELECT {QUEUED_COLUMNS} FROM run_queue q
+                 JOIN runbook_sources s ON s.content_hash = q.content_hash
+                 WHERE q.status <> 'done'
+                   AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = q.id)
+                   AND NOT EXISTS (SELECT 1 FROM rollouts o WHERE o.id = q.id)
+                   AND NOT EXISTS (SELECT 1 FROM rollout_targets t WHERE t.queued_as = q.id)
+                 ORDER BY q.enqueued_at DESC, q.id DESC LIMIT ?1"
+            ),
+            args![limit as i64],
+            queued_from_row,
+        )
+    }
+
     /// One queued run, by its run id.
     pub fn queued(&self, id: &str) -> Result<Option<QueuedRun>, StoreError> {
         self.db().query_opt(
