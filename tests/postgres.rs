@@ -722,6 +722,14 @@ fn three_workers_one_killed_every_queued_cluster_converges_exactly_once() {
     every_cluster_converged_once(&served, n);
 }
 
+/// `targets.csv` in `dir`: the `n` clusters of [`fleet`], one per row.
+fn targets_file(dir: &Path, n: usize) {
+    let rows: String = std::iter::once("cluster\n".to_owned())
+        .chain((0..n).map(|i| format!("aks-{i:03}\n")))
+        .collect();
+    std::fs::write(dir.join("targets.csv"), rows).unwrap();
+}
+
 /// Three workers (hosts `worker-1` to `-3`) on queue `east`, two runs each at once, with a
 /// lease of `lease` seconds; each logs to `worker-N.log` in `dir`.
 fn three_workers(served: &Served, dir: &Path, lease: &str) -> Vec<Child> {
@@ -792,10 +800,7 @@ fn three_workers_one_killed_a_distributed_rollout_converges_every_cluster_exactl
     let n = 60;
     let dir = tempfile::tempdir().unwrap();
     let served = fleet(dir.path(), n, 100);
-    let targets: String = std::iter::once("cluster\n".to_owned())
-        .chain((0..n).map(|i| format!("aks-{i:03}\n")))
-        .collect();
-    std::fs::write(dir.path().join("targets.csv"), targets).unwrap();
+    targets_file(dir.path(), n);
     let mut workers = three_workers(&served, dir.path(), "4");
     let mut asked = served
         .kmsflow(
@@ -888,10 +893,7 @@ fn a_failed_distributed_rollout_resumed_puts_its_failed_target_back_on_the_queue
     served.set_faults(
         "rules:\n  - { method: PUT, path: \"*/managedClusters/aks-000\", times: 1, status: 400, code: InvalidParameter }\n",
     );
-    let targets: String = std::iter::once("cluster\n".to_owned())
-        .chain((0..n).map(|i| format!("aks-{i:03}\n")))
-        .collect();
-    std::fs::write(dir.path().join("targets.csv"), targets).unwrap();
+    targets_file(dir.path(), n);
     let workers = three_workers(&served, dir.path(), "4");
     let rollout = served
         .kmsflow(
@@ -956,10 +958,7 @@ fn rolling_back_a_distributed_rollout_takes_its_waiting_targets_off_the_queue() 
     let n = 6;
     let dir = tempfile::tempdir().unwrap();
     let served = fleet(dir.path(), n, 1500);
-    let targets: String = std::iter::once("cluster\n".to_owned())
-        .chain((0..n).map(|i| format!("aks-{i:03}\n")))
-        .collect();
-    std::fs::write(dir.path().join("targets.csv"), targets).unwrap();
+    targets_file(dir.path(), n);
     let queued = served
         .kmsflow(
             dir.path(),

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use kmsflow_state::{NewQueued, QueuedEnd, RolloutTargetRecord, RunStatus, Write};
-use serde_json::{Map, json};
+use serde_json::json;
 
 use super::{Begins, RolloutProgress, TargetContext};
 use crate::executor::RunSummary;
 use crate::launch::{LaunchError, new_run_id, storable_fragments};
-use crate::params::{self, BoundParams};
+use crate::params::BoundParams;
 
 /// How often the driver looks at a queued target's entry.
 const POLL: Duration = Duration::from_millis(250);
@@ -64,16 +64,7 @@ impl TargetContext {
         target: &RolloutTargetRecord,
         fresh: Option<BoundParams>,
     ) -> Result<String, LaunchError> {
-        let params = match fresh {
-            Some(params) => params,
-            None => params::rebind(
-                &self.runbook,
-                &self.rollout_id,
-                target.params.as_object().unwrap_or(&Map::new()),
-                &self.sources,
-                false,
-            )?,
-        };
+        let params = self.params_of(target, fresh)?;
         if !params.secret_values().is_empty() {
             // The submitting command refuses these; a stored rollout never has one to give.
             return Err(LaunchError::Rollout(format!(

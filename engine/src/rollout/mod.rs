@@ -860,21 +860,31 @@ impl TargetContext {
         });
     }
 
-    async fn start_target(
+    /// A target's parameters: as bound when the rollout was asked for, or bound again from
+    /// the stored ones with this drive's secrets.
+    fn params_of(
         &self,
         target: &RolloutTargetRecord,
         fresh: Option<BoundParams>,
-    ) -> Result<RunSummary, LaunchError> {
-        let params = match fresh {
-            Some(params) => params,
-            None => params::rebind(
+    ) -> Result<BoundParams, LaunchError> {
+        match fresh {
+            Some(params) => Ok(params),
+            None => Ok(params::rebind(
                 &self.runbook,
                 &self.rollout_id,
                 target.params.as_object().unwrap_or(&Map::new()),
                 &self.sources,
                 false,
-            )?,
-        };
+            )?),
+        }
+    }
+
+    async fn start_target(
+        &self,
+        target: &RolloutTargetRecord,
+        fresh: Option<BoundParams>,
+    ) -> Result<RunSummary, LaunchError> {
+        let params = self.params_of(target, fresh)?;
         let run_id = new_run_id(Utc::now());
         (self.progress)(&RolloutProgress::TargetStarted {
             position: target.position,
