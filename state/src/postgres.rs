@@ -46,6 +46,10 @@ impl std::fmt::Display for PgLocation {
     }
 }
 
+/// How long data sent to the server may stay unacknowledged before the connection counts as
+/// lost (`tcp_user_timeout`, unless the URL sets it).
+const SILENT_FOR: Duration = Duration::from_secs(20);
+
 /// Whether `text` names a PostgreSQL store rather than a state file.
 pub fn is_postgres_url(text: &str) -> bool {
     text.starts_with("postgres://") || text.starts_with("postgresql://")
@@ -76,6 +80,11 @@ impl PgLocation {
                 _ => kept.push((key.into_owned(), value.into_owned())),
             }
         }
+        let named = |key: &str| kept.iter().any(|(k, _)| k == key);
+        let (tcp_user_timeout_named, keepalives_named) = (
+            named("tcp_user_timeout"),
+            named("keepalives_idle") || named("keepalives_interval") || named("keepalives_retries"),
+        );
         url.set_query(None);
         if !kept.is_empty() {
             url.query_pairs_mut().extend_pairs(kept);
@@ -116,6 +125,19 @@ impl PgLocation {
         }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
+        }
+        // A partition drops packets without a word: without these a statement in flight waits
+        // for the kernel to give up on the connection (about 15 minutes), and the run with
+        // it. With them a silent connection is declared lost within about half a minute, and
+        // the writer's reconnect-and-retry (bounded) takes over.
+        if !tcp_user_timeout_named {
+            config.tcp_user_timeout(SILENT_FOR);
+        }
+        if !keepalives_named {
+            config
+                .keepalives_idle(Duration::from_secs(15))
+                .keepalives_interval(Duration::from_secs(5))
+                .keepalives_retries(3);
         }
         if config.get_password().is_none() {
             if let Some(password) = std::env::var_os("PGPASSWORD") {
@@ -475,6 +497,24 @@ mod tests {
         assert_eq!(asked.tls, Tls::Verified);
         let error = PgLocation::parse("postgres://ana@h/k?sslmode=allow").unwrap_err();
         assert!(error.to_string().contains("sslmode `allow`"), "{error}");
+    }
+
+    #[test]
+    fn a_silent_connection_is_given_up_in_seconds_unless_the_url_says_otherwise() {
+        let default = PgLocation::parse("postgres://ana@db.example/k").unwrap();
+        assert_eq!(default.config.get_tcp_user_timeout(), Some(&SILENT_FOR));
+        assert_eq!(
+            default.config.get_keepalives_idle(),
+            Duration::from_secs(15)
+        );
+        let asked =
+            PgLocation::parse("postgres://ana@db.example/k?tcp_user_timeout=90&keepalives_idle=60")
+                .unwrap();
+        assert_eq!(
+            asked.config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(90))
+        );
+        assert_eq!(asked.config.get_keepalives_idle(), Duration::from_secs(60));
     }
 
     #[test]
