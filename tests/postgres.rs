@@ -797,9 +797,29 @@ fn every_cluster_converged_once(served: &Served, n: usize) {
 /// that asked waits throughout and exits 0.
 #[test]
 fn three_workers_one_killed_a_distributed_rollout_converges_every_cluster_exactly_once() {
+    distributed_rollout_survives_its_driver(Store::Postgres);
+}
+
+/// The same with the four processes sharing one SQLite file on one machine: the queue, the
+/// claims and the takeover work on both backends.
+#[test]
+fn on_a_state_file_too_a_distributed_rollout_survives_its_driver() {
+    distributed_rollout_survives_its_driver(Store::File);
+}
+
+#[derive(Clone, Copy)]
+enum Store {
+    Postgres,
+    File,
+}
+
+fn distributed_rollout_survives_its_driver(store: Store) {
     let n = 60;
     let dir = tempfile::tempdir().unwrap();
-    let served = fleet(dir.path(), n, 100);
+    let mut served = fleet(dir.path(), n, 100);
+    if let Store::File = store {
+        served.state = None;
+    }
     targets_file(dir.path(), n);
     let mut workers = three_workers(&served, dir.path(), "4");
     let mut asked = served
