@@ -59,7 +59,8 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
     // The world is saved beside the state before the store first opens (and makes the folder).
     kmsflow_state::create_private_folder(&world_file).map_err(|e| {
         Failure::Usage(format!(
-            "cannot create the state folder for `{}`: {e}",
+            "cannot create the state folder for `{}`: {e}; pass --state FILE (or set \
+             KMSFLOW_STATE) to keep the state somewhere this user may write",
             world_file.display()
         ))
     })?;

@@ -1397,3 +1397,23 @@ fn resume_from_a_step_runs_it_and_what_follows_again_and_rollback_still_undoes_t
     assert!(rollback["detail"]["by"].as_str().is_some(), "{rollback}");
     assert_eq!(rollback["detail"]["reason"], "not needed after all");
 }
+
+/// A newcomer whose state folder cannot be made (here its parent is a file; for a user, a home
+/// that is not theirs to write) is told what to do, not only what failed.
+#[test]
+fn a_state_folder_that_cannot_be_made_says_how_to_put_the_state_elsewhere() {
+    let ws = Workspace::new();
+    let blocker = ws.write("not-a-folder", "");
+    let out = ws
+        .command(&["run", "pmk-existing-cluster", "--sandbox"])
+        .env_remove("KMSFLOW_STATE")
+        .env("XDG_STATE_HOME", &blocker)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("cannot create the state folder") && said.contains("pass --state FILE"),
+        "{said}"
+    );
+}
