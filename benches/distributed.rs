@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-const SUBSCRIPTION: &str = "00000000-0000-4000-8000-5a4db0c5ab0c";
 const CLUSTERS: usize = 1_000;
 const LATENCY_MS: u64 = 20;
 /// Targets at once in the rollout: more than three workers' slots, so the workers bound it.
@@ -34,16 +33,10 @@ fn world(dir: &Path, n: usize) {
     for i in 0..n {
         let name = format!("aks-{i:05}");
         targets.push_str(&format!("rg-fleet,{name}\n"));
-        resources.push(json!({
-            "id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-fleet/providers/Microsoft.ContainerService/managedClusters/{name}"),
-            "name": name, "type": "Microsoft.ContainerService/ManagedClusters", "location": "eastus",
-            "eTag": "00000000-0000-4000-8000-0000000e7a90",
-            "identity": {"type": "SystemAssigned", "principalId": "00000000-0000-4000-8000-00000000c1a5", "tenantId": "sandbox"},
-            "properties": {"provisioningState": "Succeeded", "kubernetesVersion": "1.33.0", "currentKubernetesVersion": "1.33.0",
-                "dnsPrefix": format!("{name}-dns"),
-                "agentPoolProfiles": [{"name": "nodepool1", "mode": "System", "count": 3, "vmSize": "Standard_DS2_v2", "osType": "Linux", "type": "VirtualMachineScaleSets"}],
-                "securityProfile": {"kubernetesResourceObjectEncryptionProfile": {"infrastructureEncryption": "Enabled"}, "azureKeyVaultKms": null}},
-        }));
+        resources.push(support::fleet_cluster(
+            &name,
+            json!({"kubernetesResourceObjectEncryptionProfile": {"infrastructureEncryption": "Enabled"}, "azureKeyVaultKms": null}),
+        ));
     }
     let world = json!({
         "resource_groups": [{"name": "rg-fleet", "location": "eastus"}],

@@ -23,7 +23,6 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-const SUBSCRIPTION: &str = "00000000-0000-4000-8000-5a4db0c5ab0c";
 const LATENCY_MS: u64 = 20;
 const WRITE_MS: u64 = 50;
 const OPERATION_MS: u64 = 1_000;
@@ -44,16 +43,10 @@ fn world(dir: &Path, n: usize) {
     for i in 0..n {
         let name = format!("aks-{i:05}");
         targets.push_str(&format!("rg-fleet,{name}\n"));
-        resources.push(json!({
-            "id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-fleet/providers/Microsoft.ContainerService/managedClusters/{name}"),
-            "name": name, "type": "Microsoft.ContainerService/ManagedClusters", "location": "eastus",
-            "eTag": "00000000-0000-4000-8000-0000000e7a90",
-            "identity": {"type": "SystemAssigned", "principalId": "00000000-0000-4000-8000-00000000c1a5", "tenantId": "sandbox"},
-            "properties": {"provisioningState": "Succeeded", "kubernetesVersion": "1.33.0", "currentKubernetesVersion": "1.33.0",
-                "dnsPrefix": format!("{name}-dns"),
-                "agentPoolProfiles": [{"name": "nodepool1", "mode": "System", "count": 3, "vmSize": "Standard_DS2_v2", "osType": "Linux", "type": "VirtualMachineScaleSets"}],
-                "securityProfile": {"kubernetesResourceObjectEncryptionProfile": null, "azureKeyVaultKms": null}},
-        }));
+        resources.push(support::fleet_cluster(
+            &name,
+            json!({"kubernetesResourceObjectEncryptionProfile": null, "azureKeyVaultKms": null}),
+        ));
     }
     let world = json!({
         "resource_groups": [{"name": "rg-fleet", "location": "eastus"}],

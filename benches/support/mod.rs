@@ -117,3 +117,21 @@ pub fn requests(base_url: &str) -> Vec<Value> {
         .cloned()
         .collect()
 }
+
+/// The sandbox's subscription.
+pub const SUBSCRIPTION: &str = "00000000-0000-4000-8000-5a4db0c5ab0c";
+
+/// A managed cluster `name` in `rg-fleet` on Kubernetes 1.33, with `security_profile`, as a
+/// world file holds it.
+pub fn fleet_cluster(name: &str, security_profile: Value) -> Value {
+    serde_json::json!({
+        "id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-fleet/providers/Microsoft.ContainerService/managedClusters/{name}"),
+        "name": name, "type": "Microsoft.ContainerService/ManagedClusters", "location": "eastus",
+        "eTag": "00000000-0000-4000-8000-0000000e7a90",
+        "identity": {"type": "SystemAssigned", "principalId": "00000000-0000-4000-8000-00000000c1a5", "tenantId": "sandbox"},
+        "properties": {"provisioningState": "Succeeded", "kubernetesVersion": "1.33.0", "currentKubernetesVersion": "1.33.0",
+            "dnsPrefix": format!("{name}-dns"),
+            "agentPoolProfiles": [{"name": "nodepool1", "mode": "System", "count": 3, "vmSize": "Standard_DS2_v2", "osType": "Linux", "type": "VirtualMachineScaleSets"}],
+            "securityProfile": security_profile},
+    })
+}
