@@ -71,6 +71,20 @@ impl Default for AzureArgs {
     }
 }
 
+impl AzureArgs {
+    /// For a command without the flags (`runs`, `show`, ...): what `KMSFLOW_AUTH`,
+    /// `KMSFLOW_CLOUD` and `KMSFLOW_ARM_ENDPOINT` say, so an `auth=entra` state database is
+    /// signed in to the same way by every command.
+    pub fn from_env() -> Result<AzureArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct EnvOnly {
+            #[command(flatten)]
+            azure: AzureArgs,
+        }
+        <EnvOnly as clap::Parser>::try_parse_from(["kmsflow"]).map(|only| only.azure)
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Sync {
     Full,

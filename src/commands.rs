@@ -21,7 +21,11 @@ use crate::{bundled, registry, render};
 use kmsflow_steps::{AuthMode, AzureConfig};
 
 pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
-    let reach = cli.command.azure_args_mut().cloned().unwrap_or_default();
+    let reach = match cli.command.azure_args_mut() {
+        Some(given) => given.clone(),
+        None => crate::cli::AzureArgs::from_env()
+            .map_err(|e| Failure::Usage(format!("KMSFLOW_AUTH, KMSFLOW_CLOUD: {e}")))?,
+    };
     let state = cli.command.state_args().cloned().unwrap_or_default();
     let auth = match reach.auth {
         Auth::Auto => AuthMode::Auto,
@@ -43,6 +47,7 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
         },
         json_logs: cli.log_format == LogFormat::Json,
         sandbox: cli.command.sandbox().is_some(),
+        location: std::sync::OnceLock::new(),
     };
     match cli.command {
         Command::Validate { runbooks, output } => validate(&runbooks, output),
@@ -319,7 +324,7 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
             queue, concurrency, ..
         } => crate::worker::worker(&context, queue, concurrency as usize).await,
         Command::State(crate::cli::StateCommand::Migrate { from, to, output }) => {
-            migrate_state(&from, &to, output)
+            migrate_state(&context, &from, &to, output)
         }
         Command::Sandbox(SandboxCommand::Serve {
             port,
@@ -353,6 +358,9 @@ pub(crate) struct Context {
     state: Option<PathBuf>,
     durability: Durability,
     pub(crate) json_logs: bool,
+    /// Where the state is, made once: an `auth=entra` database keeps its token for every
+    /// store the command opens.
+    location: std::sync::OnceLock<kmsflow_state::Location>,
 }
 
 impl Context {
@@ -361,8 +369,18 @@ impl Context {
         self.azure.clone()
     }
 
+    /// Where the state is, signed in to as `--auth` says when its URL says `auth=entra`.
+    pub(crate) fn state_location(&self) -> Result<kmsflow_state::Location, Failure> {
+        if let Some(location) = self.location.get() {
+            return Ok(location.clone());
+        }
+        let location = crate::state_file::state_location(self.state.as_deref())?;
+        crate::state_file::sign_in_with_azure(&location, &self.azure)?;
+        Ok(self.location.get_or_init(|| location).clone())
+    }
+
     pub(crate) fn engine(&self) -> Result<Engine, Failure> {
-        let state = crate::state_file::state_location(self.state.as_deref())?;
+        let state = self.state_location()?;
         Ok(Engine {
             registry: crate::registry_with(self.azure.clone()),
             state,
@@ -1732,6 +1750,7 @@ fn found(existed: bool, name: &str, what: &str) -> Result<u8, Failure> {
 
 /// `kmsflow state migrate`: the file's history into the team's store.
 fn migrate_state(
+    context: &Context,
     from: &std::path::Path,
     to: &std::path::Path,
     output: Output,
@@ -1744,6 +1763,7 @@ fn migrate_state(
     }
     let source = Store::open_file(from, kmsflow_state::Durability::Full)?;
     let target = crate::state_file::state_location(Some(to))?;
+    crate::state_file::sign_in_with_azure(&target, &context.azure)?;
     if target.file() == Some(from) {
         return Err(Failure::Usage(
             "--from and --to name the same state file".into(),

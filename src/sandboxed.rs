@@ -182,6 +182,8 @@ pub fn client_profile(
         "arm_scope": "https://management.azure.com/.default",
         "key_vault_scope": format!("{}/.default", addressing.vault_audience()),
         "key_vault_suffixes": [VAULT_SUFFIX],
+        // A state database is not sandboxed: `auth=entra` asks for the public cloud's audience.
+        "postgres_scope": "https://ossrdbms-aad.database.windows.net/.default",
         "sandbox": {"address": address.to_string(), "ca_file": ca_file},
     })
 }

@@ -2,8 +2,11 @@
 //! sandbox's world beside it) both use it without depending on each other.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use kmsflow_state::Location;
+use futures::future::BoxFuture;
+use kmsflow_state::{AccessToken, Location, TokenSource};
+use kmsflow_steps::{AzureConfig, ScopedTokens};
 
 use crate::failure::Failure;
 
@@ -22,6 +25,43 @@ pub fn state_location(given: Option<&Path>) -> Result<Location, Failure> {
             Ok(Location::File(path.to_owned()))
         }
         None => default_folder().map(|dir| Location::File(dir.join("state.db"))),
+    }
+}
+
+/// A database whose URL says `auth=entra` signs in with the credential the steps use
+/// (`--auth`), for the cloud's Azure Database for PostgreSQL scope. Nothing for a file, or a
+/// database signed in to with a password.
+pub fn sign_in_with_azure(state: &Location, azure: &AzureConfig) -> Result<(), Failure> {
+    let Location::Postgres(pg) = state else {
+        return Ok(());
+    };
+    if !pg.uses_entra() {
+        return Ok(());
+    }
+    let scope = azure.cloud.postgres_scope.as_deref().ok_or_else(|| {
+        Failure::Usage(format!(
+            "`{pg}` signs in with auth=entra, but the cloud profile `{}` names no \
+             `postgres_scope` (the token scope of Azure Database for PostgreSQL): add it to the \
+             profile",
+            azure.cloud.name
+        ))
+    })?;
+    let tokens = ScopedTokens::new(azure.auth, scope)
+        .map_err(|e| Failure::Usage(format!("`{pg}` (auth=entra): {e}")))?;
+    pg.use_token_source(Arc::new(EntraTokens(Arc::new(tokens))));
+    Ok(())
+}
+
+/// The steps' credential as the store's token source.
+struct EntraTokens(Arc<ScopedTokens>);
+
+impl TokenSource for EntraTokens {
+    fn token(&self) -> BoxFuture<'static, Result<AccessToken, String>> {
+        let tokens = self.0.clone();
+        Box::pin(async move {
+            let (secret, expires_at) = tokens.token().await?;
+            Ok(AccessToken { secret, expires_at })
+        })
     }
 }
 

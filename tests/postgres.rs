@@ -183,6 +183,146 @@ fn a_run_on_postgres_resumes_nothing_twice_and_a_second_run_writes_nothing() {
     }
 }
 
+/// The audience of Azure Database for PostgreSQL in the public cloud.
+const POSTGRES_AUDIENCE: &str = "https://ossrdbms-aad.database.windows.net";
+
+/// Whether the sandbox at `base_url` minted `token` for `audience`, and it has not expired:
+/// what Azure's server asks Entra of the password an Entra sign-in gives it.
+fn sandbox_minted(base_url: &str, token: &str, audience: &str) -> bool {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{base_url}/_sandbox/tokens/check"))
+            .json(&serde_json::json!({"token": token, "audience": audience}))
+            .send()
+            .await
+            .is_ok_and(|answer| answer.status() == 200)
+    })
+}
+
+/// Every row of every table of the database, as text.
+fn everything_stored(pg: &kmsflow_pgtest::Server, db: &str) -> String {
+    let tables = pg.sql(
+        db,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
+    );
+    tables
+        .lines()
+        .map(|table| pg.sql(db, &format!("SELECT t::text FROM {table} t")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `auth=entra`: the binary signs in with a token from the credential its steps use, for
+/// Azure Database for PostgreSQL's audience. The server hands the password to a stand-in
+/// directory (PostgreSQL's `ldap` sign-in), which checks it with the sandbox that minted it,
+/// as Azure's server checks it with Entra.
+#[test]
+fn auth_entra_signs_in_with_a_token_for_the_databases_audience_and_never_shows_it() {
+    const ROLE: &str = "kmsflow_entra";
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = sandbox(dir.path(), 0);
+    let pg = kmsflow_pgtest::private_server();
+    let db = pg.database().rsplit('/').next().unwrap().to_owned();
+    pg.sql(
+        &db,
+        &format!("CREATE ROLE {ROLE} LOGIN; ALTER DATABASE {db} OWNER TO {ROLE}"),
+    );
+    let base_url = served.base_url.clone();
+    let directory = kmsflow_pgtest::ldap::Directory::start(move |dn, password| {
+        dn == format!("cn={ROLE},dc=kmsflow")
+            && sandbox_minted(&base_url, password, POSTGRES_AUDIENCE)
+    });
+    pg.authenticate_first(&directory.hba_line(ROLE));
+    let url = format!("postgres://{ROLE}@127.0.0.1:{}/{db}?auth=entra", pg.port());
+    served.state = Some(url);
+
+    // Without auth=entra, the role has no password to give: refused.
+    let mut without = served.state.clone().unwrap();
+    without.truncate(without.len() - "?auth=entra".len());
+    let refused = served
+        .kmsflow(dir.path(), &["runs"])
+        .env("KMSFLOW_STATE", &without)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+
+    let run = kmsflow(&served, dir.path(), "host-a", &run_args())
+        .env("KMSFLOW_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(cluster_mode(&served), true);
+    assert_eq!(
+        pg.sql(&db, "SELECT status FROM runs"),
+        "succeeded",
+        "the run is in the database it signed in to"
+    );
+    let binds = directory.binds();
+    let tokens: std::collections::BTreeSet<&str> =
+        binds.iter().map(|b| b.password.as_str()).collect();
+    assert!(
+        binds.iter().any(|b| b.accepted),
+        "signed in with a token: {binds:?}"
+    );
+    assert_eq!(
+        tokens.len(),
+        1,
+        "one token kept for every session of the process, not one asked per session"
+    );
+    let token = *tokens.first().unwrap();
+
+    // A token for another audience (a cloud profile naming the wrong scope) is refused by
+    // the server, and the error says what to check without the token.
+    let profile = dir.path().join("cloud.json");
+    std::fs::write(
+        &profile,
+        serde_json::json!({
+            "name": "wrong-scope",
+            "arm_endpoint": "https://management.azure.com",
+            "arm_scope": "https://management.azure.com/.default",
+            "key_vault_scope": "https://vault.azure.net/.default",
+            "key_vault_suffixes": [".vault.azure.net"],
+            "postgres_scope": "https://management.azure.com/.default",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let wrong = served
+        .kmsflow(dir.path(), &["runs"])
+        .env("KMSFLOW_CLOUD", &profile)
+        .env("KMSFLOW_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    let said = stderr(&wrong);
+    assert!(said.contains("Microsoft Entra sign-in"), "{said}");
+    assert!(
+        directory.binds().iter().any(|b| !b.accepted),
+        "the server asked about the wrong token, and was told no"
+    );
+
+    let stored = everything_stored(&pg, &db);
+    assert!(stored.contains("succeeded"), "the dump holds the run");
+    let signature = token.rsplit('.').next().unwrap();
+    for (what, text) in [
+        (
+            "the run's output",
+            format!("{}{}", stderr(&run), String::from_utf8_lossy(&run.stdout)),
+        ),
+        (
+            "the refusal",
+            format!("{said}{}", String::from_utf8_lossy(&wrong.stdout)),
+        ),
+        ("the store", stored),
+    ] {
+        assert!(!text.contains(signature), "{what} shows the token: {text}");
+    }
+}
+
 #[test]
 fn two_runners_on_two_hosts_one_cluster_exactly_one_proceeds() {
     let dir = tempfile::tempdir().unwrap();

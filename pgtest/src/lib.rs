@@ -12,6 +12,8 @@
 //! start. Binaries come from `KMSFLOW_PG_BINDIR`, else the newest `/usr/lib/postgresql/*/bin`
 //! (Debian's `postgresql` package, which `.ci/run` installs), else `PATH`.
 
+pub mod ldap;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -195,6 +197,30 @@ impl Server {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Puts `line` first in the server's `pg_hba.conf` and reloads it, so a role named in it
+    /// signs in that way (a password, LDAP) while everyone else stays trusted.
+    pub fn authenticate_first(&self, line: &str) {
+        let hba = self.folder.join("data").join("pg_hba.conf");
+        let old = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+        std::fs::write(&hba, format!("{line}\n{old}")).expect("write pg_hba.conf");
+        let asked = self.sql("postgres", "SELECT now()");
+        assert_eq!(self.sql("postgres", "SELECT pg_reload_conf()"), "t");
+        // The postmaster rereads the file when it handles the signal, after the call returns;
+        // a new session (each `sql` is one) carries the postmaster's time of the last load.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.sql(
+            "postgres",
+            &format!("SELECT pg_conf_load_time() >= '{asked}'::timestamptz"),
+        ) != "t"
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the server did not reload pg_hba.conf"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Stops the server (fast shutdown: every session is cut, as a crash or a restart does)

@@ -643,11 +643,38 @@ fn control(shared: &Shared, method: &str, path: &str, body: &Bytes) -> Resp {
             }
             Err(error) => Resp::arm_error(400, "InvalidFaults", error.to_string()),
         },
+        ("POST", "/_sandbox/tokens/check") => check_token(shared, body),
         _ => Resp::arm_error(
             404,
             "NotFound",
             format!("no sandbox control endpoint {method} {path}"),
         ),
+    }
+}
+
+/// `POST /_sandbox/tokens/check` with `{"token", "audience"}`: whether this sandbox minted
+/// the token, for that audience, and it has not expired; the claims (200) or why not (401).
+/// For a service that takes Entra tokens other than in an `Authorization` header and that
+/// the sandbox does not serve itself: Azure Database for PostgreSQL takes one as a password,
+/// and a test's stand-in for that server checks it here, as the real one checks Entra's
+/// signature, audience and expiry.
+fn check_token(shared: &Shared, body: &Bytes) -> Resp {
+    let asked: Value = match serde_json::from_slice(body) {
+        Ok(asked) => asked,
+        Err(error) => return Resp::arm_error(400, "InvalidRequest", error.to_string()),
+    };
+    let (Some(token), Some(audience)) = (asked["token"].as_str(), asked["audience"].as_str())
+    else {
+        return Resp::arm_error(400, "InvalidRequest", "give `token` and `audience`");
+    };
+    let header = format!("Bearer {token}");
+    match shared.issuer.check(
+        Some(&header),
+        audience.trim_end_matches('/'),
+        chrono::Utc::now().timestamp(),
+    ) {
+        Ok(claims) => Resp::json(200, claims),
+        Err(error) => Resp::json(401, json!({"error": error.to_string()})),
     }
 }
 

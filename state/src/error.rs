@@ -20,11 +20,13 @@ pub enum StoreError {
     #[error("cannot use the state location `{location}`: {why}")]
     BadLocation { location: String, why: String },
     /// The PostgreSQL server could not be reached or refused the session.
-    #[error(
-        "cannot connect to the state database `{location}`: {detail}; check that the server runs \
-         and the URL, user and password (PGPASSWORD, ~/.pgpass) are right"
-    )]
-    Connect { location: String, detail: String },
+    #[error("cannot connect to the state database `{location}`: {detail}; {what_to_check}")]
+    Connect {
+        location: String,
+        detail: String,
+        /// What to look at, which depends on how the location signs in.
+        what_to_check: &'static str,
+    },
     /// The file was written by a newer kmsflow.
     #[error(
         "the state file has schema version {found}, newer than this kmsflow understands ({supported}); upgrade kmsflow"

@@ -13,6 +13,7 @@
 
 mod copy;
 mod db;
+mod entra;
 mod error;
 mod lock;
 mod postgres;
@@ -27,6 +28,7 @@ mod write;
 mod writer;
 
 pub use copy::Copied;
+pub use entra::{AccessToken, REFRESH_BEFORE, TokenSource};
 pub use error::{PgError, StoreError};
 pub use lock::{LockGrant, LockHeld, LockOwner};
 pub use postgres::{PgLocation, is_postgres_url, mask_password};

@@ -6,7 +6,7 @@
 //! inside the engine's async tasks without nesting a runtime.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -14,6 +14,7 @@ use tokio_postgres::config::{Host, SslMode};
 
 use crate::StoreError;
 use crate::db::Arg;
+use crate::entra::{EntraPassword, TokenSource};
 
 /// Where a PostgreSQL store lives, parsed from `postgres://user@host:port/db?sslmode=...`.
 /// Shown without its password.
@@ -23,6 +24,8 @@ pub struct PgLocation {
     /// The URL without its password, for messages and `kmsflow runs`.
     shown: String,
     tls: Tls,
+    /// `auth=entra`: the password is a Microsoft Entra token, got at each connect.
+    entra: Option<Arc<EntraPassword>>,
 }
 
 /// How the connection is protected.
@@ -67,18 +70,29 @@ impl PgLocation {
         };
         let mut url = url::Url::parse(text).map_err(|e| bad(e.to_string()))?;
         let mut sslmode = None;
+        let mut entra = false;
         let mut kept = Vec::new();
         for (key, value) in url.query_pairs() {
-            match &*key {
-                "sslmode" => sslmode = Some(value.into_owned()),
-                "auth" => {
+            match (&*key, &*value) {
+                ("sslmode", _) => sslmode = Some(value.into_owned()),
+                ("auth", "entra") => entra = true,
+                ("auth", "password") => entra = false,
+                ("auth", other) => {
                     return Err(bad(format!(
-                        "`auth={value}` is not supported yet: give a password (in the URL, \
-                         PGPASSWORD or ~/.pgpass)"
+                        "`auth={other}` is not one of `password` (the default: in the URL, \
+                         PGPASSWORD or ~/.pgpass) and `entra` (a Microsoft Entra token from the \
+                         credential the steps use)"
                     )));
                 }
                 _ => kept.push((key.into_owned(), value.into_owned())),
             }
+        }
+        if entra && url.password().is_some() {
+            return Err(bad(
+                "`auth=entra` signs in with a Microsoft Entra token: remove the password from \
+                 the URL"
+                    .into(),
+            ));
         }
         let named = |key: &str| kept.iter().any(|(k, _)| k == key);
         let (tcp_user_timeout_named, keepalives_named) = (
@@ -139,7 +153,9 @@ impl PgLocation {
                 .keepalives_interval(Duration::from_secs(5))
                 .keepalives_retries(3);
         }
-        if config.get_password().is_none() {
+        // With `auth=entra` a password from the environment would be a mistake, and sending
+        // it to the server a leak: it is not read.
+        if config.get_password().is_none() && !entra {
             if let Some(password) = std::env::var_os("PGPASSWORD") {
                 config.password(password.to_string_lossy().as_bytes());
             } else if let Some(password) = pgpass_password(&config) {
@@ -150,12 +166,35 @@ impl PgLocation {
             config,
             shown: mask_password(text),
             tls,
+            entra: entra.then(Default::default),
         })
+    }
+
+    /// Whether the URL says `auth=entra`, so the store needs a [`TokenSource`].
+    pub fn uses_entra(&self) -> bool {
+        self.entra.is_some()
+    }
+
+    /// Where this location's `auth=entra` tokens come from (for it and all its clones).
+    /// Nothing for a location signing in with a password.
+    pub fn use_token_source(&self, source: Arc<dyn TokenSource>) {
+        if let Some(entra) = &self.entra {
+            entra.set_source(source);
+        }
     }
 
     /// Opens a session.
     pub(crate) fn connect(&self) -> Result<PgConn, StoreError> {
-        let config = self.config.clone();
+        let mut config = self.config.clone();
+        if let Some(entra) = &self.entra {
+            let password = entra
+                .password(std::time::SystemTime::now(), |token| {
+                    futures::executor::block_on(io().spawn(token))
+                        .map_err(|e| format!("the token request stopped: {e}"))?
+                })
+                .map_err(|why| crate::entra::no_token(&self.shown, why))?;
+            config.password(password);
+        }
         let tls = self.tls;
         let connecting = io().spawn(async move {
             let (client, connection) = match tls {
@@ -179,6 +218,13 @@ impl PgLocation {
                 StoreError::Postgres(pg) => StoreError::Connect {
                     location: self.shown.clone(),
                     detail: pg.to_string(),
+                    what_to_check: if self.entra.is_some() {
+                        "check that the server runs and takes Microsoft Entra sign-in, and that \
+                         the URL's user is the role made for this identity (its token's `oid`)"
+                    } else {
+                        "check that the server runs and the URL, user and password (PGPASSWORD, \
+                         ~/.pgpass) are right"
+                    },
                 },
                 other => other,
             })?;
@@ -515,6 +561,26 @@ mod tests {
             Some(&Duration::from_secs(90))
         );
         assert_eq!(asked.config.get_keepalives_idle(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn auth_entra_takes_no_password_and_other_auth_values_are_refused() {
+        let entra = PgLocation::parse("postgres://ana@db.example/k?auth=entra").unwrap();
+        assert!(entra.uses_entra());
+        assert!(entra.config.get_password().is_none());
+        assert!(
+            !PgLocation::parse("postgres://ana@db.example/k")
+                .unwrap()
+                .uses_entra()
+        );
+        let both = PgLocation::parse("postgres://ana:pw@db.example/k?auth=entra").unwrap_err();
+        assert!(both.to_string().contains("remove the password"), "{both}");
+        assert!(!both.to_string().contains(":pw@"), "{both}");
+        let other = PgLocation::parse("postgres://ana@db.example/k?auth=kerberos").unwrap_err();
+        assert!(
+            other.to_string().contains("`auth=kerberos` is not one of"),
+            "{other}"
+        );
     }
 
     #[test]

@@ -272,7 +272,39 @@ impl std::fmt::Debug for AzureClient {
     }
 }
 
-fn credential_for(mode: AuthMode) -> Result<Arc<dyn TokenCredential>, AzureError> {
+/// Tokens for one scope from the credential a mode names: how an `auth=entra` state database
+/// signs in with the same identity as the steps. Each call asks the credential (which keeps
+/// its own cache); the store decides when a token is old enough to replace.
+pub struct ScopedTokens {
+    credential: Arc<dyn TokenCredential>,
+    scope: String,
+}
+
+impl ScopedTokens {
+    pub fn new(mode: AuthMode, scope: &str) -> Result<ScopedTokens, AzureError> {
+        Ok(ScopedTokens {
+            credential: credential_for(mode)?,
+            scope: scope.to_owned(),
+        })
+    }
+
+    /// A token and when it expires, or why there is none (the credential's words, which
+    /// never hold a secret).
+    pub async fn token(&self) -> Result<(String, std::time::SystemTime), String> {
+        let access = self
+            .credential
+            .get_token(&[self.scope.as_str()], None)
+            .await
+            .map_err(|e| format!("for `{}`: {e}", self.scope))?;
+        let expires_at = std::time::UNIX_EPOCH
+            + Duration::from_secs(access.expires_on.unix_timestamp().max(0) as u64);
+        Ok((access.token.secret().to_owned(), expires_at))
+    }
+}
+
+/// The credential `mode` names (`Auto` resolved from the environment), as the client and an
+/// `auth=entra` state database use it.
+pub fn credential_for(mode: AuthMode) -> Result<Arc<dyn TokenCredential>, AzureError> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let failed = |what: &str, e: azure_core::Error| AzureError::Credential {
         scope: what.to_owned(),

@@ -18,6 +18,11 @@ pub struct CloudProfile {
     /// DNS suffixes of vaults (and managed HSMs), with their leading dot: a Key Vault token
     /// goes only to hosts under one of them.
     pub key_vault_suffixes: Vec<String>,
+    /// The scope of Azure Database for PostgreSQL tokens, for a state database signed in to
+    /// with `auth=entra`, e.g. `https://ossrdbms-aad.database.windows.net/.default` (the
+    /// Azure CLI's `ossrdbms_resource_id` of each cloud).
+    #[serde(default)]
+    pub postgres_scope: Option<String>,
     /// Set for a sandbox served with TLS (`kmsflow sandbox serve --tls` writes such a
     /// profile): how its host names are reached without touching `/etc/hosts`.
     #[serde(default)]
@@ -41,6 +46,7 @@ impl CloudProfile {
             "AzurePublicCloud",
             "https://management.azure.com",
             "https://vault.azure.net",
+            "https://ossrdbms-aad.database.windows.net",
             &[".vault.azure.net", ".managedhsm.azure.net"],
         )
     }
@@ -51,6 +57,7 @@ impl CloudProfile {
             "AzureUSGovernment",
             "https://management.usgovcloudapi.net",
             "https://vault.usgovcloudapi.net",
+            "https://ossrdbms-aad.database.usgovcloudapi.net",
             &[".vault.usgovcloudapi.net", ".managedhsm.usgovcloudapi.net"],
         )
     }
@@ -61,17 +68,25 @@ impl CloudProfile {
             "AzureChinaCloud",
             "https://management.chinacloudapi.cn",
             "https://vault.azure.cn",
+            "https://ossrdbms-aad.database.chinacloudapi.cn",
             &[".vault.azure.cn", ".managedhsm.azure.cn"],
         )
     }
 
-    fn known(name: &str, arm: &str, vault: &str, suffixes: &[&str]) -> CloudProfile {
+    fn known(
+        name: &str,
+        arm: &str,
+        vault: &str,
+        postgres: &str,
+        suffixes: &[&str],
+    ) -> CloudProfile {
         CloudProfile {
             name: name.to_owned(),
             arm_endpoint: arm.to_owned(),
             arm_scope: format!("{arm}/.default"),
             key_vault_scope: format!("{vault}/.default"),
             key_vault_suffixes: suffixes.iter().map(|s| (*s).to_owned()).collect(),
+            postgres_scope: Some(format!("{postgres}/.default")),
             sandbox: None,
         }
     }

@@ -13,7 +13,7 @@ mod kinds;
 pub mod pacer;
 
 pub use azure::Azure;
-pub use client::{AuthMode, AzureClient, AzureConfig, Caller, RetryBounds, Service};
+pub use client::{AuthMode, AzureClient, AzureConfig, Caller, RetryBounds, ScopedTokens, Service};
 pub use cloud::CloudProfile;
 pub use error::AzureError;
 pub use kinds::register;
