@@ -130,6 +130,15 @@ impl PgLocation {
                 )));
             }
         };
+        if entra && tls == Tls::Off && !local {
+            // The token would open any database of the tenant that takes this identity: it
+            // crosses a network only inside TLS.
+            return Err(bad(
+                "`auth=entra` sends a Microsoft Entra token as the password: it is never sent \
+                 without TLS off this machine (drop `sslmode=disable`)"
+                    .into(),
+            ));
+        }
         config.ssl_mode(match tls {
             Tls::Off => SslMode::Disable,
             Tls::Verified => SslMode::Require,
@@ -576,6 +585,13 @@ mod tests {
         let both = PgLocation::parse("postgres://ana:pw@db.example/k?auth=entra").unwrap_err();
         assert!(both.to_string().contains("remove the password"), "{both}");
         assert!(!both.to_string().contains(":pw@"), "{both}");
+        let plain = PgLocation::parse("postgres://ana@db.example/k?auth=entra&sslmode=disable")
+            .unwrap_err();
+        assert!(
+            plain.to_string().contains("never sent without TLS"),
+            "{plain}"
+        );
+        assert!(PgLocation::parse("postgres://ana@127.0.0.1/k?auth=entra&sslmode=disable").is_ok());
         let other = PgLocation::parse("postgres://ana@db.example/k?auth=kerberos").unwrap_err();
         assert!(
             other.to_string().contains("`auth=kerberos` is not one of"),
