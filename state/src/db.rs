@@ -173,6 +173,54 @@ impl Db<'_> {
             .ok_or_else(|| crate::error::corrupt("(query)", "no row where one was expected"))
     }
 
+    /// Runs a statement whose answer need not be waited for now: on PostgreSQL it goes with
+    /// the next round trip (see [`PgConn`]); on SQLite it runs now. Its failure fails the
+    /// transaction's next wait ([`Db::settle`], COMMIT, any other statement), never later.
+    pub(crate) fn execute_then(&mut self, sql: &str, args: &[&dyn Arg]) -> Result<(), StoreError> {
+        match self {
+            Db::Sqlite(_) => self.execute(sql, args).map(drop),
+            Db::Postgres(pg) => pg.defer(sql, args, None),
+        }
+    }
+
+    /// A query whose rows are checked when they come: on PostgreSQL with the next round trip,
+    /// on SQLite now. `check` gets the rows (mapped by `each`) and the store's clock of the
+    /// transaction; its error fails the transaction's next wait, so a checkpoint whose check
+    /// fails is never committed.
+    pub(crate) fn query_then<T: 'static>(
+        &mut self,
+        sql: &str,
+        args: &[&dyn Arg],
+        each: fn(&Row<'_>) -> Result<T, StoreError>,
+        check: impl FnOnce(Vec<T>, DateTime<Utc>) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        match self {
+            Db::Sqlite(_) => {
+                let rows = self.query(sql, args, each)?;
+                check(rows, Utc::now())
+            }
+            Db::Postgres(pg) => pg.defer(
+                sql,
+                args,
+                Some(Box::new(move |rows, now| {
+                    let rows = rows
+                        .iter()
+                        .map(|row| each(&Row::Postgres(row)))
+                        .collect::<Result<Vec<T>, _>>()?;
+                    check(rows, now)
+                })),
+            ),
+        }
+    }
+
+    /// Waits for every statement sent without waiting, and checks their answers.
+    pub(crate) fn settle(&mut self) -> Result<(), StoreError> {
+        match self {
+            Db::Sqlite(_) => Ok(()),
+            Db::Postgres(pg) => pg.settle(),
+        }
+    }
+
     /// Runs statements without placeholders, one after another.
     pub(crate) fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
         match self {

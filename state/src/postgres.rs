@@ -240,6 +240,7 @@ impl PgLocation {
         Ok(PgConn {
             client,
             statements: HashMap::new(),
+            pending: Vec::new(),
             serial_now: None,
         })
     }
@@ -347,13 +348,73 @@ fn io() -> &'static tokio::runtime::Runtime {
 }
 
 /// One session with the server, and the statements it has prepared.
+///
+/// Statements whose answers only need checking before the transaction goes on
+/// ([`crate::db::Db::execute_then`], [`crate::db::Db::query_then`]) are not sent one round trip
+/// each: they wait in `pending`, and the next statement that must wait for the server (any
+/// other statement, COMMIT, [`PgConn::settle`]) first sends them all at once, in order, and
+/// checks their answers in order. A checkpoint's fencing check, its updates and its journal
+/// rows thus cost one round trip, not one each. Nothing pending is ever committed unchecked:
+/// COMMIT goes only after every check passed, and a ROLLBACK drops what is pending.
 pub(crate) struct PgConn {
     client: tokio_postgres::Client,
     statements: HashMap<String, tokio_postgres::Statement>,
+    pending: Vec<Deferred>,
     /// The server's clock when the open write transaction got the writer lock: the store's
     /// "now" for everything in that transaction (fences, leases, claims), fetched in the same
     /// round trip as BEGIN instead of one more per use.
     serial_now: Option<DateTime<Utc>>,
+}
+
+/// A statement waiting for the next round trip (see [`PgConn`]).
+struct Deferred {
+    statement: tokio_postgres::Statement,
+    params: Vec<Encoded>,
+    then: Option<Then>,
+}
+
+/// Checks a deferred statement's rows, at the store's clock of the transaction.
+pub(crate) type Then =
+    Box<dyn FnOnce(&[tokio_postgres::Row], DateTime<Utc>) -> Result<(), StoreError> + Send>;
+
+/// A parameter already in the server's binary format, so a deferred statement owns its
+/// values instead of borrowing the caller's.
+#[derive(Debug)]
+struct Encoded(Option<Vec<u8>>);
+
+impl Encoded {
+    fn of(arg: &dyn Arg, ty: &tokio_postgres::types::Type) -> Result<Encoded, StoreError> {
+        let mut out = bytes::BytesMut::new();
+        let is_null = tokio_postgres::types::ToSql::to_sql_checked(arg, ty, &mut out)
+            .map_err(|e| crate::error::corrupt("(a statement's parameter)", e))?;
+        Ok(Encoded(match is_null {
+            tokio_postgres::types::IsNull::Yes => None,
+            tokio_postgres::types::IsNull::No => Some(out.to_vec()),
+        }))
+    }
+}
+
+impl tokio_postgres::types::ToSql for Encoded {
+    fn to_sql(
+        &self,
+        _: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(match &self.0 {
+            None => tokio_postgres::types::IsNull::Yes,
+            Some(bytes) => {
+                out.extend_from_slice(bytes);
+                tokio_postgres::types::IsNull::No
+            }
+        })
+    }
+
+    /// Checked when it was encoded, against the statement's own parameter type.
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+
+    tokio_postgres::types::to_sql_checked!();
 }
 
 /// The key of the advisory lock every write transaction holds (see [`crate::db::Db::begin`]):
@@ -373,6 +434,7 @@ impl PgConn {
     }
 
     pub(crate) fn execute(&mut self, sql: &str, args: &[&dyn Arg]) -> Result<usize, StoreError> {
+        self.settle()?;
         let statement = self.statement(sql)?;
         let args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             args.iter().map(|a| *a as _).collect();
@@ -384,6 +446,7 @@ impl PgConn {
         sql: &str,
         args: &[&dyn Arg],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.settle()?;
         let statement = self.statement(sql)?;
         let args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             args.iter().map(|a| *a as _).collect();
@@ -391,14 +454,88 @@ impl PgConn {
     }
 
     pub(crate) fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        if sql.starts_with("ROLLBACK") {
+            // What is pending was part of what is rolled back: never sent, never checked.
+            self.pending.clear();
+        } else {
+            self.settle()?;
+        }
         if sql == "COMMIT" || sql == "ROLLBACK" {
             self.serial_now = None;
         }
         wait(self.client.batch_execute(sql))
     }
 
+    /// Queues a statement to be sent with the next round trip; `then` checks its rows (and
+    /// may fail the transaction) when they come.
+    pub(crate) fn defer(
+        &mut self,
+        sql: &str,
+        args: &[&dyn Arg],
+        then: Option<Then>,
+    ) -> Result<(), StoreError> {
+        let statement = self.statement(sql)?;
+        if statement.params().len() != args.len() {
+            return Err(crate::error::corrupt(
+                "(a deferred statement)",
+                format!(
+                    "{} parameters given for {} placeholders",
+                    args.len(),
+                    statement.params().len()
+                ),
+            ));
+        }
+        let params = statement
+            .params()
+            .iter()
+            .zip(args)
+            .map(|(ty, arg)| Encoded::of(*arg, ty))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.pending.push(Deferred {
+            statement,
+            params,
+            then,
+        });
+        Ok(())
+    }
+
+    /// Sends every pending statement in one round trip and checks their answers in order: the
+    /// first failure (the server's, or a check's) is returned, and the transaction must then
+    /// be rolled back (to its savepoint, or whole).
+    pub(crate) fn settle(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = pending
+            .iter()
+            .map(|deferred| deferred.params.iter().map(|p| p as _).collect())
+            .collect();
+        let client = &self.client;
+        // `join_all` polls each in order, and a query sends its request when first polled:
+        // the requests leave in order, together, and the answers come back in that order.
+        let answers = futures::executor::block_on(futures::future::join_all(
+            pending
+                .iter()
+                .zip(&params)
+                .map(|(deferred, params)| client.query(&deferred.statement, params)),
+        ));
+        let now = self.serial_now;
+        for (deferred, answer) in pending.into_iter().zip(answers) {
+            let rows = answer?;
+            if let Some(then) = deferred.then {
+                let now = now.ok_or_else(|| {
+                    crate::error::corrupt("(a checked statement)", "outside a write transaction")
+                })?;
+                then(&rows, now)?;
+            }
+        }
+        Ok(())
+    }
+
     /// BEGIN, the writer lock and the server's clock, in one round trip.
     pub(crate) fn begin_serial(&mut self) -> Result<(), StoreError> {
+        self.settle()?;
         let answers = wait(self.client.simple_query(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK}); \
              SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', \

@@ -246,11 +246,11 @@ pub(crate) fn event(
     kind: &str,
     detail: &Value,
 ) -> Result<(), StoreError> {
-    tx.execute(
+    // Nothing to check: the journal row goes with the checkpoint's next round trip.
+    tx.execute_then(
         "INSERT INTO events (run_id, step_id, at, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
         args![run_id, step_id, ts(at), kind, detail.to_string()],
-    )?;
-    Ok(())
+    )
 }
 
 /// Keeps a runbook's text and its fragments under its content hash, once however many runs
@@ -278,33 +278,40 @@ fn check_fence(
     token: i64,
     timed: bool,
 ) -> Result<(), StoreError> {
-    let holder: Option<(String, i64, String)> = tx.query_opt(
+    let (lock, run) = (key.to_owned(), run_id.to_owned());
+    // Checked with the checkpoint's other statements (one round trip on PostgreSQL), and
+    // before its COMMIT is sent: a fenced checkpoint is never committed.
+    tx.query_then(
         "SELECT run_id, token, lease_expires_at FROM locks WHERE key = ?1",
         args![key],
-        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-    )?;
-    let lost = |why: String, taken_by: Option<String>| StoreError::LeaseLost {
-        key: key.to_owned(),
-        run_id: run_id.to_owned(),
-        why,
-        taken_by,
-    };
-    match holder {
-        None => Err(lost("the lock is not held".into(), None)),
-        Some((holder, held_token, _)) if holder != run_id || held_token != token => Err(lost(
-            format!("run `{holder}` holds it now, with fencing token {held_token}"),
-            (holder != run_id).then_some(holder),
-        )),
-        Some((_, _, expires)) => {
-            let expires = crate::store::timestamp(expires, "locks.lease_expires_at")?;
-            match timed.then(|| tx.now()).transpose()? {
-                Some(now) if expires <= now => {
-                    Err(lost(format!("its lease ran out at {expires}"), None))
+        |row| Ok((row.get::<String>(0)?, row.get::<i64>(1)?, row.get::<String>(2)?)),
+        move |holders, now| {
+            let lost = |why: String, taken_by: Option<String>| StoreError::LeaseLost {
+                key: lock.clone(),
+                run_id: run.clone(),
+                why,
+                taken_by,
+            };
+            match holders.into_iter().next() {
+                None => Err(lost("the lock is not held".into(), None)),
+                Some((holder, held_token, _)) if holder != run || held_token != token => {
+                    let taken_by = (holder != run).then(|| holder.clone());
+                    Err(lost(
+                        format!("run `{holder}` holds it now, with fencing token {held_token}"),
+                        taken_by,
+                    ))
                 }
-                _ => Ok(()),
+                Some((_, _, expires)) => {
+                    let expires = crate::store::timestamp(expires, "locks.lease_expires_at")?;
+                    if timed && expires <= now {
+                        Err(lost(format!("its lease ran out at {expires}"), None))
+                    } else {
+                        Ok(())
+                    }
+                }
             }
-        }
-    }
+        },
+    )
 }
 
 /// Applies one write inside an open transaction: one function per kind of write.
@@ -604,7 +611,7 @@ fn step_applying(
 ) -> Result<(), StoreError> {
     // Keep the first before image: a step re-observed after a crash sees the world its
     // own earlier attempt changed, and rollback must restore what was there before that.
-    tx.execute(
+    tx.execute_then(
 "UPDATE steps SET status = 'running', attempts = CASE WHEN attempts > ?3 THEN attempts ELSE ?3 END,
                 before_image = coalesce(before_image, ?4),
                 planned_outcome = coalesce(planned_outcome, ?5),
@@ -637,7 +644,7 @@ fn step_succeeded(
     outputs: &Value,
     at: &DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    tx.execute(
+    tx.execute_then(
 "UPDATE steps SET status = 'succeeded', attempts = CASE WHEN attempts > ?3 THEN attempts ELSE ?3 END, outcome = ?4,
                 outputs = ?5, error = NULL, started_at = coalesce(started_at, ?6), finished_at = ?6
          WHERE run_id = ?1 AND step_id = ?2", args![

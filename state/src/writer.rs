@@ -198,10 +198,12 @@ fn try_batch(store: &mut Store, batch: &[Checkpoint]) -> Attempt {
     let mut results = Vec::with_capacity(batch.len());
     if let [job] = batch {
         // Alone in its transaction: no savepoint needed to keep a failure to itself.
+        // Settled before COMMIT: every check of the checkpoint has passed before it is sent.
         let result = job
             .writes
             .iter()
-            .try_for_each(|write| crate::write::apply(&mut tx, write));
+            .try_for_each(|write| crate::write::apply(&mut tx, write))
+            .and_then(|()| tx.settle());
         // A failed write rolls the transaction back: nothing of the checkpoint is committed.
         // Only a checkpoint whose writes all applied is committed.
         return match result {
@@ -219,25 +221,27 @@ fn try_batch(store: &mut Store, batch: &[Checkpoint]) -> Attempt {
             }),
         };
     }
-    // Each checkpoint in its own savepoint. The release of one and the next one's savepoint go
-    // in one round trip, and COMMIT releases the last: on PostgreSQL every statement is a round
-    // trip to the server.
+    // Each checkpoint in its own savepoint, and settled before the next begins, so a failure
+    // is the checkpoint's own. The release of one, the next one's savepoint and its
+    // statements go in one round trip on PostgreSQL, and COMMIT releases the last.
     let mut open = false;
     for job in batch {
         let result = (|| {
-            tx.batch(if open {
-                "RELEASE SAVEPOINT checkpoint; SAVEPOINT checkpoint"
-            } else {
-                "SAVEPOINT checkpoint"
-            })?;
+            if open {
+                tx.execute_then("RELEASE SAVEPOINT checkpoint", &[])?;
+            }
+            tx.execute_then("SAVEPOINT checkpoint", &[])?;
             open = true;
-            for write in &job.writes {
-                if let Err(error) = crate::write::apply(&mut tx, write) {
-                    // Keep the failure to this checkpoint: the others still commit.
-                    tx.batch("ROLLBACK TO SAVEPOINT checkpoint; RELEASE SAVEPOINT checkpoint")?;
-                    open = false;
-                    return Err(error);
-                }
+            let applied = job
+                .writes
+                .iter()
+                .try_for_each(|write| crate::write::apply(&mut tx, write))
+                .and_then(|()| tx.settle());
+            if let Err(error) = applied {
+                // Keep the failure to this checkpoint: the others still commit.
+                tx.batch("ROLLBACK TO SAVEPOINT checkpoint; RELEASE SAVEPOINT checkpoint")?;
+                open = false;
+                return Err(error);
             }
             Ok(())
         })();

@@ -57,6 +57,7 @@ on_both_backends!(
     a_failed_checkpoint_in_a_batch_fails_alone_and_stores_nothing_of_itself,
     a_lock_is_held_against_others_and_every_takeover_raises_the_token,
     a_fence_refuses_a_former_holder_and_the_checkpoint_it_leads,
+    a_fenced_checkpoint_in_a_batch_is_never_committed_and_its_neighbours_are,
     approvals_are_decided_once,
     an_occurrence_is_claimed_by_exactly_one_of_many_stores,
     schedules_round_trip_and_pause,
@@ -341,6 +342,83 @@ fn a_fence_refuses_a_former_holder_and_the_checkpoint_it_leads(fresh: Fresh) {
             },
         ])
         .unwrap();
+}
+
+/// The fencing check, a step's update and its journal row travel together (one round trip on
+/// PostgreSQL): a checkpoint whose check fails must still leave nothing behind, wherever it
+/// sits in a batch, and its neighbours (before and after, fenced fine) must commit.
+fn a_fenced_checkpoint_in_a_batch_is_never_committed_and_its_neighbours_are(fresh: Fresh) {
+    let mut store = fresh.open();
+    store
+        .commit(&[
+            new_run("run-old", &["a"], None),
+            new_run("run-1", &["a"], None),
+            new_run("run-2", &["a"], None),
+        ])
+        .unwrap();
+    let old = store
+        .acquire_lock("k", "run-old", &elsewhere(1), Duration::seconds(-1))
+        .unwrap()
+        .unwrap();
+    let new = store
+        .acquire_lock("k", "run-1", &elsewhere(2), Duration::seconds(60))
+        .unwrap()
+        .unwrap();
+    let other = store
+        .acquire_lock("k2", "run-2", &elsewhere(3), Duration::seconds(60))
+        .unwrap()
+        .unwrap();
+    let applying = |run: &str| Write::StepApplying {
+        run_id: run.into(),
+        step_id: "a".into(),
+        attempt: 1,
+        before_image: json!({"run": run}),
+        planned_outcome: kmsflow_state::Outcome::Updated,
+        at: Utc::now(),
+    };
+    let fence = |key: &str, run: &str, token: i64| Write::CheckFence {
+        key: key.into(),
+        run_id: run.into(),
+        token,
+    };
+    let (writer, thread) = Writer::spawn(store);
+    let (release, hold) = mpsc::channel::<()>();
+    writer.run(Box::new(move |_| {
+        let _ = hold.recv();
+    }));
+    let mut results = Vec::new();
+    for writes in [
+        vec![fence("k", "run-1", new.token), applying("run-1")],
+        vec![fence("k", "run-old", old.token), applying("run-old")],
+        vec![fence("k2", "run-2", other.token), applying("run-2")],
+    ] {
+        let (done, result) = mpsc::channel();
+        writer.submit(writes, Box::new(move |r| done.send(r).unwrap()));
+        results.push(result);
+    }
+    release.send(()).unwrap();
+    let results: Vec<_> = results.into_iter().map(|r| r.recv().unwrap()).collect();
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(
+        matches!(&results[1], Err(StoreError::LeaseLost { taken_by, .. }) if taken_by.as_deref() == Some("run-1")),
+        "{:?}",
+        results[1]
+    );
+    drop(writer);
+    thread.join();
+    let store = fresh.open();
+    let status = |run: &str| store.steps(run).unwrap()[0].status;
+    assert_eq!(status("run-old"), StepStatus::Pending, "nothing of the fenced one");
+    assert!(
+        !store
+            .events("run-old")
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "step_applying"),
+        "no journal row of the fenced one"
+    );
+    assert_eq!(status("run-1"), StepStatus::Running);
+    assert_eq!(status("run-2"), StepStatus::Running);
 }
 
 fn approvals_are_decided_once(fresh: Fresh) {
