@@ -241,6 +241,7 @@ impl PgLocation {
             client,
             statements: HashMap::new(),
             pending: Vec::new(),
+            begin_pending: false,
             serial_now: None,
         })
     }
@@ -360,10 +361,31 @@ pub(crate) struct PgConn {
     client: tokio_postgres::Client,
     statements: HashMap<String, tokio_postgres::Statement>,
     pending: Vec<Deferred>,
+    /// A write transaction was begun, and its BEGIN goes with the next round trip.
+    begin_pending: bool,
     /// The server's clock when the open write transaction got the writer lock: the store's
     /// "now" for everything in that transaction (fences, leases, claims), fetched in the same
     /// round trip as BEGIN instead of one more per use.
     serial_now: Option<DateTime<Utc>>,
+}
+
+/// BEGIN, the writer lock, and the server's clock at the moment it was granted: the store's
+/// "now" for everything in the transaction.
+fn begin_sql() -> String {
+    format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK}); \
+         SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+    )
+}
+
+/// The clock [`begin_sql`] answers with.
+fn clock_of(answers: &[tokio_postgres::SimpleQueryMessage]) -> Result<DateTime<Utc>, StoreError> {
+    let now = answers.iter().rev().find_map(|answer| match answer {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+        _ => None,
+    });
+    let now = now.ok_or_else(|| crate::error::corrupt("clock_timestamp()", "no row"))?;
+    crate::store::timestamp(now, "clock_timestamp()")
 }
 
 /// A statement waiting for the next round trip (see [`PgConn`]).
@@ -457,6 +479,10 @@ impl PgConn {
         if sql.starts_with("ROLLBACK") {
             // What is pending was part of what is rolled back: never sent, never checked.
             self.pending.clear();
+            if std::mem::take(&mut self.begin_pending) {
+                // Nor was the transaction's BEGIN: there is nothing to roll back.
+                return Ok(());
+            }
         } else {
             self.settle()?;
         }
@@ -503,7 +529,7 @@ impl PgConn {
     /// first failure (the server's, or a check's) is returned, and the transaction must then
     /// be rolled back (to its savepoint, or whole).
     pub(crate) fn settle(&mut self) -> Result<(), StoreError> {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && !self.begin_pending {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
@@ -512,14 +538,28 @@ impl PgConn {
             .map(|deferred| deferred.params.iter().map(|p| p as _).collect())
             .collect();
         let client = &self.client;
-        // `join_all` polls each in order, and a query sends its request when first polled:
-        // the requests leave in order, together, and the answers come back in that order.
-        let answers = futures::executor::block_on(futures::future::join_all(
-            pending
-                .iter()
-                .zip(&params)
-                .map(|(deferred, params)| client.query(&deferred.statement, params)),
+        let begin = std::mem::take(&mut self.begin_pending);
+        let begun = async {
+            match begin {
+                true => Some(client.simple_query(&begin_sql()).await),
+                false => None,
+            }
+        };
+        // `join` and `join_all` poll in order, and a query sends its request when first
+        // polled: BEGIN and the statements leave in order, together, and their answers come
+        // back in that order.
+        let (begun, answers) = futures::executor::block_on(futures::future::join(
+            begun,
+            futures::future::join_all(
+                pending
+                    .iter()
+                    .zip(&params)
+                    .map(|(deferred, params)| client.query(&deferred.statement, params)),
+            ),
         ));
+        if let Some(answers) = begun {
+            self.serial_now = Some(clock_of(&answers?)?);
+        }
         let now = self.serial_now;
         for (deferred, answer) in pending.into_iter().zip(answers) {
             let rows = answer?;
@@ -533,24 +573,18 @@ impl PgConn {
         Ok(())
     }
 
-    /// BEGIN, the writer lock and the server's clock, in one round trip.
+    /// BEGIN, the writer lock and the server's clock: sent with the transaction's first
+    /// statements, in their round trip (see [`PgConn`]).
     pub(crate) fn begin_serial(&mut self) -> Result<(), StoreError> {
         self.settle()?;
-        let answers = wait(self.client.simple_query(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK}); \
-             SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', \
-             'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-        )))?;
-        let now = answers.iter().rev().find_map(|answer| match answer {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-            _ => None,
-        });
-        let now = now.ok_or_else(|| crate::error::corrupt("clock_timestamp()", "no row"))?;
-        self.serial_now = Some(crate::store::timestamp(now, "clock_timestamp()")?);
+        self.begin_pending = true;
         Ok(())
     }
 
     pub(crate) fn now(&mut self) -> Result<DateTime<Utc>, StoreError> {
+        if self.begin_pending {
+            self.settle()?;
+        }
         if let Some(now) = self.serial_now {
             return Ok(now);
         }
