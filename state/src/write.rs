@@ -284,7 +284,13 @@ fn check_fence(
     tx.query_then(
         "SELECT run_id, token, lease_expires_at FROM locks WHERE key = ?1",
         args![key],
-        |row| Ok((row.get::<String>(0)?, row.get::<i64>(1)?, row.get::<String>(2)?)),
+        |row| {
+            Ok((
+                row.get::<String>(0)?,
+                row.get::<i64>(1)?,
+                row.get::<String>(2)?,
+            ))
+        },
         move |holders, now| {
             let lost = |why: String, taken_by: Option<String>| StoreError::LeaseLost {
                 key: lock.clone(),

@@ -408,7 +408,11 @@ fn a_fenced_checkpoint_in_a_batch_is_never_committed_and_its_neighbours_are(fres
     thread.join();
     let store = fresh.open();
     let status = |run: &str| store.steps(run).unwrap()[0].status;
-    assert_eq!(status("run-old"), StepStatus::Pending, "nothing of the fenced one");
+    assert_eq!(
+        status("run-old"),
+        StepStatus::Pending,
+        "nothing of the fenced one"
+    );
     assert!(
         !store
             .events("run-old")
