@@ -6,8 +6,8 @@ use std::sync::mpsc;
 
 use chrono::{Duration, Utc};
 use kmsflow_state::{
-    Durability, FireOutcome, FireRecord, Location, LockOwner, NewRollout, NewRun, NewTarget,
-    Overlap, RunStatus, ScheduleRecord, StepStatus, Store, StoreError, Write, Writer,
+    Durability, FireOutcome, FireRecord, Location, LockGrant, LockOwner, NewRollout, NewRun,
+    NewTarget, Overlap, RunStatus, ScheduleRecord, StepStatus, Store, StoreError, Write, Writer,
 };
 use serde_json::json;
 
@@ -235,6 +235,15 @@ fn elsewhere(pid: u32) -> LockOwner {
     }
 }
 
+/// `run` takes `key` for `lease_s` seconds (negative: already run out), as process `pid` on
+/// another machine; the lock must be free or expired.
+fn granted(store: &mut Store, key: &str, run: &str, pid: u32, lease_s: i64) -> LockGrant {
+    store
+        .acquire_lock(key, run, &elsewhere(pid), Duration::seconds(lease_s))
+        .unwrap()
+        .unwrap()
+}
+
 fn a_lock_is_held_against_others_and_every_takeover_raises_the_token(fresh: Fresh) {
     let mut one = fresh.open();
     let mut two = fresh.open();
@@ -285,14 +294,8 @@ fn a_lock_is_held_against_others_and_every_takeover_raises_the_token(fresh: Fres
 fn a_fence_refuses_a_former_holder_and_the_checkpoint_it_leads(fresh: Fresh) {
     let mut store = fresh.open();
     store.commit(&[new_run("run-1", &["a"], None)]).unwrap();
-    let old = store
-        .acquire_lock("k", "run-1", &elsewhere(1), Duration::seconds(-1))
-        .unwrap()
-        .unwrap();
-    let new = store
-        .acquire_lock("k", "run-2", &elsewhere(2), Duration::seconds(60))
-        .unwrap()
-        .unwrap();
+    let old = granted(&mut store, "k", "run-1", 1, -1);
+    let new = granted(&mut store, "k", "run-2", 2, 60);
     let fenced = store.commit(&[
         Write::CheckFence {
             key: "k".into(),
@@ -356,18 +359,9 @@ fn a_fenced_checkpoint_in_a_batch_is_never_committed_and_its_neighbours_are(fres
             new_run("run-2", &["a"], None),
         ])
         .unwrap();
-    let old = store
-        .acquire_lock("k", "run-old", &elsewhere(1), Duration::seconds(-1))
-        .unwrap()
-        .unwrap();
-    let new = store
-        .acquire_lock("k", "run-1", &elsewhere(2), Duration::seconds(60))
-        .unwrap()
-        .unwrap();
-    let other = store
-        .acquire_lock("k2", "run-2", &elsewhere(3), Duration::seconds(60))
-        .unwrap()
-        .unwrap();
+    let old = granted(&mut store, "k", "run-old", 1, -1);
+    let new = granted(&mut store, "k", "run-1", 2, 60);
+    let other = granted(&mut store, "k2", "run-2", 3, 60);
     let applying = |run: &str| Write::StepApplying {
         run_id: run.into(),
         step_id: "a".into(),
