@@ -9,7 +9,11 @@
 use chrono::{DateTime, Utc};
 
 use crate::StoreError;
-use crate::postgres::PgConn;
+pub(crate) use crate::postgres::CommitFailure;
+use crate::postgres::{Check, PgConn};
+
+/// The SQLSTATE the schema's own checks raise on PostgreSQL (see [`Db::execute_enforced`]).
+const REFUSED: &str = "KF001";
 
 /// A value bound to a placeholder: anything both drivers can send.
 pub(crate) trait Arg: rusqlite::ToSql + tokio_postgres::types::ToSql + Sync {}
@@ -179,7 +183,7 @@ impl Db<'_> {
     pub(crate) fn execute_then(&mut self, sql: &str, args: &[&dyn Arg]) -> Result<(), StoreError> {
         match self {
             Db::Sqlite(_) => self.execute(sql, args).map(drop),
-            Db::Postgres(pg) => pg.defer(sql, args, None),
+            Db::Postgres(pg) => pg.defer(sql, args, Check::Ran),
         }
     }
 
@@ -202,7 +206,7 @@ impl Db<'_> {
             Db::Postgres(pg) => pg.defer(
                 sql,
                 args,
-                Some(Box::new(move |rows, now| {
+                Check::Rows(Box::new(move |rows, now| {
                     let rows = rows
                         .iter()
                         .map(|row| each(&Row::Postgres(row)))
@@ -211,6 +215,36 @@ impl Db<'_> {
                 })),
             ),
         }
+    }
+
+    /// A PostgreSQL statement that makes its own check and raises SQLSTATE `KF001` when it
+    /// fails (a function of the schema's): it goes with the next round trip, COMMIT's too, and
+    /// `refused` turns the server's message and detail into the store's error. A failed check
+    /// aborts the transaction, so nothing of it is committed.
+    pub(crate) fn execute_enforced(
+        &mut self,
+        sql: &str,
+        args: &[&dyn Arg],
+        refused: impl FnOnce(&str, Option<&str>) -> StoreError + Send + 'static,
+    ) -> Result<(), StoreError> {
+        match self {
+            Db::Sqlite(_) => Err(crate::error::corrupt(
+                "(an enforced check)",
+                "made by a PostgreSQL function, not on SQLite",
+            )),
+            Db::Postgres(pg) => pg.defer(
+                sql,
+                args,
+                Check::Raised(Box::new(move |error| {
+                    (error.code().code() == REFUSED)
+                        .then(|| refused(error.message(), error.detail()))
+                })),
+            ),
+        }
+    }
+
+    pub(crate) fn is_postgres(&self) -> bool {
+        matches!(self, Db::Postgres(_))
     }
 
     /// Waits for every statement sent without waiting, and checks their answers.
@@ -241,7 +275,20 @@ impl Db<'_> {
     }
 
     pub(crate) fn commit(&mut self) -> Result<(), StoreError> {
-        self.batch("COMMIT")
+        self.commit_or_tell().map_err(|failure| match failure {
+            CommitFailure::RolledBack(error) | CommitFailure::Unknown(error) => error,
+        })
+    }
+
+    /// COMMIT, telling a refusal (nothing stored) from a COMMIT whose answer was lost.
+    pub(crate) fn commit_or_tell(&mut self) -> Result<(), CommitFailure> {
+        match self {
+            // SQLite answers in this process: its COMMIT's answer is never lost.
+            Db::Sqlite(conn) => conn
+                .execute_batch("COMMIT")
+                .map_err(|error| CommitFailure::RolledBack(error.into())),
+            Db::Postgres(pg) => pg.commit(),
+        }
     }
 
     /// Rolls back the open transaction, if any; for the error paths, so it never fails them.

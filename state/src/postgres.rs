@@ -241,7 +241,7 @@ impl PgLocation {
             client,
             statements: HashMap::new(),
             pending: Vec::new(),
-            begin_pending: false,
+            tx: Tx::Idle,
             serial_now: None,
         })
     }
@@ -351,53 +351,121 @@ fn io() -> &'static tokio::runtime::Runtime {
 /// One session with the server, and the statements it has prepared.
 ///
 /// Statements whose answers only need checking before the transaction goes on
-/// ([`crate::db::Db::execute_then`], [`crate::db::Db::query_then`]) are not sent one round trip
-/// each: they wait in `pending`, and the next statement that must wait for the server (any
-/// other statement, COMMIT, [`PgConn::settle`]) first sends them all at once, in order, and
-/// checks their answers in order. A checkpoint's fencing check, its updates and its journal
-/// rows thus cost one round trip, not one each. Nothing pending is ever committed unchecked:
-/// COMMIT goes only after every check passed, and a ROLLBACK drops what is pending.
+/// ([`crate::db::Db::execute_then`], [`crate::db::Db::query_then`],
+/// [`crate::db::Db::execute_enforced`]) are not sent one round trip each: they wait in
+/// `pending`, and the next statement that must wait for the server (any other statement,
+/// [`PgConn::settle`], COMMIT) first sends them all at once, in order, and checks their answers
+/// in order. BEGIN goes with them too.
+///
+/// COMMIT itself goes in that same round trip when every pending check is the server's own (a
+/// statement that raises, a key, a constraint): the first failure aborts the transaction, the
+/// server answers the COMMIT behind it by rolling back, and the answers, read in order, say
+/// which statement failed. A check made here on the rows (`query_then`) instead makes COMMIT
+/// wait for its answer. Nothing is ever committed unchecked, and a ROLLBACK drops what is
+/// pending.
 pub(crate) struct PgConn {
     client: tokio_postgres::Client,
     statements: HashMap<String, tokio_postgres::Statement>,
     pending: Vec<Deferred>,
-    /// A write transaction was begun, and its BEGIN goes with the next round trip.
-    begin_pending: bool,
+    /// Where the session's transaction is.
+    tx: Tx,
     /// The server's clock when the open write transaction got the writer lock: the store's
     /// "now" for everything in that transaction (fences, leases, claims), fetched in the same
     /// round trip as BEGIN instead of one more per use.
     serial_now: Option<DateTime<Utc>>,
 }
 
-/// BEGIN, the writer lock, and the server's clock at the moment it was granted: the store's
-/// "now" for everything in the transaction.
-fn begin_sql() -> String {
-    format!(
-        "BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK}); \
-         SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-    )
+/// Where a session's transaction is, so a ROLLBACK is sent only to an open one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tx {
+    Idle,
+    /// Begun with [`PgConn::begin_serial`]; its BEGIN leaves with the next round trip.
+    Unsent,
+    Open,
 }
 
-/// The clock [`begin_sql`] answers with.
-fn clock_of(answers: &[tokio_postgres::SimpleQueryMessage]) -> Result<DateTime<Utc>, StoreError> {
-    let now = answers.iter().rev().find_map(|answer| match answer {
-        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-        _ => None,
-    });
-    let now = now.ok_or_else(|| crate::error::corrupt("clock_timestamp()", "no row"))?;
-    crate::store::timestamp(now, "clock_timestamp()")
+/// BEGIN, and the writer lock with the server's clock at the moment it was granted (the
+/// store's "now" for everything in the transaction): prepared once per session, sent with the
+/// transaction's first statements.
+const BEGIN: &str = "BEGIN";
+fn writer_lock_sql() -> String {
+    format!(
+        "SELECT pg_advisory_xact_lock({WRITER_LOCK}), \
+         to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+    )
+}
+const COMMIT: &str = "COMMIT";
+
+/// The clock the writer lock's statement answers with (its second column).
+fn clock_of(rows: &[tokio_postgres::Row]) -> Result<DateTime<Utc>, StoreError> {
+    let row = rows
+        .first()
+        .ok_or_else(|| crate::error::corrupt("clock_timestamp()", "no row"))?;
+    crate::store::timestamp(row.try_get::<_, String>(1)?, "clock_timestamp()")
+}
+
+/// Starts every request in `queries` now, in this order, then waits for all their answers.
+///
+/// A query sends its request when it is first polled, and the server answers in the order it
+/// was asked. Each is polled once here, in order, before any is waited for: a combinator
+/// (`join_all`) would not promise that, and a COMMIT must never leave before the statements
+/// it commits.
+fn in_order<F: std::future::Future + Unpin>(mut queries: Vec<F>) -> Vec<F::Output> {
+    let waker = futures::task::noop_waker();
+    let mut started = std::task::Context::from_waker(&waker);
+    let mut answers: Vec<Option<F::Output>> = queries
+        .iter_mut()
+        .map(
+            |query| match std::future::Future::poll(std::pin::Pin::new(query), &mut started) {
+                std::task::Poll::Ready(answer) => Some(answer),
+                std::task::Poll::Pending => None,
+            },
+        )
+        .collect();
+    for (query, answer) in queries.into_iter().zip(&mut answers) {
+        if answer.is_none() {
+            *answer = Some(futures::executor::block_on(query));
+        }
+    }
+    answers.into_iter().map(Option::unwrap).collect()
 }
 
 /// A statement waiting for the next round trip (see [`PgConn`]).
 struct Deferred {
     statement: tokio_postgres::Statement,
     params: Vec<Encoded>,
-    then: Option<Then>,
+    check: Check,
+}
+
+/// What is checked of a deferred statement's answer.
+pub(crate) enum Check {
+    /// Only that the server ran it.
+    Ran,
+    /// Its rows, checked here: COMMIT waits for them.
+    Rows(Then),
+    /// The statement raises when its check fails; this turns the server's error into the
+    /// store's (or leaves it, for an error of another kind).
+    Raised(Raised),
+    /// The writer lock's answer: the clock kept as the transaction's now.
+    Clock,
 }
 
 /// Checks a deferred statement's rows, at the store's clock of the transaction.
 pub(crate) type Then =
     Box<dyn FnOnce(&[tokio_postgres::Row], DateTime<Utc>) -> Result<(), StoreError> + Send>;
+
+/// Turns the error a statement raised for its failed check into the store's.
+pub(crate) type Raised =
+    Box<dyn FnOnce(&tokio_postgres::error::DbError) -> Option<StoreError> + Send>;
+
+/// How a COMMIT that did not succeed ended (see [`PgConn::commit`]).
+pub(crate) enum CommitFailure {
+    /// Refused before or by the server: nothing of the transaction is stored. The session
+    /// may still be inside the transaction; roll it back.
+    RolledBack(StoreError),
+    /// The session broke with the COMMIT in flight: whether it landed is unknown.
+    Unknown(StoreError),
+}
 
 /// A parameter already in the server's binary format, so a deferred statement owns its
 /// values instead of borrowing the caller's.
@@ -479,26 +547,39 @@ impl PgConn {
         if sql.starts_with("ROLLBACK") {
             // What is pending was part of what is rolled back: never sent, never checked.
             self.pending.clear();
-            if std::mem::take(&mut self.begin_pending) {
-                // Nor was the transaction's BEGIN: there is nothing to roll back.
-                return Ok(());
+            if sql == "ROLLBACK" {
+                let open = self.tx == Tx::Open;
+                self.end();
+                // A transaction whose BEGIN never left, or that the server already rolled
+                // back at its COMMIT, has nothing to roll back.
+                if !open {
+                    return Ok(());
+                }
             }
         } else {
             self.settle()?;
         }
-        if sql == "COMMIT" || sql == "ROLLBACK" {
-            self.serial_now = None;
+        match sql {
+            "BEGIN" => self.tx = Tx::Open,
+            "COMMIT" => self.end(),
+            _ => {}
         }
         wait(self.client.batch_execute(sql))
     }
 
-    /// Queues a statement to be sent with the next round trip; `then` checks its rows (and
-    /// may fail the transaction) when they come.
+    /// The transaction is over: committed, rolled back, or gone with the session.
+    fn end(&mut self) {
+        self.tx = Tx::Idle;
+        self.serial_now = None;
+    }
+
+    /// Queues a statement to be sent with the next round trip; `check` says what is checked
+    /// of its answer when it comes (and may fail the transaction).
     pub(crate) fn defer(
         &mut self,
         sql: &str,
         args: &[&dyn Arg],
-        then: Option<Then>,
+        check: Check,
     ) -> Result<(), StoreError> {
         let statement = self.statement(sql)?;
         if statement.params().len() != args.len() {
@@ -520,7 +601,7 @@ impl PgConn {
         self.pending.push(Deferred {
             statement,
             params,
-            then,
+            check,
         });
         Ok(())
     }
@@ -529,45 +610,101 @@ impl PgConn {
     /// first failure (the server's, or a check's) is returned, and the transaction must then
     /// be rolled back (to its savepoint, or whole).
     pub(crate) fn settle(&mut self) -> Result<(), StoreError> {
-        if self.pending.is_empty() && !self.begin_pending {
+        if self.pending.is_empty() {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
+        let answers = self.send(&pending, None);
+        if self.tx == Tx::Unsent {
+            self.tx = Tx::Open;
+        }
+        self.check(pending, answers)
+    }
+
+    /// COMMIT, sent in the same round trip as whatever is pending (see [`PgConn`]); only if a
+    /// pending check is made here on the rows does it wait for their answers first.
+    pub(crate) fn commit(&mut self) -> Result<(), CommitFailure> {
+        if self
+            .pending
+            .iter()
+            .any(|deferred| matches!(deferred.check, Check::Rows(_)))
+        {
+            self.settle().map_err(CommitFailure::RolledBack)?;
+        }
+        let commit = self.statement(COMMIT).map_err(CommitFailure::RolledBack)?;
+        let mut pending = std::mem::take(&mut self.pending);
+        for deferred in &mut pending {
+            // Nothing asked for the transaction's clock before COMMIT: only its lock matters.
+            if matches!(deferred.check, Check::Clock) {
+                deferred.check = Check::Ran;
+            }
+        }
+        let mut answers = self.send(&pending, Some(&commit));
+        let committed = answers.pop().expect("COMMIT's answer");
+        // Whatever the answers say, the transaction is over: committed, rolled back by the
+        // server at a failed statement (it answers the COMMIT behind it by rolling back), or
+        // gone with the session.
+        self.end();
+        let outcome = self
+            .check(pending, answers)
+            .and_then(|()| committed.map(drop).map_err(StoreError::from));
+        match outcome {
+            Ok(()) => Ok(()),
+            // COMMIT was in flight: it may have landed before the session broke.
+            Err(error) if error.is_connection_lost() => Err(CommitFailure::Unknown(error)),
+            Err(error) => Err(CommitFailure::RolledBack(error)),
+        }
+    }
+
+    /// Sends `pending` (then `commit`, if given) in one round trip; their answers, in order.
+    fn send(
+        &self,
+        pending: &[Deferred],
+        commit: Option<&tokio_postgres::Statement>,
+    ) -> Vec<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> {
         let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = pending
             .iter()
             .map(|deferred| deferred.params.iter().map(|p| p as _).collect())
             .collect();
-        let client = &self.client;
-        let begin = std::mem::take(&mut self.begin_pending);
-        let begun = async {
-            match begin {
-                true => Some(client.simple_query(&begin_sql()).await),
-                false => None,
-            }
-        };
-        // `join` and `join_all` poll in order, and a query sends its request when first
-        // polled: BEGIN and the statements leave in order, together, and their answers come
-        // back in that order.
-        let (begun, answers) = futures::executor::block_on(futures::future::join(
-            begun,
-            futures::future::join_all(
-                pending
-                    .iter()
-                    .zip(&params)
-                    .map(|(deferred, params)| client.query(&deferred.statement, params)),
-            ),
-        ));
-        if let Some(answers) = begun {
-            self.serial_now = Some(clock_of(&answers?)?);
-        }
-        let now = self.serial_now;
+        let queries = pending
+            .iter()
+            .zip(&params)
+            .map(|(deferred, params)| (&deferred.statement, params.as_slice()))
+            .chain(commit.map(|commit| (commit, &[][..])))
+            .map(|(statement, params)| Box::pin(self.client.query(statement, params)))
+            .collect();
+        in_order(queries)
+    }
+
+    /// Checks the answers to `pending`, in order; the first failure is returned.
+    fn check(
+        &mut self,
+        pending: Vec<Deferred>,
+        answers: Vec<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+    ) -> Result<(), StoreError> {
         for (deferred, answer) in pending.into_iter().zip(answers) {
-            let rows = answer?;
-            if let Some(then) = deferred.then {
-                let now = now.ok_or_else(|| {
-                    crate::error::corrupt("(a checked statement)", "outside a write transaction")
-                })?;
-                then(&rows, now)?;
+            let rows = match (answer, deferred.check) {
+                (Ok(rows), check) => (rows, check),
+                (Err(error), Check::Raised(raised)) => {
+                    return Err(error
+                        .as_db_error()
+                        .and_then(raised)
+                        .unwrap_or_else(|| error.into()));
+                }
+                (Err(error), _) => return Err(error.into()),
+            };
+            match rows {
+                (_, Check::Ran | Check::Raised(_)) => {}
+                (rows, Check::Clock) => self.serial_now = Some(clock_of(&rows)?),
+                (rows, Check::Rows(then)) => {
+                    let now = self.serial_now.ok_or_else(|| {
+                        crate::error::corrupt(
+                            "(a checked statement)",
+                            "outside a write transaction",
+                        )
+                    })?;
+                    then(&rows, now)?;
+                }
             }
         }
         Ok(())
@@ -577,12 +714,14 @@ impl PgConn {
     /// statements, in their round trip (see [`PgConn`]).
     pub(crate) fn begin_serial(&mut self) -> Result<(), StoreError> {
         self.settle()?;
-        self.begin_pending = true;
+        self.defer(BEGIN, &[], Check::Ran)?;
+        self.defer(&writer_lock_sql(), &[], Check::Clock)?;
+        self.tx = Tx::Unsent;
         Ok(())
     }
 
     pub(crate) fn now(&mut self) -> Result<DateTime<Utc>, StoreError> {
-        if self.begin_pending {
+        if self.tx == Tx::Unsent {
             self.settle()?;
         }
         if let Some(now) = self.serial_now {

@@ -322,6 +322,30 @@ pub(crate) const POSTGRES_MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE schedules ADD COLUMN queue TEXT;
     "#,
+    // 5: the fencing check, made by the server. A failed check raises, which aborts the
+    // checkpoint's transaction, so its COMMIT can leave with its statements: the server
+    // answers that COMMIT by rolling back. SQLSTATE KF001 is the store's refusal; the message
+    // says which check failed, the detail what was found (see `write::check_fence`).
+    r#"
+    CREATE FUNCTION kmsflow_fence(lock_key TEXT, holder TEXT, holder_token BIGINT, timed BOOLEAN)
+    RETURNS VOID LANGUAGE plpgsql AS $$
+    DECLARE
+        held RECORD;
+    BEGIN
+        SELECT run_id, token, lease_expires_at INTO held FROM locks WHERE key = lock_key;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'not held' USING ERRCODE = 'KF001';
+        END IF;
+        IF held.run_id <> holder OR held.token <> holder_token THEN
+            RAISE EXCEPTION 'held by'
+                USING ERRCODE = 'KF001', DETAIL = held.token || ' ' || held.run_id;
+        END IF;
+        IF timed AND held.lease_expires_at::timestamptz <= clock_timestamp() THEN
+            RAISE EXCEPTION 'expired' USING ERRCODE = 'KF001', DETAIL = held.lease_expires_at;
+        END IF;
+    END
+    $$;
+    "#,
 ];
 
 /// The schema version this build writes.

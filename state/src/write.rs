@@ -279,8 +279,46 @@ fn check_fence(
     timed: bool,
 ) -> Result<(), StoreError> {
     let (lock, run) = (key.to_owned(), run_id.to_owned());
-    // Checked with the checkpoint's other statements (one round trip on PostgreSQL), and
-    // before its COMMIT is sent: a fenced checkpoint is never committed.
+    let lost = move |why: String, taken_by: Option<String>| StoreError::LeaseLost {
+        key: lock,
+        run_id: run,
+        why,
+        taken_by,
+    };
+    let taken = |holder: &str, held_token: i64| {
+        format!("run `{holder}` holds it now, with fencing token {held_token}")
+    };
+    let expired = |expires: DateTime<Utc>| format!("its lease ran out at {expires}");
+    if tx.is_postgres() {
+        // Made by the server (`kmsflow_fence`, PostgreSQL migration 5), so the checkpoint's
+        // COMMIT leaves with it in one round trip: a failed check aborts the transaction and
+        // that COMMIT rolls back. A fenced checkpoint is never committed.
+        let run = run_id.to_owned();
+        return tx.execute_enforced(
+            "SELECT kmsflow_fence(?1, ?2, ?3, ?4)",
+            args![key, run_id, token, timed],
+            move |which, detail| {
+                let detail = detail.unwrap_or_default();
+                match which {
+                    "held by" => {
+                        let (held_token, holder) = detail.split_once(' ').unwrap_or(("?", ""));
+                        let held_token = held_token.parse().unwrap_or(-1);
+                        let taken_by = (holder != run).then(|| holder.to_owned());
+                        lost(taken(holder, held_token), taken_by)
+                    }
+                    "expired" => {
+                        match crate::store::timestamp(detail.to_owned(), "locks.lease_expires_at") {
+                            Ok(expires) => lost(expired(expires), None),
+                            Err(error) => error,
+                        }
+                    }
+                    _ => lost("the lock is not held".into(), None),
+                }
+            },
+        );
+    }
+    // Checked with the checkpoint's other statements, before its COMMIT.
+    let run = run_id.to_owned();
     tx.query_then(
         "SELECT run_id, token, lease_expires_at FROM locks WHERE key = ?1",
         args![key],
@@ -291,29 +329,18 @@ fn check_fence(
                 row.get::<String>(2)?,
             ))
         },
-        move |holders, now| {
-            let lost = |why: String, taken_by: Option<String>| StoreError::LeaseLost {
-                key: lock.clone(),
-                run_id: run.clone(),
-                why,
-                taken_by,
-            };
-            match holders.into_iter().next() {
-                None => Err(lost("the lock is not held".into(), None)),
-                Some((holder, held_token, _)) if holder != run || held_token != token => {
-                    let taken_by = (holder != run).then(|| holder.clone());
-                    Err(lost(
-                        format!("run `{holder}` holds it now, with fencing token {held_token}"),
-                        taken_by,
-                    ))
-                }
-                Some((_, _, expires)) => {
-                    let expires = crate::store::timestamp(expires, "locks.lease_expires_at")?;
-                    if timed && expires <= now {
-                        Err(lost(format!("its lease ran out at {expires}"), None))
-                    } else {
-                        Ok(())
-                    }
+        move |holders, now| match holders.into_iter().next() {
+            None => Err(lost("the lock is not held".into(), None)),
+            Some((holder, held_token, _)) if holder != run || held_token != token => {
+                let taken_by = (holder != run).then(|| holder.clone());
+                Err(lost(taken(&holder, held_token), taken_by))
+            }
+            Some((_, _, expires)) => {
+                let expires = crate::store::timestamp(expires, "locks.lease_expires_at")?;
+                if timed && expires <= now {
+                    Err(lost(expired(expires), None))
+                } else {
+                    Ok(())
                 }
             }
         },

@@ -14,6 +14,7 @@
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use crate::db::{CommitFailure, Db};
 use crate::{Store, StoreError, Write};
 
 /// Called once the checkpoint is committed (or has failed).
@@ -171,56 +172,68 @@ fn commit_batch(store: &mut Store, batch: &[Checkpoint]) -> Vec<Result<(), Store
     }
 }
 
-fn try_batch(store: &mut Store, batch: &[Checkpoint]) -> Attempt {
-    let shared_failure = |error: &StoreError| -> Vec<Result<(), StoreError>> {
-        batch
-            .iter()
-            .map(|_| Err(StoreError::CommitFailed(error.to_string())))
-            .collect()
-    };
-    let mut tx = store.db();
-    // One writer at a time: a busy SQLite file is waited for (busy_timeout) instead of failing
-    // a deferred transaction's upgrade with SQLITE_BUSY. A file held longer than that (a
-    // backup, another tool's long transaction) is waited for again, up to a bound: a run whose
-    // checkpoint fails stops, and a moment's contention should not stop it.
+/// Opens the batch's write transaction. One writer at a time: a busy SQLite file is waited
+/// for (busy_timeout) instead of failing a deferred transaction's upgrade with SQLITE_BUSY. A
+/// file held longer than that (a backup, another tool's long transaction) is waited for
+/// again, up to a bound: a run whose checkpoint fails stops, and a moment's contention should
+/// not stop it.
+fn begin(tx: &mut Db<'_>, batch: &[Checkpoint]) -> Result<(), Attempt> {
     let mut waited = 0;
     loop {
         match tx.begin() {
-            Ok(()) => break,
+            Ok(()) => return Ok(()),
             Err(error) if is_busy(&error) && waited < BUSY_RETRIES => {
                 waited += 1;
                 tracing::warn!(%error, attempt = waited, "the state file is busy; waiting again");
             }
-            Err(error) if error.is_connection_lost() => return Attempt::SessionLost(error),
-            Err(error) => return Attempt::Done(shared_failure(&error)),
+            Err(error) if error.is_connection_lost() => return Err(Attempt::SessionLost(error)),
+            Err(error) => return Err(Attempt::Done(all_failed(batch, error))),
+        }
+    }
+}
+
+fn try_batch(store: &mut Store, batch: &[Checkpoint]) -> Attempt {
+    let mut tx = store.db();
+    if let Err(attempt) = begin(&mut tx, batch) {
+        return attempt;
+    }
+    if batch.len() == 1 || tx.is_postgres() {
+        // Every checkpoint in one transaction, without savepoints: on PostgreSQL their
+        // statements and the COMMIT then leave in one round trip, unless a write must read
+        // first (see `PgConn`). Any failure rolls the whole transaction back. Alone, the
+        // failure is the checkpoint's own; in a batch, the batch goes again below with a
+        // savepoint each, to keep the failure to its checkpoint and commit the others.
+        let outcome = match batch
+            .iter()
+            .flat_map(|job| &job.writes)
+            .try_for_each(|write| crate::write::apply(&mut tx, write))
+        {
+            Ok(()) => tx.commit_or_tell(),
+            Err(error) => Err(CommitFailure::RolledBack(error)),
+        };
+        match outcome {
+            Ok(()) => return Attempt::Done(batch.iter().map(|_| Ok(())).collect()),
+            // Never tried again: that could record a transition twice.
+            Err(CommitFailure::Unknown(error)) => {
+                return Attempt::Done(all_failed(batch, commit_unknown(error)));
+            }
+            // Before COMMIT was sent: nothing is stored, and all may go again.
+            Err(CommitFailure::RolledBack(error)) if error.is_connection_lost() => {
+                return Attempt::SessionLost(error);
+            }
+            Err(CommitFailure::RolledBack(error)) => {
+                tx.rollback();
+                if batch.len() == 1 {
+                    return Attempt::Done(vec![Err(error)]);
+                }
+                tracing::debug!(%error, "a checkpoint of the batch failed; again, one savepoint each");
+                if let Err(attempt) = begin(&mut tx, batch) {
+                    return attempt;
+                }
+            }
         }
     }
     let mut results = Vec::with_capacity(batch.len());
-    if let [job] = batch {
-        // Alone in its transaction: no savepoint needed to keep a failure to itself.
-        // Settled before COMMIT: every check of the checkpoint has passed before it is sent.
-        let result = job
-            .writes
-            .iter()
-            .try_for_each(|write| crate::write::apply(&mut tx, write))
-            .and_then(|()| tx.settle());
-        // A failed write rolls the transaction back: nothing of the checkpoint is committed.
-        // Only a checkpoint whose writes all applied is committed.
-        return match result {
-            Err(error) if error.is_connection_lost() => Attempt::SessionLost(error),
-            Err(error) => {
-                tx.rollback();
-                Attempt::Done(vec![Err(error)])
-            }
-            Ok(()) => Attempt::Done(match tx.commit() {
-                Ok(()) => vec![Ok(())],
-                Err(error) => {
-                    tx.rollback();
-                    vec![Err(commit_unknown(error))]
-                }
-            }),
-        };
-    }
     // Each checkpoint in its own savepoint, and settled before the next begins, so a failure
     // is the checkpoint's own. The release of one, the next one's savepoint and its
     // statements go in one round trip on PostgreSQL, and COMMIT releases the last.
@@ -256,15 +269,21 @@ fn try_batch(store: &mut Store, batch: &[Checkpoint]) -> Attempt {
         Ok(()) => Attempt::Done(results),
         Err(error) => {
             tx.rollback();
-            let error = commit_unknown(error);
-            Attempt::Done(
-                batch
-                    .iter()
-                    .map(|_| Err(StoreError::CommitFailed(error.to_string())))
-                    .collect(),
-            )
+            Attempt::Done(all_failed(batch, commit_unknown(error)))
         }
     }
+}
+
+/// The same failure for every checkpoint of the batch: none of them is stored.
+fn all_failed(batch: &[Checkpoint], error: StoreError) -> Vec<Result<(), StoreError>> {
+    let text = match error {
+        StoreError::CommitFailed(text) => text,
+        other => other.to_string(),
+    };
+    batch
+        .iter()
+        .map(|_| Err(StoreError::CommitFailed(text.clone())))
+        .collect()
 }
 
 /// A COMMIT that failed: on a broken session nobody can tell whether it landed, so it is never

@@ -58,6 +58,8 @@ on_both_backends!(
     a_lock_is_held_against_others_and_every_takeover_raises_the_token,
     a_fence_refuses_a_former_holder_and_the_checkpoint_it_leads,
     a_fenced_checkpoint_in_a_batch_is_never_committed_and_its_neighbours_are,
+    a_fence_says_why_in_the_same_words_on_both_backends,
+    a_fenced_checkpoint_at_the_end_of_a_long_batch_is_never_committed,
     approvals_are_decided_once,
     an_occurrence_is_claimed_by_exactly_one_of_many_stores,
     schedules_round_trip_and_pause,
@@ -417,6 +419,142 @@ fn a_fenced_checkpoint_in_a_batch_is_never_committed_and_its_neighbours_are(fres
     );
     assert_eq!(status("run-1"), StepStatus::Running);
     assert_eq!(status("run-2"), StepStatus::Running);
+}
+
+/// The fence is the server's own check on PostgreSQL (a function that raises) and a read
+/// checked here on SQLite: what a stopped run tells its operator must not depend on which.
+fn a_fence_says_why_in_the_same_words_on_both_backends(fresh: Fresh) {
+    let mut store = fresh.open();
+    store
+        .commit(&[new_run("run-1", &[], None), new_run("run-2", &[], None)])
+        .unwrap();
+    let fence = |run: &str, token: i64| {
+        vec![Write::CheckFence {
+            key: "k".into(),
+            run_id: run.into(),
+            token,
+        }]
+    };
+    let refusal = |result: Result<(), StoreError>| match result {
+        Err(StoreError::LeaseLost {
+            key,
+            run_id,
+            why,
+            taken_by,
+        }) => {
+            assert_eq!(key, "k");
+            (run_id, why, taken_by)
+        }
+        other => panic!("a fence refusal, not {other:?}"),
+    };
+    let old = granted(&mut store, "k", "run-1", 1, -1);
+    let (run, why, taken_by) = refusal(store.commit(&fence("run-1", old.token)));
+    assert_eq!((run.as_str(), taken_by), ("run-1", None));
+    assert!(
+        why.starts_with("its lease ran out at 20") && why.ends_with(" UTC"),
+        "{why}"
+    );
+    let new = granted(&mut store, "k", "run-2", 2, 60);
+    let (_, why, taken_by) = refusal(store.commit(&fence("run-1", old.token)));
+    assert_eq!(
+        why,
+        format!("run `run-2` holds it now, with fencing token {}", new.token)
+    );
+    assert_eq!(taken_by.as_deref(), Some("run-2"));
+    // Its own run with a stale token: nobody else took it.
+    let (_, why, taken_by) = refusal(store.commit(&fence("run-2", new.token - 1)));
+    assert_eq!(
+        why,
+        format!("run `run-2` holds it now, with fencing token {}", new.token)
+    );
+    assert_eq!(taken_by, None);
+    store
+        .commit(&[Write::ReleaseLock {
+            key: "k".into(),
+            run_id: "run-2".into(),
+        }])
+        .unwrap();
+    let (_, why, _) = refusal(store.commit(&fence("run-2", new.token)));
+    assert_eq!(why, "the lock is not held");
+}
+
+/// On PostgreSQL a batch's statements and its COMMIT leave together, hundreds of them: the
+/// COMMIT must still be the last the server runs, or the statements behind it would each
+/// commit alone. A fenced checkpoint last in a long batch must leave nothing behind, and every
+/// checkpoint before it must be stored.
+fn a_fenced_checkpoint_at_the_end_of_a_long_batch_is_never_committed(fresh: Fresh) {
+    const RUNS: usize = 150;
+    let mut store = fresh.open();
+    let runs: Vec<String> = (0..RUNS).map(|i| format!("run-{i}")).collect();
+    let mut creations: Vec<Write> = runs.iter().map(|id| new_run(id, &["a"], None)).collect();
+    creations.push(new_run("run-old", &["a"], None));
+    store.commit(&creations).unwrap();
+    let old = granted(&mut store, "k", "run-old", 1, -1);
+    let new = granted(&mut store, "k", "run-0", 2, 60);
+    let checkpoint = |run: &str, token: i64| {
+        vec![
+            Write::CheckFence {
+                key: "k".into(),
+                run_id: run.into(),
+                token,
+            },
+            Write::StepApplying {
+                run_id: run.into(),
+                step_id: "a".into(),
+                attempt: 1,
+                before_image: json!({}),
+                planned_outcome: kmsflow_state::Outcome::Updated,
+                at: Utc::now(),
+            },
+        ]
+    };
+    let (writer, thread) = Writer::spawn(store);
+    let (release, hold) = mpsc::channel::<()>();
+    writer.run(Box::new(move |_| {
+        let _ = hold.recv();
+    }));
+    let mut results = Vec::new();
+    // Each checkpoint carries run-0's fence, which passes, and moves its own run's step.
+    for run in &runs {
+        let mut writes = checkpoint("run-0", new.token);
+        if let Write::StepApplying { run_id, .. } = &mut writes[1] {
+            *run_id = run.clone();
+        }
+        let (done, result) = mpsc::channel();
+        writer.submit(writes, Box::new(move |r| done.send(r).unwrap()));
+        results.push(result);
+    }
+    let (done, fenced) = mpsc::channel();
+    writer.submit(
+        checkpoint("run-old", old.token),
+        Box::new(move |r| done.send(r).unwrap()),
+    );
+    release.send(()).unwrap();
+    for result in results {
+        result.recv().unwrap().unwrap();
+    }
+    assert!(matches!(
+        fenced.recv().unwrap(),
+        Err(StoreError::LeaseLost { .. })
+    ));
+    drop(writer);
+    thread.join();
+    let store = fresh.open();
+    for run in &runs {
+        assert_eq!(store.steps(run).unwrap()[0].status, StepStatus::Running);
+    }
+    assert_eq!(
+        store.steps("run-old").unwrap()[0].status,
+        StepStatus::Pending,
+        "nothing of the fenced checkpoint, however late in the batch"
+    );
+    assert!(
+        !store
+            .events("run-old")
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "step_applying")
+    );
 }
 
 fn approvals_are_decided_once(fresh: Fresh) {
