@@ -394,6 +394,106 @@ fn a_runner_paused_past_its_lease_is_fenced_out_after_another_took_over() {
     );
 }
 
+/// A real partition: the runner reaches the database over a veth link into a network
+/// namespace of the test's own, and the test cuts that link mid-run while the runner can still
+/// reach Azure (the sandbox). Another runner takes over once the lease has run out, by the
+/// database's clock, and finishes. When the link comes back, the cut-off runner must stop
+/// without a single write more, and the world must show no change applied twice.
+///
+/// Needs root and `ip` (network namespaces); elsewhere it says so and checks nothing.
+#[test]
+fn a_runner_cut_off_from_the_database_is_fenced_out_after_another_took_over() {
+    let network = match support::netns::Namespace::make() {
+        Ok(network) => network,
+        Err(why) => {
+            eprintln!("SKIPPED: this machine cannot make a network namespace: {why}");
+            return;
+        }
+    };
+    let lease = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = sandbox(dir.path(), 150);
+    let server = kmsflow_pgtest::private_server_also_on(network.here.into());
+    server.authenticate_first(&format!("host all kmsflow {}/32 trust", network.there));
+    let database = server.database();
+    served.state = Some(database.clone());
+    // Off loopback, so TLS is the default: this test's server has none.
+    let across = format!(
+        "{}?sslmode=disable",
+        database.replace("127.0.0.1", &network.here.to_string())
+    );
+    let sandbox_port = served.base_url.rsplit(':').next().unwrap().parse().unwrap();
+    network.forward_loopback(sandbox_port);
+    let mut laptop = kmsflow(&served, dir.path(), "laptop", &run_args());
+    laptop
+        .env("KMSFLOW_STATE", &across)
+        .env("KMSFLOW_LOCK_LEASE", lease.to_string());
+    let mut cut_off = network
+        .inside(&laptop)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until_writes(&served, &mut cut_off, 2);
+    network.cut();
+    let cut_at = served.writes();
+    // Cut off past the lease, by the database's clock.
+    std::thread::sleep(Duration::from_secs(lease + 2));
+    let mut other = kmsflow(&served, dir.path(), "ci-runner", &run_args());
+    other
+        .env("KMSFLOW_LOCK_LEASE", lease.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let runner = within(other.spawn().unwrap(), Duration::from_secs(90));
+    assert!(
+        runner.status.success(),
+        "the other runner takes over: {}",
+        stderr(&runner)
+    );
+    let after_takeover = served.writes();
+    network.heal();
+    let woke = within(cut_off, Duration::from_secs(150));
+    let text = stderr(&woke);
+    assert!(
+        !woke.status.success(),
+        "the cut-off runner must stop: {text}"
+    );
+    assert!(
+        text.contains("no longer holds lock") || text.contains("kmsflow resume"),
+        "it says why, and what to do: {text}"
+    );
+    eprintln!(
+        "cut after {cut_at} writes; the other runner's takeover ended at {after_takeover}; \
+         the cut-off runner said: {}",
+        text.lines().last().unwrap_or_default()
+    );
+    assert_eq!(
+        served.writes(),
+        after_takeover,
+        "the cut-off runner wrote nothing after the takeover"
+    );
+    assert_eq!(cluster_mode(&served), true);
+    assert_eq!(
+        writes(&served),
+        undisturbed_writes(),
+        "no change applied twice"
+    );
+}
+
+/// Waits for `child` to end, at most `bound`: a test must not hang on a run that does not.
+fn within(mut child: Child, bound: Duration) -> Output {
+    let deadline = Instant::now() + bound;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("still running after {bound:?}: {}", stderr(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn a_database_restart_in_the_middle_of_a_run_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -24,13 +24,20 @@ use std::time::{Duration, Instant};
 /// The server of this test process, started on first use and shared by its tests.
 pub fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    SERVER.get_or_init(|| Server::start().unwrap_or_else(|e| panic!("{e}")))
+    SERVER.get_or_init(|| Server::start(None).unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// A server of the caller's own, stopped when dropped: for a test that restarts or stops it,
 /// which would cut the sessions of every other test on the shared one.
 pub fn private_server() -> Server {
-    Server::start().unwrap_or_else(|e| panic!("{e}"))
+    Server::start(None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A server of the caller's own that listens on `address` too (with loopback), where clients
+/// on another network (a namespace's veth) reach it. Nobody is trusted from there until the
+/// caller says so ([`Server::authenticate_first`] with a `host ... trust` line).
+pub fn private_server_also_on(address: std::net::IpAddr) -> Server {
+    Server::start(Some(address)).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A running server.
@@ -52,7 +59,7 @@ enum Ask {
 const USER: &str = "kmsflow";
 
 impl Server {
-    fn start() -> Result<Server, String> {
+    fn start(also_on: Option<std::net::IpAddr>) -> Result<Server, String> {
         let bindir = bindir().ok_or(
             "no PostgreSQL server binaries (initdb, postgres): install Debian's `postgresql` \
              package (`.ci/run` does), or set KMSFLOW_PG_BINDIR",
@@ -102,6 +109,10 @@ impl Server {
         let (keeper, asks) = mpsc::channel();
         let (ready, started) = mpsc::channel();
         let launch = Launch {
+            listen: match also_on {
+                Some(address) => format!("127.0.0.1,{address}"),
+                None => "127.0.0.1".to_owned(),
+            },
             bindir: bindir.clone(),
             data,
             folder: folder.clone(),
@@ -274,6 +285,8 @@ impl Drop for Server {
 }
 
 struct Launch {
+    /// `listen_addresses`.
+    listen: String,
     bindir: PathBuf,
     data: PathBuf,
     folder: PathBuf,
@@ -287,7 +300,9 @@ impl Launch {
         postgres
             .arg("-D")
             .arg(&self.data)
-            .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+            .arg("-c")
+            .arg(format!("listen_addresses={}", self.listen))
+            .arg("-c")
             .arg(format!("port={}", self.port))
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.folder.display()))

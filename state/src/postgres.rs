@@ -53,6 +53,15 @@ impl std::fmt::Display for PgLocation {
 /// lost (`tcp_user_timeout`, unless the URL sets it).
 const SILENT_FOR: Duration = Duration::from_secs(20);
 
+/// Set on every session, whatever the server's defaults:
+/// - a commit is acknowledged only once it is on the server's disk;
+/// - a session that stops in the middle of a transaction (its runner partitioned away, paused,
+///   frozen) is ended by the server after 10 s, which rolls it back and frees the writer lock
+///   every other runner, worker and daemon waits for. kmsflow itself never waits inside a
+///   transaction: a checkpoint's statements leave together, and nothing else happens between.
+const SESSION_SETTINGS: &str =
+    "SET synchronous_commit = on; SET idle_in_transaction_session_timeout = '10s'";
+
 /// Whether `text` names a PostgreSQL store rather than a state file.
 pub fn is_postgres_url(text: &str) -> bool {
     text.starts_with("postgres://") || text.starts_with("postgresql://")
@@ -217,6 +226,7 @@ impl PgLocation {
                 }
             };
             drop(connection);
+            client.batch_execute(SESSION_SETTINGS).await?;
             Ok::<_, StoreError>(client)
         });
         let client = futures::executor::block_on(connecting)
@@ -833,6 +843,36 @@ fn numbered_placeholders(sql: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A runner cut off or frozen while its transaction holds the writer lock must not stop
+    /// every other runner, worker and daemon on the database: the server ends that session.
+    #[test]
+    fn a_session_stopped_inside_a_transaction_frees_the_writer_lock_for_the_others() {
+        let location = PgLocation::parse(&kmsflow_pgtest::server().database()).unwrap();
+        let mut frozen = location.connect().unwrap();
+        frozen.begin_serial().unwrap();
+        // BEGIN and the writer lock reach the server; then nothing more comes.
+        frozen.settle().unwrap();
+        let mut other = location.connect().unwrap();
+        // Bounded, so that without the session setting this fails instead of hanging.
+        other.batch("SET lock_timeout = '60s'").unwrap();
+        let asked = std::time::Instant::now();
+        other.begin_serial().unwrap();
+        other
+            .settle()
+            .expect("the writer lock, once the server ended the frozen session");
+        let waited = asked.elapsed();
+        other.batch("ROLLBACK").unwrap();
+        assert!(
+            waited >= Duration::from_secs(8) && waited < Duration::from_secs(30),
+            "waited {waited:?}: about idle_in_transaction_session_timeout"
+        );
+        let after = frozen.query("SELECT 1", &[]);
+        assert!(
+            after.is_err(),
+            "the frozen session was ended by the server: {after:?}"
+        );
+    }
 
     #[test]
     fn placeholders_are_renumbered_outside_literals() {
