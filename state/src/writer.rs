@@ -1,11 +1,12 @@
 //! The group-commit writer.
 //!
 //! One thread owns the write connection. Callers hand it checkpoints (lists of writes) with a
-//! completion callback; the thread takes every checkpoint that is already waiting, applies each
-//! inside its own savepoint, commits them all in one transaction, and only then calls each
-//! callback. A caller therefore never proceeds before its checkpoint is durable, and steps that
-//! finish together pay for one device flush instead of one each. A checkpoint that fails (a
-//! constraint, say) rolls back to its savepoint and fails alone.
+//! completion callback; the thread takes every checkpoint that is already waiting, commits
+//! them all in one transaction, and only then calls each callback. A caller therefore never
+//! proceeds before its checkpoint is durable, and steps that finish together pay for one device
+//! flush instead of one each. A checkpoint that fails (a constraint, a fence) fails alone: on
+//! SQLite each checkpoint has its own savepoint; on PostgreSQL the batch first goes whole, in
+//! one round trip, and only after a failure again with a savepoint each.
 //!
 //! Work that must read before it writes (taking a run lock, loading a run to resume it) runs on
 //! the same thread through [`Writer::run`], between two batches, so many runs can share one
