@@ -53,6 +53,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     a_run_its_steps_and_journal_read_back_as_written,
+    a_runs_steps_are_recorded_in_order_and_a_changed_runbook_renumbers_them,
     run_ids_resolve_by_prefix_and_ambiguity_is_named,
     a_failed_checkpoint_in_a_batch_fails_alone_and_stores_nothing_of_itself,
     a_lock_is_held_against_others_and_every_takeover_raises_the_token,
@@ -162,6 +163,68 @@ fn a_run_its_steps_and_journal_read_back_as_written(fresh: Fresh) {
     assert_eq!(store.runs_outside_rollouts(10).unwrap().len(), 1);
     // A second store on the same location sees it (another process, another machine).
     assert_eq!(fresh.open().run("run-1").unwrap(), run);
+}
+
+/// Step rows go in one statement on PostgreSQL (a JSON array the server unpacks): ids that
+/// need quoting, and many of them, come back exactly, in runbook order; a resume whose runbook
+/// changed keeps what a step recorded and gives it its new place.
+fn a_runs_steps_are_recorded_in_order_and_a_changed_runbook_renumbers_them(fresh: Fresh) {
+    let mut store = fresh.open();
+    let mut ids: Vec<String> = (0..1_200).map(|i| format!("s{i}")).collect();
+    ids[7] = "it's \"quoted\" \\ and ünïcode, {\"not\": \"json\"}".into();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let at = Utc::now();
+    store
+        .commit(&[
+            new_run("run-1", &id_refs, None),
+            Write::StepSucceeded {
+                run_id: "run-1".into(),
+                step_id: ids[7].clone(),
+                attempt: 1,
+                outcome: kmsflow_state::Outcome::Created,
+                outputs: json!({"id": "x"}),
+                at,
+            },
+        ])
+        .unwrap();
+    let steps = store.steps("run-1").unwrap();
+    let read: Vec<&str> = steps.iter().map(|s| s.step_id.as_str()).collect();
+    assert_eq!(read, id_refs, "every step, in runbook order");
+    assert!(steps.iter().all(|s| s.uses == "noop"));
+    assert_eq!(steps[7].status, StepStatus::Succeeded);
+
+    // The changed runbook puts a new step first and the quoted one last.
+    let mut changed: Vec<(String, String)> = vec![("new".into(), "file".into())];
+    changed.extend(
+        ids.iter()
+            .filter(|id| **id != ids[7])
+            .map(|id| (id.clone(), "noop".into())),
+    );
+    changed.push((ids[7].clone(), "noop".into()));
+    store
+        .commit(&[Write::RunResumed {
+            run_id: "run-1".into(),
+            at,
+            new_source: None,
+            steps: changed.clone(),
+            reset: Vec::new(),
+            operator: json!({}),
+        }])
+        .unwrap();
+    let steps = store.steps("run-1").unwrap();
+    let read: Vec<(&str, &str)> = steps
+        .iter()
+        .map(|s| (s.step_id.as_str(), s.uses.as_str()))
+        .collect();
+    let expected: Vec<(&str, &str)> = changed
+        .iter()
+        .map(|(id, uses)| (id.as_str(), uses.as_str()))
+        .collect();
+    assert_eq!(read, expected, "the new order, the new step pending");
+    let quoted = steps.last().unwrap();
+    assert_eq!(quoted.status, StepStatus::Succeeded, "its record is kept");
+    assert_eq!(quoted.outputs, Some(json!({"id": "x"})));
+    assert_eq!(steps[0].status, StepStatus::Pending);
 }
 
 fn run_ids_resolve_by_prefix_and_ambiguity_is_named(fresh: Fresh) {
