@@ -243,6 +243,15 @@ impl Db<'_> {
         }
     }
 
+    /// Until this transaction ends, rows of the same kind go to PostgreSQL as one statement
+    /// (see [`PgConn::gather_rows`]); SQLite writes each where it is asked. Only for a
+    /// transaction without savepoints.
+    pub(crate) fn gather_rows(&mut self) {
+        if let Db::Postgres(pg) = self {
+            pg.gather_rows();
+        }
+    }
+
     pub(crate) fn is_postgres(&self) -> bool {
         matches!(self, Db::Postgres(_))
     }

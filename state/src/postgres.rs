@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use serde_json::Value;
 use tokio_postgres::config::{Host, SslMode};
 
 use crate::StoreError;
@@ -253,6 +254,7 @@ impl PgLocation {
             pending: Vec::new(),
             tx: Tx::Idle,
             serial_now: None,
+            gathered: None,
         })
     }
 }
@@ -383,6 +385,9 @@ pub(crate) struct PgConn {
     /// "now" for everything in that transaction (fences, leases, claims), fetched in the same
     /// round trip as BEGIN instead of one more per use.
     serial_now: Option<DateTime<Utc>>,
+    /// Rows gathered for one statement each (see [`PgConn::gather`]), by statement, in the
+    /// order first used; `None` while each row goes as its own statement.
+    gathered: Option<Vec<(&'static str, Vec<Value>)>>,
 }
 
 /// Where a session's transaction is, so a ROLLBACK is sent only to an open one.
@@ -557,6 +562,9 @@ impl PgConn {
         if sql.starts_with("ROLLBACK") {
             // What is pending was part of what is rolled back: never sent, never checked.
             self.pending.clear();
+            if let Some(gathered) = &mut self.gathered {
+                gathered.clear();
+            }
             if sql == "ROLLBACK" {
                 let open = self.tx == Tx::Open;
                 self.end();
@@ -581,6 +589,43 @@ impl PgConn {
     fn end(&mut self) {
         self.tx = Tx::Idle;
         self.serial_now = None;
+        self.gathered = None;
+    }
+
+    /// From now until the transaction ends, rows given to [`PgConn::gather`] are kept and go
+    /// as one statement per kind, after everything deferred before the next round trip. Only
+    /// for a transaction without savepoints: a row kept across `SAVEPOINT` would be sent after
+    /// it, and a rollback to it would take the row with it.
+    pub(crate) fn gather_rows(&mut self) {
+        self.gathered.get_or_insert_with(Vec::new);
+    }
+
+    /// One row for `many_rows`, a statement that takes a JSON array of rows as its only
+    /// parameter (`?1`): kept with the others while gathering (see [`PgConn::gather_rows`]),
+    /// otherwise deferred now as an array of one. Nothing must read what these rows write
+    /// in the same round trip: they are sent after the statements deferred with them.
+    pub(crate) fn gather(&mut self, many_rows: &'static str, row: Value) -> Result<(), StoreError> {
+        let Some(gathered) = &mut self.gathered else {
+            let rows = Value::Array(vec![row]).to_string();
+            return self.defer(many_rows, crate::db::args![rows], Check::Ran);
+        };
+        match gathered.iter_mut().find(|(sql, _)| *sql == many_rows) {
+            Some((_, rows)) => rows.push(row),
+            None => gathered.push((many_rows, vec![row])),
+        }
+        Ok(())
+    }
+
+    /// Defers the gathered rows' statements, so they leave with the next round trip.
+    fn defer_gathered(&mut self) -> Result<(), StoreError> {
+        let Some(gathered) = &mut self.gathered else {
+            return Ok(());
+        };
+        for (sql, rows) in std::mem::take(gathered) {
+            let rows = Value::Array(rows).to_string();
+            self.defer(sql, crate::db::args![rows], Check::Ran)?;
+        }
+        Ok(())
     }
 
     /// Queues a statement to be sent with the next round trip; `check` says what is checked
@@ -620,6 +665,7 @@ impl PgConn {
     /// first failure (the server's, or a check's) is returned, and the transaction must then
     /// be rolled back (to its savepoint, or whole).
     pub(crate) fn settle(&mut self) -> Result<(), StoreError> {
+        self.defer_gathered()?;
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -634,6 +680,7 @@ impl PgConn {
     /// COMMIT, sent in the same round trip as whatever is pending (see [`PgConn`]); only if a
     /// pending check is made here on the rows does it wait for their answers first.
     pub(crate) fn commit(&mut self) -> Result<(), CommitFailure> {
+        self.defer_gathered().map_err(CommitFailure::RolledBack)?;
         if self
             .pending
             .iter()

@@ -246,7 +246,18 @@ pub(crate) fn event(
     kind: &str,
     detail: &Value,
 ) -> Result<(), StoreError> {
-    // Nothing to check: the journal row goes with the checkpoint's next round trip.
+    // Nothing to check: the journal row goes with the checkpoint's next round trip, on
+    // PostgreSQL with the transaction's other journal rows when they are gathered. The
+    // ordinality keeps their sequence numbers in the order they were written.
+    if let Db::Postgres(pg) = tx {
+        return pg.gather(
+            "INSERT INTO events (run_id, step_id, at, kind, detail)
+             SELECT row ->> 0, row ->> 1, row ->> 2, row ->> 3, row ->> 4
+               FROM jsonb_array_elements(?1::text::jsonb) WITH ORDINALITY AS r(row, n)
+              ORDER BY n",
+            json!([run_id, step_id, ts(at), kind, detail.to_string()]),
+        );
+    }
     tx.execute_then(
         "INSERT INTO events (run_id, step_id, at, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
         args![run_id, step_id, ts(at), kind, detail.to_string()],
@@ -345,6 +356,53 @@ fn check_fence(
             }
         },
     )
+}
+
+/// Applies a whole transaction's writes, in order, where any failure fails all of them.
+///
+/// A fencing check the same as one made earlier in the transaction is left out when no write
+/// between the two can have changed a lock: the transaction commits whole or not at all, so
+/// the earlier check holds for everything after it. A fan-out's checkpoints, committed
+/// together, then pay for one check instead of one each. (Checkpoints that may fail one by
+/// one each keep their own check: see the writer's savepoints.)
+pub(crate) fn apply_all<'w>(
+    tx: &mut Db<'_>,
+    writes: impl IntoIterator<Item = &'w Write>,
+) -> Result<(), StoreError> {
+    let mut checked: Vec<(&str, &str, i64)> = Vec::new();
+    for write in writes {
+        match write {
+            Write::CheckFence { key, run_id, token } => {
+                let fence = (key.as_str(), run_id.as_str(), *token);
+                if checked.contains(&fence) {
+                    continue;
+                }
+                checked.push(fence);
+            }
+            write if !write.leaves_locks_alone() => checked.clear(),
+            _ => {}
+        }
+        apply(tx, write)?;
+    }
+    Ok(())
+}
+
+impl Write {
+    /// Whether this write is sure to leave the `locks` table as it found it. Only the kinds
+    /// named here are: a kind added later counts as touching locks until it is named.
+    fn leaves_locks_alone(&self) -> bool {
+        matches!(
+            self,
+            Write::StepApplying { .. }
+                | Write::StepSucceeded { .. }
+                | Write::StepAttemptFailed { .. }
+                | Write::StepFailed { .. }
+                | Write::StepSkipped { .. }
+                | Write::StepRolledBack { .. }
+                | Write::Event { .. }
+                | Write::CheckFence { .. }
+        )
+    }
 }
 
 /// Applies one write inside an open transaction: one function per kind of write.

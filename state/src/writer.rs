@@ -6,7 +6,8 @@
 //! proceeds before its checkpoint is durable, and steps that finish together pay for one device
 //! flush instead of one each. A checkpoint that fails (a constraint, a fence) fails alone: on
 //! SQLite each checkpoint has its own savepoint; on PostgreSQL the batch first goes whole, in
-//! one round trip, and only after a failure again with a savepoint each.
+//! one round trip (its journal rows in one statement, each run's fencing check once), and only
+//! after a failure again with a savepoint each.
 //!
 //! Work that must read before it writes (taking a run lock, loading a run to resume it) runs on
 //! the same thread through [`Writer::run`], between two batches, so many runs can share one
@@ -204,14 +205,14 @@ fn try_batch(store: &mut Store, batch: &[Checkpoint]) -> Attempt {
         // first (see `PgConn`). Any failure rolls the whole transaction back. Alone, the
         // failure is the checkpoint's own; in a batch, the batch goes again below with a
         // savepoint each, to keep the failure to its checkpoint and commit the others.
-        let outcome = match batch
-            .iter()
-            .flat_map(|job| &job.writes)
-            .try_for_each(|write| crate::write::apply(&mut tx, write))
-        {
-            Ok(()) => tx.commit_or_tell(),
-            Err(error) => Err(CommitFailure::RolledBack(error)),
-        };
+        // Without savepoints the batch's journal rows can go as one statement (on
+        // PostgreSQL), and a fencing check made once stands for its repeats (`apply_all`).
+        tx.gather_rows();
+        let outcome =
+            match crate::write::apply_all(&mut tx, batch.iter().flat_map(|job| &job.writes)) {
+                Ok(()) => tx.commit_or_tell(),
+                Err(error) => Err(CommitFailure::RolledBack(error)),
+            };
         match outcome {
             Ok(()) => return Attempt::Done(batch.iter().map(|_| Ok(())).collect()),
             // Never tried again: that could record a transition twice.

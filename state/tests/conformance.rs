@@ -60,6 +60,8 @@ on_both_backends!(
     a_fence_refuses_a_former_holder_and_the_checkpoint_it_leads,
     a_fenced_checkpoint_in_a_batch_is_never_committed_and_its_neighbours_are,
     a_fence_says_why_in_the_same_words_on_both_backends,
+    a_check_left_out_of_a_batch_is_never_one_made_after_a_lock_changed,
+    a_batchs_journal_rows_keep_the_order_they_were_written_in,
     a_fenced_checkpoint_at_the_end_of_a_long_batch_is_never_committed,
     approvals_are_decided_once,
     an_occurrence_is_claimed_by_exactly_one_of_many_stores,
@@ -482,6 +484,144 @@ fn a_fenced_checkpoint_in_a_batch_is_never_committed_and_its_neighbours_are(fres
     );
     assert_eq!(status("run-1"), StepStatus::Running);
     assert_eq!(status("run-2"), StepStatus::Running);
+}
+
+/// Checkpoints committed together may share one fencing check (the writer leaves out a
+/// check the same as one already made in the transaction), but never across a write that
+/// changed a lock: here the run frees its lock mid-batch, and its next fenced checkpoint
+/// must fail alone while the ones before it commit.
+fn a_check_left_out_of_a_batch_is_never_one_made_after_a_lock_changed(fresh: Fresh) {
+    let mut store = fresh.open();
+    store
+        .commit(&[new_run("run-1", &["a", "b", "c"], None)])
+        .unwrap();
+    let held = granted(&mut store, "k", "run-1", 1, 60);
+    let fence = || Write::CheckFence {
+        key: "k".into(),
+        run_id: "run-1".into(),
+        token: held.token,
+    };
+    let applying = |step: &str| Write::StepApplying {
+        run_id: "run-1".into(),
+        step_id: step.into(),
+        attempt: 1,
+        before_image: json!({}),
+        planned_outcome: kmsflow_state::Outcome::Updated,
+        at: Utc::now(),
+    };
+    let (writer, thread) = Writer::spawn(store);
+    let (release, hold) = mpsc::channel::<()>();
+    writer.run(Box::new(move |_| {
+        let _ = hold.recv();
+    }));
+    let mut results = Vec::new();
+    for writes in [
+        vec![fence(), applying("a")],
+        vec![fence(), applying("b")],
+        vec![Write::ReleaseLock {
+            key: "k".into(),
+            run_id: "run-1".into(),
+        }],
+        vec![fence(), applying("c")],
+    ] {
+        let (done, result) = mpsc::channel();
+        writer.submit(writes, Box::new(move |r| done.send(r).unwrap()));
+        results.push(result);
+    }
+    release.send(()).unwrap();
+    let results: Vec<_> = results.into_iter().map(|r| r.recv().unwrap()).collect();
+    assert!(results[..3].iter().all(Result::is_ok), "{results:?}");
+    assert!(
+        matches!(&results[3], Err(StoreError::LeaseLost { why, .. }) if why == "the lock is not held"),
+        "{:?}",
+        results[3]
+    );
+    drop(writer);
+    thread.join();
+    let statuses: Vec<StepStatus> = fresh
+        .open()
+        .steps("run-1")
+        .unwrap()
+        .iter()
+        .map(|s| s.status)
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            StepStatus::Running,
+            StepStatus::Running,
+            StepStatus::Pending
+        ]
+    );
+}
+
+/// Journal rows of checkpoints committed together go to PostgreSQL as one statement: their
+/// sequence numbers must still follow the order they were written in, across runs.
+fn a_batchs_journal_rows_keep_the_order_they_were_written_in(fresh: Fresh) {
+    let mut store = fresh.open();
+    let steps: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+    let step_refs: Vec<&str> = steps.iter().map(String::as_str).collect();
+    store
+        .commit(&[
+            new_run("run-1", &step_refs, None),
+            new_run("run-2", &step_refs, None),
+        ])
+        .unwrap();
+    let (writer, thread) = Writer::spawn(store);
+    let (release, hold) = mpsc::channel::<()>();
+    writer.run(Box::new(move |_| {
+        let _ = hold.recv();
+    }));
+    let mut written = Vec::new();
+    let mut results = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        // Alternating runs; every third checkpoint adds a row of its own kind.
+        let run = if i % 2 == 0 { "run-1" } else { "run-2" };
+        let mut writes = vec![Write::StepSucceeded {
+            run_id: run.into(),
+            step_id: step.clone(),
+            attempt: 1,
+            outcome: kmsflow_state::Outcome::Unchanged,
+            outputs: json!({}),
+            at: Utc::now(),
+        }];
+        written.push((
+            run.to_owned(),
+            "step_succeeded".to_owned(),
+            Some(step.clone()),
+        ));
+        if i % 3 == 0 {
+            writes.push(Write::Event {
+                run_id: run.into(),
+                step_id: None,
+                kind: format!("note-{i}"),
+                detail: json!({"i": i}),
+                at: Utc::now(),
+            });
+            written.push((run.to_owned(), format!("note-{i}"), None));
+        }
+        let (done, result) = mpsc::channel();
+        writer.submit(writes, Box::new(move |r| done.send(r).unwrap()));
+        results.push(result);
+    }
+    release.send(()).unwrap();
+    for result in results {
+        result.recv().unwrap().unwrap();
+    }
+    drop(writer);
+    thread.join();
+    let store = fresh.open();
+    let mut read: Vec<_> = ["run-1", "run-2"]
+        .into_iter()
+        .flat_map(|run| store.events(run).unwrap())
+        .filter(|e| e.kind != "run_created")
+        .collect();
+    read.sort_by_key(|e| e.seq);
+    let read: Vec<_> = read
+        .into_iter()
+        .map(|e| (e.run_id, e.kind, e.step_id))
+        .collect();
+    assert_eq!(read, written);
 }
 
 /// The fence is the server's own check on PostgreSQL (a function that raises) and a read
