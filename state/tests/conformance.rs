@@ -295,6 +295,29 @@ fn a_failed_checkpoint_in_a_batch_fails_alone_and_stores_nothing_of_itself(fresh
     );
 }
 
+/// Commits `checkpoints` through a writer held busy until all are queued, so they go as one
+/// batch; each one's result, in order. The writer is gone when this returns.
+fn commit_together(store: Store, checkpoints: Vec<Vec<Write>>) -> Vec<Result<(), StoreError>> {
+    let (writer, thread) = Writer::spawn(store);
+    let (release, hold) = mpsc::channel::<()>();
+    writer.run(Box::new(move |_| {
+        let _ = hold.recv();
+    }));
+    let results: Vec<_> = checkpoints
+        .into_iter()
+        .map(|writes| {
+            let (done, result) = mpsc::channel();
+            writer.submit(writes, Box::new(move |r| done.send(r).unwrap()));
+            result
+        })
+        .collect();
+    release.send(()).unwrap();
+    let results = results.into_iter().map(|r| r.recv().unwrap()).collect();
+    drop(writer);
+    thread.join();
+    results
+}
+
 fn elsewhere(pid: u32) -> LockOwner {
     LockOwner {
         pid,
@@ -442,31 +465,20 @@ fn a_fenced_checkpoint_in_a_batch_is_never_committed_and_its_neighbours_are(fres
         run_id: run.into(),
         token,
     };
-    let (writer, thread) = Writer::spawn(store);
-    let (release, hold) = mpsc::channel::<()>();
-    writer.run(Box::new(move |_| {
-        let _ = hold.recv();
-    }));
-    let mut results = Vec::new();
-    for writes in [
-        vec![fence("k", "run-1", new.token), applying("run-1")],
-        vec![fence("k", "run-old", old.token), applying("run-old")],
-        vec![fence("k2", "run-2", other.token), applying("run-2")],
-    ] {
-        let (done, result) = mpsc::channel();
-        writer.submit(writes, Box::new(move |r| done.send(r).unwrap()));
-        results.push(result);
-    }
-    release.send(()).unwrap();
-    let results: Vec<_> = results.into_iter().map(|r| r.recv().unwrap()).collect();
+    let results = commit_together(
+        store,
+        vec![
+            vec![fence("k", "run-1", new.token), applying("run-1")],
+            vec![fence("k", "run-old", old.token), applying("run-old")],
+            vec![fence("k2", "run-2", other.token), applying("run-2")],
+        ],
+    );
     assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
     assert!(
         matches!(&results[1], Err(StoreError::LeaseLost { taken_by, .. }) if taken_by.as_deref() == Some("run-1")),
         "{:?}",
         results[1]
     );
-    drop(writer);
-    thread.join();
     let store = fresh.open();
     let status = |run: &str| store.steps(run).unwrap()[0].status;
     assert_eq!(
@@ -509,35 +521,24 @@ fn a_check_left_out_of_a_batch_is_never_one_made_after_a_lock_changed(fresh: Fre
         planned_outcome: kmsflow_state::Outcome::Updated,
         at: Utc::now(),
     };
-    let (writer, thread) = Writer::spawn(store);
-    let (release, hold) = mpsc::channel::<()>();
-    writer.run(Box::new(move |_| {
-        let _ = hold.recv();
-    }));
-    let mut results = Vec::new();
-    for writes in [
-        vec![fence(), applying("a")],
-        vec![fence(), applying("b")],
-        vec![Write::ReleaseLock {
-            key: "k".into(),
-            run_id: "run-1".into(),
-        }],
-        vec![fence(), applying("c")],
-    ] {
-        let (done, result) = mpsc::channel();
-        writer.submit(writes, Box::new(move |r| done.send(r).unwrap()));
-        results.push(result);
-    }
-    release.send(()).unwrap();
-    let results: Vec<_> = results.into_iter().map(|r| r.recv().unwrap()).collect();
+    let results = commit_together(
+        store,
+        vec![
+            vec![fence(), applying("a")],
+            vec![fence(), applying("b")],
+            vec![Write::ReleaseLock {
+                key: "k".into(),
+                run_id: "run-1".into(),
+            }],
+            vec![fence(), applying("c")],
+        ],
+    );
     assert!(results[..3].iter().all(Result::is_ok), "{results:?}");
     assert!(
         matches!(&results[3], Err(StoreError::LeaseLost { why, .. }) if why == "the lock is not held"),
         "{:?}",
         results[3]
     );
-    drop(writer);
-    thread.join();
     let statuses: Vec<StepStatus> = fresh
         .open()
         .steps("run-1")
@@ -567,13 +568,8 @@ fn a_batchs_journal_rows_keep_the_order_they_were_written_in(fresh: Fresh) {
             new_run("run-2", &step_refs, None),
         ])
         .unwrap();
-    let (writer, thread) = Writer::spawn(store);
-    let (release, hold) = mpsc::channel::<()>();
-    writer.run(Box::new(move |_| {
-        let _ = hold.recv();
-    }));
     let mut written = Vec::new();
-    let mut results = Vec::new();
+    let mut checkpoints = Vec::new();
     for (i, step) in steps.iter().enumerate() {
         // Alternating runs; every third checkpoint adds a row of its own kind.
         let run = if i % 2 == 0 { "run-1" } else { "run-2" };
@@ -600,16 +596,11 @@ fn a_batchs_journal_rows_keep_the_order_they_were_written_in(fresh: Fresh) {
             });
             written.push((run.to_owned(), format!("note-{i}"), None));
         }
-        let (done, result) = mpsc::channel();
-        writer.submit(writes, Box::new(move |r| done.send(r).unwrap()));
-        results.push(result);
+        checkpoints.push(writes);
     }
-    release.send(()).unwrap();
-    for result in results {
-        result.recv().unwrap().unwrap();
+    for result in commit_together(store, checkpoints) {
+        result.unwrap();
     }
-    drop(writer);
-    thread.join();
     let store = fresh.open();
     let mut read: Vec<_> = ["run-1", "run-2"]
         .into_iter()
