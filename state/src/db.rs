@@ -221,6 +221,11 @@ impl Db<'_> {
     /// fails (a function of the schema's): it goes with the next round trip, COMMIT's too, and
     /// `refused` turns the server's message and detail into the store's error. A failed check
     /// aborts the transaction, so nothing of it is committed.
+    ///
+    /// The statement must only read, and read nothing of `steps`: steps' outcomes gathered in
+    /// place before it may leave after it (see [`PgConn::gather_in_place`]). The fence reads
+    /// only `locks`; a fleet's batch, one fence per run between its steps' outcomes, then
+    /// still sends those outcomes as one statement.
     pub(crate) fn execute_enforced(
         &mut self,
         sql: &str,
@@ -232,7 +237,7 @@ impl Db<'_> {
                 "(an enforced check)",
                 "made by a PostgreSQL function, not on SQLite",
             )),
-            Db::Postgres(pg) => pg.defer(
+            Db::Postgres(pg) => pg.defer_reading(
                 sql,
                 args,
                 Check::Raised(Box::new(move |error| {

@@ -5,7 +5,7 @@
 //! whichever thread asks: the store is synchronous like the SQLite one, and may be called from
 //! inside the engine's async tasks without nesting a runtime.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -255,6 +255,7 @@ impl PgLocation {
             tx: Tx::Idle,
             serial_now: None,
             gathered: None,
+            in_place: None,
         })
     }
 }
@@ -388,6 +389,20 @@ pub(crate) struct PgConn {
     /// Rows gathered for one statement each (see [`PgConn::gather`]), by statement, in the
     /// order first used; `None` while each row goes as its own statement.
     gathered: Option<Vec<(&'static str, Vec<Value>)>>,
+    /// Rows gathered where they stand (see [`PgConn::gather_in_place`]), while gathering.
+    in_place: Option<Box<InPlace>>,
+}
+
+/// Consecutive rows for one statement, sent as that statement before any other statement
+/// leaves (or instead as `alone`, when the first row stays alone).
+struct InPlace {
+    many_rows: &'static str,
+    /// The rows' keys: a second row for a key starts a new statement, so each of the keys'
+    /// writes lands, in order.
+    keys: HashSet<String>,
+    rows: Vec<Value>,
+    /// The first row as a statement of its own, ready to be sent instead.
+    alone: Deferred,
 }
 
 /// Where a session's transaction is, so a ROLLBACK is sent only to an open one.
@@ -565,6 +580,7 @@ impl PgConn {
             if let Some(gathered) = &mut self.gathered {
                 gathered.clear();
             }
+            self.in_place = None;
             if sql == "ROLLBACK" {
                 let open = self.tx == Tx::Open;
                 self.end();
@@ -590,6 +606,7 @@ impl PgConn {
         self.tx = Tx::Idle;
         self.serial_now = None;
         self.gathered = None;
+        self.in_place = None;
     }
 
     /// From now until the transaction ends, rows given to [`PgConn::gather`] are kept and go
@@ -616,8 +633,70 @@ impl PgConn {
         Ok(())
     }
 
-    /// Defers the gathered rows' statements, so they leave with the next round trip.
+    /// One row written where it stands: while gathering (see [`PgConn::gather_rows`]), rows
+    /// given one after another for the same `many_rows` statement (which takes a JSON array of
+    /// rows as its only parameter) go as that one statement, deferred before whatever
+    /// statement is deferred next (see [`PgConn::defer`]), so everything else sees them
+    /// written in order. A row for a `key` already among them starts a new statement: one
+    /// statement must not write the same row twice. A row that stays alone goes as `alone`,
+    /// its statement of its own (a single row is cheaper to the server that way); so does
+    /// every row while not gathering.
+    pub(crate) fn gather_in_place(
+        &mut self,
+        many_rows: &'static str,
+        key: String,
+        row: Value,
+        alone: (&str, &[&dyn Arg]),
+    ) -> Result<(), StoreError> {
+        let (sql, args) = alone;
+        if self.gathered.is_none() {
+            return self.defer(sql, args, Check::Ran);
+        }
+        if self
+            .in_place
+            .as_ref()
+            .is_some_and(|run| run.many_rows != many_rows || run.keys.contains(&key))
+        {
+            self.flush_in_place()?;
+        }
+        match &mut self.in_place {
+            Some(run) => {
+                run.keys.insert(key);
+                run.rows.push(row);
+            }
+            None => {
+                let alone = self.prepared(sql, args, Check::Ran)?;
+                self.in_place = Some(Box::new(InPlace {
+                    many_rows,
+                    keys: HashSet::from([key]),
+                    rows: vec![row],
+                    alone,
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Defers the rows gathered in place, as one statement (or the lone row's own).
+    fn flush_in_place(&mut self) -> Result<(), StoreError> {
+        let Some(run) = self.in_place.take() else {
+            return Ok(());
+        };
+        let run = *run;
+        let deferred = if run.rows.len() == 1 {
+            run.alone
+        } else {
+            let rows = Value::Array(run.rows).to_string();
+            self.prepared(run.many_rows, crate::db::args![rows], Check::Ran)?
+        };
+        self.pending.push(deferred);
+        Ok(())
+    }
+
+    /// Defers the gathered rows' statements, so they leave with the next round trip: the rows
+    /// gathered in place first, where they stood, then the others.
     fn defer_gathered(&mut self) -> Result<(), StoreError> {
+        self.flush_in_place()?;
         let Some(gathered) = &mut self.gathered else {
             return Ok(());
         };
@@ -628,14 +707,41 @@ impl PgConn {
         Ok(())
     }
 
-    /// Queues a statement to be sent with the next round trip; `check` says what is checked
-    /// of its answer when it comes (and may fail the transaction).
+    /// Queues a statement to be sent with the next round trip, after the rows gathered in
+    /// place before it; `check` says what is checked of its answer when it comes (and may fail
+    /// the transaction).
     pub(crate) fn defer(
         &mut self,
         sql: &str,
         args: &[&dyn Arg],
         check: Check,
     ) -> Result<(), StoreError> {
+        self.flush_in_place()?;
+        let deferred = self.prepared(sql, args, check)?;
+        self.pending.push(deferred);
+        Ok(())
+    }
+
+    /// Queues a statement that only reads, and reads nothing rows gathered in place write: it
+    /// may leave before them (see [`crate::db::Db::execute_enforced`]).
+    pub(crate) fn defer_reading(
+        &mut self,
+        sql: &str,
+        args: &[&dyn Arg],
+        check: Check,
+    ) -> Result<(), StoreError> {
+        let deferred = self.prepared(sql, args, check)?;
+        self.pending.push(deferred);
+        Ok(())
+    }
+
+    /// A statement ready to be deferred: prepared, its parameters encoded.
+    fn prepared(
+        &mut self,
+        sql: &str,
+        args: &[&dyn Arg],
+        check: Check,
+    ) -> Result<Deferred, StoreError> {
         let statement = self.statement(sql)?;
         if statement.params().len() != args.len() {
             return Err(crate::error::corrupt(
@@ -653,12 +759,11 @@ impl PgConn {
             .zip(args)
             .map(|(ty, arg)| Encoded::of(*arg, ty))
             .collect::<Result<Vec<_>, _>>()?;
-        self.pending.push(Deferred {
+        Ok(Deferred {
             statement,
             params,
             check,
-        });
-        Ok(())
+        })
     }
 
     /// Sends every pending statement in one round trip and checks their answers in order: the
@@ -918,6 +1023,46 @@ mod tests {
         assert!(
             after.is_err(),
             "the frozen session was ended by the server: {after:?}"
+        );
+    }
+
+    /// Many steps' outcomes go as one UPDATE joined to `steps` by its key: on a team's
+    /// database of many runs it must look each up, never read the whole table per checkpoint.
+    #[test]
+    fn many_steps_outcomes_are_looked_up_by_key_not_scanned_for() {
+        let location = PgLocation::parse(&kmsflow_pgtest::server().database()).unwrap();
+        let mut session = location.connect().unwrap();
+        session.migrate().unwrap();
+        session
+            .batch(
+                "INSERT INTO runs (id, runbook, runbook_ref, content_hash, params, secret_params,
+                                   status, started_at)
+                 SELECT 'run-' || r, 't', 't.yaml', 'h', '{}', '[]', 'succeeded', '2026-12-01'
+                   FROM generate_series(1, 50) AS r;
+                 INSERT INTO steps (run_id, step_id, position, uses, status)
+                 SELECT 'run-' || r, 's' || s, s, 'noop', 'succeeded'
+                   FROM generate_series(1, 50) AS r, generate_series(1, 40) AS s;
+                 ANALYZE steps",
+            )
+            .unwrap();
+        let rows: Vec<Value> = (1..=64)
+            .map(|s| {
+                serde_json::json!(["run-7", format!("s{s}"), 1, "unchanged", "{}", "2026-12-01"])
+            })
+            .collect();
+        let plan: Vec<String> = session
+            .query(
+                &format!("EXPLAIN {}", crate::write::STEPS_SUCCEEDED),
+                crate::db::args![Value::Array(rows).to_string()],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("Index Scan using steps_pkey") && !plan.contains("Seq Scan on steps"),
+            "{plan}"
         );
     }
 

@@ -62,6 +62,7 @@ on_both_backends!(
     a_fence_says_why_in_the_same_words_on_both_backends,
     a_check_left_out_of_a_batch_is_never_one_made_after_a_lock_changed,
     a_batchs_journal_rows_keep_the_order_they_were_written_in,
+    a_batchs_step_outcomes_land_in_the_order_they_were_written,
     a_fenced_checkpoint_at_the_end_of_a_long_batch_is_never_committed,
     approvals_are_decided_once,
     an_occurrence_is_claimed_by_exactly_one_of_many_stores,
@@ -613,6 +614,184 @@ fn a_batchs_journal_rows_keep_the_order_they_were_written_in(fresh: Fresh) {
         .map(|e| (e.run_id, e.kind, e.step_id))
         .collect();
     assert_eq!(read, written);
+}
+
+/// Steps' outcomes of checkpoints committed together go to PostgreSQL as few statements: each
+/// step must still end as the last write to it says, whatever lies between (another kind of
+/// write to the same step, a second outcome for it, another run's step of the same id, a
+/// fencing check), exactly as when each goes alone.
+fn a_batchs_step_outcomes_land_in_the_order_they_were_written(fresh: Fresh) {
+    let mut store = fresh.open();
+    let steps = ["a", "b", "c", "d", "e"];
+    let lock =
+        |store: &mut Store, run: &str| granted(store, &format!("cluster/{run}"), run, 7, 600);
+    store
+        .commit(&[
+            new_run("run-1", &steps, Some("cluster/run-1")),
+            new_run("run-2", &steps, Some("cluster/run-2")),
+        ])
+        .unwrap();
+    let (one, two) = (lock(&mut store, "run-1"), lock(&mut store, "run-2"));
+    let fence = |run: &str, grant: &LockGrant| Write::CheckFence {
+        key: format!("cluster/{run}"),
+        run_id: run.into(),
+        token: grant.token,
+    };
+    let succeeded = |run: &str, step: &str, attempt: u32, outcome, n: i64| Write::StepSucceeded {
+        run_id: run.into(),
+        step_id: step.into(),
+        attempt,
+        outcome,
+        outputs: json!({"n": n}),
+        at: Utc::now(),
+    };
+    use kmsflow_state::Outcome::{Created, Unchanged, Updated};
+    let checkpoints = vec![
+        vec![
+            fence("run-1", &one),
+            succeeded("run-1", "a", 1, Unchanged, 1),
+        ],
+        vec![fence("run-1", &one), succeeded("run-1", "b", 1, Created, 2)],
+        // The same step again, by another kind of write: it must come after the outcome.
+        vec![
+            fence("run-1", &one),
+            Write::StepFailed {
+                run_id: "run-1".into(),
+                step_id: "a".into(),
+                attempt: 2,
+                error: "failed after it succeeded".into(),
+                refused: false,
+                at: Utc::now(),
+            },
+        ],
+        // Another run's step of the same id, behind another run's fencing check.
+        vec![fence("run-2", &two), succeeded("run-2", "a", 1, Created, 3)],
+        vec![
+            fence("run-1", &one),
+            succeeded("run-1", "c", 1, Unchanged, 4),
+        ],
+        // A second outcome for the same step: the later one stands.
+        vec![fence("run-1", &one), succeeded("run-1", "c", 3, Updated, 5)],
+        vec![
+            fence("run-2", &two),
+            succeeded("run-2", "b", 2, Unchanged, 6),
+        ],
+        // Another kind of write to the same step, before its outcome.
+        vec![
+            fence("run-1", &one),
+            Write::StepApplying {
+                run_id: "run-1".into(),
+                step_id: "d".into(),
+                attempt: 1,
+                before_image: json!({"was": "pmk"}),
+                planned_outcome: Updated,
+                at: Utc::now(),
+            },
+            succeeded("run-1", "d", 1, Updated, 7),
+        ],
+        // And one after it, sent without waiting like the outcome: it must still come after.
+        vec![
+            fence("run-1", &one),
+            succeeded("run-1", "e", 1, Unchanged, 8),
+        ],
+        vec![
+            fence("run-1", &one),
+            Write::StepApplying {
+                run_id: "run-1".into(),
+                step_id: "e".into(),
+                attempt: 2,
+                before_image: json!({"was": "cmk"}),
+                planned_outcome: Updated,
+                at: Utc::now(),
+            },
+        ],
+    ];
+    for result in commit_together(store, checkpoints) {
+        result.unwrap();
+    }
+    // A batch with a fenced checkpoint: it fails alone, the batch goes again without
+    // gathering, and the others must land the same way.
+    let results = commit_together(
+        fresh.open(),
+        vec![
+            vec![
+                fence("run-2", &two),
+                succeeded("run-2", "d", 1, Unchanged, 10),
+            ],
+            vec![
+                Write::CheckFence {
+                    key: "cluster/run-2".into(),
+                    run_id: "run-2".into(),
+                    token: two.token - 1,
+                },
+                succeeded("run-2", "c", 1, Created, 9),
+            ],
+            vec![
+                fence("run-2", &two),
+                succeeded("run-2", "e", 1, Created, 11),
+            ],
+        ],
+    );
+    let failed: Vec<bool> = results.iter().map(Result::is_err).collect();
+    assert_eq!(failed, [false, true, false], "{results:?}");
+    let store = fresh.open();
+    let found = |run: &str| {
+        store
+            .steps(run)
+            .unwrap()
+            .into_iter()
+            .map(|s| {
+                (
+                    s.step_id, s.status, s.attempts, s.outcome, s.outputs, s.error,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let ended = |step: &str, attempts, outcome, n: i64| {
+        (
+            step.to_owned(),
+            StepStatus::Succeeded,
+            attempts,
+            Some(outcome),
+            Some(json!({"n": n})),
+            None,
+        )
+    };
+    let pending = |step: &str| (step.to_owned(), StepStatus::Pending, 0, None, None, None);
+    let a = found("run-1").remove(0);
+    assert_eq!(
+        (a.1, a.2, a.5.as_deref()),
+        (StepStatus::Failed, 2, Some("failed after it succeeded")),
+        "the failure written after the outcome stands: {a:?}"
+    );
+    assert_eq!(
+        found("run-1")[1..],
+        [
+            ended("b", 1, Created, 2),
+            ended("c", 3, Updated, 5),
+            ended("d", 1, Updated, 7),
+            (
+                "e".to_owned(),
+                StepStatus::Running,
+                2,
+                Some(Unchanged),
+                Some(json!({"n": 8})),
+                None
+            ),
+        ]
+    );
+    assert_eq!(
+        found("run-2"),
+        [
+            ended("a", 1, Created, 3),
+            ended("b", 2, Unchanged, 6),
+            pending("c"),
+            ended("d", 1, Unchanged, 10),
+            ended("e", 1, Created, 11),
+        ]
+    );
+    let d = &store.steps("run-1").unwrap()[3];
+    assert_eq!(d.before_image, Some(json!({"was": "pmk"})));
 }
 
 /// The fence is the server's own check on PostgreSQL (a function that raises) and a read
