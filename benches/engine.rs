@@ -4,6 +4,12 @@
 //! throwaway server of this run, fsync on, `synchronous_commit` on) beside single-row INSERT
 //! transactions through the same driver against the same server.
 //!
+//! Beside them, in the same run: the chain's checkpoints committed one after another through
+//! the store's writer without the engine (what the chain's statements alone allow), and the
+//! wide fan-out as the first run on a fresh store, creating its schema. The other runs use a
+//! store migrated before they start, as every run on a team's database after its first does;
+//! each still opens its own session.
+//!
 //! Run: `cargo bench --bench engine` (add `-- --sync normal` for synchronous=NORMAL on SQLite;
 //! `-- --sqlite-only` without PostgreSQL, `-- --postgres-only` without SQLite).
 
@@ -16,7 +22,8 @@ use kmsflow_engine::params::{ParamSources, bind};
 use kmsflow_engine::progress::silent;
 use kmsflow_engine::{Registry, RunbookSource, compile};
 use kmsflow_state::{
-    Durability, Location, RunStatus, measure_raw_commits, measure_raw_postgres_commits,
+    Durability, Location, RunStatus, measure_checkpoint_commits, measure_raw_commits,
+    measure_raw_postgres_commits,
 };
 
 const N_STEPS: usize = 1_000;
@@ -99,6 +106,15 @@ fn engine_rates(
 ) {
     let chain_text = chain(N_STEPS);
     let fan_text = fan_out(N_STEPS);
+    // The chain's checkpoints alone, through the store's writer without the engine: the most
+    // the chain could reach with the statements each of its steps must commit.
+    let alone = measure_checkpoint_commits(&state("checkpoints", 1), N_STEPS, durability)
+        .expect("checkpoints alone");
+    let alone_rate = N_STEPS as f64 / alone.as_secs_f64();
+    println!(
+        "a chain's checkpoints alone (fence, step, journal row; no engine): {alone_rate:>9.0} commits/s  = {:.2} x raw",
+        alone_rate / raw_rate
+    );
     let migrated = (durability, Schema::MigratedBefore);
     let chain_time = runtime.block_on(time_run(
         state("chain", 8),
@@ -109,8 +125,9 @@ fn engine_rates(
     ));
     let chain_rate = N_STEPS as f64 / chain_time.as_secs_f64();
     println!(
-        "chain   of {N_STEPS} noop steps: {chain_rate:>9.0} steps/s  = {:.2} x raw (target >= {chain_target})",
-        chain_rate / raw_rate
+        "chain   of {N_STEPS} noop steps: {chain_rate:>9.0} steps/s  = {:.2} x raw (target >= {chain_target}), {:.2} x its checkpoints alone",
+        chain_rate / raw_rate,
+        chain_rate / alone_rate
     );
     for concurrency in [8, 64] {
         let fan_time = runtime.block_on(time_run(

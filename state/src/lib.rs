@@ -32,7 +32,7 @@ pub use entra::{AccessToken, REFRESH_BEFORE, TokenSource};
 pub use error::{PgError, StoreError};
 pub use lock::{LockGrant, LockHeld, LockOwner};
 pub use postgres::{PgLocation, is_postgres_url, mask_password};
-pub use probe::{measure_raw_commits, measure_raw_postgres_commits};
+pub use probe::{measure_checkpoint_commits, measure_raw_commits, measure_raw_postgres_commits};
 pub use queue::{NewQueued, QueueStatus, QueuedEnd, QueuedRun};
 pub use records::{
     Approval, EventRecord, FireOutcome, Outcome, Overlap, RunRecord, RunStatus, StepRecord,

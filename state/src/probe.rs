@@ -60,3 +60,74 @@ pub fn measure_raw_postgres_commits(
     conn.batch("DROP TABLE kmsflow_probe")?;
     Ok(elapsed)
 }
+
+/// Commits `n` checkpoints the way a chain of steps commits them, one after another through
+/// the store's writer, without the engine: each a step's outcome behind its run's fencing
+/// check, with its journal row. Returns how long they took. The benchmarks print this beside
+/// the raw commit rate and the engine's chain, so a reader sees how much of a chain's cost is
+/// the store's statements and how much the engine's.
+pub fn measure_checkpoint_commits(
+    location: &crate::Location,
+    n: usize,
+    durability: Durability,
+) -> Result<Duration, StoreError> {
+    let mut store = crate::Store::open(location, durability)?;
+    let (run_id, key) = ("probe-chain", "probe/chain");
+    let steps: Vec<(String, String)> = (0..n).map(|i| (format!("s{i}"), "noop".into())).collect();
+    store.commit(&[crate::Write::CreateRun(crate::NewRun {
+        id: run_id.into(),
+        runbook: "probe".into(),
+        runbook_ref: "probe.yaml".into(),
+        content_hash: "probe".into(),
+        source: "name: probe".into(),
+        params: serde_json::json!({}),
+        secret_params: Vec::new(),
+        started_at: chrono::Utc::now(),
+        lock_key: Some(key.into()),
+        steps,
+        fragments: serde_json::json!([]),
+    })])?;
+    let owner = crate::LockOwner {
+        pid: std::process::id(),
+        host: "probe".into(),
+    };
+    let token = match store.acquire_lock(key, run_id, &owner, chrono::Duration::minutes(10))? {
+        Ok(grant) => grant.token,
+        Err(held) => {
+            return Err(crate::error::corrupt(
+                "(the checkpoint probe)",
+                format!("its lock is held: {held:?}"),
+            ));
+        }
+    };
+    let (writer, thread) = crate::Writer::spawn(store);
+    let started = Instant::now();
+    for index in 0..n {
+        let (done, committed) = std::sync::mpsc::channel();
+        writer.submit(
+            vec![
+                crate::Write::CheckFence {
+                    key: key.into(),
+                    run_id: run_id.into(),
+                    token,
+                },
+                crate::Write::StepSucceeded {
+                    run_id: run_id.into(),
+                    step_id: format!("s{index}"),
+                    attempt: 1,
+                    outcome: crate::Outcome::Unchanged,
+                    outputs: serde_json::json!({}),
+                    at: chrono::Utc::now(),
+                },
+            ],
+            Box::new(move |result| {
+                let _ = done.send(result);
+            }),
+        );
+        committed.recv().map_err(|_| StoreError::WriterGone)??;
+    }
+    let elapsed = started.elapsed();
+    drop(writer);
+    thread.join();
+    Ok(elapsed)
+}
