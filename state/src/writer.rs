@@ -102,8 +102,13 @@ fn run(mut store: Store, receiver: mpsc::Receiver<Job>) {
             Job::Checkpoint { writes, done } => (writes, done),
         };
         let mut batch = vec![Checkpoint { writes, done }];
+        let mut yields = YIELDS_BEFORE_SEALING;
         while batch.len() < MAX_BATCH {
             match receiver.try_recv() {
+                Err(mpsc::TryRecvError::Empty) if yields > 0 => {
+                    yields -= 1;
+                    std::thread::yield_now();
+                }
                 Ok(Job::Checkpoint { writes, done }) => batch.push(Checkpoint { writes, done }),
                 Ok(exclusive) => {
                     held = Some(exclusive);
@@ -118,6 +123,15 @@ fn run(mut store: Store, receiver: mpsc::Receiver<Job>) {
         }
     }
 }
+
+/// How many times the writer gives up the CPU, finding nothing more waiting, before it seals a
+/// batch. Checkpoints of steps that finish together are submitted one by one as the engine
+/// takes each step's end in; on a busy core the first one wakes the writer before the others
+/// are submitted, and a batch sealed at once then commits one checkpoint and leaves the rest
+/// for the next flush. With nothing else wanting the CPU (a chain: one checkpoint at a time)
+/// a yield returns at once. On PostgreSQL a fan-out at `--concurrency 8` went from 6,900 to
+/// 8,300 steps/s to 9,500 to 10,200 (`cargo bench --bench engine`), the chain unchanged.
+const YIELDS_BEFORE_SEALING: u32 = 3;
 
 /// How many more busy timeouts (10 s each) a checkpoint waits for the state file.
 const BUSY_RETRIES: u32 = 11;
