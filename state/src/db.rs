@@ -290,7 +290,7 @@ impl Db<'_> {
 
     pub(crate) fn commit(&mut self) -> Result<(), StoreError> {
         self.commit_or_tell().map_err(|failure| match failure {
-            CommitFailure::RolledBack(error) | CommitFailure::Unknown(error) => error,
+            CommitFailure::RolledBack(error) | CommitFailure::Unknown { error, .. } => error,
         })
     }
 

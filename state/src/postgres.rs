@@ -254,6 +254,7 @@ impl PgLocation {
             pending: Vec::new(),
             tx: Tx::Idle,
             serial_now: None,
+            xid: None,
             gathered: None,
             in_place: None,
         })
@@ -386,6 +387,9 @@ pub(crate) struct PgConn {
     /// "now" for everything in that transaction (fences, leases, claims), fetched in the same
     /// round trip as BEGIN instead of one more per use.
     serial_now: Option<DateTime<Utc>>,
+    /// The id of the last write transaction begun, once the server's answer gave it: what
+    /// tells, after a lost COMMIT answer, whether the transaction committed.
+    xid: Option<i64>,
     /// Rows gathered for one statement each (see [`PgConn::gather`]), by statement, in the
     /// order first used; `None` while each row goes as its own statement.
     gathered: Option<Vec<(&'static str, Vec<Value>)>>,
@@ -421,8 +425,23 @@ const BEGIN: &str = "BEGIN";
 fn writer_lock_sql() -> String {
     format!(
         "SELECT pg_advisory_xact_lock({WRITER_LOCK}), \
-         to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+         to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+         txid_current()"
     )
+}
+
+/// Whether transaction `?1` committed (`committed`, `aborted`, `in progress`): asked on a new
+/// session when a COMMIT's answer was lost with the session.
+pub(crate) fn status_of_transaction_sql() -> &'static str {
+    "SELECT txid_status(?1)"
+}
+
+/// The transaction's id the writer lock's statement answers with (its third column).
+fn xid_of(rows: &[tokio_postgres::Row]) -> Result<i64, StoreError> {
+    let row = rows
+        .first()
+        .ok_or_else(|| crate::error::corrupt("txid_current()", "no row"))?;
+    Ok(row.try_get::<_, i64>(2)?)
 }
 const COMMIT: &str = "COMMIT";
 
@@ -476,8 +495,10 @@ pub(crate) enum Check {
     /// The statement raises when its check fails; this turns the server's error into the
     /// store's (or leaves it, for an error of another kind).
     Raised(Raised),
-    /// The writer lock's answer: the clock kept as the transaction's now.
+    /// The writer lock's answer: the clock kept as the transaction's now, and its id.
     Clock,
+    /// The writer lock's answer when nothing needs the clock: only the transaction's id.
+    Xid,
 }
 
 /// Checks a deferred statement's rows, at the store's clock of the transaction.
@@ -493,8 +514,10 @@ pub(crate) enum CommitFailure {
     /// Refused before or by the server: nothing of the transaction is stored. The session
     /// may still be inside the transaction; roll it back.
     RolledBack(StoreError),
-    /// The session broke with the COMMIT in flight: whether it landed is unknown.
-    Unknown(StoreError),
+    /// The session broke with the COMMIT in flight: whether it landed is unknown here. `xid`
+    /// is the transaction's id when its answer came before the break: the server can then
+    /// say, on a new session, whether it committed (see [`status_of_transaction_sql`]).
+    Unknown { error: StoreError, xid: Option<i64> },
 }
 
 /// A parameter already in the server's binary format, so a deferred statement owns its
@@ -717,9 +740,7 @@ impl PgConn {
         check: Check,
     ) -> Result<(), StoreError> {
         self.flush_in_place()?;
-        let deferred = self.prepared(sql, args, check)?;
-        self.pending.push(deferred);
-        Ok(())
+        self.defer_reading(sql, args, check)
     }
 
     /// Queues a statement that only reads, and reads nothing rows gathered in place write: it
@@ -796,9 +817,10 @@ impl PgConn {
         let commit = self.statement(COMMIT).map_err(CommitFailure::RolledBack)?;
         let mut pending = std::mem::take(&mut self.pending);
         for deferred in &mut pending {
-            // Nothing asked for the transaction's clock before COMMIT: only its lock matters.
+            // Nothing asked for the transaction's clock before COMMIT: only its lock matters,
+            // and its id, in case the COMMIT's answer is lost.
             if matches!(deferred.check, Check::Clock) {
-                deferred.check = Check::Ran;
+                deferred.check = Check::Xid;
             }
         }
         let mut answers = self.send(&pending, Some(&commit));
@@ -813,7 +835,10 @@ impl PgConn {
         match outcome {
             Ok(()) => Ok(()),
             // COMMIT was in flight: it may have landed before the session broke.
-            Err(error) if error.is_connection_lost() => Err(CommitFailure::Unknown(error)),
+            Err(error) if error.is_connection_lost() => Err(CommitFailure::Unknown {
+                error,
+                xid: self.xid,
+            }),
             Err(error) => Err(CommitFailure::RolledBack(error)),
         }
     }
@@ -857,7 +882,11 @@ impl PgConn {
             };
             match rows {
                 (_, Check::Ran | Check::Raised(_)) => {}
-                (rows, Check::Clock) => self.serial_now = Some(clock_of(&rows)?),
+                (rows, Check::Clock) => {
+                    self.serial_now = Some(clock_of(&rows)?);
+                    self.xid = Some(xid_of(&rows)?);
+                }
+                (rows, Check::Xid) => self.xid = Some(xid_of(&rows)?),
                 (rows, Check::Rows(then)) => {
                     let now = self.serial_now.ok_or_else(|| {
                         crate::error::corrupt(
@@ -878,6 +907,7 @@ impl PgConn {
         self.settle()?;
         self.defer(BEGIN, &[], Check::Ran)?;
         self.defer(&writer_lock_sql(), &[], Check::Clock)?;
+        self.xid = None;
         self.tx = Tx::Unsent;
         Ok(())
     }

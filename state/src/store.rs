@@ -258,6 +258,23 @@ impl Store {
         Ok(())
     }
 
+    /// What the PostgreSQL server says of transaction `xid` (`committed`, `aborted`,
+    /// `in progress`, or nothing when it no longer knows it); nothing for a file store, whose
+    /// commits are never in doubt.
+    pub(crate) fn transaction_status(&mut self, xid: i64) -> Result<Option<String>, StoreError> {
+        if !matches!(self.backend, Backend::Postgres(_)) {
+            return Ok(None);
+        }
+        Ok(self
+            .db()
+            .query_opt(
+                crate::postgres::status_of_transaction_sql(),
+                args![xid],
+                |row| row.get::<Option<String>>(0),
+            )?
+            .flatten())
+    }
+
     /// Applies writes in one transaction, for callers that do not need group commit.
     pub fn commit(&mut self, writes: &[crate::Write]) -> Result<(), StoreError> {
         self.db().transaction(|tx| {

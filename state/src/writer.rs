@@ -157,6 +157,18 @@ enum Attempt {
     /// The session broke before COMMIT was sent: nothing of the batch is stored, and the whole
     /// batch may be tried again on a new session.
     SessionLost(StoreError),
+    /// The session broke with the batch's COMMIT in flight, after the transaction's id came.
+    InDoubt(Box<InDoubt>),
+}
+
+/// A transaction whose COMMIT was in flight when the session broke (`error`): the server is
+/// asked on a new session whether transaction `xid` committed. If it did, each checkpoint's
+/// result is its entry in `if_committed`; if it rolled back, nothing is stored and the batch
+/// may go again.
+struct InDoubt {
+    xid: i64,
+    error: StoreError,
+    if_committed: Vec<Result<(), StoreError>>,
 }
 
 fn commit_batch(store: &mut Store, batch: &[Checkpoint]) -> Vec<Result<(), StoreError>> {
@@ -167,6 +179,19 @@ fn commit_batch(store: &mut Store, batch: &[Checkpoint]) -> Vec<Result<(), Store
             Ok(_) => match try_batch(store, batch) {
                 Attempt::Done(results) => return results,
                 Attempt::SessionLost(error) => error,
+                Attempt::InDoubt(in_doubt) => match committed(store, in_doubt.xid) {
+                    Ok(true) => {
+                        tracing::warn!(error = %in_doubt.error, xid = in_doubt.xid, "the state database session broke with a COMMIT in flight; the server says it committed");
+                        return in_doubt.if_committed;
+                    }
+                    Ok(false) => {
+                        tracing::warn!(error = %in_doubt.error, xid = in_doubt.xid, "the state database session broke with a COMMIT in flight; the server says it rolled back, so the batch goes again");
+                        in_doubt.error
+                    }
+                    Err(why) => {
+                        return all_failed(batch, commit_unknown(in_doubt.error, Some(why)));
+                    }
+                },
             },
             Err(error) => error,
         };
@@ -185,6 +210,50 @@ fn commit_batch(store: &mut Store, batch: &[Checkpoint]) -> Vec<Result<(), Store
         tracing::warn!(error = %lost, "the state database session broke; reconnecting");
         std::thread::sleep(pause);
         pause = (pause * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+/// How long the server may still say a transaction whose COMMIT's answer was lost is in
+/// progress: until its old session is ended (at once when the connection closed;
+/// `idle_in_transaction_session_timeout`, 10 s, when the connection is silent).
+const IN_DOUBT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether transaction `xid`, whose COMMIT's answer was lost with its session, committed: the
+/// server's own record, asked on a new session (within bounds: reaching the server for
+/// [`RECONNECT_FOR`], the transaction ending for [`IN_DOUBT_FOR`]). Without an answer, why.
+fn committed(store: &mut Store, xid: i64) -> Result<bool, String> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        let status = store
+            .reconnect_if_lost()
+            .and_then(|()| store.transaction_status(xid));
+        let waited = started.elapsed();
+        match status {
+            Ok(Some(status)) if status == "committed" => return Ok(true),
+            Ok(Some(status)) if status == "aborted" => return Ok(false),
+            Ok(status) if waited >= IN_DOUBT_FOR => {
+                return Err(format!(
+                    "after {} s the server still says transaction {xid} is {}",
+                    IN_DOUBT_FOR.as_secs(),
+                    status.as_deref().unwrap_or("unknown to it")
+                ));
+            }
+            Ok(_) => {}
+            Err(error)
+                if error.is_connection_lost() || matches!(error, StoreError::Connect { .. }) =>
+            {
+                if waited >= RECONNECT_FOR {
+                    return Err(format!(
+                        "the state database was unreachable for {} s ({error})",
+                        RECONNECT_FOR.as_secs()
+                    ));
+                }
+            }
+            Err(error) => return Err(error.to_string()),
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_secs(2));
     }
 }
 
@@ -229,9 +298,19 @@ fn try_batch(store: &mut Store, batch: &[Checkpoint]) -> Attempt {
             };
         match outcome {
             Ok(()) => return Attempt::Done(batch.iter().map(|_| Ok(())).collect()),
-            // Never tried again: that could record a transition twice.
-            Err(CommitFailure::Unknown(error)) => {
-                return Attempt::Done(all_failed(batch, commit_unknown(error)));
+            // Never tried again blindly: that could record a transition twice.
+            Err(CommitFailure::Unknown {
+                error,
+                xid: Some(xid),
+            }) => {
+                return Attempt::InDoubt(Box::new(InDoubt {
+                    xid,
+                    error,
+                    if_committed: batch.iter().map(|_| Ok(())).collect(),
+                }));
+            }
+            Err(CommitFailure::Unknown { error, xid: None }) => {
+                return Attempt::Done(all_failed(batch, commit_unknown(error, None)));
             }
             // Before COMMIT was sent: nothing is stored, and all may go again.
             Err(CommitFailure::RolledBack(error)) if error.is_connection_lost() => {
@@ -281,11 +360,19 @@ fn try_batch(store: &mut Store, batch: &[Checkpoint]) -> Attempt {
         }
         results.push(result);
     }
-    match tx.commit() {
+    match tx.commit_or_tell() {
         Ok(()) => Attempt::Done(results),
-        Err(error) => {
+        Err(CommitFailure::Unknown {
+            error,
+            xid: Some(xid),
+        }) => Attempt::InDoubt(Box::new(InDoubt {
+            xid,
+            error,
+            if_committed: results,
+        })),
+        Err(CommitFailure::Unknown { error, xid: None } | CommitFailure::RolledBack(error)) => {
             tx.rollback();
-            Attempt::Done(all_failed(batch, commit_unknown(error)))
+            Attempt::Done(all_failed(batch, commit_unknown(error, None)))
         }
     }
 }
@@ -302,14 +389,18 @@ fn all_failed(batch: &[Checkpoint], error: StoreError) -> Vec<Result<(), StoreEr
         .collect()
 }
 
-/// A COMMIT that failed: on a broken session nobody can tell whether it landed, so it is never
-/// tried again (that could record a transition twice) and never acknowledged.
-fn commit_unknown(error: StoreError) -> StoreError {
+/// A COMMIT that failed: on a broken session, unless the server could say whether it landed
+/// (`unanswered` says why it could not), it is never tried again (that could record a
+/// transition twice) and never acknowledged.
+fn commit_unknown(error: StoreError, unanswered: Option<String>) -> StoreError {
     if error.is_connection_lost() {
+        let asked = unanswered
+            .map(|why| format!(", and the server could not say whether it landed: {why}"))
+            .unwrap_or_default();
         StoreError::CommitFailed(format!(
-            "the state database session broke while committing ({error}); whether the last \
-             checkpoint was stored is unknown, so the run stops here: `kmsflow resume` observes \
-             the world again and goes on from what is stored"
+            "the state database session broke while committing ({error}){asked}; whether the \
+             last checkpoint was stored is unknown, so the run stops here: `kmsflow resume` \
+             observes the world again and goes on from what is stored"
         ))
     } else {
         error

@@ -646,6 +646,14 @@ fn a_batchs_step_outcomes_land_in_the_order_they_were_written(fresh: Fresh) {
         at: Utc::now(),
     };
     use kmsflow_state::Outcome::{Created, Unchanged, Updated};
+    let applying = |step: &str, attempt: u32, was: &str| Write::StepApplying {
+        run_id: "run-1".into(),
+        step_id: step.into(),
+        attempt,
+        before_image: json!({ "was": was }),
+        planned_outcome: Updated,
+        at: Utc::now(),
+    };
     let checkpoints = vec![
         vec![
             fence("run-1", &one),
@@ -679,14 +687,7 @@ fn a_batchs_step_outcomes_land_in_the_order_they_were_written(fresh: Fresh) {
         // Another kind of write to the same step, before its outcome.
         vec![
             fence("run-1", &one),
-            Write::StepApplying {
-                run_id: "run-1".into(),
-                step_id: "d".into(),
-                attempt: 1,
-                before_image: json!({"was": "pmk"}),
-                planned_outcome: Updated,
-                at: Utc::now(),
-            },
+            applying("d", 1, "pmk"),
             succeeded("run-1", "d", 1, Updated, 7),
         ],
         // And one after it, sent without waiting like the outcome: it must still come after.
@@ -694,17 +695,7 @@ fn a_batchs_step_outcomes_land_in_the_order_they_were_written(fresh: Fresh) {
             fence("run-1", &one),
             succeeded("run-1", "e", 1, Unchanged, 8),
         ],
-        vec![
-            fence("run-1", &one),
-            Write::StepApplying {
-                run_id: "run-1".into(),
-                step_id: "e".into(),
-                attempt: 2,
-                before_image: json!({"was": "cmk"}),
-                planned_outcome: Updated,
-                at: Utc::now(),
-            },
-        ],
+        vec![fence("run-1", &one), applying("e", 2, "cmk")],
     ];
     for result in commit_together(store, checkpoints) {
         result.unwrap();
