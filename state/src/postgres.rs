@@ -432,9 +432,7 @@ fn writer_lock_sql() -> String {
 
 /// Whether transaction `?1` committed (`committed`, `aborted`, `in progress`): asked on a new
 /// session when a COMMIT's answer was lost with the session.
-pub(crate) fn status_of_transaction_sql() -> &'static str {
-    "SELECT txid_status(?1)"
-}
+pub(crate) const STATUS_OF_TRANSACTION: &str = "SELECT txid_status(?1)";
 
 /// The transaction's id the writer lock's statement answers with (its third column).
 fn xid_of(rows: &[tokio_postgres::Row]) -> Result<i64, StoreError> {
@@ -516,7 +514,7 @@ pub(crate) enum CommitFailure {
     RolledBack(StoreError),
     /// The session broke with the COMMIT in flight: whether it landed is unknown here. `xid`
     /// is the transaction's id when its answer came before the break: the server can then
-    /// say, on a new session, whether it committed (see [`status_of_transaction_sql`]).
+    /// say, on a new session, whether it committed (see [`STATUS_OF_TRANSACTION`]).
     Unknown { error: StoreError, xid: Option<i64> },
 }
 

@@ -267,11 +267,9 @@ impl Store {
         }
         Ok(self
             .db()
-            .query_opt(
-                crate::postgres::status_of_transaction_sql(),
-                args![xid],
-                |row| row.get::<Option<String>>(0),
-            )?
+            .query_opt(crate::postgres::STATUS_OF_TRANSACTION, args![xid], |row| {
+                row.get::<Option<String>>(0)
+            })?
             .flatten())
     }
 
