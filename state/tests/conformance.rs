@@ -11,6 +11,9 @@ use kmsflow_state::{
 };
 use serde_json::json;
 
+mod support;
+use support::commit_together;
+
 /// A fresh, empty store of each kind; the folder keeps a SQLite file alive.
 struct Fresh {
     location: Location,
@@ -294,29 +297,6 @@ fn a_failed_checkpoint_in_a_batch_fails_alone_and_stores_nothing_of_itself(fresh
         store.events("dup").unwrap().is_empty(),
         "nothing of the failed one"
     );
-}
-
-/// Commits `checkpoints` through a writer held busy until all are queued, so they go as one
-/// batch; each one's result, in order. The writer is gone when this returns.
-fn commit_together(store: Store, checkpoints: Vec<Vec<Write>>) -> Vec<Result<(), StoreError>> {
-    let (writer, thread) = Writer::spawn(store);
-    let (release, hold) = mpsc::channel::<()>();
-    writer.run(Box::new(move |_| {
-        let _ = hold.recv();
-    }));
-    let results: Vec<_> = checkpoints
-        .into_iter()
-        .map(|writes| {
-            let (done, result) = mpsc::channel();
-            writer.submit(writes, Box::new(move |r| done.send(r).unwrap()));
-            result
-        })
-        .collect();
-    release.send(()).unwrap();
-    let results = results.into_iter().map(|r| r.recv().unwrap()).collect();
-    drop(writer);
-    thread.join();
-    results
 }
 
 fn elsewhere(pid: u32) -> LockOwner {

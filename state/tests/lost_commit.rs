@@ -9,14 +9,17 @@
 use std::io::{Read, Write as _};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use kmsflow_state::{
-    Durability, Location, LockOwner, NewRun, Outcome, StepStatus, Store, StoreError, Write, Writer,
+    Durability, Location, LockOwner, NewRun, Outcome, StepStatus, Store, StoreError, Write,
 };
 use serde_json::json;
+
+mod support;
+use support::commit_together;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Fault {
@@ -271,32 +274,6 @@ fn checkpoint(step: &str, token: i64) -> Vec<Write> {
     ]
 }
 
-/// Commits `checkpoints` through a writer on `location`, together; each one's result.
-fn commit_together(
-    location: &Location,
-    checkpoints: Vec<Vec<Write>>,
-) -> Vec<Result<(), StoreError>> {
-    let store = Store::open(location, Durability::Full).unwrap();
-    let (writer, thread) = Writer::spawn(store);
-    let (release, hold) = mpsc::channel::<()>();
-    writer.run(Box::new(move |_| {
-        let _ = hold.recv();
-    }));
-    let answers: Vec<_> = checkpoints
-        .into_iter()
-        .map(|writes| {
-            let (done, answer) = mpsc::channel();
-            writer.submit(writes, Box::new(move |result| done.send(result).unwrap()));
-            answer
-        })
-        .collect();
-    release.send(()).unwrap();
-    let results = answers.into_iter().map(|a| a.recv().unwrap()).collect();
-    drop(writer);
-    thread.join();
-    results
-}
-
 /// How many times `step` was recorded as succeeded, and where it stands.
 fn recorded(url: &str, step: &str) -> (usize, StepStatus) {
     let store = Store::open(&Location::parse(url).unwrap(), Durability::Full).unwrap();
@@ -316,12 +293,26 @@ fn recorded(url: &str, step: &str) -> (usize, StepStatus) {
     (times, status)
 }
 
+/// Commits `checkpoints` (given the run's lock token) together through the proxy with `fault`
+/// armed, once the proxy made it; the database's URL and each checkpoint's result.
+fn commit_with(
+    fault: Fault,
+    steps: &[&str],
+    checkpoints: impl FnOnce(i64) -> Vec<Vec<Write>>,
+) -> (String, Vec<Result<(), StoreError>>) {
+    let (url, proxy, token) = setup(steps);
+    proxy.arm(fault);
+    let store = Store::open(&through(&proxy, &url), Durability::Full).unwrap();
+    let results = commit_together(store, checkpoints(token));
+    assert_eq!(proxy.faults_made(), 1, "{fault:?} was made");
+    (url, results)
+}
+
 #[test]
 fn a_commit_whose_answer_was_lost_is_acknowledged_once_the_server_says_it_committed() {
-    let (url, proxy, token) = setup(&["a"]);
-    proxy.arm(Fault::LoseCommitAnswer);
-    let results = commit_together(&through(&proxy, &url), vec![checkpoint("a", token)]);
-    assert_eq!(proxy.faults_made(), 1, "the answer to COMMIT was lost");
+    let (url, results) = commit_with(Fault::LoseCommitAnswer, &["a"], |token| {
+        vec![checkpoint("a", token)]
+    });
     assert!(results[0].is_ok(), "{results:?}");
     assert_eq!(
         recorded(&url, "a"),
@@ -332,10 +323,9 @@ fn a_commit_whose_answer_was_lost_is_acknowledged_once_the_server_says_it_commit
 
 #[test]
 fn a_commit_that_never_reached_the_server_is_made_again_once() {
-    let (url, proxy, token) = setup(&["a"]);
-    proxy.arm(Fault::WithholdCommit);
-    let results = commit_together(&through(&proxy, &url), vec![checkpoint("a", token)]);
-    assert_eq!(proxy.faults_made(), 1, "COMMIT was withheld");
+    let (url, results) = commit_with(Fault::WithholdCommit, &["a"], |token| {
+        vec![checkpoint("a", token)]
+    });
     assert!(results[0].is_ok(), "{results:?}");
     assert_eq!(
         recorded(&url, "a"),
@@ -348,13 +338,9 @@ fn a_commit_that_never_reached_the_server_is_made_again_once() {
 /// COMMIT is lost, each checkpoint still gets its own result, and the good one is stored once.
 #[test]
 fn a_lost_answer_after_savepoints_keeps_each_checkpoints_own_result() {
-    let (url, proxy, token) = setup(&["a", "b"]);
-    proxy.arm(Fault::LoseCommitAnswer);
-    let results = commit_together(
-        &through(&proxy, &url),
-        vec![checkpoint("a", token), checkpoint("b", token - 1)],
-    );
-    assert_eq!(proxy.faults_made(), 1, "the answer to COMMIT was lost");
+    let (url, results) = commit_with(Fault::LoseCommitAnswer, &["a", "b"], |token| {
+        vec![checkpoint("a", token), checkpoint("b", token - 1)]
+    });
     assert!(results[0].is_ok(), "{results:?}");
     assert!(
         matches!(&results[1], Err(StoreError::LeaseLost { .. })),
