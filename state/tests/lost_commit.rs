@@ -308,11 +308,9 @@ fn commit_with(
     (url, results)
 }
 
-#[test]
-fn a_commit_whose_answer_was_lost_is_acknowledged_once_the_server_says_it_committed() {
-    let (url, results) = commit_with(Fault::LoseCommitAnswer, &["a"], |token| {
-        vec![checkpoint("a", token)]
-    });
+/// One checkpoint through `fault`: acknowledged, and stored exactly once.
+fn stored_once_after(fault: Fault) {
+    let (url, results) = commit_with(fault, &["a"], |token| vec![checkpoint("a", token)]);
     assert!(results[0].is_ok(), "{results:?}");
     assert_eq!(
         recorded(&url, "a"),
@@ -322,16 +320,13 @@ fn a_commit_whose_answer_was_lost_is_acknowledged_once_the_server_says_it_commit
 }
 
 #[test]
+fn a_commit_whose_answer_was_lost_is_acknowledged_once_the_server_says_it_committed() {
+    stored_once_after(Fault::LoseCommitAnswer);
+}
+
+#[test]
 fn a_commit_that_never_reached_the_server_is_made_again_once() {
-    let (url, results) = commit_with(Fault::WithholdCommit, &["a"], |token| {
-        vec![checkpoint("a", token)]
-    });
-    assert!(results[0].is_ok(), "{results:?}");
-    assert_eq!(
-        recorded(&url, "a"),
-        (1, StepStatus::Succeeded),
-        "stored once"
-    );
+    stored_once_after(Fault::WithholdCommit);
 }
 
 /// A batch with a fenced checkpoint goes again with a savepoint each; when the answer to that
