@@ -72,8 +72,8 @@ struct Connection {
     made: Arc<AtomicUsize>,
     /// The name the client prepared COMMIT under.
     commit_statement: Mutex<Option<Vec<u8>>>,
-    /// Syncs passed to the server, and ReadyForQuery answers passed back: equal once the
-    /// client has every answer to what it sent.
+    /// Messages passed to the server that each get one ReadyForQuery, and the ReadyForQuery
+    /// answers passed back: equal once the client has every answer to what it sent.
     syncs: AtomicUsize,
     ready: AtomicUsize,
 }
@@ -179,7 +179,8 @@ impl Connection {
             if write_message(&mut to, kind, typed, &body).is_none() {
                 return;
             }
-            if typed && kind == b'S' {
+            // Each of these gets one ReadyForQuery: the startup message, a Sync, a simple query.
+            if !typed || kind == b'S' || kind == b'Q' {
                 self.syncs.fetch_add(1, Ordering::SeqCst);
             }
             typed = true;
