@@ -962,6 +962,95 @@ fn three_workers_one_killed_every_queued_cluster_converges_exactly_once() {
     every_cluster_converged_once(&served, n);
 }
 
+/// A worker sent SIGTERM in the middle of a queued run drains like Ctrl-C: its running step
+/// (the cluster's PUT) finishes and is checkpointed, the worker exits 0, and the run goes back
+/// on the queue at once. Another worker resumes it long before the claim's lease would have
+/// run out, observes the PUT done, and sends no write again.
+#[test]
+fn a_worker_drained_in_the_middle_of_a_run_gives_it_back_and_another_finishes_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = fleet(dir.path(), 1, 1500);
+    let queued = served
+        .kmsflow(
+            dir.path(),
+            &[
+                "run",
+                "pmk-existing-cluster",
+                "-p",
+                "resource_group=rg-east",
+                "-p",
+                "cluster=aks-000",
+                "--queue",
+                "east",
+                "--detach",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(queued.status.success(), "{}", stderr(&queued));
+    let id = String::from_utf8_lossy(&queued.stdout).trim().to_owned();
+    // A lease far longer than the test: only the release can pass the run on in time.
+    let worker = |host: &str| {
+        served
+            .kmsflow(
+                dir.path(),
+                &["worker", "--queue", "east", "--concurrency", "1"],
+            )
+            .env("KMSFLOW_HOST_ID", host)
+            .env("KMSFLOW_LOCK_LEASE", "600")
+            .env("KMSFLOW_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(format!("{host}.log"))).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = worker("worker-1");
+    until_writes(&served, &mut first, 1);
+    let drained_at = Instant::now();
+    drain(std::iter::once(first));
+    let log = |host: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{host}.log"))).unwrap_or_default()
+    };
+    assert!(log("worker-1").contains("draining"), "{}", log("worker-1"));
+    let shown = |id: &str| -> Value {
+        let out = served
+            .kmsflow(dir.path(), &["show", id, "--output", "json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    assert_ne!(
+        shown(&id)["status"],
+        "succeeded",
+        "the drain stopped the run"
+    );
+    let writes_when_drained = served.writes();
+
+    let second = worker("worker-2");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shown(&id)["status"] != "succeeded" {
+        assert!(
+            Instant::now() < deadline,
+            "the run did not end: {:#}\n{}",
+            shown(&id),
+            log("worker-2")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        drained_at.elapsed() < Duration::from_secs(120),
+        "passed on by the release, not after the 600 s lease"
+    );
+    drain(std::iter::once(second));
+    assert!(log("worker-2").contains("resuming"), "{}", log("worker-2"));
+    assert_eq!(
+        served.writes(),
+        writes_when_drained,
+        "the resumed run sent no write again"
+    );
+    every_cluster_converged_once(&served, 1);
+}
+
 /// `targets.csv` in `dir`: the `n` clusters of [`fleet`], one per row.
 fn targets_file(dir: &Path, n: usize) {
     let rows: String = std::iter::once("cluster\n".to_owned())
