@@ -229,12 +229,9 @@ impl Drive {
             error: outcome.as_ref().err().map(ToString::to_string),
             at: Utc::now(),
         };
-        let engine = self.engine.clone();
-        let released = tokio::task::spawn_blocking(move || {
-            Store::open(&engine.state, engine.durability)?.commit(&[release])
-        })
-        .await
-        .expect("the release does not panic");
+        // Through the worker's own writer: its session, and a commit shared with the runs'
+        // checkpoints, rather than a new database session for every run that ends.
+        let released = self.launcher.checkpoints().commit(vec![release]).await;
         if let Err(error) = released {
             // The claim runs out on its own and another worker resumes the run.
             tracing::warn!(run = %id, %error, "could not give the queued run back");
