@@ -247,6 +247,27 @@ impl Store {
         Ok(Some(QueuedEnd::NotStarted { error }))
     }
 
+    /// Which of `ids` have ended as far as the queue tells (their entry is done, or there is
+    /// none): one query for all of a rollout's targets in flight, where [`Store::queued_end`]
+    /// then reads how each ended.
+    pub fn queued_ended(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let ids_json = serde_json::to_string(ids).expect("strings serialize");
+        let elements = if self.backend_name() == "postgres" {
+            "SELECT value FROM jsonb_array_elements_text(?1::text::jsonb) AS e(value)"
+        } else {
+            "SELECT value FROM json_each(?1)"
+        };
+        self.db().query(
+            &format!(
+                "SELECT value FROM ({elements}) AS asked
+                  WHERE NOT EXISTS (SELECT 1 FROM run_queue q
+                                     WHERE q.id = asked.value AND q.status <> 'done')"
+            ),
+            args![ids_json],
+            |row| row.get(0),
+        )
+    }
+
     /// Claims up to `max` runs of `queue` for `worker` for `lease`: entries waiting, and
     /// entries whose claim ran out (their worker stopped). Oldest first.
     pub fn claim_queued(

