@@ -880,26 +880,7 @@ fn three_workers_one_killed_every_queued_cluster_converges_exactly_once() {
     let lease = "4";
     let mut ids = Vec::new();
     for i in 0..n {
-        let cluster = format!("cluster=aks-{i:03}");
-        let queued = served
-            .kmsflow(
-                dir.path(),
-                &[
-                    "run",
-                    "pmk-existing-cluster",
-                    "-p",
-                    "resource_group=rg-east",
-                    "-p",
-                    &cluster,
-                    "--queue",
-                    "east",
-                    "--detach",
-                ],
-            )
-            .output()
-            .unwrap();
-        assert!(queued.status.success(), "{}", stderr(&queued));
-        ids.push(String::from_utf8_lossy(&queued.stdout).trim().to_owned());
+        ids.push(cluster_run_queued(&served, dir.path(), i));
     }
     assert_eq!(served.writes(), 0, "queueing changes nothing");
     // Everyone sees what waits: `runs` lists the queued runs, `show` says where one waits.
@@ -970,40 +951,10 @@ fn three_workers_one_killed_every_queued_cluster_converges_exactly_once() {
 fn a_worker_drained_in_the_middle_of_a_run_gives_it_back_and_another_finishes_it_once() {
     let dir = tempfile::tempdir().unwrap();
     let served = fleet(dir.path(), 1, 1500);
-    let queued = served
-        .kmsflow(
-            dir.path(),
-            &[
-                "run",
-                "pmk-existing-cluster",
-                "-p",
-                "resource_group=rg-east",
-                "-p",
-                "cluster=aks-000",
-                "--queue",
-                "east",
-                "--detach",
-            ],
-        )
-        .output()
-        .unwrap();
-    assert!(queued.status.success(), "{}", stderr(&queued));
-    let id = String::from_utf8_lossy(&queued.stdout).trim().to_owned();
+    let id = cluster_run_queued(&served, dir.path(), 0);
     // A lease far longer than the test: only the release can pass the run on in time.
-    let worker = |host: &str| {
-        served
-            .kmsflow(
-                dir.path(),
-                &["worker", "--queue", "east", "--concurrency", "1"],
-            )
-            .env("KMSFLOW_HOST_ID", host)
-            .env("KMSFLOW_LOCK_LEASE", "600")
-            .env("KMSFLOW_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join(format!("{host}.log"))).unwrap())
-            .spawn()
-            .unwrap()
-    };
+    let env = [("KMSFLOW_LOCK_LEASE", "600"), ("KMSFLOW_LOG", "info")];
+    let worker = |host: &str| one_slot_worker(&served, dir.path(), host, &env);
     let mut first = worker("worker-1");
     until_writes(&served, &mut first, 1);
     let drained_at = Instant::now();
@@ -1049,6 +1000,44 @@ fn a_worker_drained_in_the_middle_of_a_run_gives_it_back_and_another_finishes_it
         "the resumed run sent no write again"
     );
     every_cluster_converged_once(&served, 1);
+}
+
+/// Runs `kmsflow run ARGS --detach` and returns the queued id it printed.
+fn detached(served: &Served, dir: &Path, args: &[&str]) -> String {
+    let args: Vec<&str> = ["run"]
+        .iter()
+        .chain(args)
+        .chain(&["--detach"])
+        .copied()
+        .collect();
+    let queued = served.kmsflow(dir, &args).output().unwrap();
+    assert!(queued.status.success(), "{}", stderr(&queued));
+    String::from_utf8_lossy(&queued.stdout).trim().to_owned()
+}
+
+/// `pmk-existing-cluster` for [`fleet`]'s cluster `i`, queued on `east`; the run's id.
+fn cluster_run_queued(served: &Served, dir: &Path, i: usize) -> String {
+    let cluster = format!("cluster=aks-{i:03}");
+    let args = [
+        "pmk-existing-cluster",
+        "-p",
+        "resource_group=rg-east",
+        "-p",
+        &cluster,
+    ];
+    detached(served, dir, &[&args[..], &["--queue", "east"]].concat())
+}
+
+/// A worker on queue `east` with one slot, as host `host`, logging to `HOST.log` in `dir`.
+fn one_slot_worker(served: &Served, dir: &Path, host: &str, env: &[(&str, &str)]) -> Child {
+    served
+        .kmsflow(dir, &["worker", "--queue", "east", "--concurrency", "1"])
+        .env("KMSFLOW_HOST_ID", host)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{host}.log"))).unwrap())
+        .spawn()
+        .unwrap()
 }
 
 /// `targets.csv` in `dir`: the `n` clusters of [`fleet`], one per row.
@@ -1308,42 +1297,25 @@ fn rolling_back_a_distributed_rollout_takes_its_waiting_targets_off_the_queue() 
     let dir = tempfile::tempdir().unwrap();
     let served = fleet(dir.path(), n, 1500);
     targets_file(dir.path(), n);
-    let queued = served
-        .kmsflow(
-            dir.path(),
-            &[
-                "run",
-                "pmk-existing-cluster",
-                "-p",
-                "resource_group=rg-east",
-                "--targets",
-                "targets.csv",
-                "--waves",
-                "100%",
-                "--concurrency",
-                "4",
-                "--distribute",
-                "--queue",
-                "east",
-                "--detach",
-            ],
-        )
-        .output()
-        .unwrap();
-    assert!(queued.status.success(), "{}", stderr(&queued));
-    let id = String::from_utf8_lossy(&queued.stdout).trim().to_owned();
-    let worker = |host: &str| {
-        served
-            .kmsflow(
-                dir.path(),
-                &["worker", "--queue", "east", "--concurrency", "1"],
-            )
-            .env("KMSFLOW_HOST_ID", host)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join(format!("{host}.log"))).unwrap())
-            .spawn()
-            .unwrap()
-    };
+    let id = detached(
+        &served,
+        dir.path(),
+        &[
+            "pmk-existing-cluster",
+            "-p",
+            "resource_group=rg-east",
+            "--targets",
+            "targets.csv",
+            "--waves",
+            "100%",
+            "--concurrency",
+            "4",
+            "--distribute",
+            "--queue",
+            "east",
+        ],
+    );
+    let worker = |host: &str| one_slot_worker(&served, dir.path(), host, &[]);
     let mut first = worker("worker-1");
     // Its one slot is in the first target's PUT; three more targets wait on the queue.
     until_writes(&served, &mut first, 1);
