@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kmsflow_engine::executor::{ExecOptions, RunSummary};
+use kmsflow_engine::executor::{ExecOptions, NoReturn, RunSummary};
 use kmsflow_engine::launch::{self, Continuation, Engine, RollbackRequest, RunRequest};
 use kmsflow_engine::params::{self, BoundParams, ParamSources};
 use kmsflow_engine::progress::ProgressSink;
@@ -820,11 +820,11 @@ async fn run(
     let compiled = compile_loaded(&loaded)?;
     let bound = bind(&compiled, &param_sources(context, args)?)?;
     let engine = context.engine()?;
-    confirm_run(&compiled, &bound, &engine, yes).await?;
+    let no_return = confirm_run(&compiled, &bound, &engine, yes, true).await?;
     // The bundled check's findings exit as `kmsflow check`'s do, so a schedule or CI job
     // running it pages on the same codes.
     let judges = loaded.reference == "bundled:rotation-check";
-    let request = request(
+    let mut request = request(
         context,
         compiled,
         loaded.reference,
@@ -832,6 +832,7 @@ async fn run(
         bound,
         concurrency,
     );
+    request.options.no_return = no_return;
     let summary = launch::start(&engine, request).await?;
     let worst = summary
         .outputs
@@ -846,24 +847,50 @@ async fn run(
 }
 
 /// Asks before a run that may pass a point of no return no `approve` step guards (refused
-/// without a terminal unless `yes`).
+/// without a terminal unless `yes`); what the run's steps do with one found only at apply.
+///
+/// With `at_apply` (the run goes in this process), a point the plan can only call "may be"
+/// (known after apply) does not refuse a run without a terminal: the step's own plan, made
+/// just before it applies, knows, and refuses it then if it is one ([`NoReturn::Refuse`]). A
+/// new cluster created with CMK is thus no question at all. A queued run is decided here,
+/// whole: its worker has nobody to ask.
 pub(crate) async fn confirm_run(
     compiled: &CompiledRunbook,
     bound: &BoundParams,
     engine: &Engine,
     yes: bool,
-) -> Result<(), Failure> {
+    at_apply: bool,
+) -> Result<NoReturn, Failure> {
     let ungated = |s: &kmsflow_engine::runbook::CompiledStep| {
         s.may_be_irreversible && !compiled.approval_before(&s.id)
     };
-    if !yes && compiled.steps.iter().any(ungated) {
-        // Only the plan knows whether this run would pass the point (a cluster already
-        // encrypted will not), so a rerun is not asked about what it will not do.
-        let previews = kmsflow_engine::preview::preview(compiled, bound, &engine.registry).await;
-        let points = crate::confirm::points_of_no_return(compiled, &previews);
-        crate::confirm::confirm("run passes a point of no return", &points, false)?;
+    if yes || !compiled.steps.iter().any(ungated) {
+        return Ok(NoReturn::Proceed);
     }
-    Ok(())
+    // Only the plan knows whether this run would pass the point (a cluster already
+    // encrypted will not), so a rerun is not asked about what it will not do.
+    let previews = kmsflow_engine::preview::preview(compiled, bound, &engine.registry).await;
+    let points = crate::confirm::points_of_no_return(compiled, &previews);
+    if !at_apply || crate::confirm::can_ask() {
+        crate::confirm::confirm("run passes a point of no return", &points, false)?;
+        return Ok(NoReturn::Proceed);
+    }
+    let sure = |point: &crate::confirm::Consequence| {
+        previews
+            .iter()
+            .any(|p| p.step_id == point.step_id && p.irreversible.is_some())
+    };
+    let (sure, maybe): (Vec<_>, Vec<_>) = points.into_iter().partition(sure);
+    crate::confirm::confirm("run passes a point of no return", &sure, false)?;
+    for point in &maybe {
+        crate::output::note!(
+            "`{}` {}: with no terminal to ask, its plan is made again just before it applies, \
+             and it is refused then if it is one (pass `--yes` to go ahead)",
+            point.step_id,
+            point.what
+        );
+    }
+    Ok(NoReturn::Refuse)
 }
 
 /// What the user allowed `resume` to change on purpose.

@@ -55,7 +55,7 @@ pub async fn enqueue(context: &Context, asked: Enqueue<'_>) -> Result<u8, Failur
         )));
     }
     let engine = context.engine()?;
-    crate::commands::confirm_run(&compiled, &bound, &engine, asked.yes).await?;
+    crate::commands::confirm_run(&compiled, &bound, &engine, asked.yes, false).await?;
     let now = Utc::now();
     let id = launch::new_run_id(now);
     let queued = NewQueued {

@@ -77,6 +77,76 @@ fn without_a_terminal_a_run_past_a_point_of_no_return_needs_yes_and_changes_noth
     );
 }
 
+/// The cluster's KMS and infrastructure encryption, as the sandbox's world holds it.
+fn cluster_encryption(dir: &Path) -> Value {
+    let world: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state.sandbox.json")).unwrap()).unwrap();
+    let cluster = world["resources"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(id, _)| id.contains("/managedclusters/"))
+        .map(|(_, cluster)| cluster.clone())
+        .unwrap();
+    cluster["properties"]["securityProfile"]["kubernetesResourceObjectEncryptionProfile"].clone()
+}
+
+/// The README's first command without `--yes` and without a terminal: the cluster step's plan
+/// up front can only say "may be" (its inputs come from the key made before it); made again
+/// just before it applies, it creates a new cluster, which takes nothing back, so nobody
+/// needs to be asked and the run goes through.
+#[test]
+fn without_a_terminal_a_new_cluster_with_cmk_needs_no_yes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = output(
+        dir.path(),
+        &["run", "cmk-private-vault-new-cluster", "--sandbox"],
+    );
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(0), "{said}");
+    assert!(said.contains("may be a point of no return"), "{said}");
+    assert_eq!(runs(dir.path())[0]["status"], "succeeded");
+}
+
+/// Without a terminal, a point of no return the plan up front could only call "may be" is
+/// refused when the step's own plan, just before it applies, says it is one: the step fails
+/// before it changes anything, says why and what to do, and `resume` goes ahead.
+#[test]
+fn without_a_terminal_a_point_found_only_at_apply_is_refused_there_and_resume_goes_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = output(
+        dir.path(),
+        &["run", "cmk-public-vault-existing-cluster", "--sandbox"],
+    );
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("not applied: this is a point of no return"),
+        "{said}"
+    );
+    assert!(said.contains("kmsflow resume"), "says what to do: {said}");
+    let listed = runs(dir.path());
+    assert_eq!(listed[0]["status"], "failed", "{listed:?}");
+    assert_eq!(
+        cluster_encryption(dir.path()),
+        Value::Null,
+        "the cluster is untouched"
+    );
+
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    let resumed = output(dir.path(), &["resume", &id, "--sandbox"]);
+    assert_eq!(
+        resumed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(
+        cluster_encryption(dir.path())["infrastructureEncryption"],
+        "Enabled"
+    );
+}
+
 #[test]
 fn without_a_terminal_a_rollback_that_deletes_needs_yes() {
     let dir = tempfile::tempdir().unwrap();

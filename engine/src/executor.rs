@@ -45,6 +45,7 @@ pub struct ExecOptions {
     /// Steps running at once, at most.
     pub concurrency: usize,
     pub checkpointing: Checkpointing,
+    pub no_return: NoReturn,
 }
 
 impl Default for ExecOptions {
@@ -52,8 +53,22 @@ impl Default for ExecOptions {
         ExecOptions {
             concurrency: 8,
             checkpointing: Checkpointing::default(),
+            no_return: NoReturn::default(),
         }
     }
+}
+
+/// What a step does when its plan, made just before it applies, passes a point of no return
+/// that nobody accepted: no `approve` step stands before it, and the run was started without
+/// `--yes` and without a terminal to ask, when the plan up front could only say "may be"
+/// (its inputs were known only after apply).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NoReturn {
+    /// Accepted: `--yes`, a terminal's `yes`, a schedule, a resume.
+    #[default]
+    Proceed,
+    /// The step fails before it changes anything, refused, and the run stops resumable.
+    Refuse,
 }
 
 /// When a run's transitions reach the store.
@@ -148,6 +163,8 @@ struct Shared {
     lock: HeldLock,
     /// Transitions held for the next commit; `None` when every transition is committed at once.
     held: Option<std::sync::Mutex<Vec<Write>>>,
+    /// Whether a point of no return found at apply time may be passed.
+    no_return: NoReturn,
 }
 
 impl Shared {
@@ -319,6 +336,7 @@ impl Run {
             redactor: Redactor::new(params.secret_values()),
             abort: signals.abort.clone(),
             lock,
+            no_return: options.no_return,
             held: (options.checkpointing == Checkpointing::BeforeChanges)
                 .then(|| std::sync::Mutex::new(Vec::new())),
         });
@@ -931,6 +949,19 @@ async fn attempt_once(
             outcome,
             outputs: plan.outputs,
         });
+    }
+    if let (Some(reason), NoReturn::Refuse) = (&plan.irreversible, shared.no_return)
+        && !shared.runbook.approval_before(cx.step_id)
+    {
+        return Ok(Attempt::Error(
+            StepError::permanent(format!(
+                "not applied: this is a point of no return ({reason}), and nobody accepted it: \
+                 there was no terminal to ask and no `--yes`. Nothing was changed; `kmsflow \
+                 resume {}` goes ahead",
+                shared.run_id
+            ))
+            .refusing(),
+        ));
     }
     let this_change = plan.change.outcome();
     let before_image = shared.redactor.value(&before);

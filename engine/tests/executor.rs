@@ -604,6 +604,7 @@ fn in_memory(
         options: ExecOptions {
             concurrency: request.options.concurrency,
             checkpointing,
+            ..ExecOptions::default()
         },
         signals: Signals::default(),
         previous: Vec::new(),
