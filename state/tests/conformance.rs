@@ -6,13 +6,13 @@ use std::sync::mpsc;
 
 use chrono::{Duration, Utc};
 use kmsflow_state::{
-    Durability, FireOutcome, FireRecord, Location, LockGrant, LockOwner, NewRollout, NewRun,
-    NewTarget, Overlap, RunStatus, ScheduleRecord, StepStatus, Store, StoreError, Write, Writer,
+    Durability, FireOutcome, FireRecord, Location, LockGrant, LockOwner, NewRollout, NewTarget,
+    Overlap, RunStatus, ScheduleRecord, StepStatus, Store, StoreError, Write, Writer,
 };
 use serde_json::json;
 
 mod support;
-use support::commit_together;
+use support::{commit_together, new_run};
 
 /// A fresh, empty store of each kind; the folder keeps a SQLite file alive.
 struct Fresh {
@@ -76,22 +76,6 @@ on_both_backends!(
     a_whole_history_is_copied_once_into_an_empty_store,
     queued_runs_are_claimed_once_and_a_stopped_workers_claims_pass_on,
 );
-
-fn new_run(id: &str, steps: &[&str], lock_key: Option<&str>) -> Write {
-    Write::CreateRun(NewRun {
-        id: id.into(),
-        runbook: "t".into(),
-        runbook_ref: "t.yaml".into(),
-        content_hash: "hash-t".into(),
-        source: "name: t".into(),
-        params: json!({"cluster": "aks-1"}),
-        secret_params: vec!["token".into()],
-        started_at: Utc::now(),
-        lock_key: lock_key.map(str::to_owned),
-        steps: steps.iter().map(|s| ((*s).into(), "noop".into())).collect(),
-        fragments: json!([]),
-    })
-}
 
 fn a_run_its_steps_and_journal_read_back_as_written(fresh: Fresh) {
     let mut store = fresh.open();

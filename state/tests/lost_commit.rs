@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use kmsflow_state::{
-    Durability, Location, LockOwner, NewRun, Outcome, StepStatus, Store, StoreError, Write,
+    Durability, Location, LockOwner, Outcome, StepStatus, Store, StoreError, Write,
 };
 use serde_json::json;
 
 mod support;
-use support::commit_together;
+use support::{commit_together, new_run};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Fault {
@@ -222,21 +222,7 @@ fn setup(steps: &[&str]) -> (String, Proxy, i64) {
     let server = kmsflow_pgtest::server();
     let url = server.database();
     let mut store = Store::open(&Location::parse(&url).unwrap(), Durability::Full).unwrap();
-    store
-        .commit(&[Write::CreateRun(NewRun {
-            id: RUN.into(),
-            runbook: "t".into(),
-            runbook_ref: "t.yaml".into(),
-            content_hash: "hash-t".into(),
-            source: "name: t".into(),
-            params: json!({}),
-            secret_params: Vec::new(),
-            started_at: Utc::now(),
-            lock_key: Some(LOCK.into()),
-            steps: steps.iter().map(|s| ((*s).into(), "noop".into())).collect(),
-            fragments: json!([]),
-        })])
-        .unwrap();
+    store.commit(&[new_run(RUN, steps, Some(LOCK))]).unwrap();
     let owner = LockOwner {
         pid: 1,
         host: "here".into(),
