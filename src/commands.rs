@@ -36,8 +36,19 @@ pub async fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
     };
     let cloud = kmsflow_steps::CloudProfile::named_or_file(&reach.cloud)
         .map_err(|e| Failure::Usage(format!("--cloud: {e}")))?;
-    let azure = AzureConfig::for_cloud(cloud, reach.arm_endpoint.as_deref(), auth)
+    let mut azure = AzureConfig::for_cloud(cloud, reach.arm_endpoint.as_deref(), auth)
         .map_err(|e| Failure::Usage(format!("--arm-endpoint: {e}")))?;
+    if let Some(limit) = std::env::var("KMSFLOW_MAX_ANSWER_BYTES")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        azure.max_answer_bytes = limit.trim().parse().ok().filter(|n| *n >= 1024).ok_or_else(|| {
+            Failure::Usage(format!(
+                "KMSFLOW_MAX_ANSWER_BYTES is `{limit}`: give a number of bytes, at least 1024 (the default is {})",
+                kmsflow_steps::client::DEFAULT_MAX_ANSWER_BYTES
+            ))
+        })?;
+    }
     let context = Context {
         azure,
         state: state.state.clone(),
@@ -474,11 +485,36 @@ fn compile_source(source: &RunbookSource) -> Result<Arc<CompiledRunbook>, Failur
 }
 
 pub(crate) fn param_sources(context: &Context, args: &ParamArgs) -> Result<ParamSources, Failure> {
-    let cli = args
+    let mut cli: Vec<(String, String)> = args
         .params
         .iter()
         .map(|p| params::parse_assignment(p).map_err(Failure::Usage))
         .collect::<Result<_, _>>()?;
+    // `-p NAME=@-`: the value from standard input, so a secret is in neither `ps` nor the
+    // shell's history.
+    let from_stdin: Vec<&mut (String, String)> =
+        cli.iter_mut().filter(|(_, value)| value == "@-").collect();
+    if from_stdin.len() > 1 {
+        return Err(Failure::Usage(
+            "only one `-p NAME=@-` can read standard input".into(),
+        ));
+    }
+    if let Some((name, value)) = from_stdin.into_iter().next() {
+        let text = match STDIN_PARAM.get() {
+            Some((read, text)) if read.as_str() == name.as_str() => text.clone(),
+            _ => {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| {
+                    Failure::Usage(format!("-p {name}=@-: cannot read standard input: {e}"))
+                })?;
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                let text = text.strip_suffix('\r').unwrap_or(text).to_owned();
+                let _ = STDIN_PARAM.set((name.clone(), text.clone()));
+                text
+            }
+        };
+        *value = text;
+    }
     let file = match &args.params_file {
         None => Map::new(),
         Some(path) => {
@@ -517,11 +553,36 @@ pub(crate) fn param_sources(context: &Context, args: &ParamArgs) -> Result<Param
     })
 }
 
+/// The parameter read from standard input (`-p NAME=@-`), once per process.
+static STDIN_PARAM: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+
 pub(crate) fn bind(
     runbook: &CompiledRunbook,
     sources: &ParamSources,
 ) -> Result<BoundParams, Failure> {
+    warn_of_secrets_on_the_command_line(runbook, sources);
     params::bind(runbook, sources).map_err(Failure::Params)
+}
+
+/// Once per process: a secret given as `-p NAME=VALUE` is visible to every user of the machine
+/// (`ps`) and stays in the shell's history.
+fn warn_of_secrets_on_the_command_line(runbook: &CompiledRunbook, sources: &ParamSources) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let from_stdin = STDIN_PARAM.get().map(|(name, _)| name.as_str());
+    let Some(param) = runbook.params.iter().find(|param| {
+        param.secret
+            && Some(param.name.as_str()) != from_stdin
+            && sources.cli.iter().any(|(name, _)| *name == param.name)
+    }) else {
+        return;
+    };
+    if !WARNED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        crate::output::note!(
+            "`-p {0}=...` puts the secret `{0}` on the command line, where `ps` and the shell's history see it; pass it as KMSFLOW_PARAM_{1}, in --params-file, or as `-p {0}=@-` (read from standard input)",
+            param.name,
+            param.name.to_uppercase()
+        );
+    }
 }
 
 pub(crate) fn print_json(value: &Value) -> Result<u8, Failure> {

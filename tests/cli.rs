@@ -1417,3 +1417,126 @@ fn a_state_folder_that_cannot_be_made_says_how_to_put_the_state_elsewhere() {
         "{said}"
     );
 }
+
+const SECRET_FORMS: &str = r#"
+name: forms
+params:
+  token: { type: string, secret: true }
+  pin: { type: int, secret: true }
+steps:
+  - id: use
+    uses: noop
+    with:
+      outputs:
+        escaped: "{{json params.token}}"
+        pin: "{{params.pin}}"
+  - id: boom
+    uses: fail
+    needs: [use]
+    with: { times: 1, message: "rejected {{json params.token}}" }
+"#;
+
+#[test]
+fn a_secret_from_standard_input_is_masked_in_every_form_and_the_command_line_warns() {
+    let ws = Workspace::new();
+    ws.write("forms.yaml", SECRET_FORMS);
+    // A secret with characters JSON escapes: echoed escaped (as an Azure error echoes a
+    // body), it must still be masked.
+    let secret = "pa\"ss\\wo\trd-51c2";
+    let mut child = ws
+        .command(&["run", "forms.yaml", "-p", "token=@-", "-p", "pin=8675309"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        format!("{secret}\n").as_bytes(),
+    )
+    .unwrap();
+    drop(child.stdin.take());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr(&output)
+    );
+    let escaped = serde_json::to_string(secret).unwrap();
+    let escaped = &escaped[1..escaped.len() - 1];
+    for form in [secret, escaped, "8675309"] {
+        assert!(!printed.contains(form), "{form} printed:\n{printed}");
+    }
+    assert!(
+        printed.contains("`-p pin=...` puts the secret `pin` on the command line"),
+        "the secret given on the command line is warned of:\n{printed}"
+    );
+    assert!(
+        !printed.contains("`-p token=...`"),
+        "not the one read from standard input:\n{printed}"
+    );
+    let run = ws.show(&run_id_of(&output));
+    assert_eq!(step(&run, "use")["outputs"]["pin"], "***");
+    assert_eq!(step(&run, "use")["outputs"]["escaped"], "\"***\"");
+    for file in ["state.db", "state.db-wal"] {
+        let bytes = std::fs::read(ws.path(file)).unwrap_or_default();
+        for form in [secret, escaped, "8675309"] {
+            assert!(
+                !bytes.windows(form.len()).any(|w| w == form.as_bytes()),
+                "{file} holds {form}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_secret_shorter_than_four_characters_is_refused() {
+    let ws = Workspace::new();
+    ws.write("forms.yaml", SECRET_FORMS);
+    let output = ws
+        .command(&["run", "forms.yaml"])
+        .env("KMSFLOW_PARAM_TOKEN", "abc")
+        .env("KMSFLOW_PARAM_PIN", "86753")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("a secret must be at least 4 characters"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn a_template_nested_thousands_deep_is_refused_cleanly_by_validate_and_run() {
+    let ws = Workspace::new();
+    // Generated here, not checked in: 5,000 nested subexpressions (65 KB) aborted the
+    // process with a stack overflow before nesting was bounded.
+    let deep = format!(
+        "{{{{concat {}params.a{}}}}}",
+        "(concat ".repeat(5_000),
+        ")".repeat(5_000)
+    );
+    ws.write(
+        "deep.yaml",
+        &format!(
+            "name: deep\nparams:\n  a: {{ type: string, default: x }}\nsteps:\n  - id: s\n    uses: noop\n    with: {{ outputs: {{ v: \"{}\" }} }}\n",
+            deep.replace('"', "\\\"")
+        ),
+    );
+    for command in [&["validate", "deep.yaml"][..], &["run", "deep.yaml"][..]] {
+        let output = ws.run(command);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{command:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains("nests blocks and subexpressions more than 32 deep"),
+            "{command:?}: {}",
+            stderr(&output)
+        );
+    }
+}

@@ -16,6 +16,7 @@
 //! is applied and when the run ends. A crash then loses only the record of reads, which a new
 //! run makes again; a read-only run costs one commit instead of one per step.
 
+use futures::FutureExt as _;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
@@ -753,13 +754,29 @@ impl StepTask {
                 recorded_outputs: None,
             };
             let mut committed_before = None;
-            let attempt_future = attempt_once(
-                &shared,
-                kind.as_ref(),
-                &cx,
-                &mut planned,
-                &mut committed_before,
-            );
+            let attempt_future = async {
+                let attempt = attempt_once(
+                    &shared,
+                    kind.as_ref(),
+                    &cx,
+                    &mut planned,
+                    &mut committed_before,
+                );
+                // A kind that panics (a bug, or input nobody foresaw) fails its step, which
+                // can be resumed or rolled back; it must not take the process, and the other
+                // runs it carries, with it.
+                match std::panic::AssertUnwindSafe(attempt).catch_unwind().await {
+                    Ok(result) => result,
+                    Err(panic) => Ok(Attempt::Error(
+                        StepError::permanent(format!(
+                            "the `{}` kind failed unexpectedly ({}); this is a bug in kmsflow: the step may have applied its change, so resume (which observes first) or roll back",
+                            step.uses,
+                            crate::rollback::panic_message(&panic)
+                        ))
+                        .with_unknown_outcome(),
+                    )),
+                }
+            };
             let reporter = crate::progress::WaitingReporter {
                 step_id: step.id.clone(),
                 sink: shared.progress.clone(),
@@ -990,7 +1007,23 @@ async fn attempt_once(
         });
     }
     Ok(match kind.apply(cx, &before, &plan).await {
-        Ok(outputs) => Attempt::Done { outcome, outputs },
+        Ok(applied) => {
+            if let Some(note) = &applied.note {
+                tracing::warn!(step = cx.step_id, "{}", shared.redactor.text(note));
+            }
+            let outcome = match applied.outcome {
+                Some(proven) => {
+                    // What the answer proved stands for every later attempt too.
+                    *planned = Some(proven);
+                    proven
+                }
+                None => outcome,
+            };
+            Attempt::Done {
+                outcome,
+                outputs: applied.outputs,
+            }
+        }
         Err(error) => Attempt::Error(error),
     })
 }

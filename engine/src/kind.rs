@@ -208,6 +208,42 @@ impl StepPlan {
     }
 }
 
+/// What `apply` did: the step's outputs and, where Azure's answer showed the change was not
+/// the one planned, what it was instead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub outputs: Map<String, Value>,
+    /// The outcome to record instead of the plan's: a planned create whose answer shows the
+    /// resource existed already (someone made it between the observe and the write) is an
+    /// update of someone else's resource, which rollback never deletes.
+    pub outcome: Option<Outcome>,
+    /// Why the outcome differs from the plan, for the journal and the operator.
+    pub note: Option<String>,
+}
+
+impl Applied {
+    /// A planned create that turned out to update a resource that existed: recorded as an
+    /// update, with the reason.
+    pub fn existed(outputs: Map<String, Value>, why: String) -> Applied {
+        Applied {
+            outputs,
+            outcome: Some(Outcome::Updated),
+            note: Some(why),
+        }
+    }
+}
+
+impl From<Map<String, Value>> for Applied {
+    /// The change the plan said, with these outputs.
+    fn from(outputs: Map<String, Value>) -> Applied {
+        Applied {
+            outputs,
+            outcome: None,
+            note: None,
+        }
+    }
+}
+
 /// What rollback did for one step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Undo {
@@ -376,13 +412,14 @@ pub trait StepKind: Send + Sync + 'static {
     /// Decides what `apply` would do, from the input and the before image.
     fn plan(&self, cx: &StepContext<'_>, before: &Value) -> Result<StepPlan, StepError>;
 
-    /// Makes the planned change and returns the step's outputs.
+    /// Makes the planned change and returns the step's outputs (and, where the answer proved
+    /// the change was another than planned, that: see [`Applied`]).
     async fn apply(
         &self,
         cx: &StepContext<'_>,
         before: &Value,
         plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError>;
+    ) -> Result<Applied, StepError>;
 
     /// Undoes what `apply` did, from the before image.
     async fn rollback(

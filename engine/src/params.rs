@@ -93,15 +93,23 @@ impl BoundParams {
         self.secret
             .iter()
             .filter_map(|k| self.values.get(k))
-            .map(|v| match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            })
+            .map(secret_text)
             .collect()
     }
 
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.values.get(name)
+    }
+}
+
+/// The shortest secret parameter value bound: masking a shorter one reveals it.
+pub const MIN_SECRET_CHARS: usize = 4;
+
+/// A secret value as text, as it appears in what it is rendered into.
+fn secret_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -160,6 +168,14 @@ pub fn bind(runbook: &CompiledRunbook, sources: &ParamSources) -> Result<BoundPa
             continue;
         };
         match check(param, raw) {
+            Ok(value) if param.secret && secret_text(&value).chars().count() < MIN_SECRET_CHARS => {
+                errors.push(BindError {
+                    name: param.name.clone(),
+                    reason: format!(
+                        "a secret must be at least {MIN_SECRET_CHARS} characters: kmsflow masks a secret wherever it appears, and masking one this short would give it away (every `a` in a message turned to `***`)"
+                    ),
+                });
+            }
             Ok(value) => {
                 bound.values.insert(param.name.clone(), value);
                 if param.secret {

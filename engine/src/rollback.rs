@@ -8,6 +8,7 @@
 //! checkpointed, so running rollback again continues where it stopped.
 
 use chrono::Utc;
+use futures::FutureExt as _;
 use kmsflow_state::{Outcome, RunRecord, RunStatus, StepRecord, StepStatus, Write};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -136,9 +137,26 @@ pub(crate) async fn walk(walk: Walk<'_>) -> Result<RunSummary, LaunchError> {
                     sink: progress.clone(),
                     redactor: redactor.clone(),
                 };
-                crate::progress::reporting(reporter, kind.rollback(&cx, &before, outcome))
-                    .await
-                    .map_err(|e| redactor.text(&e.to_string()))
+                if outcome == Outcome::Updated && before.is_null() {
+                    // A planned create whose answer proved the resource was there already:
+                    // someone else's, and kmsflow has no image of it to put back.
+                    Ok(Undo::Irreversible(
+                        "it existed before this run wrote to it (Azure's answer said so), and no image of it as it was was kept; left as it is".into(),
+                    ))
+                } else {
+                    // A kind that panics on what it was given fails its undo, reported and
+                    // retryable: the run must never stay `rolling_back` for good.
+                    let undo =
+                        crate::progress::reporting(reporter, kind.rollback(&cx, &before, outcome));
+                    match std::panic::AssertUnwindSafe(undo).catch_unwind().await {
+                        Ok(result) => result.map_err(|e| redactor.text(&e.to_string())),
+                        Err(panic) => Err(redactor.text(&format!(
+                            "the `{}` kind failed while undoing this step ({}); nothing more was done to it",
+                            step.uses,
+                            panic_message(&panic)
+                        ))),
+                    }
+                }
             }
             Err(error) => Err(redactor.text(&format!("invalid input: {error}"))),
         };
@@ -233,4 +251,13 @@ pub(crate) async fn walk(walk: Walk<'_>) -> Result<RunSummary, LaunchError> {
         error,
         outputs: None,
     })
+}
+
+/// The text a panic carried, if it carried one.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }

@@ -17,8 +17,96 @@ pub const HELPERS: &[&str] = &[
     "each", "with", "lower", "upper", "default", "json", "concat",
 ];
 
+/// How deeply a template may nest blocks (`{{#if}}`) and subexpressions (`(concat ...)`)
+/// together. handlebars parses and renders by recursion, so depth is stack: 2,000 levels
+/// overflow a worker's thread. No runbook needs more than a handful; this bound holds far
+/// below what the smallest thread kmsflow renders on can hold (see the test
+/// `the_deepest_template_allowed_renders_on_a_small_stack`).
+pub const MAX_NESTING: usize = 32;
+
+/// Refuses a template nested deeper than [`MAX_NESTING`], before anything recursive reads
+/// it: one pass over the text, linear in its length.
+pub fn check_nesting(text: &str) -> Result<(), SyntaxError> {
+    let bytes = text.as_bytes();
+    let (mut blocks, mut parens) = (0usize, 0usize);
+    let mut in_mustache = false;
+    let mut quote: Option<u8> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if !in_mustache {
+            if bytes[i..].starts_with(b"{{") {
+                let mut j = i + 2;
+                while j < bytes.len() && matches!(bytes[j], b'{' | b'~' | b' ') {
+                    j += 1;
+                }
+                if bytes[j..].starts_with(b"!") {
+                    // A comment: skipped whole (`{{!-- ... --}}` or `{{! ... }}`).
+                    let end = if bytes[j..].starts_with(b"!--") {
+                        "--}}"
+                    } else {
+                        "}}"
+                    };
+                    i = text[j..]
+                        .find(end)
+                        .map_or(bytes.len(), |at| j + at + end.len());
+                    continue;
+                }
+                match bytes.get(j) {
+                    Some(b'#') => blocks += 1,
+                    Some(b'/') => blocks = blocks.saturating_sub(1),
+                    _ => {}
+                }
+                in_mustache = true;
+                i = j;
+                if blocks > MAX_NESTING {
+                    return Err(too_deep(text, i));
+                }
+                continue;
+            }
+        } else if let Some(q) = quote {
+            if b == q {
+                quote = None;
+            }
+        } else {
+            match b {
+                b'"' | b'\'' => quote = Some(b),
+                b'(' => {
+                    parens += 1;
+                    if blocks + parens > MAX_NESTING {
+                        return Err(too_deep(text, i));
+                    }
+                }
+                b')' => parens = parens.saturating_sub(1),
+                b'}' if bytes[i..].starts_with(b"}}") => {
+                    in_mustache = false;
+                    parens = 0;
+                    i += 2;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+fn too_deep(text: &str, at: usize) -> SyntaxError {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    SyntaxError {
+        message: format!(
+            "the template nests blocks and subexpressions more than {MAX_NESTING} deep; split it, or compute the value in an earlier step"
+        ),
+        position: Some((line, column)),
+    }
+}
+
 /// The helpers a template calls, by name, in order of appearance.
 pub fn helpers(text: &str) -> Result<Vec<String>, SyntaxError> {
+    check_nesting(text)?;
     let template = Template::compile(text).map_err(|error| SyntaxError {
         message: error.reason().to_string(),
         position: error.pos(),
@@ -123,6 +211,7 @@ pub struct SyntaxError {
 
 /// Parses a template and lists the paths it reads.
 pub fn references(text: &str) -> Result<Vec<PathRef>, SyntaxError> {
+    check_nesting(text)?;
     let template = Template::compile(text).map_err(|error| SyntaxError {
         message: error.reason().to_string(),
         position: error.pos(),
@@ -290,6 +379,12 @@ impl Renderer {
                 reason: format!("`{path}` is not defined"),
             });
         }
+        // Compile refused it already; a template that reaches here some other way is refused
+        // too, never handed to a recursive parser.
+        check_nesting(text).map_err(|error| RenderError {
+            template: text.to_owned(),
+            reason: error.message,
+        })?;
         let rendered = self
             .render_text(text, context)
             .map_err(|error| RenderError {
@@ -470,6 +565,82 @@ mod tests {
                 .render_condition("{{eq params.name 'b'}}", &context)
                 .unwrap()
         );
+    }
+
+    /// `depth` nested `concat` subexpressions, or `if` blocks.
+    fn nested(depth: usize, blocks: bool) -> String {
+        if blocks {
+            format!(
+                "{}x{}",
+                "{{#if params.a}}".repeat(depth),
+                "{{/if}}".repeat(depth)
+            )
+        } else {
+            format!(
+                "{{{{concat {}params.a{}}}}}",
+                "(concat ".repeat(depth),
+                ")".repeat(depth)
+            )
+        }
+    }
+
+    #[test]
+    fn nesting_is_bounded_before_anything_recursive_reads_it() {
+        for blocks in [false, true] {
+            let deepest = nested(MAX_NESTING, blocks);
+            assert!(references(&deepest).is_ok(), "{deepest}");
+            for depth in [MAX_NESTING + 1, 5_000, 100_000] {
+                let text = nested(depth, blocks);
+                let error = references(&text).unwrap_err();
+                assert!(
+                    error.message.contains("more than 32 deep"),
+                    "{}",
+                    error.message
+                );
+                assert_eq!(error.position.unwrap().0, 1);
+                assert!(helpers(&text).is_err());
+                let rendered = Renderer::new()
+                    .render_str(&text, &serde_json::json!({"params": {"a": "v"}}))
+                    .unwrap_err();
+                assert!(rendered.reason.contains("deep"), "{}", rendered.reason);
+            }
+        }
+        // Parentheses in a string literal are text, not nesting; comments are skipped.
+        let quoted = format!(
+            "{{{{concat \"{}\" params.a}}}}{{{{!-- {} --}}}}",
+            "(".repeat(100),
+            "{{#if".repeat(100)
+        );
+        assert!(check_nesting(&quoted).is_ok());
+    }
+
+    #[test]
+    fn checking_nesting_is_linear_in_the_texts_length() {
+        // 20,000 levels of `{{#if}}` (380 KB) took 32.5 s to compile before the bound.
+        let text = nested(20_000, true);
+        let started = std::time::Instant::now();
+        assert!(references(&text).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_deepest_template_allowed_renders_on_a_small_stack() {
+        // Smaller than any thread kmsflow renders on (tokio's workers and `std::thread`'s
+        // default are 2 MiB).
+        let renders = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(|| {
+                let context = serde_json::json!({"params": {"a": "v"}});
+                for blocks in [false, true] {
+                    let text = nested(MAX_NESTING, blocks);
+                    references(&text).unwrap();
+                    helpers(&text).unwrap();
+                    Renderer::new().render_str(&text, &context).unwrap();
+                }
+            })
+            .unwrap()
+            .join();
+        assert!(renders.is_ok());
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl StepKind for Probe {
         cx: &StepContext<'_>,
         _: &Value,
         _: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let params: ProbeParams = cx.params()?;
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -110,7 +110,7 @@ impl StepKind for Probe {
         calls.existing.push(params.key.clone());
         let mut outputs = Map::new();
         outputs.insert("key".into(), json!(params.key));
-        Ok(outputs)
+        Ok(outputs.into())
     }
 
     async fn rollback(
@@ -483,8 +483,8 @@ impl StepKind for OneWay {
         _: &StepContext<'_>,
         _: &Value,
         _: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
-        Ok(Map::new())
+    ) -> Result<Applied, StepError> {
+        Ok(Map::new().into())
     }
     async fn rollback(
         &self,
@@ -897,5 +897,117 @@ outputs:
             kmsflow_engine::ProblemKind::UnknownOutput { output, .. } if output == "tokn"
         )),
         "{diagnostics:?}"
+    );
+}
+
+/// A kind with a bug: it panics where `panic_in` says.
+struct Panicking;
+
+static PANICKING: KindSpec = KindSpec {
+    name: "panicking",
+    summary: "test kind",
+    params: &[ParamSpec::required(
+        "panic_in",
+        ValueType::String,
+        "observe or rollback",
+    )],
+    outputs: OutputsSpec::Fixed(&[]),
+    may_be_irreversible: false,
+};
+
+#[async_trait]
+impl StepKind for Panicking {
+    fn spec(&self) -> &'static KindSpec {
+        &PANICKING
+    }
+    async fn observe(&self, cx: &StepContext<'_>) -> Result<Value, StepError> {
+        if cx.input["panic_in"] == "observe" {
+            panic!("index out of bounds: the len is 0 but the index is 0");
+        }
+        Ok(Value::Null)
+    }
+    fn plan(&self, _: &StepContext<'_>, _: &Value) -> Result<StepPlan, StepError> {
+        Ok(StepPlan::change(Change::Create {
+            summary: "create".into(),
+        }))
+    }
+    async fn apply(
+        &self,
+        _: &StepContext<'_>,
+        _: &Value,
+        _: &StepPlan,
+    ) -> Result<Applied, StepError> {
+        Ok(Map::new().into())
+    }
+    async fn rollback(
+        &self,
+        cx: &StepContext<'_>,
+        _: &Value,
+        _: Outcome,
+    ) -> Result<Undo, StepError> {
+        if cx.input["panic_in"] == "rollback" {
+            // What `azure.resource` did with a before image that was a JSON string.
+            let mut body = json!("<html>");
+            body["properties"]["provisioningState"] = Value::Null;
+        }
+        Ok(Undo::Done)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_that_panics_fails_its_step_or_its_undo_never_the_process() {
+    let h = Harness::new();
+    let mut engine = h.engine();
+    engine.registry.register(Arc::new(Panicking));
+    let run = |text: &'static str| {
+        let engine = engine.clone();
+        let compiled =
+            Arc::new(compile(&RunbookSource::new("t.yaml", text), &engine.registry).unwrap());
+        let params = bind(&compiled, &ParamSources::default()).unwrap();
+        async move {
+            launch::start(
+                &engine,
+                RunRequest {
+                    runbook: compiled,
+                    runbook_ref: "t.yaml".into(),
+                    source: text.into(),
+                    params,
+                    options: ExecOptions::default(),
+                    signals: Signals::default(),
+                    progress: silent(),
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let observed = run(
+        "name: t\nsteps:\n  - id: buggy\n    uses: panicking\n    with: { panic_in: observe }\n",
+    )
+    .await;
+    assert_eq!(observed.status, RunStatus::Failed);
+    let error = observed.error.unwrap();
+    assert!(
+        error.contains("the `panicking` kind failed unexpectedly (index out of bounds"),
+        "{error}"
+    );
+
+    // A before image rollback cannot handle: the undo fails, reported, and the run does not
+    // stay `rolling_back`.
+    let text = "name: u\nsteps:\n  - id: made\n    uses: panicking\n    with: { panic_in: rollback }\n  - id: fails\n    uses: assert\n    needs: [made]\n    with: { condition: false, message: no }\n";
+    let failed = run(text).await;
+    assert_eq!(failed.status, RunStatus::Failed);
+    let rolled = launch::rollback(&engine, h.rollback_request(&failed.run_id))
+        .await
+        .unwrap();
+    assert_eq!(rolled.status, RunStatus::RollbackFailed);
+    assert!(
+        rolled
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("failed while undoing this step"),
+        "{:?}",
+        rolled.error
     );
 }

@@ -30,6 +30,12 @@ pub struct Faults {
     /// connection breaks, a front end fails or a timeout strikes after Azure made the change.
     #[serde(default)]
     pub lose_answers: Vec<LostAnswer>,
+    /// Answers that do not come from Azure: what a gateway, a TLS-inspecting proxy or a load
+    /// balancer between a client and Azure sends for it every day. The request does not reach
+    /// the world (nothing is applied); a read's real answer is what `truncated`, `foreign`
+    /// and `next_link_loop` damage.
+    #[serde(default)]
+    pub lies: Vec<Lie>,
     /// Features (`Namespace/Feature`) whose registration needs Microsoft's approval: `register`
     /// leaves them `Pending` (`approvalType: ApprovalRequired` in the features spec).
     #[serde(default)]
@@ -126,6 +132,68 @@ pub struct LostAnswer {
     /// two-minute timeout).
     #[serde(default = "default_timeout_hold_ms")]
     pub hold_ms: u64,
+}
+
+/// Answers the next `times` requests matching `method` and `path` (a `*` glob) with `answer`
+/// instead of Azure.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Lie {
+    #[serde(default)]
+    pub method: Option<String>,
+    pub path: String,
+    #[serde(default = "one_u32")]
+    pub times: u32,
+    pub answer: LieAnswer,
+    /// With `answer: redirect`: where to (any URL), and the status (default 307).
+    #[serde(default)]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// With `answer: oversized`: how many bytes (default 64 MiB).
+    #[serde(default)]
+    pub bytes: Option<usize>,
+}
+
+/// What a lie answers.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LieAnswer {
+    /// nginx's HTML "404 Not Found" page, without Azure's error envelope.
+    #[serde(rename = "html_404")]
+    Html404,
+    /// `200 OK` with no body.
+    #[serde(rename = "empty_200")]
+    Empty200,
+    /// A gateway's HTML page with `200 OK` (a captive portal, a login page).
+    #[serde(rename = "html_200")]
+    Html200,
+    /// The real answer of a read, cut in the middle.
+    Truncated,
+    /// The real answer of a read, about another resource (its `id` and `name` changed).
+    Foreign,
+    /// A 3xx to `location`.
+    Redirect,
+    /// A `200 OK` of `bytes` bytes.
+    Oversized,
+    /// The real answer of a list read, whose `nextLink` points back at the page itself.
+    NextLinkLoop,
+}
+
+impl LieAnswer {
+    /// How the request log names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LieAnswer::Html404 => "html_404",
+            LieAnswer::Empty200 => "empty_200",
+            LieAnswer::Html200 => "html_200",
+            LieAnswer::Truncated => "truncated",
+            LieAnswer::Foreign => "foreign",
+            LieAnswer::Redirect => "redirect",
+            LieAnswer::Oversized => "oversized",
+            LieAnswer::NextLinkLoop => "next_link_loop",
+        }
+    }
 }
 
 /// How an answer is lost after the request took effect.
@@ -279,6 +347,8 @@ pub struct Injector {
     remaining: Vec<u32>,
     /// How many more times each `lose_answers` entry fires.
     losses_left: Vec<u32>,
+    /// How many more times each `lies` entry fires.
+    lies_left: Vec<u32>,
     reads: std::collections::HashMap<String, Bucket>,
     writes: std::collections::HashMap<String, Bucket>,
 }
@@ -294,7 +364,9 @@ impl Injector {
     pub fn new(faults: Faults) -> Injector {
         let remaining = faults.rules.iter().map(|r| r.times).collect();
         let losses_left = faults.lose_answers.iter().map(|l| l.times).collect();
+        let lies_left = faults.lies.iter().map(|l| l.times).collect();
         Injector {
+            lies_left,
             rng: fastrand::Rng::with_seed(faults.seed),
             losses_left,
             faults,
@@ -317,6 +389,24 @@ impl Injector {
                 Duration::from_millis(base + if is_write { latency.write_ms } else { 0 })
             }
         }
+    }
+
+    /// Whether something other than Azure answers this request, and how.
+    pub fn lie(&mut self, method: &str, path: &str) -> Option<Lie> {
+        for (index, lie) in self.faults.lies.iter().enumerate() {
+            if self.lies_left[index] == 0 {
+                continue;
+            }
+            let method_matches = lie
+                .method
+                .as_deref()
+                .is_none_or(|m| m.eq_ignore_ascii_case(method));
+            if method_matches && glob(&lie.path.to_ascii_lowercase(), &path.to_ascii_lowercase()) {
+                self.lies_left[index] -= 1;
+                return Some(lie.clone());
+            }
+        }
+        None
     }
 
     /// Whether this request, which is about to be applied, loses its answer afterwards.

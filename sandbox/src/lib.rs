@@ -15,7 +15,9 @@ mod tls;
 mod world;
 
 pub use addressing::{ARM_HOST, Addressing, VAULT_SUFFIX};
-pub use faults::{Delays, Faults, Latency, Loss, LostAnswer, Rule, ServerErrors, Throttle};
+pub use faults::{
+    Delays, Faults, Latency, Lie, LieAnswer, Loss, LostAnswer, Rule, ServerErrors, Throttle,
+};
 pub use server::{
     RequestRecord, Sandbox, SandboxOptions, SeedAssignment, SeedFeature, SeedGroup, SeedKey,
     WorldSeed,

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::addressing::Addressing;
 use crate::auth::{ARM_AUDIENCE, Caller, TokenIssuer};
-use crate::faults::{Faults, Injector, Loss, Verdict};
+use crate::faults::{Faults, Injector, Lie, LieAnswer, Loss, Verdict};
 use crate::world::{Req, Resp, World};
 
 /// How to start a sandbox.
@@ -65,6 +65,13 @@ pub struct RequestRecord {
     /// `timeout`): the client never learnt that its change was made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<&'static str>,
+    /// Set when something other than Azure answered (`lies`): the request reached no
+    /// resource (a read's real answer may have been damaged on the way back).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lie: Option<&'static str>,
+    /// The request's body, when it had one (tests look for secrets that must not travel).
+    #[serde(skip)]
+    pub body: Option<String>,
 }
 
 struct Shared {
@@ -442,6 +449,7 @@ async fn handle(
     ];
     let mut hold = std::time::Duration::ZERO;
     let mut lost: Option<Loss> = None;
+    let mut lie: Option<Lie> = None;
     let response = if path.starts_with("/_sandbox/") {
         control(&shared, &method, &path, &body)
     } else if path == "/msi/token" {
@@ -496,7 +504,10 @@ async fn handle(
                     let latency = injector.latency(write);
                     let judged = injector.judge(&method, &path, subscription.as_deref(), write);
                     if judged.0 == Verdict::Pass {
-                        lost = injector.loss(&method, &path);
+                        lie = injector.lie(&method, &path);
+                        if lie.is_none() {
+                            lost = injector.loss(&method, &path);
+                        }
                     }
                     (latency, judged)
                 };
@@ -538,7 +549,19 @@ async fn handle(
                         } else {
                             serde_json::from_slice(&body).ok()
                         };
-                        if !body.is_empty() && parsed.is_none() {
+                        let reaches_azure = lie.as_ref().is_none_or(|lie| {
+                            method == "GET"
+                                && matches!(
+                                    lie.answer,
+                                    LieAnswer::Truncated
+                                        | LieAnswer::Foreign
+                                        | LieAnswer::NextLinkLoop
+                                )
+                        });
+                        if !reaches_azure {
+                            // A gateway answers; Azure never sees the request.
+                            Resp::empty(200)
+                        } else if !body.is_empty() && parsed.is_none() {
                             Resp::arm_error(
                                 400,
                                 "InvalidRequestContent",
@@ -558,6 +581,10 @@ async fn handle(
                                 query: parse_query(uri.query()),
                                 if_match: headers
                                     .get("if-match")
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_owned),
+                                if_none_match: headers
+                                    .get("if-none-match")
                                     .and_then(|v| v.to_str().ok())
                                     .map(str::to_owned),
                                 body: parsed,
@@ -605,7 +632,9 @@ async fn handle(
         }
         Some(Loss::Reset) | None => response,
     };
-    let status = response.status;
+    let status = lie
+        .as_ref()
+        .map_or(response.status, |lie| lie_status(lie, response.status));
     if !path.starts_with("/_sandbox/") {
         // Logged when handled, before the answer is held back: a request whose client died
         // during the hold still counts.
@@ -616,6 +645,8 @@ async fn handle(
             at_ms: shared.started.elapsed().as_millis() as u64,
             write,
             lost: lost.map(Loss::as_str),
+            lie: lie.as_ref().map(|l| l.answer.as_str()),
+            body: (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned()),
         });
     }
     if !hold.is_zero() {
@@ -624,7 +655,89 @@ async fn handle(
     if lost == Some(Loss::Reset) {
         return broken_answer(response.status);
     }
+    if let Some(lie) = &lie {
+        let own_url = format!(
+            "{origin}{}",
+            uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        );
+        return lying_answer(lie, response, &own_url);
+    }
     to_response(response, &extra)
+}
+
+/// The status a lie answers with.
+fn lie_status(lie: &Lie, real: u16) -> u16 {
+    match lie.answer {
+        LieAnswer::Html404 => 404,
+        LieAnswer::Redirect => lie.status.unwrap_or(307),
+        LieAnswer::Truncated | LieAnswer::Foreign | LieAnswer::NextLinkLoop => real,
+        LieAnswer::Empty200 | LieAnswer::Html200 | LieAnswer::Oversized => 200,
+    }
+}
+
+/// What a gateway in front of Azure sends instead of (or made of) Azure's answer `real`.
+fn lying_answer(lie: &Lie, real: Resp, own_url: &str) -> Response {
+    let status = StatusCode::from_u16(lie_status(lie, real.status)).unwrap_or(StatusCode::OK);
+    let html = |title: &str| {
+        format!(
+            "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+        )
+    };
+    let text_html = [(axum::http::header::CONTENT_TYPE, "text/html")];
+    match lie.answer {
+        LieAnswer::Html404 => (status, text_html, html("404 Not Found")).into_response(),
+        LieAnswer::Html200 => (status, text_html, html("Sign in to continue")).into_response(),
+        LieAnswer::Empty200 => status.into_response(),
+        LieAnswer::Redirect => {
+            let location = lie.location.clone().unwrap_or_else(|| own_url.to_owned());
+            (status, [(axum::http::header::LOCATION, location)]).into_response()
+        }
+        LieAnswer::Oversized => {
+            let size = lie.bytes.unwrap_or(64 << 20);
+            // Streamed in 64 KiB pieces, so the sandbox never holds it whole.
+            let piece = Bytes::from(vec![b' '; 64 << 10]);
+            let count = size.div_ceil(piece.len());
+            let stream = futures::stream::iter(
+                (0..count).map(move |_| Ok::<_, std::io::Error>(piece.clone())),
+            );
+            let mut response = Response::new(axum::body::Body::from_stream(stream));
+            *response.status_mut() = status;
+            response
+        }
+        LieAnswer::Truncated => {
+            let text = real.body.map(|b| b.to_string()).unwrap_or_default();
+            let cut = text.len() / 2;
+            let cut = (0..=cut)
+                .rev()
+                .find(|i| text.is_char_boundary(*i))
+                .unwrap_or(0);
+            (
+                status,
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                text[..cut].to_owned(),
+            )
+                .into_response()
+        }
+        LieAnswer::Foreign => {
+            let mut body = real.body.unwrap_or(Value::Null);
+            if let Some(id) = body["id"].as_str() {
+                let other = match id.rsplit_once('/') {
+                    Some((parent, _)) => format!("{parent}/someone-elses"),
+                    None => "/someone-elses".to_owned(),
+                };
+                body["id"] = json!(other);
+                body["name"] = json!("someone-elses");
+            }
+            (status, axum::Json(body)).into_response()
+        }
+        LieAnswer::NextLinkLoop => {
+            let mut body = real.body.unwrap_or(Value::Null);
+            if body.is_object() {
+                body["nextLink"] = json!(own_url);
+            }
+            (status, axum::Json(body)).into_response()
+        }
+    }
 }
 
 fn control(shared: &Shared, method: &str, path: &str, body: &Bytes) -> Resp {

@@ -56,6 +56,9 @@ pub struct RetryBounds {
     pub operation_timeout: Duration,
     /// The longest one request waits for its whole answer.
     pub request_timeout: Duration,
+    /// The longest one request keeps retrying transient failures, `Retry-After` waits
+    /// included: past it, the last error goes back to the step.
+    pub retry_budget: Duration,
 }
 
 impl Default for RetryBounds {
@@ -67,6 +70,7 @@ impl Default for RetryBounds {
             eventual_budget: Duration::from_secs(600),
             operation_timeout: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(120),
+            retry_budget: Duration::from_secs(600),
         }
     }
 }
@@ -80,7 +84,14 @@ pub struct AzureConfig {
     pub cloud: CloudProfile,
     pub auth: AuthMode,
     pub retry: RetryBounds,
+    /// The largest answer read ([`DEFAULT_MAX_ANSWER_BYTES`] unless set): anything longer is
+    /// an error, not a gigabyte of memory.
+    pub max_answer_bytes: usize,
 }
+
+/// The largest answer the client reads by default: 32 MiB. ARM's largest answers, a list page
+/// of a thousand resources, are a few MiB.
+pub const DEFAULT_MAX_ANSWER_BYTES: usize = 32 << 20;
 
 impl AzureConfig {
     /// Azure's public cloud, with Resource Manager at `arm_endpoint`. Checks the endpoint:
@@ -105,6 +116,7 @@ impl AzureConfig {
             cloud,
             auth,
             retry: RetryBounds::default(),
+            max_answer_bytes: DEFAULT_MAX_ANSWER_BYTES,
         })
     }
 
@@ -380,6 +392,9 @@ impl AzureClient {
         credential: Arc<dyn TokenCredential>,
     ) -> Result<AzureClient, AzureError> {
         let mut builder = reqwest::Client::builder()
+            // A 3xx is an answer to report, never a place to send the token, the body or the
+            // write again (see `send_once`).
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .timeout(config.retry.request_timeout)
             .user_agent(concat!("kmsflow/", env!("CARGO_PKG_VERSION")));
@@ -417,6 +432,18 @@ impl AzureClient {
 
     pub fn config(&self) -> &AzureConfig {
         &self.config
+    }
+
+    /// Which certificate authorities the client trusts, for an error about one that did not
+    /// verify.
+    fn trusted_authorities(&self) -> String {
+        match &self.config.cloud.sandbox {
+            Some(route) => format!(
+                "the sandbox's CA `{}` and the system's roots",
+                route.ca_file.display()
+            ),
+            None => "the system's root certificates".to_owned(),
+        }
     }
 
     /// A token for `scope`, cached until five minutes before it expires. A failure is
@@ -538,14 +565,16 @@ impl AzureClient {
     }
 
     /// One request, no retries.
+    #[allow(clippy::too_many_arguments)]
     async fn send_once(
         &self,
         method: &Method,
         url: &Url,
         scope: Service,
         body: Option<&Value>,
-        if_match: Option<&str>,
+        precondition: Precondition<'_>,
         ask_again: bool,
+        proof: Proof,
     ) -> Result<ApiResponse, AzureError> {
         // Before the token is even fetched: a token never goes to another service's host.
         self.config.check_destination(scope, url)?;
@@ -570,16 +599,31 @@ impl AzureClient {
             None if *method == Method::POST => request.header("content-length", "0"),
             None => request,
         };
-        if let Some(etag) = if_match {
-            request = request.header("if-match", etag);
+        match precondition {
+            Precondition::None => {}
+            Precondition::IfMatch(etag) => request = request.header("if-match", etag),
+            Precondition::IfAbsent => request = request.header("if-none-match", "*"),
         }
         let path = url.path().to_owned();
-        let response = request.send().await.map_err(|e| AzureError::Transport {
-            method: method.to_string(),
-            path: path.clone(),
-            detail: without_url(&e),
-            // A connection never made carried no request; anything else may have.
-            maybe_applied: !e.is_connect(),
+        let response = request.send().await.map_err(|e| {
+            let detail = without_url(&e);
+            if e.is_connect() && detail.to_ascii_lowercase().contains("certificate") {
+                // Retrying cannot make a certificate verify: say so at once, and say whom
+                // kmsflow trusted.
+                return AzureError::Refused(format!(
+                    "{method} {path}: the TLS certificate of `{}` does not verify ({detail}); kmsflow trusted {}. \
+                     A TLS-inspecting proxy needs its CA in the system's store; a `--sandbox` run needs the sandbox's own CA",
+                    url.origin().ascii_serialization(),
+                    self.trusted_authorities()
+                ));
+            }
+            AzureError::Transport {
+                method: method.to_string(),
+                path: path.clone(),
+                detail,
+                // A connection never made carried no request; anything else may have.
+                maybe_applied: !e.is_connect(),
+            }
         })?;
         let status = response.status().as_u16();
         let header = |name: &str| {
@@ -605,18 +649,57 @@ impl AzureClient {
         let async_operation = header("azure-asyncoperation");
         let location = header("location");
         let etag = header("etag");
-        let text = response.text().await.map_err(|e| AzureError::Transport {
+        let host = url.origin().ascii_serialization();
+        if (300..400).contains(&status) {
+            return Err(AzureError::Redirected {
+                method: method.to_string(),
+                path,
+                host,
+                status,
+                location: location
+                    .as_deref()
+                    .map(|l| match url.join(l) {
+                        Ok(to) => format!("{}{}", to.origin().ascii_serialization(), to.path()),
+                        Err(_) => "an unreadable Location".to_owned(),
+                    })
+                    .unwrap_or_else(|| "nowhere (no Location)".to_owned()),
+            });
+        }
+        let text = self.read_bounded(response, method, &path, &host).await?;
+        let unproven = |what: String| AzureError::Unproven {
             method: method.to_string(),
             path: path.clone(),
-            detail: without_url(&e),
-            maybe_applied: true,
-        })?;
+            host: host.clone(),
+            status,
+            what,
+        };
         let body: Value = if text.trim().is_empty() {
             Value::Null
         } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
+            match serde_json::from_str(&text) {
+                Ok(body) => body,
+                Err(_) => {
+                    return Err(unproven(format!(
+                        "{status} with a body that is not JSON: {}",
+                        excerpt(&text)
+                    )));
+                }
+            }
         };
         if !(200..300).contains(&status) {
+            // Throttling and server errors are retried whoever sent them; any other error is
+            // evidence (absent, refused) only in Azure's own envelope.
+            let enveloped = body["error"]["code"].is_string() || body["code"].is_string();
+            if !enveloped && status != 429 && status < 500 {
+                return Err(unproven(format!(
+                    "{status} without Azure's error envelope{}",
+                    if body.is_null() {
+                        ", and no body".to_owned()
+                    } else {
+                        format!(": {}", excerpt(&text))
+                    }
+                )));
+            }
             let (code, message) = error_code_and_message(&body, status);
             return Err(AzureError::Api {
                 method: method.to_string(),
@@ -627,6 +710,9 @@ impl AzureClient {
                 correlation_id,
                 retry_after,
             });
+        }
+        if let Some(what) = proof.refutes(&body, url) {
+            return Err(unproven(format!("{status} with {what}")));
         }
         Ok(ApiResponse {
             status,
@@ -655,20 +741,24 @@ impl AzureClient {
         body: Option<&Value>,
         if_match: Option<&str>,
     ) -> Result<ApiResponse, AzureError> {
-        self.send_waiting(method, url, scope, body, if_match, true)
+        let precondition = if_match.map_or(Precondition::None, Precondition::IfMatch);
+        self.send_proven(method, url, scope, body, precondition, true, Proof::Json)
             .await
     }
 
-    /// [`send`](Self::send), where `wait_for_rbac: false` answers `ForbiddenByRbac` at once:
-    /// for a read whose denial is the caller's own lack of rights, not a grant on its way.
-    async fn send_waiting(
+    /// [`send`](Self::send), where `wait_for_rbac: false` answers `ForbiddenByRbac` at once
+    /// (for a read whose denial is the caller's own lack of rights, not a grant on its way),
+    /// and a successful answer must prove itself as `proof` says.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_proven(
         &self,
         method: Method,
         url: &Url,
         scope: Service,
         body: Option<&Value>,
-        if_match: Option<&str>,
+        precondition: Precondition<'_>,
         wait_for_rbac: bool,
+        proof: Proof,
     ) -> Result<ApiResponse, AzureError> {
         let bounds = self.config.retry;
         let started = Instant::now();
@@ -679,7 +769,7 @@ impl AzureClient {
             attempt += 1;
             let ask_again = credential_failures > 0;
             let error = match self
-                .send_once(&method, url, scope, body, if_match, ask_again)
+                .send_once(&method, url, scope, body, precondition, ask_again, proof)
                 .await
             {
                 Ok(response) => return Ok(response),
@@ -690,7 +780,7 @@ impl AzureClient {
                 credential_failures += 1;
                 credential_failures < CREDENTIAL_ATTEMPTS
             } else if method == Method::POST && error.may_have_applied() {
-                tracing::debug!(error = %error, "not resending a POST that may have been applied");
+                tracing::debug!(error = %error.summary(), "not resending a POST that may have been applied");
                 false
             } else if error.is_transient() {
                 transient_failures += 1;
@@ -711,42 +801,161 @@ impl AzureClient {
             let delay = error
                 .retry_after()
                 .map_or(jittered, |after| after.max(jittered.min(after)));
-            tracing::debug!(error = %error, delay_ms = delay.as_millis() as u64, "retrying Azure request");
+            if started.elapsed() + delay > bounds.retry_budget.max(bounds.eventual_budget) {
+                tracing::debug!(error = %error.summary(), waited_s = started.elapsed().as_secs(), "the request's retry budget is spent");
+                return Err(error);
+            }
+            tracing::debug!(error = %error.summary(), delay_ms = delay.as_millis() as u64, "retrying Azure request");
             tokio::time::sleep(delay).await;
         }
     }
 
-    /// GET an ARM resource; `None` on 404.
+    /// GET an ARM resource: `None` only when Azure says it does not exist
+    /// ([`AzureError::is_not_found`]), `Some` only when the body is that resource (its `id`
+    /// names it). Anything else is an error, never "absent" or "present".
     pub async fn get(&self, url: &Url) -> Result<Option<ApiResponse>, AzureError> {
-        match self
-            .send(Method::GET, url, Service::ResourceManager, None, None)
+        self.read_as(url, Service::ResourceManager, Proof::Resource, true)
             .await
-        {
-            Ok(response) => Ok(Some(response)),
-            Err(AzureError::Api { status: 404, .. }) => Ok(None),
-            Err(error) => Err(error),
-        }
     }
 
     /// GET an ARM resource as the caller may or may not be allowed to: `ForbiddenByRbac` is
     /// returned at once instead of being waited out (a check run by an operator without a
-    /// Key Vault data role must say so, not retry for ten minutes); `None` on 404.
+    /// Key Vault data role must say so, not retry for ten minutes); otherwise as [`get`].
     pub async fn get_if_permitted(&self, url: &Url) -> Result<Option<ApiResponse>, AzureError> {
+        self.read_as(url, Service::ResourceManager, Proof::Resource, false)
+            .await
+    }
+
+    /// GET a Key Vault data-plane object (a key, its rotation policy), proven as [`get`] does:
+    /// by its `id` or its key's `kid`.
+    pub async fn get_in_vault(&self, url: &Url) -> Result<Option<ApiResponse>, AzureError> {
+        self.read_as(url, Service::KeyVault, Proof::Resource, true)
+            .await
+    }
+
+    /// One page of a list: a body with a `value` array, or an error; `None` when Azure says
+    /// the scope listed does not exist.
+    pub async fn get_page(&self, url: &Url) -> Result<Option<ApiResponse>, AzureError> {
+        self.read_as(url, Service::ResourceManager, Proof::List, true)
+            .await
+    }
+
+    /// Every item of a list, following `nextLink` (only on the ARM endpoint), bounded: a page
+    /// seen twice, a page that is not a list, or more than [`MAX_PAGES`] pages stop with an
+    /// error, so a partial list is never taken for the whole. `None` when Azure says the
+    /// scope listed does not exist.
+    pub async fn list_all(&self, first: &Url) -> Result<Option<Vec<Value>>, AzureError> {
+        let mut items = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut next = Some(first.clone());
+        let mut pages = 0usize;
+        while let Some(url) = next.take() {
+            if !seen.insert(url.as_str().to_owned()) {
+                return Err(AzureError::Refused(format!(
+                    "the list at `{}` links back to a page it already gave (`{}`): it would never end; the list is incomplete, so nothing is taken from it",
+                    first.path(),
+                    url.path()
+                )));
+            }
+            pages += 1;
+            if pages > MAX_PAGES {
+                return Err(AzureError::Refused(format!(
+                    "the list at `{}` goes on past {MAX_PAGES} pages; the list is incomplete, so nothing is taken from it",
+                    first.path()
+                )));
+            }
+            let Some(page) = self.get_page(&url).await? else {
+                if pages == 1 {
+                    return Ok(None);
+                }
+                return Err(AzureError::Refused(format!(
+                    "page {pages} of the list at `{}` is gone (`{}` answered not found); the list is incomplete, so nothing is taken from it",
+                    first.path(),
+                    url.path()
+                )));
+            };
+            items.extend(page.body["value"].as_array().into_iter().flatten().cloned());
+            match &page.body["nextLink"] {
+                Value::Null => {}
+                Value::String(link) if link.is_empty() => {}
+                Value::String(link) => next = Some(self.trusted_link(link, "a list's nextLink")?),
+                other => {
+                    return Err(AzureError::Unproven {
+                        method: "GET".into(),
+                        path: url.path().to_owned(),
+                        host: url.origin().ascii_serialization(),
+                        status: page.status,
+                        what: format!(
+                            "a `nextLink` that is not a URL: {}",
+                            excerpt(&other.to_string())
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(Some(items))
+    }
+
+    /// A GET whose answer must prove itself as `proof` says; one that does not is taken as
+    /// no answer (tried again within the client's bounds, then reported).
+    async fn read_as(
+        &self,
+        url: &Url,
+        service: Service,
+        proof: Proof,
+        wait_for_rbac: bool,
+    ) -> Result<Option<ApiResponse>, AzureError> {
         match self
-            .send_waiting(
+            .send_proven(
                 Method::GET,
                 url,
-                Service::ResourceManager,
+                service,
                 None,
-                None,
-                false,
+                Precondition::None,
+                wait_for_rbac,
+                proof,
             )
             .await
         {
             Ok(response) => Ok(Some(response)),
-            Err(AzureError::Api { status: 404, .. }) => Ok(None),
+            Err(error) if error.is_not_found() => Ok(None),
             Err(error) => Err(error),
         }
+    }
+
+    /// Reads the answer's body, at most `max_answer_bytes` of it.
+    async fn read_bounded(
+        &self,
+        mut response: reqwest::Response,
+        method: &Method,
+        path: &str,
+        host: &str,
+    ) -> Result<String, AzureError> {
+        let limit = self.config.max_answer_bytes;
+        let too_large = || AzureError::TooLarge {
+            method: method.to_string(),
+            path: path.to_owned(),
+            host: host.to_owned(),
+            limit,
+        };
+        if response.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::new();
+        loop {
+            let chunk = response.chunk().await.map_err(|e| AzureError::Transport {
+                method: method.to_string(),
+                path: path.to_owned(),
+                detail: without_url(&e),
+                maybe_applied: true,
+            })?;
+            let Some(chunk) = chunk else { break };
+            if bytes.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// GET a resource and, while an operation on it is still running (a provisioning state
@@ -782,7 +991,8 @@ impl AzureClient {
         }
     }
 
-    /// PUT (or PATCH) and follow the long-running operation; returns the resource as it ends.
+    /// PUT (or PATCH) and follow the long-running operation; returns the resource as it ends,
+    /// proven (see [`proven_result`](Self::proven_result)).
     pub async fn write_and_wait(
         &self,
         method: Method,
@@ -791,9 +1001,100 @@ impl AzureClient {
         if_match: Option<&str>,
     ) -> Result<Value, AzureError> {
         let response = self
-            .send(method, url, Service::ResourceManager, Some(body), if_match)
+            .send(
+                method.clone(),
+                url,
+                Service::ResourceManager,
+                Some(body),
+                if_match,
+            )
             .await?;
-        self.follow(response, url).await
+        let result = self.follow(response, url).await?;
+        self.proven_result(&method, url, result).await
+    }
+
+    /// Creates a resource the step saw absent, and says whether the answer proves this request
+    /// made it. `conditional` sends `If-None-Match: *` (for providers that document it, such
+    /// as AKS): a 412 then means it exists, and it is this step's only if it was created
+    /// after the step began (an earlier send whose answer was lost); otherwise the 412 goes
+    /// back to the step, which observes again. Without it, a `201 Created` or a
+    /// `systemData.createdAt` after the step began proves the creation; a `200` with an older
+    /// or no creation time is an update of a resource someone else made.
+    pub async fn create_and_wait(
+        &self,
+        url: &Url,
+        body: &Value,
+        conditional: bool,
+    ) -> Result<(Value, Creation), AzureError> {
+        let started = chrono::Utc::now();
+        let precondition = if conditional {
+            Precondition::IfAbsent
+        } else {
+            Precondition::None
+        };
+        let response = match self
+            .send_proven(
+                Method::PUT,
+                url,
+                Service::ResourceManager,
+                Some(body),
+                precondition,
+                true,
+                Proof::Json,
+            )
+            .await
+        {
+            Ok(response) => response,
+            Err(error) if conditional && error.status() == Some(412) => {
+                let Some(resource) = self.get_settled(url).await? else {
+                    return Err(error);
+                };
+                return match created_at(&resource) {
+                    Some(at) if at >= started => Ok((resource, Creation::Made)),
+                    _ => Err(error),
+                };
+            }
+            Err(error) => return Err(error),
+        };
+        let status = response.status;
+        let result = self.follow(response, url).await?;
+        let resource = self.proven_result(&Method::PUT, url, result).await?;
+        let creation = match created_at(&resource) {
+            _ if status == 201 => Creation::Made,
+            Some(at) if at >= started => Creation::Made,
+            Some(at) => Creation::Existed(format!(
+                "Azure answered {status}, not 201 Created, and it was created at {} (before this step began): the create updated a resource someone else made",
+                at.to_rfc3339()
+            )),
+            None => Creation::Existed(format!(
+                "Azure answered {status}, not 201 Created, and shows no creation time: nothing proves this step made it, so it is taken as someone else's"
+            )),
+        };
+        Ok((resource, creation))
+    }
+
+    /// What a successful PUT or PATCH made, proven: the answer when it names the resource,
+    /// else the resource read back (a gateway's empty 200 proves nothing was written). A
+    /// resource Azure says does not exist after the write is an error.
+    async fn proven_result(
+        &self,
+        method: &Method,
+        url: &Url,
+        result: Value,
+    ) -> Result<Value, AzureError> {
+        if Proof::Resource.refutes(&result, url).is_none() {
+            return Ok(result);
+        }
+        match self.get_settled(url).await? {
+            Some(resource) => Ok(resource),
+            None => Err(AzureError::Unproven {
+                method: method.to_string(),
+                path: url.path().to_owned(),
+                host: url.origin().ascii_serialization(),
+                status: 200,
+                what: "an answer of success, but Azure says the resource does not exist".into(),
+            }),
+        }
     }
 
     /// Follows a long-running operation: `Azure-AsyncOperation`, else `Location`, else the
@@ -810,12 +1111,14 @@ impl AzureClient {
             loop {
                 tokio::time::sleep(delay.min(Duration::from_secs(30))).await;
                 let status = self
-                    .send(
+                    .send_proven(
                         Method::GET,
                         &status_url,
                         Service::ResourceManager,
                         None,
-                        None,
+                        Precondition::None,
+                        true,
+                        Proof::OperationStatus,
                     )
                     .await?;
                 let state = status.body["status"]
@@ -894,21 +1197,156 @@ impl AzureClient {
         }
     }
 
-    /// A URL from a response (an operation's status URL, a list's `nextLink`), only if it
-    /// points at the ARM endpoint we talk to: a token must never be sent anywhere else.
+    /// An operation's status URL from a response, only if it points at the ARM endpoint we
+    /// talk to: a token must never be sent anywhere else.
     pub fn trusted(&self, status_url: &str) -> Result<Url, AzureError> {
-        let url = Url::parse(status_url).map_err(|e| {
-            AzureError::Refused(format!("the operation status URL is not a URL: {e}"))
-        })?;
+        self.trusted_link(status_url, "an operation status URL")
+    }
+
+    /// A URL an answer gave (`what`: an operation status URL, a list's nextLink), only if it
+    /// points at the ARM endpoint we talk to.
+    pub fn trusted_link(&self, link: &str, what: &str) -> Result<Url, AzureError> {
+        let url = Url::parse(link)
+            .map_err(|e| AzureError::Refused(format!("{what} is not a URL: {e}")))?;
         if url.origin() != self.config.arm_endpoint.origin() {
             return Err(AzureError::Refused(format!(
-                "refusing to follow an operation status URL on `{}`: it is not the ARM endpoint `{}`",
+                "refusing to follow {what} on `{}`: it is not the ARM endpoint `{}`",
                 url.origin().ascii_serialization(),
                 self.config.arm_endpoint.origin().ascii_serialization()
             )));
         }
         Ok(url)
     }
+}
+
+/// A conditional request's header.
+#[derive(Debug, Clone, Copy)]
+enum Precondition<'a> {
+    None,
+    /// `If-Match: <etag>`: only if it is still this version.
+    IfMatch(&'a str),
+    /// `If-None-Match: *`: only if it does not exist.
+    IfAbsent,
+}
+
+/// Whether a create made the resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Creation {
+    /// The answer proves this request made it.
+    Made,
+    /// It existed: the write updated it (why kmsflow thinks so).
+    Existed(String),
+}
+
+/// When Azure says a resource was created: `systemData.createdAt`, or a role assignment's
+/// `properties.createdOn`.
+pub fn created_at(resource: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
+    let text = resource["systemData"]["createdAt"]
+        .as_str()
+        .or_else(|| resource["properties"]["createdOn"].as_str())?;
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|at| at.with_timezone(&chrono::Utc))
+}
+
+/// What a successful answer must show before kmsflow believes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proof {
+    /// Any JSON, or no body (a write's answer: what it made is read back and proven then).
+    Json,
+    /// The resource asked for: an object whose `id` (an ARM id or a Key Vault URL) or whose
+    /// key's `kid` names the URL's path.
+    Resource,
+    /// A page of a list: an object with a `value` array.
+    List,
+    /// A long-running operation's status: an object with a `status` string.
+    OperationStatus,
+}
+
+impl Proof {
+    /// Why `body` does not prove itself as the answer to `url`, if it does not.
+    fn refutes(self, body: &Value, url: &Url) -> Option<String> {
+        if self == Proof::Json {
+            return None;
+        }
+        if body.is_null() {
+            return Some("an empty body".to_owned());
+        }
+        if !body.is_object() {
+            return Some(format!(
+                "a body that is not an object: {}",
+                excerpt(&body.to_string())
+            ));
+        }
+        match self {
+            Proof::Json => None,
+            Proof::Resource => {
+                let named = body["id"].as_str().or_else(|| body["key"]["kid"].as_str());
+                match named {
+                    Some(id) if names(id, url) => None,
+                    Some(id) => Some(format!(
+                        "a body for `{}`, not for the resource asked",
+                        excerpt(id)
+                    )),
+                    None => Some("a body with no `id` naming the resource asked".to_owned()),
+                }
+            }
+            Proof::List => (!body["value"].is_array())
+                .then(|| "a body with no `value` list, not a page of the list asked".to_owned()),
+            Proof::OperationStatus => (!body["status"].is_string())
+                .then(|| "an operation status with no `status`".to_owned()),
+        }
+    }
+}
+
+/// Whether `id` (an ARM id, `/subscriptions/...`, or a Key Vault URL, `https://v.../keys/k/ver`)
+/// names the resource at `url`: the same path, compared as ARM compares (case-insensitively),
+/// each segment encoded as the client encodes it. A key's `kid` names a version under the
+/// key's URL; an ARM child id must not stand for its parent.
+fn names(id: &str, url: &Url) -> bool {
+    let id_path = match Url::parse(id) {
+        // A Key Vault URL: same origin as the URL asked (a vault's answer about itself).
+        Ok(absolute) if absolute.origin() == url.origin() => absolute.path().to_owned(),
+        Ok(_) => return false,
+        Err(_) if id.starts_with('/') => {
+            let mut encoded = url.clone();
+            let segments: Vec<&str> = id.trim_matches('/').split('/').collect();
+            if push_segments_over(&mut encoded, &segments).is_err() {
+                return false;
+            }
+            encoded.path().to_owned()
+        }
+        Err(_) => return false,
+    };
+    let asked = url.path().trim_end_matches('/').to_ascii_lowercase();
+    let id_path = id_path.trim_end_matches('/').to_ascii_lowercase();
+    let vault_object = Url::parse(id).is_ok();
+    id_path == asked || (vault_object && id_path.starts_with(&format!("{asked}/")))
+}
+
+/// Replaces `url`'s path with `segments`, each encoded as [`push_segments`] would.
+fn push_segments_over(url: &mut Url, segments: &[&str]) -> Result<(), AzureError> {
+    url.set_path("/");
+    push_segments(url, segments)
+}
+
+/// How many pages a list may have: at ARM's 1,000 items a page, a million items.
+pub const MAX_PAGES: usize = 1000;
+
+/// A little of a body that proved nothing, for the error: one line, at most 80 characters.
+fn excerpt(text: &str) -> String {
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut cut: String = flat.chars().take(80).collect();
+    if flat.chars().count() > 80 {
+        cut.push('…');
+    }
+    format!("`{cut}`")
 }
 
 fn is_provisioning(body: &Value) -> bool {

@@ -56,25 +56,15 @@ pub struct DiscoveredCluster {
     pub kms: KmsMode,
 }
 
-/// Every item of a list, following `nextLink` (only on the ARM endpoint: a page cannot send
-/// the token elsewhere).
+/// Every item of a list (every page, bounded: see [`AzureClient::list_all`]). A scope that is
+/// not there is an error here: a fleet is never taken to be smaller than it is.
 async fn every_page(client: &AzureClient, first: url::Url) -> Result<Vec<Value>, AzureError> {
-    let mut items = Vec::new();
-    let mut next = Some(first);
-    while let Some(url) = next.take() {
-        let page = client
-            .get(&url)
-            .await?
-            .map(|r| r.body)
-            .unwrap_or(Value::Null);
-        if let Some(value) = page["value"].as_array() {
-            items.extend(value.iter().cloned());
-        }
-        if let Some(link) = page["nextLink"].as_str().filter(|l| !l.is_empty()) {
-            next = Some(client.trusted(link)?);
-        }
-    }
-    Ok(items)
+    client.list_all(&first).await?.ok_or_else(|| {
+        AzureError::Refused(format!(
+            "`{}`: Azure says it does not exist, so its list cannot be read",
+            first.path()
+        ))
+    })
 }
 
 /// The ids of the enabled subscriptions the credential can see.

@@ -54,6 +54,45 @@ pub enum AzureError {
         state: String,
         waited_s: u64,
     },
+    /// Something answered, but the answer proves nothing: an empty or non-JSON body, an error
+    /// without Azure's envelope, a body naming another resource. Gateways, TLS-inspecting
+    /// proxies and load balancers answer like this for Azure; kmsflow takes it as no answer
+    /// (never as "absent", "present" or "refused") and tries again within its bounds.
+    #[error(
+        "{method} {path}: the answer from `{host}` proves nothing ({what}); kmsflow takes it as no answer"
+    )]
+    Unproven {
+        method: String,
+        path: String,
+        /// `scheme://host:port` that answered.
+        host: String,
+        status: u16,
+        what: String,
+    },
+    /// A 3xx: kmsflow follows no redirect (a token, a body with a secret, or a write must never
+    /// go where Azure's endpoint did not name).
+    #[error(
+        "{method} {path}: `{host}` answered {status}, a redirect to `{location}`; kmsflow follows no redirect (a proxy or gateway between kmsflow and Azure sent it)"
+    )]
+    Redirected {
+        method: String,
+        path: String,
+        host: String,
+        status: u16,
+        /// Where it pointed: origin and path only (a query could carry anything).
+        location: String,
+    },
+    /// An answer larger than the client reads ([`crate::client::DEFAULT_MAX_ANSWER_BYTES`],
+    /// `KMSFLOW_MAX_ANSWER_BYTES`).
+    #[error(
+        "{method} {path}: the answer from `{host}` is larger than {limit} bytes, more than any Azure answer kmsflow reads; not read (raise KMSFLOW_MAX_ANSWER_BYTES if this is expected)"
+    )]
+    TooLarge {
+        method: String,
+        path: String,
+        host: String,
+        limit: usize,
+    },
 }
 
 fn correlation_suffix(id: &Option<String>) -> String {
@@ -88,6 +127,53 @@ impl AzureError {
         }
     }
 
+    /// Whether Azure itself said the thing asked for does not exist: a 404 in Azure's error
+    /// envelope with a not-found code (ARM's `ResourceNotFound`, `ResourceGroupNotFound`, a
+    /// provider's `NotFound`, Key Vault's `KeyNotFound`, ...). A 404 without the envelope
+    /// never gets this far (it is [`AzureError::Unproven`]), and a 404 with another code
+    /// (`InvalidResourceType`, an unknown API version) says nothing about the resource.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, AzureError::Api { status: 404, code, .. } if code.ends_with("NotFound"))
+    }
+
+    /// What a log line may say of this error: where and which code, never Azure's message
+    /// (which can echo a request's secret values; the engine redacts what it stores and shows,
+    /// but a log line of the client's is written before any run's redaction could see it).
+    pub fn summary(&self) -> String {
+        match self {
+            AzureError::Api {
+                method,
+                path,
+                status,
+                code,
+                ..
+            } => format!("{method} {path}: {status} {code}"),
+            AzureError::Transport { method, path, .. } => {
+                format!("{method} {path}: no answer")
+            }
+            AzureError::Unproven {
+                method,
+                path,
+                host,
+                status,
+                ..
+            } => format!("{method} {path}: {status} from `{host}` proved nothing"),
+            AzureError::Redirected {
+                method,
+                path,
+                status,
+                ..
+            } => format!("{method} {path}: {status} redirect"),
+            AzureError::TooLarge { method, path, .. } => format!("{method} {path}: too large"),
+            AzureError::OperationFailed { path, code, .. } => {
+                format!("{path}: operation failed: {code}")
+            }
+            AzureError::Credential { scope, .. } => format!("no token for {scope}"),
+            AzureError::Refused(_) => "refused by the client".to_owned(),
+            AzureError::Timeout { path, state, .. } => format!("{path}: still {state}"),
+        }
+    }
+
     /// The ARM error code, where Azure answered.
     pub fn code(&self) -> Option<&str> {
         match self {
@@ -100,7 +186,7 @@ impl AzureError {
     pub fn is_transient(&self) -> bool {
         match self {
             AzureError::Api { status, .. } => *status == 429 || *status >= 500,
-            AzureError::Transport { .. } => true,
+            AzureError::Transport { .. } | AzureError::Unproven { .. } => true,
             _ => false,
         }
     }
@@ -112,6 +198,10 @@ impl AzureError {
         match self {
             AzureError::Api { status, .. } => *status >= 500,
             AzureError::Transport { maybe_applied, .. } => *maybe_applied,
+            // Whatever stood between kmsflow and Azure may have passed the write on first.
+            AzureError::Unproven { method, .. } | AzureError::Redirected { method, .. } => {
+                method != "GET"
+            }
             _ => false,
         }
     }
@@ -120,7 +210,10 @@ impl AzureError {
     /// observe before it decides.
     pub fn is_unanswered_post(&self) -> bool {
         let method = match self {
-            AzureError::Api { method, .. } | AzureError::Transport { method, .. } => method,
+            AzureError::Api { method, .. }
+            | AzureError::Transport { method, .. }
+            | AzureError::Unproven { method, .. }
+            | AzureError::Redirected { method, .. } => method,
             _ => return false,
         };
         method == "POST" && self.may_have_applied()

@@ -1,6 +1,6 @@
 use async_trait::async_trait;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::kind::*;
 
@@ -64,8 +64,8 @@ impl StepKind for Approve {
         _cx: &StepContext<'_>,
         _before: &Value,
         plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
-        Ok(plan.outputs.clone())
+    ) -> Result<Applied, StepError> {
+        Ok(plan.outputs.clone().into())
     }
 
     async fn rollback(

@@ -66,8 +66,8 @@ impl StepKind for Assert {
         _cx: &StepContext<'_>,
         _before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
-        Ok(Map::new())
+    ) -> Result<Applied, StepError> {
+        Ok(Map::new().into())
     }
 
     async fn rollback(

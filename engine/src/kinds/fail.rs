@@ -65,7 +65,7 @@ impl StepKind for Fail {
         cx: &StepContext<'_>,
         _before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let params: Params = cx.params()?;
         if cx.attempt <= params.times {
             return Err(StepError::transient(format!(
@@ -73,7 +73,7 @@ impl StepKind for Fail {
                 params.message, cx.attempt
             )));
         }
-        Ok(Map::new())
+        Ok(Map::new().into())
     }
 
     async fn rollback(

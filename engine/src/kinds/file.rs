@@ -162,7 +162,7 @@ impl StepKind for File {
         cx: &StepContext<'_>,
         _before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let params: Params = cx.params()?;
         if let Some(parent) = params.path.parent().filter(|p| !p.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(parent)
@@ -204,7 +204,7 @@ impl StepKind for File {
             .await
             .map_err(|e| io_error("stat", &params.path, e))?
             .len();
-        Ok(outputs(&params.path, bytes))
+        Ok(outputs(&params.path, bytes).into())
     }
 
     async fn rollback(

@@ -46,8 +46,8 @@ impl StepKind for Noop {
         _cx: &StepContext<'_>,
         _before: &Value,
         plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
-        Ok(plan.outputs.clone())
+    ) -> Result<Applied, StepError> {
+        Ok(plan.outputs.clone().into())
     }
 
     async fn rollback(

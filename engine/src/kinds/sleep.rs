@@ -48,10 +48,10 @@ impl StepKind for Sleep {
         cx: &StepContext<'_>,
         _before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let params: Params = cx.params()?;
         tokio::select! {
-            _ = tokio::time::sleep(params.duration.0) => Ok(Map::new()),
+            _ = tokio::time::sleep(params.duration.0) => Ok(Map::new().into()),
             _ = cx.cancel.cancelled() => Err(StepError::permanent("cancelled")),
         }
     }

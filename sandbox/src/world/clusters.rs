@@ -158,6 +158,13 @@ impl World {
                     return operation_not_allowed();
                 }
                 let existing = self.resources.get(&id_key).cloned();
+                if req.if_none_match.as_deref() == Some("*") && existing.is_some() {
+                    return Resp::arm_error(
+                        412,
+                        "PreconditionFailed",
+                        "Operation failed: the If-None-Match header '*' was given and the managed cluster already exists.",
+                    );
+                }
                 if let (Some(if_match), Some(existing)) = (&req.if_match, &existing) {
                     let etag = existing["eTag"].as_str().unwrap_or_default();
                     if if_match.trim_matches('"') != etag.trim_matches('"') && if_match != "*" {

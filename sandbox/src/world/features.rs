@@ -86,7 +86,8 @@ impl World {
         Resp::json(
             200,
             json!({
-                "id": format!("/subscriptions/{}/providers/Microsoft.Features/providers/{}/features/{}", self.subscription, req.raw_segments[5], req.raw_segments[7]),
+                // The subscription asked about: a feature belongs to it, not to the sandbox's own.
+                "id": format!("/subscriptions/{}/providers/Microsoft.Features/providers/{}/features/{}", req.raw_segments[1], req.raw_segments[5], req.raw_segments[7]),
                 "name": display,
                 "type": "Microsoft.Features/providers/features",
                 "properties": {"state": state},
@@ -124,7 +125,7 @@ impl World {
         Resp::json(
             200,
             json!({
-                "id": format!("/subscriptions/{}/providers/{}", self.subscription, req.raw_segments[3]),
+                "id": format!("/subscriptions/{}/providers/{}", req.raw_segments[1], req.raw_segments[3]),
                 "namespace": req.raw_segments[3],
                 "registrationState": state,
                 "registrationPolicy": "RegistrationRequired",

@@ -41,7 +41,17 @@ impl World {
         let key = name.to_ascii_lowercase();
         match req.method.as_str() {
             "GET" => match self.groups.get(&key) {
-                Some(group) => Resp::json(200, group.clone()),
+                // The sandbox keeps one set of groups for every subscription it serves; each
+                // answers with the id of the subscription asked, as Azure's would.
+                Some(group) => {
+                    let mut group = group.clone();
+                    group["id"] = json!(format!(
+                        "/subscriptions/{}/resourceGroups/{}",
+                        req.raw_segments[1],
+                        group["name"].as_str().unwrap_or(&name)
+                    ));
+                    Resp::json(200, group)
+                }
                 None => group_not_found(&name),
             },
             "PUT" => {
@@ -78,7 +88,7 @@ impl World {
                     .and_then(|g| g["name"].as_str().map(str::to_owned))
                     .unwrap_or(name);
                 let mut group = json!({
-                    "id": format!("/subscriptions/{}/resourceGroups/{stored_name}", self.subscription),
+                    "id": format!("/subscriptions/{}/resourceGroups/{stored_name}", req.raw_segments[1]),
                     "name": stored_name,
                     "location": location,
                     "properties": {"provisioningState": "Succeeded"},

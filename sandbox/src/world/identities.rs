@@ -47,7 +47,7 @@ impl World {
                 // ARM returns ids of identities with a lowercase `resourcegroups`.
                 let id = format!(
                     "/subscriptions/{}/resourcegroups/{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}",
-                    self.subscription, req.raw_segments[3]
+                    req.raw_segments[1], req.raw_segments[3]
                 );
                 let identity = json!({
                     "id": existing.as_ref().and_then(|e| e["id"].as_str().map(str::to_owned)).unwrap_or(id),

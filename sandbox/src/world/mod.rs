@@ -44,6 +44,8 @@ pub struct Req {
     pub raw_segments: Vec<String>,
     pub query: BTreeMap<String, String>,
     pub if_match: Option<String>,
+    /// `If-None-Match`: `*` asks for a create only (AKS documents it on managed clusters).
+    pub if_none_match: Option<String>,
     pub body: Option<Value>,
     /// The token's `oid`.
     pub caller: String,
@@ -524,6 +526,7 @@ pub(crate) mod testing {
             raw_segments: raw,
             query,
             if_match: None,
+            if_none_match: None,
             body,
             caller: "caller".into(),
             origin: "https://management.sandbox.localhost:1".into(),

@@ -363,30 +363,73 @@ pub const PERMISSION_PROPAGATING: &str = "AzureKeyVaultKmsValidateIdentityPermis
 pub async fn put_cluster(
     client: &crate::AzureClient,
     url: &url::Url,
-    mut current: Value,
+    current: Value,
     if_match: bool,
     body_of: impl Fn(&Value) -> Value,
 ) -> Result<Value, StepError> {
+    Ok(
+        write_cluster(client, url, current, if_match, body_of, false)
+            .await?
+            .0,
+    )
+}
+
+/// Creates a cluster the step saw absent, with `If-None-Match: *` (AKS documents it): a
+/// cluster someone made meanwhile is never written over (the 412 sends the step back to
+/// observe). Returns the cluster, and why it is not this step's creation if it is not.
+pub async fn create_cluster(
+    client: &crate::AzureClient,
+    url: &url::Url,
+    body: &Value,
+) -> Result<(Value, Option<String>), StepError> {
+    write_cluster(client, url, Value::Null, false, |_| body.clone(), true).await
+}
+
+/// [`put_cluster`] or [`create_cluster`]: the write, retried while the identity's key
+/// permission propagates and (with `if_match`) when the cluster changed meanwhile.
+async fn write_cluster(
+    client: &crate::AzureClient,
+    url: &url::Url,
+    mut current: Value,
+    if_match: bool,
+    body_of: impl Fn(&Value) -> Value,
+    create: bool,
+) -> Result<(Value, Option<String>), StepError> {
     let retry = client.config().retry;
     let deadline = std::time::Instant::now() + retry.eventual_budget;
     let mut delay = retry.initial_backoff;
     let mut conflicts = 0;
     loop {
         let etag = if_match.then(|| current["eTag"].as_str()).flatten();
-        let error = match client
-            .write_and_wait(reqwest::Method::PUT, url, &body_of(&current), etag)
-            .await
-        {
-            Ok(result) => return Ok(result),
+        let written = if create {
+            client
+                .create_and_wait(url, &body_of(&current), true)
+                .await
+                .map(|(cluster, creation)| match creation {
+                    crate::client::Creation::Made => (cluster, None),
+                    crate::client::Creation::Existed(why) => (cluster, Some(why)),
+                })
+        } else {
+            client
+                .write_and_wait(reqwest::Method::PUT, url, &body_of(&current), etag)
+                .await
+                .map(|cluster| (cluster, None))
+        };
+        let error = match written {
+            Ok(written) => return Ok(written),
             Err(error) => error,
         };
-        let changed = error.status() == Some(412) || error.code() == Some("EtagMismatch");
+        // A create's 412 is someone else's cluster: back to the step, which observes it.
+        // A create's 412 answers its `If-None-Match: *`: someone else's cluster is there, and
+        // the step must observe it, not write again.
+        let changed =
+            error.code() == Some("EtagMismatch") || (!create && error.status() == Some(412));
         let propagating = error.code() == Some(PERMISSION_PROPAGATING);
         if changed && conflicts < 3 {
             conflicts += 1;
-            tracing::debug!(%error, "the cluster changed meanwhile; reading it again");
+            tracing::debug!(error = %error.summary(), "the cluster changed meanwhile; reading it again");
         } else if propagating && std::time::Instant::now() < deadline {
-            tracing::info!(%error, retry_in_ms = delay.as_millis() as u64, "the identity's key permission is still propagating; putting the cluster again");
+            tracing::info!(error = %error.summary(), retry_in_ms = delay.as_millis() as u64, "the identity's key permission is still propagating; putting the cluster again");
             kmsflow_engine::progress::report_waiting("the identity's key permission to propagate");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(retry.max_backoff);

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use kmsflow_engine::kind::*;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::aks::{
     self, IDENTITY_ID, KEY_ID, KEY_VAULT_ID, KMS_MODE, Kms, MIGRATE_FROM, NAME, NETWORK_ACCESS,
@@ -181,16 +181,18 @@ impl StepKind for AksCluster {
         cx: &StepContext<'_>,
         before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
-        let result = if before.is_null() {
-            let body = p.new_cluster();
-            aks::put_cluster(&client, &url, Value::Null, false, |_| body.clone()).await?
+        let (result, existed) = if before.is_null() {
+            aks::create_cluster(&client, &url, &p.new_cluster()).await?
         } else {
-            super::aks_kms::put_kms(&client, &url, &p.kms, before).await?
+            (
+                super::aks_kms::put_kms(&client, &url, &p.kms, before).await?,
+                None,
+            )
         };
-        Ok(aks::cluster_outputs(&result))
+        Ok(common::applied(aks::cluster_outputs(&result), existed))
     }
 
     async fn rollback(

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use kmsflow_engine::kind::*;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::aks::{
     self, IDENTITY_ID, KEY_ID, KEY_VAULT_ID, KMS_MODE, Kms, MIGRATE_FROM, NAME, NETWORK_ACCESS,
@@ -138,11 +138,11 @@ impl StepKind for AksKms {
         cx: &StepContext<'_>,
         before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
         let result = put_kms(&client, &url, &p.kms, before).await?;
-        Ok(aks::cluster_outputs(&result))
+        Ok(aks::cluster_outputs(&result).into())
     }
 
     async fn rollback(

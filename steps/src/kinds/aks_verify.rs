@@ -3,7 +3,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use kmsflow_engine::kind::*;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::aks::{self, NAME};
 use super::common::{self, RESOURCE_GROUP, SUBSCRIPTION, outputs, pattern};
@@ -173,8 +173,8 @@ impl StepKind for AksVerify {
         _cx: &StepContext<'_>,
         _before: &Value,
         plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
-        Ok(plan.outputs.clone())
+    ) -> Result<Applied, StepError> {
+        Ok(plan.outputs.clone().into())
     }
 
     async fn rollback(

@@ -209,6 +209,12 @@ pub async fn read(client: &AzureClient, url: &Url) -> Result<Value, StepError> {
         .unwrap_or(Value::Null))
 }
 
+/// Every item of a list (every page, bounded; see [`AzureClient::list_all`]); empty when Azure
+/// says the scope listed does not exist.
+pub async fn read_list(client: &AzureClient, url: &Url) -> Result<Vec<Value>, StepError> {
+    Ok(client.list_all(url).await?.unwrap_or_default())
+}
+
 /// GET a resource that must exist already (the kinds that change existing resources).
 pub async fn read_existing(
     client: &AzureClient,
@@ -229,6 +235,40 @@ pub async fn put(client: &AzureClient, url: &Url, body: &Value) -> Result<Value,
     Ok(client.write_and_wait(Method::PUT, url, body, None).await?)
 }
 
+/// PUT a resource the step observed as `before`: an update when it was there, a create when
+/// it was absent, whose answer must prove the creation ([`AzureClient::create_and_wait`];
+/// `conditional` for providers that document `If-None-Match: *`). Returns the resource,
+/// and why it is not this step's creation when a planned create turned out to update a
+/// resource that existed.
+pub async fn put_proven(
+    client: &AzureClient,
+    url: &Url,
+    before: &Value,
+    body: &Value,
+    conditional: bool,
+) -> Result<(Value, Option<String>), StepError> {
+    if !before.is_null() {
+        return Ok((put(client, url, body).await?, None));
+    }
+    let (resource, creation) = client.create_and_wait(url, body, conditional).await?;
+    Ok(match creation {
+        crate::client::Creation::Made => (resource, None),
+        crate::client::Creation::Existed(why) => (resource, Some(why)),
+    })
+}
+
+/// The step's outputs, recorded as an update of someone else's resource when `existed` says
+/// why (see [`put_proven`]).
+pub fn applied(
+    outputs: Map<String, Value>,
+    existed: Option<String>,
+) -> kmsflow_engine::kind::Applied {
+    match existed {
+        Some(why) => kmsflow_engine::kind::Applied::existed(outputs, why),
+        None => outputs.into(),
+    }
+}
+
 /// DELETE a resource and wait until it is gone; absent already is fine.
 pub async fn delete(client: &AzureClient, url: &Url) -> Result<(), StepError> {
     match client
@@ -239,7 +279,7 @@ pub async fn delete(client: &AzureClient, url: &Url) -> Result<(), StepError> {
             client.follow(response, url).await?;
             Ok(())
         }
-        Err(crate::AzureError::Api { status: 404, .. }) => Ok(()),
+        Err(error) if error.is_not_found() => Ok(()),
         Err(error) => Err(error.into()),
     }
 }
@@ -260,10 +300,10 @@ pub async fn resource_url(
     Ok((client, url))
 }
 
-/// Before rollback deletes what a step created: why `current` is not that instance, if it is
-/// not. The step recorded `output` when it made it; `pointer` finds the same marker in the
-/// resource as it is now (a principal id, a resource UID, a creation time). No marker on
-/// either side says nothing, and the delete goes ahead as before.
+/// Before rollback deletes what a step created: why `current` is not provably that instance,
+/// if it is not. The step recorded `output` when it made it; `pointer` finds the same marker
+/// in the resource as it is now (a principal id, a creation time). A marker missing on either
+/// side proves nothing, so nothing is deleted: kmsflow never deletes what it cannot show it made.
 pub fn not_the_one_created(
     what: &str,
     current: &Value,
@@ -271,8 +311,19 @@ pub fn not_the_one_created(
     output: &str,
     pointer: &str,
 ) -> Option<String> {
-    let then = recorded?.get(output).filter(|v| v.is_string())?;
-    let now = current.pointer(pointer).filter(|v| v.is_string())?;
+    let Some(then) = recorded
+        .and_then(|r| r.get(output))
+        .filter(|v| v.is_string() && v.as_str() != Some("***"))
+    else {
+        return Some(format!(
+            "{what}: this run recorded no {output} when it created it, so nothing proves the one there now is that one; left in place (delete it yourself if it is)"
+        ));
+    };
+    let Some(now) = current.pointer(pointer).filter(|v| v.is_string()) else {
+        return Some(format!(
+            "{what} shows no {output} now, so nothing proves it is the one this run created ({output} {then}); left in place"
+        ));
+    };
     (then != now).then(|| {
         format!(
             "{what} is not the one this run created (its {output} was {then}, it is {now} now): someone made it again since; left in place"
@@ -290,6 +341,10 @@ pub async fn delete_created(
     marker: (&str, &str),
 ) -> Result<kmsflow_engine::kind::Undo, StepError> {
     let current = read(client, url).await?;
+    if current.is_null() {
+        // Gone already (Azure said so): nothing to delete.
+        return Ok(kmsflow_engine::kind::Undo::Done);
+    }
     let (output, pointer) = marker;
     if let Some(reason) = not_the_one_created(what, &current, recorded, output, pointer) {
         return Ok(kmsflow_engine::kind::Undo::Irreversible(reason));

@@ -6,7 +6,7 @@ use kmsflow_engine::duration::HumanDuration;
 use kmsflow_engine::kind::*;
 use reqwest::Method;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::common::{self, SUBSCRIPTION, outputs};
 use crate::azure::Azure;
@@ -189,7 +189,7 @@ impl StepKind for Feature {
         cx: &StepContext<'_>,
         _before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: Params = cx.params()?;
         let client = self.0.client().await?;
         let register = client
@@ -246,7 +246,8 @@ impl StepKind for Feature {
         Ok(outputs([
             ("state", json!("Registered")),
             ("provider_state", json!(provider_state)),
-        ]))
+        ])
+        .into())
     }
 
     async fn rollback(

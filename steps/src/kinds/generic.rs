@@ -78,9 +78,46 @@ static RESOURCE: KindSpec = KindSpec {
             name: "resource",
             description: "the resource as Azure returns it",
         },
+        OutputSpec {
+            name: "instance",
+            description: "what tells this instance from one made again under the same name (`{pointer: value}`: its `systemData.createdAt`, principal id, resource UID or GUID; empty if it shows none); rollback deletes only a resource this run created that still shows it",
+        },
     ]),
     may_be_irreversible: false,
 };
+
+/// Where a resource shows what tells one instance from another made under the same name,
+/// most telling first: ARM's creation time, then ids a provider mints per instance.
+const INSTANCE_MARKERS: &[&str] = &[
+    "/systemData/createdAt",
+    "/properties/principalId",
+    "/identity/principalId",
+    "/properties/resourceUID",
+    "/properties/resourceGuid",
+    "/properties/uniqueId",
+    "/properties/createdOn",
+];
+
+/// The first instance marker `resource` shows, as `{pointer: value}`; `null` if none.
+fn instance_of(resource: &Value) -> Value {
+    INSTANCE_MARKERS
+        .iter()
+        .find_map(|pointer| {
+            resource
+                .pointer(pointer)
+                .filter(|v| v.as_str().is_some_and(|s| !s.is_empty()))
+                .map(|v| json!({ *pointer: v }))
+        })
+        .unwrap_or(Value::Null)
+}
+
+fn resource_outputs(resource: &Value) -> Map<String, Value> {
+    outputs([
+        ("id", resource["id"].clone()),
+        ("resource", resource.clone()),
+        ("instance", instance_of(resource)),
+    ])
+}
 
 #[async_trait]
 impl StepKind for Resource {
@@ -108,10 +145,7 @@ impl StepKind for Resource {
         let mut fields = Vec::new();
         common::differences(&Value::Object(p.body), before, "", &mut fields);
         if fields.is_empty() {
-            return Ok(StepPlan::unchanged(outputs([
-                ("id", before["id"].clone()),
-                ("resource", before.clone()),
-            ])));
+            return Ok(StepPlan::unchanged(resource_outputs(before)));
         }
         Ok(StepPlan::change(Change::Update {
             summary: format!("update {}", p.id),
@@ -122,16 +156,14 @@ impl StepKind for Resource {
     async fn apply(
         &self,
         cx: &StepContext<'_>,
-        _before: &Value,
+        before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: ResourceParams = cx.params()?;
         let (client, url) = url(&self.0, &p.id, None, &p.api_version).await?;
-        let result = common::put(&client, &url, &Value::Object(p.body)).await?;
-        Ok(outputs([
-            ("id", result["id"].clone()),
-            ("resource", result),
-        ]))
+        let (result, existed) =
+            common::put_proven(&client, &url, before, &Value::Object(p.body), false).await?;
+        Ok(common::applied(resource_outputs(&result), existed))
     }
 
     async fn rollback(
@@ -143,13 +175,37 @@ impl StepKind for Resource {
         let p: ResourceParams = cx.params()?;
         let (client, url) = url(&self.0, &p.id, None, &p.api_version).await?;
         match outcome {
-            Outcome::Created => common::delete(&client, &url).await.map(|_| Undo::Done),
+            Outcome::Created => {
+                let what = format!("`{}`", p.id);
+                // The marker recorded at creation, as `delete_created` reads one.
+                let recorded = cx
+                    .recorded_outputs
+                    .and_then(|o| o["instance"].as_object())
+                    .and_then(|m| m.iter().next())
+                    .filter(|(pointer, _)| INSTANCE_MARKERS.contains(&pointer.as_str()));
+                let (pointer, marker) = match recorded {
+                    Some((pointer, value)) => (pointer.as_str(), json!({ "instance": value })),
+                    None => (INSTANCE_MARKERS[0], json!({})),
+                };
+                common::delete_created(&client, &url, &what, Some(&marker), ("instance", pointer))
+                    .await
+            }
             Outcome::Updated => {
-                let mut body = before.clone();
-                if let Some(properties) = body["properties"].as_object_mut() {
+                // Only a resource as Azure showed it can be put back; anything else stored as
+                // the before image (a damaged store, an answer that proved nothing in an older
+                // version) is reported, never sent.
+                let Value::Object(mut body) = before.clone() else {
+                    return Ok(Undo::Irreversible(format!(
+                        "`{}`: the image kept of it before this run's change is not a resource, so it cannot be put back; left as it is",
+                        p.id
+                    )));
+                };
+                if let Some(Value::Object(properties)) = body.get_mut("properties") {
                     properties.remove("provisioningState");
                 }
-                common::put(&client, &url, &body).await.map(|_| Undo::Done)
+                common::put(&client, &url, &Value::Object(body))
+                    .await
+                    .map(|_| Undo::Done)
             }
             _ => Ok(Undo::NothingToUndo),
         }
@@ -245,7 +301,7 @@ impl StepKind for Action {
         cx: &StepContext<'_>,
         _before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: ActionParams = cx.params()?;
         let (client, url) = url(&self.0, &p.id, Some(&p.action), &p.api_version).await?;
         let body = p.body.map(Value::Object);
@@ -264,7 +320,7 @@ impl StepKind for Action {
         } else {
             response.body
         };
-        Ok(outputs([("response", result)]))
+        Ok(outputs([("response", result)]).into())
     }
 
     async fn rollback(
@@ -371,7 +427,7 @@ impl StepKind for Wait {
         cx: &StepContext<'_>,
         _before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: WaitParams = cx.params()?;
         let deadline = common::Deadline::new(p.max_wait.0);
         let what = format!("{}{}", p.id, p.pointer);
@@ -380,7 +436,7 @@ impl StepKind for Wait {
             tokio::time::sleep(p.poll_interval.0).await;
             let found = self.observe(cx).await?;
             if matches_any(&found, &p.values) {
-                return Ok(outputs([("value", found)]));
+                return Ok(outputs([("value", found)]).into());
             }
             let shown = match &found {
                 Value::String(s) => s.clone(),
@@ -467,8 +523,8 @@ impl StepKind for Assert {
         _cx: &StepContext<'_>,
         _before: &Value,
         plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
-        Ok(plan.outputs.clone())
+    ) -> Result<Applied, StepError> {
+        Ok(plan.outputs.clone().into())
     }
 
     async fn rollback(

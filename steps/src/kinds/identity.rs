@@ -111,17 +111,13 @@ impl StepKind for Identity {
         cx: &StepContext<'_>,
         before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
         let tags = common::tags_to_put(p.tags.as_ref(), before, p.replace_tags);
-        let result = common::put(
-            &client,
-            &url,
-            &json!({"location": p.location, "tags": tags}),
-        )
-        .await?;
-        Ok(identity_outputs(&result))
+        let body = json!({"location": p.location, "tags": tags});
+        let (result, existed) = common::put_proven(&client, &url, before, &body, false).await?;
+        Ok(common::applied(identity_outputs(&result), existed))
     }
 
     async fn rollback(

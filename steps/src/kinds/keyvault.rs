@@ -214,7 +214,7 @@ impl StepKind for KeyVault {
         cx: &StepContext<'_>,
         before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
         // A PUT replaces the vault: it carries every property the vault has (the firewall that
@@ -239,7 +239,8 @@ impl StepKind for KeyVault {
         }
         let tags = common::tags_to_put(p.tags.as_ref(), before, p.replace_tags);
         let body = json!({"location": p.location, "tags": tags, "properties": properties});
-        let result = match common::put(&client, &url, &body).await {
+        let (result, existed) = match common::put_proven(&client, &url, before, &body, false).await
+        {
             // Key Vault keeps a deleted vault (and its keys) under its name for the retention
             // period: one this step's runbook made before a rollback comes back with
             // `createMode: recover`, keys and all, and is then given the wanted properties.
@@ -251,11 +252,11 @@ impl StepKind for KeyVault {
                     "createMode": "recover",
                 }});
                 common::put(&client, &url, &recover).await?;
-                common::put(&client, &url, &body).await?
+                (common::put(&client, &url, &body).await?, None)
             }
             other => other?,
         };
-        Ok(vault_outputs(&result))
+        Ok(common::applied(vault_outputs(&result), existed))
     }
 
     async fn rollback(

@@ -219,21 +219,17 @@ impl StepKind for KeyVaultKey {
             return common::read(&client, &url).await;
         }
         let url = client.vault_url(&p.vault_uri, &["keys", &p.name], API)?;
-        let mut key = match client
-            .send(Method::GET, &url, Service::KeyVault, None, None)
-            .await
-        {
-            Ok(response) => response.body,
-            Err(AzureError::Api { status: 404, .. }) => return Ok(Value::Null),
-            Err(error) => return Err(error.into()),
+        let Some(mut key) = client.get_in_vault(&url).await?.map(|r| r.body) else {
+            return Ok(Value::Null);
         };
         if p.wanted_policy().is_some() {
             let policy =
                 client.vault_url(&p.vault_uri, &["keys", &p.name, "rotationpolicy"], API)?;
             key["rotationPolicy"] = client
-                .send(Method::GET, &policy, Service::KeyVault, None, None)
+                .get_in_vault(&policy)
                 .await?
-                .body;
+                .map(|r| r.body)
+                .unwrap_or(Value::Null);
         }
         Ok(key)
     }
@@ -282,13 +278,15 @@ impl StepKind for KeyVaultKey {
         cx: &StepContext<'_>,
         before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: Params = cx.params()?;
         let client = self.0.client().await?;
-        let outputs = if before.is_null() {
-            self.create(&client, &p).await?
+        let (outputs, existed) = if before.is_null() {
+            let outputs = self.create(&client, &p).await?;
+            let existed = self.other_versions(&client, &p, &outputs).await?;
+            (outputs, existed)
         } else {
-            key_outputs(before)
+            (key_outputs(before), None)
         };
         // After the key exists (a PUT: resent safely if its answer is lost).
         if let Some(policy) = p.wanted_policy() {
@@ -297,7 +295,7 @@ impl StepKind for KeyVaultKey {
                 .send(Method::PUT, &url, Service::KeyVault, Some(&policy), None)
                 .await?;
         }
-        Ok(outputs)
+        Ok(common::applied(outputs, existed))
     }
 
     async fn rollback(
@@ -310,12 +308,37 @@ impl StepKind for KeyVaultKey {
         let client = self.0.client().await?;
         match outcome {
             Outcome::Created => {
+                // The key is this run's only while the version it created is still there: a
+                // key deleted and made again by someone else has other versions.
+                let recorded = cx
+                    .recorded_outputs
+                    .and_then(|o| o["version"].as_str())
+                    .filter(|v| !v.is_empty() && *v != "***");
+                let Some(version) = recorded else {
+                    return Ok(Undo::Irreversible(format!(
+                        "key `{}`: this run recorded no version when it created it, so nothing proves the key there now is that one; left in place",
+                        p.name
+                    )));
+                };
+                let key = client.vault_url(&p.vault_uri, &["keys", &p.name], API)?;
+                if client.get_in_vault(&key).await?.is_none() {
+                    // Deleted already (an earlier rollback whose checkpoint did not land).
+                    return Ok(Undo::Done);
+                }
+                let ours = client.vault_url(&p.vault_uri, &["keys", &p.name, version], API)?;
+                if client.get_in_vault(&ours).await?.is_none() {
+                    return Ok(Undo::Irreversible(format!(
+                        "key `{}` is not the one this run created (its version {version} is not there): someone made it again since; left in place",
+                        p.name
+                    )));
+                }
                 let url = client.vault_url(&p.vault_uri, &["keys", &p.name], API)?;
                 match client
                     .send(Method::DELETE, &url, Service::KeyVault, None, None)
                     .await
                 {
-                    Ok(_) | Err(AzureError::Api { status: 404, .. }) => Ok(Undo::Done),
+                    Ok(_) => Ok(Undo::Done),
+                    Err(error) if error.is_not_found() => Ok(Undo::Done),
                     Err(error) => Err(error.into()),
                 }
             }
@@ -341,6 +364,46 @@ impl StepKind for KeyVaultKey {
 }
 
 impl KeyVaultKey {
+    /// After a create: why the key is not this step's, when it has versions other than the
+    /// one just made (the create added a version to a key that existed).
+    async fn other_versions(
+        &self,
+        client: &crate::AzureClient,
+        p: &Params,
+        created: &Map<String, Value>,
+    ) -> Result<Option<String>, StepError> {
+        let url = client.vault_url(&p.vault_uri, &["keys", &p.name, "versions"], API)?;
+        let listed = client
+            .send(Method::GET, &url, Service::KeyVault, None, None)
+            .await?;
+        let Some(versions) = listed.body["value"].as_array() else {
+            return Err(AzureError::Unproven {
+                method: "GET".into(),
+                path: url.path().to_owned(),
+                host: url.origin().ascii_serialization(),
+                status: listed.status,
+                what: "a body with no `value` list of the key's versions".into(),
+            }
+            .into());
+        };
+        let mine = created["version"].as_str().unwrap_or_default();
+        let others = versions
+            .iter()
+            .filter_map(|v| v["kid"].as_str())
+            .filter(|kid| !kid.ends_with(&format!("/{mine}")))
+            .count();
+        let more = listed.body["nextLink"]
+            .as_str()
+            .is_some_and(|l| !l.is_empty());
+        Ok((others > 0 || more).then(|| {
+            format!(
+                "key `{}` had {} other version(s) besides the one this step made: the create added a version to a key someone else made",
+                p.name,
+                if more { format!("{others}+") } else { others.to_string() }
+            )
+        }))
+    }
+
     /// Creates the key's first version (or recovers the soft-deleted key of its name).
     async fn create(
         &self,

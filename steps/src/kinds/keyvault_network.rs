@@ -136,7 +136,7 @@ impl StepKind for KeyVaultNetwork {
         cx: &StepContext<'_>,
         before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: Params = cx.params()?;
         let existing = &before["properties"]["networkAcls"];
         let acls = json!({
@@ -146,7 +146,7 @@ impl StepKind for KeyVaultNetwork {
             "virtualNetworkRules": existing.get("virtualNetworkRules").cloned().unwrap_or(json!([])),
         });
         let result = self.patch_acls(&p, acls).await?;
-        Ok(acl_outputs(&result))
+        Ok(acl_outputs(&result).into())
     }
 
     async fn rollback(

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use kmsflow_engine::kind::*;
 use reqwest::Method;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::common::{outputs, pattern};
 use crate::azure::Azure;
@@ -53,9 +53,12 @@ impl StepKind for KeyVaultRotate {
         let p: Params = cx.params()?;
         let client = self.0.client().await?;
         let url = client.vault_url(&p.vault_uri, &["keys", &p.name], "7.5")?;
-        let response = client
-            .send(Method::GET, &url, Service::KeyVault, None, None)
-            .await?;
+        let Some(response) = client.get_in_vault(&url).await? else {
+            return Err(StepError::permanent(format!(
+                "key `{}` does not exist in {}: create it first (azure.keyvault_key)",
+                p.name, p.vault_uri
+            )));
+        };
         Ok(json!({
             "kid": response.body["key"]["kid"],
             "created": response.body["attributes"]["created"],
@@ -90,7 +93,7 @@ impl StepKind for KeyVaultRotate {
         cx: &StepContext<'_>,
         _before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: Params = cx.params()?;
         let client = self.0.client().await?;
         let url = client.vault_url(&p.vault_uri, &["keys", &p.name, "rotate"], "7.5")?;
@@ -100,7 +103,8 @@ impl StepKind for KeyVaultRotate {
         Ok(outputs([
             ("kid", response.body["key"]["kid"].clone()),
             ("rotated_at", json!(chrono::Utc::now().to_rfc3339())),
-        ]))
+        ])
+        .into())
     }
 
     async fn rollback(

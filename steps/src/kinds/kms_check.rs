@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use kmsflow_engine::kind::*;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::aks::{self, NAME};
 use super::common::{self, RESOURCE_GROUP, SUBSCRIPTION, outputs, pattern};
@@ -153,7 +153,7 @@ impl KmsCheck {
             .trim_end_matches('/')
             .replacen(":443", "", 1)
             .to_ascii_lowercase();
-        let mut url = client.arm_url(
+        let url = client.arm_url(
             &[
                 "subscriptions",
                 subscription,
@@ -163,26 +163,20 @@ impl KmsCheck {
             ],
             super::keyvault::API,
         )?;
-        loop {
-            let Some(page) = client.get(&url).await? else {
-                return Ok(None);
-            };
-            for vault in page.body["value"].as_array().into_iter().flatten() {
-                let uri = vault["properties"]["vaultUri"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .trim_end_matches('/')
-                    .replacen(":443", "", 1)
-                    .to_ascii_lowercase();
-                if uri == wanted {
-                    return Ok(vault["id"].as_str().map(str::to_owned));
-                }
-            }
-            match page.body["nextLink"].as_str() {
-                Some(next) if !next.is_empty() => url = client.trusted(next)?,
-                _ => return Ok(None),
-            }
-        }
+        let Some(vaults) = client.list_all(&url).await? else {
+            return Ok(None);
+        };
+        Ok(vaults.iter().find_map(|vault| {
+            let uri = vault["properties"]["vaultUri"]
+                .as_str()
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .replacen(":443", "", 1)
+                .to_ascii_lowercase();
+            (uri == wanted)
+                .then(|| vault["id"].as_str().map(str::to_owned))
+                .flatten()
+        }))
     }
 
     /// Reads everything the judgement needs; missing pieces are recorded, not errors.
@@ -251,7 +245,7 @@ impl KmsCheck {
             let mut url = client.arm_url(&segments, "2022-04-01")?;
             url.query_pairs_mut()
                 .append_pair("$filter", &format!("principalId eq '{principal}'"));
-            gathered["assignments"] = common::read(&client, &url).await?;
+            gathered["assignments"] = json!({"value": common::read_list(&client, &url).await?});
             gathered["principal"] = json!(principal);
         }
         Ok(gathered)
@@ -718,8 +712,8 @@ impl StepKind for KmsCheck {
         _cx: &StepContext<'_>,
         _before: &Value,
         plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
-        Ok(plan.outputs.clone())
+    ) -> Result<Applied, StepError> {
+        Ok(plan.outputs.clone().into())
     }
 
     async fn rollback(

@@ -54,7 +54,7 @@ impl ResourceGroup {
         client: &crate::AzureClient,
         p: &Params,
     ) -> Result<Vec<String>, StepError> {
-        let mut url = client.arm_url(
+        let url = client.arm_url(
             &[
                 "subscriptions",
                 &p.subscription,
@@ -64,22 +64,16 @@ impl ResourceGroup {
             ],
             API,
         )?;
-        let mut names = Vec::new();
-        loop {
-            let Some(page) = client.get(&url).await? else {
-                // The group is gone already: nothing inside it either.
-                return Ok(names);
-            };
-            for resource in page.body["value"].as_array().into_iter().flatten() {
+        // A group that is gone already (Azure said so) holds nothing either.
+        Ok(common::read_list(client, &url)
+            .await?
+            .iter()
+            .map(|resource| {
                 let name = resource["name"].as_str().unwrap_or_default();
                 let kind = resource["type"].as_str().unwrap_or_default();
-                names.push(format!("{name} ({kind})"));
-            }
-            match page.body["nextLink"].as_str() {
-                Some(next) if !next.is_empty() => url = client.trusted(next)?,
-                _ => return Ok(names),
-            }
-        }
+                format!("{name} ({kind})")
+            })
+            .collect())
     }
 
     async fn url(&self, p: &Params) -> Result<(Arc<crate::AzureClient>, url::Url), StepError> {
@@ -155,15 +149,15 @@ impl StepKind for ResourceGroup {
         cx: &StepContext<'_>,
         before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: Params = cx.params()?;
         let (client, url) = self.url(&p).await?;
         let body = json!({
             "location": p.location,
             "tags": common::tags_to_put(p.tags.as_ref(), before, p.replace_tags),
         });
-        let result = common::put(&client, &url, &body).await?;
-        Ok(group_outputs(&result))
+        let (result, existed) = common::put_proven(&client, &url, before, &body, false).await?;
+        Ok(common::applied(group_outputs(&result), existed))
     }
 
     async fn rollback(

@@ -173,11 +173,9 @@ impl StepKind for RoleAssignment {
             let mut list = Self::url(&client, &p.scope, None)?;
             list.query_pairs_mut()
                 .append_pair("$filter", &format!("principalId eq '{principal}'"));
-            let listed = common::read(&client, &list).await?;
-            existing = listed["value"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let listed = common::read_list(&client, &list).await?;
+            existing = listed
+                .iter()
                 .find(|a| {
                     let props = &a["properties"];
                     props["principalId"]
@@ -220,7 +218,7 @@ impl StepKind for RoleAssignment {
         cx: &StepContext<'_>,
         before: &Value,
         _plan: &StepPlan,
-    ) -> Result<Map<String, Value>, StepError> {
+    ) -> Result<Applied, StepError> {
         let p: Params = cx.params()?;
         let client = self.0.client().await?;
         let segments = common::id_segments(&p.scope)?;
@@ -231,12 +229,17 @@ impl StepKind for RoleAssignment {
             "principalId": before["principal"],
             "principalType": before["principal_type"],
         }});
-        match common::put(&client, &url, &body).await {
-            Ok(result) => Ok(assignment_outputs(&result)),
+        match common::put_proven(&client, &url, &Value::Null, &body, false).await {
+            Ok((result, existed)) => Ok(common::applied(assignment_outputs(&result), existed)),
             Err(error) if error.to_string().contains("RoleAssignmentExists") => {
-                // Someone made the same grant meanwhile: it is there, which is what we wanted.
+                // Someone made the same grant meanwhile: it is there, which is what we wanted,
+                // and it is theirs.
                 let listed = self.observe(cx).await?;
-                Ok(assignment_outputs(&listed["assignment"]))
+                Ok(Applied {
+                    outputs: assignment_outputs(&listed["assignment"]),
+                    outcome: Some(Outcome::Unchanged),
+                    note: Some("an equivalent role assignment appeared before this step's; it is someone else's".into()),
+                })
             }
             Err(error) => Err(error),
         }
