@@ -407,8 +407,30 @@ impl Context {
 
     /// Opens the store for a command that only reads (`runs`, `show`, `events`): read-only
     /// when this user may not write the file, so a copied or shared state can be inspected.
+    /// [`read_store`](Self::read_store), or `None` when the state file does not exist yet.
+    pub(crate) fn read_store_if_any(&self) -> Result<Option<Store>, Failure> {
+        let engine = self.engine()?;
+        if engine
+            .state
+            .file()
+            .is_some_and(|path| std::fs::metadata(path).is_err())
+        {
+            return Ok(None);
+        }
+        self.read_store().map(Some)
+    }
+
     pub(crate) fn read_store(&self) -> Result<Store, Failure> {
         let engine = self.engine()?;
+        // A command that only reads never creates a store (and its folders) by looking.
+        if let Some(path) = engine.state.file()
+            && std::fs::metadata(path).is_err()
+        {
+            return Err(Failure::Usage(format!(
+                "there is no state file at `{}`: nothing has run with it; point --state (or KMSFLOW_STATE) at the file your runs use",
+                path.display()
+            )));
+        }
         match Store::open(&engine.state, engine.durability) {
             Ok(store) => Ok(store),
             Err(error) if engine.state.file().is_some_and(std::path::Path::is_file) => {
@@ -1344,10 +1366,15 @@ pub(crate) fn operator(by: Option<String>) -> String {
 }
 
 fn runs(context: &Context, limit: usize, output: Output) -> Result<u8, Failure> {
-    let store = context.read_store()?;
-    let rollouts = store.rollouts(limit)?;
-    let runs = store.runs_outside_rollouts(limit)?;
-    let queued = store.queued_not_started(limit)?;
+    // No state file yet: nothing has run, and looking makes none.
+    let (rollouts, runs, queued) = match context.read_store_if_any()? {
+        Some(store) => (
+            store.rollouts(limit)?,
+            store.runs_outside_rollouts(limit)?,
+            store.queued_not_started(limit)?,
+        ),
+        None => (Vec::new(), Vec::new(), Vec::new()),
+    };
     match output {
         Output::Json => print_json(&Value::Array(
             queued

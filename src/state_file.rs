@@ -99,6 +99,17 @@ fn check_state_file(path: &Path) -> Result<(), Failure> {
             path.join("state.db").display()
         )));
     }
+    // Opening a named pipe to read its header would wait for a writer forever; a device or a
+    // socket is no state file either.
+    if let Ok(metadata) = std::fs::metadata(path)
+        && !metadata.is_file()
+    {
+        return Err(Failure::Usage(format!(
+            "`{}` is not a regular file (it is {}): --state (or KMSFLOW_STATE) names the state file",
+            path.display(),
+            kmsflow_state::describe_file_type(&metadata.file_type())
+        )));
+    }
     let mut header = [0u8; 16];
     let read =
         std::fs::File::open(path).and_then(|mut file| std::io::Read::read(&mut file, &mut header));

@@ -452,7 +452,8 @@ steps:
     let run_id = run_id_of(&output);
     let run = ws.show(&run_id);
     assert_eq!(run["params"]["token"], "***");
-    assert_eq!(step(&run, "use")["outputs"]["header"], "Bearer ***");
+    // What a template made of the secret is secret whole.
+    assert_eq!(step(&run, "use")["outputs"]["header"], "***");
     for file in ["state.db", "state.db-wal"] {
         let bytes = std::fs::read(ws.path(file)).unwrap_or_default();
         assert!(
@@ -534,7 +535,9 @@ steps:
 fn the_state_file_is_private() {
     use std::os::unix::fs::PermissionsExt;
     let ws = Workspace::new();
-    let output = ws.run(&["runs"]);
+    // A read command makes no state file; the first run does.
+    ws.write("noop.yaml", "name: n\nsteps:\n  - id: a\n    uses: noop\n");
+    let output = ws.run(&["run", "noop.yaml"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let mode = std::fs::metadata(ws.path("state.db"))
         .unwrap()
@@ -1478,7 +1481,7 @@ fn a_secret_from_standard_input_is_masked_in_every_form_and_the_command_line_war
     );
     let run = ws.show(&run_id_of(&output));
     assert_eq!(step(&run, "use")["outputs"]["pin"], "***");
-    assert_eq!(step(&run, "use")["outputs"]["escaped"], "\"***\"");
+    assert_eq!(step(&run, "use")["outputs"]["escaped"], "***");
     for file in ["state.db", "state.db-wal"] {
         let bytes = std::fs::read(ws.path(file)).unwrap_or_default();
         for form in [secret, escaped, "8675309"] {
@@ -1538,5 +1541,113 @@ fn a_template_nested_thousands_deep_is_refused_cleanly_by_validate_and_run() {
             "{command:?}: {}",
             stderr(&output)
         );
+    }
+}
+
+#[test]
+fn a_read_command_never_creates_a_store_and_a_state_that_is_not_a_file_is_refused() {
+    let ws = Workspace::new();
+    let missing = ws.path("not/yet/state.db");
+    let runs = ws
+        .command(&["runs", "--output", "json"])
+        .env("KMSFLOW_STATE", &missing)
+        .output()
+        .unwrap();
+    assert!(runs.status.success(), "{}", stderr(&runs));
+    assert_eq!(String::from_utf8_lossy(&runs.stdout).trim(), "[]");
+    for command in [
+        &["show", "20260101-000000-00000000"][..],
+        &["events", "20260101-000000-00000000"][..],
+    ] {
+        let output = ws
+            .command(command)
+            .env("KMSFLOW_STATE", &missing)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{command:?}");
+        assert!(
+            stderr(&output).contains("there is no state file at"),
+            "{command:?}: {}",
+            stderr(&output)
+        );
+    }
+    assert!(!ws.path("not").exists(), "no folder was made by looking");
+
+    let fifo = ws.path("state.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    ws.write("noop.yaml", "name: n\nsteps:\n  - id: a\n    uses: noop\n");
+    for command in [&["runs"][..], &["run", "noop.yaml"][..]] {
+        let started = Instant::now();
+        let output = ws
+            .command(command)
+            .env("KMSFLOW_STATE", &fifo)
+            .output()
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{command:?} hung"
+        );
+        assert!(!output.status.success(), "{command:?}");
+        assert!(
+            stderr(&output).contains("not a regular file (it is a named pipe)"),
+            "{command:?}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
+fn what_a_template_makes_of_a_secret_is_as_secret_as_the_secret_and_so_is_a_lock_built_from_it() {
+    let ws = Workspace::new();
+    ws.write(
+        "derived.yaml",
+        r#"
+name: derived
+lock: "vault/{{lower params.token}}"
+params:
+  token: { type: string, secret: true }
+steps:
+  - id: use
+    uses: noop
+    with: { outputs: { shout: "{{upper params.token}}", header: "Bearer {{params.token}}" } }
+"#,
+    );
+    let secret = "quiet-Token-77ab";
+    let output = ws
+        .command(&["run", "derived.yaml"])
+        .env("KMSFLOW_PARAM_TOKEN", secret)
+        .env("KMSFLOW_LOG", "trace")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr(&output)
+    );
+    let forms = [
+        secret.to_owned(),
+        secret.to_uppercase(),
+        secret.to_lowercase(),
+    ];
+    for form in &forms {
+        assert!(!printed.contains(form.as_str()), "{form} printed");
+    }
+    let run = ws.show(&run_id_of(&output));
+    assert_eq!(step(&run, "use")["outputs"]["shout"], "***");
+    assert_eq!(step(&run, "use")["outputs"]["header"], "***");
+    let shown = run.to_string();
+    for form in &forms {
+        assert!(!shown.contains(form.as_str()), "{form} in show: {shown}");
+    }
+    for file in ["state.db", "state.db-wal"] {
+        let bytes = std::fs::read(ws.path(file)).unwrap_or_default();
+        for form in &forms {
+            assert!(
+                !bytes.windows(form.len()).any(|w| w == form.as_bytes()),
+                "{file} holds {form}"
+            );
+        }
     }
 }

@@ -159,6 +159,8 @@ struct Shared {
     checkpoints: Arc<dyn Checkpoints>,
     progress: ProgressSink,
     redactor: Redactor,
+    /// The runbook's secret parameters: what a template reading one renders is masked too.
+    secret_params: Vec<String>,
     abort: CancellationToken,
     /// Fences every checkpoint that precedes a write to Azure.
     lock: HeldLock,
@@ -335,6 +337,7 @@ impl Run {
             checkpoints,
             progress: progress.clone(),
             redactor: Redactor::new(params.secret_values()),
+            secret_params: runbook.secret_params(),
             abort: signals.abort.clone(),
             lock,
             no_return: options.no_return,
@@ -494,6 +497,16 @@ impl Run {
         let input = self
             .renderer
             .render_value(&step.with, &self.context)
+            .inspect(|rendered| {
+                let mut derived = Vec::new();
+                crate::template::renderings_of_secrets(
+                    &step.with,
+                    rendered,
+                    &|name| shared.secret_params.iter().any(|s| s == name),
+                    &mut derived,
+                );
+                shared.redactor.also_mask(derived);
+            })
             .map_err(|e| e.to_string())
             .and_then(|rendered| prepare_input(spec, rendered));
         let input = match input {

@@ -148,6 +148,15 @@ pub fn lock_key(
         serde_json::Value::String(s) => s,
         other => other.to_string(),
     };
+    let reads_secret = crate::template::references(template)
+        .unwrap_or_default()
+        .iter()
+        .any(|path| matches!(path.target(), crate::template::Target::Param(name) if params.is_secret(name)));
+    let rendered = if reads_secret {
+        secret_lock(&lease::normalise(&rendered))
+    } else {
+        rendered
+    };
     // `{{params.rg}}/{{params.cluster}}` with empty values renders `/`: a key that names no
     // target would be shared by every such run, of any runbook.
     if !rendered.chars().any(char::is_alphanumeric) {
@@ -159,6 +168,18 @@ pub fn lock_key(
         });
     }
     Ok(lease::normalise(&rendered))
+}
+
+/// The lock key of a `lock:` that reads a secret parameter: a digest of what it rendered, so
+/// the key (stored in `runs.lock_key` and `locks`, printed in lock conflicts) never carries
+/// the secret in any form a template made of it (`{{upper params.token}}` too), and is still
+/// the same for every run on the same target. A secret with little entropy (a PIN) can be
+/// guessed back from a digest: a lock should name a target, not carry a secret.
+fn secret_lock(rendered: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("kmsflow lock key\0{rendered}").as_bytes());
+    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    format!("secret-{hex}")
 }
 
 /// The fragments of a compiled runbook as a run stores them. The including runbook's own

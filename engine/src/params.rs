@@ -100,6 +100,11 @@ impl BoundParams {
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.values.get(name)
     }
+
+    /// Whether `name` is a secret parameter.
+    pub fn is_secret(&self, name: &str) -> bool {
+        self.secret.iter().any(|s| s == name)
+    }
 }
 
 /// The shortest secret parameter value bound: masking a shorter one reveals it.

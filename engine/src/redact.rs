@@ -2,15 +2,17 @@
 
 use serde_json::Value;
 
-/// Replaces every occurrence of a secret value with `***`.
+/// Replaces every occurrence of a secret value with `***`. Clones share what they mask, so a
+/// value found during a run to be made from a secret ([`Redactor::also_mask`]) is masked by
+/// every part of the run from then on.
 #[derive(Clone, Default)]
 pub struct Redactor {
-    secrets: Vec<String>,
+    secrets: std::sync::Arc<std::sync::RwLock<Vec<String>>>,
 }
 
 impl std::fmt::Debug for Redactor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Redactor({} secrets)", self.secrets.len())
+        write!(f, "Redactor({} secrets)", self.read().len())
     }
 }
 
@@ -26,12 +28,41 @@ impl Redactor {
         // Longest first, so a secret that contains another is replaced whole.
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         secrets.dedup();
-        Redactor { secrets }
+        Redactor {
+            secrets: std::sync::Arc::new(std::sync::RwLock::new(secrets)),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<String>> {
+        self.secrets
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Masks these values too, from now on: what templates made from a secret. A value
+    /// shorter than [`crate::params::MIN_SECRET_CHARS`] is left (masking `12`, a secret's
+    /// length, everywhere would garble every message and hide nothing worth hiding).
+    pub fn also_mask(&self, values: Vec<String>) {
+        let new: Vec<String> = values
+            .into_iter()
+            .filter(|v| v.chars().count() >= crate::params::MIN_SECRET_CHARS)
+            .flat_map(|v| encoded_forms(&v))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        let mut secrets = self
+            .secrets
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        secrets.extend(new);
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
     }
 
     pub fn text(&self, text: &str) -> String {
         let mut out = text.to_owned();
-        for secret in &self.secrets {
+        for secret in self.read().iter() {
             if out.contains(secret.as_str()) {
                 out = out.replace(secret.as_str(), "***");
             }
@@ -40,7 +71,7 @@ impl Redactor {
     }
 
     pub fn value(&self, value: &Value) -> Value {
-        if self.secrets.is_empty() {
+        if self.read().is_empty() {
             return value.clone();
         }
         match value {
@@ -52,9 +83,7 @@ impl Redactor {
                     .collect(),
             ),
             // An `int` secret renders as a number: it is as secret as text.
-            Value::Number(n) if self.secrets.contains(&n.to_string()) => {
-                Value::String("***".into())
-            }
+            Value::Number(n) if self.read().contains(&n.to_string()) => Value::String("***".into()),
             other => other.clone(),
         }
     }

@@ -329,6 +329,45 @@ handlebars::handlebars_helper!(default: |value: Value, fallback: Value| {
 handlebars::handlebars_helper!(json: |value: Value| value.to_string());
 handlebars::handlebars_helper!(concat: |*args| args.iter().map(|a| text_of(a)).collect::<String>());
 
+/// What the templates of `template` that read a secret parameter rendered, from `rendered`
+/// (the same value rendered): a value made from a secret (`{{upper params.token}}`,
+/// `Bearer {{params.token}}`) is as secret as the secret, so the caller masks it too.
+pub fn renderings_of_secrets(
+    template: &Value,
+    rendered: &Value,
+    is_secret: &dyn Fn(&str) -> bool,
+    out: &mut Vec<String>,
+) {
+    match (template, rendered) {
+        (Value::String(text), value) if is_template(text) => {
+            let reads_secret = references(text)
+                .unwrap_or_default()
+                .iter()
+                .any(|path| matches!(path.target(), Target::Param(name) if is_secret(name)));
+            if reads_secret {
+                match value {
+                    Value::String(s) => out.push(s.clone()),
+                    Value::Null | Value::Bool(_) => {}
+                    other => out.push(other.to_string()),
+                }
+            }
+        }
+        (Value::Array(templates), Value::Array(values)) => {
+            for (t, v) in templates.iter().zip(values) {
+                renderings_of_secrets(t, v, is_secret, out);
+            }
+        }
+        (Value::Object(templates), Value::Object(values)) => {
+            for (key, t) in templates {
+                if let Some(v) = values.get(key) {
+                    renderings_of_secrets(t, v, is_secret, out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Templates parsed once per process, by their text. A fleet check renders the same few
 /// conditions a thousand times; parsing them each time was a fifth of its CPU.
 fn parsed(text: &str) -> Result<Arc<Template>, handlebars::TemplateError> {

@@ -42,6 +42,6 @@ pub use rollout::{
     NewRollout, NewTarget, ROLLOUT_PREFIX, RolloutRecord, RolloutTargetRecord, Withdrawn,
 };
 pub use schedule::{FireRecord, ScheduleRecord, mask_url};
-pub use store::{Durability, Location, Store, create_private_folder};
+pub use store::{Durability, Location, Store, create_private_folder, describe_file_type};
 pub use write::{NewRun, Write};
 pub use writer::{Exclusive, Writer, WriterThread};

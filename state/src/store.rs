@@ -510,6 +510,28 @@ pub fn create_private_folder(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What kind of thing a path that is not a regular file is, for an error.
+pub fn describe_file_type(file_type: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if file_type.is_fifo() {
+            return "a named pipe";
+        }
+        if file_type.is_socket() {
+            return "a socket";
+        }
+        if file_type.is_block_device() || file_type.is_char_device() {
+            return "a device";
+        }
+    }
+    if file_type.is_dir() {
+        "a folder"
+    } else {
+        "not a regular file"
+    }
+}
+
 /// Creates the file with mode 0600 (and its folder with 0700) before SQLite opens it, so the
 /// state is never readable by other users, not even for an instant. SQLite creates the WAL and
 /// shared-memory files with the database file's mode.
@@ -520,7 +542,18 @@ fn create_private(path: &Path) -> std::io::Result<()> {
     // state file again while its writer holds it open; had that dropped the writer's shared
     // lock, a short-lived second process (`kmsflow runs`) closing its connection would think
     // itself the last one, checkpoint and delete the WAL under the daemon, and corrupt the file.
-    if path.exists() {
+    if let Ok(metadata) = std::fs::metadata(path) {
+        // A FIFO would hang SQLite's open, a folder or a device is no state file: refused
+        // with what it is.
+        if !metadata.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "it is not a regular file (it is {}); point --state or KMSFLOW_STATE at a state file",
+                    describe_file_type(&metadata.file_type())
+                ),
+            ));
+        }
         return Ok(());
     }
     let mut options = std::fs::OpenOptions::new();
