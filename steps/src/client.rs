@@ -244,6 +244,9 @@ struct Tokens {
 /// endpoint that does not answer).
 const REMEMBER_REFUSAL: Duration = Duration::from_secs(5);
 
+/// How often a request is sent when what answers proves nothing (`AzureError::Unproven`).
+const UNPROVEN_ATTEMPTS: u32 = 3;
+
 /// How often a request asks for a token again after the credential failed (an IMDS 5xx, a
 /// timeout): a blip in the middle of a 20-minute cluster operation must not fail the step.
 const CREDENTIAL_ATTEMPTS: u32 = 3;
@@ -763,6 +766,7 @@ impl AzureClient {
         let bounds = self.config.retry;
         let started = Instant::now();
         let mut transient_failures = 0u32;
+        let mut unproven_answers = 0u32;
         let mut credential_failures = 0u32;
         let mut attempt = 0u32;
         loop {
@@ -782,6 +786,11 @@ impl AzureClient {
             } else if method == Method::POST && error.may_have_applied() {
                 tracing::debug!(error = %error.summary(), "not resending a POST that may have been applied");
                 false
+            } else if let AzureError::Unproven { .. } = error {
+                // Whatever stands in front of Azure answered for it: asked again a few times
+                // (a gateway's page is usually a moment's), then reported, naming it.
+                unproven_answers += 1;
+                unproven_answers < UNPROVEN_ATTEMPTS.min(bounds.transient_attempts)
             } else if error.is_transient() {
                 transient_failures += 1;
                 transient_failures < bounds.transient_attempts
