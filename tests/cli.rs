@@ -1651,3 +1651,73 @@ steps:
         }
     }
 }
+
+/// A listener that takes every connection and never answers: a frozen PostgreSQL, or a
+/// proxy holding connections open. The receiver hears of each connection taken.
+fn silent_listener() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let (taken, connections) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().take(16) {
+            held.push(stream);
+            let _ = taken.send(());
+        }
+        std::thread::sleep(Duration::from_secs(120));
+    });
+    (address, connections)
+}
+
+#[test]
+fn a_silent_postgresql_server_is_an_error_within_the_bound_and_sigterm_ends_the_wait() {
+    let ws = Workspace::new();
+    let (address, connections) = silent_listener();
+    let url = format!("postgres://kmsflow@{address}/kmsflow?connect_timeout=2&sslmode=disable");
+    let started = Instant::now();
+    let output = ws
+        .command(&["runs"])
+        .env("KMSFLOW_STATE", &url)
+        .output()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "returned after {:?}",
+        started.elapsed()
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("did not answer a new session"),
+        "{}",
+        stderr(&output)
+    );
+
+    // The default bound is 20 s; SIGTERM ends the wait before it.
+    let url = format!("postgres://kmsflow@{address}/kmsflow?sslmode=disable");
+    let mut child = ws
+        .command(&["runs"])
+        .env("KMSFLOW_STATE", &url)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once it waits on the server: its second connection (the first was the run above's).
+    connections.recv().unwrap();
+    connections
+        .recv_timeout(Duration::from_secs(10))
+        .expect("kmsflow connects");
+    let signalled = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(5),
+            "SIGTERM did not end the wait"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -68,6 +68,12 @@ pub enum StoreError {
         column: &'static str,
         detail: String,
     },
+    /// The PostgreSQL server took a session or a statement and did not answer within the
+    /// bound: a frozen server, or something between that holds the connection open.
+    #[error(
+        "the PostgreSQL server did not answer {what} within {waited_s}s; the session is given up (is the server frozen or overloaded, or does a proxy hold the connection?)"
+    )]
+    Silent { what: &'static str, waited_s: u64 },
     /// The transaction holding a batch of checkpoints failed to commit; none of them is stored.
     #[error("state store: commit failed: {0}")]
     CommitFailed(String),
@@ -171,6 +177,8 @@ impl From<tokio_postgres::Error> for StoreError {
 impl StoreError {
     /// The session to PostgreSQL broke: the same work may succeed on a new one.
     pub fn is_connection_lost(&self) -> bool {
+        // A session the server stopped answering is given up like a broken one.
         matches!(self, StoreError::Postgres(pg) if pg.connection_lost)
+            || matches!(self, StoreError::Silent { .. })
     }
 }

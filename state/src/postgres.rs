@@ -215,20 +215,35 @@ impl PgLocation {
             config.password(password);
         }
         let tls = self.tls;
+        // Connecting, TLS and start-up together, bounded by twice the TCP connect timeout
+        // (the URL's `connect_timeout`, else 10 s): a server that takes the connection and
+        // never answers is an error, not a hang.
+        let within = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10))
+            * 2;
         let connecting = io().spawn(async move {
-            let (client, connection) = match tls {
-                Tls::Off => {
-                    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-                    (client, tokio::spawn(connection))
-                }
-                Tls::Verified => {
-                    let (client, connection) = config.connect(verified_tls()?).await?;
-                    (client, tokio::spawn(connection))
-                }
-            };
-            drop(connection);
-            client.batch_execute(SESSION_SETTINGS).await?;
-            Ok::<_, StoreError>(client)
+            tokio::time::timeout(within, async move {
+                let (client, connection) = match tls {
+                    Tls::Off => {
+                        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+                        (client, tokio::spawn(connection))
+                    }
+                    Tls::Verified => {
+                        let (client, connection) = config.connect(verified_tls()?).await?;
+                        (client, tokio::spawn(connection))
+                    }
+                };
+                drop(connection);
+                client.batch_execute(SESSION_SETTINGS).await?;
+                Ok::<_, StoreError>(client)
+            })
+            .await
+            .unwrap_or(Err(StoreError::Silent {
+                what: "a new session (connection, TLS and start-up)",
+                waited_s: within.as_secs(),
+            }))
         });
         let client = futures::executor::block_on(connecting)
             .map_err(|e| {
@@ -457,7 +472,9 @@ fn clock_of(rows: &[tokio_postgres::Row]) -> Result<DateTime<Utc>, StoreError> {
 /// was asked. Each is polled once here, in order, before any is waited for: a combinator
 /// (`join_all`) would not promise that, and a COMMIT must never leave before the statements
 /// it commits.
-fn in_order<F: std::future::Future + Unpin>(mut queries: Vec<F>) -> Vec<F::Output> {
+fn in_order<F: std::future::Future + Unpin>(
+    mut queries: Vec<F>,
+) -> Result<Vec<F::Output>, StoreError> {
     let waker = futures::task::noop_waker();
     let mut started = std::task::Context::from_waker(&waker);
     let mut answers: Vec<Option<F::Output>> = queries
@@ -469,12 +486,13 @@ fn in_order<F: std::future::Future + Unpin>(mut queries: Vec<F>) -> Vec<F::Outpu
             },
         )
         .collect();
+    let mut deadline = Deadline::start();
     for (query, answer) in queries.into_iter().zip(&mut answers) {
         if answer.is_none() {
-            *answer = Some(futures::executor::block_on(query));
+            *answer = Some(deadline.wait(query)?);
         }
     }
-    answers.into_iter().map(Option::unwrap).collect()
+    Ok(answers.into_iter().map(Option::unwrap).collect())
 }
 
 /// A statement waiting for the next round trip (see [`PgConn`]).
@@ -794,7 +812,7 @@ impl PgConn {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
-        let answers = self.send(&pending, None);
+        let answers = self.send(&pending, None)?;
         if self.tx == Tx::Unsent {
             self.tx = Tx::Open;
         }
@@ -821,7 +839,17 @@ impl PgConn {
                 deferred.check = Check::Xid;
             }
         }
-        let mut answers = self.send(&pending, Some(&commit));
+        let mut answers = match self.send(&pending, Some(&commit)) {
+            Ok(answers) => answers,
+            // COMMIT was in flight when the server went silent: it may have landed.
+            Err(error) => {
+                self.end();
+                return Err(CommitFailure::Unknown {
+                    error,
+                    xid: self.xid,
+                });
+            }
+        };
         let committed = answers.pop().expect("COMMIT's answer");
         // Whatever the answers say, the transaction is over: committed, rolled back by the
         // server at a failed statement (it answers the COMMIT behind it by rolling back), or
@@ -846,7 +874,7 @@ impl PgConn {
         &self,
         pending: &[Deferred],
         commit: Option<&tokio_postgres::Statement>,
-    ) -> Vec<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> {
+    ) -> Result<Vec<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>, StoreError> {
         let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = pending
             .iter()
             .map(|deferred| deferred.params.iter().map(|p| p as _).collect())
@@ -996,11 +1024,46 @@ impl PgConn {
 }
 
 /// Waits for the driver's answer from any thread, async context or not: the connection is
-/// driven on the store's own runtime, so this only waits on a channel.
+/// driven on the store's own runtime, so this only waits on a channel, for at most
+/// [`ANSWER_WITHIN`].
 fn wait<T>(
     answer: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, StoreError> {
-    Ok(futures::executor::block_on(answer)?)
+    let mut deadline = Deadline::start();
+    Ok(deadline.wait(answer)??)
+}
+
+/// The longest kmsflow waits for the answer to a statement. Far above any statement of its
+/// own (a checkpoint is milliseconds; a writer lock's holder is ended by the server after
+/// 10 s idle in its transaction): past it the server is taken as gone, not slow.
+const ANSWER_WITHIN: Duration = Duration::from_secs(120);
+
+/// A timer on the store's runtime, for waits outside any runtime (`block_on`).
+struct Deadline(tokio::task::JoinHandle<()>);
+
+impl Deadline {
+    fn start() -> Deadline {
+        Deadline(io().spawn(async { tokio::time::sleep(ANSWER_WITHIN).await }))
+    }
+
+    /// `answer`, or [`StoreError::Silent`] once the deadline passed.
+    fn wait<F: std::future::Future>(&mut self, answer: F) -> Result<F::Output, StoreError> {
+        let answer = std::pin::pin!(answer);
+        match futures::executor::block_on(futures::future::select(answer, &mut self.0)) {
+            futures::future::Either::Left((output, _)) => Ok(output),
+            futures::future::Either::Right(_) => Err(StoreError::Silent {
+                what: "a statement",
+                waited_s: ANSWER_WITHIN.as_secs(),
+            }),
+        }
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        // A timer per statement would pile up for two minutes each on a busy writer.
+        self.0.abort();
+    }
 }
 
 /// `?1` becomes `$1`; a `?` inside a quoted literal is left alone.
