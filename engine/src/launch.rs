@@ -209,10 +209,7 @@ pub fn storable_fragments(runbook: &CompiledRunbook) -> serde_json::Value {
 /// Takes `key` for `run_id` on the writer's connection.
 fn take_lock(store: &mut Store, key: &str, run_id: &str) -> Result<HeldLock, LaunchError> {
     let grant = store.acquire_lock(key, run_id, &LockOwner::current(), lease::lease())??;
-    Ok(HeldLock {
-        key: key.to_owned(),
-        token: grant.token,
-    })
+    Ok(HeldLock::granted(key, grant.token))
 }
 
 /// What `resume` is given beyond the run's own records: the parameters given now (secrets,
@@ -377,10 +374,7 @@ impl Launcher {
                 owner_host: owner.host,
                 lease: lease::lease(),
             });
-            HeldLock {
-                key: key.clone(),
-                token: 1,
-            }
+            HeldLock::granted(key.clone(), 1)
         } else {
             let (key, run_id) = (key.clone(), run_id.clone());
             on_writer(&self.writer, move |store| take_lock(store, &key, &run_id)).await?

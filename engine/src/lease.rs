@@ -48,22 +48,66 @@ pub fn normalise(key: &str) -> String {
     key.to_lowercase()
 }
 
-/// A lock this run holds, with the fencing token it was granted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A lock this run holds, with the fencing token it was granted, and when (on this process's
+/// monotonic clock) its lease was last granted or renewed.
+#[derive(Debug, Clone)]
 pub struct HeldLock {
     pub key: String,
     pub token: i64,
+    renewed: Renewed,
+}
+
+impl PartialEq for HeldLock {
+    fn eq(&self, other: &HeldLock) -> bool {
+        (&self.key, self.token) == (&other.key, other.token)
+    }
+}
+
+impl Eq for HeldLock {}
+
+/// The monotonic instant of the last grant or renewal, shared by a lock's clones (the
+/// renewal task writes it, the executor's fences read it).
+#[derive(Debug, Clone)]
+struct Renewed(Arc<std::sync::Mutex<std::time::Instant>>);
+
+impl Renewed {
+    fn now() -> Renewed {
+        Renewed(Arc::new(std::sync::Mutex::new(std::time::Instant::now())))
+    }
+
+    fn mark(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+    }
 }
 
 impl HeldLock {
+    /// A lock just granted with `token`.
+    pub fn granted(key: impl Into<String>, token: i64) -> HeldLock {
+        HeldLock {
+            key: key.into(),
+            token,
+            renewed: Renewed::now(),
+        }
+    }
+
     /// The fencing check to put first in a checkpoint that precedes a write to Azure: the
-    /// checkpoint (and so the write) fails if another run holds the lock now or the lease ran
-    /// out.
+    /// checkpoint (and so the write) fails if another run holds the lock now (its token
+    /// changed) or, once this process's own monotonic clock says the lease may have lapsed
+    /// (paused, frozen, a closed lid), if it ran out by the store's clock. While the holder
+    /// renewed within its lease by the monotonic clock, the store's clock is not asked: a
+    /// wall-clock step (NTP, a VM restored) must not stop a live run nobody took over. A
+    /// takeover always changes the token, so the check stays exact.
     pub fn fence(&self, run_id: &str) -> Write {
-        Write::CheckFence {
-            key: self.key.clone(),
-            run_id: run_id.to_owned(),
-            token: self.token,
+        let (key, run_id, token) = (self.key.clone(), run_id.to_owned(), self.token);
+        // A quarter of the lease to spare: the renewal runs every quarter.
+        if self.renewed.elapsed() < lock_lease() * 3 / 4 {
+            Write::CheckHolder { key, run_id, token }
+        } else {
+            Write::CheckFence { key, run_id, token }
         }
     }
 
@@ -80,6 +124,7 @@ impl HeldLock {
     /// next fencing check stops the run before it writes.
     pub fn keep(&self, checkpoints: Arc<dyn Checkpoints>, run_id: &str) -> LeaseKeeper {
         let (key, token, run_id) = (self.key.clone(), self.token, run_id.to_owned());
+        let renewed = self.renewed.clone();
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(lock_lease() / 4).await;
@@ -90,7 +135,7 @@ impl HeldLock {
                     lease: lease(),
                 };
                 match checkpoints.commit(vec![renewal]).await {
-                    Ok(()) => {}
+                    Ok(()) => renewed.mark(),
                     Err(
                         error @ StoreError::LeaseLost {
                             taken_by: Some(_), ..

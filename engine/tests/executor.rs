@@ -609,10 +609,7 @@ fn in_memory(
         signals: Signals::default(),
         previous: Vec::new(),
         approvals: Vec::new(),
-        lock: kmsflow_engine::lease::HeldLock {
-            key: "run/r".into(),
-            token: 1,
-        },
+        lock: kmsflow_engine::lease::HeldLock::granted("run/r", 1),
         resumed: false,
         pending,
     }
@@ -668,11 +665,11 @@ async fn every_transition_is_committed_on_its_own_by_default() {
         // Every checkpoint carries the fencing check in its own transaction: a runner that
         // lost its lock records nothing more, and no check costs a commit of its own.
         [
-            vec!["CheckFence", "StepSucceeded"],
-            vec!["CheckFence", "StepSkipped"],
-            vec!["CheckFence", "StepApplying"],
-            vec!["CheckFence", "StepSucceeded"],
-            vec!["CheckFence", "RunFinished", "ReleaseLock"],
+            vec!["CheckHolder", "StepSucceeded"],
+            vec!["CheckHolder", "StepSkipped"],
+            vec!["CheckHolder", "StepApplying"],
+            vec!["CheckHolder", "StepSucceeded"],
+            vec!["CheckHolder", "RunFinished", "ReleaseLock"],
         ]
     );
 }
@@ -689,11 +686,11 @@ async fn before_changes_holds_what_changed_nothing_until_the_next_change_is_comm
                 "Event",
                 "StepSucceeded",
                 "StepSkipped",
-                "CheckFence",
+                "CheckHolder",
                 "StepApplying"
             ],
-            vec!["CheckFence", "StepSucceeded"],
-            vec!["CheckFence", "RunFinished", "ReleaseLock"],
+            vec!["CheckHolder", "StepSucceeded"],
+            vec!["CheckHolder", "RunFinished", "ReleaseLock"],
         ]
     );
 }
@@ -802,6 +799,29 @@ async fn a_run_whose_lock_was_taken_over_stops_before_its_next_write() {
         0,
         "nothing is written once the lock is lost"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_of_the_wall_clock_past_the_lease_never_stops_a_live_run_nobody_took_over() {
+    let h = Harness::new();
+    let engine = h.engine();
+    let run = launch::start(&engine, h.locked_request("aks-1"));
+    let clock_step = async {
+        h.until_applying().await;
+        // The wall clock jumps ten minutes ahead (NTP, a VM restored): to the store, the
+        // lease ran out. Nobody takes the lock over.
+        rusqlite::Connection::open(h.dir.path().join("state.db"))
+            .unwrap()
+            .execute(
+                "UPDATE locks SET lease_expires_at = '2000-01-01T00:00:00.000000Z'",
+                [],
+            )
+            .unwrap();
+    };
+    let (run, ()) = tokio::join!(run, clock_step);
+    let summary = run.unwrap();
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
+    assert_eq!(h.count("apply", "second"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,6 +142,15 @@ pub enum Write {
         run_id: String,
         token: i64,
     },
+    /// The lock is still this run's, with this fencing token; its lease is not timed by the
+    /// store's clock. For a holder whose own monotonic clock says it renewed within its lease:
+    /// a takeover changes the token, so this check is as exact as [`Write::CheckFence`]
+    /// against another run, and a step of the store's wall clock cannot fail it.
+    CheckHolder {
+        key: String,
+        run_id: String,
+        token: i64,
+    },
     /// A new run's claim on itself (`run/<id>`), written with the run's record: its id is
     /// fresh, so no other run can hold it, and it costs no transaction of its own.
     ClaimLock {
@@ -369,15 +378,25 @@ pub(crate) fn apply_all<'w>(
     tx: &mut Db<'_>,
     writes: impl IntoIterator<Item = &'w Write>,
 ) -> Result<(), StoreError> {
-    let mut checked: Vec<(&str, &str, i64)> = Vec::new();
+    // (key, run, token, timed): a timed check made earlier covers an untimed one too.
+    let mut checked: Vec<(&str, &str, i64, bool)> = Vec::new();
     for write in writes {
         match write {
             Write::CheckFence { key, run_id, token } => {
-                let fence = (key.as_str(), run_id.as_str(), *token);
+                let fence = (key.as_str(), run_id.as_str(), *token, true);
                 if checked.contains(&fence) {
                     continue;
                 }
                 checked.push(fence);
+            }
+            Write::CheckHolder { key, run_id, token } => {
+                let (key, run_id) = (key.as_str(), run_id.as_str());
+                if checked.contains(&(key, run_id, *token, true))
+                    || checked.contains(&(key, run_id, *token, false))
+                {
+                    continue;
+                }
+                checked.push((key, run_id, *token, false));
             }
             write if !write.leaves_locks_alone() => checked.clear(),
             _ => {}
@@ -401,6 +420,7 @@ impl Write {
                 | Write::StepRolledBack { .. }
                 | Write::Event { .. }
                 | Write::CheckFence { .. }
+                | Write::CheckHolder { .. }
         )
     }
 }
@@ -503,6 +523,7 @@ pub(crate) fn apply(tx: &mut Db<'_>, write: &Write) -> Result<(), StoreError> {
             lease,
         } => renew_lock(tx, key, run_id, *token, *lease),
         Write::CheckFence { key, run_id, token } => check_fence(tx, key, run_id, *token, true),
+        Write::CheckHolder { key, run_id, token } => check_fence(tx, key, run_id, *token, false),
         Write::ReleaseLock { key, run_id } => release_lock(tx, key, run_id),
         Write::ClaimLock {
             key,

@@ -464,10 +464,7 @@ async fn drive_rollout(
         .on_store(move |store| {
             let now = Utc::now();
             let grant = store.acquire_lock(&key, &id, &LockOwner::current(), lease())??;
-            let lock = HeldLock {
-                key,
-                token: grant.token,
-            };
+            let lock = HeldLock::granted(key, grant.token);
             store.commit(&[Write::RolloutStatus {
                 rollout_id: id.clone(),
                 status: RunStatus::Running,
@@ -986,13 +983,7 @@ pub async fn rollback(
                 at: now,
             }])?;
             let children = undoable_children(store, &id)?;
-            Ok((
-                HeldLock {
-                    key,
-                    token: grant.token,
-                },
-                children,
-            ))
+            Ok((HeldLock::granted(key, grant.token), children))
         })
         .await?;
     let checkpoints = launcher.checkpoints();
