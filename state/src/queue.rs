@@ -45,7 +45,16 @@ pub enum QueueStatus {
     Claimed,
     /// Its run ended (succeeded, failed, waits for an approval): no worker takes it again.
     Done,
+    /// Quarantined: it was taken [`MAX_CLAIMS`] times and each time its worker stopped before
+    /// giving it back (a run that kills the worker that runs it). No worker takes it again;
+    /// `queue_poisoned` in its journal says why.
+    Poisoned,
 }
+
+/// How many times a queued run is taken by a worker that then stops (its claim runs out)
+/// before it is quarantined instead of taken again: a run that crashes every worker must not
+/// take the whole pool down, one worker after another.
+pub const MAX_CLAIMS: i64 = 3;
 
 impl QueueStatus {
     fn as_str(self) -> &'static str {
@@ -53,6 +62,7 @@ impl QueueStatus {
             QueueStatus::Queued => "queued",
             QueueStatus::Claimed => "claimed",
             QueueStatus::Done => "done",
+            QueueStatus::Poisoned => "poisoned",
         }
     }
 }
@@ -64,6 +74,7 @@ impl std::str::FromStr for QueueStatus {
             "queued" => Ok(QueueStatus::Queued),
             "claimed" => Ok(QueueStatus::Claimed),
             "done" => Ok(QueueStatus::Done),
+            "poisoned" => Ok(QueueStatus::Poisoned),
             other => Err(format!("unknown queue status `{other}`")),
         }
     }
@@ -215,7 +226,8 @@ pub(crate) fn requeue(tx: &mut Db<'_>, id: &str, at: &DateTime<Utc>) -> Result<(
 pub enum QueuedEnd {
     /// Its run, as the worker left it.
     Ran(Box<crate::RunRecord>),
-    /// No run was made: the worker could not start it, and said why (or it is in no queue).
+    /// No run was made: the worker could not start it, and said why (or it is in no queue);
+    /// or it was quarantined ([`QueueStatus::Poisoned`]), whatever its run shows.
     NotStarted { error: Option<String> },
 }
 
@@ -227,6 +239,18 @@ impl Store {
                 error: Some(format!("`{id}` is in no queue")),
             }));
         };
+        if entry.status == QueueStatus::Poisoned {
+            let reason = self
+                .events(id)?
+                .into_iter()
+                .rev()
+                .find(|e| e.kind == "queue_poisoned")
+                .and_then(|e| e.detail["reason"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "quarantined: it crashed the workers that took it".into());
+            return Ok(Some(QueuedEnd::NotStarted {
+                error: Some(reason),
+            }));
+        }
         if entry.status != QueueStatus::Done {
             return Ok(None);
         }
@@ -261,7 +285,8 @@ impl Store {
             &format!(
                 "SELECT value FROM ({elements}) AS asked
                   WHERE NOT EXISTS (SELECT 1 FROM run_queue q
-                                     WHERE q.id = asked.value AND q.status <> 'done')"
+                                     WHERE q.id = asked.value
+                                       AND q.status NOT IN ('done', 'poisoned'))"
             ),
             args![ids_json],
             |row| row.get(0),
@@ -290,6 +315,38 @@ impl Store {
             } else {
                 ""
             };
+            // Entries whose last worker stopped holding them, taken too often already: held
+            // back from every worker, with the reason in their journal.
+            let poisoned: Vec<(String, i64, Option<String>)> = tx.query(
+                &format!(
+                    "SELECT id, claims, claimed_by FROM run_queue
+                     WHERE queue = ?1 AND status = 'claimed' AND lease_expires_at <= ?2
+                       AND claims >= ?3
+                     ORDER BY enqueued_at, id {lock}"
+                ),
+                args![queue, ts(&now), MAX_CLAIMS],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )?;
+            for (id, claims, last) in poisoned {
+                tx.execute(
+                    "UPDATE run_queue SET status = 'poisoned', claimed_by = NULL,
+                         lease_expires_at = NULL
+                     WHERE id = ?1",
+                    args![id],
+                )?;
+                let reason = format!(
+                    "taken by a worker {claims} times, and each time the worker stopped before it gave the run back (last: {}): it may crash the worker that runs it, so no worker takes it again; look at the workers' logs, then `kmsflow resume {id}` runs it here, in the foreground, or `kmsflow rollback {id}` undoes what it did",
+                    last.as_deref().unwrap_or("unknown")
+                );
+                event(
+                    tx,
+                    &id,
+                    None,
+                    &now,
+                    "queue_poisoned",
+                    &json!({"claims": claims, "reason": reason}),
+                )?;
+            }
             let ids: Vec<String> = tx.query(
                 &format!(
                     "SELECT id FROM run_queue

@@ -400,7 +400,7 @@ impl Store {
             let waiting: Vec<Waiting> = tx.query(
                 "SELECT t.label, q.id, q.status, q.claimed_by, q.lease_expires_at
                  FROM rollout_targets t JOIN run_queue q ON q.id = t.queued_as
-                 WHERE t.rollout_id = ?1 AND q.status <> 'done'
+                 WHERE t.rollout_id = ?1 AND q.status NOT IN ('done', 'poisoned')
                  ORDER BY t.position",
                 args![rollout_id],
                 |row| {

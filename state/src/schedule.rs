@@ -300,7 +300,7 @@ impl Store {
         }
         // A run queued for a worker goes on until a worker ends it, taken or not yet.
         self.db().query_one(
-            "SELECT EXISTS (SELECT 1 FROM run_queue WHERE id = ?1 AND status <> 'done')",
+            "SELECT EXISTS (SELECT 1 FROM run_queue WHERE id = ?1 AND status NOT IN ('done', 'poisoned'))",
             args![run_id],
             |row| row.get(0),
         )

@@ -75,6 +75,7 @@ on_both_backends!(
     many_processes_migrating_at_once_are_safe,
     a_whole_history_is_copied_once_into_an_empty_store,
     queued_runs_are_claimed_once_and_a_stopped_workers_claims_pass_on,
+    a_queued_run_whose_workers_keep_stopping_is_quarantined_and_its_siblings_go_on,
 );
 
 fn a_run_its_steps_and_journal_read_back_as_written(fresh: Fresh) {
@@ -1145,6 +1146,60 @@ fn queued(id: &str) -> Write {
         options: json!({"concurrency": 4}),
         enqueued_at: Utc::now(),
     })
+}
+
+fn a_queued_run_whose_workers_keep_stopping_is_quarantined_and_its_siblings_go_on(fresh: Fresh) {
+    let mut store = fresh.open();
+    store.commit(&[queued("q-poison")]).unwrap();
+    // Three workers take it, and each dies with it (its claim runs out, by the store's clock).
+    for worker in ["w1", "w2", "w3"] {
+        let got = store
+            .claim_queued("east", worker, Duration::seconds(-1), 1)
+            .unwrap();
+        assert_eq!(got[0].id, "q-poison", "{worker}");
+    }
+    store.commit(&[queued("q-sibling")]).unwrap();
+    // The next worker is not given it; the sibling queued behind it is.
+    let next = store
+        .claim_queued("east", "w4", Duration::seconds(60), 10)
+        .unwrap();
+    let ids: Vec<&str> = next.iter().map(|q| q.id.as_str()).collect();
+    assert_eq!(ids, ["q-sibling"]);
+    let entry = store.queued("q-poison").unwrap().unwrap();
+    assert_eq!(entry.status, kmsflow_state::QueueStatus::Poisoned);
+    let poisoned = store
+        .events("q-poison")
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "queue_poisoned")
+        .expect("the journal says why");
+    assert_eq!(poisoned.detail["claims"], 3);
+    assert!(
+        poisoned.detail["reason"]
+            .as_str()
+            .unwrap()
+            .contains("(last: w3)"),
+        "{}",
+        poisoned.detail
+    );
+    // It has ended as far as those waiting for it know, with the reason.
+    assert_eq!(
+        store.queued_ended(&["q-poison".to_owned()]).unwrap(),
+        vec!["q-poison".to_owned()]
+    );
+    match store.queued_end("q-poison").unwrap() {
+        Some(kmsflow_state::QueuedEnd::NotStarted { error: Some(error) }) => {
+            assert!(error.contains("taken by a worker 3 times"), "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        store
+            .claim_queued("east", "w5", Duration::seconds(60), 10)
+            .unwrap()
+            .is_empty(),
+        "never taken again"
+    );
 }
 
 fn queued_runs_are_claimed_once_and_a_stopped_workers_claims_pass_on(fresh: Fresh) {
