@@ -267,12 +267,12 @@ pub fn run_text(run: &RunRecord, steps: &[StepRecord]) -> String {
         );
         out.push('\n');
     }
-    if let Some(outputs) = run.outputs.as_ref().and_then(Value::as_object) {
-        if !outputs.is_empty() {
-            out.push_str("\noutputs\n");
-            for (name, value) in outputs {
-                out.push_str(&format!("  {name} = {value}\n"));
-            }
+    if let Some(outputs) = run.outputs.as_ref().and_then(Value::as_object)
+        && !outputs.is_empty()
+    {
+        out.push_str("\noutputs\n");
+        for (name, value) in outputs {
+            out.push_str(&format!("  {name} = {value}\n"));
         }
     }
     out

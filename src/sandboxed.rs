@@ -64,6 +64,7 @@ pub fn prepare(cli: &mut Cli) -> Result<Option<Prepared>, Failure> {
             world_file.display()
         ))
     })?;
+    hold_the_sandbox(&world_file)?;
     // Come back on the port the saved world used: runs keep the vault URIs and key ids it
     // handed out, as they would keep Azure's.
     let previous_port = std::fs::read_to_string(&world_file)
@@ -163,6 +164,35 @@ impl Prepared {
             self.world_file.display()
         );
         Ok(sandbox)
+    }
+}
+
+/// Takes the sandbox of this state for the rest of the process, or refuses: two `--sandbox`
+/// commands on one state would each start a sandbox with its own certificate authority and
+/// port, and overwrite each other's world, authority and cloud profile beside the state (the
+/// first then meets a certificate it cannot verify).
+fn hold_the_sandbox(world_file: &std::path::Path) -> Result<(), Failure> {
+    static HELD: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    let lock_file = world_file.with_extension("").with_extension("sandbox.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_file)
+        .map_err(|e| Failure::Usage(format!("cannot open `{}`: {e}", lock_file.display())))?;
+    match file.try_lock() {
+        Ok(()) => {
+            let _ = HELD.set(file);
+            Ok(())
+        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(Failure::Usage(format!(
+            "another `--sandbox` command is using the sandbox kept beside this state (`{}`): its world, port and certificate authority are its own until it ends; wait for it, or give this one its own --state",
+            world_file.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Failure::Usage(format!(
+            "cannot lock `{}`: {e}",
+            lock_file.display()
+        ))),
     }
 }
 

@@ -1721,3 +1721,57 @@ fn a_silent_postgresql_server_is_an_error_within_the_bound_and_sigterm_ends_the_
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_write_ahead_log_deleted_mid_run_stops_the_run_instead_of_reporting_success() {
+    let ws = Workspace::new();
+    ws.write(
+        "slow.yaml",
+        r#"
+name: slow
+steps:
+  - id: first
+    uses: file
+    with: { path: first.txt, content: one }
+  - id: wait
+    uses: sleep
+    needs: [first]
+    with: { duration: 2s }
+  - id: last
+    uses: file
+    needs: [wait]
+    with: { path: last.txt, content: two }
+"#,
+    );
+    let (child, _) = ws.spawn_until(&["run", "slow.yaml"], "sleep, attempt 1");
+    // While the run waits, something deletes the state file's write-ahead log.
+    std::fs::remove_file(ws.path("state.db-wal")).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_ne!(
+        output.status.code(),
+        Some(0),
+        "the run must not report success over a lost record"
+    );
+}
+
+#[test]
+fn two_sandboxed_commands_on_one_state_never_share_a_sandbox() {
+    let ws = Workspace::new();
+    ws.write(
+        "wait.yaml",
+        "name: wait\nsteps:\n  - id: wait\n    uses: sleep\n    with: { duration: 3s }\n",
+    );
+    let (first, _) = ws.spawn_until(&["run", "wait.yaml", "--sandbox"], "sleep, attempt 1");
+    let second = ws.run(&["run", "wait.yaml", "--sandbox"]);
+    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("another `--sandbox` command is using the sandbox"),
+        "{}",
+        stderr(&second)
+    );
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success());
+    // Once the first has ended, the sandbox is free again.
+    let third = ws.run(&["run", "wait.yaml", "--sandbox"]);
+    assert!(third.status.success(), "{}", stderr(&third));
+}

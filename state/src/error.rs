@@ -74,6 +74,12 @@ pub enum StoreError {
         "the PostgreSQL server did not answer {what} within {waited_s}s; the session is given up (is the server frozen or overloaded, or does a proxy hold the connection?)"
     )]
     Silent { what: &'static str, waited_s: u64 },
+    /// The state file, or its write-ahead log, was deleted or replaced under the open store:
+    /// what was committed since may be in no file that anyone can read.
+    #[error(
+        "the state file's {what} was deleted or replaced while kmsflow had it open ({path}); what this run committed since may be lost: the run stops here. Put the file back if you can, then `kmsflow show` tells what is recorded; `kmsflow resume` observes the world again before it changes anything"
+    )]
+    Vanished { what: &'static str, path: PathBuf },
     /// The transaction holding a batch of checkpoints failed to commit; none of them is stored.
     #[error("state store: commit failed: {0}")]
     CommitFailed(String),

@@ -89,9 +89,67 @@ pub struct Store {
 }
 
 enum Backend {
-    Sqlite(Connection),
+    Sqlite(Connection, Files),
     /// Behind a mutex because reads take `&self` and the session needs `&mut` to prepare.
     Postgres(Mutex<PgConn>),
+}
+
+/// The identity (device and inode) of a state file and of its write-ahead log, as first seen.
+struct Files {
+    database: std::path::PathBuf,
+    wal: std::path::PathBuf,
+    database_id: Option<(u64, u64)>,
+    /// Learnt at the first check that finds the log (SQLite makes it at the first write).
+    wal_id: std::sync::OnceLock<(u64, u64)>,
+}
+
+impl Files {
+    fn of(path: &Path) -> Files {
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        Files {
+            database: path.to_owned(),
+            wal: wal.into(),
+            database_id: file_id(path),
+            wal_id: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn intact(&self) -> Result<(), StoreError> {
+        let vanished = |what, path: &Path| StoreError::Vanished {
+            what,
+            path: path.to_owned(),
+        };
+        if self.database_id.is_some() && file_id(&self.database) != self.database_id {
+            return Err(vanished("database file", &self.database));
+        }
+        match (file_id(&self.wal), self.wal_id.get()) {
+            (Some(now), Some(then)) if now != *then => {
+                Err(vanished("write-ahead log (`-wal`)", &self.wal))
+            }
+            (None, Some(_)) => Err(vanished("write-ahead log (`-wal`)", &self.wal)),
+            (Some(now), None) => {
+                let _ = self.wal_id.set(now);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A file's device and inode, if it exists.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((metadata.dev(), metadata.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = metadata;
+        Some((0, 0))
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -157,9 +215,20 @@ impl Store {
             }
         }
         Ok(Store {
-            backend: Backend::Sqlite(conn),
+            backend: Backend::Sqlite(conn, Files::of(path)),
             location: Location::File(path.to_owned()),
         })
+    }
+
+    /// Whether the state file and its write-ahead log are still the files this store opened:
+    /// a file deleted or replaced under an open SQLite connection takes what is written to it
+    /// from then on with it, so a writer checks after each commit and stops rather than go on
+    /// (or report success) writing to a file nobody will read. Nothing to check on PostgreSQL.
+    pub fn files_intact(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(_, files) => files.intact(),
+            Backend::Postgres(_) => Ok(()),
+        }
     }
 
     /// Opens an existing state file for reading only: for read commands on a file this user
@@ -204,7 +273,7 @@ impl Store {
             });
         }
         Ok(Store {
-            backend: Backend::Sqlite(conn),
+            backend: Backend::Sqlite(conn, Files::of(path)),
             location: Location::File(path.to_owned()),
         })
     }
@@ -217,7 +286,7 @@ impl Store {
     /// Which backend holds the state: `sqlite` or `postgres`.
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
-            Backend::Sqlite(_) => "sqlite",
+            Backend::Sqlite(..) => "sqlite",
             Backend::Postgres(_) => "postgres",
         }
     }
@@ -227,7 +296,7 @@ impl Store {
     /// the server answers; otherwise the statement fails with the session's error.
     pub(crate) fn db(&self) -> Db<'_> {
         match &self.backend {
-            Backend::Sqlite(conn) => Db::Sqlite(conn),
+            Backend::Sqlite(conn, _) => Db::Sqlite(conn),
             // A panic while the session was held leaves it as it was: the next statement
             // finds out whether it still works.
             Backend::Postgres(conn) => {

@@ -177,7 +177,17 @@ fn commit_batch(store: &mut Store, batch: &[Checkpoint]) -> Vec<Result<(), Store
     loop {
         let lost = match store.reconnect_if_lost() {
             Ok(_) => match try_batch(store, batch) {
-                Attempt::Done(results) => return results,
+                Attempt::Done(results) => {
+                    // Committed, but to the file the path still names? A state file or log
+                    // deleted under the store takes every commit since with it.
+                    return match store.files_intact() {
+                        Ok(()) => results,
+                        Err(error) => {
+                            tracing::error!(%error, "the state file vanished under the store");
+                            all_failed(batch, error)
+                        }
+                    };
+                }
                 Attempt::SessionLost(error) => error,
                 Attempt::InDoubt(in_doubt) => match committed(store, in_doubt.xid) {
                     Ok(true) => {
