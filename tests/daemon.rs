@@ -667,3 +667,89 @@ fn a_schedule_fires_a_rollout_and_a_budget_stop_notifies() {
         "{fires:?}"
     );
 }
+
+/// libfaketime, from Debian's `faketime` (`.ci/run` installs it).
+fn libfaketime() -> std::path::PathBuf {
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ];
+    candidates
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+        .expect("libfaketime is missing: `apt-get install faketime` (.ci/run does)")
+}
+
+/// Waits (at most 30 s) until `name`'s history satisfies `done`; returns it.
+fn until_history(dir: &Path, name: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let fires = history(dir, name);
+        if done(&fires) {
+            return fires;
+        }
+        assert!(Instant::now() < deadline, "waited 30 s: {fires:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_step_of_the_wall_clock_is_not_downtime_and_firing_goes_on_by_the_new_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("quick.yaml"), QUICK).unwrap();
+    add(
+        dir.path(),
+        &[
+            "every-2s",
+            "--runbook",
+            "quick.yaml",
+            "--cron",
+            "*/2 * * * * *",
+        ],
+    );
+    // The daemon's wall clock is the one this file says (`+0`, then stepped); its monotonic
+    // clock is left alone, as a real clock step leaves it.
+    let offset = dir.path().join("faketime");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let mut d = kmsflow(dir.path(), &["daemon", "--tick", "100ms"])
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME_TIMESTAMP_FILE", &offset)
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("DONT_FAKE_MONOTONIC", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = |fires: &[Value]| count(fires, "started");
+    until_history(dir.path(), "every-2s", |f| started(f) >= 1);
+
+    // An hour forward: the occurrences it passed over are missed because of the step, not
+    // "because the daemon was not running", and firing goes on.
+    std::fs::write(&offset, "+1h\n").unwrap();
+    let fires = until_history(dir.path(), "every-2s", |f| count(f, "missed") >= 1000);
+    let before = started(&fires);
+    let fires = until_history(dir.path(), "every-2s", |f| started(f) > before);
+    let downtime = fires
+        .iter()
+        .filter(|f| {
+            f["detail"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("not running"))
+        })
+        .count();
+    assert_eq!(downtime, 0, "a clock step is not downtime");
+    assert!(
+        fires.iter().any(|f| f["detail"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("jumped forward"))),
+        "the step is named"
+    );
+
+    // Two hours back: occurrences go on firing by the new clock, not after two hours.
+    let before = started(&fires);
+    std::fs::write(&offset, "-1h\n").unwrap();
+    until_history(dir.path(), "every-2s", |f| started(f) >= before + 2);
+    assert!(sigterm(&mut d).success());
+}

@@ -127,6 +127,57 @@ struct Firing {
     notifications: tokio_util::task::TaskTracker,
 }
 
+/// How the wall clock moved between two looks, unlike the monotonic clock: a step (NTP, a VM
+/// restored, an operator), which is not downtime, since the daemon ran all along.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClockStep {
+    Forward(chrono::Duration),
+    Back(chrono::Duration),
+}
+
+/// Both clocks as the daemon last looked at them.
+struct ClockWatch {
+    monotonic: std::time::Instant,
+    wall: DateTime<Utc>,
+}
+
+impl ClockWatch {
+    fn start(monotonic: std::time::Instant, wall: DateTime<Utc>) -> ClockWatch {
+        ClockWatch { monotonic, wall }
+    }
+
+    /// How far each clock moved since the last look; a difference past `tolerance` is a step
+    /// of the wall clock. Remembers this look.
+    fn observe(
+        &mut self,
+        monotonic: std::time::Instant,
+        wall: DateTime<Utc>,
+        tolerance: Duration,
+    ) -> Option<ClockStep> {
+        let ran = chrono::Duration::from_std(monotonic.saturating_duration_since(self.monotonic))
+            .unwrap_or_default();
+        let moved = wall - self.wall;
+        self.monotonic = monotonic;
+        self.wall = wall;
+        let drift = moved - ran;
+        let tolerance = chrono::Duration::from_std(tolerance).unwrap_or_default();
+        if drift > tolerance {
+            Some(ClockStep::Forward(drift))
+        } else if drift < -tolerance {
+            Some(ClockStep::Back(-drift))
+        } else {
+            None
+        }
+    }
+}
+
+/// What a tick knows of the clocks: the wall time of the look before, and a step since.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    before: DateTime<Utc>,
+    step: Option<ClockStep>,
+}
+
 /// The longest the daemon waits between ticks after store errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -146,6 +197,9 @@ impl Daemon {
         }
         let mut firing = Firing::default();
         let mut failures: u32 = 0;
+        let mut clock = ClockWatch::start(std::time::Instant::now(), Utc::now());
+        // A wall clock that moved more than this unlike the monotonic one was stepped.
+        let tolerance = (self.tick * 4).max(Duration::from_secs(2));
         loop {
             while let Some(Ok(name)) = firing.tasks.try_join_next() {
                 firing.running.remove(&name);
@@ -154,7 +208,21 @@ impl Daemon {
             if self.drain.is_cancelled() {
                 break;
             }
-            let pause = match self.tick(&mut firing, &store).await {
+            let before = clock.wall;
+            let step = clock.observe(std::time::Instant::now(), Utc::now(), tolerance);
+            match step {
+                Some(ClockStep::Forward(by)) => tracing::warn!(
+                    by_s = by.num_seconds(),
+                    "the wall clock jumped forward while the daemon ran; occurrences it passed over are recorded missed for that reason, and firing goes on by the new clock"
+                ),
+                Some(ClockStep::Back(by)) => tracing::warn!(
+                    by_s = by.num_seconds(),
+                    "the wall clock jumped back while the daemon ran; firing goes on by the new clock (an occurrence already fired is not fired again)"
+                ),
+                None => {}
+            }
+            let seen = Seen { before, step };
+            let pause = match self.tick(&mut firing, &store, seen).await {
                 Ok(()) => {
                     failures = 0;
                     self.tick
@@ -182,7 +250,12 @@ impl Daemon {
     }
 
     /// One look at every schedule: fire, buffer, skip or record missed occurrences.
-    async fn tick(&self, firing: &mut Firing, store: &StoreHandle) -> Result<(), StoreError> {
+    async fn tick(
+        &self,
+        firing: &mut Firing,
+        store: &StoreHandle,
+        seen: Seen,
+    ) -> Result<(), StoreError> {
         let grace = chrono::Duration::from_std(self.tick * 3).unwrap_or_default();
         let now = Utc::now();
         let schedules = store.run(|s| s.schedules()).await?;
@@ -198,20 +271,35 @@ impl Daemon {
                 firing.buffered.remove(&schedule.name);
                 continue;
             }
+            // After the clock went back, what was seen lies ahead of the new clock: from there
+            // on, occurrences are looked for after the previous tick instead, so firing goes
+            // on by the new clock rather than stopping until it catches up.
+            let since = if schedule.last_seen_at > now {
+                seen.before.min(now)
+            } else {
+                schedule.last_seen_at
+            };
             let due: Vec<DateTime<Utc>> = cron
-                .iter_after(schedule.last_seen_at)
+                .iter_after(since)
                 .take_while(|occurrence| *occurrence <= now)
                 .take(100_000)
                 .collect();
             let Some((&latest, earlier)) = due.split_last() else {
                 continue;
             };
+            let reason = match seen.step {
+                Some(ClockStep::Forward(by)) => format!(
+                    "the wall clock jumped forward {} s while the daemon ran, past this occurrence; a later occurrence is due",
+                    by.num_seconds()
+                ),
+                _ => "the daemon was not running; a later occurrence is due".to_owned(),
+            };
             for &occurrence in earlier {
                 self.record(
                     &schedule,
                     occurrence,
                     FireOutcome::Missed,
-                    json!({"reason": "the daemon was not running; a later occurrence is due"}),
+                    json!({ "reason": reason }),
                     store,
                 )
                 .await?;
@@ -385,5 +473,38 @@ impl Daemon {
         });
         firing.running.insert(name, handle);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[test]
+    fn a_step_of_the_wall_clock_is_told_from_time_passing() {
+        let start = std::time::Instant::now();
+        let wall = Utc::now();
+        let mut watch = ClockWatch::start(start, wall);
+        let tolerance = Duration::from_secs(4);
+        let later = |s: u64| start + Duration::from_secs(s);
+        let secs = chrono::Duration::seconds;
+        // Both clocks move together: no step, however long the daemon waited.
+        assert_eq!(watch.observe(later(1), wall + secs(1), tolerance), None);
+        assert_eq!(watch.observe(later(61), wall + secs(61), tolerance), None);
+        // The wall clock moves an hour in one second: forward.
+        assert_eq!(
+            watch.observe(later(62), wall + secs(62 + 3600), tolerance),
+            Some(ClockStep::Forward(secs(3600)))
+        );
+        // Then two hours back.
+        assert_eq!(
+            watch.observe(later(63), wall + secs(63 + 3600 - 7200), tolerance),
+            Some(ClockStep::Back(secs(7200)))
+        );
+        // Drift within the tolerance is no step.
+        assert_eq!(
+            watch.observe(later(64), wall + secs(64 - 3600 + 3), tolerance),
+            None
+        );
     }
 }
