@@ -393,43 +393,30 @@ impl Injector {
 
     /// Whether something other than Azure answers this request, and how.
     pub fn lie(&mut self, method: &str, path: &str) -> Option<Lie> {
-        for (index, lie) in self.faults.lies.iter().enumerate() {
-            if self.lies_left[index] == 0 {
-                continue;
-            }
-            let method_matches = lie
-                .method
-                .as_deref()
-                .is_none_or(|m| m.eq_ignore_ascii_case(method));
-            if method_matches && glob(&lie.path.to_ascii_lowercase(), &path.to_ascii_lowercase()) {
-                self.lies_left[index] -= 1;
-                return Some(lie.clone());
-            }
-        }
-        None
+        let entries = self
+            .faults
+            .lies
+            .iter()
+            .map(|l| (l.method.as_deref(), &*l.path));
+        let index = take_match(&mut self.lies_left, entries, method, path)?;
+        Some(self.faults.lies[index].clone())
     }
 
     /// Whether this request, which is about to be applied, loses its answer afterwards.
     pub fn loss(&mut self, method: &str, path: &str) -> Option<Loss> {
-        for (index, lost) in self.faults.lose_answers.iter().enumerate() {
-            if self.losses_left[index] == 0 {
-                continue;
-            }
-            let method_matches = lost
-                .method
-                .as_deref()
-                .is_none_or(|m| m.eq_ignore_ascii_case(method));
-            if method_matches && glob(&lost.path.to_ascii_lowercase(), &path.to_ascii_lowercase()) {
-                self.losses_left[index] -= 1;
-                return Some(match lost.how {
-                    Loss::Timeout { .. } => Loss::Timeout {
-                        hold_ms: lost.hold_ms,
-                    },
-                    other => other,
-                });
-            }
-        }
-        None
+        let entries = self
+            .faults
+            .lose_answers
+            .iter()
+            .map(|l| (l.method.as_deref(), &*l.path));
+        let index = take_match(&mut self.losses_left, entries, method, path)?;
+        let lost = &self.faults.lose_answers[index];
+        Some(match lost.how {
+            Loss::Timeout { .. } => Loss::Timeout {
+                hold_ms: lost.hold_ms,
+            },
+            other => other,
+        })
     }
 
     /// Decides whether an ARM or data-plane request fails before it is handled.
@@ -476,29 +463,25 @@ impl Injector {
                 );
             }
         }
-        for (index, rule) in self.faults.rules.iter().enumerate() {
-            if self.remaining[index] == 0 {
-                continue;
-            }
-            let method_matches = rule
-                .method
-                .as_deref()
-                .is_none_or(|m| m.eq_ignore_ascii_case(method));
-            if method_matches && glob(&rule.path.to_ascii_lowercase(), &path.to_ascii_lowercase()) {
-                self.remaining[index] -= 1;
-                return (
-                    Verdict::Fail {
-                        status: rule.status,
-                        code: rule.code.clone(),
-                        message: rule
-                            .message
-                            .clone()
-                            .unwrap_or_else(|| default_message(&rule.code)),
-                        retry_after_s: (rule.status == 429).then_some(1),
-                    },
-                    quota,
-                );
-            }
+        let rules = self
+            .faults
+            .rules
+            .iter()
+            .map(|r| (r.method.as_deref(), &*r.path));
+        if let Some(index) = take_match(&mut self.remaining, rules, method, path) {
+            let rule = &self.faults.rules[index];
+            return (
+                Verdict::Fail {
+                    status: rule.status,
+                    code: rule.code.clone(),
+                    message: rule
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| default_message(&rule.code)),
+                    retry_after_s: (rule.status == 429).then_some(1),
+                },
+                quota,
+            );
         }
         if let Some(throttle) = self.faults.throttle
             && self.rng.f64() < throttle.probability
@@ -543,6 +526,26 @@ fn default_message(code: &str) -> String {
         "OperationNotAllowed" => "Operation is not allowed: Another operation (Updating) is in progress, please wait for it to finish before starting a new operation. See https://aka.ms/aks-pending-operation for more details".into(),
         other => format!("{other} (injected by the sandbox)"),
     }
+}
+
+/// The first of `entries` (a method, or any; a path glob) that still has times `left` and
+/// matches `method` and `path`; one of its times is used up.
+fn take_match<'a>(
+    left: &mut [u32],
+    entries: impl Iterator<Item = (Option<&'a str>, &'a str)>,
+    method: &str,
+    path: &str,
+) -> Option<usize> {
+    let path = path.to_ascii_lowercase();
+    let index = entries
+        .enumerate()
+        .position(|(index, (wanted, glob_path))| {
+            left[index] > 0
+                && wanted.is_none_or(|m| m.eq_ignore_ascii_case(method))
+                && glob(&glob_path.to_ascii_lowercase(), &path)
+        })?;
+    left[index] -= 1;
+    Some(index)
 }
 
 /// `*` matches any run of characters, including `/`.
