@@ -84,3 +84,44 @@ steps:
     let summary = h.run(runbook, &[]).await;
     assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.error);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_retries_no_longer_than_its_budget_whatever_retry_after_asks() {
+    // Throttled every time, asked to come back in 11 days (clamped to 300 s a wait): with a
+    // budget of 2 s, the request gives up at once instead of holding the step for the 35
+    // minutes eight such waits would take.
+    let faults = Faults {
+        throttle: Some(kmsflow_sandbox::Throttle {
+            probability: 1.0,
+            retry_after_s: 999_999,
+        }),
+        ..Faults::default()
+    };
+    let retry = kmsflow_steps::RetryBounds {
+        retry_budget: Duration::from_secs(2),
+        eventual_budget: Duration::from_secs(1),
+        ..support::fast_retries()
+    };
+    let h = Harness::with_retries(faults, retry).await;
+    let client = support::client_with(&h.sandbox, support::credential(&h.sandbox), retry);
+    let url = client
+        .arm_url(&["subscriptions", &h.subscription()], "2022-12-01")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let error = client.get(&url).await.unwrap_err();
+    assert_eq!(error.status(), Some(429), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        h.sandbox
+            .requests()
+            .iter()
+            .filter(|r| r.path.starts_with("/subscriptions"))
+            .count(),
+        1,
+        "asked once: the first wait Azure asked for is past the budget"
+    );
+}
