@@ -29,6 +29,9 @@ pub enum Failure {
     Params(BindErrors),
     #[error("{0}\n  the run holding it: `kmsflow show {run}`", run = .0.run_id)]
     LockHeld(LockHeld),
+    /// Another `--sandbox` command holds the sandbox kept beside this state.
+    #[error("{0}")]
+    SandboxHeld(String),
     #[error(transparent)]
     Launch(LaunchError),
     /// A fleet check that could not read a single cluster (no credential).
@@ -74,7 +77,7 @@ impl Failure {
     pub fn exit_code(&self) -> u8 {
         match self {
             Failure::Usage(_) | Failure::Invalid(_) | Failure::Params(_) => code::USAGE,
-            Failure::LockHeld(_) => code::LOCK_HELD,
+            Failure::LockHeld(_) | Failure::SandboxHeld(_) => code::LOCK_HELD,
             Failure::Launch(_) | Failure::NotChecked(_) | Failure::Declined => code::RUN_FAILED,
             Failure::RunEnded { status, .. } => status_code(*status),
         }

@@ -172,23 +172,40 @@ impl Prepared {
 /// port, and overwrite each other's world, authority and cloud profile beside the state (the
 /// first then meets a certificate it cannot verify).
 fn hold_the_sandbox(world_file: &std::path::Path) -> Result<(), Failure> {
+    use std::io::{Read, Seek, Write};
     static HELD: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
     let lock_file = world_file.with_extension("").with_extension("sandbox.lock");
-    let file = std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&lock_file)
         .map_err(|e| Failure::Usage(format!("cannot open `{}`: {e}", lock_file.display())))?;
     match file.try_lock() {
         Ok(()) => {
+            // Who holds it, for the command that is refused.
+            let holder = format!(
+                "pid {}: {}",
+                std::process::id(),
+                std::env::args().collect::<Vec<_>>().join(" ")
+            );
+            let _ = file
+                .set_len(0)
+                .and_then(|()| file.rewind())
+                .and_then(|()| file.write_all(holder.as_bytes()));
             let _ = HELD.set(file);
             Ok(())
         }
-        Err(std::fs::TryLockError::WouldBlock) => Err(Failure::Usage(format!(
-            "another `--sandbox` command is using the sandbox kept beside this state (`{}`): its world, port and certificate authority are its own until it ends; wait for it, or give this one its own --state",
-            world_file.display()
-        ))),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            Err(Failure::SandboxHeld(format!(
+                "another `--sandbox` command ({}) is using the sandbox kept beside this state (`{}`): its world, port and certificate authority are its own until it ends; wait for it, or give this one its own --state",
+                holder.trim(),
+                world_file.display()
+            )))
+        }
         Err(std::fs::TryLockError::Error(e)) => Err(Failure::Usage(format!(
             "cannot lock `{}`: {e}",
             lock_file.display()

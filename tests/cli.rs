@@ -1763,9 +1763,9 @@ fn two_sandboxed_commands_on_one_state_never_share_a_sandbox() {
     );
     let (first, _) = ws.spawn_until(&["run", "wait.yaml", "--sandbox"], "sleep, attempt 1");
     let second = ws.run(&["run", "wait.yaml", "--sandbox"]);
-    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
+    assert_eq!(second.status.code(), Some(3), "{}", stderr(&second));
     assert!(
-        stderr(&second).contains("another `--sandbox` command is using the sandbox"),
+        stderr(&second).contains("is using the sandbox kept beside this state"),
         "{}",
         stderr(&second)
     );
