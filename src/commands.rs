@@ -1429,6 +1429,13 @@ fn show(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> 
             Output::Json => {
                 print_json(&serde_json::to_value(&queued).expect("serializes"))?;
             }
+            Output::Text if queued.status == kmsflow_state::QueueStatus::Poisoned => outln!(
+                "run {} of {} is quarantined on `{}`: {}",
+                queued.id,
+                queued.runbook_ref,
+                queued.queue,
+                quarantine_reason(&store, &queued.id)?
+            ),
             Output::Text => outln!(
                 "run {} of {} is queued on `{}`: {}",
                 queued.id,
@@ -1449,6 +1456,18 @@ fn show(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> 
         Output::Json => print_json(&render::run_json(&run, &steps)),
         Output::Text => {
             out!("{}", render::run_text(&run, &steps));
+            // A run whose workers kept dying with it: its record still says how far it got,
+            // and this says why no worker goes on with it.
+            if let Some(queued) = store
+                .queued(&run_id)?
+                .filter(|q| q.status == kmsflow_state::QueueStatus::Poisoned)
+            {
+                outln!(
+                    "\nquarantined in queue `{}`: {}",
+                    queued.queue,
+                    quarantine_reason(&store, &run_id)?
+                );
+            }
             if run.status == RunStatus::Waiting {
                 let approved = store.approvals(&run_id)?;
                 out!(
@@ -1459,6 +1478,17 @@ fn show(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> 
             Ok(code::SUCCESS)
         }
     }
+}
+
+/// Why a queued run was quarantined, from its journal.
+fn quarantine_reason(store: &Store, id: &str) -> Result<String, Failure> {
+    Ok(store
+        .events(id)?
+        .into_iter()
+        .rev()
+        .find(|e| e.kind == "queue_poisoned")
+        .and_then(|e| e.detail["reason"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "its workers stopped while they ran it".to_owned()))
 }
 
 fn events(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> {

@@ -1775,3 +1775,42 @@ fn two_sandboxed_commands_on_one_state_never_share_a_sandbox() {
     let third = ws.run(&["run", "wait.yaml", "--sandbox"]);
     assert!(third.status.success(), "{}", stderr(&third));
 }
+
+#[test]
+fn a_quarantined_queued_run_says_so_and_why() {
+    use kmsflow_state::{Durability, NewQueued, Store, Write};
+    let ws = Workspace::new();
+    {
+        let mut store = Store::open_file(&ws.path("state.db"), Durability::Normal).unwrap();
+        store
+            .commit(&[Write::Enqueue(NewQueued {
+                id: "20260101-000000-0000beef".into(),
+                queue: "east".into(),
+                runbook: "n".into(),
+                runbook_ref: "n.yaml".into(),
+                content_hash: "hash-n".into(),
+                source: "name: n\nsteps:\n  - id: a\n    uses: noop\n".into(),
+                fragments: serde_json::json!([]),
+                params: serde_json::json!({}),
+                options: serde_json::json!({}),
+                enqueued_at: chrono::Utc::now(),
+            })])
+            .unwrap();
+        // Three workers take it and die with it; the fourth that asks finds it quarantined.
+        for worker in ["w1", "w2", "w3", "w4"] {
+            store
+                .claim_queued("east", worker, chrono::Duration::seconds(-1), 1)
+                .unwrap();
+        }
+    }
+    let shown = ws.run(&["show", "20260101-000000-0000beef"]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("is quarantined on `east`: taken by a worker 3 times"),
+        "{text}"
+    );
+    let runs = ws.run(&["runs", "--output", "json"]);
+    let listed: Value = serde_json::from_slice(&runs.stdout).unwrap();
+    assert_eq!(listed[0]["status"], "poisoned", "{listed}");
+}
