@@ -723,6 +723,18 @@ impl Harness {
     }
 
     /// Waits (polling the probe, bounded) until some apply is in flight.
+    /// The store's clock passes every lease, as a wall clock stepped forward (or a laptop lid
+    /// closed past the lease) looks to the store.
+    fn lease_runs_out_by_the_stores_clock(&self) {
+        rusqlite::Connection::open(self.dir.path().join("state.db"))
+            .unwrap()
+            .execute(
+                "UPDATE locks SET lease_expires_at = '2000-01-01T00:00:00.000000Z'",
+                [],
+            )
+            .unwrap();
+    }
+
     async fn until_applying(&self) {
         for _ in 0..500 {
             if self.probe.in_flight.load(Ordering::SeqCst) > 0 {
@@ -765,13 +777,7 @@ async fn a_run_whose_lock_was_taken_over_stops_before_its_next_write() {
         h.until_applying().await;
         // The store's clock passes the lease (a laptop lid closed past it looks like this to
         // the sleeper), and another runner, elsewhere, takes the lock over.
-        rusqlite::Connection::open(h.dir.path().join("state.db"))
-            .unwrap()
-            .execute(
-                "UPDATE locks SET lease_expires_at = '2000-01-01T00:00:00.000000Z'",
-                [],
-            )
-            .unwrap();
+        h.lease_runs_out_by_the_stores_clock();
         let elsewhere = kmsflow_state::LockOwner {
             pid: 4242,
             host: "elsewhere".into(),
@@ -810,13 +816,7 @@ async fn a_step_of_the_wall_clock_past_the_lease_never_stops_a_live_run_nobody_t
         h.until_applying().await;
         // The wall clock jumps ten minutes ahead (NTP, a VM restored): to the store, the
         // lease ran out. Nobody takes the lock over.
-        rusqlite::Connection::open(h.dir.path().join("state.db"))
-            .unwrap()
-            .execute(
-                "UPDATE locks SET lease_expires_at = '2000-01-01T00:00:00.000000Z'",
-                [],
-            )
-            .unwrap();
+        h.lease_runs_out_by_the_stores_clock();
     };
     let (run, ()) = tokio::join!(run, clock_step);
     let summary = run.unwrap();
