@@ -1434,7 +1434,7 @@ fn show(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> 
                 queued.id,
                 queued.runbook_ref,
                 queued.queue,
-                quarantine_reason(&store, &queued.id)?
+                store.quarantine_reason(&queued.id)?
             ),
             Output::Text => outln!(
                 "run {} of {} is queued on `{}`: {}",
@@ -1465,7 +1465,7 @@ fn show(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> 
                 outln!(
                     "\nquarantined in queue `{}`: {}",
                     queued.queue,
-                    quarantine_reason(&store, &run_id)?
+                    store.quarantine_reason(&run_id)?
                 );
             }
             if run.status == RunStatus::Waiting {
@@ -1478,17 +1478,6 @@ fn show(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> 
             Ok(code::SUCCESS)
         }
     }
-}
-
-/// Why a queued run was quarantined, from its journal.
-fn quarantine_reason(store: &Store, id: &str) -> Result<String, Failure> {
-    Ok(store
-        .events(id)?
-        .into_iter()
-        .rev()
-        .find(|e| e.kind == "queue_poisoned")
-        .and_then(|e| e.detail["reason"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "its workers stopped while they ran it".to_owned()))
 }
 
 fn events(context: &Context, run_id: &str, output: Output) -> Result<u8, Failure> {

@@ -240,15 +240,8 @@ impl Store {
             }));
         };
         if entry.status == QueueStatus::Poisoned {
-            let reason = self
-                .events(id)?
-                .into_iter()
-                .rev()
-                .find(|e| e.kind == "queue_poisoned")
-                .and_then(|e| e.detail["reason"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| "quarantined: it crashed the workers that took it".into());
             return Ok(Some(QueuedEnd::NotStarted {
-                error: Some(reason),
+                error: Some(self.quarantine_reason(id)?),
             }));
         }
         if entry.status != QueueStatus::Done {
@@ -269,6 +262,17 @@ impl Store {
             .find(|e| e.kind == "queue_done")
             .and_then(|e| e.detail["error"].as_str().map(str::to_owned));
         Ok(Some(QueuedEnd::NotStarted { error }))
+    }
+
+    /// Why queued run `id` was quarantined, as its journal says (`queue_poisoned`).
+    pub fn quarantine_reason(&self, id: &str) -> Result<String, StoreError> {
+        Ok(self
+            .events(id)?
+            .into_iter()
+            .rev()
+            .find(|e| e.kind == "queue_poisoned")
+            .and_then(|e| e.detail["reason"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "quarantined: its workers stopped while they ran it".into()))
     }
 
     /// Which of `ids` have ended as far as the queue tells (their entry is done, or there is

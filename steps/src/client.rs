@@ -669,13 +669,7 @@ impl AzureClient {
             });
         }
         let text = self.read_bounded(response, method, &path, &host).await?;
-        let unproven = |what: String| AzureError::Unproven {
-            method: method.to_string(),
-            path: path.clone(),
-            host: host.clone(),
-            status,
-            what,
-        };
+        let unproven = |what: String| AzureError::unproven(method.as_str(), url, status, what);
         let body: Value = if text.trim().is_empty() {
             Value::Null
         } else {
@@ -889,16 +883,15 @@ impl AzureClient {
                 Value::String(link) if link.is_empty() => {}
                 Value::String(link) => next = Some(self.trusted_link(link, "a list's nextLink")?),
                 other => {
-                    return Err(AzureError::Unproven {
-                        method: "GET".into(),
-                        path: url.path().to_owned(),
-                        host: url.origin().ascii_serialization(),
-                        status: page.status,
-                        what: format!(
+                    return Err(AzureError::unproven(
+                        "GET",
+                        &url,
+                        page.status,
+                        format!(
                             "a `nextLink` that is not a URL: {}",
                             excerpt(&other.to_string())
                         ),
-                    });
+                    ));
                 }
             }
         }
@@ -1096,13 +1089,12 @@ impl AzureClient {
         }
         match self.get_settled(url).await? {
             Some(resource) => Ok(resource),
-            None => Err(AzureError::Unproven {
-                method: method.to_string(),
-                path: url.path().to_owned(),
-                host: url.origin().ascii_serialization(),
-                status: 200,
-                what: "an answer of success, but Azure says the resource does not exist".into(),
-            }),
+            None => Err(AzureError::unproven(
+                method.as_str(),
+                url,
+                200,
+                "an answer of success, but Azure says the resource does not exist".into(),
+            )),
         }
     }
 
@@ -1278,6 +1270,7 @@ impl Proof {
         if self == Proof::Json {
             return None;
         }
+        // Everything below is asked of an object.
         if body.is_null() {
             return Some("an empty body".to_owned());
         }
@@ -1313,24 +1306,24 @@ impl Proof {
 /// each segment encoded as the client encodes it. A key's `kid` names a version under the
 /// key's URL; an ARM child id must not stand for its parent.
 fn names(id: &str, url: &Url) -> bool {
-    let id_path = match Url::parse(id) {
-        // A Key Vault URL: same origin as the URL asked (a vault's answer about itself).
-        Ok(absolute) if absolute.origin() == url.origin() => absolute.path().to_owned(),
-        Ok(_) => return false,
+    let asked = url.path().trim_end_matches('/').to_ascii_lowercase();
+    match Url::parse(id) {
+        // A Key Vault URL, on the vault's own origin: the object itself, or (a key's `kid`)
+        // one of its versions.
+        Ok(absolute) => {
+            let named = absolute.path().trim_end_matches('/').to_ascii_lowercase();
+            absolute.origin() == url.origin()
+                && (named == asked || named.starts_with(&format!("{asked}/")))
+        }
+        // An ARM id: exactly the path asked, each segment encoded as the client encodes it.
         Err(_) if id.starts_with('/') => {
             let mut encoded = url.clone();
             let segments: Vec<&str> = id.trim_matches('/').split('/').collect();
-            if push_segments_over(&mut encoded, &segments).is_err() {
-                return false;
-            }
-            encoded.path().to_owned()
+            push_segments_over(&mut encoded, &segments).is_ok()
+                && encoded.path().trim_end_matches('/').to_ascii_lowercase() == asked
         }
-        Err(_) => return false,
-    };
-    let asked = url.path().trim_end_matches('/').to_ascii_lowercase();
-    let id_path = id_path.trim_end_matches('/').to_ascii_lowercase();
-    let vault_object = Url::parse(id).is_ok();
-    id_path == asked || (vault_object && id_path.starts_with(&format!("{asked}/")))
+        Err(_) => false,
+    }
 }
 
 /// Replaces `url`'s path with `segments`, each encoded as [`push_segments`] would.

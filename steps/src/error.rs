@@ -136,6 +136,17 @@ impl AzureError {
         matches!(self, AzureError::Api { status: 404, code, .. } if code.ends_with("NotFound"))
     }
 
+    /// An answer to `method` on `url` that proved nothing (see [`AzureError::Unproven`]).
+    pub fn unproven(method: &str, url: &url::Url, status: u16, what: String) -> AzureError {
+        AzureError::Unproven {
+            method: method.to_owned(),
+            path: url.path().to_owned(),
+            host: url.origin().ascii_serialization(),
+            status,
+            what,
+        }
+    }
+
     /// What a log line may say of this error: where and which code, never Azure's message
     /// (which can echo a request's secret values; the engine redacts what it stores and shows,
     /// but a log line of the client's is written before any run's redaction could see it).

@@ -377,13 +377,12 @@ impl KeyVaultKey {
             .send(Method::GET, &url, Service::KeyVault, None, None)
             .await?;
         let Some(versions) = listed.body["value"].as_array() else {
-            return Err(AzureError::Unproven {
-                method: "GET".into(),
-                path: url.path().to_owned(),
-                host: url.origin().ascii_serialization(),
-                status: listed.status,
-                what: "a body with no `value` list of the key's versions".into(),
-            }
+            return Err(AzureError::unproven(
+                "GET",
+                &url,
+                listed.status,
+                "a body with no `value` list of the key's versions".into(),
+            )
             .into());
         };
         let mine = created["version"].as_str().unwrap_or_default();
