@@ -59,7 +59,7 @@ pub enum AzureError {
     /// proxies and load balancers answer like this for Azure; kmsflow takes it as no answer
     /// (never as "absent", "present" or "refused") and tries again within its bounds.
     #[error(
-        "{method} {path}: the answer from `{host}` proves nothing ({what}); kmsflow takes it as no answer"
+        "{method} {path}: the answer from `{host}` proves nothing ({what}); kmsflow takes it as no answer. Something between kmsflow and Azure answers like this (a proxy, a gateway, a load balancer): check HTTPS_PROXY and the network path to Azure, then resume"
     )]
     Unproven {
         method: String,

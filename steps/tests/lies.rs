@@ -11,7 +11,7 @@ use std::time::Duration;
 use kmsflow_engine::kind::Outcome;
 use kmsflow_sandbox::{Delays, Faults, Lie, LieAnswer, Rule, Sandbox, SandboxOptions};
 use kmsflow_state::RunStatus;
-use serde_json::{Value, json};
+use serde_json::json;
 use support::Harness;
 
 fn lie(method: &str, path: &str, times: u32, answer: LieAnswer) -> Lie {
@@ -576,7 +576,9 @@ lies:
     .unwrap();
     assert_eq!(faults.lies.len(), 3);
     assert_eq!(faults.lies[1].status, Some(308));
-    let _: Value = json!(faults.lies[2].bytes);
+    assert_eq!(faults.lies[2].bytes, Some(1 << 20));
+    assert_eq!(faults.lies[0].answer, LieAnswer::Empty200);
+    assert_eq!(faults.lies[1].times, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
